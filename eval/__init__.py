@@ -1,0 +1,1 @@
+"""Benchmarks, metrics and reports for judges (``reflectagent.eval``); see issue 5."""

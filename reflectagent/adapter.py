@@ -1,0 +1,96 @@
+"""The one rendering every judge uses: DSPy's JSON format, optionally enforced by the server.
+
+A small model cannot be trusted to follow a chat format (ENVIRONMENT.md: SmolLM2 never
+writes DSPy's field markers). Servers such as vLLM can constrain decoding to a JSON schema,
+which makes every verdict well-formed; where they cannot, parsing is strict, so junk is
+reported as unparsed instead of being "repaired" into a verdict. Fine-tuning renders its
+training prompts with this same adapter, so the model is trained on what it is served.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import dspy
+import regex
+from dspy.adapters.json_adapter import _get_structured_outputs_response_format
+from dspy.adapters.utils import parse_value
+from dspy.utils.exceptions import AdapterParseError
+
+_OBJECT = regex.compile(r"\{(?:[^{}]|(?R))*\}", regex.DOTALL)
+
+
+def output_schema(signature: type[dspy.Signature], max_text_chars: int = 600) -> dict[str, Any]:
+    """JSON schema of a signature's outputs, in field order (Literal fields become enums).
+
+    Free-text fields get a ``maxLength``: a small model otherwise rambles until ``max_tokens``
+    cuts the JSON short, and an unclosed object is a lost verdict.
+    """
+    schema = _get_structured_outputs_response_format(signature).model_json_schema()
+    for prop in schema.get("properties", {}).values():
+        if prop.get("type") == "string" and "enum" not in prop:
+            prop.setdefault("maxLength", max_text_chars)
+    return schema
+
+
+class JudgeAdapter(dspy.JSONAdapter):
+    """JSON rendering with optional server-side schema constraints and strict parsing."""
+
+    def __init__(self, constrained: bool = False):
+        super().__init__(use_native_function_calling=False)
+        self.constrained = constrained
+
+    def _prepare_response_format(self, lm, lm_kwargs, signature):
+        if self.constrained:
+            lm_kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": signature.__name__, "schema": output_schema(signature), "strict": True},
+            }
+
+    def parse(self, signature: type[dspy.Signature], completion: str) -> dict[str, Any]:
+        def fail(message: str, parsed: dict | None = None):
+            error = AdapterParseError(
+                adapter_name=type(self).__name__, signature=signature, lm_response=completion,
+                message=message, parsed_result=parsed,
+            )
+            error.reason = message  # the short form, for results and reports
+            return error
+
+        try:
+            data = json.loads(completion)
+        except json.JSONDecodeError:
+            match = _OBJECT.search(completion)  # tolerate prose or code fences around one object
+            try:
+                data = json.loads(match.group(0)) if match else None
+            except json.JSONDecodeError:
+                data = None
+        if not isinstance(data, dict):
+            raise fail("the output is not a JSON object")
+        missing = [name for name in signature.output_fields if name not in data]
+        if missing:
+            raise fail(f"missing fields: {', '.join(missing)}", data)
+        fields = {}
+        for name, info in signature.output_fields.items():
+            try:
+                fields[name] = parse_value(data[name], info.annotation)
+            except (ValueError, TypeError) as exc:
+                raise fail(f"field {name!r}: {exc}", data) from exc
+        return fields
+
+    def _call_postprocess(self, processed_signature, original_signature, outputs, lm, lm_kwargs):
+        """Keep each raw completion beside its log-probs: results report what the model wrote."""
+        values = super()._call_postprocess(processed_signature, original_signature, outputs, lm, lm_kwargs)
+        for output, value in zip(outputs, values, strict=True):
+            text = output.get("text") if isinstance(output, dict) else output
+            logprobs = output.get("logprobs") if isinstance(output, dict) else None
+            value["logprobs"] = {"text": text or "", "content": (logprobs or {}).get("content")}
+        return values
+
+    def render(self, signature, demos, inputs) -> list[dict[str, Any]]:
+        """The chat messages a request sends (what the judgment cache and fine-tuning key on)."""
+        return self.format(signature, demos, inputs)
+
+    def render_target(self, signature, outputs: dict[str, Any]) -> str:
+        """The assistant message a trained model should produce for ``outputs``."""
+        return self.format_assistant_message_content(signature, outputs)

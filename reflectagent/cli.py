@@ -1,0 +1,258 @@
+"""The ``reflectagent`` command line: judge pairs, serve models, prepare models, manage the cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Generative reward models: LLM judges that write an analysis before their verdict.",
+    no_args_is_help=True, pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Prepare model folders for serving and fine-tuning.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect or clear the judgment cache.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(cache_app, name="cache")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config (default: $REFLECTAGENT_CONFIG or ./reflectagent.toml)")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="judgment cache folder (default: $REFLECTAGENT_CACHE_DIR or the user cache)")]
+
+
+def sample_path() -> Path:
+    return Path(str(resources.files("reflectagent") / "data" / "sample_pairs.jsonl"))
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v for progress logs, -vv for debug")] = 0):
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        for noisy in ("LiteLLM", "litellm", "httpx", "dspy"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _cache(settings, cache_dir: Path | None, no_cache: bool):
+    from reflectagent.cache import JudgmentCache
+
+    return JudgmentCache(cache_dir or settings.cache_dir, enabled=settings.cache and not no_cache)
+
+
+def _print_judgment(pair, judgment, show_analyses: bool) -> None:
+    verdict = judgment.preference or f"none ({judgment.reason})"
+    label = f"  label {pair.label}" if pair.label else ""
+    mark = ""
+    if pair.label in ("A", "B"):
+        mark = "  ✓" if judgment.preference == pair.label else "  ✗"
+    cached = "  [cached]" if judgment.steps and judgment.cache_hits == len(judgment.steps) else ""
+    typer.echo(f"{pair.id or '-'}: verdict {verdict}{label}{mark}{cached}")
+    for note in judgment.notes:
+        typer.echo(f"    note: {note}")
+    if show_analyses:
+        for a in judgment.analyses:
+            order = "B,A" if a.swapped else "A,B"
+            verdict = a.preference or "unparsed"
+            prob = f" p={a.probability:.2f}" if a.probability is not None else ""
+            text = a.text.replace("\n", " ")[:160] if a.parsed else (a.error or "")[:160]
+            typer.echo(f"    [{order}] -> {verdict}{prob}: {text}")
+
+
+@app.command()
+def judge(
+    file: Annotated[Optional[Path], typer.Argument(help="JSONL of pairs (prompt, response_a, response_b[, id, label, ...])")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="judge one pair given on the command line")] = None,
+    a: Annotated[Optional[str], typer.Option("--a", help="response A, with --prompt")] = None,
+    b: Annotated[Optional[str], typer.Option("--b", help="response B, with --prompt")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="judge the real pairs shipped with reflectagent")] = False,
+    backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="backend name from the config (default: $REFLECTAGENT_BACKEND or 'embedded')")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="judge only the first N pairs")] = None,
+    concurrency: Annotated[int, typer.Option(help="pairs judged at once")] = 8,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write every judgment as JSONL here")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="verdicts only, no analyses")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the judgment cache")] = False,
+    config: ConfigOpt = None,
+    cache_dir: CacheDirOpt = None,
+):
+    """Judge pairs with a position-swapped judge and print verdicts, analyses and a summary.
+
+    Each pair is analysed in both orders; the verdict stands when the two agree. Judgments
+    are cached: running the same command again costs no LM calls.
+    """
+    from reflectagent.backends import resolve_backend
+    from reflectagent.cache import use_cache
+    from reflectagent.config import ConfigError, load_settings
+    from reflectagent.judge import PositionSwapJudge, RunInterrupted, judge_pairs
+    from reflectagent.pairs import InvalidPair, Pair, read_pairs
+
+    sources = sum([file is not None, prompt is not None, sample])
+    if sources != 1:
+        _fail("give exactly one of: a JSONL FILE, --prompt with --a and --b, or --sample", 2)
+    bad = []
+    try:
+        if prompt is not None:
+            if a is None or b is None:
+                _fail("--prompt needs both --a and --b", 2)
+            pairs = [Pair(prompt=prompt, response_a=a, response_b=b, id="cli")]
+        else:
+            path = sample_path() if sample else file
+            if not path.exists():
+                _fail(f"no such file: {path}", 2)
+            pairs, bad = read_pairs(path)
+    except InvalidPair as exc:
+        _fail(f"invalid pair: {exc}", 2)
+    for line in bad:
+        typer.secho(f"skipped {line}", fg="yellow", err=True)
+    pairs = pairs[:limit] if limit is not None else pairs
+    if not pairs:
+        _fail("no valid pairs to judge", 2)
+
+    try:
+        settings = load_settings(config)
+        started = time.perf_counter()
+        lm = resolve_backend(backend_name, settings)
+        ready_s = time.perf_counter() - started
+    except (ConfigError, RuntimeError) as exc:
+        _fail(str(exc))
+    import dspy
+
+    program = PositionSwapJudge()
+    started = time.perf_counter()
+    try:
+        with use_cache(_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm):
+            judgments = judge_pairs(program, pairs, concurrency=concurrency, progress=sys.stderr.isatty())
+    except RunInterrupted as exc:
+        _fail(str(exc))
+    wall = time.perf_counter() - started
+
+    for pair, judgment in zip(pairs, judgments):
+        _print_judgment(pair, judgment, show_analyses=not quiet)
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
+            for pair, judgment in zip(pairs, judgments):
+                handle.write(json.dumps({"pair": pair.to_dict(), "judgment": judgment.to_dict()}, ensure_ascii=False) + "\n")
+
+    reasons = Counter(j.reason for j in judgments if j.preference is None)
+    labelled = [(p, j) for p, j in zip(pairs, judgments) if p.label in ("A", "B")]
+    correct = sum(j.preference == p.label for p, j in labelled)
+    steps = sum(len(j.steps) for j in judgments)
+    hits = sum(j.cache_hits for j in judgments)
+    whole_hits = sum(1 for j in judgments if j.steps and j.cache_hits == len(j.steps))
+    calls = sum(j.lm_calls for j in judgments)
+    usage = sum((j.usage for j in judgments), start=type(judgments[0].usage)())
+    typer.echo("")
+    typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {lm.backend.api_base or 'provider default'}); ready in {ready_s:.1f} s")
+    typer.echo(f"pairs: {len(pairs)} judged, {len(bad)} bad lines skipped")
+    typer.echo(f"verdicts: {len(judgments) - sum(reasons.values())}; no verdict: {sum(reasons.values())}"
+               + (f" ({', '.join(f'{n} {r}' for r, n in reasons.most_common())})" if reasons else ""))
+    if labelled:
+        typer.echo(f"accuracy on labelled pairs: {correct}/{len(labelled)} = {correct / len(labelled):.1%} (no verdict counts as wrong)")
+    unparsed_steps = sum(1 for j in judgments for s in j.steps if not s.parsed)
+    typer.echo(f"parse failures: {unparsed_steps} of {steps} steps")
+    typer.echo(f"LM calls: {calls}; cache hits: {whole_hits} of {len(judgments)} judgments ({hits} of {steps} steps)")
+    typer.echo(f"tokens: {usage.prompt_tokens} prompt, {usage.completion_tokens} completion")
+    typer.echo(f"wall time: {wall:.1f} s; {len(judgments) / wall * 60:.1f} judgments per minute" if wall > 0 else "")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="'embedded' (packaged SmolLM2), a model folder, or a hub id")] = "embedded",
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA adapter to serve, NAME=DIR (repeatable)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default: a free one)")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")] = None,
+    max_model_len: Annotated[int, typer.Option(help="context length")] = 2048,
+    max_lora_rank: Annotated[int, typer.Option(help="largest LoRA rank to accept")] = 64,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the server to answer")] = 600,
+):
+    """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until Ctrl-C."""
+    from reflectagent.backends import EMBEDDED_SERVED_NAME, state_file
+    from reflectagent.models import ModelPreparationError, prepare_model
+    from reflectagent.server import ServerError, ServerSpec, VLLMServer
+
+    loras = {}
+    for item in lora or []:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            _fail(f"--lora takes NAME=DIR, got {item!r}", 2)
+        if not Path(path).is_dir():
+            _fail(f"LoRA folder not found: {path}", 2)
+        loras[key] = str(Path(path).resolve())
+    try:
+        folder = prepare_model(model)
+    except ModelPreparationError as exc:
+        _fail(str(exc))
+    embedded = model == "embedded"
+    served = name or (EMBEDDED_SERVED_NAME if embedded else Path(folder).name)
+    spec = ServerSpec(model_dir=str(folder), served_name=served, loras=loras, port=port,
+                      max_model_len=max_model_len, max_lora_rank=max_lora_rank)
+    server = VLLMServer(spec)
+    stop = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt())  # noqa: E731 - SIGTERM behaves like Ctrl-C
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        url = server.start(timeout_s=timeout)
+        if embedded:
+            state_file().parent.mkdir(parents=True, exist_ok=True)
+            state_file().write_text(json.dumps({"url": url, "loras": loras}))
+        typer.echo(f"serving {served} ({folder}) at {url}")
+        for key in loras:
+            typer.echo(f"  adapter {key}: model name '{key}' (LiteLLM: hosted_vllm/{key})")
+        typer.echo(f"LiteLLM model string: hosted_vllm/{served}, api_base {url}. Ctrl-C stops the server.")
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(1)
+        _fail(f"the server exited; log tail:\n{server.log_tail()}")
+    except ServerError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("stopping the server")
+    finally:
+        server.stop()
+        if embedded and state_file().exists():
+            state_file().unlink()
+
+
+@models_app.command("prepare")
+def models_prepare(
+    source: Annotated[str, typer.Argument(help="'embedded', a local model folder, or a hub id")] = "embedded",
+    force: Annotated[bool, typer.Option(help="convert again even if the folder exists")] = False,
+):
+    """Make a Hugging Face model folder (the embedded GGUF is converted once and reused)."""
+    from reflectagent.models import ModelPreparationError, prepare_model
+
+    try:
+        typer.echo(prepare_model(source, force=force))
+    except ModelPreparationError as exc:
+        _fail(str(exc))
+
+
+@cache_app.command("info")
+def cache_info(config: ConfigOpt = None, cache_dir: CacheDirOpt = None):
+    """Where the judgment cache is and how much it holds."""
+    from reflectagent.config import load_settings
+
+    info = _cache(load_settings(config), cache_dir, False).info()
+    typer.echo(f"directory: {info['directory']}\nentries: {info['entries']}\nsize: {info['bytes'] / 1e6:.1f} MB")
+
+
+@cache_app.command("clear")
+def cache_clear(config: ConfigOpt = None, cache_dir: CacheDirOpt = None):
+    """Delete every cached judgment step."""
+    from reflectagent.config import load_settings
+
+    removed = _cache(load_settings(config), cache_dir, False).clear()
+    typer.echo(f"removed {removed} entries")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

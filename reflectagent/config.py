@@ -1,0 +1,118 @@
+"""Backends by configuration: a name in a TOML/YAML file or the environment, validated by pydantic.
+
+Switching a program from one backend to another is a change here, never in code. The
+built-in ``embedded`` backend is the packaged SmolLM2 served by vLLM; any other backend is
+a LiteLLM model string with its options. API keys are never stored: ``api_key_env`` names
+the environment variable that holds one.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_ENV = "REFLECTAGENT_CONFIG"
+BACKEND_ENV = "REFLECTAGENT_BACKEND"
+EMBEDDED = "embedded"
+DEFAULT_CONFIG_FILES = ("reflectagent.toml", "reflectagent.yaml", "reflectagent.yml")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with what to fix."""
+
+
+class BackendConfig(BaseModel):
+    """One backend. ``model`` is a LiteLLM model string, or ``embedded`` for the local server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="LiteLLM model string (e.g. 'openai/gpt-4o-mini', 'hosted_vllm/judge') or 'embedded'")
+    api_base: str | None = Field(None, description="endpoint, e.g. http://127.0.0.1:8000/v1 for a vLLM server")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(384, gt=0, description="completion budget per step")
+    constrained: bool | None = Field(None, description="JSON-schema-constrained output; default on for vLLM backends")
+    logprobs: bool | None = Field(None, description="ask for verdict-token probabilities; default on for vLLM backends")
+    context_chars: int | None = Field(None, gt=0, description="input characters a step may use; longer inputs are cut")
+    timeout_s: float = Field(300.0, gt=0)
+    num_retries: int = Field(2, ge=0)
+    seed: int | None = Field(None, description="base seed; sample k sends seed + k")
+    model_path: str | None = Field(None, description="embedded only: base model folder (default: packaged SmolLM2)")
+    lora: dict[str, str] = Field(default_factory=dict, description="embedded only: LoRA adapters to serve, NAME -> DIR")
+    adapter: str | None = Field(None, description="embedded only: the LoRA adapter (by NAME) to judge with")
+    cache_tag: str | None = Field(None, description="extra cache identity, for endpoints whose weights change")
+    extra: dict[str, Any] = Field(default_factory=dict, description="more LiteLLM request options")
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendConfig:
+        embedded_only = {"model_path": self.model_path, "lora": self.lora, "adapter": self.adapter}
+        if self.model != EMBEDDED:
+            used = [k for k, v in embedded_only.items() if v]
+            if used:
+                raise ValueError(f"{', '.join(used)} only apply to the embedded backend")
+        if self.adapter and self.adapter not in self.lora:
+            raise ValueError(f"adapter {self.adapter!r} is not among lora: {sorted(self.lora)}")
+        return self
+
+    @property
+    def is_vllm(self) -> bool:
+        return self.model == EMBEDDED or self.model.startswith("hosted_vllm/")
+
+
+def default_backends() -> dict[str, BackendConfig]:
+    return {EMBEDDED: BackendConfig(model=EMBEDDED, context_chars=4000)}
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default_backend: str = EMBEDDED
+    backends: dict[str, BackendConfig] = Field(default_factory=dict)
+    cache_dir: str | None = None
+    cache: bool = True
+
+    @model_validator(mode="after")
+    def _merge_defaults(self) -> Settings:
+        self.backends = {**default_backends(), **self.backends}
+        if self.default_backend not in self.backends:
+            raise ValueError(f"default_backend {self.default_backend!r} is not defined")
+        return self
+
+    def backend(self, name: str | None = None) -> tuple[str, BackendConfig]:
+        name = name or os.environ.get(BACKEND_ENV) or self.default_backend
+        if name not in self.backends:
+            raise ConfigError(f"unknown backend {name!r}; known: {', '.join(sorted(self.backends))}")
+        return name, self.backends[name]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a table/mapping")
+    return data
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read ``path``, ``$REFLECTAGENT_CONFIG`` or ``./reflectagent.{toml,yaml}``; else defaults."""
+    candidate = path or os.environ.get(CONFIG_ENV)
+    if candidate is None:
+        candidate = next((f for f in DEFAULT_CONFIG_FILES if Path(f).exists()), None)
+    data = _read(Path(candidate)) if candidate else {}
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config {candidate}:\n{exc}") from exc

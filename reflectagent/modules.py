@@ -1,0 +1,122 @@
+"""The smallest composable judge steps, each a ``dspy.Module`` around one ``Predict``.
+
+An ``Analyzer`` can be shown the pair swapped and maps the verdict back, so callers only
+ever see the original order; a ``Reflector`` names the more reliable of two analyses; a
+``VerdictStep`` turns an analysis into a preference. Programs compose these; optimisers
+see their predictors; every call goes through :func:`reflectagent.steps.run_step`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import dspy
+
+from reflectagent.pairs import Pair
+from reflectagent.results import Analysis, Reflection, flip
+from reflectagent.signatures import Analyze, Reflect, Verdict
+from reflectagent.steps import run_step
+
+
+def render_analysis(analysis: Analysis, swapped: bool) -> str:
+    """An analysis as text for a later step, its verdict named in the order that step sees."""
+    verdict = flip(analysis.preference) if swapped else analysis.preference
+    return f"{analysis.text}\nVerdict: {verdict or 'none'}"
+
+
+class Analyzer(dspy.Module):
+    """Analyze one pair, optionally in swapped order; the verdict comes back in the original order."""
+
+    def __init__(self, signature: type[dspy.Signature] = Analyze):
+        super().__init__()
+        self.predict = dspy.Predict(signature)
+
+    def forward(self, pair: Pair, swapped: bool = False, sample: int = 0) -> Analysis:
+        shown = pair.swapped() if swapped else pair
+        step = run_step(self.predict, shown.inputs(), sample=sample)
+        fields = step.fields or {}
+        preference = fields.get("preference")
+        probability = (step.logprobs or {}).get("preference", {}).get(preference) if preference else None
+        return Analysis(
+            text=fields.get("analysis", ""),
+            preference=flip(preference) if swapped else preference,
+            swapped=swapped,
+            parsed=step.parsed,
+            raw=step.raw,
+            sample=sample,
+            probability=probability,
+            error=step.error,
+            usage=step.usage,
+            cached=step.cached,
+            truncated=step.truncated,
+        )
+
+    async def aforward(self, pair: Pair, swapped: bool = False, sample: int = 0) -> Analysis:
+        return await asyncio.to_thread(self.forward, pair, swapped, sample)
+
+
+class Reflector(dspy.Module):
+    """Compare two analyses of the same pair and name the more reliable one."""
+
+    def __init__(self, signature: type[dspy.Signature] = Reflect):
+        super().__init__()
+        self.predict = dspy.Predict(signature)
+
+    def forward(self, pair: Pair, analyses: tuple[Analysis, ...], first: int, second: int,
+                swapped: bool = False, sample: int = 0) -> Reflection:
+        """``first`` and ``second`` index ``analyses``; ``swapped`` shows the pair in B, A order."""
+        shown = pair.swapped() if swapped else pair
+        inputs = {
+            **shown.inputs(),
+            "analysis_1": render_analysis(analyses[first], swapped),
+            "analysis_2": render_analysis(analyses[second], swapped),
+        }
+        step = run_step(self.predict, inputs, sample=sample)
+        fields = step.fields or {}
+        choice = fields.get("more_reliable")
+        return Reflection(
+            text=fields.get("reflection", ""),
+            first=first,
+            second=second,
+            more_reliable={"1": first, "2": second}.get(choice),
+            parsed=step.parsed,
+            raw=step.raw,
+            error=step.error,
+            usage=step.usage,
+            cached=step.cached,
+            truncated=step.truncated,
+        )
+
+    async def aforward(self, *args, **kwargs) -> Reflection:
+        return await asyncio.to_thread(self.forward, *args, **kwargs)
+
+
+class VerdictStep(dspy.Module):
+    """Give the final preference for a pair from an analysis written elsewhere."""
+
+    def __init__(self, signature: type[dspy.Signature] = Verdict):
+        super().__init__()
+        self.predict = dspy.Predict(signature)
+
+    def forward(self, pair: Pair, analysis: Analysis, swapped: bool = False, sample: int = 0) -> Analysis:
+        shown = pair.swapped() if swapped else pair
+        inputs = {**shown.inputs(), "analysis": render_analysis(analysis, swapped)}
+        step = run_step(self.predict, inputs, sample=sample)
+        preference = (step.fields or {}).get("preference")
+        probability = (step.logprobs or {}).get("preference", {}).get(preference) if preference else None
+        return Analysis(
+            text=analysis.text,
+            preference=flip(preference) if swapped else preference,
+            swapped=swapped,
+            parsed=step.parsed,
+            raw=step.raw,
+            sample=sample,
+            probability=probability,
+            error=step.error,
+            usage=step.usage,
+            cached=step.cached,
+            truncated=step.truncated,
+        )
+
+    async def aforward(self, *args, **kwargs) -> Analysis:
+        return await asyncio.to_thread(self.forward, *args, **kwargs)

@@ -1,0 +1,144 @@
+"""Preference pairs: the unit a judge works on, read from JSONL without losing a line.
+
+The schema is the one of ``shared/data``: id, prompt, response_a, response_b, and optional
+label ("A", "B" or "tie"), category and source. A bad line never stops a file: it is
+reported with its line number and the rest are still read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+LABELS = ("A", "B", "tie")
+TEXT_FIELDS = ("prompt", "response_a", "response_b")
+
+
+class InvalidPair(ValueError):
+    """A pair that cannot be judged, with the reason."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    response_a: str
+    response_b: str
+    id: str | None = None
+    label: str | None = None
+    category: str | None = None
+    source: str | None = None
+
+    def __post_init__(self):
+        for name in TEXT_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise InvalidPair(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        if not self.prompt.strip():
+            raise InvalidPair("the prompt is empty: there is nothing to judge the responses against")
+        if not self.response_a.strip() and not self.response_b.strip():
+            raise InvalidPair("both responses are empty")
+        if self.label is not None and self.label not in LABELS:
+            raise InvalidPair(f"label must be one of {LABELS}, got {self.label!r}")
+
+    @property
+    def identical(self) -> bool:
+        return self.response_a.strip() == self.response_b.strip()
+
+    def swapped(self) -> Pair:
+        """The same pair with the responses in the other order (and the label with them)."""
+        label = {"A": "B", "B": "A"}.get(self.label, self.label)
+        return replace(self, response_a=self.response_b, response_b=self.response_a, label=label)
+
+    def inputs(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in TEXT_FIELDS}
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class BadLine:
+    path: str
+    line: int
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.error}"
+
+
+def parse_pair(row: object) -> Pair:
+    if not isinstance(row, dict):
+        raise InvalidPair(f"expected a JSON object, got {type(row).__name__}")
+    missing = [name for name in TEXT_FIELDS if name not in row]
+    if missing:
+        raise InvalidPair(f"missing field(s): {', '.join(missing)}")
+    known = {"id", "label", "category", "source", *TEXT_FIELDS}
+    values = {k: row[k] for k in known if k in row}
+    if values.get("id") is not None:
+        values["id"] = str(values["id"])
+    return Pair(**values)
+
+
+def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None) -> Iterator[Pair]:
+    """Yield the valid pairs of a JSONL file; append every bad line to ``bad_lines``.
+
+    Bytes that are not UTF-8 make that line bad (with the byte offset), not the file.
+    """
+    path = Path(path)
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem = BadLine(str(path), number, f"not UTF-8 (byte {exc.start + 1} of the line)")
+            else:
+                try:
+                    yield parse_pair(json.loads(text))
+                    continue
+                except json.JSONDecodeError as exc:
+                    problem = BadLine(str(path), number, f"not JSON: {exc.msg} at column {exc.colno}")
+                except InvalidPair as exc:
+                    problem = BadLine(str(path), number, str(exc))
+            logger.warning("skipping %s", problem)
+            if bad_lines is not None:
+                bad_lines.append(problem)
+
+
+def read_pairs(path: str | Path) -> tuple[list[Pair], list[BadLine]]:
+    bad: list[BadLine] = []
+    return list(iter_pairs(path, bad)), bad
+
+
+def fit_to_budget(texts: dict[str, str], budget: int | None) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Cut the longest texts until all fit in ``budget`` characters; name what was cut.
+
+    Short texts keep everything; the budget left is shared evenly among the long ones, each
+    keeping its head and tail around a visible marker, so a judge sees that text is missing.
+    """
+    if budget is None or sum(map(len, texts.values())) <= budget:
+        return dict(texts), ()
+    remaining, share = budget, {}
+    pending = sorted(texts, key=lambda k: len(texts[k]))
+    while pending:
+        even = remaining // len(pending)
+        name = pending.pop(0)
+        share[name] = min(len(texts[name]), even)
+        remaining -= share[name]
+    fitted, cut = {}, []
+    for name, text in texts.items():
+        keep = share[name]
+        if keep >= len(text):
+            fitted[name] = text
+            continue
+        cut.append(name)
+        marker = f"\n[... {len(text) - keep} characters cut to fit the judge's context ...]\n"
+        head = max(keep - len(marker), 0) * 2 // 3
+        tail = max(keep - len(marker) - head, 0)
+        fitted[name] = text[:head] + marker + (text[-tail:] if tail else "")
+    return fitted, tuple(cut)

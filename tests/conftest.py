@@ -1,0 +1,71 @@
+"""Shared fixtures: one real vLLM server of the embedded model (with a LoRA adapter) per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from reflectagent.models import prepare_model
+
+    return prepare_model()
+
+
+@pytest.fixture(scope="session")
+def lora_dir(model_dir, tmp_path_factory) -> Path:
+    """A small, untrained (but non-identity) PEFT LoRA adapter for the embedded model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    out = tmp_path_factory.mktemp("lora") / "test-adapter"
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, lora_dir, tmp_path_factory):
+    """The embedded model served by vLLM over HTTP; ``embedded`` backends reuse it."""
+    from reflectagent.backends import EMBEDDED_SERVED_NAME
+    from reflectagent.server import ServerSpec, VLLMServer
+
+    spec = ServerSpec(model_dir=str(model_dir), served_name=EMBEDDED_SERVED_NAME, loras={"test": str(lora_dir)}, max_lora_rank=8)
+    with VLLMServer(spec, log_path=tmp_path_factory.mktemp("server") / "vllm.log") as running:
+        previous = os.environ.get("REFLECTAGENT_EMBEDDED_URL")
+        os.environ["REFLECTAGENT_EMBEDDED_URL"] = running.url
+        yield running
+        if previous is None:
+            os.environ.pop("REFLECTAGENT_EMBEDDED_URL", None)
+        else:
+            os.environ["REFLECTAGENT_EMBEDDED_URL"] = previous
+
+
+@pytest.fixture
+def cache(tmp_path):
+    from reflectagent.cache import JudgmentCache, use_cache
+
+    store = JudgmentCache(tmp_path / "judgments")
+    with use_cache(store):
+        yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def sample_pairs():
+    from reflectagent.cli import sample_path
+    from reflectagent.pairs import read_pairs
+
+    pairs, bad = read_pairs(sample_path())
+    assert not bad
+    return pairs

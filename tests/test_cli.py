@@ -1,0 +1,79 @@
+"""The ``reflectagent`` command as a user runs it, in a subprocess."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reflectagent.server import is_serving
+
+DATA = Path(__file__).parent / "data"
+
+
+def cli(*args, env=None, check=True):
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "reflectagent.cli", *map(str, args)],
+                            capture_output=True, text=True, env=full_env, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def test_help_explains_every_command():
+    out = cli("--help").stdout
+    for command in ("judge", "serve", "models", "cache"):
+        assert command in out
+    assert "--lora" in cli("serve", "--help").stdout
+    assert "prepare" in cli("models", "--help").stdout
+
+
+def test_input_errors_are_clear_and_exit_nonzero(tmp_path):
+    result = cli("judge", check=False)
+    assert result.returncode == 2 and "give exactly one of" in result.stderr
+    result = cli("judge", "--prompt", " ", "--a", "x", "--b", "y", check=False)
+    assert result.returncode == 2 and "the prompt is empty" in result.stderr
+    result = cli("judge", tmp_path / "missing.jsonl", check=False)
+    assert result.returncode == 2 and "no such file" in result.stderr
+    config = tmp_path / "c.toml"
+    config.write_text('[backends.x]\nmodel = "openai/gpt-4o"\n')
+    result = cli("judge", "--sample", "--backend", "nope", "--config", config, check=False)
+    assert result.returncode == 1 and "unknown backend 'nope'" in result.stderr
+
+
+@pytest.mark.server
+def test_judge_starts_the_embedded_server_stops_it_and_caches(server, tmp_path):
+    """No server configured: the CLI starts one, judges, stops it; the re-run costs no calls."""
+    cache_dir = tmp_path / "cache"
+    env = {"REFLECTAGENT_EMBEDDED_URL": ""}
+    first = cli("judge", DATA / "with_bad_lines.jsonl", "--cache-dir", cache_dir, env=env)
+    url = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", first.stdout).group(1)
+    assert url != server.url and not is_serving(url)  # started for this run, gone with it
+    assert "skipped" in first.stderr and "with_bad_lines.jsonl:3: not JSON" in first.stderr
+    assert "with_bad_lines.jsonl:4: missing field(s): response_b" in first.stderr
+    assert "pairs: 3 judged, 2 bad lines skipped" in first.stdout
+    assert "LM calls: 6; cache hits: 0 of 3 judgments" in first.stdout
+    assert "parse failures: 0 of 6 steps" in first.stdout
+
+    out = tmp_path / "judgments.jsonl"
+    second = cli("judge", DATA / "with_bad_lines.jsonl", "--cache-dir", cache_dir, "-o", out,
+                 env={"REFLECTAGENT_EMBEDDED_URL": server.url})
+    assert "LM calls: 0; cache hits: 3 of 3 judgments (6 of 6 steps)" in second.stdout
+    verdicts = lambda text: re.findall(r"^(\S+): verdict (.*?)(?:  label|$)", text, re.M)  # noqa: E731
+    assert verdicts(second.stdout) == verdicts(first.stdout)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["judgment"]["analyses"]) == 2 for r in rows)
+
+    assert "entries: 6" in cli("cache", "info", "--cache-dir", cache_dir).stdout
+    assert "removed 6 entries" in cli("cache", "clear", "--cache-dir", cache_dir).stdout
+
+
+@pytest.mark.server
+def test_judge_one_pair_from_arguments(server, tmp_path):
+    result = cli("judge", "--prompt", "What is 2 + 2?", "--a", "4", "--b", "5", "--cache-dir", tmp_path,
+                 env={"REFLECTAGENT_EMBEDDED_URL": server.url})
+    assert re.search(r"^cli: verdict (A|B|none \(inconsistent across orders\))", result.stdout, re.M)
+    assert re.search(r"\[A,B\] -> [AB] p=0\.\d\d", result.stdout) and re.search(r"\[B,A\] -> [AB]", result.stdout)

@@ -1,0 +1,65 @@
+import pytest
+
+from reflectagent.backends import resolve_backend
+from reflectagent.config import ConfigError, load_settings
+
+TOML = """
+default_backend = "api"
+[backends.api]
+model = "openai/gpt-4o-mini"
+api_key_env = "TEST_JUDGE_KEY"
+temperature = 0.3
+[backends.local]
+model = "hosted_vllm/judge"
+api_base = "http://127.0.0.1:9/v1"
+"""
+
+YAML = """
+backends:
+  other:
+    model: anthropic/claude-3-5-haiku-latest
+    max_tokens: 200
+    constrained: true
+"""
+
+
+def test_toml_backends_resolve_to_lms_without_leaking_the_key(tmp_path, monkeypatch):
+    path = tmp_path / "reflectagent.toml"
+    path.write_text(TOML)
+    monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
+    settings = load_settings(path)
+    assert set(settings.backends) == {"embedded", "api", "local"}
+    lm = resolve_backend(settings=settings)
+    assert lm.backend.name == "api" and lm.model == "openai/gpt-4o-mini" and lm.kwargs["temperature"] == 0.3
+    assert "sk-secret-123" not in repr(lm.backend.identity)
+    assert lm.backend.constrained is False and lm.backend.logprobs is False
+    local = resolve_backend("local", settings)
+    assert local.backend.constrained and local.backend.logprobs and local.backend.api_base == "http://127.0.0.1:9/v1"
+
+
+def test_env_picks_the_backend_and_yaml_works(tmp_path, monkeypatch):
+    path = tmp_path / "judges.yaml"
+    path.write_text(YAML)
+    monkeypatch.setenv("REFLECTAGENT_CONFIG", str(path))
+    monkeypatch.setenv("REFLECTAGENT_BACKEND", "other")
+    lm = resolve_backend()
+    assert lm.backend.name == "other" and lm.kwargs["max_tokens"] == 200 and lm.backend.constrained
+
+
+def test_config_errors_are_clear(tmp_path, monkeypatch):
+    monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
+    path = tmp_path / "c.toml"
+    path.write_text(TOML)
+    with pytest.raises(ConfigError, match="unknown backend 'nope'; known: api, embedded, local"):
+        resolve_backend("nope", load_settings(path))
+    with pytest.raises(ConfigError, match=r"\$TEST_JUDGE_KEY is not set"):
+        resolve_backend("api", load_settings(path))
+    path.write_text('[backends.x]\nmodel = "openai/gpt-4o"\nlora = {a = "/tmp"}\n')
+    with pytest.raises(ConfigError, match="only apply to the embedded backend"):
+        load_settings(path)
+    path.write_text('[backends.x]\nmodle = "typo"\n')
+    with pytest.raises(ConfigError, match="invalid config"):
+        load_settings(path)
+    path.write_text("[backends\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path)

@@ -1,0 +1,139 @@
+"""End to end against a real vLLM server of the embedded model, over HTTP."""
+
+import json
+import threading
+import time
+
+import dspy
+import pytest
+
+from reflectagent.backends import backend, resolve_backend
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.config import BackendConfig, Settings
+from reflectagent.judge import PositionSwapJudge, RunInterrupted, judge_pairs
+from reflectagent.pairs import Pair
+from reflectagent.results import flip
+from reflectagent.server import ServerError, ServerSpec, VLLMServer
+
+pytestmark = pytest.mark.server
+
+
+def settings(url=None, lora_dir=None):
+    backends = {
+        # the same server without constraints: the zero-shot model's raw behaviour
+        "free": BackendConfig(model="hosted_vllm/embedded", api_base=url, constrained=False, max_tokens=8),
+        "embedded": BackendConfig(model="embedded", context_chars=4000),
+    }
+    if lora_dir:
+        backends["tuned"] = BackendConfig(model="embedded", lora={"test": str(lora_dir)}, adapter="test", context_chars=4000)
+    return Settings(backends=backends)
+
+
+def test_real_pairs_parse_and_map_back_to_the_original_order(server, cache, sample_pairs):
+    pairs = sample_pairs[:6]
+    with backend("embedded", settings()):
+        judgments = judge_pairs(PositionSwapJudge(), pairs, concurrency=6, progress=False)
+    for judgment in judgments:
+        assert len(judgment.analyses) == 2 and [a.swapped for a in judgment.analyses] == [False, True]
+        for analysis in judgment.analyses:
+            assert analysis.parsed, analysis.error  # constrained decoding: always well-formed
+            shown = json.loads(analysis.raw)["preference"]  # what the model said about the pair it saw
+            assert analysis.preference == (flip(shown) if analysis.swapped else shown)
+            assert 0.5 <= analysis.probability <= 1.0  # the chosen verdict's probability, from the token
+        if judgment.preference is None:
+            assert judgment.reason == "inconsistent across orders"
+        else:
+            assert {a.preference for a in judgment.analyses} == {judgment.preference}
+        assert judgment.lm_calls == 2 and judgment.usage.prompt_tokens > 0 and judgment.usage.completion_tokens > 0
+
+
+def test_second_run_is_served_from_the_cache(server, tmp_path, sample_pairs):
+    pairs = sample_pairs[6:10]
+    runs = []
+    for _ in range(2):  # two cache objects on one folder, as two processes would have
+        store = JudgmentCache(tmp_path / "shared-cache")
+        with use_cache(store), backend("embedded", settings()):
+            runs.append(judge_pairs(PositionSwapJudge(), pairs, progress=False))
+        store.close()
+    first, second = runs
+    assert sum(j.lm_calls for j in first) == 8 and sum(j.cache_hits for j in first) == 0
+    assert sum(j.lm_calls for j in second) == 0 and sum(j.cache_hits for j in second) == 8
+    assert [j.preference for j in second] == [j.preference for j in first]
+    assert [a.text for j in second for a in j.analyses] == [a.text for j in first for a in j.analyses]
+
+
+def test_config_switches_backend_and_two_run_side_by_side(server, cache, sample_pairs, lora_dir):
+    pair = sample_pairs[0]
+    conf = settings(server.url, lora_dir)
+    base, tuned = resolve_backend("embedded", conf), resolve_backend("tuned", conf)
+    assert base.model == "hosted_vllm/embedded" and tuned.model == "hosted_vllm/test"
+    assert base.backend.identity != tuned.backend.identity
+    results = {}
+
+    def run(name, lm):
+        with dspy.context(lm=lm):
+            results[name] = PositionSwapJudge().judge(pair)
+
+    threads = [threading.Thread(target=run, args=(n, lm)) for n, lm in (("base", base), ("tuned", tuned))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["base"].lm_calls == 2 and results["tuned"].lm_calls == 2  # no cross-backend cache hits
+    assert all(a.parsed for j in results.values() for a in j.analyses)
+    assert [a.raw for a in results["base"].analyses] != [a.raw for a in results["tuned"].analyses]
+
+
+def test_unconstrained_output_that_does_not_parse_is_reported_not_guessed(server, cache, sample_pairs):
+    with backend("free", settings(server.url)):
+        judgment = PositionSwapJudge().judge(sample_pairs[1])
+    assert judgment.preference is None and judgment.reason == "unparsed"
+    for analysis in judgment.analyses:
+        assert not analysis.parsed and analysis.preference is None and analysis.error.startswith("unparsed")
+        assert analysis.raw  # what the model wrote is kept
+
+
+def test_too_long_input_is_cut_with_a_note(server, cache):
+    pair = Pair(prompt="Summarise this text.\n" + "The quick brown fox jumps over the lazy dog. " * 800,
+                response_a="A fox jumps over a dog.", response_b="Cats sleep all day.")
+    with backend("embedded", settings()):
+        judgment = PositionSwapJudge().judge(pair)
+    assert all(a.parsed for a in judgment.analyses)
+    assert any("truncated to fit the context: prompt" in note for note in judgment.notes)
+
+
+def test_a_server_that_cannot_start_reports_its_log(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    server = VLLMServer(ServerSpec(model_dir=str(tmp_path)), log_path=tmp_path / "log.txt")
+    with pytest.raises(ServerError, match="exited with code") as error:
+        server.start(timeout_s=300)
+    assert "log tail" in str(error.value) and len(str(error.value).splitlines()) > 3
+
+
+def test_a_server_dying_mid_run_loses_nothing_and_the_rerun_resumes(server, model_dir, tmp_path, sample_pairs, monkeypatch):
+    pairs = sample_pairs[10:16]
+    store = JudgmentCache(tmp_path / "cache")
+    doomed = VLLMServer(ServerSpec(model_dir=str(model_dir), served_name="embedded"), log_path=tmp_path / "doomed.log")
+    doomed.start()
+    monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", doomed.url)
+    conf = Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000, num_retries=0, timeout_s=30)})
+
+    def kill_after_two_judgments():
+        while len(store) < 4:
+            time.sleep(0.05)
+        doomed.stop(grace_s=0)
+
+    killer = threading.Thread(target=kill_after_two_judgments)
+    killer.start()
+    with use_cache(store), backend("embedded", conf):
+        with pytest.raises(RunInterrupted, match="run the same command again to resume"):
+            judge_pairs(PositionSwapJudge(), pairs, concurrency=1, progress=False)
+    killer.join()
+    saved = len(store)
+    assert 4 <= saved < 12
+
+    monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", server.url)  # the same model, served again elsewhere
+    with use_cache(store), backend("embedded", conf):
+        resumed = judge_pairs(PositionSwapJudge(), pairs, concurrency=1, progress=False)
+    assert sum(j.cache_hits for j in resumed) == saved
+    assert sum(j.lm_calls for j in resumed) == 12 - saved

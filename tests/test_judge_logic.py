@@ -1,0 +1,114 @@
+"""Control flow with deterministic fake LMs (DummyLM): order mapping, unparsed, cache keys."""
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+from dspy.utils.exceptions import AdapterParseError
+
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.adapter import JudgeAdapter, output_schema
+from reflectagent.judge import PositionSwapJudge
+from reflectagent.modules import Analyzer, Reflector
+from reflectagent.pairs import Pair
+from reflectagent.results import Analysis, Judgment
+from reflectagent.signatures import Analyze, Reflect
+
+GOOD, BAD = "The capital of France is Paris.", "The capital of France is Berlin."
+PAIR = Pair(prompt="What is the capital of France?", response_a=GOOD, response_b=BAD, label="A")
+
+
+def content_judge():
+    """Prefers whichever position holds GOOD: a judge with no position bias."""
+    return DummyLM(
+        {
+            f"[[ ## response_a ## ]]\n{GOOD}": {"analysis": "A is right", "preference": "A"},
+            f"[[ ## response_b ## ]]\n{GOOD}": {"analysis": "B is right", "preference": "B"},
+        },
+        adapter=JudgeAdapter(),
+    )
+
+
+def position_judge(answer="A"):
+    """Always names the same position: pure position bias."""
+    return DummyLM({"": {"analysis": "first looks fine", "preference": answer}}, adapter=JudgeAdapter())
+
+
+def test_swapped_analysis_is_mapped_back_to_the_original_order(cache):
+    with dspy.context(lm=content_judge()):
+        straight = Analyzer()(PAIR, swapped=False)
+        swapped = Analyzer()(PAIR, swapped=True)
+    assert (straight.preference, straight.swapped) == ("A", False)
+    assert (swapped.preference, swapped.swapped) == ("A", True)  # the model said "B" about the swapped pair
+    assert swapped.text == "B is right"
+
+
+def test_position_swap_judge_agrees_only_without_position_bias(cache):
+    with dspy.context(lm=content_judge()):
+        fair = PositionSwapJudge().judge(PAIR)
+    with dspy.context(lm=position_judge()), use_cache(JudgmentCache(enabled=False)):  # same "dummy" identity
+        biased = PositionSwapJudge().judge(PAIR)
+    assert fair.preference == "A" and fair.reason is None and fair.lm_calls == 2
+    assert biased.preference is None and biased.reason == "inconsistent across orders"
+    assert [a.preference for a in biased.analyses] == ["A", "B"]
+
+
+def test_unparsed_output_never_becomes_a_verdict(cache):
+    junk = DummyLM({"": {"analysis": "hmm", "preference": "both"}}, adapter=JudgeAdapter())
+    with dspy.context(lm=junk), use_cache(JudgmentCache(enabled=False)):
+        judgment = PositionSwapJudge().judge(PAIR)
+    assert judgment.preference is None and judgment.reason == "unparsed"
+    assert all(not a.parsed and a.preference is None for a in judgment.analyses)
+    assert all(a.error.startswith("unparsed: field 'preference'") for a in judgment.analyses)
+    assert '"preference": "both"' in judgment.analyses[0].raw
+
+
+def test_identical_responses_get_no_verdict_and_no_calls(cache):
+    with dspy.context(lm=position_judge()), use_cache(JudgmentCache(enabled=False)):
+        judgment = PositionSwapJudge().judge(Pair(prompt="p", response_a="same", response_b="same "))
+    assert judgment.preference is None and "identical" in judgment.reason and judgment.lm_calls == 0
+
+
+def test_cache_serves_repeats_and_misses_on_changed_instructions(cache):
+    with dspy.context(lm=content_judge()):
+        first = PositionSwapJudge().judge(PAIR)
+        again = PositionSwapJudge().judge(PAIR)
+        changed = PositionSwapJudge()
+        changed.analyzer.predict.signature = Analyze.with_instructions("Prefer the shorter response.")
+        recompiled = changed.judge(PAIR)
+        resampled = Analyzer()(PAIR, sample=1)
+    assert first.lm_calls == 2 and first.cache_hits == 0
+    assert again.lm_calls == 0 and again.cache_hits == 2 and again.preference == first.preference
+    assert again.cost == first.cost  # the original cost is kept for accounting
+    assert recompiled.lm_calls == 2 and recompiled.cache_hits == 0
+    assert not resampled.cached
+    assert len(cache) == 5
+
+
+def test_reflector_names_an_analysis_by_index(cache):
+    lm = DummyLM({"": {"reflection": "the second checks the facts", "more_reliable": "2"}}, adapter=JudgeAdapter())
+    analyses = (
+        Analysis(text="B is right", preference="B", swapped=False, parsed=True, raw=""),
+        Analysis(text="A is right", preference="A", swapped=True, parsed=True, raw=""),
+    )
+    with dspy.context(lm=lm):
+        reflection = Reflector()(PAIR, analyses, first=0, second=1)
+        reversed_ = Reflector()(PAIR, analyses, first=1, second=0)
+    assert reflection.more_reliable == 1 and reversed_.more_reliable == 0
+
+
+def test_strict_parse_and_schema():
+    adapter = JudgeAdapter()
+    assert adapter.parse(Analyze, 'Sure!\n```json\n{"analysis": "x", "preference": "B"}\n```') == {"analysis": "x", "preference": "B"}
+    for junk in ["A", '{"analysis": "x"}', '{"analysis": "x", "preference": "C"}', "{'analysis': 'x'"]:
+        with pytest.raises(AdapterParseError):
+            adapter.parse(Analyze, junk)
+    schema = output_schema(Reflect)
+    assert list(schema["properties"]) == ["reflection", "more_reliable"]
+    assert schema["properties"]["more_reliable"]["enum"] == ["1", "2"]
+    assert schema["properties"]["reflection"]["maxLength"] == 600
+
+
+def test_judgment_round_trips_through_a_dict(cache):
+    with dspy.context(lm=content_judge()):
+        judgment = PositionSwapJudge().judge(PAIR)
+    assert Judgment.from_dict(judgment.to_dict()) == judgment

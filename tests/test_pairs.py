@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from reflectagent.pairs import InvalidPair, Pair, fit_to_budget, read_pairs
+
+
+def test_swapped_moves_responses_and_label():
+    pair = Pair(prompt="p", response_a="one", response_b="two", label="A")
+    swapped = pair.swapped()
+    assert (swapped.response_a, swapped.response_b, swapped.label) == ("two", "one", "B")
+    assert swapped.swapped() == pair
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"prompt": "  ", "response_a": "x", "response_b": "y"}, "prompt is empty"),
+        ({"prompt": "p", "response_a": "", "response_b": " "}, "both responses are empty"),
+        ({"prompt": "p", "response_a": "x", "response_b": "y", "label": "C"}, "label must be one of"),
+        ({"prompt": "p", "response_a": 3, "response_b": "y"}, "must be a string"),
+    ],
+)
+def test_invalid_pairs_say_why(fields, message):
+    with pytest.raises(InvalidPair, match=message):
+        Pair(**fields)
+
+
+def test_one_empty_response_is_judgeable():
+    assert Pair(prompt="p", response_a="", response_b="an answer").response_a == ""
+
+
+def test_bad_lines_are_reported_with_numbers_and_the_rest_are_read(tmp_path):
+    good = {"id": "1", "prompt": "p", "response_a": "a", "response_b": "b", "label": "A"}
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "wb") as handle:
+        handle.write((json.dumps(good) + "\n").encode())
+        handle.write(b"{not json\n")
+        handle.write((json.dumps({"prompt": "p", "response_a": "a"}) + "\n").encode())
+        handle.write(b'{"prompt": "p", "response_a": "\xff\xfe", "response_b": "b"}\n')
+        handle.write(b"\n")
+        handle.write((json.dumps({**good, "id": 7, "label": "tie"}) + "\n").encode())
+        handle.write((json.dumps([1, 2]) + "\n").encode())
+    pairs, bad = read_pairs(path)
+    assert [p.id for p in pairs] == ["1", "7"]
+    assert [(b.line, b.error.split(":")[0]) for b in bad] == [
+        (2, "not JSON"), (3, "missing field(s)"), (4, "not UTF-8 (byte 32 of the line)"), (7, "expected a JSON object, got list"),
+    ]
+    assert str(bad[0]).startswith(f"{path}:2: not JSON")
+
+
+def test_fit_to_budget_keeps_short_texts_and_cuts_long_ones_visibly():
+    texts = {"prompt": "short prompt", "response_a": "a" * 5000, "response_b": "b" * 300}
+    fitted, cut = fit_to_budget(texts, 2000)
+    assert cut == ("response_a",)
+    assert fitted["prompt"] == texts["prompt"] and fitted["response_b"] == texts["response_b"]
+    assert len(fitted["response_a"]) <= 2000 - len(texts["prompt"]) - 300
+    assert "characters cut to fit" in fitted["response_a"]
+    assert fitted["response_a"].startswith("aaa") and fitted["response_a"].endswith("aaa")
+    assert fit_to_budget(texts, None) == (texts, ())
+    assert fit_to_budget(texts, 10**6) == (texts, ())
