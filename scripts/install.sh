@@ -12,7 +12,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 LITELLM_LOCAL_MODEL_COST_MAP=True
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 log() { echo "[install] $*" >&2; }
-quiet() { "$@" 2>&1 | grep -v "^WARNING: Location" || true; test "${PIPESTATUS[0]}" -eq 0; }
+# Run a pip command, showing its output without this machine's noisy index warnings; keep its exit code.
+quiet() {
+  local out status=0
+  out=$("$@" 2>&1) || status=$?
+  printf '%s\n' "$out" | grep -v -e "^WARNING: Location" -e "^$" >&2 || true
+  return $status
+}
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   serve=serve                # vLLM's CUDA build

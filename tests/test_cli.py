@@ -77,3 +77,34 @@ def test_judge_one_pair_from_arguments(server, tmp_path):
                  env={"REFLECTAGENT_EMBEDDED_URL": server.url})
     assert re.search(r"^cli: verdict (A|B|none \(inconsistent across orders\))", result.stdout, re.M)
     assert re.search(r"\[A,B\] -> [AB] p=0\.\d\d", result.stdout) and re.search(r"\[B,A\] -> [AB]", result.stdout)
+
+
+@pytest.mark.server
+def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path):
+    import signal
+    import time
+
+    from reflectagent.backends import state_file
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reflectagent.cli", "serve", "--lora", f"test={lora_dir}", "--max-lora-rank", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "REFLECTAGENT_EMBEDDED_URL": ""},
+    )
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"^serving embedded \(.*\) at (http://127\.0\.0\.1:\d+/v1)$", line.strip())
+        assert match, (line, process.stderr.read() if process.poll() is not None else "")
+        url = match.group(1)
+        assert is_serving(url, "embedded") and is_serving(url, "test")
+        assert json.loads(state_file().read_text())["url"] == url
+
+        # An embedded backend with no URL configured finds this server instead of starting one.
+        judged = cli("judge", "--prompt", "Is water wet?", "--a", "Yes.", "--b", "No.", "--cache-dir", tmp_path,
+                     env={"REFLECTAGENT_EMBEDDED_URL": ""})
+        assert f"at {url}" in judged.stdout and "ready in" in judged.stdout
+    finally:
+        process.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        code = process.wait(timeout=60)
+    assert code == 0 and time.monotonic() - start < 60
+    assert not is_serving(url) and not state_file().exists()
