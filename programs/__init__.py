@@ -1,9 +1,59 @@
-"""Ready judges built from the core parts (``reflectagent.programs``).
+"""Ready judges built from the core parts: GenRM, ReflectRM, ranking, ensembles and cascades.
 
-The published programs (GenRM, ReflectRM, ranking, ensembles) arrive with issue 4; the core
-already ships :class:`reflectagent.judge.PositionSwapJudge`, re-exported here.
+Every program is a ``dspy.Module`` returning a :class:`reflectagent.Judgment`; compile it
+with DSPy optimisers (:mod:`reflectagent.programs.compile`), save it with ``.save(path)``
+and load it with :func:`load_program` (or ``GenRM.load(path)``).
 """
 
-from reflectagent.judge import PositionSwapJudge
+from __future__ import annotations
 
-__all__ = ["PositionSwapJudge"]
+import json
+from pathlib import Path
+
+from reflectagent.judge import Judge, PositionSwapJudge, ProgramFileError
+from reflectagent.programs.compose import Cascade, Ensemble
+from reflectagent.programs.genrm import GenRM
+from reflectagent.programs.ranking import Ranking, best_of_n, bradley_terry, rank
+from reflectagent.programs.reflectrm import AdaptiveReflectRM, ReflectRM
+
+PROGRAMS: dict[str, type[Judge]] = {cls.__name__: cls for cls in (GenRM, ReflectRM, PositionSwapJudge, Ensemble, Cascade)}
+
+
+NAMED = {
+    "swap": lambda: PositionSwapJudge(),
+    "genrm": lambda: GenRM(),
+    "genrm-both": lambda: GenRM(both_orders=True),
+    "genrm-prob": lambda: GenRM(both_orders=True, decision="probability"),
+    "reflectrm": lambda: ReflectRM(),
+    "reflectrm-adaptive": lambda: AdaptiveReflectRM(),
+}
+
+
+def named_program(name: str) -> Judge:
+    """A ready program by short name (the CLI's ``--program``): see ``NAMED``."""
+    try:
+        return NAMED[name]()
+    except KeyError:
+        raise ValueError(f"unknown program {name!r}; choose from {', '.join(NAMED)}") from None
+
+
+def program_class(name: str) -> type[Judge]:
+    try:
+        return PROGRAMS[name]
+    except KeyError:
+        raise ProgramFileError(f"unknown program {name!r}; known: {', '.join(sorted(PROGRAMS))}") from None
+
+
+def load_program(path: str | Path) -> Judge:
+    """Load any saved program, whichever class it is."""
+    try:
+        name = json.loads(Path(path).read_text(encoding="utf-8"))["reflectagent"]["program"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ProgramFileError(f"{path} is not a saved reflectagent program: {exc}") from exc
+    return program_class(name).load(path)
+
+
+__all__ = [
+    "AdaptiveReflectRM", "Cascade", "Ensemble", "GenRM", "PositionSwapJudge", "Ranking", "ReflectRM",
+    "best_of_n", "bradley_terry", "load_program", "named_program", "program_class", "rank",
+]

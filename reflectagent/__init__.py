@@ -8,7 +8,8 @@
 from reflectagent.backends import Backend, BackendLM, backend, resolve_backend
 from reflectagent.cache import JudgmentCache, current_cache, use_cache
 from reflectagent.config import BackendConfig, ConfigError, Settings, load_settings
-from reflectagent.judge import Judge, PositionSwapJudge
+from reflectagent import pairs
+from reflectagent.judge import Judge, PositionSwapJudge, judge_pairs
 from reflectagent.modules import Analyzer, Reflector, VerdictStep
 from reflectagent.pairs import BadLine, InvalidPair, Pair, read_pairs
 from reflectagent.results import Analysis, Judgment, Reflection, Usage
@@ -20,5 +21,5 @@ __all__ = [
     "Analysis", "Analyze", "Analyzer", "Backend", "BackendConfig", "BackendLM", "BadLine", "ConfigError",
     "InvalidPair", "Judge", "Judgment", "JudgmentCache", "Pair", "PositionSwapJudge", "Reflect", "Reflection",
     "Reflector", "Settings", "Usage", "Verdict", "VerdictStep", "backend", "current_cache", "load_settings",
-    "read_pairs", "resolve_backend", "use_cache",
+    "judge_pairs", "pairs", "read_pairs", "resolve_backend", "use_cache",
 ]

@@ -10,6 +10,7 @@ one for this process and stops it when the process ends.
 from __future__ import annotations
 
 import atexit
+import contextvars
 import ctypes
 import hashlib
 import json
@@ -132,7 +133,10 @@ def embedded_url(model_dir: Path, loras: dict[str, str]) -> str:
         if key not in _servers:
             spec = ServerSpec(model_dir=str(model_dir), served_name=EMBEDDED_SERVED_NAME, loras=dict(loras))
             server = VLLMServer(spec)
-            server.preexec = _die_with_parent
+            if threading.current_thread() is threading.main_thread():
+                # Linux delivers the parent-death signal when the *thread* that started the child
+                # ends, so only the main thread may ask for it; atexit covers the other cases.
+                server.preexec = _die_with_parent
             server.start()
             _servers[key] = server
         return _servers[key].url
@@ -171,9 +175,16 @@ def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
     )
 
 
+_settings: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("reflectagent_settings", default=None)
+
+
 def resolve_backend(name: str | None = None, settings: Settings | None = None) -> BackendLM:
-    """The LM for backend ``name`` (or ``$REFLECTAGENT_BACKEND``, or the configured default)."""
-    settings = settings or load_settings()
+    """The LM for backend ``name`` (or ``$REFLECTAGENT_BACKEND``, or the configured default).
+
+    Settings come from the argument, else the enclosing :func:`backend` block, else the
+    config file, so a program that names its members' backends finds them in the same config.
+    """
+    settings = settings or _settings.get() or load_settings()
     name, config = settings.backend(name)
     backend = _resolve_embedded(name, config) if config.model == EMBEDDED else _resolve_litellm(name, config)
     return BackendLM(backend, config)
@@ -182,6 +193,11 @@ def resolve_backend(name: str | None = None, settings: Settings | None = None) -
 @contextmanager
 def backend(name: str | None = None, settings: Settings | None = None):
     """``with backend("embedded") as lm:`` runs the enclosed judging on that backend."""
+    settings = settings or _settings.get() or load_settings()
     lm = resolve_backend(name, settings)
-    with dspy.context(lm=lm):
-        yield lm
+    token = _settings.set(settings)
+    try:
+        with dspy.context(lm=lm):
+            yield lm
+    finally:
+        _settings.reset(token)

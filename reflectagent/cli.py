@@ -8,7 +8,6 @@ import signal
 import sys
 import time
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,10 +24,6 @@ app.add_typer(cache_app, name="cache")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config (default: $REFLECTAGENT_CONFIG or ./reflectagent.toml)")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="judgment cache folder (default: $REFLECTAGENT_CACHE_DIR or the user cache)")]
-
-
-def sample_path() -> Path:
-    return Path(str(resources.files("reflectagent") / "data" / "sample_pairs.jsonl"))
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -68,6 +63,10 @@ def _print_judgment(pair, judgment, show_analyses: bool) -> None:
             prob = f" p={a.probability:.2f}" if a.probability is not None else ""
             text = a.text.replace("\n", " ")[:160] if a.parsed else (a.error or "")[:160]
             typer.echo(f"    [{order}] -> {verdict}{prob}: {text}")
+        for r in judgment.reflections:
+            choice = f"analysis {r.more_reliable + 1}" if r.more_reliable is not None else "unparsed"
+            text = r.text.replace("\n", " ")[:120] if r.parsed else (r.error or "")[:120]
+            typer.echo(f"    reflect({r.first + 1} vs {r.second + 1}) -> {choice}: {text}")
 
 
 @app.command()
@@ -77,6 +76,8 @@ def judge(
     a: Annotated[Optional[str], typer.Option("--a", help="response A, with --prompt")] = None,
     b: Annotated[Optional[str], typer.Option("--b", help="response B, with --prompt")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="judge the real pairs shipped with reflectagent")] = False,
+    program_name: Annotated[str, typer.Option("--program", "-p", help="swap, genrm, genrm-both, genrm-prob, reflectrm or reflectrm-adaptive")] = "swap",
+    load: Annotated[Optional[Path], typer.Option("--load", help="a compiled program saved with .save() (overrides --program)")] = None,
     backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="backend name from the config (default: $REFLECTAGENT_BACKEND or 'embedded')")] = None,
     limit: Annotated[Optional[int], typer.Option(help="judge only the first N pairs")] = None,
     concurrency: Annotated[int, typer.Option(help="pairs judged at once")] = 8,
@@ -86,16 +87,17 @@ def judge(
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):
-    """Judge pairs with a position-swapped judge and print verdicts, analyses and a summary.
+    """Judge pairs and print verdicts, analyses and a summary.
 
-    Each pair is analysed in both orders; the verdict stands when the two agree. Judgments
-    are cached: running the same command again costs no LM calls.
+    The default program ('swap') analyses each pair in both orders and gives a verdict when
+    the two agree; 'reflectrm' adds ReflectRM's reflection stage. Judgments are cached:
+    running the same command again costs no LM calls.
     """
     from reflectagent.backends import resolve_backend
     from reflectagent.cache import use_cache
     from reflectagent.config import ConfigError, load_settings
-    from reflectagent.judge import PositionSwapJudge, RunInterrupted, judge_pairs
-    from reflectagent.pairs import InvalidPair, Pair, read_pairs
+    from reflectagent.judge import RunInterrupted, judge_pairs
+    from reflectagent.pairs import InvalidPair, Pair, read_pairs, sample_path
 
     sources = sum([file is not None, prompt is not None, sample])
     if sources != 1:
@@ -128,7 +130,12 @@ def judge(
         _fail(str(exc))
     import dspy
 
-    program = PositionSwapJudge()
+    from reflectagent.programs import load_program, named_program
+
+    try:
+        program = load_program(load) if load else named_program(program_name)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     started = time.perf_counter()
     try:
         with use_cache(_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm):
@@ -153,6 +160,7 @@ def judge(
     calls = sum(j.lm_calls for j in judgments)
     usage = sum((j.usage for j in judgments), start=type(judgments[0].usage)())
     typer.echo("")
+    typer.echo(f"program: {type(program).__name__} {program.options}")
     typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {lm.backend.api_base or 'provider default'}); ready in {ready_s:.1f} s")
     typer.echo(f"pairs: {len(pairs)} judged, {len(bad)} bad lines skipped")
     typer.echo(f"verdicts: {len(judgments) - sum(reasons.values())}; no verdict: {sum(reasons.values())}"

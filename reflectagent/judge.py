@@ -9,8 +9,10 @@ the two agree.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import dspy
 from tqdm.auto import tqdm
@@ -21,8 +23,23 @@ from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
 
 
+class ProgramFileError(ValueError):
+    """A saved program that is not the program (or version) being loaded."""
+
+
 class Judge(dspy.Module):
-    """Base class: ``forward(prompt, response_a, response_b) -> Judgment``."""
+    """Base class: ``forward(prompt, response_a, response_b) -> Judgment``.
+
+    Subclasses pass their constructor options to ``super().__init__(**options)`` so that a
+    saved program can be rebuilt exactly; bump ``version`` when a program's structure (its
+    predictors or how it decides) changes, so old files are refused instead of misread.
+    """
+
+    version = 1
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
 
     def forward(self, prompt: str, response_a: str, response_b: str, **_) -> Judgment:
         return self.judge(Pair(prompt=prompt, response_a=response_a, response_b=response_b))
@@ -48,6 +65,41 @@ class Judge(dspy.Module):
 
     def decide(self, pair: Pair) -> Judgment:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write the program's identity, options and compiled state (demos, instructions) as JSON."""
+        from reflectagent import __version__
+
+        payload = {
+            "reflectagent": {"program": type(self).__name__, "version": self.version, "library": __version__},
+            "options": self.options,
+            # Backends are configuration, not part of a program: predictor LMs are not saved.
+            "state": {name: {**state, "lm": None} for name, state in self.dump_state().items()},
+        }
+        path = Path(path)
+        path.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Judge:
+        """Rebuild a program saved by :meth:`save`; another program or version is an error."""
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+            meta = payload["reflectagent"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ProgramFileError(f"{path} is not a saved reflectagent program: {exc}") from exc
+        if meta.get("program") != cls.__name__:
+            raise ProgramFileError(f"{path} holds a {meta.get('program')} program, not {cls.__name__}")
+        if meta.get("version") != cls.version:
+            raise ProgramFileError(
+                f"{path} was saved by {cls.__name__} version {meta.get('version')}; this is version {cls.version}"
+            )
+        program = cls(**payload.get("options", {}))
+        lms = [(predictor, predictor.lm) for predictor in program.predictors()]
+        program.load_state(payload["state"])
+        for predictor, lm in lms:  # keep the LMs the constructor chose (e.g. ensemble members' backends)
+            predictor.lm = lm
+        return program
 
 
 class PositionSwapJudge(Judge):

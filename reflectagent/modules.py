@@ -31,9 +31,9 @@ class Analyzer(dspy.Module):
         super().__init__()
         self.predict = dspy.Predict(signature)
 
-    def forward(self, pair: Pair, swapped: bool = False, sample: int = 0) -> Analysis:
+    def forward(self, pair: Pair, swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Analysis:
         shown = pair.swapped() if swapped else pair
-        step = run_step(self.predict, shown.inputs(), sample=sample)
+        step = run_step(self.predict, shown.inputs(), sample=sample, config={"temperature": temperature})
         fields = step.fields or {}
         preference = fields.get("preference")
         probability = (step.logprobs or {}).get("preference", {}).get(preference) if preference else None
@@ -51,8 +51,8 @@ class Analyzer(dspy.Module):
             truncated=step.truncated,
         )
 
-    async def aforward(self, pair: Pair, swapped: bool = False, sample: int = 0) -> Analysis:
-        return await asyncio.to_thread(self.forward, pair, swapped, sample)
+    async def aforward(self, *args, **kwargs) -> Analysis:
+        return await asyncio.to_thread(self.forward, *args, **kwargs)
 
 
 class Reflector(dspy.Module):
@@ -63,7 +63,7 @@ class Reflector(dspy.Module):
         self.predict = dspy.Predict(signature)
 
     def forward(self, pair: Pair, analyses: tuple[Analysis, ...], first: int, second: int,
-                swapped: bool = False, sample: int = 0) -> Reflection:
+                swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Reflection:
         """``first`` and ``second`` index ``analyses``; ``swapped`` shows the pair in B, A order."""
         shown = pair.swapped() if swapped else pair
         inputs = {
@@ -71,7 +71,7 @@ class Reflector(dspy.Module):
             "analysis_1": render_analysis(analyses[first], swapped),
             "analysis_2": render_analysis(analyses[second], swapped),
         }
-        step = run_step(self.predict, inputs, sample=sample)
+        step = run_step(self.predict, inputs, sample=sample, config={"temperature": temperature})
         fields = step.fields or {}
         choice = fields.get("more_reliable")
         return Reflection(

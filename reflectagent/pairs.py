@@ -115,6 +115,16 @@ def read_pairs(path: str | Path) -> tuple[list[Pair], list[BadLine]]:
     return list(iter_pairs(path, bad)), bad
 
 
+def sample_path() -> Path:
+    """The 32 real, labelled pairs shipped with reflectagent (origins in the README)."""
+    return Path(__file__).parent / "data" / "sample_pairs.jsonl"
+
+
+def sample_pairs(limit: int | None = None) -> list[Pair]:
+    pairs, _ = read_pairs(sample_path())
+    return pairs[:limit]
+
+
 def fit_to_budget(texts: dict[str, str], budget: int | None) -> tuple[dict[str, str], tuple[str, ...]]:
     """Cut the longest texts until all fit in ``budget`` characters; name what was cut.
 

@@ -103,10 +103,13 @@ class Judgment:
     notes: tuple[str, ...] = ()  # e.g. which inputs were truncated to fit the context
     probability_a: float | None = None  # P(response A is better), order-averaged, when known
     program: str = ""
+    parts: tuple[Judgment, ...] = ()  # the judgments of member judges (ensembles, cascades)
+    chosen: int | None = None  # the analysis whose verdict is final, where a program picks one
 
     @property
     def steps(self) -> tuple[Analysis | Reflection, ...]:
-        return self.analyses + self.reflections
+        """Every LM step behind this judgment, members' included."""
+        return self.analyses + self.reflections + tuple(s for part in self.parts for s in part.steps)
 
     @property
     def parsed(self) -> bool:
@@ -145,4 +148,5 @@ class Judgment:
         data["analyses"] = tuple(build(Analysis, a) for a in data.get("analyses", ()))
         data["reflections"] = tuple(build(Reflection, r) for r in data.get("reflections", ()))
         data["notes"] = tuple(data.get("notes", ()))
+        data["parts"] = tuple(cls.from_dict(part) for part in data.get("parts", ()))
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})

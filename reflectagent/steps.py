@@ -77,9 +77,9 @@ def _choice_logprobs(logprobs: dict | None, signature) -> dict[str, dict[str, fl
     return result or None
 
 
-def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int) -> dict[str, Any]:
+def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int, overrides: dict | None) -> dict[str, Any]:
     backend = backend_of(lm)
-    config: dict[str, Any] = dict(predict.config)
+    config: dict[str, Any] = {**predict.config, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     if backend is not None and backend.logprobs:
         config.update(logprobs=True, top_logprobs=5)
     if backend is not None and backend.seed is not None:
@@ -87,15 +87,22 @@ def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int) -> di
     return config
 
 
-def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0) -> StepOutput:
-    """Run ``predict`` on ``inputs`` through the judgment cache."""
+def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, config: dict | None = None) -> StepOutput:
+    """Run ``predict`` on ``inputs`` through the judgment cache.
+
+    ``sample`` tells repeated samples of the same step apart; ``config`` overrides request
+    settings (e.g. ``temperature`` for extra samples). Both are part of the cache key.
+    """
     lm = predict.lm or dspy.settings.lm
     if lm is None:
         raise RuntimeError("no LM is configured: use reflectagent.backend(...) or dspy.context(lm=...)")
     backend = backend_of(lm)
     adapter = backend.adapter() if backend is not None else (dspy.settings.adapter or JudgeAdapter())
-    inputs, truncated = fit_to_budget(inputs, backend.context_chars if backend is not None else None)
-    config = _request_settings(lm, predict, sample)
+    budget = backend.context_chars if backend is not None else None
+    if budget is not None and predict.demos:  # demos share the context with the inputs
+        budget = max(budget - sum(len(str(v)) for demo in predict.demos for v in dict(demo).values()), budget // 4)
+    inputs, truncated = fit_to_budget(inputs, budget)
+    config = _request_settings(lm, predict, sample, config)
     signature = predict.signature
     key = step_key(
         lm=lm_identity(lm),
@@ -107,6 +114,9 @@ def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0) 
     cache = current_cache()
     hit = cache.get(key)
     if hit is not None:
+        if hit.parsed and dspy.settings.trace is not None:
+            # Optimisers collect demos from traces: a cached step must leave one like a live call.
+            dspy.settings.trace.append((predict, dict(inputs), dspy.Prediction(**hit.fields)))
         return hit
 
     started = time.perf_counter()

@@ -63,8 +63,7 @@ def cache(tmp_path):
 
 @pytest.fixture(scope="session")
 def sample_pairs():
-    from reflectagent.cli import sample_path
-    from reflectagent.pairs import read_pairs
+    from reflectagent.pairs import read_pairs, sample_path
 
     pairs, bad = read_pairs(sample_path())
     assert not bad

@@ -1,0 +1,77 @@
+"""GenRM (Mahan et al., 2024): a chain-of-thought rationale, then a preference token.
+
+Options cover the paper's inference variants: both orders (cancels position bias),
+k samples with a majority vote (self-consistency), and the original scoring by the
+verdict token's probability, averaged over the analyses (and so over both orders).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+from reflectagent.concurrency import run_all
+from reflectagent.judge import Judge, order_averaged_probability
+from reflectagent.modules import Analyzer
+from reflectagent.pairs import Pair
+from reflectagent.results import Analysis, Judgment
+
+
+def sample_plan(samples: int, both_orders: bool) -> list[tuple[bool, int]]:
+    """(swapped, sample index) for each analysis. Sample 0 is greedy at the backend's settings."""
+    orders = (False, True) if both_orders else (False,)
+    return [(swapped, sample) for sample in range(samples) for swapped in orders]
+
+
+def analyse(analyzer: Analyzer, pair: Pair, plan: list[tuple[bool, int]], temperature: float) -> tuple[Analysis, ...]:
+    """All planned analyses at once; samples after the first are drawn at ``temperature``."""
+    return tuple(run_all([
+        (lambda s=swapped, k=sample: analyzer(pair, swapped=s, sample=k, temperature=temperature if k else None))
+        for swapped, sample in plan
+    ]))
+
+
+def majority(analyses: tuple[Analysis, ...]) -> tuple[str | None, str | None]:
+    """The most common parsed verdict, or (None, reason) when none parsed or the vote is tied."""
+    votes = Counter(a.preference for a in analyses if a.parsed)
+    if not votes:
+        return None, "unparsed"
+    (top, count), *rest = votes.most_common()
+    if rest and rest[0][1] == count:
+        return None, "inconsistent across orders" if len(analyses) == 2 else "tied vote"
+    return top, None
+
+
+def probability_verdict(probability_a: float | None) -> tuple[str | None, str | None]:
+    if probability_a is None:
+        return None, "no verdict probabilities"
+    if probability_a == 0.5:
+        return None, "tied probability"
+    return ("A" if probability_a > 0.5 else "B"), None
+
+
+class GenRM(Judge):
+    """Analysis then verdict; ``decision="vote"`` (majority) or ``"probability"`` (P(A) > 0.5).
+
+    A tied vote gives no verdict; so does P(A) of exactly 0.5, or missing probabilities
+    under the probability rule (the backend must return log-probs: vLLM does).
+    """
+
+    def __init__(self, samples: int = 1, both_orders: bool = False,
+                 decision: Literal["vote", "probability"] = "vote", temperature: float = 0.7):
+        if samples < 1:
+            raise ValueError("samples must be at least 1")
+        if decision not in ("vote", "probability"):
+            raise ValueError(f"decision must be 'vote' or 'probability', not {decision!r}")
+        super().__init__(samples=samples, both_orders=both_orders, decision=decision, temperature=temperature)
+        self.analyzer = Analyzer()
+
+    def decide(self, pair: Pair) -> Judgment:
+        options = self.options
+        analyses = analyse(self.analyzer, pair, sample_plan(options["samples"], options["both_orders"]), options["temperature"])
+        probability_a = order_averaged_probability(analyses)
+        if options["decision"] == "probability":
+            preference, reason = probability_verdict(probability_a)
+        else:
+            preference, reason = majority(analyses)
+        return Judgment(preference=preference, analyses=analyses, reason=reason, probability_a=probability_a)

@@ -1,0 +1,59 @@
+"""Deterministic fake LMs (DSPy's DummyLM) and a model-free judge, for control-flow tests."""
+
+from dspy.utils.dummies import DummyLM
+
+from reflectagent.adapter import JudgeAdapter
+from reflectagent.judge import Judge
+from reflectagent.pairs import Pair
+from reflectagent.results import Judgment
+
+GOOD, BAD = "The capital of France is Paris.", "The capital of France is Berlin."
+PAIR = Pair(prompt="What is the capital of France?", response_a=GOOD, response_b=BAD, label="A")
+
+
+def fake(answers: dict) -> DummyLM:
+    """Answers chosen by the first key found in the last message (the request's inputs)."""
+    return DummyLM(answers, adapter=JudgeAdapter())
+
+
+def fair_analyst() -> DummyLM:
+    """Prefers whichever position holds GOOD: no position bias."""
+    return fake({
+        f"[[ ## response_a ## ]]\n{GOOD}": {"analysis": "A is right", "preference": "A"},
+        f"[[ ## response_b ## ]]\n{GOOD}": {"analysis": "B is right", "preference": "B"},
+    })
+
+
+def biased_analyst(position: str = "A") -> DummyLM:
+    """Always names the same position."""
+    return fake({"": {"analysis": "the first looks fine", "preference": position}})
+
+
+def reflective(reflector_bias: str | None = None) -> DummyLM:
+    """Analyses right when GOOD is shown first, wrong when swapped; reflection trusts the
+    analysis that mentions Paris (or, with ``reflector_bias``, always that position)."""
+    reflect = (
+        {"[[ ## analysis_1 ## ]]": {"reflection": "position", "more_reliable": reflector_bias}}
+        if reflector_bias else {
+            "[[ ## analysis_1 ## ]]\nParis is correct": {"reflection": "the first checks the facts", "more_reliable": "1"},
+            "[[ ## analysis_2 ## ]]\nParis is correct": {"reflection": "the second checks the facts", "more_reliable": "2"},
+        }
+    )
+    return fake({
+        **reflect,
+        f"[[ ## response_a ## ]]\n{GOOD}": {"analysis": "Paris is correct", "preference": "A"},
+        f"[[ ## response_a ## ]]\n{BAD}": {"analysis": "Berlin sounds right", "preference": "A"},
+    })
+
+
+class ScoreJudge(Judge):
+    """A model-free judge: the response with the higher number wins; equal numbers, no verdict."""
+
+    def __init__(self):
+        super().__init__()
+
+    def decide(self, pair: Pair) -> Judgment:
+        a, b = float(pair.response_a), float(pair.response_b)
+        if a == b:
+            return Judgment(preference=None, reason="tie")
+        return Judgment(preference="A" if a > b else "B")

@@ -1,0 +1,91 @@
+"""Every program end to end on the real embedded vLLM server, and a compiled program reloaded."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reflectagent.backends import backend
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.config import BackendConfig, Settings
+from reflectagent.judge import judge_pairs
+from reflectagent.programs import AdaptiveReflectRM, Ensemble, GenRM, ReflectRM, rank
+from reflectagent.programs.compile import compile_judge
+
+pytestmark = pytest.mark.server
+
+
+def conf(lora_dir=None):
+    backends = {"embedded": BackendConfig(model="embedded", context_chars=4000)}
+    if lora_dir:
+        backends["tuned"] = BackendConfig(model="embedded", lora={"test": str(lora_dir)}, adapter="test", context_chars=4000)
+    return Settings(backends=backends)
+
+
+def test_genrm_and_reflectrm_judge_real_pairs(server, cache, sample_pairs):
+    pairs = sample_pairs[:4]
+    with backend("embedded", conf()):
+        one = judge_pairs(GenRM(), pairs, progress=False)
+        both = judge_pairs(GenRM(both_orders=True, decision="probability"), pairs, progress=False)
+        full = judge_pairs(ReflectRM(), pairs, progress=False)
+        adaptive = judge_pairs(AdaptiveReflectRM(), pairs, progress=False)
+    for j in one:
+        assert len(j.analyses) == 1 and j.analyses[0].parsed and j.preference == j.analyses[0].preference
+    for j in both:
+        assert j.probability_a is not None and j.preference == ("A" if j.probability_a > 0.5 else "B")
+        assert j.cache_hits == 1  # the first-order analysis is shared with GenRM(one order)
+    for j in full:
+        assert len(j.analyses) == 2 and len(j.reflections) == 2
+        assert j.cache_hits == 2  # stage 1 is GenRM's both-orders analyses, already cached
+        assert all(r.parsed for r in j.reflections)
+        if j.preference is not None:
+            assert j.preference == j.analyses[j.chosen].preference
+        else:
+            assert j.reason == "reflection tie"
+    assert [j.preference for j in adaptive] == [j.preference for j in full]
+    assert sum(j.lm_calls for j in adaptive) == 0  # same samples, same reflections: all cached
+    for a, f in zip(adaptive, full):
+        assert len(a.reflections) == (0 if len({x.preference for x in f.analyses}) == 1 else 2)
+
+
+def test_ranking_and_an_ensemble_across_two_backends(server, cache, lora_dir):
+    with backend("embedded", conf(lora_dir)):
+        ranking = rank(GenRM(both_orders=True, decision="probability"), "Name a primary colour.",
+                       ["Red.", "Banana.", "Blue is one."])
+        ensemble = Ensemble([(GenRM(), "embedded"), (GenRM(), "tuned"), (GenRM(both_orders=True), None)])
+        judged = ensemble(prompt="2+2?", response_a="4", response_b="5")
+    assert sorted(ranking.order) == [0, 1, 2] and len(ranking.comparisons) == 3 and ranking.usage.lm_calls == 6
+    assert len(judged.parts) == 3 and judged.lm_calls + judged.cache_hits == 4  # members may share a step
+    assert judged.parts[0].analyses[0].cached is False and judged.parts[1].analyses[0].cached is False
+
+
+def test_compiled_program_saves_reloads_and_reproduces(server, tmp_path, sample_pairs):
+    train, dev = sample_pairs[16:24], sample_pairs[24:28]
+    store = JudgmentCache(tmp_path / "cache")
+    with use_cache(store), backend("embedded", conf()):
+        compiled = compile_judge(GenRM(), train, "bootstrap", max_demos=2)
+        original = judge_pairs(compiled, dev, progress=False)
+    store.close()
+    assert len(compiled.analyzer.predict.demos) >= 1
+    path = compiled.save(tmp_path / "genrm.json")
+
+    code = f"""
+import json, sys
+from reflectagent.backends import backend
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.config import BackendConfig, Settings
+from reflectagent.judge import judge_pairs
+from reflectagent.pairs import Pair
+from reflectagent.programs import load_program
+pairs = [Pair(**p) for p in json.loads(sys.stdin.read())]
+settings = Settings(backends={{"embedded": BackendConfig(model="embedded", context_chars=4000)}})
+with use_cache(JudgmentCache({str(tmp_path / 'cache')!r})), backend("embedded", settings):
+    judged = judge_pairs(load_program({str(path)!r}), pairs, progress=False)
+print(json.dumps([[j.preference, j.lm_calls, j.cache_hits] for j in judged]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([p.to_dict() for p in dev]),
+                         capture_output=True, text=True, check=True, env={**__import__("os").environ}).stdout
+    reloaded = json.loads(out.strip().splitlines()[-1])
+    # Same prompts, demos and instructions: every step is found in the cache, with the same verdicts.
+    assert reloaded == [[j.preference, 0, 1] for j in original]
