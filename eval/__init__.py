@@ -1,1 +1,17 @@
-"""Benchmarks, metrics and reports for judges (``reflectagent.eval``); see issue 5."""
+"""Benchmarks, metrics and side-by-side reports for judges (``reflectagent.eval``).
+
+    from reflectagent.eval import load_benchmark, run_eval, write_report
+    pairs, bad = load_benchmark("pairs.jsonl")
+    results = run_eval(pairs, ["genrm", "reflectrm"], ["embedded"])
+    write_report(results, "reports/run1", meta={...})
+"""
+
+from reflectagent.eval.data import from_chosen_rejected, load_benchmark, split_pairs
+from reflectagent.eval.metrics import Record, bootstrap, summarize, summarize_by_category, wilson
+from reflectagent.eval.report import compare, load_report, write_report
+from reflectagent.eval.runner import RunResult, run_eval
+
+__all__ = [
+    "Record", "RunResult", "bootstrap", "compare", "from_chosen_rejected", "load_benchmark", "load_report",
+    "run_eval", "split_pairs", "summarize", "summarize_by_category", "wilson", "write_report",
+]

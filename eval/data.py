@@ -26,7 +26,7 @@ def _stable_fraction(*parts: str) -> float:
 
 def from_chosen_rejected(row: dict, index: int, source: str) -> Pair:
     """A RewardBench-style row (prompt, chosen, rejected[, subset, id]) as a labelled pair."""
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    missing = [k for k in ("prompt", "chosen", "rejected") if row.get(k) is None]
     if missing:
         raise InvalidPair(f"missing field(s): {', '.join(missing)}")
     pair_id = str(row.get("id", f"{source}-{index}"))

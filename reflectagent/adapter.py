@@ -15,17 +15,19 @@ from typing import Any
 import dspy
 import regex
 from dspy.adapters.json_adapter import _get_structured_outputs_response_format
-from dspy.adapters.utils import parse_value
+from dspy.adapters.utils import parse_value, serialize_for_json
 from dspy.utils.exceptions import AdapterParseError
 
 _OBJECT = regex.compile(r"\{(?:[^{}]|(?R))*\}", regex.DOTALL)
 
 
-def output_schema(signature: type[dspy.Signature], max_text_chars: int = 600) -> dict[str, Any]:
+def output_schema(signature: type[dspy.Signature], max_text_chars: int = 480) -> dict[str, Any]:
     """JSON schema of a signature's outputs, in field order (Literal fields become enums).
 
-    Free-text fields get a ``maxLength``: a small model otherwise rambles until ``max_tokens``
-    cuts the JSON short, and an unclosed object is a lost verdict.
+    Free-text fields get a ``maxLength``: a small model otherwise rambles (or repeats one
+    token) until ``max_tokens`` cuts the JSON short, and an unclosed object is a lost
+    verdict. Keep ``max_tokens`` above ``maxLength`` plus the JSON around it: a token is at
+    least one character.
     """
     schema = _get_structured_outputs_response_format(signature).model_json_schema()
     for prop in schema.get("properties", {}).values():
@@ -37,15 +39,22 @@ def output_schema(signature: type[dspy.Signature], max_text_chars: int = 600) ->
 class JudgeAdapter(dspy.JSONAdapter):
     """JSON rendering with optional server-side schema constraints and strict parsing."""
 
-    def __init__(self, constrained: bool = False):
+    def __init__(self, constrained: bool = False, max_text_chars: int = 480):
         super().__init__(use_native_function_calling=False)
         self.constrained = constrained
+        self.max_text_chars = max_text_chars
+
+    def describe(self) -> list:
+        """What about this adapter changes a request (part of the judgment cache key)."""
+        return [type(self).__name__, self.constrained, self.max_text_chars if self.constrained else None]
 
     def _prepare_response_format(self, lm, lm_kwargs, signature):
         if self.constrained:
             lm_kwargs["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": signature.__name__, "schema": output_schema(signature), "strict": True},
+                "json_schema": {
+                    "name": signature.__name__, "schema": output_schema(signature, self.max_text_chars), "strict": True,
+                },
             }
 
     def parse(self, signature: type[dspy.Signature], completion: str) -> dict[str, Any]:
@@ -86,6 +95,13 @@ class JudgeAdapter(dspy.JSONAdapter):
             logprobs = output.get("logprobs") if isinstance(output, dict) else None
             value["logprobs"] = {"text": text or "", "content": (logprobs or {}).get("content")}
         return values
+
+    def format_field_with_value(self, fields_with_values, role: str = "user") -> str:
+        """Assistant turns as compact JSON: what a server without whitespace freedom emits."""
+        if role == "user":
+            return super().format_field_with_value(fields_with_values, role)
+        values = {field.name: value for field, value in fields_with_values.items()}
+        return json.dumps(serialize_for_json(values), ensure_ascii=False, separators=(",", ":"))
 
     def render(self, signature, demos, inputs) -> list[dict[str, Any]]:
         """The chat messages a request sends (what the judgment cache and fine-tuning key on)."""

@@ -47,10 +47,11 @@ class Backend:
     logprobs: bool
     context_chars: int | None
     seed: int | None = None
+    max_text_chars: int = 480
     config: BackendConfig | None = field(default=None, compare=False)
 
     def adapter(self) -> JudgeAdapter:
-        return JudgeAdapter(constrained=self.constrained)
+        return JudgeAdapter(constrained=self.constrained, max_text_chars=self.max_text_chars)
 
 
 class BackendLM(dspy.LM):
@@ -157,7 +158,7 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
     return Backend(
         name=name, model=f"hosted_vllm/{served}", api_base=url, identity=identity,
         constrained=config.constrained is not False, logprobs=config.logprobs is not False,
-        context_chars=config.context_chars, seed=config.seed, config=config,
+        context_chars=config.context_chars, seed=config.seed, max_text_chars=config.max_text_chars, config=config,
     )
 
 

@@ -174,6 +174,143 @@ def judge(
     typer.echo(f"wall time: {wall:.1f} s; {len(judgments) / wall * 60:.1f} judgments per minute" if wall > 0 else "")
 
 
+@app.command("eval")
+def eval_command(
+    data: Annotated[str, typer.Option("--data", "-d", help="benchmark files, comma-separated (JSONL, or datasets folders/files)")],
+    programs: Annotated[str, typer.Option("--programs", "-p", help="comma-separated: swap, genrm, genrm-both, genrm-prob, reflectrm, reflectrm-adaptive")] = "genrm-both,reflectrm",
+    backends: Annotated[str, typer.Option("--backends", "-b", help="comma-separated backend names")] = "embedded",
+    out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("reports/latest"),
+    limit: Annotated[Optional[int], typer.Option(help="at most N pairs per data file (after the split)")] = None,
+    split: Annotated[str, typer.Option(help="all, train, dev or test (seeded, stratified by source)")] = "all",
+    seed: Annotated[int, typer.Option(help="split seed")] = 0,
+    concurrency: Annotated[int, typer.Option(help="judgments at once")] = 8,
+    no_verdict: Annotated[str, typer.Option(help="how a missing verdict scores: 'wrong' (0) or 'half' (RewardBench)")] = "wrong",
+    config: ConfigOpt = None,
+    cache_dir: CacheDirOpt = None,
+):
+    """Compare programs x backends on benchmarks; write a report folder (markdown, JSON, plots).
+
+    Interrupted, the same command resumes from the judgment cache and writes the same report.
+    """
+    from reflectagent.cache import use_cache
+    from reflectagent.config import ConfigError, load_settings
+    from reflectagent.eval import load_benchmark, run_eval, split_pairs, write_report
+    from reflectagent.judge import RunInterrupted
+
+    if split not in ("all", "train", "dev", "test"):
+        _fail("--split is one of all, train, dev, test", 2)
+    if no_verdict not in ("wrong", "half"):
+        _fail("--no-verdict is 'wrong' or 'half'", 2)
+    pairs, files = [], [f for f in data.split(",") if f]
+    for name in files:
+        if not Path(name).exists():
+            _fail(f"no such data file: {name}", 2)
+        loaded, bad = load_benchmark(name)
+        for line in bad:
+            typer.secho(f"skipped {line}", fg="yellow", err=True)
+        chosen = loaded if split == "all" else split_pairs(loaded, seed=seed)[split]
+        pairs += chosen[:limit] if limit is not None else chosen
+    if not pairs:
+        _fail("no valid pairs to evaluate", 2)
+    try:
+        settings = load_settings(config)
+        with use_cache(_cache(settings, cache_dir, False)):
+            results = run_eval(pairs, [p for p in programs.split(",") if p], [b for b in backends.split(",") if b],
+                               settings=settings, concurrency=concurrency, no_verdict=no_verdict,
+                               progress=sys.stderr.isatty())
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc), 2)
+    except RunInterrupted as exc:
+        _fail(str(exc))
+    meta = {"data": files, "pairs": len(pairs), "split": split, "seed": seed, "limit": limit,
+            "programs": programs.split(","), "backends": backends.split(","), "no_verdict": no_verdict}
+    folder = write_report(results, out, meta)
+    typer.echo((folder / "report.md").read_text().split("## Accuracy per category")[0])
+    typer.echo(f"report: {folder}/report.md (JSON: report.json, plots: plots/)")
+
+
+@app.command()
+def compare(
+    before: Annotated[Path, typer.Argument(help="report folder")],
+    after: Annotated[Path, typer.Argument(help="report folder")],
+):
+    """Print each metric of two eval reports side by side, with the change."""
+    from reflectagent.eval import compare as compare_reports
+
+    for folder in (before, after):
+        if not (folder / "report.json").exists():
+            _fail(f"{folder} holds no report.json", 2)
+    typer.echo(compare_reports(before, after))
+
+
+finetune_app = typer.Typer(help="Distil judge traces into training data and fine-tune with LoRA.", no_args_is_help=True)
+app.add_typer(finetune_app, name="finetune")
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _dataclass_flags(ctx: typer.Context, *kinds):
+    """Parse the remaining arguments into the given dataclasses (transformers' HfArgumentParser)."""
+    from transformers import HfArgumentParser
+
+    if "--help" in ctx.args or "-h" in ctx.args:
+        HfArgumentParser(kinds).print_help()
+        raise typer.Exit(0)
+    return HfArgumentParser(kinds).parse_args_into_dataclasses(args=ctx.args)
+
+
+@finetune_app.command("data", context_settings=PASSTHROUGH)
+def finetune_data(
+    ctx: typer.Context,
+    data: Annotated[str, typer.Option("--data", "-d", help="labelled pair files, comma-separated")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the datasets and the data card")] = Path("runs/data"),
+    backend_name: Annotated[str, typer.Option("--backend", "-b", help="the teacher's backend (use temperature > 0)")] = "embedded",
+    samples: Annotated[int, typer.Option(help="teacher analyses per pair (alternating orders)")] = 4,
+    temperature: Annotated[float, typer.Option(help="temperature of samples after the first")] = 0.8,
+    limit: Annotated[Optional[int], typer.Option(help="at most N pairs per file")] = None,
+    concurrency: Annotated[int, typer.Option(help="pairs judged at once")] = 8,
+    config: ConfigOpt = None,
+    cache_dir: CacheDirOpt = None,
+):
+    """Run the teacher (ReflectRM) over labelled pairs and build the unified training data.
+
+    More flags (DataConfig): --ratio, --rationalize, --fractions, --seed, --context_chars.
+    """
+    from reflectagent.backends import backend as use_backend
+    from reflectagent.cache import use_cache
+    from reflectagent.config import load_settings
+    from reflectagent.eval import load_benchmark
+    from reflectagent.finetune import DataConfig, Rationalizer, build_unified_data, collect_traces
+
+    (data_config,) = _dataclass_flags(ctx, DataConfig)
+    pairs = []
+    for name in [f for f in data.split(",") if f]:
+        loaded, bad = load_benchmark(name)
+        for line in bad:
+            typer.secho(f"skipped {line}", fg="yellow", err=True)
+        pairs += loaded[:limit] if limit is not None else loaded
+    settings = load_settings(config)
+    with use_cache(_cache(settings, cache_dir, False)), use_backend(backend_name, settings) as lm:
+        if data_config.context_chars is None:
+            data_config.context_chars = lm.backend.context_chars
+        traces = collect_traces(pairs, samples=samples, temperature=temperature, concurrency=concurrency,
+                                progress=sys.stderr.isatty())
+        built = build_unified_data(traces, data_config, Rationalizer() if data_config.rationalize else None,
+                                   adapter=lm.backend.adapter())
+    built.save(out)
+    typer.echo(json.dumps(built.stats, indent=2))
+    typer.echo(f"datasets: {out}/unified (SFT), {out}/dpo (STaR-DPO); card: {out}/data_card.json")
+
+
+@finetune_app.command("train", context_settings=PASSTHROUGH, add_help_option=False)
+def finetune_train(ctx: typer.Context):
+    """LoRA fine-tuning on the unified data (flags: SFTJobConfig, e.g. --data runs/data/unified --max_steps 200)."""
+    from reflectagent.finetune import SFTJobConfig, train_sft
+
+    (job,) = _dataclass_flags(ctx, SFTJobConfig)
+    adapter = train_sft(job)
+    typer.echo(f"adapter: {adapter}\nserve it: reflectagent serve --lora judge={adapter}")
+
+
 @app.command()
 def serve(
     model: Annotated[str, typer.Argument(help="'embedded' (packaged SmolLM2), a model folder, or a hub id")] = "embedded",
@@ -206,14 +343,18 @@ def serve(
     spec = ServerSpec(model_dir=str(folder), served_name=served, loras=loras, port=port,
                       max_model_len=max_model_len, max_lora_rank=max_lora_rank)
     server = VLLMServer(spec)
-    stop = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt())  # noqa: E731 - SIGTERM behaves like Ctrl-C
-    signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C and SIGTERM both stop the server, even where SIGINT was ignored (nohup, `cmd &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        starting = time.perf_counter()
         url = server.start(timeout_s=timeout)
+        ready_s = time.perf_counter() - starting
         if embedded:
             state_file().parent.mkdir(parents=True, exist_ok=True)
             state_file().write_text(json.dumps({"url": url, "loras": loras}))
         typer.echo(f"serving {served} ({folder}) at {url}")
+        typer.echo(f"ready in {ready_s:.0f} s")
         for key in loras:
             typer.echo(f"  adapter {key}: model name '{key}' (LiteLLM: hosted_vllm/{key})")
         typer.echo(f"LiteLLM model string: hosted_vllm/{served}, api_base {url}. Ctrl-C stops the server.")
@@ -226,8 +367,8 @@ def serve(
         typer.echo("stopping the server")
     finally:
         server.stop()
-        if embedded and state_file().exists():
-            state_file().unlink()
+        if embedded and state_file().exists() and json.loads(state_file().read_text()).get("url") == server.url:
+            state_file().unlink()  # only our own: another `serve` may have replaced it
 
 
 @models_app.command("prepare")

@@ -35,7 +35,8 @@ class BackendConfig(BaseModel):
     api_base: str | None = Field(None, description="endpoint, e.g. http://127.0.0.1:8000/v1 for a vLLM server")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_tokens: int = Field(384, gt=0, description="completion budget per step")
+    max_tokens: int = Field(512, gt=0, description="completion budget per step")
+    max_text_chars: int = Field(480, gt=0, description="constrained output: longest analysis/reflection text, in characters")
     constrained: bool | None = Field(None, description="JSON-schema-constrained output; default on for vLLM backends")
     logprobs: bool | None = Field(None, description="ask for verdict-token probabilities; default on for vLLM backends")
     context_chars: int | None = Field(None, gt=0, description="input characters a step may use; longer inputs are cut")
@@ -55,6 +56,9 @@ class BackendConfig(BaseModel):
             used = [k for k, v in embedded_only.items() if v]
             if used:
                 raise ValueError(f"{', '.join(used)} only apply to the embedded backend")
+        if self.max_tokens < self.max_text_chars + 32 and self.constrained is not False and self.is_vllm:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must exceed max_text_chars ({self.max_text_chars}) + 32: "
+                             "a token can be one character, and a cut-off JSON object loses its verdict")
         if self.adapter and self.adapter not in self.lora:
             raise ValueError(f"adapter {self.adapter!r} is not among lora: {sorted(self.lora)}")
         return self

@@ -73,7 +73,7 @@ class BadLine:
 def parse_pair(row: object) -> Pair:
     if not isinstance(row, dict):
         raise InvalidPair(f"expected a JSON object, got {type(row).__name__}")
-    missing = [name for name in TEXT_FIELDS if name not in row]
+    missing = [name for name in TEXT_FIELDS if row.get(name) is None]
     if missing:
         raise InvalidPair(f"missing field(s): {', '.join(missing)}")
     known = {"id", "label", "category", "source", *TEXT_FIELDS}

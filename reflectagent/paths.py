@@ -22,4 +22,5 @@ def judgments_dir() -> Path:
 
 
 def server_dir() -> Path:
-    return cache_root() / "server"
+    """Server logs, vLLM caches and the state file of ``reflectagent serve``."""
+    return Path(os.environ.get("REFLECTAGENT_SERVER_DIR") or cache_root() / "server")

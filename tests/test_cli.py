@@ -48,7 +48,7 @@ def test_input_errors_are_clear_and_exit_nonzero(tmp_path):
 def test_judge_starts_the_embedded_server_stops_it_and_caches(server, tmp_path):
     """No server configured: the CLI starts one, judges, stops it; the re-run costs no calls."""
     cache_dir = tmp_path / "cache"
-    env = {"REFLECTAGENT_EMBEDDED_URL": ""}
+    env = {"REFLECTAGENT_EMBEDDED_URL": "", "REFLECTAGENT_SERVER_DIR": str(tmp_path / "server")}  # no server to find
     first = cli("judge", DATA / "with_bad_lines.jsonl", "--cache-dir", cache_dir, env=env)
     url = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", first.stdout).group(1)
     assert url != server.url and not is_serving(url)  # started for this run, gone with it
@@ -80,15 +80,17 @@ def test_judge_one_pair_from_arguments(server, tmp_path):
 
 
 @pytest.mark.server
-def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path):
+def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, monkeypatch):
     import signal
     import time
 
     from reflectagent.backends import state_file
 
+    isolated = {"REFLECTAGENT_EMBEDDED_URL": "", "REFLECTAGENT_SERVER_DIR": str(tmp_path / "server")}
+    monkeypatch.setenv("REFLECTAGENT_SERVER_DIR", isolated["REFLECTAGENT_SERVER_DIR"])  # for state_file() below
     process = subprocess.Popen(
         [sys.executable, "-m", "reflectagent.cli", "serve", "--lora", f"test={lora_dir}", "--max-lora-rank", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "REFLECTAGENT_EMBEDDED_URL": ""},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **isolated},
     )
     try:
         line = process.stdout.readline()
@@ -100,7 +102,7 @@ def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path):
 
         # An embedded backend with no URL configured finds this server instead of starting one.
         judged = cli("judge", "--prompt", "Is water wet?", "--a", "Yes.", "--b", "No.", "--cache-dir", tmp_path,
-                     env={"REFLECTAGENT_EMBEDDED_URL": ""})
+                     env=isolated)
         assert f"at {url}" in judged.stdout and "ready in" in judged.stdout
     finally:
         process.send_signal(signal.SIGINT)

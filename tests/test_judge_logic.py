@@ -59,7 +59,7 @@ def test_unparsed_output_never_becomes_a_verdict(cache):
     assert judgment.preference is None and judgment.reason == "unparsed"
     assert all(not a.parsed and a.preference is None for a in judgment.analyses)
     assert all(a.error.startswith("unparsed: field 'preference'") for a in judgment.analyses)
-    assert '"preference": "both"' in judgment.analyses[0].raw
+    assert '"preference":"both"' in judgment.analyses[0].raw
 
 
 def test_identical_responses_get_no_verdict_and_no_calls(cache):
@@ -105,7 +105,7 @@ def test_strict_parse_and_schema():
     schema = output_schema(Reflect)
     assert list(schema["properties"]) == ["reflection", "more_reliable"]
     assert schema["properties"]["more_reliable"]["enum"] == ["1", "2"]
-    assert schema["properties"]["reflection"]["maxLength"] == 600
+    assert schema["properties"]["reflection"]["maxLength"] == 480
 
 
 def test_judgment_round_trips_through_a_dict(cache):

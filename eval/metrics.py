@@ -1,0 +1,138 @@
+"""Judge metrics with confidence intervals, from per-pair records that can be recomputed.
+
+Each pair is judged twice, as given and with A and B swapped; both verdicts are stored in
+the pair's original A/B order. Conventions, stated once:
+
+- accuracy: over pairs labelled A or B, a pair scores the mean of its two presentations
+  (1 right, 0 wrong; no verdict is 0, or 0.5 with ``no_verdict="half"``, RewardBench's
+  convention). Pairs labelled "tie" are counted apart and never scored. The interval is a
+  seeded percentile bootstrap over pairs (the two presentations of a pair are not independent).
+- consistency: the share of pairs with a verdict in both presentations and the same one;
+  position bias: the share whose two verdicts name the same *position* (first or second);
+  the rest had a missing verdict. Intervals are Wilson score intervals.
+- parse failures: the share of LM steps whose output did not parse.
+- cost: per judgment (one presentation), the calls and tokens it took to produce, cached or
+  not. Time is not here: it is a fact of the run, not of the judgments (see the runner).
+A metric over no pairs is ``None``, never a division by zero.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from reflectagent.results import Judgment, flip
+
+
+@dataclass(frozen=True)
+class Record:
+    """One pair, judged in both presentations by one program on one backend."""
+
+    pair_id: str
+    category: str
+    source: str
+    label: str | None
+    verdicts: tuple[str | None, str | None]  # (as given, swapped), both in the original order
+    reasons: tuple[str | None, str | None]
+    steps: int
+    unparsed_steps: int
+    lm_calls: int  # cost over both presentations
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def from_judgments(cls, pair, straight: Judgment, swapped: Judgment) -> Record:
+        both = (straight, swapped)
+        cost = straight.cost + swapped.cost
+        return cls(
+            pair_id=pair.id, category=pair.category or "", source=pair.source or "", label=pair.label,
+            verdicts=(straight.preference, flip(swapped.preference)),
+            reasons=(straight.reason, swapped.reason),
+            steps=sum(len(j.steps) for j in both),
+            unparsed_steps=sum(1 for j in both for s in j.steps if not s.parsed),
+            lm_calls=cost.lm_calls, prompt_tokens=cost.prompt_tokens, completion_tokens=cost.completion_tokens,
+        )
+
+    @classmethod
+    def from_dict(cls, row: dict) -> Record:
+        return cls(**{**row, "verdicts": tuple(row["verdicts"]), "reasons": tuple(row["reasons"])})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval for a proportion (None for n = 0)."""
+    if n == 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap(values: list[float], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean (None for no values)."""
+    if not values:
+        return None
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    return (means[int(tail * (resamples - 1))], means[int((1 - tail) * (resamples - 1))])
+
+
+def _rate(count: int, n: int) -> dict[str, Any]:
+    return {"value": count / n if n else None, "count": count, "n": n, "ci": wilson(count, n)}
+
+
+def pair_score(record: Record, no_verdict: Literal["wrong", "half"] = "wrong") -> float | None:
+    if record.label not in ("A", "B"):
+        return None
+    missing = 0.5 if no_verdict == "half" else 0.0
+    scores = [missing if v is None else float(v == record.label) for v in record.verdicts]
+    return sum(scores) / len(scores)
+
+
+def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wrong") -> dict[str, Any]:
+    """Every metric for one group of records (see the module docstring for the conventions)."""
+    scored = [s for s in (pair_score(r, no_verdict) for r in records) if s is not None]
+    n = len(records)
+    judgments = 2 * n
+    consistent = sum(1 for r in records if r.verdicts[0] is not None and r.verdicts[0] == r.verdicts[1])
+    first = sum(1 for r in records if r.verdicts == ("A", "B"))
+    second = sum(1 for r in records if r.verdicts == ("B", "A"))
+    no_verdicts = sum(v is None for r in records for v in r.verdicts)
+    steps = sum(r.steps for r in records)
+    return {
+        "pairs": n,
+        "ties": sum(1 for r in records if r.label == "tie"),
+        "unlabelled": sum(1 for r in records if r.label is None),
+        "accuracy": {
+            "value": sum(scored) / len(scored) if scored else None, "n": len(scored),
+            "ci": bootstrap(scored), "no_verdict_counts_as": 0.5 if no_verdict == "half" else 0.0,
+        },
+        "consistency": _rate(consistent, n),
+        "position_bias": {"first": _rate(first, n), "second": _rate(second, n)},
+        "no_verdict": _rate(no_verdicts, judgments),
+        "parse_failures": _rate(sum(r.unparsed_steps for r in records), steps),
+        "cost_per_verdict": {
+            "lm_calls": sum(r.lm_calls for r in records) / judgments if n else None,
+            "prompt_tokens": sum(r.prompt_tokens for r in records) / judgments if n else None,
+            "completion_tokens": sum(r.completion_tokens for r in records) / judgments if n else None,
+        },
+    }
+
+
+def summarize_by_category(records: list[Record], categories: list[str] | None = None,
+                          no_verdict: Literal["wrong", "half"] = "wrong") -> dict[str, dict[str, Any]]:
+    """``summarize`` per category; categories asked for but absent get the empty summary."""
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        groups[record.category].append(record)
+    names = sorted(set(groups) | set(categories or ()))
+    return {name: summarize(groups.get(name, []), no_verdict) for name in names}

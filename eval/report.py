@@ -1,0 +1,176 @@
+"""Reports a reviewer can check: a markdown table, every number and record in JSON, and plots.
+
+``report.json`` holds the per-pair records and every metric, so any number can be
+recomputed; ``run.json`` holds what differs between runs (wall time, calls made, cache
+hits); ``plots/`` shows accuracy per category and accuracy against cost per verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from reflectagent.eval.runner import RunResult
+
+METRICS = (  # (label, path in the overall summary, format)
+    ("accuracy", ("accuracy", "value"), "{:.1%}"),
+    ("consistency", ("consistency", "value"), "{:.1%}"),
+    ("picks first both times", ("position_bias", "first", "value"), "{:.1%}"),
+    ("picks second both times", ("position_bias", "second", "value"), "{:.1%}"),
+    ("no verdict", ("no_verdict", "value"), "{:.1%}"),
+    ("parse failures", ("parse_failures", "value"), "{:.1%}"),
+    ("LM calls / verdict", ("cost_per_verdict", "lm_calls"), "{:.2f}"),
+    ("tokens / verdict", None, "{:.0f}"),
+    ("verdicts / min (one stream)", None, "{:.1f}"),
+)
+
+
+def _get(summary: dict, path) -> Any:
+    for key in path:
+        summary = summary.get(key) if isinstance(summary, dict) else None
+    return summary
+
+
+def metric_values(overall: dict[str, Any], run: dict[str, Any] | None = None) -> dict[str, float | None]:
+    cost = overall["cost_per_verdict"]
+    values = {label: _get(overall, path) for label, path, _ in METRICS if path}
+    values["tokens / verdict"] = (cost["prompt_tokens"] + cost["completion_tokens"]) if cost["prompt_tokens"] is not None else None
+    seconds = (run or {}).get("lm_seconds_per_verdict")
+    values["verdicts / min (one stream)"] = 60 / seconds if seconds else None
+    return values
+
+
+def _fmt(value, fmt: str) -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def _ci(interval) -> str:
+    return f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else ""
+
+
+def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
+    lines = [f"# Judge evaluation", "",
+             f"Data: {', '.join(meta['data'])} ({meta['pairs']} pairs, split {meta['split']}, seed {meta['seed']}). "
+             "Each pair is judged as given and with A and B swapped.", ""]
+    header = ["program", "backend", *[label for label, _, _ in METRICS]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        values = metric_values(r.overall, r.run)
+        cells = [r.program, r.backend]
+        for label, _, fmt in METRICS:
+            cell = _fmt(values[label], fmt)
+            if label == "accuracy":
+                cell += _ci(r.overall["accuracy"]["ci"])
+            elif label == "consistency":
+                cell += _ci(r.overall["consistency"]["ci"])
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracy: mean over both presentations of pairs labelled A/B; "
+              f"no verdict counts as {results[0].overall['accuracy']['no_verdict_counts_as'] if results else 0}; "
+              "ties are excluded (counted per run in report.json). 95% intervals: bootstrap over pairs "
+              "(accuracy), Wilson (rates). Calls and tokens are what each verdict took to produce, cached or not; "
+              "verdicts / min is 60 over the LM seconds behind one verdict (a fact of this run: see run.json).", ""]
+    lines += ["## Accuracy per category", ""]
+    categories = sorted({c for r in results for c in r.by_category})
+    lines += ["| category | " + " | ".join(f"{r.program} @ {r.backend}" for r in results) + " |",
+              "|---|" + "---|" * len(results)]
+    for category in categories:
+        cells = []
+        for r in results:
+            acc = r.by_category[category]["accuracy"]
+            cells.append(f"{_fmt(acc['value'], '{:.0%}')} (n={acc['n']})")
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    lines += ["", "![accuracy per category](plots/accuracy_by_category.png)",
+              "![accuracy against cost](plots/accuracy_vs_cost.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    sizes: dict[str, int] = {}
+    for r in results:
+        for category, summary in r.by_category.items():
+            sizes[category] = max(sizes.get(category, 0), summary["accuracy"]["n"])
+    categories = sorted(sizes, key=lambda c: (-sizes[c], c))[:max_categories]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(categories) * max(len(results), 1) + 1.5))
+    height = 0.8 / max(len(results), 1)
+    for k, r in enumerate(results):
+        values = [r.by_category[c]["accuracy"]["value"] or 0.0 for c in categories]
+        ax.barh([i + k * height for i in range(len(categories))], values, height=height, label=f"{r.program} @ {r.backend}")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(categories))])
+    ax.set_yticklabels([f"{c} (n={sizes[c]})" for c in categories])
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy (both presentations; no verdict = wrong)")
+    ax.set_title("Accuracy per category")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    paths.append(folder / "accuracy_by_category.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in results:
+        acc = r.overall["accuracy"]
+        calls = r.overall["cost_per_verdict"]["lm_calls"]
+        if acc["value"] is None or calls is None:
+            continue
+        low, high = acc["ci"] or (acc["value"], acc["value"])
+        ax.errorbar(calls, acc["value"], yerr=[[acc["value"] - low], [high - acc["value"]]], fmt="o", capsize=4)
+        ax.annotate(f"{r.program} @ {r.backend}", (calls, acc["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("LM calls per verdict")
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_title("Accuracy against cost")
+    fig.tight_layout()
+    paths.append(folder / "accuracy_vs_cost.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(results: list[RunResult], folder: str | Path, meta: dict[str, Any]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps({"meta": meta, "runs": [r.to_dict() for r in results]}, indent=1))
+    (folder / "run.json").write_text(json.dumps([{"program": r.program, "backend": r.backend, **r.run} for r in results], indent=1))
+    (folder / "report.md").write_text(markdown(results, meta))
+    plot(results, folder / "plots")
+    return folder
+
+
+def load_report(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "report.json").read_text())
+
+
+def compare(before: str | Path, after: str | Path) -> str:
+    """A markdown table of each metric's change from one report folder to another."""
+    def runs(folder):
+        timing = {(r["program"], r["backend"]): r for r in json.loads((Path(folder) / "run.json").read_text())}
+        return {(r["program"], r["backend"]): {**r, "run": timing.get((r["program"], r["backend"]))}
+                for r in load_report(folder)["runs"]}
+
+    old, new = runs(before), runs(after)
+    labels = [label for label, _, _ in METRICS]
+    lines = ["| program | backend | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for key in sorted(set(old) | set(new)):
+        if key not in old or key not in new:
+            lines.append(f"| {key[0]} | {key[1]} | only in {'after' if key in new else 'before'} |")
+            continue
+        a, b = metric_values(old[key]["overall"], old[key]["run"]), metric_values(new[key]["overall"], new[key]["run"])
+        cells = []
+        for label, _, fmt in METRICS:
+            if a[label] is None or b[label] is None:
+                cells.append("n/a")
+            else:
+                delta = b[label] - a[label]
+                cells.append(f"{_fmt(b[label], fmt)} ({'+' if delta >= 0 else ''}{fmt.format(delta).replace('%', ' pt') if '%' in fmt else fmt.format(delta)})")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""ReflectRM's unified training data, distilled from judge traces.
+
+From each labelled pair's trace (a teacher program's analyses in both orders and its
+reflections), three kinds of rows:
+
+- response preference (GenRM / STaR): every analysis that reached the labelled verdict
+  becomes a target (analysis, then verdict) for the pair as it was shown; a (pair, order)
+  with no correct sample can be *rationalised* (the teacher is told the answer), and such
+  rows are marked. Both orders of a pair appear, so training teaches order invariance.
+- analysis preference (ReflectRM): where a pair has a right and a wrong analysis, a Reflect
+  example with the two in random positions whose target names the right one, with a
+  teacher reflection that chose it (else a rationalised one).
+- STaR-DPO triples: the same prompt with a right (chosen) and a wrong (rejected) analysis.
+
+Rows are deduplicated, mixed response : analysis = 4 : 1 by default (the majority kind is
+subsampled), split by *pair* so no pair crosses train/dev/test, and rendered by the very
+adapter the programs use at inference: the trained model sees exactly what it is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from reflectagent.adapter import JudgeAdapter
+from reflectagent.eval.data import split_pairs
+from reflectagent.modules import render_analysis
+from reflectagent.pairs import Pair, fit_to_budget
+from reflectagent.results import Analysis, Judgment, flip
+from reflectagent.signatures import Analyze, Reflect
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """How traces become training data (each field is also a ``finetune`` CLI flag)."""
+
+    ratio: float | None = field(default=4.0, metadata={"help": "response : analysis rows; None keeps every row"})
+    rationalize: bool = field(default=True, metadata={"help": "fill (pair, order)s with no correct sample by rationalisation"})
+    fractions: str = field(default="0.8,0.1,0.1", metadata={"help": "train,dev,test shares, by pair"})
+    seed: int = field(default=0, metadata={"help": "split, position and subsampling seed"})
+    context_chars: int | None = field(default=4000, metadata={"help": "the serving backend's input budget (same cut as inference)"})
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A labelled pair and the teacher's judgment of it (analyses in both orders, reflections)."""
+
+    pair: Pair
+    judgment: Judgment
+
+
+def render_prompt(adapter: JudgeAdapter, signature, inputs: dict[str, str], context_chars: int | None) -> list[dict]:
+    """The chat messages inference sends for ``inputs`` (cut to the same budget as ``run_step``)."""
+    fitted, _ = fit_to_budget(inputs, context_chars)
+    return adapter.format(signature, [], fitted)
+
+
+def _row(pair: Pair, kind: str, prompt: list[dict], target: str, rationalized: bool, **extra) -> dict[str, Any]:
+    return {"pair_id": pair.id, "kind": kind, "prompt": prompt, "completion": [{"role": "assistant", "content": target}],
+            "rationalized": rationalized, "source": pair.source or "", "category": pair.category or "", **extra}
+
+
+def correct(analysis: Analysis, label: str | None) -> bool:
+    return analysis.parsed and analysis.preference == label
+
+
+def response_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rationalizer=None) -> list[dict]:
+    pair, rows = trace.pair, []
+    for swapped in (False, True):
+        shown = pair.swapped() if swapped else pair
+        prompt = render_prompt(adapter, Analyze, shown.inputs(), config.context_chars)
+        right = [a for a in trace.judgment.analyses if a.swapped == swapped and correct(a, pair.label)]
+        rationalized = False
+        if not right and config.rationalize and rationalizer is not None:
+            made = rationalizer.analyse(pair, swapped)
+            right, rationalized = ([made] if made else []), True
+        for analysis in right:
+            shown_verdict = flip(analysis.preference) if swapped else analysis.preference
+            target = adapter.render_target(Analyze, {"analysis": analysis.text, "preference": shown_verdict})
+            rows.append(_row(pair, "response", prompt, target, rationalized, order="BA" if swapped else "AB"))
+    return rows
+
+
+def analysis_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rng: random.Random,
+                  rationalizer=None) -> list[dict]:
+    pair, judgment = trace.pair, trace.judgment
+    analyses = judgment.analyses
+    right = [i for i, a in enumerate(analyses) if correct(a, pair.label)]
+    wrong = [i for i, a in enumerate(analyses) if a.parsed and a.preference != pair.label]
+    rows = []
+    for good in right:
+        for bad in wrong:
+            first, second = (good, bad) if rng.random() < 0.5 else (bad, good)
+            choice = "1" if first == good else "2"
+            teacher = [r for r in judgment.reflections if (r.first, r.second) == (first, second) and r.more_reliable == good]
+            text, rationalized = (teacher[0].text, False) if teacher else (None, True)
+            if text is None and config.rationalize and rationalizer is not None:
+                text = rationalizer.reflect(pair, analyses[first], analyses[second], choice)
+            if text is None:
+                continue
+            inputs = {**pair.inputs(), "analysis_1": render_analysis(analyses[first], False),
+                      "analysis_2": render_analysis(analyses[second], False)}
+            prompt = render_prompt(adapter, Reflect, inputs, config.context_chars)
+            target = adapter.render_target(Reflect, {"reflection": text, "more_reliable": choice})
+            rows.append(_row(pair, "analysis", prompt, target, rationalized, order=f"{first}-{second}"))
+    return rows
+
+
+def dpo_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig) -> list[dict]:
+    """STaR-DPO: for each order, (prompt, a right analysis, a wrong analysis) of the same prompt."""
+    pair, rows = trace.pair, []
+    for swapped in (False, True):
+        shown = pair.swapped() if swapped else pair
+        same = [a for a in trace.judgment.analyses if a.swapped == swapped and a.parsed]
+        good = [a for a in same if a.preference == pair.label]
+        bad = [a for a in same if a.preference != pair.label]
+        prompt = render_prompt(adapter, Analyze, shown.inputs(), config.context_chars)
+        for g, b in zip(good, bad):
+            as_shown = (lambda a: flip(a.preference) if swapped else a.preference)
+            rows.append({
+                "pair_id": pair.id, "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": adapter.render_target(Analyze, {"analysis": g.text, "preference": as_shown(g)})}],
+                "rejected": [{"role": "assistant", "content": adapter.render_target(Analyze, {"analysis": b.text, "preference": as_shown(b)})}],
+            })
+    return rows
+
+
+def dedupe(rows: list[dict], key=("prompt", "completion")) -> list[dict]:
+    seen, unique = set(), []
+    for row in rows:
+        signature = repr([row[k] for k in key if k in row] + [row.get("chosen"), row.get("rejected")])
+        if signature not in seen:
+            seen.add(signature)
+            unique.append(row)
+    return unique
+
+
+def mix(responses: list[dict], analyses: list[dict], ratio: float | None, rng: random.Random) -> list[dict]:
+    """Subsample the over-represented kind so that len(responses) : len(analyses) = ratio."""
+    if ratio is None or not responses or not analyses:
+        return responses + analyses
+    if len(responses) > ratio * len(analyses):
+        responses = rng.sample(responses, round(ratio * len(analyses)))
+    else:
+        analyses = rng.sample(analyses, max(1, round(len(responses) / ratio)))
+    return responses + analyses
+
+
+@dataclass
+class UnifiedData:
+    splits: dict[str, list[dict]]  # train/dev/test rows (mixed response + analysis preference)
+    dpo: dict[str, list[dict]]
+    pair_splits: dict[str, list[Pair]]
+    stats: dict[str, Any]
+
+    def to_datasets(self):
+        """Hugging Face ``DatasetDict``s (chat-message prompt/completion; DPO prompt/chosen/rejected)."""
+        import datasets
+
+        def build(splits):
+            return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items() if v})
+
+        return build(self.splits), build(self.dpo)
+
+    def save(self, folder) -> None:
+        from pathlib import Path
+
+        folder = Path(folder)
+        unified, dpo = self.to_datasets()
+        unified.save_to_disk(str(folder / "unified"))
+        if dpo:
+            dpo.save_to_disk(str(folder / "dpo"))
+        import json
+
+        (folder / "data_card.json").write_text(json.dumps(self.stats, indent=2))
+
+
+def build_unified_data(traces: list[Trace], config: DataConfig | None = None, rationalizer=None,
+                       adapter: JudgeAdapter | None = None) -> UnifiedData:
+    config = config or DataConfig()
+    adapter = adapter or JudgeAdapter()
+    labelled = [t for t in traces if t.pair.label in ("A", "B")]
+    if len(labelled) < len(traces):
+        logger.info("skipping %d traces without an A/B label", len(traces) - len(labelled))
+    fractions = tuple(float(x) for x in config.fractions.split(","))
+    pair_splits = split_pairs([t.pair for t in labelled], fractions=fractions, seed=config.seed)
+    where = {p.id: name for name, pairs in pair_splits.items() for p in pairs}
+    rng = random.Random(config.seed)
+    splits, dpo, counts = {}, {}, Counter()
+    for name in pair_splits:
+        mine = [t for t in labelled if where.get(t.pair.id) == name]
+        responses = dedupe([r for t in mine for r in response_rows(t, adapter, config, rationalizer)])
+        analyses = dedupe([r for t in mine for r in analysis_rows(t, adapter, config, rng, rationalizer)])
+        counts.update({f"{name}/response": len(responses), f"{name}/analysis": len(analyses),
+                       f"{name}/rationalized": sum(r["rationalized"] for r in responses + analyses)})
+        splits[name] = mix(responses, analyses, config.ratio, rng)
+        rng.shuffle(splits[name])
+        dpo[name] = dedupe([r for t in mine for r in dpo_rows(t, adapter, config)])
+    stats = {
+        "config": asdict(config), "pairs": {k: len(v) for k, v in pair_splits.items()},
+        "rows_before_mix": dict(counts),
+        "rows": {k: dict(Counter(r["kind"] for r in v)) for k, v in splits.items()},
+        "dpo_rows": {k: len(v) for k, v in dpo.items()},
+        "pairs_with_a_correct_sample": sum(any(correct(a, t.pair.label) for a in t.judgment.analyses) for t in labelled),
+    }
+    return UnifiedData(splits=splits, dpo=dpo, pair_splits=pair_splits, stats=stats)

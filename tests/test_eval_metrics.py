@@ -1,0 +1,70 @@
+"""Metric functions against values computed by hand."""
+
+import pytest
+
+from reflectagent.eval.metrics import Record, bootstrap, summarize, summarize_by_category, wilson
+from reflectagent.results import Analysis, Judgment, Usage
+
+
+def record(pair_id, category, label, verdicts, unparsed=0):
+    return Record(pair_id=pair_id, category=category, source="s", label=label, verdicts=verdicts,
+                  reasons=tuple(None if v else "unparsed" for v in verdicts), steps=2, unparsed_steps=unparsed,
+                  lm_calls=2, prompt_tokens=100, completion_tokens=20)
+
+
+RECORDS = [
+    record("1", "x", "A", ("A", "A")),  # right twice, consistent
+    record("2", "x", "A", ("A", "B")),  # picks the first position both times
+    record("3", "y", "B", (None, "B"), unparsed=1),
+    record("4", "y", "tie", ("B", "A")),  # picks the second position both times; never scored
+    record("5", "y", "B", (None, None), unparsed=2),
+]
+
+
+def test_wilson_matches_the_textbook_interval():
+    low, high = wilson(1, 5)
+    assert low == pytest.approx(0.036222, abs=1e-5) and high == pytest.approx(0.624472, abs=1e-5)
+    assert wilson(0, 0) is None
+    assert wilson(5, 5)[1] == 1.0 and wilson(0, 5)[0] == 0.0
+
+
+def test_bootstrap_brackets_the_mean_and_is_seeded():
+    values = [1.0, 0.5, 0.5, 0.0]
+    low, high = bootstrap(values)
+    assert low <= 0.5 <= high and 0.0 <= low and high <= 1.0
+    assert bootstrap(values) == bootstrap(values) and bootstrap([0.7] * 6) == pytest.approx((0.7, 0.7))
+    assert bootstrap([]) is None
+
+
+def test_summary_by_hand():
+    summary = summarize(RECORDS)
+    assert summary["pairs"] == 5 and summary["ties"] == 1
+    assert summary["accuracy"]["value"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4) and summary["accuracy"]["n"] == 4
+    assert summarize(RECORDS, no_verdict="half")["accuracy"]["value"] == pytest.approx((1 + 0.5 + 0.75 + 0.5) / 4)
+    assert summary["consistency"]["value"] == pytest.approx(1 / 5)
+    assert summary["consistency"]["ci"] == pytest.approx(wilson(1, 5))
+    assert summary["position_bias"]["first"]["value"] == pytest.approx(1 / 5)
+    assert summary["position_bias"]["second"]["value"] == pytest.approx(1 / 5)
+    assert summary["no_verdict"]["value"] == pytest.approx(3 / 10)
+    assert summary["parse_failures"]["value"] == pytest.approx(3 / 10)
+    assert summary["cost_per_verdict"] == {"lm_calls": 1.0, "prompt_tokens": 50.0, "completion_tokens": 10.0}
+
+
+def test_categories_including_an_empty_one():
+    by = summarize_by_category(RECORDS, categories=["x", "y", "z"])
+    assert by["x"]["accuracy"]["value"] == pytest.approx(0.75)
+    assert by["y"]["accuracy"]["value"] == pytest.approx(0.25) and by["y"]["ties"] == 1
+    assert by["z"]["pairs"] == 0 and by["z"]["accuracy"]["value"] is None and by["z"]["accuracy"]["ci"] is None
+    assert by["z"]["consistency"]["value"] is None and by["z"]["cost_per_verdict"]["lm_calls"] is None
+
+
+def test_record_maps_the_swapped_verdict_back():
+    from reflectagent.pairs import Pair
+
+    pair = Pair(prompt="p", response_a="a", response_b="b", id="7", label="A", category="c", source="s")
+    step = Analysis(text="", preference="A", swapped=False, parsed=True, raw="", usage=Usage(1, 10, 5, 0.5))
+    straight = Judgment(preference="A", analyses=(step,))
+    swapped = Judgment(preference="B", analyses=(step,))  # "B" of the swapped pair is "A" of the original
+    rec = Record.from_judgments(pair, straight, swapped)
+    assert rec.verdicts == ("A", "A") and rec.lm_calls == 2 and rec.prompt_tokens == 20 and rec.steps == 2
+    assert Record.from_dict(rec.to_dict()) == rec

@@ -1,0 +1,122 @@
+"""Unified training data from hand-made traces: STaR filter, rationalisation, reflection pairs,
+the 4:1 mix, no pair leakage, and prompt identity with what inference sends."""
+
+import dspy
+from dspy.utils.dummies import DummyLM
+from fakes import BAD, GOOD, PAIR
+
+from reflectagent.adapter import JudgeAdapter
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.finetune.data import DataConfig, Trace, build_unified_data, dpo_rows, response_rows
+from reflectagent.modules import Analyzer, Reflector
+from reflectagent.pairs import Pair
+from reflectagent.results import Analysis, Judgment, Reflection
+
+
+def analysis(preference, swapped, text, sample=0, parsed=True):
+    return Analysis(text=text, preference=preference if parsed else None, swapped=swapped, parsed=parsed, raw="", sample=sample)
+
+
+def trace(i, label="A", analyses=None, reflections=()):
+    pair = Pair(prompt=f"question {i}", response_a=f"answer a{i}", response_b=f"answer b{i}", id=f"p{i}", label=label,
+                source="s1" if i % 2 else "s2")
+    analyses = analyses or (analysis(label, False, f"right {i}"), analysis(label, True, f"right swapped {i}"))
+    return Trace(pair, Judgment(preference=label, analyses=tuple(analyses), reflections=tuple(reflections)))
+
+
+class FakeRationalizer:
+    def __init__(self):
+        self.asked = []
+
+    def analyse(self, pair, swapped):
+        self.asked.append((pair.id, swapped))
+        return Analysis(text=f"because {pair.label}", preference=pair.label, swapped=swapped, parsed=True, raw="")
+
+    def reflect(self, pair, first, second, choice):
+        return f"analysis {choice} checks the facts"
+
+
+def test_star_filter_keeps_only_correct_analyses_and_marks_rationalised_rows():
+    mixed = trace(1, "A", [analysis("A", False, "right"), analysis("B", False, "wrong", sample=1),
+                           analysis("B", True, "fooled by order"), analysis(None, True, "", parsed=False)])
+    rationalizer = FakeRationalizer()
+    rows = response_rows(mixed, JudgeAdapter(), DataConfig(), rationalizer)
+    assert [(r["order"], r["rationalized"]) for r in rows] == [("AB", False), ("BA", True)]
+    assert '"analysis":"right"' in rows[0]["completion"][0]["content"]
+    assert rows[0]["completion"][0]["content"].endswith('"preference":"A"}')
+    assert rows[1]["completion"][0]["content"].endswith('"preference":"B"}')  # label A, shown swapped: B
+    assert rationalizer.asked == [("p1", True)]
+    assert len(response_rows(mixed, JudgeAdapter(), DataConfig(rationalize=False), rationalizer)) == 1
+
+
+def test_reflection_pairs_mix_split_and_dpo():
+    traces = []
+    for i in range(40):
+        if i % 4 == 0:  # one right and one wrong analysis in the same order: reflection and DPO material
+            analyses = [analysis("A", False, f"right {i}"), analysis("B", False, f"wrong {i}", sample=1),
+                        analysis("A", True, f"right swapped {i}")]
+            reflections = [Reflection(text=f"trust the first {i}", first=0, second=1, more_reliable=0, parsed=True, raw="")]
+            traces.append(trace(i, "A", analyses, reflections))
+        else:
+            traces.append(trace(i, "A"))
+    data = build_unified_data(traces, DataConfig(ratio=4.0, seed=1), FakeRationalizer())
+    ids = {name: {r["pair_id"] for r in rows} for name, rows in data.splits.items()}
+    assert not (ids["train"] & ids["dev"]) and not (ids["train"] & ids["test"]) and not (ids["dev"] & ids["test"])
+    for name, pairs in data.pair_splits.items():
+        assert ids[name] <= {p.id for p in pairs}
+    kinds = data.stats["rows"]["train"]
+    assert kinds["response"] == 4 * kinds["analysis"]
+    reflection_rows = [r for rows in data.splits.values() for r in rows if r["kind"] == "analysis"]
+    slots = set()
+    for row in reflection_rows:
+        target = row["completion"][0]["content"]
+        user = row["prompt"][-1]["content"]
+        right_slot = "1" if "[[ ## analysis_1 ## ]]\nright" in user else "2"
+        assert target.endswith(f'"more_reliable":"{right_slot}"}}')
+        slots.add(right_slot)
+    assert slots == {"1", "2"}  # the right analysis appears in both positions
+    assert sum(len(v) for v in data.dpo.values()) == 10
+    unified, dpo = data.to_datasets()
+    assert set(unified["train"].column_names) >= {"prompt", "completion", "kind", "rationalized", "pair_id"}
+    assert dpo["train"][0]["chosen"][0]["content"].endswith('"preference":"A"}')
+
+
+def test_training_prompts_are_exactly_what_inference_sends():
+    """Render rows with the data builder, then capture the messages the programs really send."""
+    from reflectagent.finetune.data import render_prompt
+    from reflectagent.signatures import Analyze
+
+    lm = DummyLM({"[[ ## analysis_1 ## ]]": {"reflection": "r", "more_reliable": "1"},
+                  "": {"analysis": "x", "preference": "A"}}, adapter=JudgeAdapter())
+    pair = Pair(prompt=PAIR.prompt + " " + "long context " * 400, response_a=GOOD, response_b=BAD, id="p", label="A")
+    analyses = (analysis("A", False, "right"), analysis("B", True, "wrong"))
+    teacher = tuple(Reflection(text="trust the right one", first=f, second=s, more_reliable=0, parsed=True, raw="")
+                    for f, s in ((0, 1), (1, 0)))
+    judged = Trace(pair, Judgment(preference="A", analyses=analyses, reflections=teacher))
+    config = DataConfig(context_chars=1500, ratio=None, fractions="1,0,0")
+
+    class Backend:  # the serving backend's input budget, as run_step reads it
+        context_chars, logprobs, seed = 1500, False, None
+        identity = {"model": "dummy"}
+
+        @staticmethod
+        def adapter():
+            return JudgeAdapter()
+
+    lm.backend = Backend()
+    with use_cache(JudgmentCache(enabled=False)), dspy.context(lm=lm):
+        Analyzer()(pair, swapped=False)
+        sent_analyze = lm.history[-1]["messages"]
+        reflector = Reflector()
+        reflector(pair, analyses, first=0, second=1)
+        sent_reflect = {(0, 1): lm.history[-1]["messages"]}
+        reflector(pair, analyses, first=1, second=0)
+        sent_reflect[(1, 0)] = lm.history[-1]["messages"]
+    rows = build_unified_data([judged], config).splits["train"]
+    [response] = [r for r in rows if r["kind"] == "response"]  # only the right, unswapped analysis
+    assert response["order"] == "AB" and response["prompt"] == sent_analyze
+    assert "characters cut to fit" in sent_analyze[-1]["content"]  # the same cut as inference
+    [reflect] = [r for r in rows if r["kind"] == "analysis"]
+    first, second = map(int, reflect["order"].split("-"))
+    assert reflect["prompt"] == sent_reflect[(first, second)]
+    assert render_prompt(JudgeAdapter(), Analyze, pair.inputs(), 1500) == sent_analyze
