@@ -22,7 +22,7 @@ METRICS = (  # (label, path in the overall summary, format)
     ("parse failures", ("parse_failures", "value"), "{:.1%}"),
     ("LM calls / verdict", ("cost_per_verdict", "lm_calls"), "{:.2f}"),
     ("tokens / verdict", None, "{:.0f}"),
-    ("verdicts / min (one stream)", None, "{:.1f}"),
+    ("LM s / verdict", None, "{:.1f}"),
 )
 
 
@@ -36,8 +36,7 @@ def metric_values(overall: dict[str, Any], run: dict[str, Any] | None = None) ->
     cost = overall["cost_per_verdict"]
     values = {label: _get(overall, path) for label, path, _ in METRICS if path}
     values["tokens / verdict"] = (cost["prompt_tokens"] + cost["completion_tokens"]) if cost["prompt_tokens"] is not None else None
-    seconds = (run or {}).get("lm_seconds_per_verdict")
-    values["verdicts / min (one stream)"] = 60 / seconds if seconds else None
+    values["LM s / verdict"] = (run or {}).get("lm_seconds_per_verdict")
     return values
 
 
@@ -70,7 +69,28 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
               f"no verdict counts as {results[0].overall['accuracy']['no_verdict_counts_as'] if results else 0}; "
               "ties are excluded (counted per run in report.json). 95% intervals: bootstrap over pairs "
               "(accuracy), Wilson (rates). Calls and tokens are what each verdict took to produce, cached or not; "
-              "verdicts / min is 60 over the LM seconds behind one verdict (a fact of this run: see run.json).", ""]
+              "LM s / verdict sums the latency of its steps, server queueing included (a fact of the run: run.json).", ""]
+    if results:
+        run = results[0].run
+        total = sum(r.run.get("judgments", 0) for r in results)
+        made = sum(r.run.get("lm_calls_made", 0) for r in results)
+        hits = sum(r.run.get("cache_hits", 0) for r in results)
+        wall = run.get("wall_s_all_runs") or 0
+        lines += [f"Run: {total} judgments in {wall:.0f} s ({60 * total / wall:.1f} judgments per minute, all programs "
+                  f"together); {made} LM calls made, {hits} steps from the cache." if wall else "", ""]
+    lines += ["## Accuracy per source", ""]
+    sources = sorted({s for r in results for s in r.by_source})
+    lines += ["| source | " + " | ".join(f"{r.program} @ {r.backend}" for r in results) + " |",
+              "|---|" + "---|" * len(results)]
+    for source in sources:
+        cells = []
+        for r in results:
+            summary = r.by_source[source]
+            acc, cons = summary["accuracy"], summary["consistency"]
+            cells.append(f"{_fmt(acc['value'], '{:.0%}')}{_ci(acc['ci'])}, consistency {_fmt(cons['value'], '{:.0%}')} "
+                         f"(n={acc['n']})")
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    lines += [""]
     lines += ["## Accuracy per category", ""]
     categories = sorted({c for r in results for c in r.by_category})
     lines += ["| category | " + " | ".join(f"{r.program} @ {r.backend}" for r in results) + " |",
@@ -98,7 +118,7 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
     for r in results:
         for category, summary in r.by_category.items():
             sizes[category] = max(sizes.get(category, 0), summary["accuracy"]["n"])
-    categories = sorted(sizes, key=lambda c: (-sizes[c], c))[:max_categories]
+    categories = sorted(sizes, key=lambda c: (-sizes[c], c))[:max_categories][::-1]  # largest at the top
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(categories) * max(len(results), 1) + 1.5))
     height = 0.8 / max(len(results), 1)
     for k, r in enumerate(results):
@@ -109,7 +129,7 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy (both presentations; no verdict = wrong)")
-    ax.set_title("Accuracy per category")
+    ax.set_title(f"Accuracy per category ({len(categories)} largest)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     paths.append(folder / "accuracy_by_category.png")
@@ -117,14 +137,15 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in results:
+    for k, r in enumerate(results):
         acc = r.overall["accuracy"]
         calls = r.overall["cost_per_verdict"]["lm_calls"]
         if acc["value"] is None or calls is None:
             continue
         low, high = acc["ci"] or (acc["value"], acc["value"])
         ax.errorbar(calls, acc["value"], yerr=[[acc["value"] - low], [high - acc["value"]]], fmt="o", capsize=4)
-        ax.annotate(f"{r.program} @ {r.backend}", (calls, acc["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(f"{r.program} @ {r.backend}", (calls, acc["value"]), textcoords="offset points",
+                    xytext=(6, 4 + 11 * k), fontsize=8)  # staggered: programs often share a point
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("LM calls per verdict")
     ax.set_ylabel("accuracy (95% CI)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import dspy
@@ -36,11 +36,13 @@ class RunResult:
     records: list[Record]
     overall: dict[str, Any]
     by_category: dict[str, dict[str, Any]]
+    by_source: dict[str, dict[str, Any]] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)  # wall time, calls made, cache hits: not reproducible
 
     def to_dict(self) -> dict[str, Any]:
         return {"program": self.program, "backend": self.backend, "overall": self.overall,
-                "by_category": self.by_category, "records": [r.to_dict() for r in self.records]}
+                "by_category": self.by_category, "by_source": self.by_source,
+                "records": [r.to_dict() for r in self.records]}
 
 
 def run_eval(
@@ -93,6 +95,7 @@ def run_eval(
                 program=prog, backend=back, records=records,
                 overall=summarize(records, no_verdict),
                 by_category=summarize_by_category(records, categories, no_verdict),
+                by_source=summarize_by_category([replace(r, category=r.source) for r in records], None, no_verdict),
                 run={"wall_s_all_runs": wall, "lm_calls_made": sum(j.lm_calls for j in mine),
                      "cache_hits": sum(j.cache_hits for j in mine), "judgments": len(mine),
                      # when each step was made (now or in an earlier, interrupted run), summed per verdict

@@ -39,15 +39,19 @@ def _bind(members) -> tuple[list[Judge], list[dict]]:
     return judges, specs
 
 
-class Ensemble(Judge):
-    """Majority vote of member judges; members without a verdict abstain; a tied vote gives none."""
+class _Composite(Judge):
+    """A judge of member judges, each bound to its backend; saved as their specs."""
 
     def __init__(self, members: list):
         judges, specs = _bind(members)
         if len(judges) < 2:
-            raise ValueError("an ensemble needs at least two members")
+            raise ValueError(f"{type(self).__name__} needs at least two members")
         super().__init__(members=specs)
         self.members = judges
+
+
+class Ensemble(_Composite):
+    """Majority vote of member judges; members without a verdict abstain; a tied vote gives none."""
 
     def decide(self, pair: Pair) -> Judgment:
         parts = tuple(run_all([(lambda j=judge: j.judge(pair)) for judge in self.members]))
@@ -62,15 +66,8 @@ class Ensemble(Judge):
                         probability_a=sum(known) / len(known) if len(known) == len(parts) else None)
 
 
-class Cascade(Judge):
+class Cascade(_Composite):
     """Ask the first judge; escalate to the next while the verdict is missing (inconsistent or unparsed)."""
-
-    def __init__(self, members: list):
-        judges, specs = _bind(members)
-        if len(judges) < 2:
-            raise ValueError("a cascade needs at least two members")
-        super().__init__(members=specs)
-        self.members = judges
 
     def decide(self, pair: Pair) -> Judgment:
         parts = []

@@ -13,7 +13,7 @@ import asyncio
 import dspy
 
 from reflectagent.pairs import Pair
-from reflectagent.results import Analysis, Reflection, flip
+from reflectagent.results import Analysis, Reflection, StepOutput, flip
 from reflectagent.signatures import Analyze, Reflect, Verdict
 from reflectagent.steps import run_step
 
@@ -22,6 +22,17 @@ def render_analysis(analysis: Analysis, swapped: bool) -> str:
     """An analysis as text for a later step, its verdict named in the order that step sees."""
     verdict = flip(analysis.preference) if swapped else analysis.preference
     return f"{analysis.text}\nVerdict: {verdict or 'none'}"
+
+
+def analysis_from(step: StepOutput, swapped: bool, sample: int, text: str) -> Analysis:
+    """An ``Analysis`` from a step whose output has a ``preference``, mapped to the original order."""
+    preference = (step.fields or {}).get("preference")
+    probability = (step.logprobs or {}).get("preference", {}).get(preference) if preference else None
+    return Analysis(
+        text=text, preference=flip(preference) if swapped else preference, swapped=swapped, parsed=step.parsed,
+        raw=step.raw, sample=sample, probability=probability, error=step.error, usage=step.usage,
+        cached=step.cached, truncated=step.truncated,
+    )
 
 
 class Analyzer(dspy.Module):
@@ -34,22 +45,7 @@ class Analyzer(dspy.Module):
     def forward(self, pair: Pair, swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Analysis:
         shown = pair.swapped() if swapped else pair
         step = run_step(self.predict, shown.inputs(), sample=sample, config={"temperature": temperature})
-        fields = step.fields or {}
-        preference = fields.get("preference")
-        probability = (step.logprobs or {}).get("preference", {}).get(preference) if preference else None
-        return Analysis(
-            text=fields.get("analysis", ""),
-            preference=flip(preference) if swapped else preference,
-            swapped=swapped,
-            parsed=step.parsed,
-            raw=step.raw,
-            sample=sample,
-            probability=probability,
-            error=step.error,
-            usage=step.usage,
-            cached=step.cached,
-            truncated=step.truncated,
-        )
+        return analysis_from(step, swapped, sample, text=(step.fields or {}).get("analysis", ""))
 
     async def aforward(self, *args, **kwargs) -> Analysis:
         return await asyncio.to_thread(self.forward, *args, **kwargs)
@@ -102,21 +98,7 @@ class VerdictStep(dspy.Module):
         shown = pair.swapped() if swapped else pair
         inputs = {**shown.inputs(), "analysis": render_analysis(analysis, swapped)}
         step = run_step(self.predict, inputs, sample=sample)
-        preference = (step.fields or {}).get("preference")
-        probability = (step.logprobs or {}).get("preference", {}).get(preference) if preference else None
-        return Analysis(
-            text=analysis.text,
-            preference=flip(preference) if swapped else preference,
-            swapped=swapped,
-            parsed=step.parsed,
-            raw=step.raw,
-            sample=sample,
-            probability=probability,
-            error=step.error,
-            usage=step.usage,
-            cached=step.cached,
-            truncated=step.truncated,
-        )
+        return analysis_from(step, swapped, sample, text=analysis.text)
 
     async def aforward(self, *args, **kwargs) -> Analysis:
         return await asyncio.to_thread(self.forward, *args, **kwargs)

@@ -8,9 +8,11 @@ a default verdict) and reads the verdict's token probabilities when the backend 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
+import threading
 import time
 from typing import Any, get_args
 
@@ -103,22 +105,54 @@ def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, 
         budget = max(budget - sum(len(str(v)) for demo in predict.demos for v in dict(demo).values()), budget // 4)
     inputs, truncated = fit_to_budget(inputs, budget)
     config = _request_settings(lm, predict, sample, config)
-    signature = predict.signature
     key = step_key(
         lm=lm_identity(lm),
         adapter=adapter.describe() if hasattr(adapter, "describe") else type(adapter).__name__,
-        messages=adapter.format(signature, predict.demos, inputs),
+        messages=adapter.format(predict.signature, predict.demos, inputs),
         config=config,
         sample=sample,
     )
     cache = current_cache()
-    hit = cache.get(key)
-    if hit is not None:
-        if hit.parsed and dspy.settings.trace is not None:
-            # Optimisers collect demos from traces: a cached step must leave one like a live call.
-            dspy.settings.trace.append((predict, dict(inputs), dspy.Prediction(**hit.fields)))
-        return hit
+    with _single_flight(key, cache) as hit:
+        if hit is not None:
+            if hit.parsed and dspy.settings.trace is not None:
+                # Optimisers collect demos from traces: a cached step must leave one like a live call.
+                dspy.settings.trace.append((predict, dict(inputs), dspy.Prediction(**hit.fields)))
+            return hit
+        return _call(predict, adapter, inputs, config, truncated, key, cache)
 
+
+_inflight: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, threads using it)
+_inflight_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def _single_flight(key: str, cache):
+    """Yield the cached step, or None while holding the key: concurrent identical steps (both
+    presentations of a pair, two programs sharing stage 1) wait for one call instead of each
+    making it."""
+    hit = cache.get(key)
+    if hit is not None or not cache.enabled:
+        yield hit
+        return
+    with _inflight_guard:
+        lock, users = _inflight.get(key, (threading.Lock(), 0))
+        _inflight[key] = (lock, users + 1)
+    try:
+        with lock:
+            yield cache.get(key)
+    finally:
+        with _inflight_guard:
+            lock, users = _inflight[key]
+            if users == 1:
+                del _inflight[key]
+            else:
+                _inflight[key] = (lock, users - 1)
+
+
+def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, truncated: tuple[str, ...],
+          key: str, cache) -> StepOutput:
+    signature = predict.signature
     started = time.perf_counter()
     fields, raw, error, logprobs = None, "", None, None
     with track_usage() as tracker, dspy.context(adapter=adapter):

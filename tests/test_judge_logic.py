@@ -112,3 +112,13 @@ def test_judgment_round_trips_through_a_dict(cache):
     with dspy.context(lm=content_judge()):
         judgment = PositionSwapJudge().judge(PAIR)
     assert Judgment.from_dict(judgment.to_dict()) == judgment
+
+
+def test_concurrent_identical_steps_make_one_call(cache):
+    from reflectagent.concurrency import run_all
+
+    lm = content_judge()
+    with dspy.context(lm=lm):
+        analyses = run_all([lambda: Analyzer()(PAIR) for _ in range(6)])
+    assert len(lm.history) == 1  # one request; the other five waited and read the cache
+    assert sum(not a.cached for a in analyses) == 1 and len({a.text for a in analyses}) == 1
