@@ -49,7 +49,7 @@ def _ci(interval) -> str:
 
 
 def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
-    lines = [f"# Judge evaluation", "",
+    lines = ["# Judge evaluation", "",
              f"Data: {', '.join(meta['data'])} ({meta['pairs']} pairs, split {meta['split']}, seed {meta['seed']}). "
              "Each pair is judged as given and with A and B swapped.", ""]
     header = ["program", "backend", *[label for label, _, _ in METRICS]]
@@ -78,32 +78,32 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
         wall = run.get("wall_s_all_runs") or 0
         lines += [f"Run: {total} judgments in {wall:.0f} s ({60 * total / wall:.1f} judgments per minute, all programs "
                   f"together); {made} LM calls made, {hits} steps from the cache." if wall else "", ""]
-    lines += ["## Accuracy per source", ""]
-    sources = sorted({s for r in results for s in r.by_source})
-    lines += ["| source | " + " | ".join(f"{r.program} @ {r.backend}" for r in results) + " |",
-              "|---|" + "---|" * len(results)]
-    for source in sources:
-        cells = []
-        for r in results:
-            summary = r.by_source[source]
-            acc, cons = summary["accuracy"], summary["consistency"]
-            cells.append(f"{_fmt(acc['value'], '{:.0%}')}{_ci(acc['ci'])}, consistency {_fmt(cons['value'], '{:.0%}')} "
-                         f"(n={acc['n']})")
-        lines.append(f"| {source} | " + " | ".join(cells) + " |")
-    lines += [""]
-    lines += ["## Accuracy per category", ""]
-    categories = sorted({c for r in results for c in r.by_category})
-    lines += ["| category | " + " | ".join(f"{r.program} @ {r.backend}" for r in results) + " |",
-              "|---|" + "---|" * len(results)]
-    for category in categories:
-        cells = []
-        for r in results:
-            acc = r.by_category[category]["accuracy"]
-            cells.append(f"{_fmt(acc['value'], '{:.0%}')} (n={acc['n']})")
-        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    lines += group_table("source", results, lambda r: r.by_source, with_consistency=True)
+    lines += group_table("category", results, lambda r: r.by_category)
     lines += ["", "![accuracy per category](plots/accuracy_by_category.png)",
               "![accuracy against cost](plots/accuracy_vs_cost.png)", ""]
     return "\n".join(lines)
+
+
+def group_table(name: str, results: list[RunResult], groups, with_consistency: bool = False) -> list[str]:
+    """Markdown lines: accuracy (and consistency) per ``name`` for every run, side by side."""
+    keys = sorted({key for r in results for key in groups(r)})
+    lines = [f"## Accuracy per {name}", "", f"| {name} | " + " | ".join(f"{r.program} @ {r.backend}" for r in results) + " |",
+             "|---|" + "---|" * len(results)]
+    for key in keys:
+        cells = []
+        for r in results:
+            summary = groups(r).get(key)
+            if summary is None:
+                cells.append("n/a")
+                continue
+            acc = summary["accuracy"]
+            cell = f"{_fmt(acc['value'], '{:.0%}')}"
+            if with_consistency:
+                cell += f"{_ci(acc['ci'])}, consistency {_fmt(summary['consistency']['value'], '{:.0%}')}"
+            cells.append(cell + f" (n={acc['n']})")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> list[Path]:

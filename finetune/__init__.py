@@ -8,9 +8,10 @@
 
 from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data
 from reflectagent.finetune.rationalize import Rationalizer
+from reflectagent.finetune.reward import RewardJobConfig, RewardModelJudge, train_reward
 from reflectagent.finetune.sft_config import SFTJobConfig
 from reflectagent.finetune.sft_trainer import train_sft
 from reflectagent.finetune.traces import collect_traces
 
-__all__ = ["DataConfig", "Rationalizer", "SFTJobConfig", "Trace", "UnifiedData", "build_unified_data",
-           "collect_traces", "train_sft"]
+__all__ = ["DataConfig", "Rationalizer", "RewardJobConfig", "RewardModelJudge", "SFTJobConfig", "Trace", "UnifiedData",
+           "build_unified_data", "collect_traces", "train_reward", "train_sft"]

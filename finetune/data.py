@@ -65,6 +65,12 @@ def _row(pair: Pair, kind: str, prompt: list[dict], target: str, rationalized: b
             "rationalized": rationalized, "source": pair.source or "", "category": pair.category or "", **extra}
 
 
+def analysis_target(adapter: JudgeAdapter, analysis: Analysis, swapped: bool) -> str:
+    """The assistant turn for ``analysis``, its verdict named in the order the pair was shown."""
+    shown_verdict = flip(analysis.preference) if swapped else analysis.preference
+    return adapter.render_target(Analyze, {"analysis": analysis.text, "preference": shown_verdict})
+
+
 def correct(analysis: Analysis, label: str | None) -> bool:
     return analysis.parsed and analysis.preference == label
 
@@ -80,9 +86,8 @@ def response_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, ratio
             made = rationalizer.analyse(pair, swapped)
             right, rationalized = ([made] if made else []), True
         for analysis in right:
-            shown_verdict = flip(analysis.preference) if swapped else analysis.preference
-            target = adapter.render_target(Analyze, {"analysis": analysis.text, "preference": shown_verdict})
-            rows.append(_row(pair, "response", prompt, target, rationalized, order="BA" if swapped else "AB"))
+            rows.append(_row(pair, "response", prompt, analysis_target(adapter, analysis, swapped), rationalized,
+                             order="BA" if swapped else "AB"))
     return rows
 
 
@@ -121,11 +126,10 @@ def dpo_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig) -> list[di
         bad = [a for a in same if a.preference != pair.label]
         prompt = render_prompt(adapter, Analyze, shown.inputs(), config.context_chars)
         for g, b in zip(good, bad):
-            as_shown = (lambda a: flip(a.preference) if swapped else a.preference)
             rows.append({
                 "pair_id": pair.id, "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": adapter.render_target(Analyze, {"analysis": g.text, "preference": as_shown(g)})}],
-                "rejected": [{"role": "assistant", "content": adapter.render_target(Analyze, {"analysis": b.text, "preference": as_shown(b)})}],
+                "chosen": [{"role": "assistant", "content": analysis_target(adapter, g, swapped)}],
+                "rejected": [{"role": "assistant", "content": analysis_target(adapter, b, swapped)}],
             })
     return rows
 

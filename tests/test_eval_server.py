@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.cache import JudgmentCache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import Record, load_benchmark, run_eval, summarize, write_report
 from reflectagent.eval.report import compare

@@ -7,7 +7,7 @@ from fakes import BAD, GOOD, PAIR
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.cache import JudgmentCache, use_cache
-from reflectagent.finetune.data import DataConfig, Trace, build_unified_data, dpo_rows, response_rows
+from reflectagent.finetune.data import DataConfig, Trace, build_unified_data, response_rows
 from reflectagent.modules import Analyzer, Reflector
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, Reflection

@@ -9,7 +9,7 @@ import sys
 
 import dspy
 import pytest
-from fakes import BAD, GOOD, PAIR, ScoreJudge, biased_analyst, fair_analyst, fake, reflective
+from fakes import BAD, GOOD, PAIR, ScoreJudge, biased_analyst, fair_analyst, reflective
 
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.judge import PositionSwapJudge, ProgramFileError

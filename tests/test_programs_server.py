@@ -8,19 +8,16 @@ import pytest
 
 from reflectagent.backends import backend
 from reflectagent.cache import JudgmentCache, use_cache
-from reflectagent.config import BackendConfig, Settings
 from reflectagent.judge import judge_pairs
 from reflectagent.programs import AdaptiveReflectRM, Ensemble, GenRM, ReflectRM, rank
 from reflectagent.programs.compile import compile_judge
+from test_embedded_server import settings
 
 pytestmark = pytest.mark.server
 
 
 def conf(lora_dir=None):
-    backends = {"embedded": BackendConfig(model="embedded", context_chars=4000)}
-    if lora_dir:
-        backends["tuned"] = BackendConfig(model="embedded", lora={"test": str(lora_dir)}, adapter="test", context_chars=4000)
-    return Settings(backends=backends)
+    return settings(lora_dir=lora_dir)
 
 
 def test_genrm_and_reflectrm_judge_real_pairs(server, cache, sample_pairs):

@@ -1,0 +1,139 @@
+"""The discriminative baseline: a Bradley-Terry reward model (the base model with a scalar head).
+
+GenRM's paper measures generative judges against exactly this: the same base model, a
+scalar head, a pairwise loss, the same train pairs. TRL's RewardTrainer trains it (LoRA on
+the body, the head trained in full); ``RewardModelJudge`` puts it behind the ``Judge``
+interface, so the same eval scores it. It writes no analyses and is order-invariant by
+construction: its consistency is total, its accuracy is the point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from reflectagent.judge import Judge
+from reflectagent.pairs import Pair
+from reflectagent.results import Judgment
+
+
+@dataclass
+class RewardJobConfig:
+    base_model: str = field(default="embedded", metadata={"help": "'embedded', a model folder or a hub id"})
+    output_dir: str = field(default="runs/reward", metadata={"help": "checkpoints, the adapter and the run card"})
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    learning_rate: float = field(default=2e-4)
+    epochs: float = field(default=1.0)
+    max_steps: int = field(default=-1)
+    per_device_batch: int = field(default=2)
+    gradient_accumulation: int = field(default=4)
+    max_length: int = field(default=1024)
+    logging_steps: int = field(default=5)
+    seed: int = field(default=0)
+    threads: int = field(default=0)
+
+
+def preference_rows(pairs: list[Pair]) -> list[dict]:
+    """Conversational chosen/rejected rows (pairs labelled A or B only)."""
+    rows = []
+    for pair in pairs:
+        if pair.label not in ("A", "B"):
+            continue
+        good, bad = (pair.response_a, pair.response_b) if pair.label == "A" else (pair.response_b, pair.response_a)
+        rows.append({"prompt": [{"role": "user", "content": pair.prompt}],
+                     "chosen": [{"role": "assistant", "content": good}],
+                     "rejected": [{"role": "assistant", "content": bad}]})
+    return rows
+
+
+def train_reward(config: RewardJobConfig, train: list[Pair], dev: list[Pair] | None = None) -> Path:
+    """Train the Bradley-Terry baseline; return its adapter folder (with the scalar head)."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from reflectagent.finetune.sft_trainer import has_fast_bf16, plot_curve
+    from reflectagent.models import prepare_model
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    base = prepare_model(config.base_model)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    dev_rows = preference_rows(dev or [])
+    args = RewardConfig(
+        output_dir=str(out), learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch, per_device_eval_batch_size=config.per_device_batch,
+        gradient_accumulation_steps=config.gradient_accumulation, max_length=config.max_length,
+        bf16=torch.cuda.is_available() or has_fast_bf16(), use_cpu=not torch.cuda.is_available(), seed=config.seed,
+        logging_steps=config.logging_steps, save_strategy="no", report_to=[],
+        eval_strategy="epoch" if dev_rows else "no",
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list(preference_rows(train)),
+        eval_dataset=datasets.Dataset.from_list(dev_rows) if dev_rows else None, processing_class=tokenizer,
+        peft_config=LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, task_type="SEQ_CLS"),
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    adapter = out / "adapter"
+    trainer.model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    plot_curve(trainer.state.log_history, out / "training_curve.png")
+    (out / "run_card.json").write_text(json.dumps({
+        "config": asdict(config), "base_model": str(base), "train_pairs": len(preference_rows(train)),
+        "steps": trainer.state.global_step, "seconds": time.perf_counter() - started, "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+    }, indent=2))
+    return adapter
+
+
+class RewardModelJudge(Judge):
+    """A scalar reward model as a pairwise judge: the higher reward wins; P(A) = sigmoid(r_A - r_B)."""
+
+    def __init__(self, adapter: str, base_model: str = "embedded"):
+        super().__init__(adapter=str(adapter), base_model=base_model)
+        self._model = None
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            from reflectagent.models import prepare_model
+
+            base = prepare_model(self.options["base_model"])
+            self._tokenizer = AutoTokenizer.from_pretrained(self.options["adapter"])
+            model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+            model.config.pad_token_id = self._tokenizer.pad_token_id
+            self._model = PeftModel.from_pretrained(model, self.options["adapter"]).eval()
+        return self._model
+
+    def reward(self, prompt: str, response: str) -> float:
+        import torch
+
+        model = self._load()
+        text = self._tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+        batch = self._tokenizer(text, return_tensors="pt", truncation=True, max_length=2048)
+        with torch.no_grad():
+            return float(model(**batch).logits[0, 0])
+
+    def decide(self, pair: Pair) -> Judgment:
+        margin = self.reward(pair.prompt, pair.response_a) - self.reward(pair.prompt, pair.response_b)
+        probability_a = 1 / (1 + math.exp(-margin))
+        if margin == 0:
+            return Judgment(preference=None, reason="equal rewards", probability_a=0.5)
+        return Judgment(preference="A" if margin > 0 else "B", probability_a=probability_a)
