@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ class DataConfig:
     fractions: str = field(default="0.8,0.1,0.1", metadata={"help": "train,dev,test shares, by pair"})
     seed: int = field(default=0, metadata={"help": "split, position and subsampling seed"})
     context_chars: int | None = field(default=4000, metadata={"help": "the serving backend's input budget (same cut as inference)"})
+    min_text_chars: int = field(default=20, metadata={"help": "drop analyses/reflections shorter than this (degenerate)"})
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,15 @@ def analysis_target(adapter: JudgeAdapter, analysis: Analysis, swapped: bool) ->
     return adapter.render_target(Analyze, {"analysis": analysis.text, "preference": shown_verdict})
 
 
+_PLACEHOLDER = re.compile(r"^\s*\{\w+\}\s*$")
+
+
+def usable_text(text: str | None, config: DataConfig) -> bool:
+    """Text worth training on: long enough, and not the format's placeholder copied back
+    (zero-shot SmolLM2 often answers the analysis field with "{analysis}")."""
+    return bool(text) and len(text.strip()) >= config.min_text_chars and not _PLACEHOLDER.match(text)
+
+
 def correct(analysis: Analysis, label: str | None) -> bool:
     return analysis.parsed and analysis.preference == label
 
@@ -80,11 +91,12 @@ def response_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, ratio
     for swapped in (False, True):
         shown = pair.swapped() if swapped else pair
         prompt = render_prompt(adapter, Analyze, shown.inputs(), config.context_chars)
-        right = [a for a in trace.judgment.analyses if a.swapped == swapped and correct(a, pair.label)]
+        right = [a for a in trace.judgment.analyses
+                 if a.swapped == swapped and correct(a, pair.label) and usable_text(a.text, config)]
         rationalized = False
         if not right and config.rationalize and rationalizer is not None:
             made = rationalizer.analyse(pair, swapped)
-            right, rationalized = ([made] if made else []), True
+            right, rationalized = ([made] if made and usable_text(made.text, config) else []), True
         for analysis in right:
             rows.append(_row(pair, "response", prompt, analysis_target(adapter, analysis, swapped), rationalized,
                              order="BA" if swapped else "AB"))
@@ -95,18 +107,20 @@ def analysis_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rng: 
                   rationalizer=None) -> list[dict]:
     pair, judgment = trace.pair, trace.judgment
     analyses = judgment.analyses
-    right = [i for i, a in enumerate(analyses) if correct(a, pair.label)]
-    wrong = [i for i, a in enumerate(analyses) if a.parsed and a.preference != pair.label]
+    usable = [i for i, a in enumerate(analyses) if a.parsed and usable_text(a.text, config)]
+    right = [i for i in usable if analyses[i].preference == pair.label]
+    wrong = [i for i in usable if analyses[i].preference != pair.label]
     rows = []
     for good in right:
         for bad in wrong:
             first, second = (good, bad) if rng.random() < 0.5 else (bad, good)
             choice = "1" if first == good else "2"
-            teacher = [r for r in judgment.reflections if (r.first, r.second) == (first, second) and r.more_reliable == good]
+            teacher = [r for r in judgment.reflections if (r.first, r.second) == (first, second)
+                       and r.more_reliable == good and usable_text(r.text, config)]
             text, rationalized = (teacher[0].text, False) if teacher else (None, True)
             if text is None and config.rationalize and rationalizer is not None:
                 text = rationalizer.reflect(pair, analyses[first], analyses[second], choice)
-            if text is None:
+            if not usable_text(text, config):
                 continue
             inputs = {**pair.inputs(), "analysis_1": render_analysis(analyses[first], False),
                       "analysis_2": render_analysis(analyses[second], False)}
@@ -121,7 +135,7 @@ def dpo_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig) -> list[di
     pair, rows = trace.pair, []
     for swapped in (False, True):
         shown = pair.swapped() if swapped else pair
-        same = [a for a in trace.judgment.analyses if a.swapped == swapped and a.parsed]
+        same = [a for a in trace.judgment.analyses if a.swapped == swapped and a.parsed and usable_text(a.text, config)]
         good = [a for a in same if a.preference == pair.label]
         bad = [a for a in same if a.preference != pair.label]
         prompt = render_prompt(adapter, Analyze, shown.inputs(), config.context_chars)

@@ -298,7 +298,8 @@ def finetune_data(
                                    adapter=lm.backend.adapter())
     built.save(out)
     typer.echo(json.dumps(built.stats, indent=2))
-    typer.echo(f"datasets: {out}/unified (SFT), {out}/dpo (STaR-DPO); card: {out}/data_card.json")
+    dpo_note = f", {out}/dpo (STaR-DPO)" if (out / "dpo").exists() else " (no STaR-DPO triples: no order had a right and a wrong analysis)"
+    typer.echo(f"datasets: {out}/unified (SFT){dpo_note}; card: {out}/data_card.json")
 
 
 @finetune_app.command("train", context_settings=PASSTHROUGH, add_help_option=False)

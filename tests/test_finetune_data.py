@@ -20,7 +20,8 @@ def analysis(preference, swapped, text, sample=0, parsed=True):
 def trace(i, label="A", analyses=None, reflections=()):
     pair = Pair(prompt=f"question {i}", response_a=f"answer a{i}", response_b=f"answer b{i}", id=f"p{i}", label=label,
                 source="s1" if i % 2 else "s2")
-    analyses = analyses or (analysis(label, False, f"right {i}"), analysis(label, True, f"right swapped {i}"))
+    analyses = analyses or (analysis(label, False, f"right answer, long enough {i}"),
+                            analysis(label, True, f"right swapped answer, long enough {i}"))
     return Trace(pair, Judgment(preference=label, analyses=tuple(analyses), reflections=tuple(reflections)))
 
 
@@ -30,19 +31,21 @@ class FakeRationalizer:
 
     def analyse(self, pair, swapped):
         self.asked.append((pair.id, swapped))
-        return Analysis(text=f"because {pair.label}", preference=pair.label, swapped=swapped, parsed=True, raw="")
+        return Analysis(text=f"because {pair.label} answers the question", preference=pair.label, swapped=swapped,
+                        parsed=True, raw="")
 
     def reflect(self, pair, first, second, choice):
-        return f"analysis {choice} checks the facts"
+        return f"analysis {choice} checks the facts against the responses"
 
 
 def test_star_filter_keeps_only_correct_analyses_and_marks_rationalised_rows():
-    mixed = trace(1, "A", [analysis("A", False, "right"), analysis("B", False, "wrong", sample=1),
+    mixed = trace(1, "A", [analysis("A", False, "right: Paris is the capital"), analysis("B", False, "wrong", sample=1),
+                           analysis("A", False, "{analysis}", sample=2),  # the format's placeholder copied back
                            analysis("B", True, "fooled by order"), analysis(None, True, "", parsed=False)])
     rationalizer = FakeRationalizer()
     rows = response_rows(mixed, JudgeAdapter(), DataConfig(), rationalizer)
     assert [(r["order"], r["rationalized"]) for r in rows] == [("AB", False), ("BA", True)]
-    assert '"analysis":"right"' in rows[0]["completion"][0]["content"]
+    assert '"analysis":"right: Paris is the capital"' in rows[0]["completion"][0]["content"]  # not "{analysis}"
     assert rows[0]["completion"][0]["content"].endswith('"preference":"A"}')
     assert rows[1]["completion"][0]["content"].endswith('"preference":"B"}')  # label A, shown swapped: B
     assert rationalizer.asked == [("p1", True)]
@@ -53,9 +56,10 @@ def test_reflection_pairs_mix_split_and_dpo():
     traces = []
     for i in range(40):
         if i % 4 == 0:  # one right and one wrong analysis in the same order: reflection and DPO material
-            analyses = [analysis("A", False, f"right {i}"), analysis("B", False, f"wrong {i}", sample=1),
-                        analysis("A", True, f"right swapped {i}")]
-            reflections = [Reflection(text=f"trust the first {i}", first=0, second=1, more_reliable=0, parsed=True, raw="")]
+            analyses = [analysis("A", False, f"right, and long enough {i}"), analysis("B", False, f"wrong, and long enough {i}", sample=1),
+                        analysis("A", True, f"right swapped, long enough {i}")]
+            reflections = [Reflection(text=f"trust the first, it checks facts {i}", first=0, second=1, more_reliable=0,
+                                      parsed=True, raw="")]
             traces.append(trace(i, "A", analyses, reflections))
         else:
             traces.append(trace(i, "A"))
@@ -89,8 +93,9 @@ def test_training_prompts_are_exactly_what_inference_sends():
     lm = DummyLM({"[[ ## analysis_1 ## ]]": {"reflection": "r", "more_reliable": "1"},
                   "": {"analysis": "x", "preference": "A"}}, adapter=JudgeAdapter())
     pair = Pair(prompt=PAIR.prompt + " " + "long context " * 400, response_a=GOOD, response_b=BAD, id="p", label="A")
-    analyses = (analysis("A", False, "right"), analysis("B", True, "wrong"))
-    teacher = tuple(Reflection(text="trust the right one", first=f, second=s, more_reliable=0, parsed=True, raw="")
+    analyses = (analysis("A", False, "right: Paris is the capital"), analysis("B", True, "wrong: Berlin is the capital"))
+    teacher = tuple(Reflection(text="trust the right one, it knows the capital", first=f, second=s, more_reliable=0,
+                               parsed=True, raw="")
                     for f, s in ((0, 1), (1, 0)))
     judged = Trace(pair, Judgment(preference="A", analyses=analyses, reflections=teacher))
     config = DataConfig(context_chars=1500, ratio=None, fractions="1,0,0")
