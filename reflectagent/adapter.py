@@ -103,10 +103,6 @@ class JudgeAdapter(dspy.JSONAdapter):
         values = {field.name: value for field, value in fields_with_values.items()}
         return json.dumps(serialize_for_json(values), ensure_ascii=False, separators=(",", ":"))
 
-    def render(self, signature, demos, inputs) -> list[dict[str, Any]]:
-        """The chat messages a request sends (what the judgment cache and fine-tuning key on)."""
-        return self.format(signature, demos, inputs)
-
     def render_target(self, signature, outputs: dict[str, Any]) -> str:
         """The assistant message a trained model should produce for ``outputs``."""
         return self.format_assistant_message_content(signature, outputs)
