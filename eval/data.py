@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
 
 
-def _stable_fraction(*parts: str) -> float:
+def stable_fraction(*parts: str) -> float:
     digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -30,7 +30,7 @@ def from_chosen_rejected(row: dict, index: int, source: str) -> Pair:
     if missing:
         raise InvalidPair(f"missing field(s): {', '.join(missing)}")
     pair_id = str(row.get("id", f"{source}-{index}"))
-    chosen_first = _stable_fraction("placement", pair_id) < 0.5
+    chosen_first = stable_fraction("placement", pair_id) < 0.5
     a, b = (row["chosen"], row["rejected"]) if chosen_first else (row["rejected"], row["chosen"])
     category = row.get("subset") or row.get("category") or source
     return Pair(prompt=row["prompt"], response_a=a, response_b=b, id=pair_id,
@@ -107,7 +107,7 @@ def split_pairs(pairs: list[Pair], fractions: tuple[float, float, float] = (0.6,
         strata[str(getattr(pair, stratify))].append(pair)
     splits: dict[str, list[Pair]] = {name: [] for name in SPLITS}
     for members in strata.values():
-        ordered = sorted(members, key=lambda p: _stable_fraction(str(seed), p.id))
+        ordered = sorted(members, key=lambda p: stable_fraction(str(seed), p.id))
         cut_train = round(len(ordered) * fractions[0])
         cut_dev = cut_train + round(len(ordered) * fractions[1])
         splits["train"] += ordered[:cut_train]

@@ -4,14 +4,20 @@
     data = build_unified_data(traces, DataConfig())      # STaR rows + reflection rows, 4:1, split by pair
     data.save("runs/data")                               # Hugging Face datasets, chat messages
     adapter = train_sft(SFTJobConfig(data="runs/data/unified"))   # LoRA, served by `reflectagent serve --lora`
+    Loop(load_loop_config("loop.yaml")).run()            # all of it, with the eval report (`finetune run`)
 """
 
 from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data
+from reflectagent.finetune.dpo import DPOJobConfig, train_dpo
+from reflectagent.finetune.export import merge_adapter
+from reflectagent.finetune.loop import Loop
+from reflectagent.finetune.loop_config import LoopConfig, load_loop_config
 from reflectagent.finetune.rationalize import Rationalizer
 from reflectagent.finetune.reward import RewardJobConfig, RewardModelJudge, train_reward
 from reflectagent.finetune.sft_config import SFTJobConfig
 from reflectagent.finetune.sft_trainer import train_sft
 from reflectagent.finetune.traces import collect_traces
 
-__all__ = ["DataConfig", "Rationalizer", "RewardJobConfig", "RewardModelJudge", "SFTJobConfig", "Trace", "UnifiedData",
-           "build_unified_data", "collect_traces", "train_reward", "train_sft"]
+__all__ = ["DPOJobConfig", "DataConfig", "Loop", "LoopConfig", "Rationalizer", "RewardJobConfig", "RewardModelJudge", "SFTJobConfig", "Trace", "UnifiedData",
+           "build_unified_data", "collect_traces", "load_loop_config", "merge_adapter", "train_dpo", "train_reward",
+           "train_sft"]

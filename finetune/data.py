@@ -199,7 +199,14 @@ class UnifiedData:
 
 
 def build_unified_data(traces: list[Trace], config: DataConfig | None = None, rationalizer=None,
-                       adapter: JudgeAdapter | None = None) -> UnifiedData:
+                       adapter: JudgeAdapter | None = None, concurrency: int = 1) -> UnifiedData:
+    """Rows from every trace; ``concurrency`` traces at once (rationalisation calls the teacher).
+
+    Each pair's random choices come from its own seeded generator, so the rows of a pair do
+    not depend on which other pairs are in the data or in what order they are built.
+    """
+    from reflectagent.concurrency import run_all
+
     config = config or DataConfig()
     adapter = adapter or JudgeAdapter()
     labelled = [t for t in traces if t.pair.label in ("A", "B")]
@@ -212,8 +219,14 @@ def build_unified_data(traces: list[Trace], config: DataConfig | None = None, ra
     splits, dpo, counts = {}, {}, Counter()
     for name in pair_splits:
         mine = [t for t in labelled if where.get(t.pair.id) == name]
-        responses = dedupe([r for t in mine for r in response_rows(t, adapter, config, rationalizer)])
-        analyses = dedupe([r for t in mine for r in analysis_rows(t, adapter, config, rng, rationalizer)])
+
+        def rows_of(t: Trace):
+            own = random.Random(f"{config.seed}:{t.pair.id}")
+            return (response_rows(t, adapter, config, rationalizer), analysis_rows(t, adapter, config, own, rationalizer))
+
+        built = run_all([lambda t=t: rows_of(t) for t in mine], max_workers=concurrency)
+        responses = dedupe([r for made, _ in built for r in made])
+        analyses = dedupe([r for _, made in built for r in made])
         counts.update({f"{name}/response": len(responses), f"{name}/analysis": len(analyses),
                        f"{name}/rationalized": sum(r["rationalized"] for r in responses + analyses)})
         splits[name] = mix(responses, analyses, config.ratio, rng)

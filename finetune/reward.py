@@ -15,26 +15,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from reflectagent.finetune.sft_config import LoRAJobConfig
 from reflectagent.judge import Judge
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
 
 
 @dataclass
-class RewardJobConfig:
-    base_model: str = field(default="embedded", metadata={"help": "'embedded', a model folder or a hub id"})
-    output_dir: str = field(default="runs/reward", metadata={"help": "checkpoints, the adapter and the run card"})
-    lora_r: int = field(default=16)
-    lora_alpha: int = field(default=32)
-    learning_rate: float = field(default=2e-4)
-    epochs: float = field(default=1.0)
-    max_steps: int = field(default=-1)
-    per_device_batch: int = field(default=2)
-    gradient_accumulation: int = field(default=4)
-    max_length: int = field(default=1024)
-    logging_steps: int = field(default=5)
-    seed: int = field(default=0)
-    threads: int = field(default=0)
+class RewardJobConfig(LoRAJobConfig):
+    output_dir: str = field(default="runs/reward", metadata={"help": "the adapter (with the scalar head) and the run card"})
 
 
 def preference_rows(pairs: list[Pair]) -> list[dict]:
@@ -55,19 +44,12 @@ def train_reward(config: RewardJobConfig, train: list[Pair], dev: list[Pair] | N
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from reflectagent.finetune.sft_trainer import has_fast_bf16, plot_curve
-    from reflectagent.models import prepare_model
+    from reflectagent.finetune.sft_trainer import has_fast_bf16, plot_curve, start_run
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    base = prepare_model(config.base_model)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    base, out, tokenizer = start_run(config)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     dev_rows = preference_rows(dev or [])

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-from reflectagent.finetune.sft_config import SFTJobConfig
+from reflectagent.finetune.sft_config import LoRAJobConfig, SFTJobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,10 @@ def plot_curve(log_history: list[dict], path: Path) -> Path:
     return path
 
 
-def train_sft(config: SFTJobConfig) -> Path:
-    """Train a LoRA adapter; return the adapter folder (servable with ``reflectagent serve --lora``)."""
-    import datasets
+def start_run(config: LoRAJobConfig):
+    """Threads, the base model folder, the output folder and a tokenizer that can pad: every job's first steps."""
     import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoTokenizer
 
     from reflectagent.models import prepare_model
 
@@ -72,11 +69,22 @@ def train_sft(config: SFTJobConfig) -> Path:
     base = prepare_model(config.base_model)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return base, out, tokenizer
+
+
+def train_sft(config: SFTJobConfig) -> Path:
+    """Train a LoRA adapter; return the adapter folder (servable with ``reflectagent serve --lora``)."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    base, out, tokenizer = start_run(config)
     data = datasets.load_from_disk(config.data)
     train, dev = data["train"], data.get("dev")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     cpu_bf16 = config.bf16 and (torch.cuda.is_available() or has_fast_bf16())
     args = SFTConfig(
@@ -101,6 +109,7 @@ def train_sft(config: SFTJobConfig) -> Path:
         report_to=[],
         dataloader_num_workers=0,
         disable_tqdm=False,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
     peft_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

@@ -103,6 +103,23 @@ class JudgeAdapter(dspy.JSONAdapter):
         values = {field.name: value for field, value in fields_with_values.items()}
         return json.dumps(serialize_for_json(values), ensure_ascii=False, separators=(",", ":"))
 
+    def format_field_structure(self, signature: type[dspy.Signature]) -> str:
+        """DSPy's input layout, but the output keys described in words, not shown as a template.
+
+        DSPy shows the answer as ``{"analysis": "{analysis}", ...}``; a small model copies the
+        placeholder (zero-shot SmolLM2 answered ``{analysis}`` in nearly every analysis), and
+        constrained decoding happily allows it. Described, there is nothing to copy.
+        """
+        structure = super().format_field_structure(signature)
+        inputs = structure.split("Outputs will be a JSON object")[0].rstrip()
+        keys = []
+        for name, info in signature.output_fields.items():
+            choices = getattr(info.annotation, "__args__", None)
+            kind = f"one of {', '.join(json.dumps(c) for c in choices)}" if choices else "your own words"
+            keys.append(f'- "{name}": {info.json_schema_extra.get("desc", name)} ({kind})')
+        return (f"{inputs}\n\nRespond with one JSON object and nothing else, with these keys in this order:\n"
+                + "\n".join(keys))
+
     def render_target(self, signature, outputs: dict[str, Any]) -> str:
         """The assistant message a trained model should produce for ``outputs``."""
         return self.format_assistant_message_content(signature, outputs)

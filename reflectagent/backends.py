@@ -97,7 +97,7 @@ def state_file() -> Path:
     return server_dir() / "embedded.json"
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -137,7 +137,7 @@ def embedded_url(model_dir: Path, loras: dict[str, str]) -> str:
             if threading.current_thread() is threading.main_thread():
                 # Linux delivers the parent-death signal when the *thread* that started the child
                 # ends, so only the main thread may ask for it; atexit covers the other cases.
-                server.preexec = _die_with_parent
+                server.preexec = die_with_parent
             server.start()
             _servers[key] = server
         return _servers[key].url

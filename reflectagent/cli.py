@@ -295,7 +295,7 @@ def finetune_data(
         traces = collect_traces(pairs, samples=samples, temperature=temperature, concurrency=concurrency,
                                 progress=sys.stderr.isatty())
         built = build_unified_data(traces, data_config, Rationalizer() if data_config.rationalize else None,
-                                   adapter=lm.backend.adapter())
+                                   adapter=lm.backend.adapter(), concurrency=concurrency)
     built.save(out)
     typer.echo(json.dumps(built.stats, indent=2))
     dpo_note = f", {out}/dpo (STaR-DPO)" if (out / "dpo").exists() else " (no STaR-DPO triples: no order had a right and a wrong analysis)"
@@ -310,6 +310,59 @@ def finetune_train(ctx: typer.Context):
     (job,) = _dataclass_flags(ctx, SFTJobConfig)
     adapter = train_sft(job)
     typer.echo(f"adapter: {adapter}\nserve it: reflectagent serve --lora judge={adapter}")
+
+
+@finetune_app.command("run")
+def finetune_run(
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="loop config (YAML/TOML): see LoopConfig")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (overrides output_dir)")] = None,
+    settings_file: Annotated[Optional[Path], typer.Option("--settings", help="backend settings file (the teacher's backend)")] = None,
+    cache_dir: CacheDirOpt = None,
+):
+    """The whole loop: teacher traces -> data -> LoRA (response-only, unified) + Bradley-Terry -> serve -> eval report.
+
+    Re-running the same command resumes: finished stages are skipped, judged steps come from the cache.
+    """
+    from reflectagent.cache import use_cache
+    from reflectagent.config import ConfigError, load_settings
+    from reflectagent.finetune.loop import Loop
+    from reflectagent.finetune.loop_config import load_loop_config
+
+    try:
+        loop_config = load_loop_config(config_file, **({"output_dir": str(out)} if out else {}))
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    settings = load_settings(settings_file)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop its servers on `kill`, as on Ctrl-C
+    with use_cache(_cache(settings, cache_dir, False)):
+        report = Loop(loop_config, settings, progress=sys.stderr.isatty()).run()
+    typer.echo(report.read_text())
+    typer.echo(f"report: {report}")
+
+
+@finetune_app.command("merge")
+def finetune_merge(
+    adapter: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the merged model folder")],
+    base_model: Annotated[str, typer.Option("--base-model", help="'embedded' or the adapter's base model folder")] = "embedded",
+):
+    """Merge a LoRA adapter into its base model: a full folder vLLM serves as a plain model (faster on CPU)."""
+    from reflectagent.finetune.export import merge_adapter
+
+    try:
+        typer.echo(merge_adapter(adapter, out, base_model))
+    except FileNotFoundError as exc:
+        _fail(str(exc), 2)
+
+
+@finetune_app.command("dpo", context_settings=PASSTHROUGH, add_help_option=False)
+def finetune_dpo(ctx: typer.Context):
+    """STaR-DPO on top of an SFT adapter (flags: DPOJobConfig, e.g. --data runs/data/dpo --sft_adapter runs/sft/adapter)."""
+    from reflectagent.finetune.dpo import DPOJobConfig, train_dpo
+
+    (job,) = _dataclass_flags(ctx, DPOJobConfig)
+    merged = train_dpo(job)
+    typer.echo(f"merged model: {merged}\nserve it: reflectagent serve {merged}")
 
 
 @app.command()

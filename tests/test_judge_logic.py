@@ -108,6 +108,15 @@ def test_strict_parse_and_schema():
     assert schema["properties"]["reflection"]["maxLength"] == 480
 
 
+def test_the_output_format_is_described_not_templated():
+    """A small model copies a template's placeholder ("{analysis}") as its answer: give it none."""
+    system = JudgeAdapter().format(Analyze, [], {"prompt": "p", "response_a": "a", "response_b": "b"})[0]["content"]
+    assert "{analysis}" not in system and "{preference}" not in system
+    assert '- "analysis": a brief comparison' in system and '- "preference":' in system and '"A", "B"' in system
+    assert system.index('"analysis"') < system.index('"preference"')  # the analysis comes first
+    assert "[[ ## response_b ## ]]" in system  # DSPy's input layout is kept
+
+
 def test_judgment_round_trips_through_a_dict(cache):
     with dspy.context(lm=content_judge()):
         judgment = PositionSwapJudge().judge(PAIR)
