@@ -122,7 +122,9 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(categories) * max(len(results), 1) + 1.5))
     height = 0.8 / max(len(results), 1)
     for k, r in enumerate(results):
-        values = [r.by_category[c]["accuracy"]["value"] or 0.0 for c in categories]
+        # a run over a subset of the pairs may lack a category: no bar rather than a false zero
+        values = [(r.by_category.get(c) or {}).get("accuracy", {}).get("value") for c in categories]
+        values = [float("nan") if v is None else v for v in values]
         ax.barh([i + k * height for i in range(len(categories))], values, height=height, label=f"{r.program} @ {r.backend}")
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(categories))])
     ax.set_yticklabels([f"{c} (n={sizes[c]})" for c in categories])

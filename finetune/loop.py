@@ -75,7 +75,8 @@ def choose_pairs(config: LoopConfig) -> dict[str, list[Pair]]:
 
 
 class Stages:
-    """Wall time per stage, kept in ``stages.json`` (a skipped stage keeps its first time)."""
+    """Wall time per stage, kept in ``stages.json``; a stage run again (eval after an interruption, mostly
+    from the cache) is recorded beside its first time, not over it."""
 
     def __init__(self, folder: Path):
         self.path = folder / "stages.json"
@@ -86,7 +87,8 @@ class Stages:
         logger.info("stage %s", name)
         started = time.perf_counter()
         yield
-        self.times[name] = round(time.perf_counter() - started, 1)
+        runs = 1 + sum(1 for key in self.times if key == name or key.startswith(f"{name} (run "))
+        self.times[name if runs == 1 else f"{name} (run {runs})"] = round(time.perf_counter() - started, 1)
         self.path.write_text(json.dumps(self.times, indent=1))
 
 

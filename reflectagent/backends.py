@@ -71,19 +71,33 @@ class BackendLM(dspy.LM):
         self.backend = backend
 
 
+_file_digests: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _file_digests[key] = digest.hexdigest()
+    return _file_digests[key]
+
+
 def _fingerprint(folder: str | Path) -> str:
-    """Cheap identity of a model folder: its small files' contents and its weights' sizes."""
+    """Identity of a model folder: every file's name and full contents (memoised by size and mtime).
+
+    Hashing only the head of the weights is not enough: two models fine-tuned from one base
+    share their size and their first megabyte (the header and the untouched embeddings), and
+    their judgments would be served from one another's cache.
+    """
     digest = hashlib.sha256()
     for path in sorted(Path(folder).rglob("*")):
-        if not path.is_file():
-            continue
-        digest.update(path.name.encode())
-        if path.stat().st_size < 1_000_000:
-            digest.update(path.read_bytes())
-        else:
-            digest.update(str(path.stat().st_size).encode())
-            with open(path, "rb") as handle:
-                digest.update(handle.read(1_000_000))
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(_file_digest(path).encode())
     return digest.hexdigest()[:16]
 
 

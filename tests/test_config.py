@@ -63,3 +63,20 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
     path.write_text("[backends\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(path)
+
+
+def test_model_folders_that_differ_only_deep_in_the_weights_are_different_backends(tmp_path):
+    """Two models fine-tuned from one base share their size and first megabyte (header, embeddings):
+    the cache must still tell them apart, or one model's judgments are served for the other."""
+    from reflectagent.backends import _fingerprint
+
+    head = bytes(range(256)) * 8192  # 2 MB in common
+    for name, tail in (("response", b"\x01" * 4096), ("unified", b"\x02" * 4096)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
+        (tmp_path / name / "model.safetensors").write_bytes(head + tail)
+    assert _fingerprint(tmp_path / "response") != _fingerprint(tmp_path / "unified")
+    (tmp_path / "copy").mkdir()
+    for path in (tmp_path / "response").iterdir():
+        (tmp_path / "copy" / path.name).write_bytes(path.read_bytes())
+    assert _fingerprint(tmp_path / "copy") == _fingerprint(tmp_path / "response")  # the place does not matter
