@@ -22,7 +22,7 @@ SHARED = "../shared/data/"
 
 
 def _loop_sft() -> SFTJobConfig:
-    # Measured here: ~60 s per optimizer step of 8 rows (~750 tokens each) with TRL's SFTTrainer on
+    # Measured here: ~50 s per optimizer step of 8 rows (~750 tokens each) with TRL's SFTTrainer on
     # 2 CPU cores, so 12 steps (96 rows, about a third of an epoch) is what fits the hour.
     return SFTJobConfig(max_steps=12, learning_rate=3e-4, per_device_batch=2, gradient_accumulation=4,
                         max_length=1024, save_steps=6, eval_steps=6, logging_steps=1)
