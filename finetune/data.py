@@ -46,6 +46,8 @@ class DataConfig:
     seed: int = field(default=0, metadata={"help": "split, position and subsampling seed"})
     context_chars: int | None = field(default=4000, metadata={"help": "the serving backend's input budget (same cut as inference)"})
     min_text_chars: int = field(default=20, metadata={"help": "drop analyses/reflections shorter than this (degenerate)"})
+    min_distinct_trigrams: float = field(default=0.7, metadata={
+        "help": "drop texts whose word trigrams are less than this share distinct (a small model's loops)"})
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,19 @@ def analysis_target(adapter: JudgeAdapter, analysis: Analysis, swapped: bool) ->
 _PLACEHOLDER = re.compile(r"^\s*\{\w+\}\s*$")
 
 
+def distinct_trigrams(text: str) -> float:
+    """The share of a text's word trigrams that are distinct: 1.0 for prose, near 0 for a loop."""
+    words = text.lower().split()
+    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return len(set(trigrams)) / len(trigrams) if len(trigrams) >= 5 else 1.0
+
+
 def usable_text(text: str | None, config: DataConfig) -> bool:
-    """Text worth training on: long enough, and not the format's placeholder copied back
-    (zero-shot SmolLM2 often answers the analysis field with "{analysis}")."""
-    return bool(text) and len(text.strip()) >= config.min_text_chars and not _PLACEHOLDER.match(text)
+    """Text worth training on: long enough, not the format's placeholder copied back (zero-shot
+    SmolLM2 often answers "{analysis}"), and not a loop. A small teacher repeats one sentence
+    until the length cap cuts it; trained on that, the student loops too and never closes its JSON."""
+    return (bool(text) and len(text.strip()) >= config.min_text_chars and not _PLACEHOLDER.match(text)
+            and distinct_trigrams(text) >= config.min_distinct_trigrams)
 
 
 def correct(analysis: Analysis, label: str | None) -> bool:

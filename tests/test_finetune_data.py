@@ -41,6 +41,7 @@ class FakeRationalizer:
 def test_star_filter_keeps_only_correct_analyses_and_marks_rationalised_rows():
     mixed = trace(1, "A", [analysis("A", False, "right: Paris is the capital"), analysis("B", False, "wrong", sample=1),
                            analysis("A", False, "{analysis}", sample=2),  # the format's placeholder copied back
+                           analysis("A", False, "It is good. " + "I'm not sure what I'm saying. " * 12, sample=3),  # a loop
                            analysis("B", True, "fooled by order"), analysis(None, True, "", parsed=False)])
     rationalizer = FakeRationalizer()
     rows = response_rows(mixed, JudgeAdapter(), DataConfig(), rationalizer)
