@@ -40,11 +40,11 @@ def metric_values(overall: dict[str, Any], run: dict[str, Any] | None = None) ->
     return values
 
 
-def _fmt(value, fmt: str) -> str:
+def format_value(value, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def _ci(interval) -> str:
+def format_ci(interval) -> str:
     return f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else ""
 
 
@@ -58,11 +58,11 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
         values = metric_values(r.overall, r.run)
         cells = [r.program, r.backend]
         for label, _, fmt in METRICS:
-            cell = _fmt(values[label], fmt)
+            cell = format_value(values[label], fmt)
             if label == "accuracy":
-                cell += _ci(r.overall["accuracy"]["ci"])
+                cell += format_ci(r.overall["accuracy"]["ci"])
             elif label == "consistency":
-                cell += _ci(r.overall["consistency"]["ci"])
+                cell += format_ci(r.overall["consistency"]["ci"])
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracy: mean over both presentations of pairs labelled A/B; "
@@ -98,9 +98,9 @@ def group_table(name: str, results: list[RunResult], groups, with_consistency: b
                 cells.append("n/a")
                 continue
             acc = summary["accuracy"]
-            cell = f"{_fmt(acc['value'], '{:.0%}')}"
+            cell = f"{format_value(acc['value'], '{:.0%}')}"
             if with_consistency:
-                cell += f"{_ci(acc['ci'])}, consistency {_fmt(summary['consistency']['value'], '{:.0%}')}"
+                cell += f"{format_ci(acc['ci'])}, consistency {format_value(summary['consistency']['value'], '{:.0%}')}"
             cells.append(cell + f" (n={acc['n']})")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -194,6 +194,6 @@ def compare(before: str | Path, after: str | Path) -> str:
                 cells.append("n/a")
             else:
                 delta = b[label] - a[label]
-                cells.append(f"{_fmt(b[label], fmt)} ({'+' if delta >= 0 else ''}{fmt.format(delta).replace('%', ' pt') if '%' in fmt else fmt.format(delta)})")
+                cells.append(f"{format_value(b[label], fmt)} ({'+' if delta >= 0 else ''}{fmt.format(delta).replace('%', ' pt') if '%' in fmt else fmt.format(delta)})")
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

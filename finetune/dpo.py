@@ -34,10 +34,11 @@ def train_dpo(config: DPOJobConfig) -> Path:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from reflectagent.finetune.sft_trainer import has_fast_bf16, plot_curve, start_run
+    from reflectagent.finetune.sft_trainer import drop_too_long, has_fast_bf16, plot_curve, start_run
 
     base, out, tokenizer = start_run(config)
-    data = datasets.load_from_disk(config.data)
+    train, too_long = drop_too_long(datasets.load_from_disk(config.data)["train"], tokenizer, config.max_length,
+                                    targets=("chosen", "rejected"))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if config.sft_adapter:
         model = PeftModel.from_pretrained(model, config.sft_adapter).merge_and_unload()
@@ -48,7 +49,7 @@ def train_dpo(config: DPOJobConfig) -> Path:
         bf16=torch.cuda.is_available() or has_fast_bf16(), use_cpu=not torch.cuda.is_available(), seed=config.seed,
         logging_steps=config.logging_steps, save_strategy="no", report_to=[], dataloader_num_workers=0,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data["train"], processing_class=tokenizer,
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                          peft_config=LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, task_type="CAUSAL_LM",
                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     started = time.perf_counter()
@@ -61,7 +62,7 @@ def train_dpo(config: DPOJobConfig) -> Path:
     plot_curve(history, out / "training_curve.png")
     losses = [e["loss"] for e in history if "loss" in e]
     (out / "run_card.json").write_text(json.dumps({
-        "config": asdict(config), "base_model": str(base), "train_rows": len(data["train"]),
+        "config": asdict(config), "base_model": str(base), "train_rows": len(train), "dropped_too_long": too_long,
         "steps": trainer.state.global_step, "seconds": time.perf_counter() - started, "train_loss": result.training_loss,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "reward_accuracy": next((e.get("rewards/accuracies") for e in reversed(history) if "rewards/accuracies" in e), None),

@@ -23,7 +23,7 @@ from typing import Any
 from reflectagent.backends import EMBEDDED_SERVED_NAME, die_with_parent
 from reflectagent.config import BackendConfig, Settings, load_settings
 from reflectagent.eval.data import load_benchmark, split_pairs, stable_fraction
-from reflectagent.eval.report import metric_values, write_report
+from reflectagent.eval.report import format_ci, format_value, metric_values, write_report
 from reflectagent.eval.runner import RunResult, run_eval
 from reflectagent.finetune.loop_config import LoopConfig
 from reflectagent.pairs import Pair, parse_pair
@@ -131,29 +131,14 @@ class Loop:
         folder = self.out / "data"
         if (folder / "data_card.json").exists():
             return folder
-        from reflectagent.backends import backend
-        from reflectagent.finetune.data import build_unified_data
-        from reflectagent.finetune.rationalize import Rationalizer
-        from reflectagent.finetune.traces import collect_traces
+        from reflectagent.finetune.traces import distil
 
         train = self.pairs()["train"]
         name, teacher = self.settings.backend(self.config.teacher_backend)
         with self.stages.stage("traces+data"), self._teacher_server(teacher) as url:
             settings = self._with(**{name: teacher.model_copy(update={"api_base": url}) if url else teacher})
-            with backend(name, settings) as lm:
-                data_config = dataclasses.replace(self.config.data)
-                if data_config.context_chars is None:
-                    data_config.context_chars = lm.backend.context_chars
-                traces = collect_traces(train, samples=self.config.samples, temperature=self.config.temperature,
-                                        concurrency=self.config.concurrency, progress=self.progress)
-                built = build_unified_data(traces, data_config, Rationalizer() if data_config.rationalize else None,
-                                           adapter=lm.backend.adapter(), concurrency=self.config.concurrency)
-            built.save(folder)
-            with open(folder / "traces.jsonl", "w", encoding="utf-8") as handle:  # for reading, not for resuming
-                for t in traces:
-                    right = [a.parsed and a.preference == t.pair.label for a in t.judgment.analyses]
-                    handle.write(json.dumps({"pair": t.pair.to_dict(), "judgment": t.judgment.to_dict(),
-                                             "analysis_correct": right}, ensure_ascii=False) + "\n")
+            distil(train, name, settings, folder, self.config.data, samples=self.config.samples,
+                   temperature=self.config.temperature, concurrency=self.config.concurrency, progress=self.progress)
         return folder
 
     def train(self, kind: str) -> Path:
@@ -344,11 +329,9 @@ def summary(results: dict[str, list[RunResult]], stages: dict[str, float], cards
             match = next((r for r in results[name] if (r.backend, r.program) == (backend, program)), None)
             values = metric_values(match.overall, match.run) if match else {}
             for label in labels:
-                value = values.get(label)
-                cell = "n/a" if value is None else f"{value:.1%}"
-                if label == "accuracy" and match and match.overall["accuracy"]["ci"]:
-                    low, high = match.overall["accuracy"]["ci"]
-                    cell += f" [{low:.0%}, {high:.0%}]"
+                cell = format_value(values.get(label), "{:.1%}")
+                if label == "accuracy" and match:
+                    cell += format_ci(match.overall["accuracy"]["ci"])
                 cells.append(cell)
         lines.append(f"| {backend} | {program} | " + " | ".join(cells) + " |")
     lines += ["", "## Stages (wall time)", "", "| stage | seconds |", "|---|---|"]
@@ -359,11 +342,9 @@ def summary(results: dict[str, list[RunResult]], stages: dict[str, float], cards
         if name == "data":
             continue
         rows = card.get("train_rows") or card.get("train_pairs")
-
-        def f(v):
-            return "n/a" if v is None else f"{v:.3f}"
-        lines.append(f"| {name} | {rows} {card.get('rows_by_kind') or ''} | {card.get('steps')} | {f(card.get('first_loss'))} | "
-                     f"{f(card.get('final_loss'))} | {f(card.get('eval_loss'))} | {card.get('seconds') or 0:.0f} |")
+        losses = " | ".join(format_value(card.get(k), "{:.3f}") for k in ("first_loss", "final_loss", "eval_loss"))
+        lines.append(f"| {name} | {rows} {card.get('rows_by_kind') or ''} | {card.get('steps')} | {losses} | "
+                     f"{card.get('seconds') or 0:.0f} |")
     lines += [""] + [f"![{name} training curve](models/{name}/training_curve.png)" for name in cards if name != "data"]
     if "data" in cards:
         lines += ["", "## Data", "", "```json", json.dumps({k: cards["data"][k] for k in cards["data"] if k != "config"}, indent=1),

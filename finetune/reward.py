@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,9 +88,12 @@ class RewardModelJudge(Judge):
     def __init__(self, adapter: str, base_model: str = "embedded"):
         super().__init__(adapter=str(adapter), base_model=base_model)
         self._model = None
+        self._loading = threading.Lock()  # the eval judges pairs from a thread pool; load the model once
 
     def _load(self):
-        if self._model is None:
+        with self._loading:
+            if self._model is not None:
+                return self._model
             import torch
             from peft import PeftModel
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -101,7 +105,7 @@ class RewardModelJudge(Judge):
             model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
             model.config.pad_token_id = self._tokenizer.pad_token_id
             self._model = PeftModel.from_pretrained(model, self.options["adapter"]).eval()
-        return self._model
+            return self._model
 
     def reward(self, prompt: str, response: str) -> float:
         import torch

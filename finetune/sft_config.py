@@ -25,7 +25,7 @@ class LoRAJobConfig:
     max_steps: int = field(default=-1, metadata={"help": "overrides epochs when > 0"})
     per_device_batch: int = field(default=2)
     gradient_accumulation: int = field(default=4)
-    max_length: int = field(default=1024, metadata={"help": "longer rows are truncated from the left of the prompt"})
+    max_length: int = field(default=1024, metadata={"help": "longer rows are left out of training (counted in the run card), not cut"})
     logging_steps: int = field(default=5)
     seed: int = field(default=0)
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})

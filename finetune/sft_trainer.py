@@ -57,6 +57,22 @@ def plot_curve(log_history: list[dict], path: Path) -> Path:
     return path
 
 
+def drop_too_long(rows, tokenizer, max_length: int, targets=("completion",)):
+    """Rows whose prompt plus longest target fits ``max_length`` tokens, and how many did not.
+
+    Truncating instead would cut the system message (left) or the verdict (right): either way
+    the model would train on text it is never served. Dropped rows are counted in the run card.
+    """
+    def fits(row) -> bool:
+        longest = max((row[t] for t in targets), key=lambda m: len(m[0]["content"]))
+        return len(tokenizer.apply_chat_template(row["prompt"] + longest, tokenize=True, return_dict=False)) <= max_length
+
+    kept = rows.filter(fits)
+    if len(kept) < len(rows):
+        logger.warning("dropped %d of %d rows longer than max_length=%d tokens", len(rows) - len(kept), len(rows), max_length)
+    return kept, len(rows) - len(kept)
+
+
 def start_run(config: LoRAJobConfig):
     """Threads, the base model folder, the output folder and a tokenizer that can pad: every job's first steps."""
     import torch
@@ -84,7 +100,8 @@ def train_sft(config: SFTJobConfig) -> Path:
 
     base, out, tokenizer = start_run(config)
     data = datasets.load_from_disk(config.data)
-    train, dev = data["train"], data.get("dev")
+    train, too_long = drop_too_long(data["train"], tokenizer, config.max_length)
+    dev = drop_too_long(data["dev"], tokenizer, config.max_length)[0] if "dev" in data else None
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     cpu_bf16 = config.bf16 and (torch.cuda.is_available() or has_fast_bf16())
     args = SFTConfig(
@@ -96,7 +113,6 @@ def train_sft(config: SFTJobConfig) -> Path:
         per_device_eval_batch_size=config.per_device_batch,
         gradient_accumulation_steps=config.gradient_accumulation,
         max_length=config.max_length,
-        truncation_mode="keep_end",
         completion_only_loss=True,
         bf16=cpu_bf16,
         use_cpu=not torch.cuda.is_available(),
@@ -129,7 +145,7 @@ def train_sft(config: SFTJobConfig) -> Path:
     plot_curve(history, out / "training_curve.png")
     losses = [e["loss"] for e in history if "loss" in e]
     card = {
-        "config": asdict(config), "base_model": str(base), "train_rows": len(train), "dev_rows": len(dev) if dev else 0,
+        "config": asdict(config), "base_model": str(base), "train_rows": len(train), "dropped_too_long": too_long, "dev_rows": len(dev) if dev else 0,
         "rows_by_kind": dict(Counter(train["kind"])) if "kind" in train.column_names else {},
         "steps": trainer.state.global_step, "seconds": time.perf_counter() - started,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,

@@ -9,7 +9,12 @@ judgment cache, so an interrupted collection resumes.
 
 from __future__ import annotations
 
-from reflectagent.finetune.data import Trace
+import dataclasses
+import json
+from pathlib import Path
+
+from reflectagent.config import Settings
+from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data
 from reflectagent.judge import Judge, judge_pairs
 from reflectagent.pairs import Pair
 from reflectagent.programs import ReflectRM
@@ -22,3 +27,33 @@ def collect_traces(pairs: list[Pair], program: Judge | None = None, *, samples: 
     program = program or ReflectRM(samples=samples, temperature=temperature)
     judgments = judge_pairs(program, labelled, concurrency=concurrency, progress=progress)
     return [Trace(pair, judgment) for pair, judgment in zip(labelled, judgments)]
+
+
+def distil(pairs: list[Pair], teacher: str, settings: Settings, out: Path, config: DataConfig | None = None, *,
+           samples: int = 4, temperature: float = 0.8, concurrency: int = 8, progress: bool = True) -> UnifiedData:
+    """Teacher traces on ``pairs`` with backend ``teacher``, then the unified data, saved into ``out``.
+
+    The rows are rendered by the teacher backend's own adapter, and cut to its input budget when
+    ``config.context_chars`` is None, so they match what that backend is served. ``out`` gets
+    the datasets, the data card and ``traces.jsonl`` (every teacher analysis with its
+    correctness, for reading; resuming goes through the cache).
+    """
+    from reflectagent.backends import backend
+    from reflectagent.finetune.rationalize import Rationalizer
+
+    config = dataclasses.replace(config or DataConfig())
+    with backend(teacher, settings) as lm:
+        if config.context_chars is None:
+            config.context_chars = lm.backend.context_chars
+        traces = collect_traces(pairs, samples=samples, temperature=temperature, concurrency=concurrency,
+                                progress=progress)
+        built = build_unified_data(traces, config, Rationalizer() if config.rationalize else None,
+                                   adapter=lm.backend.adapter(), concurrency=concurrency)
+    out = Path(out)
+    built.save(out)
+    with open(out / "traces.jsonl", "w", encoding="utf-8") as handle:
+        for t in traces:
+            right = [a.parsed and a.preference == t.pair.label for a in t.judgment.analyses]
+            handle.write(json.dumps({"pair": t.pair.to_dict(), "judgment": t.judgment.to_dict(),
+                                     "analysis_correct": right}, ensure_ascii=False) + "\n")
+    return built

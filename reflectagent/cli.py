@@ -275,11 +275,10 @@ def finetune_data(
 
     More flags (DataConfig): --ratio, --rationalize, --fractions, --seed, --context_chars.
     """
-    from reflectagent.backends import backend as use_backend
     from reflectagent.cache import use_cache
     from reflectagent.config import load_settings
     from reflectagent.eval import load_benchmark
-    from reflectagent.finetune import DataConfig, Rationalizer, build_unified_data, collect_traces
+    from reflectagent.finetune import DataConfig, distil
 
     (data_config,) = _dataclass_flags(ctx, DataConfig)
     pairs = []
@@ -289,14 +288,9 @@ def finetune_data(
             typer.secho(f"skipped {line}", fg="yellow", err=True)
         pairs += loaded[:limit] if limit is not None else loaded
     settings = load_settings(config)
-    with use_cache(_cache(settings, cache_dir, False)), use_backend(backend_name, settings) as lm:
-        if data_config.context_chars is None:
-            data_config.context_chars = lm.backend.context_chars
-        traces = collect_traces(pairs, samples=samples, temperature=temperature, concurrency=concurrency,
-                                progress=sys.stderr.isatty())
-        built = build_unified_data(traces, data_config, Rationalizer() if data_config.rationalize else None,
-                                   adapter=lm.backend.adapter(), concurrency=concurrency)
-    built.save(out)
+    with use_cache(_cache(settings, cache_dir, False)):
+        built = distil(pairs, backend_name, settings, out, data_config, samples=samples, temperature=temperature,
+                       concurrency=concurrency, progress=sys.stderr.isatty())
     typer.echo(json.dumps(built.stats, indent=2))
     dpo_note = f", {out}/dpo (STaR-DPO)" if (out / "dpo").exists() else " (no STaR-DPO triples: no order had a right and a wrong analysis)"
     typer.echo(f"datasets: {out}/unified (SFT){dpo_note}; card: {out}/data_card.json")

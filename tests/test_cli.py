@@ -110,3 +110,21 @@ def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, mo
         code = process.wait(timeout=60)
     assert code == 0 and time.monotonic() - start < 60
     assert not is_serving(url) and not state_file().exists()
+
+
+@pytest.mark.server
+def test_finetune_data_distils_a_file_and_a_rerun_reproduces_it(server, tmp_path):
+    """`finetune data`: teacher traces on the real server -> datasets, card and traces.jsonl; cached re-run = same data."""
+    env = {"REFLECTAGENT_EMBEDDED_URL": server.url}
+    args = ("finetune", "data", "--data", DATA / "with_bad_lines.jsonl", "--samples", "2", "--cache-dir", tmp_path / "cache",
+            "--fractions", "1,0,0")
+    first = cli(*args, "--out", tmp_path / "one", env=env)
+    assert "with_bad_lines.jsonl:3: not JSON" in first.stderr
+    traces = [json.loads(line) for line in (tmp_path / "one" / "traces.jsonl").read_text().splitlines()]
+    assert [t["pair"]["id"] for t in traces] == ["hhh-helpful-92", "hhh-harmless-46", "hhh-harmless-2"]
+    assert all(len(t["judgment"]["analyses"]) == 2 and len(t["analysis_correct"]) == 2 for t in traces)
+    card = json.loads((tmp_path / "one" / "data_card.json").read_text())
+    assert card == json.loads(first.stdout[:first.stdout.rindex("}") + 1])
+    cli(*args, "--out", tmp_path / "two", env=env)
+    assert json.loads((tmp_path / "two" / "data_card.json").read_text()) == card
+    assert (tmp_path / "two" / "traces.jsonl").read_text() == (tmp_path / "one" / "traces.jsonl").read_text()
