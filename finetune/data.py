@@ -29,9 +29,10 @@ from typing import Any
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.eval.data import split_pairs
 from reflectagent.modules import render_analysis
-from reflectagent.pairs import Pair, fit_to_budget
+from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, flip
 from reflectagent.signatures import Analyze, Reflect
+from reflectagent.steps import render_request
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ class Trace:
 
 def render_prompt(adapter: JudgeAdapter, signature, inputs: dict[str, str], context_chars: int | None) -> list[dict]:
     """The chat messages inference sends for ``inputs`` (cut to the same budget as ``run_step``)."""
-    fitted, _ = fit_to_budget(inputs, context_chars)
-    return adapter.format(signature, [], fitted)
+    return render_request(adapter, signature, inputs, context_chars)[2]
 
 
 def _row(pair: Pair, kind: str, prompt: list[dict], target: str, rationalized: bool, **extra) -> dict[str, Any]:

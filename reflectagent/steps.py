@@ -89,6 +89,16 @@ def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int, overr
     return config
 
 
+def render_request(adapter, signature, inputs: dict[str, str], budget: int | None, demos=()):
+    """The inputs cut to the backend's budget (demos share it), the fields that were cut, and the
+    chat messages sent. Inference and training data render through this one function, so a
+    fine-tuned model is trained on exactly the text it is served."""
+    if budget is not None and demos:
+        budget = max(budget - sum(len(str(v)) for demo in demos for v in dict(demo).values()), budget // 4)
+    inputs, truncated = fit_to_budget(inputs, budget)
+    return inputs, truncated, adapter.format(signature, list(demos), inputs)
+
+
 def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, config: dict | None = None) -> StepOutput:
     """Run ``predict`` on ``inputs`` through the judgment cache.
 
@@ -101,14 +111,12 @@ def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, 
     backend = backend_of(lm)
     adapter = backend.adapter() if backend is not None else (dspy.settings.adapter or JudgeAdapter())
     budget = backend.context_chars if backend is not None else None
-    if budget is not None and predict.demos:  # demos share the context with the inputs
-        budget = max(budget - sum(len(str(v)) for demo in predict.demos for v in dict(demo).values()), budget // 4)
-    inputs, truncated = fit_to_budget(inputs, budget)
+    inputs, truncated, messages = render_request(adapter, predict.signature, inputs, budget, predict.demos)
     config = _request_settings(lm, predict, sample, config)
     key = step_key(
         lm=lm_identity(lm),
         adapter=adapter.describe() if hasattr(adapter, "describe") else type(adapter).__name__,
-        messages=adapter.format(predict.signature, predict.demos, inputs),
+        messages=messages,
         config=config,
         sample=sample,
     )
