@@ -127,4 +127,7 @@ def test_finetune_data_distils_a_file_and_a_rerun_reproduces_it(server, tmp_path
     assert card == json.loads(first.stdout[:first.stdout.rindex("}") + 1])
     cli(*args, "--out", tmp_path / "two", env=env)
     assert json.loads((tmp_path / "two" / "data_card.json").read_text()) == card
-    assert (tmp_path / "two" / "traces.jsonl").read_text() == (tmp_path / "one" / "traces.jsonl").read_text()
+    again = [json.loads(line) for line in (tmp_path / "two" / "traces.jsonl").read_text().splitlines()]
+    verdicts = lambda ts: [[(a["text"], a["preference"]) for a in t["judgment"]["analyses"]] for t in ts]  # noqa: E731
+    assert verdicts(again) == verdicts(traces)
+    assert all(a["cached"] for t in again for a in t["judgment"]["analyses"])
