@@ -2,7 +2,7 @@
 
 One YAML/TOML file: the loop's own keys at the top level, and the sections ``data``
 (:class:`DataConfig`), ``sft`` (:class:`SFTJobConfig`) and ``reward`` (:class:`RewardJobConfig`)
-for the stages they configure. The defaults are the documented ~1-hour run on 2 CPU cores with
+for the stages they configure. The defaults are the documented run (~1 h 50 min on 2 CPU cores) with
 the embedded SmolLM2-135M; a GPU user changes ``base_model``, the sizes and ``sft`` (see README).
 """
 
