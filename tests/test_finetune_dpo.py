@@ -36,7 +36,8 @@ def test_star_dpo_trains_on_top_of_sft_and_merges(model_dir, lora_dir, sample_pa
                        lora_alpha=8, logging_steps=1, max_length=768, threads=2)
     merged = train_dpo(job)
     card = json.loads((tmp_path / "dpo" / "run_card.json").read_text())
-    assert card["steps"] == 2 and card["train_rows"] == 8 and card["first_loss"] is not None
+    # two of the eight rows (both orders of the longest pair) exceed 768 tokens: left out and counted, not cut
+    assert card["steps"] == 2 and card["train_rows"] == 6 and card["dropped_too_long"] == 2 and card["first_loss"] is not None
     assert (tmp_path / "dpo" / "adapter" / "adapter_config.json").exists()
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)

@@ -68,7 +68,7 @@ serve: lora
 programs: genrm-both
 unconstrained: base
 sft: {{max_steps: 3, per_device_batch: 2, gradient_accumulation: 1, lora_r: 8, lora_alpha: 16, save_steps: 2,
-       logging_steps: 1, max_length: 768, threads: 2}}
+       logging_steps: 1, max_length: 1024, threads: 2}}
 reward: {{max_steps: 2, per_device_batch: 2, gradient_accumulation: 1, logging_steps: 1, max_length: 512, threads: 2}}
 """)
     config = load_loop_config(path)
