@@ -2,26 +2,18 @@
 
 RewardBench-style rows (prompt / chosen / rejected, a subset column) become pairs with the
 chosen response placed in A or B by a stable hash of the row id, so labels are balanced
-and the same on every machine. Splits are seeded, stratified and disjoint by construction:
-each pair's split follows from a hash of (seed, id) within its stratum.
+and the same on every machine. Splits are :func:`reflectagent.splits.split_pairs`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections import defaultdict
 from pathlib import Path
 
 from reflectagent.pairs import BadLine, InvalidPair, Pair, parse_pair, read_pairs
+from reflectagent.splits import stable_fraction
 
 logger = logging.getLogger(__name__)
-SPLITS = ("train", "dev", "test")
-
-
-def stable_fraction(*parts: str) -> float:
-    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def from_chosen_rejected(row: dict, index: int, source: str) -> Pair:
@@ -85,32 +77,3 @@ def _dataset_rows(path: Path, split: str | None) -> list[dict]:
         name = split or ("test" if "test" in loaded else next(iter(loaded)))
         loaded = loaded[name]
     return list(loaded)
-
-
-def split_pairs(pairs: list[Pair], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0,
-                stratify: str = "source") -> dict[str, list[Pair]]:
-    """Disjoint train/dev/test splits, stratified by ``stratify`` (a Pair attribute), stable under seed.
-
-    Duplicate ids are kept once (the first), so no pair can land in two splits.
-    """
-    if abs(sum(fractions) - 1.0) > 1e-9 or any(f < 0 for f in fractions):
-        raise ValueError("fractions must be non-negative and sum to 1")
-    seen, unique = set(), []
-    for pair in pairs:
-        if pair.id in seen:
-            logger.warning("duplicate pair id %s: keeping the first", pair.id)
-            continue
-        seen.add(pair.id)
-        unique.append(pair)
-    strata: dict[str, list[Pair]] = defaultdict(list)
-    for pair in unique:
-        strata[str(getattr(pair, stratify))].append(pair)
-    splits: dict[str, list[Pair]] = {name: [] for name in SPLITS}
-    for members in strata.values():
-        ordered = sorted(members, key=lambda p: stable_fraction(str(seed), p.id))
-        cut_train = round(len(ordered) * fractions[0])
-        cut_dev = cut_train + round(len(ordered) * fractions[1])
-        splits["train"] += ordered[:cut_train]
-        splits["dev"] += ordered[cut_train:cut_dev]
-        splits["test"] += ordered[cut_dev:]
-    return splits

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from reflectagent.results import Judgment, flip
+from reflectagent.results import Judgment, Usage, flip
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,77 @@ def bootstrap(values: list[float], resamples: int = 2000, seed: int = 0, level: 
     return (means[int(tail * (resamples - 1))], means[int((1 - tail) * (resamples - 1))])
 
 
-def _rate(count: int, n: int) -> dict[str, Any]:
-    return {"value": count / n if n else None, "count": count, "n": n, "ci": wilson(count, n)}
+@dataclass(frozen=True)
+class Rate:
+    """``count`` of ``n``, with its Wilson interval; ``value`` is None over nothing."""
+
+    value: float | None
+    count: int
+    n: int
+    ci: tuple[float, float] | None
+
+    @classmethod
+    def of(cls, count: int, n: int) -> Rate:
+        return cls(value=count / n if n else None, count=count, n=n, ci=wilson(count, n))
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    value: float | None
+    n: int  # pairs scored (labelled A or B)
+    ci: tuple[float, float] | None  # bootstrap over pairs
+    no_verdict_counts_as: float
+
+
+@dataclass(frozen=True)
+class PositionBias:
+    first: Rate  # both presentations picked the first-shown response
+    second: Rate
+
+
+@dataclass(frozen=True)
+class CostPerVerdict:
+    lm_calls: float | None
+    prompt_tokens: float | None
+    completion_tokens: float | None
+
+    @property
+    def tokens(self) -> float | None:
+        return None if self.prompt_tokens is None else self.prompt_tokens + (self.completion_tokens or 0)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Every metric of one group of pairs; ``to_dict``/``from_dict`` are its form in report.json."""
+
+    pairs: int
+    ties: int
+    unlabelled: int
+    accuracy: Accuracy
+    consistency: Rate
+    position_bias: PositionBias
+    no_verdict: Rate
+    parse_failures: Rate
+    cost_per_verdict: CostPerVerdict
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Summary:
+        def rate(row):
+            return Rate(**{**row, "ci": tuple(row["ci"]) if row.get("ci") else None})
+
+        accuracy = data["accuracy"]
+        return cls(
+            pairs=data["pairs"], ties=data["ties"], unlabelled=data["unlabelled"],
+            accuracy=Accuracy(**{**accuracy, "ci": tuple(accuracy["ci"]) if accuracy.get("ci") else None}),
+            consistency=rate(data["consistency"]),
+            position_bias=PositionBias(first=rate(data["position_bias"]["first"]),
+                                       second=rate(data["position_bias"]["second"])),
+            no_verdict=rate(data["no_verdict"]), parse_failures=rate(data["parse_failures"]),
+            cost_per_verdict=CostPerVerdict(**data["cost_per_verdict"]),
+        )
 
 
 def pair_score(record: Record, no_verdict: Literal["wrong", "half"] = "wrong") -> float | None:
@@ -98,7 +167,7 @@ def pair_score(record: Record, no_verdict: Literal["wrong", "half"] = "wrong") -
     return sum(scores) / len(scores)
 
 
-def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wrong") -> dict[str, Any]:
+def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wrong") -> Summary:
     """Every metric for one group of records (see the module docstring for the conventions)."""
     scored = [s for s in (pair_score(r, no_verdict) for r in records) if s is not None]
     n = len(records)
@@ -108,31 +177,76 @@ def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wro
     second = sum(1 for r in records if r.verdicts == ("B", "A"))
     no_verdicts = sum(v is None for r in records for v in r.verdicts)
     steps = sum(r.steps for r in records)
-    return {
-        "pairs": n,
-        "ties": sum(1 for r in records if r.label == "tie"),
-        "unlabelled": sum(1 for r in records if r.label is None),
-        "accuracy": {
-            "value": sum(scored) / len(scored) if scored else None, "n": len(scored),
-            "ci": bootstrap(scored), "no_verdict_counts_as": 0.5 if no_verdict == "half" else 0.0,
-        },
-        "consistency": _rate(consistent, n),
-        "position_bias": {"first": _rate(first, n), "second": _rate(second, n)},
-        "no_verdict": _rate(no_verdicts, judgments),
-        "parse_failures": _rate(sum(r.unparsed_steps for r in records), steps),
-        "cost_per_verdict": {
-            "lm_calls": sum(r.lm_calls for r in records) / judgments if n else None,
-            "prompt_tokens": sum(r.prompt_tokens for r in records) / judgments if n else None,
-            "completion_tokens": sum(r.completion_tokens for r in records) / judgments if n else None,
-        },
-    }
+
+    def per_verdict(total: int) -> float | None:
+        return total / judgments if n else None
+
+    return Summary(
+        pairs=n,
+        ties=sum(1 for r in records if r.label == "tie"),
+        unlabelled=sum(1 for r in records if r.label is None),
+        accuracy=Accuracy(value=sum(scored) / len(scored) if scored else None, n=len(scored), ci=bootstrap(scored),
+                          no_verdict_counts_as=0.5 if no_verdict == "half" else 0.0),
+        consistency=Rate.of(consistent, n),
+        position_bias=PositionBias(first=Rate.of(first, n), second=Rate.of(second, n)),
+        no_verdict=Rate.of(no_verdicts, judgments),
+        parse_failures=Rate.of(sum(r.unparsed_steps for r in records), steps),
+        cost_per_verdict=CostPerVerdict(
+            lm_calls=per_verdict(sum(r.lm_calls for r in records)),
+            prompt_tokens=per_verdict(sum(r.prompt_tokens for r in records)),
+            completion_tokens=per_verdict(sum(r.completion_tokens for r in records)),
+        ),
+    )
 
 
 def summarize_by_category(records: list[Record], categories: list[str] | None = None,
-                          no_verdict: Literal["wrong", "half"] = "wrong") -> dict[str, dict[str, Any]]:
+                          no_verdict: Literal["wrong", "half"] = "wrong") -> dict[str, Summary]:
     """``summarize`` per category; categories asked for but absent get the empty summary."""
     groups: dict[str, list[Record]] = defaultdict(list)
     for record in records:
         groups[record.category].append(record)
     names = sorted(set(groups) | set(categories or ()))
     return {name: summarize(groups.get(name, []), no_verdict) for name in names}
+
+
+@dataclass(frozen=True)
+class JudgingSummary:
+    """What a batch of judgments (``reflectagent judge``) came to, against labels where pairs have them."""
+
+    judged: int
+    no_verdict: dict[str, int]  # reason -> judgments without a verdict for that reason
+    labelled: int  # pairs labelled A or B
+    correct: int  # of those, judged right (no verdict counts as wrong)
+    steps: int
+    unparsed_steps: int
+    lm_calls: int  # made now (cached steps cost nothing)
+    cached_steps: int
+    cached_judgments: int  # judgments whose every step came from the cache
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def verdicts(self) -> int:
+        return self.judged - sum(self.no_verdict.values())
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+
+def summarize_judgments(pairs: list, judgments: list[Judgment]) -> JudgingSummary:
+    labelled = [(p, j) for p, j in zip(pairs, judgments, strict=True) if p.label in ("A", "B")]
+    usage = sum((j.usage for j in judgments), Usage())
+    return JudgingSummary(
+        judged=len(judgments),
+        no_verdict=dict(Counter(j.reason or "" for j in judgments if j.preference is None).most_common()),
+        labelled=len(labelled),
+        correct=sum(j.preference == p.label for p, j in labelled),
+        steps=sum(len(j.steps) for j in judgments),
+        unparsed_steps=sum(1 for j in judgments for s in j.steps if not s.parsed),
+        lm_calls=usage.lm_calls,
+        cached_steps=sum(j.cache_hits for j in judgments),
+        cached_judgments=sum(1 for j in judgments if j.steps and j.cache_hits == len(j.steps)),
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+    )

@@ -8,36 +8,29 @@ hits); ``plots/`` shows accuracy per category and accuracy against cost per verd
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reflectagent.eval.runner import RunResult
+from reflectagent.eval.metrics import Summary
+from reflectagent.eval.runner import RunResult, RunStats
 
-METRICS = (  # (label, path in the overall summary, format)
-    ("accuracy", ("accuracy", "value"), "{:.1%}"),
-    ("consistency", ("consistency", "value"), "{:.1%}"),
-    ("picks first both times", ("position_bias", "first", "value"), "{:.1%}"),
-    ("picks second both times", ("position_bias", "second", "value"), "{:.1%}"),
-    ("no verdict", ("no_verdict", "value"), "{:.1%}"),
-    ("parse failures", ("parse_failures", "value"), "{:.1%}"),
-    ("LM calls / verdict", ("cost_per_verdict", "lm_calls"), "{:.2f}"),
-    ("tokens / verdict", None, "{:.0f}"),
-    ("LM s / verdict", None, "{:.1f}"),
+Metric = tuple[str, Callable[[Summary, "RunStats | None"], Any], str]  # (label, value of a run, format)
+METRICS: tuple[Metric, ...] = (
+    ("accuracy", lambda s, run: s.accuracy.value, "{:.1%}"),
+    ("consistency", lambda s, run: s.consistency.value, "{:.1%}"),
+    ("picks first both times", lambda s, run: s.position_bias.first.value, "{:.1%}"),
+    ("picks second both times", lambda s, run: s.position_bias.second.value, "{:.1%}"),
+    ("no verdict", lambda s, run: s.no_verdict.value, "{:.1%}"),
+    ("parse failures", lambda s, run: s.parse_failures.value, "{:.1%}"),
+    ("LM calls / verdict", lambda s, run: s.cost_per_verdict.lm_calls, "{:.2f}"),
+    ("tokens / verdict", lambda s, run: s.cost_per_verdict.tokens, "{:.0f}"),
+    ("LM s / verdict", lambda s, run: run.lm_seconds_per_verdict if run else None, "{:.1f}"),
 )
 
 
-def _get(summary: dict, path) -> Any:
-    for key in path:
-        summary = summary.get(key) if isinstance(summary, dict) else None
-    return summary
-
-
-def metric_values(overall: dict[str, Any], run: dict[str, Any] | None = None) -> dict[str, float | None]:
-    cost = overall["cost_per_verdict"]
-    values = {label: _get(overall, path) for label, path, _ in METRICS if path}
-    values["tokens / verdict"] = (cost["prompt_tokens"] + cost["completion_tokens"]) if cost["prompt_tokens"] is not None else None
-    values["LM s / verdict"] = (run or {}).get("lm_seconds_per_verdict")
-    return values
+def metric_values(overall: Summary, run: RunStats | None = None) -> dict[str, float | None]:
+    return {label: value(overall, run) for label, value, _ in METRICS}
 
 
 def format_value(value, fmt: str) -> str:
@@ -48,7 +41,13 @@ def format_ci(interval) -> str:
     return f" [{interval[0]:.1%}, {interval[1]:.1%}]" if interval else ""
 
 
-def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
+def no_verdict_rule(results: list[RunResult]) -> str:
+    """How the runs scored a missing verdict, in words: 'wrong' or 'half'."""
+    return "half" if results and results[0].overall.accuracy.no_verdict_counts_as == 0.5 else "wrong"
+
+
+def summary_markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
+    """The report's head: one row per run with every metric, and how to read it."""
     lines = ["# Judge evaluation", "",
              f"Data: {', '.join(meta['data'])} ({meta['pairs']} pairs, split {meta['split']}, seed {meta['seed']}). "
              "Each pair is judged as given and with A and B swapped.", ""]
@@ -60,24 +59,29 @@ def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
         for label, _, fmt in METRICS:
             cell = format_value(values[label], fmt)
             if label == "accuracy":
-                cell += format_ci(r.overall["accuracy"]["ci"])
+                cell += format_ci(r.overall.accuracy.ci)
             elif label == "consistency":
-                cell += format_ci(r.overall["consistency"]["ci"])
+                cell += format_ci(r.overall.consistency.ci)
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracy: mean over both presentations of pairs labelled A/B; "
-              f"no verdict counts as {results[0].overall['accuracy']['no_verdict_counts_as'] if results else 0}; "
+              f"no verdict counts as {0.5 if no_verdict_rule(results) == 'half' else 0.0}; "
               "ties are excluded (counted per run in report.json). 95% intervals: bootstrap over pairs "
               "(accuracy), Wilson (rates). Calls and tokens are what each verdict took to produce, cached or not; "
               "LM s / verdict sums the latency of its steps, server queueing included (a fact of the run: run.json).", ""]
-    if results:
-        run = results[0].run
-        total = sum(r.run.get("judgments", 0) for r in results)
-        made = sum(r.run.get("lm_calls_made", 0) for r in results)
-        hits = sum(r.run.get("cache_hits", 0) for r in results)
-        wall = run.get("wall_s_all_runs") or 0
+    stats = [r.run for r in results if r.run is not None]
+    if stats:
+        total = sum(s.judgments for s in stats)
+        made = sum(s.lm_calls_made for s in stats)
+        hits = sum(s.cache_hits for s in stats)
+        wall = stats[0].wall_s_all_runs
         lines += [f"Run: {total} judgments in {wall:.0f} s ({60 * total / wall:.1f} judgments per minute, all programs "
                   f"together); {made} LM calls made, {hits} steps from the cache." if wall else "", ""]
+    return "\n".join(lines)
+
+
+def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
+    lines = [summary_markdown(results, meta)]
     lines += group_table("source", results, lambda r: r.by_source, with_consistency=True)
     lines += group_table("category", results, lambda r: r.by_category)
     lines += ["", "![accuracy per category](plots/accuracy_by_category.png)",
@@ -97,13 +101,17 @@ def group_table(name: str, results: list[RunResult], groups, with_consistency: b
             if summary is None:
                 cells.append("n/a")
                 continue
-            acc = summary["accuracy"]
-            cell = f"{format_value(acc['value'], '{:.0%}')}"
+            acc = summary.accuracy
+            cell = format_value(acc.value, "{:.0%}")
             if with_consistency:
-                cell += f"{format_ci(acc['ci'])}, consistency {format_value(summary['consistency']['value'], '{:.0%}')}"
-            cells.append(cell + f" (n={acc['n']})")
+                cell += f"{format_ci(acc.ci)}, consistency {format_value(summary.consistency.value, '{:.0%}')}"
+            cells.append(cell + f" (n={acc.n})")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def accuracy_axis_label(results: list[RunResult]) -> str:
+    return f"accuracy (both presentations; no verdict = {no_verdict_rule(results)})"
 
 
 def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> list[Path]:
@@ -117,20 +125,20 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
     sizes: dict[str, int] = {}
     for r in results:
         for category, summary in r.by_category.items():
-            sizes[category] = max(sizes.get(category, 0), summary["accuracy"]["n"])
+            sizes[category] = max(sizes.get(category, 0), summary.accuracy.n)
     categories = sorted(sizes, key=lambda c: (-sizes[c], c))[:max_categories][::-1]  # largest at the top
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(categories) * max(len(results), 1) + 1.5))
     height = 0.8 / max(len(results), 1)
     for k, r in enumerate(results):
         # a run over a subset of the pairs may lack a category: no bar rather than a false zero
-        values = [(r.by_category.get(c) or {}).get("accuracy", {}).get("value") for c in categories]
+        values = [r.by_category[c].accuracy.value if c in r.by_category else None for c in categories]
         values = [float("nan") if v is None else v for v in values]
         ax.barh([i + k * height for i in range(len(categories))], values, height=height, label=f"{r.program} @ {r.backend}")
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(categories))])
     ax.set_yticklabels([f"{c} (n={sizes[c]})" for c in categories])
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy (both presentations; no verdict = wrong)")
+    ax.set_xlabel(accuracy_axis_label(results))
     ax.set_title(f"Accuracy per category ({len(categories)} largest)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -140,13 +148,12 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for k, r in enumerate(results):
-        acc = r.overall["accuracy"]
-        calls = r.overall["cost_per_verdict"]["lm_calls"]
-        if acc["value"] is None or calls is None:
+        acc, calls = r.overall.accuracy, r.overall.cost_per_verdict.lm_calls
+        if acc.value is None or calls is None:
             continue
-        low, high = acc["ci"] or (acc["value"], acc["value"])
-        ax.errorbar(calls, acc["value"], yerr=[[acc["value"] - low], [high - acc["value"]]], fmt="o", capsize=4)
-        ax.annotate(f"{r.program} @ {r.backend}", (calls, acc["value"]), textcoords="offset points",
+        low, high = acc.ci or (acc.value, acc.value)
+        ax.errorbar(calls, acc.value, yerr=[[acc.value - low], [high - acc.value]], fmt="o", capsize=4)
+        ax.annotate(f"{r.program} @ {r.backend}", (calls, acc.value), textcoords="offset points",
                     xytext=(6, 4 + 11 * k), fontsize=8)  # staggered: programs often share a point
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("LM calls per verdict")
@@ -163,7 +170,7 @@ def write_report(results: list[RunResult], folder: str | Path, meta: dict[str, A
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps({"meta": meta, "runs": [r.to_dict() for r in results]}, indent=1))
-    (folder / "run.json").write_text(json.dumps([{"program": r.program, "backend": r.backend, **r.run} for r in results], indent=1))
+    (folder / "run.json").write_text(json.dumps([r.run_dict() for r in results], indent=1))
     (folder / "report.md").write_text(markdown(results, meta))
     plot(results, folder / "plots")
     return folder
@@ -173,21 +180,26 @@ def load_report(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "report.json").read_text())
 
 
+def load_runs(folder: str | Path) -> dict[tuple[str, str], tuple[Summary, RunStats | None]]:
+    """(program, backend) -> the overall summary and run facts of a report folder."""
+    stats = {}
+    for row in json.loads((Path(folder) / "run.json").read_text()):
+        key = (row.pop("program"), row.pop("backend"))
+        stats[key] = RunStats(**row) if row else None
+    return {(r["program"], r["backend"]): (Summary.from_dict(r["overall"]), stats.get((r["program"], r["backend"])))
+            for r in load_report(folder)["runs"]}
+
+
 def compare(before: str | Path, after: str | Path) -> str:
     """A markdown table of each metric's change from one report folder to another."""
-    def runs(folder):
-        timing = {(r["program"], r["backend"]): r for r in json.loads((Path(folder) / "run.json").read_text())}
-        return {(r["program"], r["backend"]): {**r, "run": timing.get((r["program"], r["backend"]))}
-                for r in load_report(folder)["runs"]}
-
-    old, new = runs(before), runs(after)
+    old, new = load_runs(before), load_runs(after)
     labels = [label for label, _, _ in METRICS]
     lines = ["| program | backend | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for key in sorted(set(old) | set(new)):
         if key not in old or key not in new:
             lines.append(f"| {key[0]} | {key[1]} | only in {'after' if key in new else 'before'} |")
             continue
-        a, b = metric_values(old[key]["overall"], old[key]["run"]), metric_values(new[key]["overall"], new[key]["run"])
+        a, b = metric_values(*old[key]), metric_values(*new[key])
         cells = []
         for label, _, fmt in METRICS:
             if a[label] is None or b[label] is None:

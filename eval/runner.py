@@ -1,16 +1,17 @@
-"""Run every program on every backend over the same pairs, each pair in both presentations.
+"""Run judges over the same pairs, each pair in both presentations, and summarise each run.
 
+A run is one judge on one LM under the labels the report shows (:class:`EvalRun`); the
+common case, every named program on every configured backend, is :func:`program_runs`.
 All judgments go through the judgment cache, so an interrupted run resumes where it
 stopped and its final report equals an uninterrupted one: the report holds only what the
 judgments themselves determine (verdicts, steps, their original cost); what depends on the
-run (wall time, cache hits) is kept apart in ``run``.
+run (wall time, cache hits) is kept apart in :class:`RunStats`.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import dspy
@@ -19,57 +20,99 @@ from tqdm.auto import tqdm
 from reflectagent.backends import resolve_backend
 from reflectagent.concurrency import map_unordered
 from reflectagent.config import Settings
-from reflectagent.eval.metrics import Record, summarize, summarize_by_category
+from reflectagent.eval.metrics import Record, Summary, summarize, summarize_by_category
 from reflectagent.judge import Judge, RunInterrupted
 from reflectagent.pairs import Pair
 from reflectagent.programs import named_program
+from reflectagent.results import Judgment
 
-logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One judge on one LM. ``lm`` None: the judge makes no LM call (a scalar reward model)."""
+
+    program: str  # the labels of the report's row
+    backend: str
+    judge: Judge
+    lm: dspy.BaseLM | None = None
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """Facts of one execution, not of the judgments: they differ between a cold and a warm run."""
+
+    wall_s_all_runs: float  # every run of the call together: they share one pool
+    lm_calls_made: int
+    cache_hits: int
+    judgments: int
+    lm_seconds_per_verdict: float | None  # step latencies, when each step was made, summed per verdict
+
+    @classmethod
+    def of(cls, judgments: list[Judgment], wall_s: float) -> RunStats:
+        return cls(wall_s_all_runs=wall_s, lm_calls_made=sum(j.lm_calls for j in judgments),
+                   cache_hits=sum(j.cache_hits for j in judgments), judgments=len(judgments),
+                   lm_seconds_per_verdict=sum(j.cost.latency_s for j in judgments) / len(judgments) if judgments else None)
 
 
 @dataclass
 class RunResult:
-    """One program on one backend: per-pair records and their metrics."""
+    """One run: per-pair records and their metrics."""
 
     program: str
     backend: str
     records: list[Record]
-    overall: dict[str, Any]
-    by_category: dict[str, dict[str, Any]]
-    by_source: dict[str, dict[str, Any]] = field(default_factory=dict)
-    run: dict[str, Any] = field(default_factory=dict)  # wall time, calls made, cache hits: not reproducible
+    overall: Summary
+    by_category: dict[str, Summary]
+    by_source: dict[str, Summary]
+    run: RunStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"program": self.program, "backend": self.backend, "overall": self.overall,
-                "by_category": self.by_category, "by_source": self.by_source,
+        """The reproducible part (report.json); ``run`` goes to run.json."""
+        return {"program": self.program, "backend": self.backend, "overall": self.overall.to_dict(),
+                "by_category": {k: v.to_dict() for k, v in self.by_category.items()},
+                "by_source": {k: v.to_dict() for k, v in self.by_source.items()},
                 "records": [r.to_dict() for r in self.records]}
+
+    def run_dict(self) -> dict[str, Any]:
+        return {"program": self.program, "backend": self.backend, **(asdict(self.run) if self.run else {})}
+
+
+def program_runs(programs: dict[str, Judge] | list[str], backends: list[str], settings: Settings | None = None) -> list[EvalRun]:
+    """Every program (by name, or named judges) on every backend; servers start here, in this thread."""
+    if isinstance(programs, list):
+        programs = {name: named_program(name) for name in programs}
+    lms = {name: resolve_backend(name, settings) for name in backends}
+    return [EvalRun(prog, back, judge, lms[back]) for prog, judge in programs.items() for back in backends]
 
 
 def run_eval(
     pairs: list[Pair],
-    programs: dict[str, Judge] | list[str],
-    backends: list[str],
+    runs: list[EvalRun] | dict[str, Judge] | list[str],
+    backends: list[str] | None = None,
     *,
     settings: Settings | None = None,
     concurrency: int = 8,
     no_verdict: Literal["wrong", "half"] = "wrong",
     progress: bool = True,
 ) -> list[RunResult]:
-    """Judge ``pairs`` (as given and swapped) with every program x backend; return the results."""
-    if isinstance(programs, list):
-        programs = {name: named_program(name) for name in programs}
-    lms = {name: resolve_backend(name, settings) for name in backends}  # in this thread: servers start here
-    categories = sorted({p.category or "" for p in pairs})
-    tasks = [(prog, back, index, swapped) for prog in programs for back in backends
-             for index in range(len(pairs)) for swapped in (False, True)]
+    """Judge ``pairs`` (as given and swapped) in every run; return their results.
+
+    ``runs`` are :class:`EvalRun`s, or programs (names or named judges) to run on every one
+    of ``backends``.
+    """
+    if backends is not None:
+        runs = program_runs(runs, backends, settings)
+    tasks = [(k, index, swapped) for k in range(len(runs)) for index in range(len(pairs)) for swapped in (False, True)]
 
     def work(task):
-        prog, back, index, swapped = task
-        pair = pairs[index]
-        with dspy.context(lm=lms[back]):
-            return programs[prog].judge(pair.swapped() if swapped else pair)
+        k, index, swapped = task
+        pair = pairs[index].swapped() if swapped else pairs[index]
+        if runs[k].lm is None:
+            return runs[k].judge.judge(pair)
+        with dspy.context(lm=runs[k].lm):
+            return runs[k].judge.judge(pair)
 
-    judgments: dict[tuple, Any] = {}
+    judgments: dict[tuple, Judgment] = {}
     started = time.perf_counter()
     outcomes = map_unordered(work, tasks, max_workers=concurrency)
     with tqdm(total=len(tasks), desc="eval", unit="judgment", disable=not progress) as bar:
@@ -83,22 +126,16 @@ def run_eval(
             outcomes.close()
     wall = time.perf_counter() - started
 
+    categories = sorted({p.category or "" for p in pairs})
     results = []
-    for prog in programs:
-        for back in backends:
-            records = [
-                Record.from_judgments(pair, judgments[(prog, back, i, False)], judgments[(prog, back, i, True)])
-                for i, pair in enumerate(pairs)
-            ]
-            mine = [judgments[(prog, back, i, s)] for i in range(len(pairs)) for s in (False, True)]
-            results.append(RunResult(
-                program=prog, backend=back, records=records,
-                overall=summarize(records, no_verdict),
-                by_category=summarize_by_category(records, categories, no_verdict),
-                by_source=summarize_by_category([replace(r, category=r.source) for r in records], None, no_verdict),
-                run={"wall_s_all_runs": wall, "lm_calls_made": sum(j.lm_calls for j in mine),
-                     "cache_hits": sum(j.cache_hits for j in mine), "judgments": len(mine),
-                     # when each step was made (now or in an earlier, interrupted run), summed per verdict
-                     "lm_seconds_per_verdict": sum(j.cost.latency_s for j in mine) / len(mine) if mine else None},
-            ))
+    for k, run in enumerate(runs):
+        records = [Record.from_judgments(pair, judgments[(k, i, False)], judgments[(k, i, True)])
+                   for i, pair in enumerate(pairs)]
+        results.append(RunResult(
+            program=run.program, backend=run.backend, records=records,
+            overall=summarize(records, no_verdict),
+            by_category=summarize_by_category(records, categories, no_verdict),
+            by_source=summarize_by_category([replace(r, category=r.source) for r in records], None, no_verdict),
+            run=RunStats.of([judgments[(k, i, s)] for i in range(len(pairs)) for s in (False, True)], wall),
+        ))
     return results

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from reflectagent.adapter import JudgeAdapter
-from reflectagent.eval.data import split_pairs
+from reflectagent.splits import split_pairs
 from reflectagent.modules import render_analysis
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, flip
@@ -45,7 +45,8 @@ class DataConfig:
     rationalize: bool = field(default=True, metadata={"help": "fill (pair, order)s with no correct sample by rationalisation"})
     fractions: str = field(default="0.8,0.1,0.1", metadata={"help": "train,dev,test shares, by pair"})
     seed: int = field(default=0, metadata={"help": "split, position and subsampling seed"})
-    context_chars: int | None = field(default=4000, metadata={"help": "the serving backend's input budget (same cut as inference)"})
+    context_chars: int | None = field(default=None, metadata={
+        "help": "input budget the rows are cut to, as inference cuts them; None: the teacher backend's own"})
     min_text_chars: int = field(default=20, metadata={"help": "drop analyses/reflections shorter than this (degenerate)"})
     min_distinct_trigrams: float = field(default=0.7, metadata={
         "help": "drop texts whose word trigrams are less than this share distinct (a small model's loops)"})

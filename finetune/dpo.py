@@ -9,32 +9,46 @@ full model folder, which vLLM serves as a plain model.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reflectagent.finetune.sft_config import LoRAJobConfig
+from reflectagent.finetune.run_card import RunCard, losses
+from reflectagent.finetune.sft_config import LoRAJobConfig, lora_config, trainer_arguments
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from trl import DPOConfig
 
 
 @dataclass
 class DPOJobConfig(LoRAJobConfig):
     output_dir: str = field(default="runs/dpo", metadata={"help": "the DPO adapter, merged model, run card and curve"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "PEFT's default of none, as DPO has always trained"})
     learning_rate: float = field(default=5e-5)
     data: str = field(default="runs/data/dpo", metadata={"help": "a DatasetDict folder with prompt/chosen/rejected rows"})
     sft_adapter: str | None = field(default=None, metadata={"help": "the SFT adapter to start from (and to be the reference)"})
     beta: float = field(default=0.1, metadata={"help": "DPO temperature: how far from the reference the policy may move"})
 
 
+def dpo_arguments(config: DPOJobConfig) -> tuple[DPOConfig, LoraConfig]:
+    """TRL's DPOConfig and the fresh LoRA adapter for a DPO job (no checkpoints: the job saves its adapter and merged model at the end)."""
+    from trl import DPOConfig
+
+    args = trainer_arguments(config, DPOConfig, beta=config.beta, save_strategy="no")
+    return args, lora_config(config, "CAUSAL_LM")
+
+
 def train_dpo(config: DPOJobConfig) -> Path:
     """Train the DPO adapter; return the merged model folder (servable as a plain model)."""
     import datasets
     import torch
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
-    from reflectagent.finetune.sft_trainer import drop_too_long, has_fast_bf16, plot_curve, start_run
+    from reflectagent.finetune.sft_trainer import drop_too_long, plot_curve, start_run
 
     base, out, tokenizer = start_run(config)
     train, too_long = drop_too_long(datasets.load_from_disk(config.data)["train"], tokenizer, config.max_length,
@@ -42,16 +56,8 @@ def train_dpo(config: DPOJobConfig) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if config.sft_adapter:
         model = PeftModel.from_pretrained(model, config.sft_adapter).merge_and_unload()
-    args = DPOConfig(
-        output_dir=str(out), beta=config.beta, learning_rate=config.learning_rate, num_train_epochs=config.epochs,
-        max_steps=config.max_steps, per_device_train_batch_size=config.per_device_batch,
-        gradient_accumulation_steps=config.gradient_accumulation, max_length=config.max_length,
-        bf16=torch.cuda.is_available() or has_fast_bf16(), use_cpu=not torch.cuda.is_available(), seed=config.seed,
-        logging_steps=config.logging_steps, save_strategy="no", report_to=[], dataloader_num_workers=0,
-    )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                         peft_config=LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, task_type="CAUSAL_LM",
-                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    args, peft_config = dpo_arguments(config)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
     started = time.perf_counter()
     result = trainer.train()
     trainer.model.save_pretrained(out / "adapter")
@@ -60,11 +66,11 @@ def train_dpo(config: DPOJobConfig) -> Path:
     tokenizer.save_pretrained(merged)
     history = trainer.state.log_history
     plot_curve(history, out / "training_curve.png")
-    losses = [e["loss"] for e in history if "loss" in e]
-    (out / "run_card.json").write_text(json.dumps({
-        "config": asdict(config), "base_model": str(base), "train_rows": len(train), "dropped_too_long": too_long,
-        "steps": trainer.state.global_step, "seconds": time.perf_counter() - started, "train_loss": result.training_loss,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "reward_accuracy": next((e.get("rewards/accuracies") for e in reversed(history) if "rewards/accuracies" in e), None),
-    }, indent=2))
+    first_loss, final_loss, _ = losses(history)
+    RunCard(
+        config=asdict(config), base_model=str(base), steps=trainer.state.global_step, seconds=time.perf_counter() - started,
+        train_loss=result.training_loss, first_loss=first_loss, final_loss=final_loss, train_rows=len(train),
+        dropped_too_long=too_long, bf16=args.bf16,
+        reward_accuracy=next((e.get("rewards/accuracies") for e in reversed(history) if "rewards/accuracies" in e), None),
+    ).write(out)
     return merged

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflectagent.config import ConfigError, _read
+from reflectagent.config import ConfigError, read_config_file
 from reflectagent.finetune.data import DataConfig
 from reflectagent.finetune.reward import RewardJobConfig
 from reflectagent.finetune.sft_config import SFTJobConfig
 
-SHARED = "../shared/data/"
+# The project's data folder, ``../shared/data`` beside the checkout: found from this file, not from
+# the folder the command runs in. Data paths in a config file are relative to that folder, as usual.
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _loop_sft() -> SFTJobConfig:
@@ -39,9 +41,9 @@ class LoopConfig:
 
     output_dir: str = field(default="runs/loop", metadata={"help": "everything the loop makes; re-running resumes"})
     base_model: str = field(default="embedded", metadata={"help": "'embedded' or a model folder (both teacher base and student)"})
-    train_data: str = field(default=f"{SHARED}hh_rlhf_harmless_test.jsonl,{SHARED}rmbench.jsonl,{SHARED}hhh_alignment.jsonl",
+    train_data: str = field(default=",".join(str(SHARED / f) for f in ("hh_rlhf_harmless_test.jsonl", "rmbench.jsonl", "hhh_alignment.jsonl")),
                             metadata={"help": "labelled pair files to train on (held-out pairs of these are the in-distribution dev set)"})
-    unseen_data: str = field(default=f"{SHARED}pandalm.jsonl,{SHARED}autoj_pairwise.jsonl",
+    unseen_data: str = field(default=",".join(str(SHARED / f) for f in ("pandalm.jsonl", "autoj_pairwise.jsonl")),
                              metadata={"help": "pair files never trained on (the out-of-distribution eval)"})
     max_pair_chars: int = field(default=1500, metadata={"help": "use pairs whose prompt + responses fit in this many characters"})
     train_pairs: int = field(default=200, metadata={"help": "training pairs, balanced over the training sources"})
@@ -81,8 +83,11 @@ def _build(kind, values: dict[str, Any], where: str):
 
 def load_loop_config(path: str | Path | None = None, **overrides) -> LoopConfig:
     """Read a loop config file (YAML or TOML); unknown keys are an error, missing ones take defaults."""
-    values = dict(_read(Path(path))) if path else {}
+    values = dict(read_config_file(Path(path))) if path else {}
     values.update(overrides)
+    for key in ("train_data", "unseen_data"):  # absolute, so loop_config.json says where the data came from
+        if key in values:
+            values[key] = ",".join(str(Path(f.strip()).resolve()) for f in str(values[key]).split(",") if f.strip())
     sections = {"data": DataConfig, "sft": SFTJobConfig, "reward": RewardJobConfig}
     _build(LoopConfig, values, str(path or "loop config"))
     defaults = LoopConfig()

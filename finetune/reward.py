@@ -9,22 +9,30 @@ construction: its consistency is total, its accuracy is the point.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reflectagent.finetune.sft_config import LoRAJobConfig
+from reflectagent.finetune.run_card import RunCard, losses
+from reflectagent.finetune.sft_config import LoRAJobConfig, lora_config, trainer_arguments
 from reflectagent.judge import Judge
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from trl import RewardConfig
 
 
 @dataclass
 class RewardJobConfig(LoRAJobConfig):
     output_dir: str = field(default="runs/reward", metadata={"help": "the adapter (with the scalar head) and the run card"})
+    # PEFT's own choices for Llama and Qwen, which the baseline has always trained with
+    lora_dropout: float = field(default=0.0)
+    target_modules: str = field(default="q_proj,v_proj", metadata={"help": "comma-separated module names"})
 
 
 def preference_rows(pairs: list[Pair]) -> list[dict]:
@@ -40,53 +48,57 @@ def preference_rows(pairs: list[Pair]) -> list[dict]:
     return rows
 
 
+def reward_arguments(config: RewardJobConfig, evaluate: bool) -> tuple[RewardConfig, LoraConfig]:
+    """TRL's RewardConfig and the LoRA adapter (with the scalar head, trained in full); ``evaluate``: there are dev pairs."""
+    from trl import RewardConfig
+
+    args = trainer_arguments(config, RewardConfig, save_strategy="no", eval_strategy="epoch" if evaluate else "no")
+    return args, lora_config(config, "SEQ_CLS")
+
+
 def train_reward(config: RewardJobConfig, train: list[Pair], dev: list[Pair] | None = None) -> Path:
     """Train the Bradley-Terry baseline; return its adapter folder (with the scalar head)."""
     import datasets
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardTrainer
 
-    from reflectagent.finetune.sft_trainer import has_fast_bf16, plot_curve, start_run
+    from reflectagent.finetune.sft_trainer import plot_curve, start_run
 
     base, out, tokenizer = start_run(config)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     dev_rows = preference_rows(dev or [])
-    args = RewardConfig(
-        output_dir=str(out), learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_batch, per_device_eval_batch_size=config.per_device_batch,
-        gradient_accumulation_steps=config.gradient_accumulation, max_length=config.max_length,
-        bf16=torch.cuda.is_available() or has_fast_bf16(), use_cpu=not torch.cuda.is_available(), seed=config.seed,
-        logging_steps=config.logging_steps, save_strategy="no", report_to=[],
-        eval_strategy="epoch" if dev_rows else "no",
-    )
+    args, peft_config = reward_arguments(config, evaluate=bool(dev_rows))
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=datasets.Dataset.from_list(preference_rows(train)),
         eval_dataset=datasets.Dataset.from_list(dev_rows) if dev_rows else None, processing_class=tokenizer,
-        peft_config=LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, task_type="SEQ_CLS"),
+        peft_config=peft_config,
     )
     started = time.perf_counter()
     result = trainer.train()
     adapter = out / "adapter"
     trainer.model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     plot_curve(trainer.state.log_history, out / "training_curve.png")
-    (out / "run_card.json").write_text(json.dumps({
-        "config": asdict(config), "base_model": str(base), "train_pairs": len(preference_rows(train)),
-        "steps": trainer.state.global_step, "seconds": time.perf_counter() - started, "train_loss": result.training_loss,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-    }, indent=2))
+    first_loss, final_loss, eval_loss = losses(trainer.state.log_history)
+    RunCard(
+        config=asdict(config), base_model=str(base), steps=trainer.state.global_step, seconds=time.perf_counter() - started,
+        train_loss=result.training_loss, first_loss=first_loss, final_loss=final_loss, eval_loss=eval_loss,
+        train_rows=len(preference_rows(train)), bf16=args.bf16,
+    ).write(out)
     return adapter
 
 
 class RewardModelJudge(Judge):
-    """A scalar reward model as a pairwise judge: the higher reward wins; P(A) = sigmoid(r_A - r_B)."""
+    """A scalar reward model as a pairwise judge: the higher reward wins; P(A) = sigmoid(r_A - r_B).
 
-    def __init__(self, adapter: str, base_model: str = "embedded"):
-        super().__init__(adapter=str(adapter), base_model=base_model)
+    ``max_length`` should be the training job's: TRL left longer pairs out of training, so the
+    model never learned a reward past it; longer inputs are cut to it.
+    """
+
+    def __init__(self, adapter: str, base_model: str = "embedded", max_length: int = 1024):
+        super().__init__(adapter=str(adapter), base_model=base_model, max_length=max_length)
         self._model = None
         self._loading = threading.Lock()  # the eval judges pairs from a thread pool; load the model once
 
@@ -113,7 +125,7 @@ class RewardModelJudge(Judge):
         model = self._load()
         text = self._tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
-        batch = self._tokenizer(text, return_tensors="pt", truncation=True, max_length=2048)
+        batch = self._tokenizer(text, return_tensors="pt", truncation=True, max_length=self.options["max_length"])
         with torch.no_grad():
             return float(model(**batch).logits[0, 0])
 

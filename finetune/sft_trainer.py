@@ -8,25 +8,21 @@ from ``transformers.Trainer``; the curve is saved as a PNG and a run card as JSO
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reflectagent.finetune.sft_config import LoRAJobConfig, SFTJobConfig
+from reflectagent.finetune.run_card import RunCard, losses
+from reflectagent.finetune.sft_config import LoRAJobConfig, SFTJobConfig, lora_config, trainer_arguments
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from trl import SFTConfig
 
 logger = logging.getLogger(__name__)
-
-
-def has_fast_bf16() -> bool:
-    """A CPU with native bf16 arithmetic (AVX512-BF16 or AMX): autocast pays off there."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _latest_checkpoint(folder: Path) -> str | None:
@@ -90,47 +86,31 @@ def start_run(config: LoRAJobConfig):
     return base, out, tokenizer
 
 
+def sft_arguments(config: SFTJobConfig, evaluate: bool) -> tuple[SFTConfig, LoraConfig]:
+    """TRL's SFTConfig and the LoRA adapter for an SFT job; ``evaluate``: there are dev rows to score."""
+    from trl import SFTConfig
+
+    args = trainer_arguments(
+        config, SFTConfig, completion_only_loss=True, save_steps=config.save_steps, save_total_limit=2,
+        eval_strategy="steps" if evaluate else "no", eval_steps=config.eval_steps, disable_tqdm=False,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    return args, lora_config(config, "CAUSAL_LM")
+
+
 def train_sft(config: SFTJobConfig) -> Path:
     """Train a LoRA adapter; return the adapter folder (servable with ``reflectagent serve --lora``)."""
     import datasets
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     base, out, tokenizer = start_run(config)
     data = datasets.load_from_disk(config.data)
     train, too_long = drop_too_long(data["train"], tokenizer, config.max_length)
     dev = drop_too_long(data["dev"], tokenizer, config.max_length)[0] if "dev" in data else None
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cpu_bf16 = config.bf16 and (torch.cuda.is_available() or has_fast_bf16())
-    args = SFTConfig(
-        output_dir=str(out),
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.per_device_batch,
-        per_device_eval_batch_size=config.per_device_batch,
-        gradient_accumulation_steps=config.gradient_accumulation,
-        max_length=config.max_length,
-        completion_only_loss=True,
-        bf16=cpu_bf16,
-        use_cpu=not torch.cuda.is_available(),
-        seed=config.seed,
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        save_total_limit=2,
-        eval_strategy="steps" if dev is not None and len(dev) else "no",
-        eval_steps=config.eval_steps,
-        report_to=[],
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
-    peft_config = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=[m for m in config.target_modules.split(",") if m], task_type="CAUSAL_LM",
-    )
+    args, peft_config = sft_arguments(config, evaluate=dev is not None and len(dev) > 0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev if args.eval_strategy != "no" else None,
                          processing_class=tokenizer, peft_config=peft_config)
     started = time.perf_counter()
@@ -143,14 +123,12 @@ def train_sft(config: SFTJobConfig) -> Path:
     tokenizer.save_pretrained(adapter)
     history = trainer.state.log_history
     plot_curve(history, out / "training_curve.png")
-    losses = [e["loss"] for e in history if "loss" in e]
-    card = {
-        "config": asdict(config), "base_model": str(base), "train_rows": len(train), "dropped_too_long": too_long, "dev_rows": len(dev) if dev else 0,
-        "rows_by_kind": dict(Counter(train["kind"])) if "kind" in train.column_names else {},
-        "steps": trainer.state.global_step, "seconds": time.perf_counter() - started,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "train_loss": result.training_loss, "bf16": cpu_bf16, "resumed_from": resume_from,
-        "eval_loss": next((e["eval_loss"] for e in reversed(history) if "eval_loss" in e), None),
-    }
-    (out / "run_card.json").write_text(json.dumps(card, indent=2))
+    first_loss, final_loss, eval_loss = losses(history)
+    RunCard(
+        config=asdict(config), base_model=str(base), steps=trainer.state.global_step, seconds=time.perf_counter() - started,
+        train_loss=result.training_loss, first_loss=first_loss, final_loss=final_loss, eval_loss=eval_loss,
+        train_rows=len(train), dropped_too_long=too_long, dev_rows=len(dev) if dev else 0,
+        rows_by_kind=dict(Counter(train["kind"])) if "kind" in train.column_names else {},
+        bf16=args.bf16, resumed_from=resume_from,
+    ).write(out)
     return adapter

@@ -29,22 +29,29 @@ def collect_traces(pairs: list[Pair], program: Judge | None = None, *, samples: 
     return [Trace(pair, judgment) for pair, judgment in zip(labelled, judgments)]
 
 
-def distil(pairs: list[Pair], teacher: str, settings: Settings, out: Path, config: DataConfig | None = None, *,
+def for_backend(config: DataConfig | None, backend) -> DataConfig:
+    """``config`` (default: ``DataConfig()``) with the input budget of ``backend`` where it names none."""
+    config = config or DataConfig()
+    if config.context_chars is None:
+        return dataclasses.replace(config, context_chars=backend.context_chars)
+    return config
+
+
+def distil(pairs: list[Pair], teacher: str | None, settings: Settings, out: Path, config: DataConfig | None = None, *,
            samples: int = 4, temperature: float = 0.8, concurrency: int = 8, progress: bool = True) -> UnifiedData:
     """Teacher traces on ``pairs`` with backend ``teacher``, then the unified data, saved into ``out``.
 
-    The rows are rendered by the teacher backend's own adapter, and cut to its input budget when
-    ``config.context_chars`` is None, so they match what that backend is served. ``out`` gets
+    The rows are rendered by the teacher backend's own adapter, and cut to its input budget unless
+    ``config.context_chars`` says otherwise (:func:`for_backend`), so they match what that backend
+    is served. ``teacher`` None is the configured default backend. ``out`` gets
     the datasets, the data card and ``traces.jsonl`` (every teacher analysis with its
     correctness, for reading; resuming goes through the cache).
     """
     from reflectagent.backends import backend
     from reflectagent.finetune.rationalize import Rationalizer
 
-    config = dataclasses.replace(config or DataConfig())
     with backend(teacher, settings) as lm:
-        if config.context_chars is None:
-            config.context_chars = lm.backend.context_chars
+        config = for_backend(config, lm.backend)
         traces = collect_traces(pairs, samples=samples, temperature=temperature, concurrency=concurrency,
                                 progress=progress)
         built = build_unified_data(traces, config, Rationalizer() if config.rationalize else None,

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from reflectagent.config import ConfigError
 from reflectagent.judge import Judge, PositionSwapJudge, ProgramFileError
 from reflectagent.programs.compose import Cascade, Ensemble
 from reflectagent.programs.genrm import GenRM
 from reflectagent.programs.ranking import Ranking, best_of_n, bradley_terry, rank
 from reflectagent.programs.reflectrm import AdaptiveReflectRM, ReflectRM
 
-PROGRAMS: dict[str, type[Judge]] = {cls.__name__: cls for cls in (GenRM, ReflectRM, PositionSwapJudge, Ensemble, Cascade)}
+PROGRAMS: dict[str, type[Judge]] = {
+    cls.__name__: cls for cls in (GenRM, ReflectRM, AdaptiveReflectRM, PositionSwapJudge, Ensemble, Cascade)
+}
 
 
 NAMED = {
@@ -25,7 +28,9 @@ NAMED = {
     "genrm-both": lambda: GenRM(both_orders=True),
     "genrm-prob": lambda: GenRM(both_orders=True, decision="probability"),
     "reflectrm": lambda: ReflectRM(),
+    "reflectrm-prob": lambda: ReflectRM(decision="probability"),
     "reflectrm-adaptive": lambda: AdaptiveReflectRM(),
+    "reflectrm-adaptive-prob": lambda: AdaptiveReflectRM(decision="probability"),
 }
 
 
@@ -34,7 +39,7 @@ def named_program(name: str) -> Judge:
     try:
         return NAMED[name]()
     except KeyError:
-        raise ValueError(f"unknown program {name!r}; choose from {', '.join(NAMED)}") from None
+        raise ConfigError(f"unknown program {name!r}; choose from {', '.join(NAMED)}") from None
 
 
 def program_class(name: str) -> type[Judge]:

@@ -8,10 +8,9 @@ verdict token's probability, averaged over the analyses (and so over both orders
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
 
 from reflectagent.concurrency import run_all
-from reflectagent.judge import Judge, order_averaged_probability
+from reflectagent.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
 from reflectagent.modules import Analyzer
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment
@@ -42,14 +41,6 @@ def majority(analyses: tuple[Analysis, ...]) -> tuple[str | None, str | None]:
     return top, None
 
 
-def probability_verdict(probability_a: float | None) -> tuple[str | None, str | None]:
-    if probability_a is None:
-        return None, "no verdict probabilities"
-    if probability_a == 0.5:
-        return None, "tied probability"
-    return ("A" if probability_a > 0.5 else "B"), None
-
-
 class GenRM(Judge):
     """Analysis then verdict; ``decision="vote"`` (majority) or ``"probability"`` (P(A) > 0.5).
 
@@ -58,11 +49,10 @@ class GenRM(Judge):
     """
 
     def __init__(self, samples: int = 1, both_orders: bool = False,
-                 decision: Literal["vote", "probability"] = "vote", temperature: float = 0.7):
+                 decision: Decision = "vote", temperature: float = 0.7):
         if samples < 1:
             raise ValueError("samples must be at least 1")
-        if decision not in ("vote", "probability"):
-            raise ValueError(f"decision must be 'vote' or 'probability', not {decision!r}")
+        check_decision(decision)
         super().__init__(samples=samples, both_orders=both_orders, decision=decision, temperature=temperature)
         self.analyzer = Analyzer()
 

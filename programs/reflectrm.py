@@ -10,9 +10,21 @@ analyses share a verdict, that verdict; (2) otherwise the verdict of the tied an
 the higher verdict probability, when the backend gives probabilities and they differ;
 (3) otherwise no verdict (reason ``"reflection tie"``).
 
-``adaptive=True`` (our addition) skips stage 2 when all parsed analyses agree: reflection
-could only pick among analyses with that same verdict, so the result is identical to the
-full program's on the same samples, at the cost of stage 1 alone.
+``AdaptiveReflectRM`` (``adaptive=True``, our addition) skips stage 2 when all parsed
+analyses agree: reflection could only pick among analyses with that same verdict, so the
+result is identical to the full program's on the same samples, at the cost of stage 1 alone.
+
+``decision="probability"`` (our extension, beside the paper's vote): small models carry their
+judgment in token probabilities more than in the letters they generate, and a reflector can
+be position-locked (always "1") while its probabilities still lean the right way. Each
+reflection gives P(analysis_1 is more reliable) from its choice token; every two analyses are
+reflected on in both orders, so summing those soft wins averages out the reflector's position
+bias. An analysis's weight is its share of the soft wins (equal weights without reflections),
+and P(A) is the weighted mean of the analyses' own P(A): with equal weights it is GenRM's
+order-averaged probability, with all weight on one analysis it is that analysis's. A if
+P(A) > 0.5, B if below, no verdict at exactly 0.5 or where a probability is missing. The
+adaptive skip stays exact: under this rule stage 2 is skipped only when every analysis's P(A)
+is on the same side of 0.5, where no weighting can change the verdict.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from collections import Counter
 from itertools import combinations
 
 from reflectagent.concurrency import run_all
-from reflectagent.judge import Judge, order_averaged_probability
+from reflectagent.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
 from reflectagent.programs.genrm import analyse
 from reflectagent.modules import Analyzer, Reflector
 from reflectagent.pairs import Pair
@@ -52,29 +64,79 @@ def most_reliable(analyses: tuple[Analysis, ...], reflections: tuple[Reflection,
     return None, "reflection tie"
 
 
-class ReflectRM(Judge):
-    """Two-stage judge: ``samples`` analyses, then pairwise reflection (skipped if ``adaptive`` and unanimous)."""
+def probability_a_of(analysis: Analysis) -> float | None:
+    if not analysis.parsed or analysis.probability is None:
+        return None
+    return analysis.probability if analysis.preference == "A" else 1 - analysis.probability
 
-    def __init__(self, samples: int = 2, adaptive: bool = False, temperature: float = 0.7):
+
+def reliability_weights(analyses: tuple[Analysis, ...], reflections: tuple[Reflection, ...]) -> dict[int, float] | None:
+    """Each parsed analysis's share of soft reflection wins (equal without reflections); None if a
+    reflection has no probability."""
+    parsed = [i for i, a in enumerate(analyses) if a.parsed]
+    if not reflections:
+        return {i: 1 / len(parsed) for i in parsed} if parsed else None
+    if any(r.probability_first is None for r in reflections):
+        return None
+    wins = dict.fromkeys(parsed, 0.0)
+    for r in reflections:
+        wins[r.first] += r.probability_first
+        wins[r.second] += 1 - r.probability_first
+    total = sum(wins.values())
+    return {i: w / total for i, w in wins.items()}
+
+
+def weighted_probability(analyses: tuple[Analysis, ...], reflections: tuple[Reflection, ...]) -> tuple[float | None, int | None]:
+    """P(A) as the reliability-weighted mean of the analyses' own P(A), and the heaviest analysis."""
+    weights = reliability_weights(analyses, reflections)
+    if weights is None or any(probability_a_of(analyses[i]) is None for i in weights):
+        return None, None
+    heaviest = max(weights, key=lambda i: (weights[i], -i))
+    return sum(w * probability_a_of(analyses[i]) for i, w in weights.items()), heaviest
+
+
+def settled(analyses: tuple[Analysis, ...], decision: Decision) -> bool:
+    """Whether reflection cannot change the verdict (the adaptive skip): the parsed analyses agree,
+    by verdict under the vote, by the side of 0.5 their P(A) is on under the probability rule."""
+    parsed = [a for a in analyses if a.parsed]
+    if decision == "vote":
+        return len({a.preference for a in parsed}) <= 1
+    sides = {None if p is None or p == 0.5 else p > 0.5 for p in map(probability_a_of, parsed)}
+    return len(sides) == 1 and None not in sides
+
+
+class ReflectRM(Judge):
+    """Two-stage judge: ``samples`` analyses, then pairwise reflection (skipped if ``adaptive`` and settled)."""
+
+    def __init__(self, samples: int = 2, adaptive: bool = False, temperature: float = 0.7, decision: Decision = "vote"):
         if samples < 2:
             raise ValueError("ReflectRM needs at least 2 analyses to reflect on")
-        super().__init__(samples=samples, adaptive=adaptive, temperature=temperature)
+        check_decision(decision)
+        super().__init__(samples=samples, adaptive=adaptive, temperature=temperature, decision=decision)
+        self.adaptive = adaptive
+        self.decision = decision
         self.analyzer = Analyzer()
         self.reflector = Reflector()
 
     def decide(self, pair: Pair) -> Judgment:
         analyses = analyse(self.analyzer, pair, stage1_plan(self.options["samples"]), self.options["temperature"])
         parsed = [i for i, a in enumerate(analyses) if a.parsed]
-        unanimous = len({analyses[i].preference for i in parsed}) <= 1
         reflections: tuple[Reflection, ...] = ()
         notes: tuple[str, ...] = ()
-        if self.options["adaptive"] and unanimous:
+        if self.adaptive and settled(analyses, self.decision):
             notes = ("stage 2 skipped: the analyses agree",)
         else:
             comparisons = [*combinations(parsed, 2), *((j, i) for i, j in combinations(parsed, 2))]
             reflections = tuple(run_all([
                 (lambda a=first, b=second: self.reflector(pair, analyses, first=a, second=b)) for first, second in comparisons
             ]))
+        if self.decision == "probability":
+            probability_a, heaviest = weighted_probability(analyses, reflections)
+            preference, reason = probability_verdict(probability_a)
+            if probability_a is None and reflections and reliability_weights(analyses, reflections) is None:
+                reason = "no reflection probabilities"
+            return Judgment(preference=preference, analyses=analyses, reflections=reflections, reason=reason,
+                            notes=notes, chosen=heaviest, probability_a=probability_a)
         winner, reason = most_reliable(analyses, reflections)
         return Judgment(
             preference=analyses[winner].preference if winner is not None else None,
@@ -83,6 +145,9 @@ class ReflectRM(Judge):
         )
 
 
-def AdaptiveReflectRM(samples: int = 2, temperature: float = 0.7) -> ReflectRM:  # noqa: N802 - reads as a class
+class AdaptiveReflectRM(ReflectRM):
     """ReflectRM that reflects only when its analyses disagree (same verdicts, fewer calls)."""
-    return ReflectRM(samples=samples, adaptive=True, temperature=temperature)
+
+    def __init__(self, samples: int = 2, temperature: float = 0.7, decision: Decision = "vote"):
+        super().__init__(samples=samples, adaptive=True, temperature=temperature, decision=decision)
+        del self.options["adaptive"]  # implied by the class: a saved file holds what the constructor takes

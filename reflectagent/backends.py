@@ -1,25 +1,18 @@
 """Resolve a configured backend name to a ``dspy.LM`` that knows how it should be judged with.
 
 The LM carries its :class:`Backend` (identity for the cache, constrained output, log-probs,
-context budget), so ``dspy.context(lm=...)`` is all it takes to switch backends, and two
-backends can run side by side in one process. The ``embedded`` backend reuses a running
-server (``$REFLECTAGENT_EMBEDDED_URL`` or one started by ``reflectagent serve``) or starts
-one for this process and stops it when the process ends.
+input budget), so ``dspy.context(lm=...)`` is all it takes to switch backends, and two
+backends can run side by side in one process. The ``embedded`` backend finds or starts its
+server through :mod:`reflectagent.embedded`.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextvars
-import ctypes
 import hashlib
-import json
-import logging
 import os
-import signal
-import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +20,41 @@ import dspy
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.config import EMBEDDED, BackendConfig, ConfigError, Settings, load_settings
-from reflectagent.paths import server_dir
-from reflectagent.server import ServerSpec, VLLMServer, is_serving
-
-logger = logging.getLogger(__name__)
-
-EMBEDDED_URL_ENV = "REFLECTAGENT_EMBEDDED_URL"
-EMBEDDED_SERVED_NAME = "embedded"
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else LiteLLM fetches prices at import
 
 
 @dataclass(frozen=True)
 class Backend:
+    """A configured backend, resolved: where requests go, and who answers them (``identity``).
+
+    Everything else (constrained output, log-probs, budgets, seed) is read from ``config``,
+    never copied, so no option can be lost between the config file and a request.
+    """
+
     name: str
-    model: str
+    config: BackendConfig
+    model: str  # the LiteLLM model string requests are sent with
     api_base: str | None
-    identity: dict[str, Any]
-    constrained: bool
-    logprobs: bool
-    context_chars: int | None
-    seed: int | None = None
-    max_text_chars: int = 480
-    config: BackendConfig | None = field(default=None, compare=False)
+    identity: dict[str, Any]  # what the judgment cache keys on (never the API key)
+
+    @property
+    def constrained(self) -> bool:
+        return self.config.is_vllm if self.config.constrained is None else self.config.constrained
+
+    @property
+    def logprobs(self) -> bool:
+        return self.config.is_vllm if self.config.logprobs is None else self.config.logprobs
+
+    @property
+    def context_chars(self) -> int | None:
+        return self.config.context_chars
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.seed
+
+    @property
+    def max_text_chars(self) -> int:
+        return self.config.max_text_chars
 
     def adapter(self) -> JudgeAdapter:
         return JudgeAdapter(constrained=self.constrained, max_text_chars=self.max_text_chars)
@@ -57,7 +63,8 @@ class Backend:
 class BackendLM(dspy.LM):
     """A ``dspy.LM`` with the :class:`Backend` it was resolved from (see ``steps.run_step``)."""
 
-    def __init__(self, backend: Backend, config: BackendConfig):
+    def __init__(self, backend: Backend):
+        config = backend.config
         api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
         if config.api_key_env and not api_key:
             raise ConfigError(f"backend {backend.name!r}: ${config.api_key_env} is not set")
@@ -86,7 +93,7 @@ def _file_digest(path: Path) -> str:
     return _file_digests[key]
 
 
-def _fingerprint(folder: str | Path) -> str:
+def fingerprint(folder: str | Path) -> str:
     """Identity of a model folder: every file's name and full contents (memoised by size and mtime).
 
     Hashing only the head of the weights is not enough: two models fine-tuned from one base
@@ -101,79 +108,19 @@ def _fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-# ---- the embedded server -------------------------------------------------------------------
-
-_servers: dict[str, VLLMServer] = {}
-_servers_lock = threading.Lock()
-
-
-def state_file() -> Path:
-    return server_dir() / "embedded.json"
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _stop_all() -> None:
-    for server in list(_servers.values()):
-        server.stop()
-    _servers.clear()
-
-
-atexit.register(_stop_all)
-
-
-def embedded_url(model_dir: Path, loras: dict[str, str]) -> str:
-    """A server answering for the embedded model and ``loras``: reused if running, else started."""
-    wanted = [EMBEDDED_SERVED_NAME, *loras]
-    candidates = []
-    if os.environ.get(EMBEDDED_URL_ENV):
-        candidates.append(os.environ[EMBEDDED_URL_ENV])
-    if state_file().exists():
-        try:
-            candidates.append(json.loads(state_file().read_text())["url"])
-        except (OSError, ValueError, KeyError):
-            logger.warning("ignoring an unreadable %s", state_file())
-    for url in candidates:
-        if all(is_serving(url, name) for name in wanted):
-            return url
-    if os.environ.get(EMBEDDED_URL_ENV):
-        raise ConfigError(f"${EMBEDDED_URL_ENV}={os.environ[EMBEDDED_URL_ENV]} does not serve {wanted}")
-    key = json.dumps([str(model_dir), sorted(loras.items())])
-    with _servers_lock:
-        if key not in _servers:
-            spec = ServerSpec(model_dir=str(model_dir), served_name=EMBEDDED_SERVED_NAME, loras=dict(loras))
-            server = VLLMServer(spec)
-            if threading.current_thread() is threading.main_thread():
-                # Linux delivers the parent-death signal when the *thread* that started the child
-                # ends, so only the main thread may ask for it; atexit covers the other cases.
-                server.preexec = die_with_parent
-            server.start()
-            _servers[key] = server
-        return _servers[key].url
-
-
 def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
+    from reflectagent.embedded import SERVED_NAME, embedded_url
     from reflectagent.models import prepare_model
 
     model_dir = prepare_model(config.model_path)
     loras = {k: str(Path(v).expanduser().resolve()) for k, v in config.lora.items()}
-    url = config.api_base or embedded_url(model_dir, loras)
-    served = config.adapter or EMBEDDED_SERVED_NAME
     identity = {
-        "model": EMBEDDED, "base": _fingerprint(model_dir),
-        "adapter": [config.adapter, _fingerprint(loras[config.adapter])] if config.adapter else None,
+        "model": EMBEDDED, "base": fingerprint(model_dir),
+        "adapter": [config.adapter, fingerprint(loras[config.adapter])] if config.adapter else None,
         "temperature": config.temperature, "max_tokens": config.max_tokens, "tag": config.cache_tag,
     }
-    return Backend(
-        name=name, model=f"hosted_vllm/{served}", api_base=url, identity=identity,
-        constrained=config.constrained is not False, logprobs=config.logprobs is not False,
-        context_chars=config.context_chars, seed=config.seed, max_text_chars=config.max_text_chars, config=config,
-    )
+    return Backend(name=name, config=config, model=f"hosted_vllm/{config.adapter or SERVED_NAME}",
+                   api_base=config.api_base or embedded_url(model_dir, loras), identity=identity)
 
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
@@ -181,13 +128,7 @@ def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
         "model": config.model, "api_base": config.api_base, "temperature": config.temperature,
         "max_tokens": config.max_tokens, "extra": config.extra, "tag": config.cache_tag,
     }
-    default_on = config.is_vllm
-    return Backend(
-        name=name, model=config.model, api_base=config.api_base, identity=identity,
-        constrained=default_on if config.constrained is None else config.constrained,
-        logprobs=default_on if config.logprobs is None else config.logprobs,
-        context_chars=config.context_chars, seed=config.seed, config=config,
-    )
+    return Backend(name=name, config=config, model=config.model, api_base=config.api_base, identity=identity)
 
 
 _settings: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("reflectagent_settings", default=None)
@@ -201,8 +142,8 @@ def resolve_backend(name: str | None = None, settings: Settings | None = None) -
     """
     settings = settings or _settings.get() or load_settings()
     name, config = settings.backend(name)
-    backend = _resolve_embedded(name, config) if config.model == EMBEDDED else _resolve_litellm(name, config)
-    return BackendLM(backend, config)
+    resolve = _resolve_embedded if config.model == EMBEDDED else _resolve_litellm
+    return BackendLM(resolve(name, config))
 
 
 @contextmanager

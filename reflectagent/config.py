@@ -16,13 +16,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from reflectagent.errors import ReflectAgentError
+
 CONFIG_ENV = "REFLECTAGENT_CONFIG"
 BACKEND_ENV = "REFLECTAGENT_BACKEND"
 EMBEDDED = "embedded"
 DEFAULT_CONFIG_FILES = ("reflectagent.toml", "reflectagent.yaml", "reflectagent.yml")
 
 
-class ConfigError(ValueError):
+class ConfigError(ReflectAgentError, ValueError):
     """A configuration that cannot be used, with what to fix."""
 
 
@@ -94,7 +96,8 @@ class Settings(BaseModel):
         return name, self.backends[name]
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML (by suffix) or YAML file's top-level mapping, parsed safely; errors say which file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -115,7 +118,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
     candidate = path or os.environ.get(CONFIG_ENV)
     if candidate is None:
         candidate = next((f for f in DEFAULT_CONFIG_FILES if Path(f).exists()), None)
-    data = _read(Path(candidate)) if candidate else {}
+    data = read_config_file(Path(candidate)) if candidate else {}
     try:
         return Settings(**data)
     except ValidationError as exc:

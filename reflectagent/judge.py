@@ -13,17 +13,19 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import dspy
 from tqdm.auto import tqdm
 
 from reflectagent.concurrency import map_unordered, run_all
+from reflectagent.errors import ReflectAgentError
 from reflectagent.modules import Analyzer
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
 
 
-class ProgramFileError(ValueError):
+class ProgramFileError(ReflectAgentError, ValueError):
     """A saved program that is not the program (or version) being loaded."""
 
 
@@ -102,22 +104,45 @@ class Judge(dspy.Module):
         return program
 
 
-class PositionSwapJudge(Judge):
-    """One analysis in each order; the verdict when both parse and agree, none otherwise."""
+Decision = Literal["vote", "probability"]
 
-    def __init__(self):
-        super().__init__()
+
+def check_decision(decision: str) -> None:
+    if decision not in ("vote", "probability"):
+        raise ValueError(f"decision must be 'vote' or 'probability', not {decision!r}")
+
+
+class PositionSwapJudge(Judge):
+    """One analysis in each order. ``decision="vote"``: the verdict when both parse and agree, none
+    otherwise; ``"probability"``: the order-averaged P(A) from the verdict tokens decides."""
+
+    def __init__(self, decision: Decision = "vote"):
+        check_decision(decision)
+        super().__init__(decision=decision)
+        self.decision = decision
         self.analyzer = Analyzer()
 
     def decide(self, pair: Pair) -> Judgment:
         analyses = tuple(run_all([lambda: self.analyzer(pair, swapped=False), lambda: self.analyzer(pair, swapped=True)]))
         probability_a = order_averaged_probability(analyses)
+        if self.decision == "probability":
+            preference, reason = probability_verdict(probability_a)
+            return Judgment(preference=preference, analyses=analyses, reason=reason, probability_a=probability_a)
         if not all(a.parsed for a in analyses):
             return Judgment(preference=None, analyses=analyses, reason="unparsed")
         if len({a.preference for a in analyses}) > 1:
             return Judgment(preference=None, analyses=analyses, reason="inconsistent across orders",
                             probability_a=probability_a)
         return Judgment(preference=analyses[0].preference, analyses=analyses, probability_a=probability_a)
+
+
+def probability_verdict(probability_a: float | None) -> tuple[str | None, str | None]:
+    """A if P(A) > 0.5, B if below; no verdict at exactly 0.5 or without probabilities (never a guess)."""
+    if probability_a is None:
+        return None, "no verdict probabilities"
+    if probability_a == 0.5:
+        return None, "tied probability"
+    return ("A" if probability_a > 0.5 else "B"), None
 
 
 def order_averaged_probability(analyses) -> float | None:
@@ -127,7 +152,7 @@ def order_averaged_probability(analyses) -> float | None:
     return sum(probs) / len(probs) if probs and len(probs) == len(analyses) else None
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(ReflectAgentError, RuntimeError):
     """Judging stopped (a dead backend, say); what was finished is cached and a re-run resumes."""
 
     def __init__(self, done: int, total: int, cause: BaseException):

@@ -77,6 +77,7 @@ class Reflector(dspy.Module):
             more_reliable={"1": first, "2": second}.get(choice),
             parsed=step.parsed,
             raw=step.raw,
+            probability_first=(step.logprobs or {}).get("more_reliable", {}).get("1") if step.parsed else None,
             error=step.error,
             usage=step.usage,
             cached=step.cached,

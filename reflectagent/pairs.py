@@ -13,13 +13,15 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from reflectagent.errors import ReflectAgentError
+
 logger = logging.getLogger(__name__)
 
 LABELS = ("A", "B", "tie")
 TEXT_FIELDS = ("prompt", "response_a", "response_b")
 
 
-class InvalidPair(ValueError):
+class InvalidPair(ReflectAgentError, ValueError):
     """A pair that cannot be judged, with the reason."""
 
 
@@ -123,32 +125,3 @@ def sample_path() -> Path:
 def sample_pairs(limit: int | None = None) -> list[Pair]:
     pairs, _ = read_pairs(sample_path())
     return pairs[:limit]
-
-
-def fit_to_budget(texts: dict[str, str], budget: int | None) -> tuple[dict[str, str], tuple[str, ...]]:
-    """Cut the longest texts until all fit in ``budget`` characters; name what was cut.
-
-    Short texts keep everything; the budget left is shared evenly among the long ones, each
-    keeping its head and tail around a visible marker, so a judge sees that text is missing.
-    """
-    if budget is None or sum(map(len, texts.values())) <= budget:
-        return dict(texts), ()
-    remaining, share = budget, {}
-    pending = sorted(texts, key=lambda k: len(texts[k]))
-    while pending:
-        even = remaining // len(pending)
-        name = pending.pop(0)
-        share[name] = min(len(texts[name]), even)
-        remaining -= share[name]
-    fitted, cut = {}, []
-    for name, text in texts.items():
-        keep = share[name]
-        if keep >= len(text):
-            fitted[name] = text
-            continue
-        cut.append(name)
-        marker = f"\n[... {len(text) - keep} characters cut to fit the judge's context ...]\n"
-        head = max(keep - len(marker), 0) * 2 // 3
-        tail = max(keep - len(marker) - head, 0)
-        fitted[name] = text[:head] + marker + (text[-tail:] if tail else "")
-    return fitted, tuple(cut)

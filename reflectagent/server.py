@@ -2,12 +2,14 @@
 
 The same class serves the embedded SmolLM2 on a laptop CPU and a Qwen3 ReflectRM on a GPU:
 a base model folder, any number of LoRA adapters chosen per request by name, a free
-loopback port, a readiness wait that fails with the server's own log tail, and a clean
-shutdown of the whole process group.
+loopback port, a readiness wait that fails with the server's own log tail, a clean
+shutdown of the whole process group, and (where Linux allows) a server that dies with the
+process that started it, so a killed run leaves no server behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -16,19 +18,44 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from reflectagent.errors import ReflectAgentError
 from reflectagent.paths import server_dir
 
 logger = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
 
 
-class ServerError(RuntimeError):
+class ServerError(ReflectAgentError, RuntimeError):
     """The server did not start or stopped answering; the message holds its log tail."""
+
+
+def parent_death_hook():
+    """A ``preexec_fn`` that makes the child get SIGTERM when its parent dies, or None where
+    that cannot be asked for (not Linux, or called off the main thread).
+
+    Linux delivers the parent-death signal when the *thread* that started the child ends, so
+    only the main thread may ask for it; the caller's ``atexit`` or ``with`` covers the rest.
+    libc is looked up here, in the parent, so the hook itself cannot fail in the child.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError as exc:
+        logger.warning("cannot make the server die with this process (%s): stop it yourself if this process is killed", exc)
+        return None
+
+    def hook() -> None:  # pragma: no cover - runs in the child
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return hook
 
 
 def free_port() -> int:
@@ -87,12 +114,12 @@ def server_env() -> dict[str, str]:
 class VLLMServer:
     """Start with :meth:`start` (or ``with``); :attr:`url` is the OpenAI base URL."""
 
-    def __init__(self, spec: ServerSpec, log_path: str | Path | None = None):
+    def __init__(self, spec: ServerSpec, log_path: str | Path | None = None, die_with_parent: bool = False):
         self.spec = spec
         self.port = spec.port or free_port()
         self.log_path = Path(log_path) if log_path else server_dir() / "logs" / f"vllm-{self.port}.log"
         self.process: subprocess.Popen | None = None
-        self.preexec = None  # e.g. make the server die with this process
+        self.die_with_parent = die_with_parent
 
     @property
     def url(self) -> str:
@@ -111,7 +138,7 @@ class VLLMServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
-                preexec_fn=self.preexec,
+                preexec_fn=parent_death_hook() if self.die_with_parent else None,
             )
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:

@@ -22,7 +22,6 @@ from dspy.utils.usage_tracker import track_usage
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.cache import current_cache, step_key
-from reflectagent.pairs import fit_to_budget
 from reflectagent.results import StepOutput, Usage
 
 logger = logging.getLogger(__name__)
@@ -87,6 +86,35 @@ def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int, overr
     if backend is not None and backend.seed is not None:
         config["seed"] = backend.seed + sample
     return config
+
+
+def fit_to_budget(texts: dict[str, str], budget: int | None) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Cut the longest texts until all fit in ``budget`` characters; name what was cut.
+
+    Short texts keep everything; the budget left is shared evenly among the long ones, each
+    keeping its head and tail around a visible marker, so a judge sees that text is missing.
+    """
+    if budget is None or sum(map(len, texts.values())) <= budget:
+        return dict(texts), ()
+    remaining, share = budget, {}
+    pending = sorted(texts, key=lambda k: len(texts[k]))
+    while pending:
+        even = remaining // len(pending)
+        name = pending.pop(0)
+        share[name] = min(len(texts[name]), even)
+        remaining -= share[name]
+    fitted, cut = {}, []
+    for name, text in texts.items():
+        keep = share[name]
+        if keep >= len(text):
+            fitted[name] = text
+            continue
+        cut.append(name)
+        marker = f"\n[... {len(text) - keep} characters cut to fit the judge's context ...]\n"
+        head = max(keep - len(marker), 0) * 2 // 3
+        tail = max(keep - len(marker) - head, 0)
+        fitted[name] = text[:head] + marker + (text[-tail:] if tail else "")
+    return fitted, tuple(cut)
 
 
 def render_request(adapter, signature, inputs: dict[str, str], budget: int | None, demos=()):

@@ -37,10 +37,10 @@ def lora_dir(model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(model_dir, lora_dir, tmp_path_factory):
     """The embedded model served by vLLM over HTTP; ``embedded`` backends reuse it."""
-    from reflectagent.backends import EMBEDDED_SERVED_NAME
+    from reflectagent.embedded import SERVED_NAME
     from reflectagent.server import ServerSpec, VLLMServer
 
-    spec = ServerSpec(model_dir=str(model_dir), served_name=EMBEDDED_SERVED_NAME, loras={"test": str(lora_dir)}, max_lora_rank=8)
+    spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, loras={"test": str(lora_dir)}, max_lora_rank=8)
     with VLLMServer(spec, log_path=tmp_path_factory.mktemp("server") / "vllm.log") as running:
         previous = os.environ.get("REFLECTAGENT_EMBEDDED_URL")
         os.environ["REFLECTAGENT_EMBEDDED_URL"] = running.url

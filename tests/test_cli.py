@@ -44,6 +44,27 @@ def test_input_errors_are_clear_and_exit_nonzero(tmp_path):
     assert result.returncode == 1 and "unknown backend 'nope'" in result.stderr
 
 
+def test_library_errors_are_one_line_not_a_traceback(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[backends\n")
+    for args in (("cache", "info"), ("cache", "clear"), ("finetune", "data", "--data", DATA / "with_bad_lines.jsonl")):
+        result = cli(*args, "--config", broken, check=False)
+        assert result.returncode == 1, (args, result.stderr)
+        assert "error:" in result.stderr and "not valid TOML" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_finetune_data_uses_the_configured_default_backend(tmp_path):
+    """No --backend: the teacher is the config's default_backend (here a dead endpoint), not 'embedded'."""
+    config = tmp_path / "c.toml"
+    config.write_text('default_backend = "teacher"\n[backends.teacher]\nmodel = "hosted_vllm/teacher"\n'
+                      'api_base = "http://127.0.0.1:9/v1"\nnum_retries = 0\ntimeout_s = 5\n')
+    result = cli("finetune", "data", "--data", DATA / "with_bad_lines.jsonl", "--config", config, "--out", tmp_path / "out",
+                 "--cache-dir", tmp_path / "cache", check=False, env={"REFLECTAGENT_EMBEDDED_URL": ""})
+    assert result.returncode == 1 and "stopped after 0 of" in result.stderr
+    assert "Connect" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "data_card.json").exists()
+
+
 @pytest.mark.server
 def test_judge_starts_the_embedded_server_stops_it_and_caches(server, tmp_path):
     """No server configured: the CLI starts one, judges, stops it; the re-run costs no calls."""
@@ -84,7 +105,7 @@ def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, mo
     import signal
     import time
 
-    from reflectagent.backends import state_file
+    from reflectagent.embedded import state_file
 
     isolated = {"REFLECTAGENT_EMBEDDED_URL": "", "REFLECTAGENT_SERVER_DIR": str(tmp_path / "server")}
     monkeypatch.setenv("REFLECTAGENT_SERVER_DIR", isolated["REFLECTAGENT_SERVER_DIR"])  # for state_file() below

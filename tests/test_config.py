@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from reflectagent.backends import resolve_backend
@@ -68,15 +72,36 @@ def test_config_errors_are_clear(tmp_path, monkeypatch):
 def test_model_folders_that_differ_only_deep_in_the_weights_are_different_backends(tmp_path):
     """Two models fine-tuned from one base share their size and first megabyte (header, embeddings):
     the cache must still tell them apart, or one model's judgments are served for the other."""
-    from reflectagent.backends import _fingerprint
+    from reflectagent.backends import fingerprint
 
     head = bytes(range(256)) * 8192  # 2 MB in common
     for name, tail in (("response", b"\x01" * 4096), ("unified", b"\x02" * 4096)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
         (tmp_path / name / "model.safetensors").write_bytes(head + tail)
-    assert _fingerprint(tmp_path / "response") != _fingerprint(tmp_path / "unified")
+    assert fingerprint(tmp_path / "response") != fingerprint(tmp_path / "unified")
     (tmp_path / "copy").mkdir()
     for path in (tmp_path / "response").iterdir():
         (tmp_path / "copy" / path.name).write_bytes(path.read_bytes())
-    assert _fingerprint(tmp_path / "copy") == _fingerprint(tmp_path / "response")  # the place does not matter
+    assert fingerprint(tmp_path / "copy") == fingerprint(tmp_path / "response")  # the place does not matter
+
+
+def test_every_option_reaches_a_hosted_vllm_backend(tmp_path):
+    """Options are read from the config, never copied: a constrained hosted_vllm backend keeps its own
+    max_text_chars (it was once always held to 480), budget, seed and switches."""
+    path = tmp_path / "c.toml"
+    path.write_text('[backends.judge]\nmodel = "hosted_vllm/judge"\napi_base = "http://127.0.0.1:9/v1"\n'
+                    "max_tokens = 2048\nmax_text_chars = 1500\ncontext_chars = 9000\nseed = 7\nlogprobs = false\n")
+    lm = resolve_backend("judge", load_settings(path))
+    assert lm.backend.max_text_chars == 1500 and lm.backend.adapter().max_text_chars == 1500
+    assert (lm.backend.context_chars, lm.backend.seed, lm.backend.constrained, lm.backend.logprobs) == (9000, 7, True, False)
+    assert lm.kwargs["max_tokens"] == 2048
+
+
+def test_importing_the_library_leaves_the_environment_alone():
+    code = ("import os; before = dict(os.environ); import reflectagent as ra, reflectagent.backends, "
+            "reflectagent.embedded, reflectagent.steps, reflectagent.programs, reflectagent.eval; ra.Pair; "
+            "print(dict(os.environ) == before)")
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "True"

@@ -3,7 +3,8 @@ import json
 import datasets
 import pytest
 
-from reflectagent.eval.data import load_benchmark, split_pairs
+from reflectagent.eval.data import load_benchmark
+from reflectagent.splits import split_pairs
 from reflectagent.pairs import Pair
 
 

@@ -1,8 +1,15 @@
 """Metric functions against values computed by hand."""
 
+import json
+
 import pytest
 
-from reflectagent.eval.metrics import Record, bootstrap, summarize, summarize_by_category, wilson
+from reflectagent.eval.metrics import (
+    CostPerVerdict, Record, Summary, bootstrap, summarize, summarize_by_category, summarize_judgments, wilson,
+)
+from reflectagent.eval.report import accuracy_axis_label
+from reflectagent.eval.runner import RunResult
+from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, Usage
 
 
@@ -38,24 +45,53 @@ def test_bootstrap_brackets_the_mean_and_is_seeded():
 
 def test_summary_by_hand():
     summary = summarize(RECORDS)
-    assert summary["pairs"] == 5 and summary["ties"] == 1
-    assert summary["accuracy"]["value"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4) and summary["accuracy"]["n"] == 4
-    assert summarize(RECORDS, no_verdict="half")["accuracy"]["value"] == pytest.approx((1 + 0.5 + 0.75 + 0.5) / 4)
-    assert summary["consistency"]["value"] == pytest.approx(1 / 5)
-    assert summary["consistency"]["ci"] == pytest.approx(wilson(1, 5))
-    assert summary["position_bias"]["first"]["value"] == pytest.approx(1 / 5)
-    assert summary["position_bias"]["second"]["value"] == pytest.approx(1 / 5)
-    assert summary["no_verdict"]["value"] == pytest.approx(3 / 10)
-    assert summary["parse_failures"]["value"] == pytest.approx(3 / 10)
-    assert summary["cost_per_verdict"] == {"lm_calls": 1.0, "prompt_tokens": 50.0, "completion_tokens": 10.0}
+    assert summary.pairs == 5 and summary.ties == 1
+    assert summary.accuracy.value == pytest.approx((1 + 0.5 + 0.5 + 0) / 4) and summary.accuracy.n == 4
+    assert summarize(RECORDS, no_verdict="half").accuracy.value == pytest.approx((1 + 0.5 + 0.75 + 0.5) / 4)
+    assert summary.consistency.value == pytest.approx(1 / 5)
+    assert summary.consistency.ci == pytest.approx(wilson(1, 5))
+    assert summary.position_bias.first.value == pytest.approx(1 / 5)
+    assert summary.position_bias.second.value == pytest.approx(1 / 5)
+    assert summary.no_verdict.value == pytest.approx(3 / 10)
+    assert summary.parse_failures.value == pytest.approx(3 / 10)
+    assert summary.cost_per_verdict == CostPerVerdict(lm_calls=1.0, prompt_tokens=50.0, completion_tokens=10.0)
+    assert summary.cost_per_verdict.tokens == 60.0
+
+
+def test_summary_round_trips_through_report_json():
+    summary = summarize(RECORDS)
+    assert Summary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+    assert summary.to_dict()["position_bias"]["first"]["count"] == 1  # report.json keeps its nested shape
 
 
 def test_categories_including_an_empty_one():
     by = summarize_by_category(RECORDS, categories=["x", "y", "z"])
-    assert by["x"]["accuracy"]["value"] == pytest.approx(0.75)
-    assert by["y"]["accuracy"]["value"] == pytest.approx(0.25) and by["y"]["ties"] == 1
-    assert by["z"]["pairs"] == 0 and by["z"]["accuracy"]["value"] is None and by["z"]["accuracy"]["ci"] is None
-    assert by["z"]["consistency"]["value"] is None and by["z"]["cost_per_verdict"]["lm_calls"] is None
+    assert by["x"].accuracy.value == pytest.approx(0.75)
+    assert by["y"].accuracy.value == pytest.approx(0.25) and by["y"].ties == 1
+    assert by["z"].pairs == 0 and by["z"].accuracy.value is None and by["z"].accuracy.ci is None
+    assert by["z"].consistency.value is None and by["z"].cost_per_verdict.lm_calls is None
+
+
+def test_plot_axis_names_the_no_verdict_rule_in_force():
+    def run(rule):
+        return RunResult("p", "b", RECORDS, summarize(RECORDS, rule), {}, {})
+
+    assert accuracy_axis_label([run("wrong")]).endswith("no verdict = wrong)")
+    assert accuracy_axis_label([run("half")]).endswith("no verdict = half)")
+
+
+def test_judging_summary_counts_verdicts_accuracy_and_cache():
+    pairs = [Pair("p", "x", "y", label="A"), Pair("p", "x", "z", label="B"), Pair("p", "x", "w")]
+    step = Analysis(text="t", preference="A", swapped=False, parsed=True, raw="", usage=Usage(1, 10, 2, 0.1))
+    cached = Analysis(text="t", preference="A", swapped=False, parsed=True, raw="", usage=Usage(1, 10, 2), cached=True)
+    unparsed = Analysis(text="", preference=None, swapped=False, parsed=False, raw="?", usage=Usage(1, 10, 2))
+    judgments = [Judgment("A", analyses=(step, cached)), Judgment(None, analyses=(unparsed,), reason="unparsed"),
+                 Judgment("A", analyses=(cached,))]
+    summary = summarize_judgments(pairs, judgments)
+    assert (summary.judged, summary.verdicts, summary.no_verdict) == (3, 2, {"unparsed": 1})
+    assert (summary.labelled, summary.correct, summary.accuracy) == (2, 1, 0.5)
+    assert (summary.steps, summary.unparsed_steps, summary.cached_steps, summary.cached_judgments) == (4, 1, 2, 1)
+    assert (summary.lm_calls, summary.prompt_tokens) == (2, 20)  # cached steps cost this run nothing
 
 
 def test_record_maps_the_swapped_verdict_back():

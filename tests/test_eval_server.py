@@ -40,7 +40,7 @@ def test_report_numbers_follow_from_the_per_pair_results(server, cache, tmp_path
     for run in report["runs"]:
         records = [Record.from_dict(r) for r in run["records"]]
         assert len(records) == 6 and {r.category for r in records} == set(run["by_category"])
-        assert json.loads(json.dumps(summarize(records))) == run["overall"]  # every number recomputes
+        assert json.loads(json.dumps(summarize(records).to_dict())) == run["overall"]  # every number recomputes
         right = sum(v == r.label for r in records for v in r.verdicts)
         assert run["overall"]["accuracy"]["value"] == pytest.approx(right / 12)
         assert run["overall"]["parse_failures"]["value"] == 0.0  # constrained decoding

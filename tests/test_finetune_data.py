@@ -126,3 +126,14 @@ def test_training_prompts_are_exactly_what_inference_sends():
     first, second = map(int, reflect["order"].split("-"))
     assert reflect["prompt"] == sent_reflect[(first, second)]
     assert render_prompt(JudgeAdapter(), Analyze, pair.inputs(), 1500) == sent_analyze
+
+
+def test_rows_are_cut_to_the_teacher_backends_budget_unless_told_otherwise():
+    from types import SimpleNamespace
+
+    from reflectagent.finetune.traces import for_backend
+
+    teacher = SimpleNamespace(context_chars=1234)
+    assert for_backend(None, teacher).context_chars == 1234  # the default promises the teacher's budget
+    assert for_backend(DataConfig(context_chars=900), teacher).context_chars == 900
+    assert for_backend(DataConfig(ratio=2.0), teacher).ratio == 2.0

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -9,6 +10,8 @@ from reflectagent.finetune.data import DataConfig, Trace, build_unified_data
 from reflectagent.finetune.dpo import DPOJobConfig, train_dpo
 from reflectagent.finetune.export import merge_adapter
 from reflectagent.results import Analysis, Judgment, flip
+
+pytestmark = pytest.mark.torch
 
 
 def traces_with_right_and_wrong(pairs):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from reflectagent.config import BackendConfig, ConfigError, Settings
-from reflectagent.finetune.loop import Loop, choose_pairs
+from reflectagent.finetune.loop import Loop
+from reflectagent.finetune.selection import choose_pairs
 from reflectagent.finetune.loop_config import LoopConfig, load_loop_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,15 @@ def test_config_file_sections_and_clear_errors(tmp_path):
         load_loop_config(path)
     assert load_loop_config(ROOT / "examples" / "loop.yaml") == LoopConfig()  # the documented file is the defaults
     assert load_loop_config(ROOT / "examples" / "loop-gpu.yaml").sft.max_length == 8192
+
+
+@needs_shared
+def test_default_data_is_found_from_any_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = LoopConfig()
+    assert all(Path(f).is_file() for f in config.files("train_data") + config.files("unseen_data"))
+    given = load_loop_config(None, train_data="../data.jsonl")  # a path given relative to where the command runs
+    assert given.files("train_data") == [str(tmp_path.parent / "data.jsonl")]
 
 
 @needs_shared

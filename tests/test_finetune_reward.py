@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from reflectagent.finetune.reward import RewardJobConfig, RewardModelJudge, train_reward
+
+pytestmark = pytest.mark.torch
 
 
 def test_tiny_reward_model_trains_and_judges_order_invariantly(model_dir, sample_pairs, tmp_path):
@@ -13,7 +17,7 @@ def test_tiny_reward_model_trains_and_judges_order_invariantly(model_dir, sample
     card = json.loads((tmp_path / "rm" / "run_card.json").read_text())
     assert card["steps"] == 8 and card["train_pairs"] == 8
     assert card["final_loss"] < card["first_loss"], card
-    judge = RewardModelJudge(str(adapter))
+    judge = RewardModelJudge(str(adapter), max_length=config.max_length)
     right = 0
     for pair in train:
         straight, swapped = judge.judge(pair), judge.judge(pair.swapped())

@@ -13,7 +13,7 @@ from reflectagent.programs import GenRM
 from reflectagent.results import Analysis, Judgment, flip
 from reflectagent.server import ServerSpec, VLLMServer
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.torch]
 
 
 def traces_for(pairs):

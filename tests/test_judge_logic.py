@@ -8,7 +8,7 @@ from dspy.utils.exceptions import AdapterParseError
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.adapter import JudgeAdapter, output_schema
 from reflectagent.judge import PositionSwapJudge
-from reflectagent.modules import Analyzer, Reflector
+from reflectagent.modules import Analyzer, Reflector, VerdictStep
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment
 from reflectagent.signatures import Analyze, Reflect
@@ -40,6 +40,19 @@ def test_swapped_analysis_is_mapped_back_to_the_original_order(cache):
     assert (straight.preference, straight.swapped) == ("A", False)
     assert (swapped.preference, swapped.swapped) == ("A", True)  # the model said "B" about the swapped pair
     assert swapped.text == "B is right"
+
+
+def test_verdict_step_judges_an_analysis_written_elsewhere(cache):
+    """A critique from elsewhere (a person, a teacher file) turned into a verdict, in the caller's order."""
+    written = Analysis(text="Only the second response names the right capital.", preference=None, swapped=False,
+                       parsed=True, raw="")
+    lm = DummyLM({"[[ ## analysis ## ]]\nOnly the second": {"preference": "A"}}, adapter=JudgeAdapter())
+    with dspy.context(lm=lm):
+        straight = VerdictStep()(PAIR, written)
+        swapped = VerdictStep()(PAIR, written, swapped=True)
+    assert (straight.preference, straight.text, straight.swapped) == ("A", written.text, False)
+    assert (swapped.preference, swapped.swapped) == ("B", True)  # "A" about the swapped pair is B here
+    assert "Verdict: none" in lm.history[-1]["messages"][-1]["content"]  # the analysis came without a verdict
 
 
 def test_position_swap_judge_agrees_only_without_position_bias(cache):

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from reflectagent.pairs import InvalidPair, Pair, fit_to_budget, read_pairs
+from reflectagent.pairs import InvalidPair, Pair, read_pairs
+from reflectagent.steps import fit_to_budget
 
 
 def test_swapped_moves_responses_and_label():

@@ -18,7 +18,7 @@ from reflectagent.programs import AdaptiveReflectRM, Cascade, Ensemble, GenRM, R
 from reflectagent.programs.compile import compile_judge, preference_metric, to_examples
 from reflectagent.programs.genrm import majority, probability_verdict
 from reflectagent.programs.ranking import bradley_terry
-from reflectagent.programs.reflectrm import most_reliable
+from reflectagent.programs.reflectrm import most_reliable, reliability_weights, settled, weighted_probability
 from reflectagent.results import Analysis, Judgment, Reflection
 
 
@@ -27,8 +27,9 @@ def analysis(preference, probability=None, parsed=True):
                     probability=probability)
 
 
-def reflection(first, second, winner):
-    return Reflection(text="", first=first, second=second, more_reliable=winner, parsed=winner is not None, raw="")
+def reflection(first, second, winner, probability_first=None):
+    return Reflection(text="", first=first, second=second, more_reliable=winner, parsed=winner is not None, raw="",
+                      probability_first=probability_first)
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +92,46 @@ def test_tie_rule():
     assert most_reliable(flat, ()) == (None, "reflection tie")
     assert most_reliable((analysis(None, parsed=False), analysis("B")), ()) == (1, None)
     assert most_reliable((analysis(None, parsed=False),) * 2, ()) == (None, "unparsed")
+
+
+def test_reflection_probabilities_weigh_the_analyses_and_cancel_a_position_locked_reflector():
+    straight, swapped = analysis("A", 0.8), analysis("B", 0.6)  # P(A) 0.8 and 0.4
+    # A reflector that always says "1", but leans towards analysis 0 in both orders: 0 gets 0.9 + 0.3 of 2.
+    locked = (reflection(0, 1, 0, probability_first=0.9), reflection(1, 0, 1, probability_first=0.7))
+    assert reliability_weights((straight, swapped), locked) == pytest.approx({0: 0.6, 1: 0.4})
+    probability_a, heaviest = weighted_probability((straight, swapped), locked)
+    assert probability_a == pytest.approx(0.6 * 0.8 + 0.4 * 0.4) and heaviest == 0
+    # Without reflections the weights are equal: GenRM's order-averaged probability.
+    assert weighted_probability((straight, swapped), ())[0] == pytest.approx(0.6)
+    assert reliability_weights((straight, swapped), (reflection(0, 1, None),)) is None  # unparsed: said, not guessed
+    assert weighted_probability((straight, analysis("B")), ()) == (None, None)  # a missing probability
+
+
+def test_probability_decisions_say_why_they_have_no_verdict():
+    with dspy.context(lm=reflective()):  # DummyLM gives no log-probs
+        judged = ReflectRM(decision="probability").judge(PAIR)
+        swap = PositionSwapJudge(decision="probability").judge(PAIR)
+    assert judged.preference is None and judged.reason == "no reflection probabilities" and judged.reflections
+    assert swap.preference is None and swap.reason == "no verdict probabilities"
+    with pytest.raises(ValueError, match="decision must be"):
+        ReflectRM(decision="majority")
+
+
+def test_adaptive_skip_under_the_probability_rule_is_exact():
+    """Skipped only when every P(A) is on one side of 0.5: then no weighting can change the verdict."""
+    rng = random.Random(1)
+    for _ in range(500):
+        k = rng.randint(2, 5)
+        analyses = tuple(analysis(rng.choice("AB"), rng.uniform(0.3, 1.0)) for _ in range(k))
+        if not settled(analyses, "probability"):
+            continue
+        reflections = tuple(reflection(i, j, i, rng.random()) for i in range(k) for j in range(k) if i != j)
+        full, _ = weighted_probability(analyses, reflections)
+        skipped, _ = weighted_probability(analyses, ())
+        assert (full > 0.5) == (skipped > 0.5)
+    # verdicts agree, but one sample's token went against its own probability: not settled
+    assert settled((analysis("A", 0.9), analysis("A", 0.3)), "vote")
+    assert not settled((analysis("A", 0.9), analysis("A", 0.3)), "probability")
 
 
 def test_adaptive_reflectrm_matches_full_on_the_same_samples(tmp_path):
@@ -173,7 +214,8 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
         "print(json.dumps([type(p).__name__, p.options, len(p.analyzer.predict.demos), p.analyzer.predict.demos[0]['analysis']]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == ["ReflectRM", {"samples": 4, "adaptive": True, "temperature": 0.7}, 1, "x is right"]
+    assert json.loads(out) == ["ReflectRM", {"samples": 4, "adaptive": True, "temperature": 0.7, "decision": "vote"}, 1,
+                               "x is right"]
     with pytest.raises(ProgramFileError, match="holds a ReflectRM program, not GenRM"):
         GenRM.load(path)
     data = json.loads(path.read_text())
@@ -184,6 +226,16 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
     (tmp_path / "junk.json").write_text("[1, 2]")
     with pytest.raises(ProgramFileError, match="not a saved reflectagent program"):
         load_program(tmp_path / "junk.json")
+
+
+def test_adaptive_reflectrm_is_a_class_that_saves_and_loads_as_itself(tmp_path):
+    program = AdaptiveReflectRM(samples=4)
+    assert isinstance(program, ReflectRM) and program.adaptive
+    loaded = load_program(program.save(tmp_path / "adaptive.json"))
+    assert type(loaded) is AdaptiveReflectRM and loaded.adaptive
+    assert loaded.options == {"samples": 4, "temperature": 0.7, "decision": "vote"}
+    with pytest.raises(ProgramFileError, match="holds a AdaptiveReflectRM program, not ReflectRM"):
+        ReflectRM.load(tmp_path / "adaptive.json")
 
 
 def test_bootstrap_compiles_demos_that_change_the_cache_key(tmp_path):

@@ -1,0 +1,61 @@
+"""The ``reflectagent`` command line: one module per command group, above everything it drives.
+
+Commands parse flags, call the library and print; every number they print comes from a
+library function. Nothing in the library imports this package. An error the library raises
+on purpose (:class:`reflectagent.ReflectAgentError`) is printed as one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from reflectagent.errors import ReflectAgentError
+
+# LiteLLM fetches its price table from the network at import unless told not to; an application
+# may decide that for its process (the library itself leaves the environment alone).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+class Commands(TyperGroup):
+    """Every command, with a library error shown as ``error: <what to fix>`` and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ReflectAgentError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(1) from exc
+
+
+app = typer.Typer(
+    cls=Commands, help="Generative reward models: LLM judges that write an analysis before their verdict.",
+    no_args_is_help=True, pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def main(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v for progress logs, -vv for debug")] = 0):
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        for noisy in ("LiteLLM", "litellm", "httpx", "dspy"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+from reflectagent.cli import cache, evaluate, finetune, judge, models, serve  # noqa: E402  (they register on app)
+
+app.command()(judge.judge)
+app.command("eval")(evaluate.eval_command)
+app.command()(evaluate.compare)
+app.command()(serve.serve)
+app.add_typer(models.app, name="models")
+app.add_typer(cache.app, name="cache")
+app.add_typer(finetune.app, name="finetune")
+
+__all__ = ["app"]

@@ -1,0 +1,3 @@
+from reflectagent.cli import app
+
+app()

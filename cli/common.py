@@ -1,0 +1,28 @@
+"""What several commands share: the config and cache options, input errors, the cache in force."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn, Optional
+
+import typer
+
+from reflectagent.cache import JudgmentCache
+from reflectagent.config import Settings
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config (default: $REFLECTAGENT_CONFIG or ./reflectagent.toml)")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="judgment cache folder (default: $REFLECTAGENT_CACHE_DIR or the user cache)")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def open_cache(settings: Settings, cache_dir: Path | None, no_cache: bool = False) -> JudgmentCache:
+    return JudgmentCache(cache_dir or settings.cache_dir, enabled=settings.cache and not no_cache)
+
+
+def warn_skipped(bad_lines) -> None:
+    for line in bad_lines:
+        typer.secho(f"skipped {line}", fg="yellow", err=True)

@@ -1,0 +1,127 @@
+"""``reflectagent finetune``: distil teacher traces into data, train (SFT, STaR-DPO), merge, or run the loop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from reflectagent.cache import use_cache
+from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_skipped
+from reflectagent.config import load_settings
+from reflectagent.errors import ReflectAgentError
+from reflectagent.eval import load_benchmark
+
+app = typer.Typer(help="Distil judge traces into training data and fine-tune with LoRA.", no_args_is_help=True)
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def dataclass_flags(ctx: typer.Context, *kinds):
+    """Parse the remaining arguments into the given dataclasses (transformers' HfArgumentParser)."""
+    from transformers import HfArgumentParser
+
+    if "--help" in ctx.args or "-h" in ctx.args:
+        HfArgumentParser(kinds).print_help()
+        raise typer.Exit(0)
+    return HfArgumentParser(kinds).parse_args_into_dataclasses(args=ctx.args)
+
+
+@app.command("data", context_settings=PASSTHROUGH)
+def data(
+    ctx: typer.Context,
+    data: Annotated[str, typer.Option("--data", "-d", help="labelled pair files, comma-separated")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for the datasets and the data card")] = Path("runs/data"),
+    backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="the teacher's backend (default: the configured default; use temperature > 0)")] = None,
+    samples: Annotated[int, typer.Option(help="teacher analyses per pair (alternating orders)")] = 4,
+    temperature: Annotated[float, typer.Option(help="temperature of samples after the first")] = 0.8,
+    limit: Annotated[Optional[int], typer.Option(help="at most N pairs per file")] = None,
+    concurrency: Annotated[int, typer.Option(help="pairs judged at once")] = 8,
+    config: ConfigOpt = None,
+    cache_dir: CacheDirOpt = None,
+):
+    """Run the teacher (ReflectRM) over labelled pairs and build the unified training data.
+
+    More flags (DataConfig): --ratio, --rationalize, --fractions, --seed, --context_chars.
+    """
+    from reflectagent.finetune import DataConfig, distil
+
+    (data_config,) = dataclass_flags(ctx, DataConfig)
+    pairs = []
+    for name in [f for f in data.split(",") if f]:
+        if not Path(name).exists():
+            fail(f"no such data file: {name}", 2)
+        loaded, bad = load_benchmark(name)
+        warn_skipped(bad)
+        pairs += loaded[:limit] if limit is not None else loaded
+    settings = load_settings(config)
+    with use_cache(open_cache(settings, cache_dir)):
+        built = distil(pairs, backend_name, settings, out, data_config, samples=samples, temperature=temperature,
+                       concurrency=concurrency, progress=sys.stderr.isatty())
+    typer.echo(json.dumps(built.stats, indent=2))
+    dpo_note = f", {out}/dpo (STaR-DPO)" if (out / "dpo").exists() else " (no STaR-DPO triples: no order had a right and a wrong analysis)"
+    typer.echo(f"datasets: {out}/unified (SFT){dpo_note}; card: {out}/data_card.json")
+
+
+@app.command("train", context_settings=PASSTHROUGH, add_help_option=False)
+def train(ctx: typer.Context):
+    """LoRA fine-tuning on the unified data (flags: SFTJobConfig, e.g. --data runs/data/unified --max_steps 200)."""
+    from reflectagent.finetune import SFTJobConfig, train_sft
+
+    (job,) = dataclass_flags(ctx, SFTJobConfig)
+    adapter = train_sft(job)
+    typer.echo(f"adapter: {adapter}\nserve it: reflectagent serve --lora judge={adapter}")
+
+
+@app.command("run")
+def run(
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="loop config (YAML/TOML): see LoopConfig")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (overrides output_dir)")] = None,
+    settings_file: Annotated[Optional[Path], typer.Option("--settings", help="backend settings file (the teacher's backend)")] = None,
+    cache_dir: CacheDirOpt = None,
+):
+    """The whole loop: teacher traces -> data -> LoRA (response-only, unified) + Bradley-Terry -> serve -> eval report.
+
+    Re-running the same command resumes: finished stages are skipped, judged steps come from the cache.
+    """
+    from reflectagent.finetune.loop import Loop
+    from reflectagent.finetune.loop_config import load_loop_config
+
+    try:
+        loop_config = load_loop_config(config_file, **({"output_dir": str(out)} if out else {}))
+    except ReflectAgentError as exc:
+        fail(str(exc), 2)
+    settings = load_settings(settings_file)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop its servers on `kill`, as on Ctrl-C
+    with use_cache(open_cache(settings, cache_dir)):
+        report = Loop(loop_config, settings, progress=sys.stderr.isatty()).run()
+    typer.echo(report.read_text())
+    typer.echo(f"report: {report}")
+
+
+@app.command("merge")
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter folder")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the merged model folder")],
+    base_model: Annotated[str, typer.Option("--base-model", help="'embedded' or the adapter's base model folder")] = "embedded",
+):
+    """Merge a LoRA adapter into its base model: a full folder vLLM serves as a plain model (faster on CPU)."""
+    from reflectagent.finetune.export import merge_adapter
+
+    try:
+        typer.echo(merge_adapter(adapter, out, base_model))
+    except FileNotFoundError as exc:
+        fail(str(exc), 2)
+
+
+@app.command("dpo", context_settings=PASSTHROUGH, add_help_option=False)
+def dpo(ctx: typer.Context):
+    """STaR-DPO on top of an SFT adapter (flags: DPOJobConfig, e.g. --data runs/data/dpo --sft_adapter runs/sft/adapter)."""
+    from reflectagent.finetune.dpo import DPOJobConfig, train_dpo
+
+    (job,) = dataclass_flags(ctx, DPOJobConfig)
+    merged = train_dpo(job)
+    typer.echo(f"merged model: {merged}\nserve it: reflectagent serve {merged}")

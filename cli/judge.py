@@ -1,0 +1,127 @@
+"""``reflectagent judge``: judge pairs and print verdicts, analyses and a summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import dspy
+import typer
+
+from reflectagent.backends import resolve_backend
+from reflectagent.cache import use_cache
+from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_skipped
+from reflectagent.config import load_settings
+from reflectagent.errors import ReflectAgentError
+from reflectagent.eval.metrics import JudgingSummary, summarize_judgments
+from reflectagent.judge import judge_pairs
+from reflectagent.pairs import Pair, read_pairs, sample_path
+from reflectagent.programs import NAMED, load_program, named_program
+from reflectagent.results import Judgment
+
+
+def print_judgment(pair: Pair, judgment: Judgment, show_analyses: bool) -> None:
+    verdict = judgment.preference or f"none ({judgment.reason})"
+    label = f"  label {pair.label}" if pair.label else ""
+    mark = ""
+    if pair.label in ("A", "B"):
+        mark = "  ✓" if judgment.preference == pair.label else "  ✗"
+    cached = "  [cached]" if judgment.steps and judgment.cache_hits == len(judgment.steps) else ""
+    typer.echo(f"{pair.id or '-'}: verdict {verdict}{label}{mark}{cached}")
+    for note in judgment.notes:
+        typer.echo(f"    note: {note}")
+    if show_analyses:
+        for a in judgment.analyses:
+            order = "B,A" if a.swapped else "A,B"
+            prob = f" p={a.probability:.2f}" if a.probability is not None else ""
+            text = a.text.replace("\n", " ")[:160] if a.parsed else (a.error or "")[:160]
+            typer.echo(f"    [{order}] -> {a.preference or 'unparsed'}{prob}: {text}")
+        for r in judgment.reflections:
+            choice = f"analysis {r.more_reliable + 1}" if r.more_reliable is not None else "unparsed"
+            text = r.text.replace("\n", " ")[:120] if r.parsed else (r.error or "")[:120]
+            typer.echo(f"    reflect({r.first + 1} vs {r.second + 1}) -> {choice}: {text}")
+
+
+def print_summary(summary: JudgingSummary, bad_lines: int, wall_s: float) -> None:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in summary.no_verdict.items())
+    typer.echo(f"pairs: {summary.judged} judged, {bad_lines} bad lines skipped")
+    typer.echo(f"verdicts: {summary.verdicts}; no verdict: {summary.judged - summary.verdicts}"
+               + (f" ({reasons})" if reasons else ""))
+    if summary.labelled:
+        typer.echo(f"accuracy on labelled pairs: {summary.correct}/{summary.labelled} = {summary.accuracy:.1%} "
+                   "(no verdict counts as wrong)")
+    typer.echo(f"parse failures: {summary.unparsed_steps} of {summary.steps} steps")
+    typer.echo(f"LM calls: {summary.lm_calls}; cache hits: {summary.cached_judgments} of {summary.judged} judgments "
+               f"({summary.cached_steps} of {summary.steps} steps)")
+    typer.echo(f"tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion")
+    if wall_s > 0:
+        typer.echo(f"wall time: {wall_s:.1f} s; {summary.judged / wall_s * 60:.1f} judgments per minute")
+
+
+def judge(
+    file: Annotated[Optional[Path], typer.Argument(help="JSONL of pairs (prompt, response_a, response_b[, id, label, ...])")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="judge one pair given on the command line")] = None,
+    a: Annotated[Optional[str], typer.Option("--a", help="response A, with --prompt")] = None,
+    b: Annotated[Optional[str], typer.Option("--b", help="response B, with --prompt")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="judge the real pairs shipped with reflectagent")] = False,
+    program_name: Annotated[str, typer.Option("--program", "-p", help=f"one of: {', '.join(NAMED)}")] = "swap",
+    load: Annotated[Optional[Path], typer.Option("--load", help="a compiled program saved with .save() (overrides --program)")] = None,
+    backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="backend name from the config (default: $REFLECTAGENT_BACKEND or 'embedded')")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="judge only the first N pairs")] = None,
+    concurrency: Annotated[int, typer.Option(help="pairs judged at once")] = 8,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write every judgment as JSONL here")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="verdicts only, no analyses")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the judgment cache")] = False,
+    config: ConfigOpt = None,
+    cache_dir: CacheDirOpt = None,
+):
+    """Judge pairs and print verdicts, analyses and a summary.
+
+    The default program ('swap') analyses each pair in both orders and gives a verdict when
+    the two agree; 'reflectrm' adds ReflectRM's reflection stage. Judgments are cached:
+    running the same command again costs no LM calls.
+    """
+    if sum([file is not None, prompt is not None, sample]) != 1:
+        fail("give exactly one of: a JSONL FILE, --prompt with --a and --b, or --sample", 2)
+    bad = []
+    try:
+        if prompt is not None:
+            if a is None or b is None:
+                fail("--prompt needs both --a and --b", 2)
+            pairs = [Pair(prompt=prompt, response_a=a, response_b=b, id="cli")]
+        else:
+            path = sample_path() if sample else file
+            if not path.exists():
+                fail(f"no such file: {path}", 2)
+            pairs, bad = read_pairs(path)
+        program = load_program(load) if load else named_program(program_name)
+    except ReflectAgentError as exc:  # a pair, program name or program file to fix: a usage error
+        fail(str(exc), 2)
+    warn_skipped(bad)
+    pairs = pairs[:limit] if limit is not None else pairs
+    if not pairs:
+        fail("no valid pairs to judge", 2)
+
+    settings = load_settings(config)
+    started = time.perf_counter()
+    lm = resolve_backend(backend_name, settings)
+    ready_s = time.perf_counter() - started
+    started = time.perf_counter()
+    with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm):
+        judgments = judge_pairs(program, pairs, concurrency=concurrency, progress=sys.stderr.isatty())
+    wall = time.perf_counter() - started
+
+    for pair, judgment in zip(pairs, judgments):
+        print_judgment(pair, judgment, show_analyses=not quiet)
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
+            for pair, judgment in zip(pairs, judgments):
+                handle.write(json.dumps({"pair": pair.to_dict(), "judgment": judgment.to_dict()}, ensure_ascii=False) + "\n")
+    typer.echo("")
+    typer.echo(f"program: {type(program).__name__} {program.options}")
+    typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {lm.backend.api_base or 'provider default'}); "
+               f"ready in {ready_s:.1f} s")
+    print_summary(summarize_judgments(pairs, judgments), len(bad), wall)

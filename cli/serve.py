@@ -1,0 +1,68 @@
+"""``reflectagent serve``: a model (and LoRA adapters) behind vLLM's OpenAI-compatible server until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from reflectagent.cli.common import fail
+from reflectagent.embedded import SERVED_NAME, publish, withdraw
+from reflectagent.models import prepare_model
+from reflectagent.server import ServerSpec, VLLMServer
+
+
+def parse_loras(items: list[str]) -> dict[str, str]:
+    loras = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            fail(f"--lora takes NAME=DIR, got {item!r}", 2)
+        if not Path(path).is_dir():
+            fail(f"LoRA folder not found: {path}", 2)
+        loras[key] = str(Path(path).resolve())
+    return loras
+
+
+def serve(
+    model: Annotated[str, typer.Argument(help="'embedded' (packaged SmolLM2), a model folder, or a hub id")] = "embedded",
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA adapter to serve, NAME=DIR (repeatable)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default: a free one)")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")] = None,
+    max_model_len: Annotated[int, typer.Option(help="context length")] = 2048,
+    max_lora_rank: Annotated[int, typer.Option(help="largest LoRA rank to accept")] = 64,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the server to answer")] = 600,
+):
+    """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until Ctrl-C."""
+    loras = parse_loras(lora or [])
+    folder = prepare_model(model)
+    embedded = model == "embedded"
+    served = name or (SERVED_NAME if embedded else Path(folder).name)
+    server = VLLMServer(ServerSpec(model_dir=str(folder), served_name=served, loras=loras, port=port,
+                                   max_model_len=max_model_len, max_lora_rank=max_lora_rank))
+    # Ctrl-C and SIGTERM both stop the server, even where SIGINT was ignored (nohup, `cmd &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        starting = time.perf_counter()
+        url = server.start(timeout_s=timeout)
+        ready_s = time.perf_counter() - starting
+        if embedded:
+            publish(url, loras)
+        typer.echo(f"serving {served} ({folder}) at {url}")
+        typer.echo(f"ready in {ready_s:.0f} s")
+        for key in loras:
+            typer.echo(f"  adapter {key}: model name '{key}' (LiteLLM: hosted_vllm/{key})")
+        typer.echo(f"LiteLLM model string: hosted_vllm/{served}, api_base {url}. Ctrl-C stops the server.")
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(1)
+        fail(f"the server exited; log tail:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        typer.echo("stopping the server")
+    finally:
+        server.stop()
+        if embedded:
+            withdraw(server.url)

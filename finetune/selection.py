@@ -1,0 +1,61 @@
+"""Which pairs the fine-tuning loop trains and evaluates on: disjoint, balanced, short enough.
+
+``train`` and ``dev`` come from the training sources (``dev`` is held out by pair), ``unseen``
+from sources never trained on. Every choice is a stable hash of (seed, pair id), so the same
+config picks the same pairs on every machine.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from reflectagent.eval.data import load_benchmark
+from reflectagent.finetune.loop_config import LoopConfig
+from reflectagent.pairs import Pair
+from reflectagent.splits import split_pairs, stable_fraction
+
+logger = logging.getLogger(__name__)
+
+
+def usable(pair: Pair, max_chars: int) -> bool:
+    """Labelled A or B, two different non-empty responses, and short enough to train on."""
+    return (pair.label in ("A", "B") and not pair.identical and bool(pair.response_a.strip())
+            and bool(pair.response_b.strip()) and len(pair.prompt) + len(pair.response_a) + len(pair.response_b) <= max_chars)
+
+
+def balanced(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
+    """``n`` pairs taken in turn from each source, each source in a stable seeded order."""
+    by_source: dict[str, list[Pair]] = {}
+    for pair in sorted(pairs, key=lambda p: stable_fraction(str(seed), p.id)):
+        by_source.setdefault(pair.source or "", []).append(pair)
+    queues, chosen = [list(v) for _, v in sorted(by_source.items())], []
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def _usable_pairs(files: list[str], max_chars: int) -> list[Pair]:
+    pairs = []
+    for name in files:
+        loaded, bad = load_benchmark(name)
+        if bad:
+            logger.warning("%s: skipped %d malformed lines", name, len(bad))
+        pairs += [p for p in loaded if usable(p, max_chars)]
+    return pairs
+
+
+def choose_pairs(config: LoopConfig) -> dict[str, list[Pair]]:
+    """Disjoint train / dev (held out, same sources) / unseen (other sources) pairs."""
+    candidates = _usable_pairs(config.files("train_data"), config.max_pair_chars)
+    known = balanced(candidates, config.train_pairs + config.dev_pairs, config.seed)
+    share = config.train_pairs / max(config.train_pairs + config.dev_pairs, 1)
+    split = split_pairs(known, fractions=(share, 1 - share, 0.0), seed=config.seed)
+    unseen = balanced(_usable_pairs(config.files("unseen_data"), config.max_pair_chars), config.unseen_pairs, config.seed)
+    overlap = {p.id for p in split["train"]} & {p.id for p in split["dev"] + unseen}
+    if overlap:
+        raise ValueError(f"{len(overlap)} pair ids are both in training and in evaluation: {sorted(overlap)[:5]}")
+    logger.info("pairs: %d train, %d dev, %d unseen (training sources: %d usable pairs)",
+                len(split["train"]), len(split["dev"]), len(unseen), len(candidates))
+    return {"train": split["train"], "dev": split["dev"], "unseen": unseen}

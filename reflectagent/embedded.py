@@ -1,0 +1,96 @@
+"""Which vLLM server answers for the embedded model: one already running, or one started here.
+
+In order: ``$REFLECTAGENT_EMBEDDED_URL`` names a server; ``reflectagent serve`` published one
+in the state file; otherwise this process starts its own, shared by every backend that needs
+the same model folder and adapters, and stops it when the process ends (and, where Linux
+allows, the server dies with the process). The state file is one small JSON object written
+by :func:`publish` and removed by :func:`withdraw`; nothing else reads or writes it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from reflectagent.config import ConfigError
+from reflectagent.paths import server_dir
+from reflectagent.server import ServerSpec, VLLMServer, is_serving
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_URL_ENV = "REFLECTAGENT_EMBEDDED_URL"
+SERVED_NAME = "embedded"  # the model name the embedded server answers to
+
+_servers: dict[str, VLLMServer] = {}
+_servers_lock = threading.Lock()
+
+
+def state_file() -> Path:
+    return server_dir() / "embedded.json"
+
+
+def publish(url: str, loras: dict[str, str]) -> None:
+    """Announce a running embedded server (``reflectagent serve``) to other processes."""
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    state_file().write_text(json.dumps({"url": url, "loras": loras}))
+
+
+def withdraw(url: str) -> None:
+    """Remove the announcement, if it is still ours: another ``serve`` may have replaced it."""
+    if published_url() == url:
+        state_file().unlink(missing_ok=True)
+
+
+def published_url() -> str | None:
+    if not state_file().exists():
+        return None
+    try:
+        return json.loads(state_file().read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.warning("ignoring an unreadable %s", state_file())
+        return None
+
+
+def _stop_all() -> None:
+    with _servers_lock:
+        for server in _servers.values():
+            server.stop()
+        _servers.clear()
+
+
+def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = 2048) -> str:
+    """A server answering for the embedded model and ``loras``: reused if running, else started."""
+    wanted = [SERVED_NAME, *loras]
+    named = os.environ.get(EMBEDDED_URL_ENV)
+    for url in filter(None, (named, published_url())):
+        if all(is_serving(url, name) for name in wanted):
+            return url
+    if named:
+        raise ConfigError(f"${EMBEDDED_URL_ENV}={named} does not serve {wanted}: start it with those "
+                          "adapters, or unset the variable to let reflectagent start a server")
+    key = json.dumps([str(model_dir), sorted(loras.items()), max_model_len])
+    with _servers_lock:
+        if key not in _servers:
+            if not _servers:
+                atexit.register(_stop_all)
+            spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, loras=dict(loras),
+                              max_model_len=max_model_len)
+            server = VLLMServer(spec, die_with_parent=True)
+            server.start()
+            _servers[key] = server
+        return _servers[key].url
+
+
+@contextmanager
+def serving(model_dir: str | Path, loras: dict[str, str] | None = None, *, log_path: Path | None = None,
+            max_model_len: int = 2048, max_lora_rank: int = 64):
+    """A server for ``model_dir`` under the embedded model's name, for the ``with`` block only."""
+    spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, loras=dict(loras or {}),
+                      max_model_len=max_model_len, max_lora_rank=max_lora_rank)
+    with VLLMServer(spec, log_path=log_path, die_with_parent=True) as server:
+        yield server.url

@@ -1,0 +1,73 @@
+"""The layers point one way: core <- programs <- eval <- finetune <- command line.
+
+Every module's imports are read from its source (lazy imports inside functions included),
+so a shortcut taken anywhere fails here instead of in a review.
+"""
+
+import ast
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+import reflectagent
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = {  # package -> the layers it may import
+    "core": {"core"},
+    "programs": {"core", "programs"},
+    "eval": {"core", "programs", "eval"},
+    "finetune": {"core", "programs", "eval", "finetune"},
+    "cli": {"core", "programs", "eval", "finetune", "cli"},
+}
+FOLDERS = {"reflectagent": "core", "programs": "programs", "eval": "eval", "finetune": "finetune", "cli": "cli"}
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "reflectagent":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS and parts[1] != "core" else "core"
+
+
+def imported(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names if node.module == "reflectagent"}
+    return names
+
+
+def test_every_module_imports_only_its_own_layer_and_those_below():
+    checked, wrong = 0, []
+    for folder, layer in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            checked += 1
+            for name in imported(path):
+                target = layer_of(name)
+                if target is not None and target not in LAYERS[layer]:
+                    wrong.append(f"{path.relative_to(ROOT)} ({layer}) imports {name} ({target})")
+    assert checked > 30
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_checker_sees_a_wrong_direction(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from reflectagent.eval.runner import run_eval\n    import reflectagent.cli\n")
+    assert {layer_of(n) for n in imported(bad)} == {"eval", "cli"}
+
+
+def test_every_library_error_shares_one_base():
+    errors, modules = [], []
+    for package in ("reflectagent", "reflectagent.programs", "reflectagent.eval", "reflectagent.finetune"):
+        path = importlib.import_module(package).__path__
+        modules += [info.name for info in pkgutil.iter_modules(path, f"{package}.") if not info.ispkg]
+    for name in modules:
+        module = importlib.import_module(name)
+        errors += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                   if issubclass(cls, Exception) and cls.__module__ == module.__name__]
+    assert len(errors) >= 6
+    assert all(issubclass(cls, reflectagent.ReflectAgentError) for cls in errors), errors
