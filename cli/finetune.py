@@ -33,34 +33,46 @@ def dataclass_flags(ctx: typer.Context, *kinds):
 @app.command("data", context_settings=PASSTHROUGH)
 def data(
     ctx: typer.Context,
-    data: Annotated[str, typer.Option("--data", "-d", help="labelled pair files, comma-separated")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="labelled pair files, comma-separated (the backend teaches)")] = None,
+    teacher_file: Annotated[Optional[Path], typer.Option("--teacher-file", help="a file of strong-model judgments that teaches instead (the backend is the student)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the datasets and the data card")] = Path("runs/data"),
-    backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="the teacher's backend (default: the configured default; use temperature > 0)")] = None,
-    samples: Annotated[int, typer.Option(help="teacher analyses per pair (alternating orders)")] = 4,
+    backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="the teacher's backend, or the student's with --teacher-file (default: the configured default; use temperature > 0)")] = None,
+    samples: Annotated[int, typer.Option(help="analyses per pair (alternating orders)")] = 4,
     temperature: Annotated[float, typer.Option(help="temperature of samples after the first")] = 0.8,
     limit: Annotated[Optional[int], typer.Option(help="at most N pairs per file")] = None,
     concurrency: Annotated[int, typer.Option(help="pairs judged at once")] = 8,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):
-    """Run the teacher (ReflectRM) over labelled pairs and build the unified training data.
+    """Build the unified training data: a teacher program (ReflectRM) over labelled pairs, or a file of judgments.
 
     More flags (DataConfig): --ratio, --rationalize, --fractions, --seed, --context_chars.
     """
-    from reflectagent.finetune import DataConfig, distil
+    from reflectagent.finetune import DataConfig, distil, distil_file
+    from reflectagent.teacher import read_teacher
 
+    if (data is None) == (teacher_file is None):
+        fail("give one of --data (pairs the backend judges) or --teacher-file (judgments that teach)", 2)
     (data_config,) = dataclass_flags(ctx, DataConfig)
-    pairs = []
-    for name in [f for f in data.split(",") if f]:
-        if not Path(name).exists():
-            fail(f"no such data file: {name}", 2)
-        loaded, bad = load_benchmark(name)
-        warn_skipped(bad)
-        pairs += loaded[:limit] if limit is not None else loaded
     settings = load_settings(config)
-    with use_cache(open_cache(settings, cache_dir)):
-        built = distil(pairs, backend_name, settings, out, data_config, samples=samples, temperature=temperature,
-                       concurrency=concurrency, progress=sys.stderr.isatty())
+    options = dict(samples=samples, temperature=temperature, concurrency=concurrency, progress=sys.stderr.isatty())
+    if teacher_file is not None:
+        if not teacher_file.is_file():
+            fail(f"no such teacher file: {teacher_file}", 2)
+        judgments, bad = read_teacher(teacher_file)
+        warn_skipped(bad)
+        with use_cache(open_cache(settings, cache_dir)):
+            built = distil_file(judgments[:limit], backend_name, settings, out, data_config, **options)
+    else:
+        pairs = []
+        for name in [f for f in data.split(",") if f]:
+            if not Path(name).exists():
+                fail(f"no such data file: {name}", 2)
+            loaded, bad = load_benchmark(name)
+            warn_skipped(bad)
+            pairs += loaded[:limit] if limit is not None else loaded
+        with use_cache(open_cache(settings, cache_dir)):
+            built = distil(pairs, backend_name, settings, out, data_config, **options)
     typer.echo(json.dumps(built.stats, indent=2))
     dpo_note = f", {out}/dpo (STaR-DPO)" if (out / "dpo").exists() else " (no STaR-DPO triples: no order had a right and a wrong analysis)"
     typer.echo(f"datasets: {out}/unified (SFT){dpo_note}; card: {out}/data_card.json")

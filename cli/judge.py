@@ -18,7 +18,7 @@ from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval.metrics import JudgingSummary, summarize_judgments
 from reflectagent.judge import judge_pairs
-from reflectagent.pairs import Pair, read_pairs, sample_path
+from reflectagent.pairs import InvalidPair, Pair, read_pairs, sample_path
 from reflectagent.programs import NAMED, load_program, named_program
 from reflectagent.results import Judgment
 
@@ -58,7 +58,8 @@ def print_summary(summary: JudgingSummary, bad_lines: int, wall_s: float) -> Non
                f"({summary.cached_steps} of {summary.steps} steps)")
     typer.echo(f"tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion")
     if wall_s > 0:
-        typer.echo(f"wall time: {wall_s:.1f} s; {summary.judged / wall_s * 60:.1f} judgments per minute")
+        typer.echo(f"wall time: {wall_s:.1f} s (a server started on demand included); "
+                   f"{summary.judged / wall_s * 60:.1f} judgments per minute")
 
 
 def judge(
@@ -98,7 +99,9 @@ def judge(
                 fail(f"no such file: {path}", 2)
             pairs, bad = read_pairs(path)
         program = load_program(load) if load else named_program(program_name)
-    except ReflectAgentError as exc:  # a pair, program name or program file to fix: a usage error
+    except InvalidPair as exc:
+        fail(f"invalid pair: {exc}", 2)
+    except ReflectAgentError as exc:  # a program name or program file to fix: a usage error
         fail(str(exc), 2)
     warn_skipped(bad)
     pairs = pairs[:limit] if limit is not None else pairs
@@ -106,9 +109,7 @@ def judge(
         fail("no valid pairs to judge", 2)
 
     settings = load_settings(config)
-    started = time.perf_counter()
     lm = resolve_backend(backend_name, settings)
-    ready_s = time.perf_counter() - started
     started = time.perf_counter()
     with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm):
         judgments = judge_pairs(program, pairs, concurrency=concurrency, progress=sys.stderr.isatty())
@@ -122,6 +123,6 @@ def judge(
                 handle.write(json.dumps({"pair": pair.to_dict(), "judgment": judgment.to_dict()}, ensure_ascii=False) + "\n")
     typer.echo("")
     typer.echo(f"program: {type(program).__name__} {program.options}")
-    typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {lm.backend.api_base or 'provider default'}); "
-               f"ready in {ready_s:.1f} s")
+    where = lm.api_base or ("no server needed: every step came from the cache" if lm.backend.start else "provider default")
+    typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {where})")
     print_summary(summarize_judgments(pairs, judgments), len(bad), wall)

@@ -11,7 +11,7 @@ import typer
 
 from reflectagent.cli.common import fail
 from reflectagent.embedded import SERVED_NAME, publish, withdraw
-from reflectagent.models import prepare_model
+from reflectagent.models import default_context, prepare_model
 from reflectagent.server import ServerSpec, VLLMServer
 
 
@@ -28,11 +28,11 @@ def parse_loras(items: list[str]) -> dict[str, str]:
 
 
 def serve(
-    model: Annotated[str, typer.Argument(help="'embedded' (packaged SmolLM2), a model folder, or a hub id")] = "embedded",
+    model: Annotated[str, typer.Argument(help="'embedded' (packaged SmolLM2), a preset (see `models prepare`), a model folder, or a hub id")] = "embedded",
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA adapter to serve, NAME=DIR (repeatable)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default: a free one)")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")] = None,
-    max_model_len: Annotated[int, typer.Option(help="context length")] = 2048,
+    max_model_len: Annotated[Optional[int], typer.Option(help="context length (default: the model preset's, else 2048)")] = None,
     max_lora_rank: Annotated[int, typer.Option(help="largest LoRA rank to accept")] = 64,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the server to answer")] = 600,
 ):
@@ -42,7 +42,7 @@ def serve(
     embedded = model == "embedded"
     served = name or (SERVED_NAME if embedded else Path(folder).name)
     server = VLLMServer(ServerSpec(model_dir=str(folder), served_name=served, loras=loras, port=port,
-                                   max_model_len=max_model_len, max_lora_rank=max_lora_rank))
+                                   max_model_len=max_model_len or default_context(folder), max_lora_rank=max_lora_rank))
     # Ctrl-C and SIGTERM both stop the server, even where SIGINT was ignored (nohup, `cmd &`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

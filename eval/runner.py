@@ -78,7 +78,7 @@ class RunResult:
 
 
 def program_runs(programs: dict[str, Judge] | list[str], backends: list[str], settings: Settings | None = None) -> list[EvalRun]:
-    """Every program (by name, or named judges) on every backend; servers start here, in this thread."""
+    """Every program (by name, or named judges) on every backend (a server is started at the first uncached step)."""
     if isinstance(programs, list):
         programs = {name: named_program(name) for name in programs}
     lms = {name: resolve_backend(name, settings) for name in backends}

@@ -16,8 +16,8 @@ from reflectagent.finetune.rationalize import Rationalizer
 from reflectagent.finetune.reward import RewardJobConfig, RewardModelJudge, train_reward
 from reflectagent.finetune.sft_config import SFTJobConfig
 from reflectagent.finetune.sft_trainer import train_sft
-from reflectagent.finetune.traces import collect_traces, distil
+from reflectagent.finetune.traces import collect_traces, distil, distil_file, teacher_traces
 
 __all__ = ["DPOJobConfig", "DataConfig", "Loop", "LoopConfig", "Rationalizer", "RewardJobConfig", "RewardModelJudge", "SFTJobConfig", "Trace", "UnifiedData",
-           "build_unified_data", "collect_traces", "distil", "load_loop_config", "merge_adapter", "train_dpo", "train_reward",
+           "build_unified_data", "collect_traces", "distil", "distil_file", "teacher_traces", "load_loop_config", "merge_adapter", "train_dpo", "train_reward",
            "train_sft"]

@@ -32,7 +32,8 @@ from reflectagent.modules import render_analysis
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, flip
 from reflectagent.signatures import Analyze, Reflect
-from reflectagent.steps import render_request
+from reflectagent.steps import InputTooLong, render_request
+from reflectagent.tokens import InputBudget
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,9 @@ class Trace:
     judgment: Judgment
 
 
-def render_prompt(adapter: JudgeAdapter, signature, inputs: dict[str, str], context_chars: int | None) -> list[dict]:
+def render_prompt(adapter: JudgeAdapter, signature, inputs: dict[str, str], budget: InputBudget | int | None) -> list[dict]:
     """The chat messages inference sends for ``inputs`` (cut to the same budget as ``run_step``)."""
-    return render_request(adapter, signature, inputs, context_chars)[2]
+    return render_request(adapter, signature, inputs, budget)[2]
 
 
 def _row(pair: Pair, kind: str, prompt: list[dict], target: str, rationalized: bool, **extra) -> dict[str, Any]:
@@ -98,11 +99,12 @@ def correct(analysis: Analysis, label: str | None) -> bool:
     return analysis.parsed and analysis.preference == label
 
 
-def response_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rationalizer=None) -> list[dict]:
+def response_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rationalizer=None,
+                  budget: InputBudget | None = None) -> list[dict]:
     pair, rows = trace.pair, []
     for swapped in (False, True):
         shown = pair.swapped() if swapped else pair
-        prompt = render_prompt(adapter, Analyze, shown.inputs(), config.context_chars)
+        prompt = render_prompt(adapter, Analyze, shown.inputs(), budget or config.context_chars)
         right = [a for a in trace.judgment.analyses
                  if a.swapped == swapped and correct(a, pair.label) and usable_text(a.text, config)]
         rationalized = False
@@ -116,7 +118,7 @@ def response_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, ratio
 
 
 def analysis_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rng: random.Random,
-                  rationalizer=None) -> list[dict]:
+                  rationalizer=None, budget: InputBudget | None = None) -> list[dict]:
     pair, judgment = trace.pair, trace.judgment
     analyses = judgment.analyses
     usable = [i for i, a in enumerate(analyses) if a.parsed and usable_text(a.text, config)]
@@ -136,13 +138,13 @@ def analysis_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rng: 
                 continue
             inputs = {**pair.inputs(), "analysis_1": render_analysis(analyses[first], False),
                       "analysis_2": render_analysis(analyses[second], False)}
-            prompt = render_prompt(adapter, Reflect, inputs, config.context_chars)
+            prompt = render_prompt(adapter, Reflect, inputs, budget or config.context_chars)
             target = adapter.render_target(Reflect, {"reflection": text, "more_reliable": choice})
             rows.append(_row(pair, "analysis", prompt, target, rationalized, order=f"{first}-{second}"))
     return rows
 
 
-def dpo_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig) -> list[dict]:
+def dpo_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, budget: InputBudget | None = None) -> list[dict]:
     """STaR-DPO: for each order, (prompt, a right analysis, a wrong analysis) of the same prompt."""
     pair, rows = trace.pair, []
     for swapped in (False, True):
@@ -150,7 +152,7 @@ def dpo_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig) -> list[di
         same = [a for a in trace.judgment.analyses if a.swapped == swapped and a.parsed and usable_text(a.text, config)]
         good = [a for a in same if a.preference == pair.label]
         bad = [a for a in same if a.preference != pair.label]
-        prompt = render_prompt(adapter, Analyze, shown.inputs(), config.context_chars)
+        prompt = render_prompt(adapter, Analyze, shown.inputs(), budget or config.context_chars)
         for g, b in zip(good, bad):
             rows.append({
                 "pair_id": pair.id, "prompt": prompt,
@@ -211,11 +213,15 @@ class UnifiedData:
 
 
 def build_unified_data(traces: list[Trace], config: DataConfig | None = None, rationalizer=None,
-                       adapter: JudgeAdapter | None = None, concurrency: int = 1) -> UnifiedData:
+                       adapter: JudgeAdapter | None = None, concurrency: int = 1,
+                       budget: InputBudget | None = None) -> UnifiedData:
     """Rows from every trace; ``concurrency`` traces at once (rationalisation calls the teacher).
 
-    Each pair's random choices come from its own seeded generator, so the rows of a pair do
-    not depend on which other pairs are in the data or in what order they are built.
+    Prompts are cut as the serving backend cuts them: to ``budget`` (its characters and tokens)
+    where given, else to ``config.context_chars``. A pair whose prompt cannot fit at all gives no
+    rows (counted in the card). Each pair's random choices come from its own seeded generator, so
+    the rows of a pair do not depend on which other pairs are in the data or in what order they
+    are built.
     """
     from reflectagent.concurrency import run_all
 
@@ -228,13 +234,19 @@ def build_unified_data(traces: list[Trace], config: DataConfig | None = None, ra
     pair_splits = split_pairs([t.pair for t in labelled], fractions=fractions, seed=config.seed)
     where = {p.id: name for name, pairs in pair_splits.items() for p in pairs}
     rng = random.Random(config.seed)
-    splits, dpo, counts = {}, {}, Counter()
+    splits, dpo, counts, too_long = {}, {}, Counter(), []
     for name in pair_splits:
         mine = [t for t in labelled if where.get(t.pair.id) == name]
 
         def rows_of(t: Trace):
             own = random.Random(f"{config.seed}:{t.pair.id}")
-            return (response_rows(t, adapter, config, rationalizer), analysis_rows(t, adapter, config, own, rationalizer))
+            try:
+                return (response_rows(t, adapter, config, rationalizer, budget),
+                        analysis_rows(t, adapter, config, own, rationalizer, budget))
+            except InputTooLong as exc:
+                logger.warning("pair %s gives no rows: %s", t.pair.id, exc)
+                too_long.append(t.pair.id)  # list.append: safe from the worker threads
+                return [], []
 
         built = run_all([lambda t=t: rows_of(t) for t in mine], max_workers=concurrency)
         responses = dedupe([r for made, _ in built for r in made])
@@ -243,10 +255,11 @@ def build_unified_data(traces: list[Trace], config: DataConfig | None = None, ra
                        f"{name}/rationalized": sum(r["rationalized"] for r in responses + analyses)})
         splits[name] = mix(responses, analyses, config.ratio, rng)
         rng.shuffle(splits[name])
-        dpo[name] = dedupe([r for t in mine for r in dpo_rows(t, adapter, config)])
+        dpo[name] = dedupe([r for t in mine if t.pair.id not in too_long for r in dpo_rows(t, adapter, config, budget)])
     stats = {
         "config": asdict(config), "pairs": {k: len(v) for k, v in pair_splits.items()},
         "rows_before_mix": dict(counts),
+        "pairs_too_long_for_the_context": len(too_long),
         "rows": {k: dict(Counter(r["kind"] for r in v)) for k, v in splits.items()},
         "dpo_rows": {k: len(v) for k, v in dpo.items()},
         "pairs_with_a_correct_sample": sum(any(correct(a, t.pair.label) for a in t.judgment.analyses) for t in labelled),

@@ -88,7 +88,8 @@ class Loop:
         train = self.pairs()["train"]
         name, teacher = self.settings.backend(self.config.teacher_backend)
         with self.stages.stage("traces+data"), self._teacher_server(teacher) as url:
-            settings = self._with(**{name: teacher.model_copy(update={"api_base": url}) if url else teacher})
+            served = {"api_base": url, "context_tokens": self.config.max_model_len}  # the server this stage started
+            settings = self._with(**{name: teacher.model_copy(update=served) if url else teacher})
             distil(train, name, settings, folder, self.config.data, samples=self.config.samples,
                    temperature=self.config.temperature, concurrency=self.config.concurrency, progress=self.progress)
         return folder
@@ -217,7 +218,7 @@ class Loop:
         runs, free = [], []
         for model in models:
             config = BackendConfig(model=EMBEDDED, api_base=url, model_path=str(folder), lora=loras,
-                                   adapter=model if model in loras else None,
+                                   adapter=model if model in loras else None, context_tokens=self.config.max_model_len,
                                    context_chars=self.config.data.context_chars or embedded.context_chars)
             lm = lm_for(model, config)
             runs += [EvalRun(program, model, named_program(program), lm) for program in programs]

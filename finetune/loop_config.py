@@ -9,6 +9,7 @@ the embedded SmolLM2-135M; a GPU user changes ``base_model``, the sizes and ``sf
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def load_loop_config(path: str | Path | None = None, **overrides) -> LoopConfig:
     values.update(overrides)
     for key in ("train_data", "unseen_data"):  # absolute, so loop_config.json says where the data came from
         if key in values:
-            values[key] = ",".join(str(Path(f.strip()).resolve()) for f in str(values[key]).split(",") if f.strip())
+            values[key] = ",".join(os.path.abspath(f.strip()) for f in str(values[key]).split(",") if f.strip())
     sections = {"data": DataConfig, "sft": SFTJobConfig, "reward": RewardJobConfig}
     _build(LoopConfig, values, str(path or "loop config"))
     defaults = LoopConfig()

@@ -5,6 +5,10 @@ model). ReflectRM with k samples gives analyses in both orders and reflections o
 that disagree; run it on a backend with temperature > 0 (sample 0 uses the backend's
 temperature, the others the program's) so the samples differ. Every step goes through the
 judgment cache, so an interrupted collection resumes.
+
+A file of strong-model judgments teaches too (:func:`distil_file`): its analysis, shown in both
+orders, is the right answer of each pair, and the student's own analyses of the same pair supply
+the wrong ones that Reflect and STaR-DPO rows contrast it with.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from reflectagent.config import Settings
 from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data
 from reflectagent.judge import Judge, judge_pairs
 from reflectagent.pairs import Pair
-from reflectagent.programs import ReflectRM
+from reflectagent.programs import GenRM, ReflectRM
+from reflectagent.results import Judgment
+from reflectagent.teacher import TeacherJudgment
 
 
 def collect_traces(pairs: list[Pair], program: Judge | None = None, *, samples: int = 4, temperature: float = 0.8,
@@ -47,15 +53,59 @@ def distil(pairs: list[Pair], teacher: str | None, settings: Settings, out: Path
     the datasets, the data card and ``traces.jsonl`` (every teacher analysis with its
     correctness, for reading; resuming goes through the cache).
     """
+    program = ReflectRM(samples=samples, temperature=temperature)
+    return _distil(lambda: collect_traces(pairs, program, concurrency=concurrency, progress=progress),
+                   teacher, settings, out, config, concurrency)
+
+
+def teacher_traces(judgments: list[TeacherJudgment], student: list[Trace | None] | None = None) -> list[Trace]:
+    """Each judgment as a trace: the teacher's analysis in both orders, then the analyses of ``student[i]``,
+    the student's trace of the same pair (matched by position: ids are optional; None where it has none).
+    The student's reflections are dropped: they are not the teacher's."""
+    student = student if student is not None else [None] * len(judgments)
+    if len(student) != len(judgments):
+        raise ValueError(f"{len(student)} student traces for {len(judgments)} teacher judgments: they go by position")
+    return [Trace(j.pair, Judgment(preference=j.preference, analyses=(
+        j.as_analysis(False), j.as_analysis(True), *(theirs.judgment.analyses if theirs else ()))))
+        for j, theirs in zip(judgments, student)]
+
+
+def distil_file(judgments: list[TeacherJudgment], student: str | None, settings: Settings, out: Path,
+                config: DataConfig | None = None, *, samples: int = 2, temperature: float = 0.8, concurrency: int = 8,
+                progress: bool = True) -> UnifiedData:
+    """Unified data taught by a file of judgments; ``student`` (a backend) writes the analyses they are
+    contrasted with (``samples`` per pair, both orders). Labels are the teacher's: the data card says so."""
+    labelled = [j for j in judgments if j.preference in ("A", "B")]
+    program = GenRM(samples=max(1, samples // 2), both_orders=True, temperature=temperature)
+
+    def traces() -> list[Trace]:
+        own = judge_pairs(program, [j.pair for j in labelled], concurrency=concurrency, progress=progress)
+        return teacher_traces(labelled, [Trace(j.pair, judgment) for j, judgment in zip(labelled, own)])
+
+    card = {"labels": "the teacher's preference: the file carries no human label",
+            "teachers": sorted({j.teacher for j in labelled})}
+    return _distil(traces, student, settings, out, config, concurrency, card)
+
+
+def _distil(make_traces, name: str | None, settings: Settings, out: Path, config: DataConfig | None,
+            concurrency: int, card: dict | None = None) -> UnifiedData:
+    """Traces made on backend ``name``, turned into unified data rendered and cut as that backend is served
+    (its characters and tokens, unless ``config.context_chars`` names a budget); ``card`` adds to the data card."""
     from reflectagent.backends import backend
     from reflectagent.finetune.rationalize import Rationalizer
 
-    with backend(teacher, settings) as lm:
+    with backend(name, settings) as lm:
+        traces = make_traces()  # first: a dead backend stops here, cleanly, before its budget is asked for
+        budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
         config = for_backend(config, lm.backend)
-        traces = collect_traces(pairs, samples=samples, temperature=temperature, concurrency=concurrency,
-                                progress=progress)
         built = build_unified_data(traces, config, Rationalizer() if config.rationalize else None,
-                                   adapter=lm.backend.adapter(), concurrency=concurrency)
+                                   adapter=lm.backend.adapter(), concurrency=concurrency, budget=budget)
+    built.stats.update(card or {})
+    return save(built, traces, out)
+
+
+def save(built: UnifiedData, traces: list[Trace], out: Path) -> UnifiedData:
+    """The datasets and data card, and ``traces.jsonl``: every analysis with its correctness, for reading."""
     out = Path(out)
     built.save(out)
     with open(out / "traces.jsonl", "w", encoding="utf-8") as handle:

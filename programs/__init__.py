@@ -14,11 +14,12 @@ from reflectagent.config import ConfigError
 from reflectagent.judge import Judge, PositionSwapJudge, ProgramFileError
 from reflectagent.programs.compose import Cascade, Ensemble
 from reflectagent.programs.genrm import GenRM
+from reflectagent.programs.peer import MTBenchJudge
 from reflectagent.programs.ranking import Ranking, best_of_n, bradley_terry, rank
 from reflectagent.programs.reflectrm import AdaptiveReflectRM, ReflectRM
 
 PROGRAMS: dict[str, type[Judge]] = {
-    cls.__name__: cls for cls in (GenRM, ReflectRM, AdaptiveReflectRM, PositionSwapJudge, Ensemble, Cascade)
+    cls.__name__: cls for cls in (GenRM, ReflectRM, AdaptiveReflectRM, PositionSwapJudge, MTBenchJudge, Ensemble, Cascade)
 }
 
 
@@ -31,6 +32,7 @@ NAMED = {
     "reflectrm-prob": lambda: ReflectRM(decision="probability"),
     "reflectrm-adaptive": lambda: AdaptiveReflectRM(),
     "reflectrm-adaptive-prob": lambda: AdaptiveReflectRM(decision="probability"),
+    "mtbench": lambda: MTBenchJudge(),  # the peer baseline: MT-Bench's prompt, both orders
 }
 
 
@@ -59,6 +61,6 @@ def load_program(path: str | Path) -> Judge:
 
 
 __all__ = [
-    "AdaptiveReflectRM", "Cascade", "Ensemble", "GenRM", "PositionSwapJudge", "Ranking", "ReflectRM",
+    "AdaptiveReflectRM", "Cascade", "Ensemble", "GenRM", "MTBenchJudge", "PositionSwapJudge", "Ranking", "ReflectRM",
     "best_of_n", "bradley_terry", "load_program", "named_program", "program_class", "rank",
 ]

@@ -11,7 +11,8 @@ wrong rationale becomes a demo.
 
 from __future__ import annotations
 
-import logging
+import random
+from collections.abc import Sequence
 from typing import Literal
 
 import dspy
@@ -19,8 +20,8 @@ import dspy
 from reflectagent.judge import Judge, judge_pairs
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
+from reflectagent.teacher import TeacherJudgment
 
-logger = logging.getLogger(__name__)
 INPUTS = ("prompt", "response_a", "response_b")
 
 
@@ -108,3 +109,31 @@ def gepa_feedback(gold, pred: Judgment, trace=None, pred_name=None, pred_trace=N
     if wrong:
         feedback += f" {len(wrong)} of {len(pred.analyses)} analyses chose wrongly, e.g.: {wrong[0].text[:300]}"
     return dspy.Prediction(score=score, feedback=feedback)
+
+
+def teacher_demos(judgments: Sequence[TeacherJudgment], k: int = 2, *, max_chars: int = 1500, seed: int = 0) -> list[dspy.Example]:
+    """``k`` short teacher judgments as analysis demos, alternating A and B preferences.
+
+    Chosen by a seeded draw among pairs of at most ``max_chars`` characters, never by a score on
+    evaluation pairs; A and B alternate because demos that all prefer one position teach that position.
+    """
+    rng = random.Random(seed)
+    by_side = {side: [j for j in judgments if j.preference == side
+                      and len(j.pair.prompt) + len(j.pair.response_a) + len(j.pair.response_b) <= max_chars]
+               for side in ("A", "B")}
+    for pool in by_side.values():
+        rng.shuffle(pool)
+    chosen = [by_side["AB"[i % 2]][i // 2] for i in range(k) if i // 2 < len(by_side["AB"[i % 2]])]
+    if len(chosen) < k:
+        raise ValueError(f"only {len(chosen)} teacher judgments of A and B within {max_chars} characters; {k} wanted")
+    return [dspy.Example(**j.pair.inputs(), analysis=j.analysis, preference=j.preference).with_inputs(*INPUTS)
+            for j in chosen]
+
+
+def with_demos(program: Judge, demos: list[dspy.Example]) -> Judge:
+    """A copy of ``program`` whose analysis steps (analysis + preference) show ``demos``; others are untouched."""
+    compiled = program.deepcopy()
+    for _, predictor in compiled.named_predictors():
+        if set(predictor.signature.output_fields) == {"analysis", "preference"}:
+            predictor.demos = list(demos)
+    return compiled

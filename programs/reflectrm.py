@@ -19,8 +19,8 @@ judgment in token probabilities more than in the letters they generate, and a re
 be position-locked (always "1") while its probabilities still lean the right way. Each
 reflection gives P(analysis_1 is more reliable) from its choice token; every two analyses are
 reflected on in both orders, so summing those soft wins averages out the reflector's position
-bias. An analysis's weight is its share of the soft wins (equal weights without reflections),
-and P(A) is the weighted mean of the analyses' own P(A): with equal weights it is GenRM's
+bias. An analysis's weight is its share of the soft wins (a reflection without a probability
+carries none; equal weights when none has one), and P(A) is the weighted mean of the analyses' own P(A): with equal weights it is GenRM's
 order-averaged probability, with all weight on one analysis it is that analysis's. A if
 P(A) > 0.5, B if below, no verdict at exactly 0.5 or where a probability is missing. The
 adaptive skip stays exact: under this rule stage 2 is skipped only when every analysis's P(A)
@@ -71,15 +71,19 @@ def probability_a_of(analysis: Analysis) -> float | None:
 
 
 def reliability_weights(analyses: tuple[Analysis, ...], reflections: tuple[Reflection, ...]) -> dict[int, float] | None:
-    """Each parsed analysis's share of soft reflection wins (equal without reflections); None if a
-    reflection has no probability."""
+    """Each parsed analysis's share of soft reflection wins; None without a parsed analysis.
+
+    A reflection with no probability (unparsed, or no log-probs) carries no weight; with none that
+    has one, the analyses weigh equally. So every weighting is a convex one, whatever failed.
+    """
     parsed = [i for i, a in enumerate(analyses) if a.parsed]
-    if not reflections:
-        return {i: 1 / len(parsed) for i in parsed} if parsed else None
-    if any(r.probability_first is None for r in reflections):
+    weighed = [r for r in reflections if r.probability_first is not None]
+    if not parsed:
         return None
+    if not weighed:
+        return {i: 1 / len(parsed) for i in parsed}
     wins = dict.fromkeys(parsed, 0.0)
-    for r in reflections:
+    for r in weighed:
         wins[r.first] += r.probability_first
         wins[r.second] += 1 - r.probability_first
     total = sum(wins.values())
@@ -133,8 +137,8 @@ class ReflectRM(Judge):
         if self.decision == "probability":
             probability_a, heaviest = weighted_probability(analyses, reflections)
             preference, reason = probability_verdict(probability_a)
-            if probability_a is None and reflections and reliability_weights(analyses, reflections) is None:
-                reason = "no reflection probabilities"
+            if reflections and all(r.probability_first is None for r in reflections):
+                notes += ("no reflection carried a probability: the analyses weighed equally",)
             return Judgment(preference=preference, analyses=analyses, reflections=reflections, reason=reason,
                             notes=notes, chosen=heaviest, probability_a=probability_a)
         winner, reason = most_reliable(analyses, reflections)

@@ -3,16 +3,20 @@
 The LM carries its :class:`Backend` (identity for the cache, constrained output, log-probs,
 input budget), so ``dspy.context(lm=...)`` is all it takes to switch backends, and two
 backends can run side by side in one process. The ``embedded`` backend finds or starts its
-server through :mod:`reflectagent.embedded`.
+server through :mod:`reflectagent.embedded`, on the first step the cache cannot answer: a
+fully cached run starts no server.
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import os
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,9 @@ import dspy
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.config import EMBEDDED, BackendConfig, ConfigError, Settings, load_settings
+from reflectagent.tokens import InputBudget, folder_counter, server_context, server_counter
+
+TOKEN_MARGIN = 4  # tokens kept free beside max_tokens, in case a server counts a template token differently
 
 
 @dataclass(frozen=True)
@@ -33,8 +40,10 @@ class Backend:
     name: str
     config: BackendConfig
     model: str  # the LiteLLM model string requests are sent with
-    api_base: str | None
+    api_base: str | None  # None until connected, for a server started on demand
     identity: dict[str, Any]  # what the judgment cache keys on (never the API key)
+    model_dir: Path | None = None  # the served folder, where reflectagent serves it (its tokenizer counts tokens)
+    start: Callable[[], str] | None = field(default=None, compare=False, repr=False)  # find or start the server
 
     @property
     def constrained(self) -> bool:
@@ -59,6 +68,42 @@ class Backend:
     def adapter(self) -> JudgeAdapter:
         return JudgeAdapter(constrained=self.constrained, max_text_chars=self.max_text_chars)
 
+    @functools.cached_property
+    def context_tokens(self) -> int | None:
+        """The served model's context length, where it can be known (see ``BackendConfig.context_tokens``)."""
+        from reflectagent.models import default_context
+
+        if self.config.context_tokens:
+            return self.config.context_tokens
+        if self.model_dir is not None:
+            return default_context(self.model_dir)
+        return server_context(self.api_base, self.served) if self.is_hosted_vllm else None
+
+    @property
+    def is_hosted_vllm(self) -> bool:
+        return self.model.startswith("hosted_vllm/") and self.api_base is not None
+
+    @property
+    def served(self) -> str:
+        return self.model.removeprefix("hosted_vllm/")
+
+    @functools.cached_property
+    def _counter(self):
+        if self.model_dir is not None:
+            return folder_counter(self.model_dir)
+        return server_counter(self.api_base, self.served) if self.is_hosted_vllm else None
+
+    def input_budget(self) -> InputBudget:
+        """Characters (``context_chars``) and, where the model's tokenizer is at hand, tokens: the
+        context less ``max_tokens``, so no request is refused for length."""
+        tokens = None
+        if self._counter is not None and self.context_tokens:
+            tokens = self.context_tokens - self.config.max_tokens - TOKEN_MARGIN
+            if tokens <= 0:
+                raise ConfigError(f"backend {self.name!r}: max_tokens ({self.config.max_tokens}) leaves no room for the "
+                                  f"prompt in a {self.context_tokens}-token context: lower max_tokens or raise context_tokens")
+        return InputBudget(chars=self.config.context_chars, tokens=tokens, count=self._counter if tokens else None)
+
 
 class BackendLM(dspy.LM):
     """A ``dspy.LM`` with the :class:`Backend` it was resolved from (see ``steps.run_step``)."""
@@ -76,6 +121,27 @@ class BackendLM(dspy.LM):
             num_retries=config.num_retries, timeout=config.timeout_s, **options, **config.extra,
         )
         self.backend = backend
+        self._connecting = threading.Lock()
+        self._failed: BaseException | None = None  # a start that failed is not tried again by every waiting step
+
+    @property
+    def api_base(self) -> str | None:
+        """Where requests go; None for a server not yet needed (every step so far came from the cache)."""
+        return self.kwargs.get("api_base")
+
+    def connect(self) -> None:
+        """Find or start the server before the first request (``run_step`` calls this on a cache miss)."""
+        if self.api_base or self.backend.start is None:
+            return
+        with self._connecting:
+            if self._failed is not None:
+                raise self._failed
+            if not self.api_base:
+                try:
+                    self.kwargs["api_base"] = self.backend.start()
+                except BaseException as exc:
+                    self._failed = exc
+                    raise
 
 
 _file_digests: dict[tuple[str, int, int], str] = {}
@@ -112,6 +178,8 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
     from reflectagent.embedded import SERVED_NAME, embedded_url
     from reflectagent.models import prepare_model
 
+    from reflectagent.models import default_context
+
     model_dir = prepare_model(config.model_path)
     loras = {k: str(Path(v).expanduser().resolve()) for k, v in config.lora.items()}
     identity = {
@@ -119,8 +187,10 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
         "adapter": [config.adapter, fingerprint(loras[config.adapter])] if config.adapter else None,
         "temperature": config.temperature, "max_tokens": config.max_tokens, "tag": config.cache_tag,
     }
+    context = config.context_tokens or default_context(model_dir)
     return Backend(name=name, config=config, model=f"hosted_vllm/{config.adapter or SERVED_NAME}",
-                   api_base=config.api_base or embedded_url(model_dir, loras), identity=identity)
+                   api_base=config.api_base, identity=identity, model_dir=model_dir,
+                   start=None if config.api_base else functools.partial(embedded_url, model_dir, loras, context))
 
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:

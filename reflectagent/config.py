@@ -42,10 +42,14 @@ class BackendConfig(BaseModel):
     constrained: bool | None = Field(None, description="JSON-schema-constrained output; default on for vLLM backends")
     logprobs: bool | None = Field(None, description="ask for verdict-token probabilities; default on for vLLM backends")
     context_chars: int | None = Field(None, gt=0, description="input characters a step may use; longer inputs are cut")
+    context_tokens: int | None = Field(None, gt=0, description=(
+        "the model's context length in tokens: inputs are cut so prompt + max_tokens fit it (counted by the model's "
+        "tokenizer: embedded and hosted_vllm backends). Embedded: also the length of the server it starts (default: "
+        "the model preset's, else 2048); hosted_vllm: default asked from the server"))
     timeout_s: float = Field(300.0, gt=0)
     num_retries: int = Field(2, ge=0)
     seed: int | None = Field(None, description="base seed; sample k sends seed + k")
-    model_path: str | None = Field(None, description="embedded only: base model folder (default: packaged SmolLM2)")
+    model_path: str | None = Field(None, description="embedded only: base model folder or preset name (default: packaged SmolLM2)")
     lora: dict[str, str] = Field(default_factory=dict, description="embedded only: LoRA adapters to serve, NAME -> DIR")
     adapter: str | None = Field(None, description="embedded only: the LoRA adapter (by NAME) to judge with")
     cache_tag: str | None = Field(None, description="extra cache identity, for endpoints whose weights change")
@@ -61,6 +65,9 @@ class BackendConfig(BaseModel):
         if self.max_tokens < self.max_text_chars + 32 and self.constrained is not False and self.is_vllm:
             raise ValueError(f"max_tokens ({self.max_tokens}) must exceed max_text_chars ({self.max_text_chars}) + 32: "
                              "a token can be one character, and a cut-off JSON object loses its verdict")
+        if self.context_tokens is not None and self.context_tokens <= self.max_tokens:
+            raise ValueError(f"context_tokens ({self.context_tokens}) must exceed max_tokens ({self.max_tokens}): "
+                             "the completion needs room in the context")
         if self.adapter and self.adapter not in self.lora:
             raise ValueError(f"adapter {self.adapter!r} is not among lora: {sorted(self.lora)}")
         return self

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from reflectagent.config import ConfigError
 from reflectagent.paths import server_dir
-from reflectagent.server import ServerSpec, VLLMServer, is_serving
+from reflectagent.server import ServerSpec, VLLMServer, served_models
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +63,26 @@ def _stop_all() -> None:
         _servers.clear()
 
 
+def answers_for(url: str, model_dir: Path, loras: dict[str, str], max_model_len: int) -> bool:
+    """Whether the server at ``url`` serves this very model folder, with this context and these adapters:
+    another model under the embedded name would have its judgments cached as this one's."""
+    models = served_models(url)
+    base = (models or {}).get(SERVED_NAME)
+    return (base is not None and all(name in models for name in loras)
+            and Path(base.get("root") or "").resolve() == Path(model_dir).resolve()
+            and base.get("max_model_len", max_model_len) == max_model_len)
+
+
 def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = 2048) -> str:
     """A server answering for the embedded model and ``loras``: reused if running, else started."""
-    wanted = [SERVED_NAME, *loras]
     named = os.environ.get(EMBEDDED_URL_ENV)
     for url in filter(None, (named, published_url())):
-        if all(is_serving(url, name) for name in wanted):
+        if answers_for(url, model_dir, loras, max_model_len):
             return url
     if named:
-        raise ConfigError(f"${EMBEDDED_URL_ENV}={named} does not serve {wanted}: start it with those "
-                          "adapters, or unset the variable to let reflectagent start a server")
+        raise ConfigError(f"${EMBEDDED_URL_ENV}={named} does not serve {model_dir} as {SERVED_NAME!r} with a "
+                          f"{max_model_len}-token context and adapters {sorted(loras)}: start it so, or unset the "
+                          "variable to let reflectagent start a server")
     key = json.dumps([str(model_dir), sorted(loras.items()), max_model_len])
     with _servers_lock:
         if key not in _servers:

@@ -122,6 +122,17 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", *, source: dict
     return out
 
 
+DEFAULT_CONTEXT = 2048  # the embedded SmolLM2's serving length (its judge prompts fit with room to spare)
+
+
+def default_context(folder: str | Path) -> int:
+    """The context length to serve a prepared folder with: its preset's, else ``DEFAULT_CONTEXT``."""
+    source = Path(folder) / SOURCE_FILE
+    if source.exists():
+        return int(json.loads(source.read_text()).get("max_model_len") or DEFAULT_CONTEXT)
+    return DEFAULT_CONTEXT
+
+
 def prepare_model(source: str | None = None, *, force: bool = False) -> Path:
     """Return a Hugging Face model folder for ``source``.
 

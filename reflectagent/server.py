@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,15 +38,11 @@ class ServerError(ReflectAgentError, RuntimeError):
 
 
 def parent_death_hook():
-    """A ``preexec_fn`` that makes the child get SIGTERM when its parent dies, or None where
-    that cannot be asked for (not Linux, or called off the main thread).
-
-    Linux delivers the parent-death signal when the *thread* that started the child ends, so
-    only the main thread may ask for it; the caller's ``atexit`` or ``with`` covers the rest.
-    libc is looked up here, in the parent, so the hook itself cannot fail in the child.
+    """A ``preexec_fn`` that makes the child get SIGTERM when the thread that started it ends, or
+    None where Linux's ``prctl`` cannot be had (a warning says so). libc is looked up here, in the
+    parent, so the hook itself cannot fail in the child. Spawn through :func:`spawn_for_life`,
+    whose thread lives as long as the process: then "the thread ends" means "the process died".
     """
-    if threading.current_thread() is not threading.main_thread():
-        return None
     try:
         prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except OSError as exc:
@@ -56,6 +53,20 @@ def parent_death_hook():
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
     return hook
+
+
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def spawn_for_life(command: list[str], **popen) -> subprocess.Popen:
+    """``Popen`` on one thread that lives as long as this process, with the parent-death hook, so the
+    child dies with the process whichever thread asked for it (an eval worker, say), and only then."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reflectagent-spawner")
+    return _spawner.submit(lambda: subprocess.Popen(command, preexec_fn=parent_death_hook(), **popen)).result()
 
 
 def free_port() -> int:
@@ -136,10 +147,8 @@ class VLLMServer:
         command = self.spec.command(self.port)
         logger.info("starting vLLM: %s (log: %s)", " ".join(command), self.log_path)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True,
-                preexec_fn=parent_death_hook() if self.die_with_parent else None,
-            )
+            popen = dict(stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
+            self.process = spawn_for_life(command, **popen) if self.die_with_parent else subprocess.Popen(command, **popen)
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
@@ -176,12 +185,18 @@ class VLLMServer:
         self.stop()
 
 
-def is_serving(url: str, model: str | None = None) -> bool:
-    """True when an OpenAI-compatible server at ``url`` lists its models (and ``model``, if given)."""
+def served_models(url: str) -> dict[str, dict] | None:
+    """An OpenAI-compatible server's models by id (vLLM adds ``root``, ``max_model_len``, ``parent``), or None."""
     try:
         response = httpx.get(url.rstrip("/") + "/models", timeout=2.0)
     except httpx.HTTPError:
-        return False
+        return None
     if response.status_code != 200:
-        return False
-    return model is None or model in {m.get("id") for m in response.json().get("data", [])}
+        return None
+    return {m.get("id"): m for m in response.json().get("data", [])}
+
+
+def is_serving(url: str, model: str | None = None) -> bool:
+    """True when an OpenAI-compatible server at ``url`` lists its models (and ``model``, if given)."""
+    models = served_models(url)
+    return models is not None and (model is None or model in models)

@@ -22,12 +22,15 @@ from dspy.utils.usage_tracker import track_usage
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.cache import current_cache, step_key
+from reflectagent.errors import ReflectAgentError
 from reflectagent.results import StepOutput, Usage
+from reflectagent.tokens import InputBudget
 
 logger = logging.getLogger(__name__)
 
-# Errors that belong to one request (its size or content), not to the backend: the step fails,
-# the run goes on. Anything else (a dead server, a timeout) propagates, so nothing is lost.
+# Errors that belong to one request (its size or content), not to the backend: the step fails, the
+# run goes on, and the failure is cached (the same request would be refused again). Anything else
+# (a dead server, a timeout) propagates uncached, so a re-run retries it and nothing is lost.
 PER_REQUEST_ERRORS = (ContextWindowExceededError, LMInvalidRequestError)
 
 
@@ -117,45 +120,112 @@ def fit_to_budget(texts: dict[str, str], budget: int | None) -> tuple[dict[str, 
     return fitted, tuple(cut)
 
 
-def render_request(adapter, signature, inputs: dict[str, str], budget: int | None, demos=()):
+class InputTooLong(ReflectAgentError, ValueError):
+    """Even with every input cut to nothing, the request would not fit the model's context."""
+
+
+def render_request(adapter, signature, inputs: dict[str, str], budget: InputBudget | int | None, demos=()):
     """The inputs cut to the backend's budget (demos share it), the fields that were cut, and the
     chat messages sent. Inference and training data render through this one function, so a
-    fine-tuned model is trained on exactly the text it is served."""
-    if budget is not None and demos:
-        budget = max(budget - sum(len(str(v)) for demo in demos for v in dict(demo).values()), budget // 4)
-    inputs, truncated = fit_to_budget(inputs, budget)
-    return inputs, truncated, adapter.format(signature, list(demos), inputs)
+    fine-tuned model is trained on exactly the text it is served.
+
+    A character budget (``budget.chars``, or an int) cuts first. A token budget then measures the
+    whole rendered prompt with the model's own count and, if it is too long, searches the largest
+    character budget whose prompt fits (an estimate from the text's tokens per character, then
+    bisection), so no request is refused for length and little room is left unused.
+    ``InputTooLong`` when even inputs cut to their markers do not fit (demos or instructions too long).
+    """
+    budget = budget if isinstance(budget, InputBudget) else InputBudget(chars=budget)
+    chars = budget.chars
+    if chars is not None and demos:
+        chars = max(chars - sum(len(str(v)) for demo in demos for v in dict(demo).values()), chars // 4)
+    fitted, truncated = fit_to_budget(inputs, chars)
+    messages = adapter.format(signature, list(demos), fitted)
+    if not budget.counts_tokens:
+        return fitted, truncated, messages
+    used = budget.count(messages)
+    if used <= budget.tokens:
+        return fitted, truncated, messages
+
+    def render(limit: int):
+        cut, names = fit_to_budget(inputs, limit)
+        shown = adapter.format(signature, list(demos), cut)
+        return cut, names, shown, budget.count(shown)
+
+    length = sum(map(len, fitted.values()))
+    overhead = budget.count(adapter.format(signature, list(demos), dict.fromkeys(fitted, "")))
+    best, low, high = None, 0, length  # character budgets: ``low`` fits (or is 0), ``high`` does not
+    guess = int((budget.tokens - overhead) * length / max(used - overhead, 1) * 0.97)
+    for _ in range(10):
+        if guess <= low or guess >= high:
+            guess = (low + high) // 2
+        attempt = render(guess)
+        if attempt[3] <= budget.tokens:
+            best, low = attempt, guess
+        else:
+            high = guess
+        if best is not None and high - low <= max(high // 50, 16):  # within 2%: good enough, and deterministic
+            break
+        guess = (low + high) // 2
+    if best is None:
+        attempt = render(0)
+        if attempt[3] > budget.tokens:
+            raise InputTooLong(f"the prompt needs {attempt[3]} tokens with every input cut, more than the "
+                               f"{budget.tokens} the model's context leaves after the completion: shorten the demos "
+                               "or instructions, lower max_tokens, or serve the model with a longer context")
+        best = attempt
+    return best[0], best[1], best[2]
 
 
-def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, config: dict | None = None) -> StepOutput:
+def refusal_key(key: str, backend) -> str:
+    """Where a request the server refused is cached: beside its key, with the context it was refused in,
+    so a server given a longer context tries it again."""
+    return step_key(refused=key, context=getattr(backend, "context_tokens", None))
+
+
+def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, config: dict | None = None,
+             adapter: dspy.Adapter | None = None) -> StepOutput:
     """Run ``predict`` on ``inputs`` through the judgment cache.
 
     ``sample`` tells repeated samples of the same step apart; ``config`` overrides request
     settings (e.g. ``temperature`` for extra samples). Both are part of the cache key.
+    ``adapter`` renders and parses this step instead of the backend's (a baseline's own prompt).
+    The cache is asked first for the request as the character budget renders it, so a re-run of
+    steps that needed no token cut counts no tokens (and asks no server to count them).
     """
     lm = predict.lm or dspy.settings.lm
     if lm is None:
         raise RuntimeError("no LM is configured: use reflectagent.backend(...) or dspy.context(lm=...)")
     backend = backend_of(lm)
-    adapter = backend.adapter() if backend is not None else (dspy.settings.adapter or JudgeAdapter())
-    budget = backend.context_chars if backend is not None else None
-    inputs, truncated, messages = render_request(adapter, predict.signature, inputs, budget, predict.demos)
+    adapter = adapter or (backend.adapter() if backend is not None else (dspy.settings.adapter or JudgeAdapter()))
     config = _request_settings(lm, predict, sample, config)
-    key = step_key(
-        lm=lm_identity(lm),
-        adapter=adapter.describe() if hasattr(adapter, "describe") else type(adapter).__name__,
-        messages=messages,
-        config=config,
-        sample=sample,
-    )
+    describe = adapter.describe() if hasattr(adapter, "describe") else type(adapter).__name__
+    identity = lm_identity(lm)
     cache = current_cache()
+
+    def keyed(fitted_inputs, cut, messages):
+        return fitted_inputs, cut, step_key(lm=identity, adapter=describe, messages=messages, config=config, sample=sample)
+
+    chars = backend.context_chars if backend is not None else None
+    request = keyed(*render_request(adapter, predict.signature, inputs, chars, predict.demos))
+    budget = backend.input_budget() if backend is not None and cache.get(request[2]) is None else None
+    if budget is not None and budget.counts_tokens:
+        try:
+            request = keyed(*render_request(adapter, predict.signature, inputs, budget, predict.demos))
+        except InputTooLong as exc:  # deterministic: the same request would never fit, so nothing to retry
+            logger.warning("a step cannot fit the model's context: %s", exc)
+            return StepOutput(fields=None, raw="", usage=Usage(), error=f"InputTooLong: {exc}", truncated=tuple(inputs))
+    inputs, truncated, key = request
     with _single_flight(key, cache) as hit:
+        hit = hit or cache.get(refusal_key(key, backend))
         if hit is not None:
             if hit.parsed and dspy.settings.trace is not None:
                 # Optimisers collect demos from traces: a cached step must leave one like a live call.
                 dspy.settings.trace.append((predict, dict(inputs), dspy.Prediction(**hit.fields)))
             return hit
-        return _call(predict, adapter, inputs, config, truncated, key, cache)
+        if hasattr(lm, "connect"):
+            lm.connect()  # a server started on demand starts here, at the first step the cache cannot answer
+        return _call(predict, adapter, inputs, config, truncated, key, cache, backend)
 
 
 _inflight: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, threads using it)
@@ -187,7 +257,7 @@ def _single_flight(key: str, cache):
 
 
 def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, truncated: tuple[str, ...],
-          key: str, cache) -> StepOutput:
+          key: str, cache, backend) -> StepOutput:
     signature = predict.signature
     started = time.perf_counter()
     fields, raw, error, logprobs = None, "", None, None
@@ -203,7 +273,7 @@ def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, 
             error = f"unparsed: {getattr(exc, 'reason', 'the output does not match the signature')}"
         except PER_REQUEST_ERRORS as exc:
             error = f"{type(exc).__name__}: {exc}"
-            logger.warning("a request failed and is reported as unparsed: %s", error)
+            logger.warning("the server refused a request; the step fails (cached, not retried): %s", error)
     entries = [entry for rows in tracker.usage_data.values() for entry in rows]
     usage = Usage(
         lm_calls=max(len(entries), 1),
@@ -212,6 +282,7 @@ def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, 
         latency_s=time.perf_counter() - started,
     )
     step = StepOutput(fields=fields, raw=raw, usage=usage, error=error, logprobs=logprobs, truncated=truncated)
-    if error is None or error.startswith("unparsed"):
-        cache.put(key, step)  # a model's output, parsed or not, is a result; a refused request is not
+    refused = error is not None and not error.startswith("unparsed")
+    # A model's output, parsed or not, is a result; a refusal is final for this request in this context.
+    cache.put(refusal_key(key, backend) if refused else key, step)
     return step

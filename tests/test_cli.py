@@ -124,7 +124,7 @@ def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, mo
         # An embedded backend with no URL configured finds this server instead of starting one.
         judged = cli("judge", "--prompt", "Is water wet?", "--a", "Yes.", "--b", "No.", "--cache-dir", tmp_path,
                      env=isolated)
-        assert f"at {url}" in judged.stdout and "ready in" in judged.stdout
+        assert f"at {url}" in judged.stdout and "wall time" in judged.stdout
     finally:
         process.send_signal(signal.SIGINT)
         start = time.monotonic()

@@ -141,3 +141,31 @@ def test_a_server_dying_mid_run_loses_nothing_and_the_rerun_resumes(server, mode
         resumed = judge_pairs(PositionSwapJudge(), pairs, concurrency=1, progress=False)
     assert sum(j.cache_hits for j in resumed) == saved
     assert sum(j.lm_calls for j in resumed) == 12 - saved
+
+
+LONG_CODE = Pair(prompt="Review this code and say what it prints.\n" + "x = [i * 31 % 7 for i in range(10)]; print(x)\n" * 300,
+                 response_a="It prints a list of ten numbers, 300 times.", response_b="It prints nothing.")
+
+
+def test_a_long_pair_is_cut_to_the_context_in_tokens_not_refused(server, cache):
+    """No character budget at all: the token budget alone keeps the request inside the 2048-token context."""
+    conf = Settings(backends={"embedded": BackendConfig(model="embedded")})
+    with backend("embedded", conf) as lm:
+        judgment = PositionSwapJudge().judge(LONG_CODE)
+        budget = lm.backend.input_budget()
+    assert budget.tokens == 2048 - 512 - 4 and budget.chars is None
+    assert all(a.parsed for a in judgment.analyses), [a.error for a in judgment.analyses]
+    assert any("truncated to fit the context: prompt" in note for note in judgment.notes)
+
+
+def test_a_request_the_server_refuses_is_a_cached_failed_step(server, cache):
+    """A wrong context length lets a too-long request through; the server's refusal is final for that
+    request, so it is cached: the re-run makes no call and reports the same failure."""
+    conf = Settings(backends={"wrong": BackendConfig(model="hosted_vllm/embedded", api_base=server.url,
+                                                     context_tokens=100_000, max_tokens=600)})
+    with backend("wrong", conf):
+        first = PositionSwapJudge().judge(LONG_CODE)
+        again = PositionSwapJudge().judge(LONG_CODE)
+    assert first.preference is None and first.lm_calls == 2
+    assert all(not a.parsed and "Error" in a.error for a in first.analyses)
+    assert again.lm_calls == 0 and again.cache_hits == 2 and [a.error for a in again.analyses] == [a.error for a in first.analyses]

@@ -2,6 +2,7 @@
 the 4:1 mix, no pair leakage, and prompt identity with what inference sends."""
 
 import dspy
+import pytest
 from dspy.utils.dummies import DummyLM
 from fakes import BAD, GOOD, PAIR
 
@@ -11,6 +12,7 @@ from reflectagent.finetune.data import DataConfig, Trace, build_unified_data, re
 from reflectagent.modules import Analyzer, Reflector
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, Reflection
+from reflectagent.tokens import InputBudget
 
 
 def analysis(preference, swapped, text, sample=0, parsed=True):
@@ -109,6 +111,10 @@ def test_training_prompts_are_exactly_what_inference_sends():
         def adapter():
             return JudgeAdapter()
 
+        @staticmethod
+        def input_budget():
+            return InputBudget(chars=1500)
+
     lm.backend = Backend()
     with use_cache(JudgmentCache(enabled=False)), dspy.context(lm=lm):
         Analyzer()(pair, swapped=False)
@@ -137,3 +143,30 @@ def test_rows_are_cut_to_the_teacher_backends_budget_unless_told_otherwise():
     assert for_backend(None, teacher).context_chars == 1234  # the default promises the teacher's budget
     assert for_backend(DataConfig(context_chars=900), teacher).context_chars == 900
     assert for_backend(DataConfig(ratio=2.0), teacher).ratio == 2.0
+
+
+def test_a_teacher_file_teaches_both_orders_and_is_contrasted_with_the_students_mistakes():
+    from reflectagent.finetune.traces import teacher_traces
+    from reflectagent.teacher import TeacherJudgment
+
+    judgments = [TeacherJudgment(pair=Pair(prompt=f"q{i}", response_a=f"a{i}", response_b=f"b{i}", id=f"t{i}", label="A"),
+                                 analysis=f"Response A answers q{i} correctly; Response B does not.", preference="A")
+                 for i in range(10)]
+    student = [Trace(j.pair, Judgment(preference=None, analyses=(
+        analysis("B", False, f"the second one looks better to me {i}"), analysis("A", True, f"right for once, pair {i}"))))
+        if i % 2 == 0 else None for i, j in enumerate(judgments)]
+    traces = teacher_traces(judgments, student)
+    with pytest.raises(ValueError, match="by position"):
+        teacher_traces(judgments, student[:3])
+    assert [len(t.judgment.analyses) for t in traces] == [4, 2] * 5
+    shown = traces[0].judgment.analyses[1]
+    assert shown.swapped and shown.text == "Response B answers q0 correctly; Response A does not."
+    data = build_unified_data(traces, DataConfig(ratio=None, fractions="1,0,0"), FakeRationalizer())
+    rows = data.splits["train"]
+    teacher_rows = [r for r in rows if r["kind"] == "response" and "Response A answers" in r["completion"][0]["content"]]
+    assert len(teacher_rows) == 10 and not any(r["rationalized"] for r in teacher_rows)  # the teacher needs no help
+    swapped = [r for r in rows if r["kind"] == "response" and r["order"] == "BA" and "Response B answers" in r["completion"][0]["content"]]
+    assert len(swapped) == 10 and all(r["completion"][0]["content"].endswith('"preference":"B"}') for r in swapped)
+    reflect = [r for r in rows if r["kind"] == "analysis"]
+    assert {r["pair_id"] for r in reflect} == {f"t{i}" for i in range(0, 10, 2)}  # only where the student erred
+    assert sum(len(v) for v in data.dpo.values()) == 5  # teacher (chosen) over the student's wrong analysis, same order

@@ -63,6 +63,7 @@ def test_pairs_are_disjoint_balanced_and_short_enough():
 
 @needs_shared
 @pytest.mark.server
+@pytest.mark.torch
 def test_tiny_loop_runs_end_to_end_and_resumes(server, tmp_path):
     path = tmp_path / "loop.yaml"
     path.write_text(f"""

@@ -15,7 +15,7 @@ def test_tiny_reward_model_trains_and_judges_order_invariantly(model_dir, sample
                              learning_rate=1e-3, max_length=512, logging_steps=1, lora_r=8, lora_alpha=16, threads=2)
     adapter = train_reward(config, train)
     card = json.loads((tmp_path / "rm" / "run_card.json").read_text())
-    assert card["steps"] == 8 and card["train_pairs"] == 8
+    assert card["steps"] == 8 and card["train_rows"] == 8  # pairs, for the reward model (RunCard)
     assert card["final_loss"] < card["first_loss"], card
     judge = RewardModelJudge(str(adapter), max_length=config.max_length)
     right = 0

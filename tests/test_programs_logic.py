@@ -14,7 +14,7 @@ from fakes import BAD, GOOD, PAIR, ScoreJudge, biased_analyst, fair_analyst, ref
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.judge import PositionSwapJudge, ProgramFileError
 from reflectagent.pairs import Pair
-from reflectagent.programs import AdaptiveReflectRM, Cascade, Ensemble, GenRM, ReflectRM, load_program, rank
+from reflectagent.programs import AdaptiveReflectRM, Cascade, Ensemble, GenRM, MTBenchJudge, ReflectRM, load_program, rank
 from reflectagent.programs.compile import compile_judge, preference_metric, to_examples
 from reflectagent.programs.genrm import majority, probability_verdict
 from reflectagent.programs.ranking import bradley_terry
@@ -103,15 +103,18 @@ def test_reflection_probabilities_weigh_the_analyses_and_cancel_a_position_locke
     assert probability_a == pytest.approx(0.6 * 0.8 + 0.4 * 0.4) and heaviest == 0
     # Without reflections the weights are equal: GenRM's order-averaged probability.
     assert weighted_probability((straight, swapped), ())[0] == pytest.approx(0.6)
-    assert reliability_weights((straight, swapped), (reflection(0, 1, None),)) is None  # unparsed: said, not guessed
-    assert weighted_probability((straight, analysis("B")), ()) == (None, None)  # a missing probability
+    # An unparsed reflection carries no weight; the others still do.
+    assert reliability_weights((straight, swapped), (*locked, reflection(0, 1, None))) == pytest.approx({0: 0.6, 1: 0.4})
+    assert reliability_weights((straight, swapped), (reflection(0, 1, None),)) == {0: 0.5, 1: 0.5}
+    assert weighted_probability((straight, analysis("B")), ()) == (None, None)  # a missing probability: no verdict
 
 
 def test_probability_decisions_say_why_they_have_no_verdict():
     with dspy.context(lm=reflective()):  # DummyLM gives no log-probs
         judged = ReflectRM(decision="probability").judge(PAIR)
         swap = PositionSwapJudge(decision="probability").judge(PAIR)
-    assert judged.preference is None and judged.reason == "no reflection probabilities" and judged.reflections
+    assert judged.preference is None and judged.reason == "no verdict probabilities" and judged.reflections
+    assert "no reflection carried a probability: the analyses weighed equally" in judged.notes
     assert swap.preference is None and swap.reason == "no verdict probabilities"
     with pytest.raises(ValueError, match="decision must be"):
         ReflectRM(decision="majority")
@@ -125,7 +128,8 @@ def test_adaptive_skip_under_the_probability_rule_is_exact():
         analyses = tuple(analysis(rng.choice("AB"), rng.uniform(0.3, 1.0)) for _ in range(k))
         if not settled(analyses, "probability"):
             continue
-        reflections = tuple(reflection(i, j, i, rng.random()) for i in range(k) for j in range(k) if i != j)
+        reflections = tuple(reflection(i, j, i, rng.random() if rng.random() < 0.8 else None)  # some unparsed
+                            for i in range(k) for j in range(k) if i != j)
         full, _ = weighted_probability(analyses, reflections)
         skipped, _ = weighted_probability(analyses, ())
         assert (full > 0.5) == (skipped > 0.5)
@@ -266,3 +270,34 @@ def DummyLMChat(answers):  # noqa: N802
     from dspy.utils.dummies import DummyLM
 
     return DummyLM(answers)
+
+
+class FreeText:
+    """Makes DummyLM answer in free text (the MT-Bench baseline parses no JSON)."""
+
+    @staticmethod
+    def format_field_with_value(fields_with_values, role="assistant"):
+        return next(iter(fields_with_values.values()))
+
+
+def free_text(good_first: str, bad_first: str):
+    from dspy.utils.dummies import DummyLM
+
+    first = "[The Start of Assistant A's Answer]\n"
+    return DummyLM({first + GOOD: {"text": good_first}, first + BAD: {"text": bad_first}}, adapter=FreeText())
+
+
+def test_mtbench_baseline_uses_its_own_prompt_both_orders_and_never_guesses():
+    from reflectagent.programs.peer import SYSTEM
+
+    lm = free_text("A is right. [[A]]", "B is right. [[B]]")
+    with dspy.context(lm=lm):
+        judged = MTBenchJudge().judge(PAIR)
+    assert judged.preference == "A" and [a.preference for a in judged.analyses] == ["A", "A"]
+    assert judged.analyses[0].text == "A is right."
+    assert lm.history[0]["messages"][0]["content"] == SYSTEM
+    for good_first, bad_first, reason in (("[[A]]", "[[A]]", "inconsistent across orders"), ("[[C]]", "[[B]]", "tie"),
+                                          ("A wins", "[[B]]", "unparsed")):
+        with dspy.context(lm=free_text(good_first, bad_first)):
+            judged = MTBenchJudge().judge(PAIR)
+        assert judged.preference is None and judged.reason == reason

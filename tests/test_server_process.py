@@ -4,7 +4,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 
 from reflectagent import server
@@ -19,24 +18,28 @@ def alive(pid: int) -> bool:
         return stat.read().split(")")[1].split()[0] != "Z"
 
 
-def test_a_child_started_with_the_hook_dies_with_its_parent():
-    code = ("import subprocess; from reflectagent.server import parent_death_hook; "
-            "child = subprocess.Popen(['sleep', '60'], preexec_fn=parent_death_hook()); print(child.pid, flush=True)")
-    parent = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    pid = int(parent.stdout.strip())
-    deadline = time.monotonic() + 10
+def wait_dead(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not alive(pid)
+    return not alive(pid)
 
 
-def test_no_hook_off_the_main_thread_or_without_libc(monkeypatch, caplog):
-    found = []
-    worker = threading.Thread(target=lambda: found.append(server.parent_death_hook()))
-    worker.start()
-    worker.join()
-    assert found == [None]  # Linux would kill the child when that *thread* ends
+def test_a_child_spawned_from_a_short_lived_thread_lives_until_its_process_dies():
+    """Started from a worker thread that ends at once (as an eval worker does), the child must outlive
+    that thread, and die with the process."""
+    code = ("import threading, time, subprocess; from reflectagent.server import spawn_for_life\n"
+            "box = []\n"
+            "worker = threading.Thread(target=lambda: box.append(spawn_for_life(['sleep', '60'])))\n"
+            "worker.start(); worker.join(); time.sleep(1.5)\n"
+            "print(box[0].pid, box[0].poll() is None, flush=True)\n")
+    parent = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    pid, running = parent.stdout.split()
+    assert running == "True"  # alive after the thread that asked for it ended
+    assert wait_dead(int(pid))  # and gone once the process ended
 
+
+def test_no_hook_without_libc_says_so(monkeypatch, caplog):
     def no_libc(*args, **kwargs):
         raise OSError("libc.so.6: cannot open shared object file")
 

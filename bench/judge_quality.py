@@ -1,0 +1,94 @@
+"""Do the judges judge? Accuracy with intervals, consistency, calls and seconds per verdict, on a local preset.
+
+    .venv/bin/python bench/judge_quality.py [--preset qwen2.5-coder-1.5b] [--per-source 32] [--out bench/results/quality-1.5b]
+
+Test pairs: the seeded test split (``reflectagent.splits``, seed 0) of five human-labelled sets in
+../shared/data, labelled A or B, two distinct non-empty responses, prompt plus responses within
+``--max-chars``, ``--per-source`` from each, each pair judged as given and swapped. Nothing here is
+compiled or trained on them: demos are drawn (seeded, by length only) from the teacher file, after
+every teacher row whose prompt is a test prompt is left out.
+
+Runs: GenRM (one order, both orders, by probability), ReflectRM (vote, probability, adaptive), each
+zero-shot and with two teacher demos, and the MT-Bench prompt (the peer baseline) on the same model.
+Every step is cached: interrupted, the same command resumes; finished, it re-writes the report from
+the cache with no LM call and no server started. Each run's result is also kept as it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from reflectagent.backends import resolve_backend
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.config import BackendConfig, Settings
+from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
+from reflectagent.pairs import Pair
+from reflectagent.programs import named_program
+from reflectagent.programs.compile import teacher_demos, with_demos
+from reflectagent.splits import split_pairs, stable_fraction
+from reflectagent.teacher import read_teacher
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SOURCES = ("hh_rlhf_harmless_test", "hhh_alignment", "rmbench", "pandalm", "autoj_pairwise")
+PROGRAMS = ("genrm", "genrm-both", "genrm-prob", "reflectrm", "reflectrm-prob", "reflectrm-adaptive")
+PEER = "mtbench"
+
+
+def test_pairs(per_source: int, max_chars: int) -> list[Pair]:
+    chosen = []
+    for source in SOURCES:
+        pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
+        test = split_pairs(pairs, seed=0)["test"]
+        usable = [p for p in test if p.label in ("A", "B") and not p.identical and p.response_a.strip()
+                  and p.response_b.strip() and len(p.prompt) + len(p.response_a) + len(p.response_b) <= max_chars]
+        chosen += sorted(usable, key=lambda p: stable_fraction("quality-bench", p.id))[:per_source]
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="qwen2.5-coder-1.5b", help="model preset (or folder) served by the embedded backend")
+    parser.add_argument("--per-source", type=int, default=32)
+    parser.add_argument("--max-chars", type=int, default=2500)
+    parser.add_argument("--demos", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--only", default="", help="comma-separated run labels to judge now (default: all, in order)")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/quality-1.5b"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    pairs = test_pairs(args.per_source, args.max_chars)
+    teacher_file = SHARED / "teacher" / "alpaca_eval_gpt4_turbo.jsonl"
+    every, _ = read_teacher(teacher_file)
+    teacher, _ = read_teacher(teacher_file, exclude_prompts=[p.prompt for p in pairs])
+    demos = teacher_demos(teacher, k=args.demos, seed=0)
+    settings = Settings(backends={"local": BackendConfig(model="embedded", model_path=args.preset)})
+    lm = resolve_backend("local", settings)
+    runs = [EvalRun(name, args.preset, named_program(name), lm) for name in (*PROGRAMS, PEER)]
+    runs += [EvalRun(f"{name}+demos", args.preset, with_demos(named_program(name), demos), lm) for name in PROGRAMS]
+    wanted = [r for r in runs if not args.only or r.program in args.only.split(",")]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with use_cache(JudgmentCache(args.cache_dir)):
+        for run in wanted:  # one run at a time, so an interrupted bench keeps whole runs
+            [result] = run_eval(pairs, [run], concurrency=args.concurrency, progress=sys.stderr.isatty())
+            results.append(result)
+            (args.out / "runs").mkdir(exist_ok=True)
+            (args.out / "runs" / f"{run.program}.json").write_text(json.dumps({**result.to_dict(), "run": result.run_dict()}))
+            logging.info("%s: accuracy %s, %s LM calls made", run.program, result.overall.accuracy.value, result.run.lm_calls_made)
+    meta = {"data": [f"{s}.jsonl (test split, seed 0)" for s in SOURCES], "pairs": len(pairs), "split": "test", "seed": 0,
+            "per_source": args.per_source, "max_chars": args.max_chars, "preset": args.preset,
+            "demos": [{"prompt": d.prompt[:80], "preference": d.preference} for d in demos],
+            "teacher_rows_left_out_for_sharing_a_test_prompt": len(every) - len(teacher)}
+    write_report(results, args.out, meta)
+    print((args.out / "report.md").read_text().split("## Accuracy per category")[0])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Judgments written by a strong model, read from a file: a teacher for training data and demos.
+
+One JSON object a line, the pair schema plus ``teacher_analysis`` and ``teacher_preference``
+("A", "B" or "tie"), optionally ``teacher`` and ``prompt_also_in`` (``shared/data/teacher``).
+Such files usually carry no human label: the teacher's preference is then the pair's label, and
+whatever is built from them says so. The teacher's analysis names the responses "Response A"
+and "Response B" in the order written, so the same analysis can be shown for the swapped pair
+by exchanging the two names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from reflectagent.pairs import BadLine, InvalidPair, Pair, parse_pair
+from reflectagent.results import Analysis
+
+_NAMES = re.compile(r"\b(Response) ([AB])\b")
+
+
+@dataclass(frozen=True)
+class TeacherJudgment:
+    pair: Pair  # its label is the teacher's preference where the file has no human label
+    analysis: str
+    preference: str  # "A", "B" or "tie"
+    teacher: str = ""
+    prompt_also_in: tuple[str, ...] = ()  # benchmark sets that share this prompt (keep them out of their tests)
+
+    def as_analysis(self, swapped: bool = False) -> Analysis:
+        """The teacher's analysis as a parsed step, shown in either order (verdict in the original order)."""
+        text = swap_names(self.analysis) if swapped else self.analysis
+        return Analysis(text=text, preference=self.preference if self.preference in ("A", "B") else None,
+                        swapped=swapped, parsed=True, raw=text, sample=-1)
+
+
+def swap_names(text: str) -> str:
+    """The same analysis for the pair shown the other way round: "Response A" <-> "Response B"."""
+    return _NAMES.sub(lambda m: f"{m.group(1)} {'B' if m.group(2) == 'A' else 'A'}", text)
+
+
+def parse_teacher(row: object) -> TeacherJudgment:
+    if not isinstance(row, dict):
+        raise InvalidPair(f"expected a JSON object, got {type(row).__name__}")
+    analysis, preference = row.get("teacher_analysis"), row.get("teacher_preference")
+    if not isinstance(analysis, str) or not analysis.strip():
+        raise InvalidPair("missing teacher_analysis")
+    if preference not in ("A", "B", "tie"):
+        raise InvalidPair(f"teacher_preference must be A, B or tie, got {preference!r}")
+    pair = parse_pair(row)
+    if pair.label is None:
+        pair = replace(pair, label=preference)
+    return TeacherJudgment(pair=pair, analysis=analysis.strip(), preference=preference, teacher=str(row.get("teacher", "")),
+                           prompt_also_in=tuple(row.get("prompt_also_in") or ()))
+
+
+def read_teacher(path: str | Path, *, exclude_prompts: Iterable[str] = ()) -> tuple[list[TeacherJudgment], list[BadLine]]:
+    """The judgments of a teacher file, bad lines reported, and none whose prompt is in ``exclude_prompts``
+    (the prompts of an evaluation split: a judge that saw a prompt with a verdict is not tested on unseen work)."""
+    excluded = {p.strip() for p in exclude_prompts}
+    judgments, bad = [], []
+    with Path(path).open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                judgment = parse_teacher(json.loads(raw.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError, InvalidPair) as exc:
+                bad.append(BadLine(str(path), number, str(exc)))
+                continue
+            if judgment.pair.prompt.strip() not in excluded:
+                judgments.append(judgment)
+    return judgments, bad
