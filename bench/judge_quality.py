@@ -10,8 +10,9 @@ every teacher row whose prompt is a test prompt is left out.
 
 Runs: GenRM (one order, both orders, by probability), ReflectRM (vote, probability, adaptive), each
 zero-shot and with two teacher demos, and the MT-Bench prompt (the peer baseline) on the same model.
-Every step is cached: interrupted, the same command resumes; finished, it re-writes the report from
-the cache with no LM call and no server started. Each run's result is also kept as it finishes.
+Every step is cached in ``OUT/cache``, which is committed with the results: interrupted (or moved to
+another machine), the same command resumes; finished, it re-writes the report from the cache with no
+LM call and no server started. Each run's result is also kept as it finishes (``OUT/runs``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--demos", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--only", default="", help="comma-separated run labels to judge now (default: all, in order)")
-    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: OUT/cache, committed with the results")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality-1.5b"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -75,7 +76,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    with use_cache(JudgmentCache(args.cache_dir)):
+    with use_cache(JudgmentCache(args.cache_dir or args.out / "cache")):
         for run in wanted:  # one run at a time, so an interrupted bench keeps whole runs
             [result] = run_eval(pairs, [run], concurrency=args.concurrency, progress=sys.stderr.isatty())
             results.append(result)
