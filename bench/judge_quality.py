@@ -9,7 +9,8 @@ compiled or trained on them: demos are drawn (seeded, by length only) from the t
 every teacher row whose prompt is a test prompt is left out.
 
 Runs: GenRM (one order, both orders, by probability), ReflectRM (vote, probability, adaptive), each
-zero-shot and with two teacher demos, and the MT-Bench prompt (the peer baseline) on the same model.
+zero-shot and with two teacher demos; the verdict token's probability without a rationale
+(``direct-prob``); and the MT-Bench prompt (the peer baseline) on the same model.
 Every step is cached in ``OUT/cache``, which is committed with the results: interrupted (or moved to
 another machine), the same command resumes; finished, it re-writes the report from the cache with no
 LM call and no server started. Each run's result is also kept as it finishes (``OUT/runs``).
@@ -35,7 +36,10 @@ from reflectagent.teacher import read_teacher
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SOURCES = ("hh_rlhf_harmless_test", "hhh_alignment", "rmbench", "pandalm", "autoj_pairwise")
-PROGRAMS = ("genrm", "genrm-both", "genrm-prob", "reflectrm", "reflectrm-prob", "reflectrm-adaptive")
+GENRM = ("genrm", "genrm-both", "genrm-prob")
+DIRECT = "direct-prob"  # the verdict token alone, no rationale: nothing for analysis demos to change
+REFLECTRM = ("reflectrm", "reflectrm-prob", "reflectrm-adaptive")
+PROGRAMS = GENRM + REFLECTRM
 PEER = "mtbench"
 
 
@@ -70,7 +74,8 @@ def main() -> None:
     demos = teacher_demos(teacher, k=args.demos, seed=0)
     settings = Settings(backends={"local": BackendConfig(model="embedded", model_path=args.preset)})
     lm = resolve_backend("local", settings)
-    runs = [EvalRun(name, args.preset, named_program(name), lm) for name in (*PROGRAMS, PEER)]
+    # Cheapest first, the baseline early: an interrupted bench has the comparison that matters most.
+    runs = [EvalRun(name, args.preset, named_program(name), lm) for name in (*GENRM, DIRECT, PEER, *REFLECTRM)]
     runs += [EvalRun(f"{name}+demos", args.preset, with_demos(named_program(name), demos), lm) for name in PROGRAMS]
     wanted = [r for r in runs if not args.only or r.program in args.only.split(",")]
 

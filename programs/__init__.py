@@ -28,6 +28,7 @@ NAMED = {
     "genrm": lambda: GenRM(),
     "genrm-both": lambda: GenRM(both_orders=True),
     "genrm-prob": lambda: GenRM(both_orders=True, decision="probability"),
+    "direct-prob": lambda: GenRM(both_orders=True, decision="probability", rationale=False),
     "reflectrm": lambda: ReflectRM(),
     "reflectrm-prob": lambda: ReflectRM(decision="probability"),
     "reflectrm-adaptive": lambda: AdaptiveReflectRM(),

@@ -14,6 +14,7 @@ from reflectagent.judge import Decision, Judge, check_decision, order_averaged_p
 from reflectagent.modules import Analyzer
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment
+from reflectagent.signatures import Analyze, Prefer
 
 
 def sample_plan(samples: int, both_orders: bool) -> list[tuple[bool, int]]:
@@ -46,15 +47,18 @@ class GenRM(Judge):
 
     A tied vote gives no verdict; so does P(A) of exactly 0.5, or missing probabilities
     under the probability rule (the backend must return log-probs: vLLM does).
+    ``rationale=False`` asks for the verdict alone (``Prefer``): GenRM's direct baseline, and with
+    the probability rule the scoring that suits a small model whose rationales are mostly noise.
     """
 
     def __init__(self, samples: int = 1, both_orders: bool = False,
-                 decision: Decision = "vote", temperature: float = 0.7):
+                 decision: Decision = "vote", temperature: float = 0.7, rationale: bool = True):
         if samples < 1:
             raise ValueError("samples must be at least 1")
         check_decision(decision)
-        super().__init__(samples=samples, both_orders=both_orders, decision=decision, temperature=temperature)
-        self.analyzer = Analyzer()
+        super().__init__(samples=samples, both_orders=both_orders, decision=decision, temperature=temperature,
+                         **({} if rationale else {"rationale": False}))
+        self.analyzer = Analyzer(Analyze if rationale else Prefer)
 
     def decide(self, pair: Pair) -> Judgment:
         options = self.options

@@ -24,7 +24,7 @@ _EXPORTS = {
     "reflectagent.modules": ("Analyzer", "Reflector", "VerdictStep"),
     "reflectagent.pairs": ("BadLine", "InvalidPair", "Pair", "read_pairs"),
     "reflectagent.results": ("Analysis", "Judgment", "Reflection", "Usage"),
-    "reflectagent.signatures": ("Analyze", "Reflect", "Verdict"),
+    "reflectagent.signatures": ("Analyze", "Prefer", "Reflect", "Verdict"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "pairs"])
@@ -54,4 +54,4 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from reflectagent.modules import Analyzer, Reflector, VerdictStep
     from reflectagent.pairs import BadLine, InvalidPair, Pair, read_pairs
     from reflectagent.results import Analysis, Judgment, Reflection, Usage
-    from reflectagent.signatures import Analyze, Reflect, Verdict
+    from reflectagent.signatures import Analyze, Prefer, Reflect, Verdict

@@ -2,7 +2,9 @@
 
 ``Analyze`` is GenRM's rationale-then-verdict step and ReflectRM's stage 1; ``Reflect`` is
 ReflectRM's stage 2 (which of two analyses of the same pair is more reliable); ``Verdict``
-lets a program separate the reasoning from the final call. Field names and order are part
+lets a program separate the reasoning from the final call; ``Prefer`` is the verdict alone, for
+scoring by the verdict token's probability where a small model's rationale adds more noise than
+signal (GenRM's direct baseline). Field names and order are part
 of the contract: the JSON rendering of these fields is what fine-tuning trains on.
 """
 
@@ -60,4 +62,16 @@ class Verdict(dspy.Signature):
     response_a: str = dspy.InputField(desc="the first candidate response")
     response_b: str = dspy.InputField(desc="the second candidate response")
     analysis: str = dspy.InputField(desc="an analysis of the two responses")
+    preference: Literal["A", "B"] = dspy.OutputField(desc="A if response_a is better, B if response_b is better")
+
+
+class Prefer(dspy.Signature):
+    __doc__ = (
+        "Compare two responses to the same prompt and decide which one is better.\n\n"
+        + _JUDGE_PRINCIPLES
+    )
+
+    prompt: str = dspy.InputField(desc="the user's request, or the conversation so far")
+    response_a: str = dspy.InputField(desc="the first candidate response")
+    response_b: str = dspy.InputField(desc="the second candidate response")
     preference: Literal["A", "B"] = dspy.OutputField(desc="A if response_a is better, B if response_b is better")

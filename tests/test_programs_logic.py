@@ -52,6 +52,20 @@ def test_genrm_one_order_two_orders_and_votes():
         {(a.swapped, a.sample) for a in voted.analyses} == {(s, k) for k in range(3) for s in (False, True)}
 
 
+def test_direct_genrm_asks_for_the_verdict_alone():
+    from dspy.utils.dummies import DummyLM
+
+    from reflectagent.adapter import JudgeAdapter
+
+    lm = DummyLM({f"[[ ## response_a ## ]]\n{GOOD}": {"preference": "A"}, f"[[ ## response_a ## ]]\n{BAD}": {"preference": "B"}},
+                 adapter=JudgeAdapter())
+    with dspy.context(lm=lm):
+        judged = GenRM(both_orders=True, rationale=False).judge(PAIR)
+    assert judged.preference == "A" and all(a.text == "" for a in judged.analyses)
+    assert '"analysis"' not in lm.history[-1]["messages"][0]["content"]  # no rationale asked for
+    assert GenRM(rationale=False).options["rationale"] is False and "rationale" not in GenRM().options
+
+
 def test_vote_and_probability_rules():
     assert majority((analysis("A"), analysis("A"), analysis("B"))) == ("A", None)
     assert majority((analysis("A"), analysis("B"), analysis("A"), analysis("B"))) == (None, "tied vote")
