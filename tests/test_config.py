@@ -105,3 +105,37 @@ def test_importing_the_library_leaves_the_environment_alone():
     env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_a_server_that_failed_to_start_is_not_started_again_by_every_waiting_step():
+    from reflectagent.backends import Backend, BackendLM
+    from reflectagent.config import BackendConfig
+    from reflectagent.server import ServerError
+
+    calls = []
+
+    def start():
+        calls.append(1)
+        raise ServerError("vLLM exited with code 1 before it was ready")
+
+    lm = BackendLM(Backend(name="e", config=BackendConfig(model="embedded"), model="hosted_vllm/embedded", api_base=None,
+                           identity={}, start=start))
+    for _ in range(3):
+        with pytest.raises(ServerError, match="exited"):
+            lm.connect()
+    assert calls == [1] and lm.api_base is None
+
+
+def test_a_running_server_is_reused_only_for_the_same_folder_and_context(tmp_path, monkeypatch):
+    from reflectagent import embedded
+
+    served = {"embedded": {"id": "embedded", "root": str(tmp_path / "smollm"), "max_model_len": 2048},
+              "judge": {"id": "judge", "root": "/adapters/judge", "parent": "embedded"}}
+    monkeypatch.setattr(embedded, "served_models", lambda url: served)
+    assert embedded.answers_for("http://x/v1", tmp_path / "smollm", {"judge": "/adapters/judge"}, 2048)
+    assert not embedded.answers_for("http://x/v1", tmp_path / "qwen", {}, 2048)  # another model under the same name
+    assert not embedded.answers_for("http://x/v1", tmp_path / "smollm", {}, 4096)  # another context
+    assert not embedded.answers_for("http://x/v1", tmp_path / "smollm", {"other": "/a"}, 2048)  # a missing adapter
+    monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", "http://x/v1")
+    with pytest.raises(ConfigError, match="does not serve .*qwen.* with a 2048-token context"):
+        embedded.embedded_url(tmp_path / "qwen", {}, 2048)
