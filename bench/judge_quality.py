@@ -1,6 +1,6 @@
 """Do the judges judge? Accuracy with intervals, consistency, calls and seconds per verdict, on a local preset.
 
-    .venv/bin/python bench/judge_quality.py [--preset qwen2.5-coder-1.5b] [--per-source 32] [--out bench/results/quality-1.5b]
+    .venv/bin/python bench/judge_quality.py [--preset qwen2.5-coder-1.5b] [--dtype float32] [--per-source 32] [--out bench/results/quality-1.5b]
 
 Test pairs: the seeded test split (``reflectagent.splits``, seed 0) of five human-labelled sets in
 ../shared/data, labelled A or B, two distinct non-empty responses, prompt plus responses within
@@ -8,9 +8,11 @@ Test pairs: the seeded test split (``reflectagent.splits``, seed 0) of five huma
 compiled or trained on them: demos are drawn (seeded, by length only) from the teacher file, after
 every teacher row whose prompt is a test prompt is left out.
 
-Runs: GenRM (one order, both orders, by probability), ReflectRM (vote, probability, adaptive), each
-zero-shot and with two teacher demos; the verdict token's probability without a rationale
-(``direct-prob``); and the MT-Bench prompt (the peer baseline) on the same model.
+Runs: each response rated alone (``pointwise-prob`` by expected rating, ``pointwise`` by the generated
+digit: the same steps); the verdict token's probability without a rationale (``direct-prob``); GenRM
+(one order, both orders, by probability), the MT-Bench prompt (the peer baseline) on the same model,
+then ReflectRM (vote, probability, adaptive); GenRM and ReflectRM also with two teacher demos
+(pairwise analyses: nothing for a pointwise rater to use).
 Every step is cached in ``OUT/cache``, which is committed with the results: interrupted (or moved to
 another machine), the same command resumes; finished, it re-writes the report from the cache with no
 LM call and no server started. Each run's result is also kept as it finishes (``OUT/runs``).
@@ -36,6 +38,7 @@ from reflectagent.teacher import read_teacher
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SOURCES = ("hh_rlhf_harmless_test", "hhh_alignment", "rmbench", "pandalm", "autoj_pairwise")
+POINTWISE = ("pointwise-prob", "pointwise")
 GENRM = ("genrm", "genrm-both", "genrm-prob")
 DIRECT = "direct-prob"  # the verdict token alone, no rationale: nothing for analysis demos to change
 REFLECTRM = ("reflectrm", "reflectrm-prob", "reflectrm-adaptive")
@@ -57,6 +60,7 @@ def test_pairs(per_source: int, max_chars: int) -> list[Pair]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="qwen2.5-coder-1.5b", help="model preset (or folder) served by the embedded backend")
+    parser.add_argument("--dtype", default=None, help="the server's dtype (default: the preset's; bfloat16 for the first runs)")
     parser.add_argument("--per-source", type=int, default=32)
     parser.add_argument("--max-chars", type=int, default=2500)
     parser.add_argument("--demos", type=int, default=2)
@@ -72,11 +76,13 @@ def main() -> None:
     every, _ = read_teacher(teacher_file)
     teacher, _ = read_teacher(teacher_file, exclude_prompts=[p.prompt for p in pairs])
     demos = teacher_demos(teacher, k=args.demos, seed=0)
-    settings = Settings(backends={"local": BackendConfig(model="embedded", model_path=args.preset)})
+    settings = Settings(backends={"local": BackendConfig(model="embedded", model_path=args.preset, dtype=args.dtype)})
     lm = resolve_backend("local", settings)
+    dtype = lm.backend.identity.get("dtype", "bfloat16")
+    label = f"{args.preset} {dtype}"
     # Cheapest first, the baseline early: an interrupted bench has the comparison that matters most.
-    runs = [EvalRun(name, args.preset, named_program(name), lm) for name in (*GENRM, DIRECT, PEER, *REFLECTRM)]
-    runs += [EvalRun(f"{name}+demos", args.preset, with_demos(named_program(name), demos), lm) for name in PROGRAMS]
+    runs = [EvalRun(name, label, named_program(name), lm) for name in (*POINTWISE, DIRECT, *GENRM, PEER, *REFLECTRM)]
+    runs += [EvalRun(f"{name}+demos", label, with_demos(named_program(name), demos), lm) for name in PROGRAMS]
     wanted = [r for r in runs if not args.only or r.program in args.only.split(",")]
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +96,7 @@ def main() -> None:
             logging.info("%s: accuracy %s, %s LM calls made", run.program, result.overall.accuracy.value, result.run.lm_calls_made)
     meta = {"data": [f"{s}.jsonl (test split, seed 0)" for s in SOURCES], "pairs": len(pairs), "split": "test", "seed": 0,
             "per_source": args.per_source, "max_chars": args.max_chars, "preset": args.preset,
+            "dtype": dtype,
             "demos": [{"prompt": d.prompt[:80], "preference": d.preference} for d in demos],
             "teacher_rows_left_out_for_sharing_a_test_prompt": len(every) - len(teacher)}
     write_report(results, args.out, meta)

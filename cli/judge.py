@@ -43,6 +43,9 @@ def print_judgment(pair: Pair, judgment: Judgment, show_analyses: bool) -> None:
             choice = f"analysis {r.more_reliable + 1}" if r.more_reliable is not None else "unparsed"
             text = r.text.replace("\n", " ")[:120] if r.parsed else (r.error or "")[:120]
             typer.echo(f"    reflect({r.first + 1} vs {r.second + 1}) -> {choice}: {text}")
+        for g in judgment.ratings:
+            score = f" (expected {g.score:.2f})" if g.score is not None else ""
+            typer.echo(f"    rate {g.response} -> {g.rating if g.parsed else g.error}{score}")
 
 
 def print_summary(summary: JudgingSummary, bad_lines: int, wall_s: float) -> None:

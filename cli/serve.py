@@ -11,7 +11,7 @@ import typer
 
 from reflectagent.cli.common import fail
 from reflectagent.embedded import SERVED_NAME, publish, withdraw
-from reflectagent.models import default_context, prepare_model
+from reflectagent.models import default_context, default_dtype, prepare_model
 from reflectagent.server import ServerSpec, VLLMServer
 
 
@@ -34,6 +34,7 @@ def serve(
     name: Annotated[Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="context length (default: the model preset's, else 2048)")] = None,
     max_lora_rank: Annotated[int, typer.Option(help="largest LoRA rank to accept")] = 64,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the model preset's, else bfloat16)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the server to answer")] = 600,
 ):
     """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until Ctrl-C."""
@@ -41,7 +42,10 @@ def serve(
     folder = prepare_model(model)
     embedded = model == "embedded"
     served = name or (SERVED_NAME if embedded else Path(folder).name)
-    server = VLLMServer(ServerSpec(model_dir=str(folder), served_name=served, loras=loras, port=port,
+    dtype = dtype or default_dtype(folder)
+    if dtype not in ("bfloat16", "float16", "float32"):
+        fail(f"--dtype takes bfloat16, float16 or float32, not {dtype!r}", 2)
+    server = VLLMServer(ServerSpec(model_dir=str(folder), served_name=served, loras=loras, port=port, dtype=dtype,
                                    max_model_len=max_model_len or default_context(folder), max_lora_rank=max_lora_rank))
     # Ctrl-C and SIGTERM both stop the server, even where SIGINT was ignored (nohup, `cmd &`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -51,8 +55,8 @@ def serve(
         url = server.start(timeout_s=timeout)
         ready_s = time.perf_counter() - starting
         if embedded:
-            publish(url, loras)
-        typer.echo(f"serving {served} ({folder}) at {url}")
+            publish(url, loras, dtype)
+        typer.echo(f"serving {served} ({folder}, {dtype}) at {url}")
         typer.echo(f"ready in {ready_s:.0f} s")
         for key in loras:
             typer.echo(f"  adapter {key}: model name '{key}' (LiteLLM: hosted_vllm/{key})")

@@ -15,11 +15,12 @@ from reflectagent.judge import Judge, PositionSwapJudge, ProgramFileError
 from reflectagent.programs.compose import Cascade, Ensemble
 from reflectagent.programs.genrm import GenRM
 from reflectagent.programs.peer import MTBenchJudge
+from reflectagent.programs.pointwise import PointwiseJudge
 from reflectagent.programs.ranking import Ranking, best_of_n, bradley_terry, rank
 from reflectagent.programs.reflectrm import AdaptiveReflectRM, ReflectRM
 
 PROGRAMS: dict[str, type[Judge]] = {
-    cls.__name__: cls for cls in (GenRM, ReflectRM, AdaptiveReflectRM, PositionSwapJudge, MTBenchJudge, Ensemble, Cascade)
+    cls.__name__: cls for cls in (GenRM, ReflectRM, AdaptiveReflectRM, PositionSwapJudge, MTBenchJudge, PointwiseJudge, Ensemble, Cascade)
 }
 
 
@@ -33,6 +34,8 @@ NAMED = {
     "reflectrm-prob": lambda: ReflectRM(decision="probability"),
     "reflectrm-adaptive": lambda: AdaptiveReflectRM(),
     "reflectrm-adaptive-prob": lambda: AdaptiveReflectRM(decision="probability"),
+    "pointwise": lambda: PointwiseJudge(decision="vote"),
+    "pointwise-prob": lambda: PointwiseJudge(),  # each response rated alone, by expected rating
     "mtbench": lambda: MTBenchJudge(),  # the peer baseline: MT-Bench's prompt, both orders
 }
 
@@ -62,6 +65,6 @@ def load_program(path: str | Path) -> Judge:
 
 
 __all__ = [
-    "AdaptiveReflectRM", "Cascade", "Ensemble", "GenRM", "MTBenchJudge", "PositionSwapJudge", "Ranking", "ReflectRM",
+    "AdaptiveReflectRM", "Cascade", "Ensemble", "GenRM", "MTBenchJudge", "PointwiseJudge", "PositionSwapJudge", "Ranking", "ReflectRM",
     "best_of_n", "bradley_terry", "load_program", "named_program", "program_class", "rank",
 ]

@@ -21,10 +21,10 @@ _EXPORTS = {
     "reflectagent.config": ("BackendConfig", "ConfigError", "Settings", "load_settings"),
     "reflectagent.errors": ("ReflectAgentError",),
     "reflectagent.judge": ("Judge", "PositionSwapJudge", "judge_pairs"),
-    "reflectagent.modules": ("Analyzer", "Reflector", "VerdictStep"),
+    "reflectagent.modules": ("Analyzer", "Rater", "Reflector", "VerdictStep"),
     "reflectagent.pairs": ("BadLine", "InvalidPair", "Pair", "read_pairs"),
-    "reflectagent.results": ("Analysis", "Judgment", "Reflection", "Usage"),
-    "reflectagent.signatures": ("Analyze", "Prefer", "Reflect", "Verdict"),
+    "reflectagent.results": ("Analysis", "Judgment", "Rating", "Reflection", "Usage"),
+    "reflectagent.signatures": ("Analyze", "Prefer", "Rate", "Reflect", "Verdict"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "pairs"])
@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from reflectagent.config import BackendConfig, ConfigError, Settings, load_settings
     from reflectagent.errors import ReflectAgentError
     from reflectagent.judge import Judge, PositionSwapJudge, judge_pairs
-    from reflectagent.modules import Analyzer, Reflector, VerdictStep
+    from reflectagent.modules import Analyzer, Rater, Reflector, VerdictStep
     from reflectagent.pairs import BadLine, InvalidPair, Pair, read_pairs
-    from reflectagent.results import Analysis, Judgment, Reflection, Usage
-    from reflectagent.signatures import Analyze, Prefer, Reflect, Verdict
+    from reflectagent.results import Analysis, Judgment, Rating, Reflection, Usage
+    from reflectagent.signatures import Analyze, Prefer, Rate, Reflect, Verdict

@@ -178,19 +178,22 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
     from reflectagent.embedded import SERVED_NAME, embedded_url
     from reflectagent.models import prepare_model
 
-    from reflectagent.models import default_context
+    from reflectagent.models import DEFAULT_DTYPE, default_context, default_dtype
 
     model_dir = prepare_model(config.model_path)
+    dtype = config.dtype or default_dtype(model_dir)
     loras = {k: str(Path(v).expanduser().resolve()) for k, v in config.lora.items()}
     identity = {
         "model": EMBEDDED, "base": fingerprint(model_dir),
         "adapter": [config.adapter, fingerprint(loras[config.adapter])] if config.adapter else None,
         "temperature": config.temperature, "max_tokens": config.max_tokens, "tag": config.cache_tag,
+        # the dtype changes the outputs; bfloat16, the first default, stays out so older caches keep their keys
+        **({"dtype": dtype} if dtype != DEFAULT_DTYPE else {}),
     }
     context = config.context_tokens or default_context(model_dir)
     return Backend(name=name, config=config, model=f"hosted_vllm/{config.adapter or SERVED_NAME}",
                    api_base=config.api_base, identity=identity, model_dir=model_dir,
-                   start=None if config.api_base else functools.partial(embedded_url, model_dir, loras, context))
+                   start=None if config.api_base else functools.partial(embedded_url, model_dir, loras, context, dtype))
 
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -50,6 +50,9 @@ class BackendConfig(BaseModel):
     num_retries: int = Field(2, ge=0)
     seed: int | None = Field(None, description="base seed; sample k sends seed + k")
     model_path: str | None = Field(None, description="embedded only: base model folder or preset name (default: packaged SmolLM2)")
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, description=(
+        "embedded only: the dtype the server computes in (default: the model preset's, else bfloat16); part of the "
+        "cache identity"))
     lora: dict[str, str] = Field(default_factory=dict, description="embedded only: LoRA adapters to serve, NAME -> DIR")
     adapter: str | None = Field(None, description="embedded only: the LoRA adapter (by NAME) to judge with")
     cache_tag: str | None = Field(None, description="extra cache identity, for endpoints whose weights change")
@@ -57,7 +60,7 @@ class BackendConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> BackendConfig:
-        embedded_only = {"model_path": self.model_path, "lora": self.lora, "adapter": self.adapter}
+        embedded_only = {"model_path": self.model_path, "lora": self.lora, "adapter": self.adapter, "dtype": self.dtype}
         if self.model != EMBEDDED:
             used = [k for k, v in embedded_only.items() if v]
             if used:

@@ -34,10 +34,10 @@ def state_file() -> Path:
     return server_dir() / "embedded.json"
 
 
-def publish(url: str, loras: dict[str, str]) -> None:
+def publish(url: str, loras: dict[str, str], dtype: str) -> None:
     """Announce a running embedded server (``reflectagent serve``) to other processes."""
     state_file().parent.mkdir(parents=True, exist_ok=True)
-    state_file().write_text(json.dumps({"url": url, "loras": loras}))
+    state_file().write_text(json.dumps({"url": url, "loras": loras, "dtype": dtype}))
 
 
 def withdraw(url: str) -> None:
@@ -46,14 +46,21 @@ def withdraw(url: str) -> None:
         state_file().unlink(missing_ok=True)
 
 
-def published_url() -> str | None:
+def published() -> dict | None:
+    """The announcement of ``reflectagent serve``: url, loras, dtype."""
     if not state_file().exists():
         return None
     try:
-        return json.loads(state_file().read_text())["url"]
+        state = json.loads(state_file().read_text())
+        state["url"]  # noqa: B018 - the one key every announcement has
+        return state
     except (OSError, ValueError, KeyError, TypeError):
         logger.warning("ignoring an unreadable %s", state_file())
         return None
+
+
+def published_url() -> str | None:
+    return (published() or {}).get("url")
 
 
 def _stop_all() -> None:
@@ -73,23 +80,30 @@ def answers_for(url: str, model_dir: Path, loras: dict[str, str], max_model_len:
             and base.get("max_model_len", max_model_len) == max_model_len)
 
 
-def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = 2048) -> str:
-    """A server answering for the embedded model and ``loras``: reused if running, else started."""
+def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = 2048, dtype: str = "bfloat16") -> str:
+    """A server answering for the embedded model and ``loras``: reused if running, else started.
+
+    A server named by ``$REFLECTAGENT_EMBEDDED_URL`` is trusted to compute in ``dtype`` (vLLM does not
+    say); one announced by ``reflectagent serve`` is reused only with the same dtype.
+    """
     named = os.environ.get(EMBEDDED_URL_ENV)
-    for url in filter(None, (named, published_url())):
+    announced = published()
+    if announced and announced.get("dtype", "bfloat16") != dtype:
+        announced = None
+    for url in filter(None, (named, (announced or {}).get("url"))):
         if answers_for(url, model_dir, loras, max_model_len):
             return url
     if named:
         raise ConfigError(f"${EMBEDDED_URL_ENV}={named} does not serve {model_dir} as {SERVED_NAME!r} with a "
                           f"{max_model_len}-token context and adapters {sorted(loras)}: start it so, or unset the "
                           "variable to let reflectagent start a server")
-    key = json.dumps([str(model_dir), sorted(loras.items()), max_model_len])
+    key = json.dumps([str(model_dir), sorted(loras.items()), max_model_len, dtype])
     with _servers_lock:
         if key not in _servers:
             if not _servers:
                 atexit.register(_stop_all)
             spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, loras=dict(loras),
-                              max_model_len=max_model_len)
+                              max_model_len=max_model_len, dtype=dtype)
             server = VLLMServer(spec, die_with_parent=True)
             server.start()
             _servers[key] = server
@@ -98,9 +112,12 @@ def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = 20
 
 @contextmanager
 def serving(model_dir: str | Path, loras: dict[str, str] | None = None, *, log_path: Path | None = None,
-            max_model_len: int = 2048, max_lora_rank: int = 64):
-    """A server for ``model_dir`` under the embedded model's name, for the ``with`` block only."""
+            max_model_len: int = 2048, max_lora_rank: int = 64, dtype: str | None = None):
+    """A server for ``model_dir`` under the embedded model's name, for the ``with`` block only
+    (``dtype``: default the model preset's, as the embedded backend would serve it)."""
+    from reflectagent.models import default_dtype
+
     spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, loras=dict(loras or {}),
-                      max_model_len=max_model_len, max_lora_rank=max_lora_rank)
+                      max_model_len=max_model_len, max_lora_rank=max_lora_rank, dtype=dtype or default_dtype(model_dir))
     with VLLMServer(spec, log_path=log_path, die_with_parent=True) as server:
         yield server.url

@@ -123,14 +123,25 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", *, source: dict
 
 
 DEFAULT_CONTEXT = 2048  # the embedded SmolLM2's serving length (its judge prompts fit with room to spare)
+DEFAULT_DTYPE = "bfloat16"
+
+
+def _source(folder: str | Path) -> dict:
+    source = Path(folder) / SOURCE_FILE
+    return json.loads(source.read_text()) if source.exists() else {}
 
 
 def default_context(folder: str | Path) -> int:
     """The context length to serve a prepared folder with: its preset's, else ``DEFAULT_CONTEXT``."""
-    source = Path(folder) / SOURCE_FILE
-    if source.exists():
-        return int(json.loads(source.read_text()).get("max_model_len") or DEFAULT_CONTEXT)
-    return DEFAULT_CONTEXT
+    return int(_source(folder).get("max_model_len") or DEFAULT_CONTEXT)
+
+
+def default_dtype(folder: str | Path) -> str:
+    """The dtype to serve a prepared folder in: its preset's (see ``Preset.dtype``), else ``DEFAULT_DTYPE``."""
+    from reflectagent.presets import PRESETS  # presets builds on this module
+
+    preset = PRESETS.get(_source(folder).get("name", ""))
+    return preset.dtype if preset else DEFAULT_DTYPE
 
 
 def prepare_model(source: str | None = None, *, force: bool = False) -> Path:

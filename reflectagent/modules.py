@@ -2,7 +2,7 @@
 
 An ``Analyzer`` can be shown the pair swapped and maps the verdict back, so callers only
 ever see the original order; a ``Reflector`` names the more reliable of two analyses; a
-``VerdictStep`` turns an analysis into a preference. Programs compose these; optimisers
+``VerdictStep`` turns an analysis into a preference; a ``Rater`` scores one response on its own. Programs compose these; optimisers
 see their predictors; every call goes through :func:`reflectagent.steps.run_step`.
 """
 
@@ -13,8 +13,8 @@ import asyncio
 import dspy
 
 from reflectagent.pairs import Pair
-from reflectagent.results import Analysis, Reflection, StepOutput, flip
-from reflectagent.signatures import Analyze, Reflect, Verdict
+from reflectagent.results import Analysis, Rating, Reflection, StepOutput, flip
+from reflectagent.signatures import Analyze, Rate, Reflect, Verdict
 from reflectagent.steps import run_step
 
 
@@ -102,4 +102,32 @@ class VerdictStep(dspy.Module):
         return analysis_from(step, swapped, sample, text=analysis.text)
 
     async def aforward(self, *args, **kwargs) -> Analysis:
+        return await asyncio.to_thread(self.forward, *args, **kwargs)
+
+
+def expected_rating(probabilities: dict[str, float] | None) -> float | None:
+    """The mean rating under the rating token's distribution (G-Eval's score): finer than the generated digit."""
+    if not probabilities:
+        return None
+    return sum(int(choice) * p for choice, p in probabilities.items())
+
+
+class Rater(dspy.Module):
+    """Rate one response of a pair (``"A"`` or ``"B"``) on its own: the model never sees the other one."""
+
+    def __init__(self, signature: type[dspy.Signature] = Rate):
+        super().__init__()
+        self.predict = dspy.Predict(signature)
+
+    def forward(self, pair: Pair, response: str, sample: int = 0, temperature: float | None = None) -> Rating:
+        inputs = {"prompt": pair.prompt, "response": {"A": pair.response_a, "B": pair.response_b}[response]}
+        step = run_step(self.predict, inputs, sample=sample, config={"temperature": temperature})
+        generated = (step.fields or {}).get("rating")
+        return Rating(
+            response=response, rating=int(generated) if generated is not None else None, parsed=step.parsed,
+            raw=step.raw, score=expected_rating((step.logprobs or {}).get("rating")) if step.parsed else None,
+            sample=sample, error=step.error, usage=step.usage, cached=step.cached, truncated=step.truncated,
+        )
+
+    async def aforward(self, *args, **kwargs) -> Rating:
         return await asyncio.to_thread(self.forward, *args, **kwargs)

@@ -48,6 +48,9 @@ class Preset:
     sha256: str  # of the joined GGUF
     note: str  # provenance and licence, one line
     max_model_len: int = 4096  # a context that fits a judge step with room to spare on CPU
+    # Served in float32: in bfloat16 the logits are rounded to steps of about 0.1 nats, coarser than the
+    # difference a small judge's verdict-token probabilities carry (bench/results/README.md).
+    dtype: str = "float32"
 
     def requirement(self, n: int) -> str:
         return f"{self.package.format(n=n)}=={self.version}"

