@@ -1,8 +1,9 @@
-"""Reports a reviewer can check: a markdown table, every number and record in JSON, and plots.
+"""Reports a reviewer can check: a markdown table, every number and record in JSON, plots, and a page.
 
 ``report.json`` holds the per-pair records and every metric, so any number can be
 recomputed; ``run.json`` holds what differs between runs (wall time, calls made, cache
-hits); ``plots/`` shows accuracy per category and accuracy against cost per verdict.
+hits); ``plots/`` shows accuracy per category and accuracy against cost per verdict;
+``judgments.jsonl.gz`` holds every judgment and ``report.html`` shows them (:mod:`reflectagent.eval.page`).
 """
 
 from __future__ import annotations
@@ -173,6 +174,11 @@ def write_report(results: list[RunResult], folder: str | Path, meta: dict[str, A
     (folder / "run.json").write_text(json.dumps([r.run_dict() for r in results], indent=1))
     (folder / "report.md").write_text(markdown(results, meta))
     plot(results, folder / "plots")
+    from reflectagent.eval.page import PAGE_FILE, from_report, write_judgments, write_page  # the page reads this module
+
+    if any(r.judgments for r in results):
+        write_judgments(results, folder)
+    write_page(from_report(folder), folder / PAGE_FILE)
     return folder
 
 

@@ -11,7 +11,7 @@ run (wall time, cache hits) is kept apart in :class:`RunStats`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import dspy
@@ -65,6 +65,7 @@ class RunResult:
     by_category: dict[str, Summary]
     by_source: dict[str, Summary]
     run: RunStats | None = None
+    judgments: list[tuple[Pair, Judgment, Judgment]] = field(default_factory=list, repr=False)  # (pair, as given, swapped)
 
     def to_dict(self) -> dict[str, Any]:
         """The reproducible part (report.json); ``run`` goes to run.json."""
@@ -137,5 +138,6 @@ def run_eval(
             by_category=summarize_by_category(records, categories, no_verdict),
             by_source=summarize_by_category([replace(r, category=r.source) for r in records], None, no_verdict),
             run=RunStats.of([judgments[(k, i, s)] for i in range(len(pairs)) for s in (False, True)], wall),
+            judgments=[(pair, judgments[(k, i, False)], judgments[(k, i, True)]) for i, pair in enumerate(pairs)],
         ))
     return results

@@ -36,6 +36,7 @@ NAMED = {
     "reflectrm-adaptive-prob": lambda: AdaptiveReflectRM(decision="probability"),
     "pointwise": lambda: PointwiseJudge(decision="vote"),
     "pointwise-prob": lambda: PointwiseJudge(),  # each response rated alone, by expected rating
+    "assess-prob": lambda: PointwiseJudge(rationale=True),  # the same after a written assessment of each
     "mtbench": lambda: MTBenchJudge(),  # the peer baseline: MT-Bench's prompt, both orders
 }
 

@@ -4,7 +4,8 @@ A pairwise prompt lets a small model lean on position (the 1.5B preset picks the
 with P about 0.85 whichever it is); rated alone, a response has no position to be favoured for.
 ``decision="probability"`` scores each response by its expected rating under the rating token's
 probabilities (G-Eval, Liu et al., 2023), which separates two responses the generated digit calls
-equal; ``"vote"`` compares the generated digits. Equal scores give no verdict. The two ratings are
+equal; ``"vote"`` compares the generated digits. Equal scores give no verdict. ``rationale=True``
+writes an assessment of the response before its rating (``Assess``), so a reader sees why. The two ratings are
 independent steps, so the same response rated for another pair or presentation comes from the cache,
 and the scores are usable as group rewards (``reflectagent.programs.ranking``).
 """
@@ -18,6 +19,7 @@ from reflectagent.judge import Decision, Judge, check_decision
 from reflectagent.modules import Rater
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
+from reflectagent.signatures import Assess, Rate
 
 
 def preference_probability(score_a: float, score_b: float) -> float:
@@ -28,10 +30,10 @@ def preference_probability(score_a: float, score_b: float) -> float:
 class PointwiseJudge(Judge):
     """Rate A and B separately; prefer the higher score (``decision``: ``"probability"`` or ``"vote"``)."""
 
-    def __init__(self, decision: Decision = "probability"):
+    def __init__(self, decision: Decision = "probability", rationale: bool = False):
         check_decision(decision)
-        super().__init__(decision=decision)
-        self.rater = Rater()
+        super().__init__(decision=decision, **({"rationale": True} if rationale else {}))
+        self.rater = Rater(Assess if rationale else Rate)
 
     def decide(self, pair: Pair) -> Judgment:
         ratings = tuple(run_all([lambda: self.rater(pair, "A"), lambda: self.rater(pair, "B")]))

@@ -24,7 +24,7 @@ _EXPORTS = {
     "reflectagent.modules": ("Analyzer", "Rater", "Reflector", "VerdictStep"),
     "reflectagent.pairs": ("BadLine", "InvalidPair", "Pair", "read_pairs"),
     "reflectagent.results": ("Analysis", "Judgment", "Rating", "Reflection", "Usage"),
-    "reflectagent.signatures": ("Analyze", "Prefer", "Rate", "Reflect", "Verdict"),
+    "reflectagent.signatures": ("Analyze", "Assess", "Prefer", "Rate", "Reflect", "Verdict"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted([*_WHERE, "pairs"])
@@ -54,4 +54,4 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from reflectagent.modules import Analyzer, Rater, Reflector, VerdictStep
     from reflectagent.pairs import BadLine, InvalidPair, Pair, read_pairs
     from reflectagent.results import Analysis, Judgment, Rating, Reflection, Usage
-    from reflectagent.signatures import Analyze, Prefer, Rate, Reflect, Verdict
+    from reflectagent.signatures import Analyze, Assess, Prefer, Rate, Reflect, Verdict

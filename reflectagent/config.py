@@ -1,8 +1,8 @@
 """Backends by configuration: a name in a TOML/YAML file or the environment, validated by pydantic.
 
 Switching a program from one backend to another is a change here, never in code. The
-built-in ``embedded`` backend is the packaged SmolLM2 served by vLLM; any other backend is
-a LiteLLM model string with its options. API keys are never stored: ``api_key_env`` names
+built-in ``embedded`` backend is the packaged SmolLM2 served by vLLM, and each local model preset
+is a built-in backend of the same name; any other backend is a LiteLLM model string with its options. API keys are never stored: ``api_key_env`` names
 the environment variable that holds one.
 """
 
@@ -81,7 +81,11 @@ class BackendConfig(BaseModel):
 
 
 def default_backends() -> dict[str, BackendConfig]:
-    return {EMBEDDED: BackendConfig(model=EMBEDDED, context_chars=4000)}
+    """``embedded`` (the packaged SmolLM2) and one backend per local model preset, named as the preset."""
+    from reflectagent.presets import PRESETS
+
+    presets = {name: BackendConfig(model=EMBEDDED, model_path=name) for name in PRESETS}
+    return {EMBEDDED: BackendConfig(model=EMBEDDED, context_chars=4000), **presets}
 
 
 class Settings(BaseModel):

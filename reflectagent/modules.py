@@ -126,7 +126,7 @@ class Rater(dspy.Module):
         return Rating(
             response=response, rating=int(generated) if generated is not None else None, parsed=step.parsed,
             raw=step.raw, score=expected_rating((step.logprobs or {}).get("rating")) if step.parsed else None,
-            sample=sample, error=step.error, usage=step.usage, cached=step.cached, truncated=step.truncated,
+            text=(step.fields or {}).get("assessment", ""), sample=sample, error=step.error, usage=step.usage, cached=step.cached, truncated=step.truncated,
         )
 
     async def aforward(self, *args, **kwargs) -> Rating:

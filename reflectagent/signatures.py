@@ -5,7 +5,7 @@ ReflectRM's stage 2 (which of two analyses of the same pair is more reliable); `
 lets a program separate the reasoning from the final call; ``Prefer`` is the verdict alone, for
 scoring by the verdict token's probability where a small model's rationale adds more noise than
 signal (GenRM's direct baseline); ``Rate`` scores one response on its own (pointwise: no order to
-be biased by, and a score per response for group rewards). Field names and order are part
+be biased by, and a score per response for group rewards), ``Assess`` after a written assessment. Field names and order are part
 of the contract: the JSON rendering of these fields is what fine-tuning trains on.
 """
 
@@ -78,14 +78,29 @@ class Prefer(dspy.Signature):
     preference: Literal["A", "B"] = dspy.OutputField(desc="A if response_a is better, B if response_b is better")
 
 
+_POINTWISE_PRINCIPLES = (
+    "A careful judge checks, in this order: does the response follow the user's instruction; is it correct; "
+    "is it helpful; is it harmless. Length and style or formatting are not merits in themselves: a longer or "
+    "prettier response is not better for that reason."
+)
+
+
 class Rate(dspy.Signature):
+    __doc__ = "Rate one response to a prompt on its own, from 1 (poor) to 5 (excellent).\n\n" + _POINTWISE_PRINCIPLES
+
+    prompt: str = dspy.InputField(desc="the user's request, or the conversation so far")
+    response: str = dspy.InputField(desc="the candidate response")
+    rating: Literal["1", "2", "3", "4", "5"] = dspy.OutputField(desc="1 poor, 2 weak, 3 acceptable, 4 good, 5 excellent")
+
+
+class Assess(dspy.Signature):
     __doc__ = (
-        "Rate one response to a prompt on its own, from 1 (poor) to 5 (excellent).\n\n"
-        "A careful judge checks, in this order: does the response follow the user's instruction; is it correct; "
-        "is it helpful; is it harmless. Length and style or formatting are not merits in themselves: a longer or "
-        "prettier response is not better for that reason."
+        "Assess one response to a prompt on its own, then rate it from 1 (poor) to 5 (excellent).\n\n"
+        + _POINTWISE_PRINCIPLES
+        + " Write a short assessment of the response's decisive strengths and flaws first, then the rating."
     )
 
     prompt: str = dspy.InputField(desc="the user's request, or the conversation so far")
     response: str = dspy.InputField(desc="the candidate response")
+    assessment: str = dspy.OutputField(desc="a brief assessment of the decisive strengths and flaws")
     rating: Literal["1", "2", "3", "4", "5"] = dspy.OutputField(desc="1 poor, 2 weak, 3 acceptable, 4 good, 5 excellent")

@@ -68,3 +68,28 @@ def sample_pairs():
     pairs, bad = read_pairs(sample_path())
     assert not bad
     return pairs
+
+
+HOSTILE = "Sure.<script>alert(1)</script><img src=x onerror=alert(2)> Paris is the capital."
+
+
+@pytest.fixture(scope="session")
+def eval_report(server, tmp_path_factory) -> Path:
+    """A real eval (GenRM and ReflectRM on the embedded server) of a few benchmark pairs and one whose response
+    carries markup, written by ``write_report``: the folder the page tests open."""
+    from reflectagent.cache import JudgmentCache, use_cache
+    from reflectagent.config import BackendConfig, Settings
+    from reflectagent.eval import load_benchmark, run_eval, write_report
+    from reflectagent.pairs import Pair
+
+    pairs = []
+    for name in ("eval_pandalm.jsonl", "eval_hhh.jsonl"):
+        loaded, _ = load_benchmark(DATA / name)
+        pairs += loaded[:3]
+    pairs.append(Pair(id="hostile-1", prompt="What is the capital of France?", response_a=HOSTILE,
+                      response_b="Berlin.", label="A", source="handmade", category="markup"))
+    settings = Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000)})
+    folder = tmp_path_factory.mktemp("eval-report")
+    with use_cache(JudgmentCache(folder / "cache")):
+        results = run_eval(pairs, ["genrm", "reflectrm"], ["embedded"], settings=settings, progress=False)
+    return write_report(results, folder / "report", meta={"data": ["tests/data"], "pairs": len(pairs), "split": "all", "seed": 0})

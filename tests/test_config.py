@@ -32,7 +32,7 @@ def test_toml_backends_resolve_to_lms_without_leaking_the_key(tmp_path, monkeypa
     path.write_text(TOML)
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
     settings = load_settings(path)
-    assert set(settings.backends) == {"embedded", "api", "local"}
+    assert set(settings.backends) == {"embedded", "api", "local", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"}
     lm = resolve_backend(settings=settings)
     assert lm.backend.name == "api" and lm.model == "openai/gpt-4o-mini" and lm.kwargs["temperature"] == 0.3
     assert "sk-secret-123" not in repr(lm.backend.identity)
@@ -139,3 +139,29 @@ def test_a_running_server_is_reused_only_for_the_same_folder_and_context(tmp_pat
     monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", "http://x/v1")
     with pytest.raises(ConfigError, match="does not serve .*qwen.* with a 2048-token context"):
         embedded.embedded_url(tmp_path / "qwen", {}, 2048)
+
+
+def test_a_server_announced_by_serve_is_reused_only_in_the_same_dtype(tmp_path, monkeypatch):
+    from reflectagent import embedded
+
+    monkeypatch.setenv("REFLECTAGENT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("REFLECTAGENT_EMBEDDED_URL", raising=False)
+    served = {"embedded": {"id": "embedded", "root": str(tmp_path / "qwen"), "max_model_len": 4096}}
+    monkeypatch.setattr(embedded, "served_models", lambda url: served)
+    started = []
+    monkeypatch.setattr(embedded.VLLMServer, "start", lambda self: started.append(self.spec.dtype) or "http://new/v1")
+    monkeypatch.setattr(embedded.VLLMServer, "url", property(lambda self: "http://new/v1"))
+    embedded.publish("http://announced/v1", {}, "float32")
+    assert embedded.embedded_url(tmp_path / "qwen", {}, 4096, "float32") == "http://announced/v1"
+    assert embedded.embedded_url(tmp_path / "qwen", {}, 4096, "bfloat16") == "http://new/v1"
+    assert started == ["bfloat16"]
+    embedded._servers.clear()
+
+
+def test_each_local_preset_is_a_backend_by_its_name():
+    from reflectagent.config import Settings
+    from reflectagent.presets import PRESETS
+
+    settings = Settings()
+    for name in PRESETS:
+        assert settings.backend(name)[1].model_path == name

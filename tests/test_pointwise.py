@@ -69,3 +69,13 @@ def test_ratings_survive_a_round_trip_through_json(cache):
         judgment = PointwiseJudge(decision="vote").judge(PAIR)
     again = Judgment.from_dict(json.loads(json.dumps(judgment.to_dict())))
     assert again.ratings == judgment.ratings and again.preference == judgment.preference == "A"
+
+
+def test_assess_prob_writes_an_assessment_before_each_rating(cache, tmp_path):
+    lm = fake({f"[[ ## response ## ]]\n{GOOD}": {"assessment": "names the right capital", "rating": "5"},
+               f"[[ ## response ## ]]\n{BAD}": {"assessment": "Berlin is wrong", "rating": "1"}})
+    with dspy.context(lm=lm):
+        judgment = PointwiseJudge(decision="vote", rationale=True).judge(PAIR)
+    assert [(r.response, r.text) for r in judgment.ratings] == [("A", "names the right capital"), ("B", "Berlin is wrong")]
+    assert judgment.preference == "A"
+    assert load_program(PointwiseJudge(rationale=True).save(tmp_path / "p.json")).options["rationale"] is True
