@@ -48,12 +48,13 @@ def main(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, hel
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-from reflectagent.cli import cache, evaluate, finetune, judge, models, serve, view  # noqa: E402  (they register on app)
+from reflectagent.cli import cache, evaluate, finetune, judge, models, serve, serve_rm, view  # noqa: E402  (they register on app)
 
 app.command()(judge.judge)
 app.command("eval")(evaluate.eval_command)
 app.command()(evaluate.compare)
 app.command()(serve.serve)
+app.command("serve-rm")(serve_rm.serve_rm)
 app.command()(view.view)
 app.add_typer(models.app, name="models")
 app.add_typer(cache.app, name="cache")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +97,25 @@ def eval_report(server, tmp_path_factory) -> Path:
     with use_cache(JudgmentCache(folder / "cache")):
         results = run_eval(pairs, ["genrm", "reflectrm"], ["embedded"], settings=settings, progress=False)
     return write_report(results, folder / "report", meta={"data": ["tests/data"], "pairs": len(pairs), "split": "all", "seed": 0})
+
+
+@contextlib.contextmanager
+def running_service(rewarder, **options):
+    """The service under uvicorn on a free loopback port, in a thread, for the ``with`` block."""
+    import uvicorn
+
+    from reflectagent.cli.serve_rm import create_app
+    from reflectagent.server import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(rewarder, **options), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(server.run,), daemon=True)  # the cache in use
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -1,4 +1,5 @@
-"""The layers point one way: core <- programs <- eval <- finetune <- command line.
+"""The layers point one way: core <- programs <- eval <- finetune <- command line and services;
+rl (rewards for trainers) sits beside eval, on programs.
 
 Every module's imports are read from its source (lazy imports inside functions included),
 so a shortcut taken anywhere fails here instead of in a review.
@@ -18,9 +19,10 @@ LAYERS = {  # package -> the layers it may import
     "programs": {"core", "programs"},
     "eval": {"core", "programs", "eval"},
     "finetune": {"core", "programs", "eval", "finetune"},
-    "cli": {"core", "programs", "eval", "finetune", "cli"},
+    "rl": {"core", "programs", "rl"},
+    "cli": {"core", "programs", "eval", "finetune", "rl", "cli"},
 }
-FOLDERS = {"reflectagent": "core", "programs": "programs", "eval": "eval", "finetune": "finetune", "cli": "cli"}
+FOLDERS = {"reflectagent": "core", "programs": "programs", "eval": "eval", "finetune": "finetune", "rl": "rl", "cli": "cli"}
 
 
 def layer_of(module: str) -> str | None:

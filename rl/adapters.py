@@ -1,0 +1,101 @@
+"""The function shapes TRL, verl and OpenRLHF call, each backed by a :class:`Rewarder`.
+
+- TRL ``GRPOTrainer(reward_funcs=[trl_reward(...)])``: called with ``prompts``, ``completions`` and every
+  dataset column as keyword arguments; returns one float per completion, ``None`` where no verdict
+  stood behind it (TRL skips it). A ``reference`` column (name it with ``reference_column``) makes
+  each reward pairwise against it; without one, completions of the same prompt are judged as a group.
+  ``trl_reward(..., asynchronous=True)`` gives an ``async def`` (TRL gathers those concurrently).
+- verl ``custom_reward_function``: ``compute_score(data_source, solution_str, ground_truth, extra_info)``
+  judges the solution against ``ground_truth``; the prompt comes from ``extra_info["prompt"]``.
+- OpenRLHF ``--remote_rm_url reward_func.py``: ``reward_func(queries, prompts, labels)``, where each
+  query is its prompt followed by the response; returns rewards, scores and ``extra_logs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reflectagent.errors import ReflectAgentError
+from reflectagent.rl.rewards import Rewarder
+
+
+class RewardInputError(ReflectAgentError, ValueError):
+    """A trainer's call that cannot be turned into pairs to judge, with what to fix."""
+
+
+def as_text(value: Any) -> str:
+    """A TRL prompt or completion as text: a string as it is, a conversation as ``role: content`` lines."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        if len(value) == 1:
+            return str(value[0]["content"])
+        return "\n\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in value)
+    raise RewardInputError(f"expected a string or a list of chat messages, got {type(value).__name__}")
+
+
+def trl_reward(judge="genrm-prob", backend: str | None = None, *, reference_column: str | None = None,
+               asynchronous: bool = False, rewarder: Rewarder | None = None, **options):
+    """A TRL reward function (sync, or ``async def`` with ``asynchronous=True``) named after its judge."""
+    rewarder = rewarder or Rewarder(judge, backend, **options)
+
+    def inputs(prompts, completions, kwargs):
+        references = None
+        if reference_column is not None:
+            if reference_column not in kwargs:
+                raise RewardInputError(f"the dataset has no {reference_column!r} column (columns: {sorted(kwargs)})")
+            references = [None if r is None else as_text(r) for r in kwargs[reference_column]]
+        return [as_text(p) for p in prompts], [as_text(c) for c in completions], references
+
+    def floats(rewards):
+        return [r.reward if r.verdict else None for r in rewards]
+
+    if asynchronous:
+        async def reward(prompts, completions, **kwargs):
+            return floats(await rewarder.arewards(*inputs(prompts, completions, kwargs)))
+    else:
+        def reward(prompts, completions, **kwargs):
+            return floats(rewarder.rewards(*inputs(prompts, completions, kwargs)))
+    name = judge if isinstance(judge, str) else type(judge).__name__
+    reward.__name__ = f"reflectagent_{name}".replace("-", "_")  # TRL logs each reward under its function's name
+    return reward
+
+
+def verl_compute_score(judge="genrm-prob", backend: str | None = None, *, rewarder: Rewarder | None = None, **options):
+    """A verl ``compute_score``: the solution against ``ground_truth``, the prompt from ``extra_info['prompt']``."""
+    rewarder = rewarder or Rewarder(judge, backend, **options)
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None, **_):
+        prompt = (extra_info or {}).get("prompt")
+        if not prompt:
+            raise RewardInputError("verl's extra_info has no 'prompt': put the prompt text in each row's extra_info")
+        if not ground_truth:
+            raise RewardInputError(f"no ground_truth for a {data_source} row: a pairwise judge needs a reference answer")
+        result = rewarder.against_reference(as_text(prompt), solution_str, as_text(ground_truth))
+        return {"score": result.reward, "verdict": result.verdict}
+
+    return compute_score
+
+
+def split_query(query: str, prompt: str) -> str:
+    """OpenRLHF's query is the prompt followed by the response: the response is what follows."""
+    if not query.startswith(prompt):
+        raise RewardInputError("a query does not start with its prompt: send query = prompt + response")
+    return query[len(prompt):]
+
+
+def openrlhf_reward_func(judge="genrm-prob", backend: str | None = None, *, rewarder: Rewarder | None = None, **options):
+    """An OpenRLHF ``reward_func``: labels (reference answers) make rewards pairwise; without them, group-relative."""
+    rewarder = rewarder or Rewarder(judge, backend, **options)
+
+    def reward_func(queries, prompts, labels=None, **_):
+        if len(queries) != len(prompts) or (labels is not None and len(labels) not in (0, len(queries))):
+            raise RewardInputError("queries, prompts and labels must have the same length")
+        responses = [split_query(q, p) for q, p in zip(queries, prompts)]
+        results = rewarder.rewards(list(prompts), responses, list(labels) if labels else None)
+        import torch
+
+        return {"rewards": torch.tensor([r.reward for r in results]), "scores": torch.tensor([r.score for r in results]),
+                "extra_logs": {"no_verdict": torch.tensor([0.0 if r.verdict else 1.0 for r in results])}}
+
+    return reward_func

@@ -1,0 +1,115 @@
+"""Rewards from judgments, never from a guessed verdict.
+
+Against a reference, the response is shown as A and the reference as B (the judge handles order:
+a both-orders program averages it away); the reward is the judgment's P(A better) where the backend
+gives verdict probabilities, else 1 for a win and 0 for a loss. In a group, every two responses to
+the same prompt are judged (round robin) and each response's reward is its win rate (in [0, 1]) or
+its Bradley-Terry log-strength (mean 0), ``programs.ranking`` doing the counting. A comparison with
+no verdict counts as its P(A) or a draw there, as in ranking. A response with no verdict at all
+(against its reference, or alone in its group) gets ``no_verdict_reward`` and ``verdict=False``:
+the trainer can skip it (TRL: ``None``) or log it (OpenRLHF: ``extra_logs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+import dspy
+
+from reflectagent.backends import resolve_backend
+from reflectagent.concurrency import run_all
+from reflectagent.config import Settings
+from reflectagent.judge import Judge
+from reflectagent.pairs import Pair
+from reflectagent.programs import named_program
+from reflectagent.programs.ranking import rank
+from reflectagent.results import Judgment, Usage
+
+NO_VERDICT_REWARD = 0.5  # neither better nor worse: the documented default, always flagged
+GroupMethod = Literal["win_rate", "bradley_terry"]
+
+
+@dataclass(frozen=True)
+class Reward:
+    """One response's reward, the [0, 1] score behind it, and whether a verdict stood behind it."""
+
+    reward: float
+    score: float  # in [0, 1]: P(better than the reference), or the win rate in the group
+    verdict: bool  # False: no comparison reached a verdict or a probability; reward is the no-verdict value
+    reason: str | None = None
+    usage: Usage = Usage()
+    cache_hits: int = 0
+
+
+def _cost(judgments: list[Judgment]) -> tuple[Usage, int]:
+    return sum((j.usage for j in judgments), Usage()), sum(j.cache_hits for j in judgments)
+
+
+class Rewarder:
+    """Rewards from one judge on one backend; every step goes through the judgment cache in use."""
+
+    def __init__(self, judge: Judge | str = "genrm-prob", backend: str | None = None, settings: Settings | None = None,
+                 *, lm: dspy.BaseLM | None = None, group: GroupMethod = "win_rate",
+                 no_verdict_reward: float = NO_VERDICT_REWARD, concurrency: int = 8):
+        if group not in ("win_rate", "bradley_terry"):
+            raise ValueError(f"group must be 'win_rate' or 'bradley_terry', not {group!r}")
+        self.judge = named_program(judge) if isinstance(judge, str) else judge
+        self.lm = lm or resolve_backend(backend, settings)
+        self.group_method, self.no_verdict_reward, self.concurrency = group, no_verdict_reward, concurrency
+
+    def against_reference(self, prompt: str, response: str, reference: str) -> Reward:
+        with dspy.context(lm=self.lm):
+            judgment = self.judge.judge(Pair(prompt=prompt, response_a=response, response_b=reference))
+        usage, hits = _cost([judgment])
+        if judgment.probability_a is not None:
+            return Reward(judgment.probability_a, judgment.probability_a, True, judgment.reason, usage, hits)
+        if judgment.preference is not None:
+            won = 1.0 if judgment.preference == "A" else 0.0
+            return Reward(won, won, True, None, usage, hits)
+        return Reward(self.no_verdict_reward, self.no_verdict_reward, False, judgment.reason or "no verdict", usage, hits)
+
+    def group(self, prompt: str, responses: list[str]) -> list[Reward]:
+        """Each response against the others (round robin); a group of one has nothing to be compared with."""
+        if len(responses) < 2:
+            return [Reward(self.no_verdict_reward, self.no_verdict_reward, False, "alone in its group")] * len(responses)
+        with dspy.context(lm=self.lm):
+            ranking = rank(self.judge, prompt, responses, concurrency=self.concurrency)
+        rewards = []
+        for i in range(len(responses)):
+            mine = [c.judgment for c in ranking.comparisons if i in (c.first, c.second)]
+            decided = any(j.preference is not None or j.probability_a is not None for j in mine)
+            usage, hits = _cost(mine)
+            if not decided:
+                rewards.append(Reward(self.no_verdict_reward, self.no_verdict_reward, False, "no comparison reached a verdict", usage, hits))
+                continue
+            value = ranking.win_rate[i] if self.group_method == "win_rate" else ranking.strength[i]
+            rewards.append(Reward(value, ranking.win_rate[i], True, None, usage, hits))
+        return rewards
+
+    def rewards(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None) -> list[Reward]:
+        """One reward per response: against its reference where it has one, else within its prompt's group."""
+        if len(prompts) != len(responses) or (references is not None and len(references) != len(responses)):
+            raise ValueError(f"prompts ({len(prompts)}), responses ({len(responses)}) and references "
+                             f"({len(references) if references is not None else 'none'}) must have the same length")
+        references = references or [None] * len(responses)
+        result: list[Reward | None] = [None] * len(responses)
+        groups: dict[str, list[int]] = defaultdict(list)
+        pairwise = []
+        for i, (prompt, reference) in enumerate(zip(prompts, references)):
+            if reference:
+                pairwise.append(i)
+            else:
+                groups[prompt].append(i)
+        jobs = [(lambda i=i: [(i, self.against_reference(prompts[i], responses[i], references[i]))]) for i in pairwise]
+        jobs += [(lambda p=p, members=members: list(zip(members, self.group(p, [responses[i] for i in members]))))
+                 for p, members in groups.items()]
+        for done in run_all(jobs, max_workers=self.concurrency):
+            for i, reward in done:
+                result[i] = reward
+        return result  # type: ignore[return-value]
+
+    async def arewards(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None) -> list[Reward]:
+        return await asyncio.to_thread(self.rewards, prompts, responses, references)

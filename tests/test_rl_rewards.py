@@ -1,0 +1,165 @@
+"""Rewards for trainers with model-free judges (control flow and the numbers' rules); the service's own
+rules (capacity, tokens, body limits, bad requests) through an in-process client. The real server tests
+run the same against vLLM over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+
+import pytest
+from dspy.utils.dummies import DummyLM
+
+from conftest import running_service
+from fakes import ScoreJudge
+from reflectagent.judge import Judge
+from reflectagent.pairs import Pair
+from reflectagent.results import Judgment
+from reflectagent.rl import NO_VERDICT_REWARD, Rewarder, openrlhf_reward_func, trl_reward, verl_compute_score
+from reflectagent.rl.adapters import RewardInputError, as_text
+
+
+class ProbabilityJudge(Judge):
+    """P(A) = sigmoid(a - b) of two numbers; None (no verdict, no probability) when a response says 'none'."""
+
+    def decide(self, pair: Pair) -> Judgment:
+        if "none" in (pair.response_a, pair.response_b):
+            return Judgment(preference=None, reason="unparsed")
+        p = 1 / (1 + math.exp(float(pair.response_b) - float(pair.response_a)))
+        return Judgment(preference="A" if p > 0.5 else "B" if p < 0.5 else None, probability_a=p)
+
+
+LM = DummyLM([])  # never called: these judges need no model
+
+
+def test_against_a_reference_the_reward_is_the_probability_else_the_vote_else_flagged():
+    by_probability = Rewarder(ProbabilityJudge(), lm=LM)
+    assert by_probability.against_reference("q", "2", "1").reward == pytest.approx(1 / (1 + math.exp(-1)))
+    by_vote = Rewarder(ScoreJudge(), lm=LM)
+    assert [by_vote.against_reference("q", a, b).reward for a, b in (("2", "1"), ("1", "2"))] == [1.0, 0.0]
+    tie = by_vote.against_reference("q", "1", "1.0")
+    assert (tie.reward, tie.verdict, tie.reason) == (NO_VERDICT_REWARD, False, "tie")
+    lost = Rewarder(ProbabilityJudge(), lm=LM, no_verdict_reward=-1.0).against_reference("q", "none", "1")
+    assert (lost.reward, lost.verdict) == (-1.0, False)
+
+
+def test_a_group_is_ranked_by_win_rate_or_bradley_terry():
+    rewards = Rewarder(ScoreJudge(), lm=LM).group("q", ["1", "3", "2"])
+    assert [r.reward for r in rewards] == [0.0, 1.0, 0.5] and all(r.verdict for r in rewards)
+    strengths = Rewarder(ScoreJudge(), lm=LM, group="bradley_terry").group("q", ["1", "3", "2"])
+    assert strengths[1].reward > strengths[2].reward > strengths[0].reward
+    assert sum(r.reward for r in strengths) == pytest.approx(0.0, abs=1e-9)  # log-strengths, mean 0
+    alone = Rewarder(ScoreJudge(), lm=LM).group("q", ["1"])
+    assert alone[0].verdict is False and alone[0].reason == "alone in its group"
+
+
+def test_a_batch_mixes_references_and_groups_and_keeps_its_order():
+    rewarder = Rewarder(ScoreJudge(), lm=LM)
+    out = rewarder.rewards(["p", "q", "p", "r"], ["1", "5", "3", "7"], [None, "4", None, None])
+    assert [r.reward for r in out] == [0.0, 1.0, 1.0, NO_VERDICT_REWARD]  # p: a group of 2; q: vs reference; r: alone
+    with pytest.raises(ValueError, match="same length"):
+        rewarder.rewards(["p"], ["1", "2"])
+    assert [r.reward for r in asyncio.run(rewarder.arewards(["p", "p"], ["2", "1"]))] == [1.0, 0.0]
+
+
+def test_trl_reward_takes_text_or_conversations_and_skips_no_verdict():
+    reward = trl_reward(rewarder=Rewarder(ScoreJudge(), lm=LM), reference_column="answer")
+    assert reward.__name__ == "reflectagent_genrm_prob"
+    prompts = [[{"role": "user", "content": "q"}]] * 3
+    completions = [[{"role": "assistant", "content": c}] for c in ("5", "1", "2")]
+    assert reward(prompts=prompts, completions=completions, answer=["2", "2", "2"], completion_ids=None) == [1.0, 0.0, None]
+    grouped = trl_reward(rewarder=Rewarder(ScoreJudge(), lm=LM))
+    assert grouped(prompts=["q", "q"], completions=["1", "2"]) == [0.0, 1.0]
+    asynchronous = trl_reward(rewarder=Rewarder(ScoreJudge(), lm=LM), asynchronous=True)
+    assert asyncio.iscoroutinefunction(asynchronous)
+    assert asyncio.run(asynchronous(prompts=["q", "q"], completions=["1", "2"])) == [0.0, 1.0]
+    with pytest.raises(RewardInputError, match="no 'answer' column"):
+        reward(prompts=["q"], completions=["1"])
+    assert as_text([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) == "system: s\n\nuser: u"
+
+
+def test_verl_compute_score_needs_a_prompt_and_a_reference():
+    score = verl_compute_score(rewarder=Rewarder(ScoreJudge(), lm=LM))
+    assert score("set", "3", "2", extra_info={"prompt": "q"}) == {"score": 1.0, "verdict": True}
+    with pytest.raises(RewardInputError, match="extra_info has no 'prompt'"):
+        score("set", "3", "2")
+    with pytest.raises(RewardInputError, match="needs a reference answer"):
+        score("set", "3", "", extra_info={"prompt": "q"})
+
+
+def test_openrlhf_reward_func_cuts_the_prompt_off_each_query():
+    func = openrlhf_reward_func(rewarder=Rewarder(ScoreJudge(), lm=LM))
+    out = func(["q:3", "q:1"], ["q:", "q:"], [])
+    assert out["rewards"].tolist() == [1.0, 0.0] and out["extra_logs"]["no_verdict"].tolist() == [0.0, 0.0]
+    with pytest.raises(RewardInputError, match="does not start with its prompt"):
+        func(["x3"], ["q:"], [])
+
+
+# ---- the service's rules, in process ---------------------------------------------------------------------------
+
+class SlowJudge(ScoreJudge):
+    release = threading.Event()
+
+    def decide(self, pair):
+        self.release.wait(10)
+        return super().decide(pair)
+
+
+def client(judge=None, **options):
+    from fastapi.testclient import TestClient
+
+    from reflectagent.cli.serve_rm import create_app
+
+    return TestClient(create_app(Rewarder(judge or ScoreJudge(), lm=LM), **options))
+
+
+def test_bad_requests_get_4xx_with_what_to_fix():
+    http = client(max_body_bytes=2000)
+    cases = [
+        ({"prompts": ["q"]}, 422, "query"),
+        ({"query": [], "prompts": []}, 400, "query is empty"),
+        ({"query": ["q1", "q2"], "prompts": ["q"]}, 400, "same length"),
+        ({"query": ["x1"], "prompts": ["q"]}, 400, "does not start with its prompt"),
+        ({"query": ["q" * 3000], "prompts": ["q"]}, 413, "body over 2000 bytes"),
+    ]
+    for body, status, message in cases:
+        answer = http.post("/get_reward", json=body)
+        assert answer.status_code == status and message in answer.text, (body, answer.text)
+    assert http.post("/v1/rank", json={"prompt": "q", "responses": ["1"]}).status_code == 400
+    assert "empty" in http.post("/v1/judge", json={"prompt": " ", "response_a": "1", "response_b": "2"}).text
+
+
+def test_a_token_is_required_when_set_and_health_stays_open():
+    http = client(token="s3cret")
+    assert http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "2"]}).status_code == 401
+    ok = http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "2"]}, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["ranks"] == [2, 1]
+    assert http.get("/health").status_code == 200
+
+
+def test_at_capacity_the_service_answers_503_with_retry_after_and_loses_no_accepted_request():
+    """Over real HTTP on loopback: one judging, one waiting, the third turned away at once."""
+    import httpx
+
+    SlowJudge.release.clear()
+    body = {"prompt": "q", "response_a": "2", "response_b": "1"}
+    with running_service(Rewarder(SlowJudge(), lm=LM), max_concurrency=1, max_queue=1) as url:
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/judge", json=body, timeout=30)))
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health").json()["in_flight"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        refused = httpx.post(f"{url}/v1/judge", json=body, timeout=30)
+        SlowJudge.release.set()
+        for thread in threads:
+            thread.join()
+        metrics = httpx.get(f"{url}/metrics").text
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+    assert [a.status_code for a in answers] == [200, 200] and all(a.json()["preference"] == "A" for a in answers)
+    assert 'reflectagent_requests_total{route="/v1/judge",status="503"} 1.0' in metrics
+    assert 'reflectagent_requests_total{route="/v1/judge",status="200"} 2.0' in metrics
