@@ -204,3 +204,24 @@ def test_a_response_with_a_script_shows_as_text_and_never_runs(page):
     page.wait_for_timeout(300)
     assert HOSTILE in page.locator("#detail").inner_text()
     assert page.dialogs == [] and page.locator("#detail script, #detail img").count() == 0
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/test.sh installs Debian's `chromium` where "
+                                             "apt-get can; elsewhere install it to run the page tests)")
+def test_ten_thousand_pairs_page_and_filter_in_the_browser(chromium, tmp_path):
+    page_file = tmp_path / "big.html"
+    page_file.write_text(render(big_page(10_000)))
+    tab = chromium.new_page()
+    tab.goto(page_file.as_uri())
+    assert tab.locator("#pairs-body tr").count() == 50
+    assert tab.locator("#page-info").inner_text() == "10000 of 10000 pairs, page 1 of 200"
+    tab.click("#next")
+    assert tab.locator("#pairs-body tr").first.inner_text().startswith("p50")
+    tab.select_option("#f-source", "s1")
+    assert tab.locator("#page-info").inner_text() == "3333 of 10000 pairs, page 1 of 67"
+    tab.fill("#f-text", "prompt 9999 ")
+    assert tab.locator("#pairs-body tr").count() == 0  # p9999 is in s0
+    tab.select_option("#f-source", "")
+    assert tab.locator("#pairs-body tr").count() == 1
+    tab.close()
