@@ -26,3 +26,13 @@ def open_cache(settings: Settings, cache_dir: Path | None, no_cache: bool = Fals
 def warn_skipped(bad_lines) -> None:
     for line in bad_lines:
         typer.secho(f"skipped {line}", fg="yellow", err=True)
+
+
+def warn_duplicates(pairs) -> None:
+    from reflectagent.pairs import duplicate_ids
+
+    repeated = duplicate_ids(pairs)
+    if repeated:
+        shown = ", ".join(f"{key!r} x{n}" for key, n in list(repeated.items())[:5])
+        typer.secho(f"warning: {len(repeated)} id(s) name more than one pair ({shown}{', ...' if len(repeated) > 5 else ''}): "
+                    "each pair is judged; give unique ids to tell their judgments apart", fg="yellow", err=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from reflectagent.cache import use_cache
-from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_skipped
+from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_duplicates, warn_skipped
 from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark, run_eval, write_report
@@ -51,6 +51,7 @@ def eval_command(
         pairs += chosen[:limit] if limit is not None else chosen
     if not pairs:
         fail("no valid pairs to evaluate", 2)
+    warn_duplicates(pairs)
     program_names, backend_names = [p for p in programs.split(",") if p], [b for b in backends.split(",") if b]
     try:
         settings = load_settings(config)

@@ -13,7 +13,7 @@ import typer
 
 from reflectagent.backends import resolve_backend
 from reflectagent.cache import use_cache
-from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_skipped
+from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_duplicates, warn_skipped
 from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval.metrics import JudgingSummary, summarize_judgments
@@ -108,6 +108,7 @@ def judge(
         fail(str(exc), 2)
     warn_skipped(bad)
     pairs = pairs[:limit] if limit is not None else pairs
+    warn_duplicates(pairs)
     if not pairs:
         fail("no valid pairs to judge", 2)
 

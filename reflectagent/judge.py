@@ -152,14 +152,27 @@ def order_averaged_probability(analyses) -> float | None:
     return sum(probs) / len(probs) if probs and len(probs) == len(analyses) else None
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether the same call may succeed later: the backend was away, slow or busy, not the input wrong."""
+    import httpx
+    from dspy.utils.exceptions import LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
+
+    from reflectagent.server import ServerError
+
+    return isinstance(error, (LMTransportError, LMTimeoutError, LMServerError, LMRateLimitError, ServerError,
+                              httpx.TransportError, ConnectionError, TimeoutError))
+
+
 class RunInterrupted(ReflectAgentError, RuntimeError):
-    """Judging stopped (a dead backend, say); what was finished is cached and a re-run resumes."""
+    """Judging stopped; what was finished is cached. A dead or slow backend: a re-run resumes. Anything
+    else would fail again the same way: the message says to fix it first."""
 
     def __init__(self, done: int, total: int, cause: BaseException):
-        super().__init__(
-            f"stopped after {done} of {total} judgments: {type(cause).__name__}: {cause}\n"
-            "Every finished step is in the judgment cache: run the same command again to resume."
-        )
+        advice = ("Every finished step is in the judgment cache: run the same command again to resume."
+                  if is_transient(cause) else
+                  "This is not a backend that went away: the same command would stop here again. Fix the cause above "
+                  "(the input, the config or a bug to report); every finished step is in the judgment cache.")
+        super().__init__(f"stopped after {done} of {total} judgments: {type(cause).__name__}: {cause}\n{advice}")
         self.done, self.total, self.cause = done, total, cause
 
 

@@ -82,17 +82,36 @@ def parse_pair(row: object) -> Pair:
     values = {k: row[k] for k in known if k in row}
     if values.get("id") is not None:
         values["id"] = str(values["id"])
+    for name, value in values.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON allows "\ud800"; no text encoding does
+                raise InvalidPair(f"{name} holds a lone surrogate escape ({value[exc.start]!r} at character "
+                                  f"{exc.start + 1}), which is not text: fix or remove that \\u escape") from None
     return Pair(**values)
+
+
+def duplicate_ids(pairs: list[Pair]) -> dict[str, int]:
+    """Ids given to more than one pair, with their counts: each such pair is still judged."""
+    counts: dict[str, int] = {}
+    for pair in pairs:
+        if pair.id is not None:
+            counts[pair.id] = counts.get(pair.id, 0) + 1
+    return {key: n for key, n in counts.items() if n > 1}
 
 
 def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None) -> Iterator[Pair]:
     """Yield the valid pairs of a JSONL file; append every bad line to ``bad_lines``.
 
-    Bytes that are not UTF-8 make that line bad (with the byte offset), not the file.
+    Bytes that are not UTF-8 make that line bad (with the byte offset), not the file. A UTF-8 byte
+    order mark at the start of the file (as some editors save) is not part of the first line.
     """
     path = Path(path)
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             if not raw.strip():
                 continue
             try:

@@ -65,6 +65,20 @@ def test_finetune_data_uses_the_configured_default_backend(tmp_path):
     assert not (tmp_path / "out" / "data_card.json").exists()
 
 
+def test_duplicate_ids_are_named_and_a_dead_backend_stop_says_resume(tmp_path):
+    """Duplicate ids get a warning (each pair is still judged); a dead endpoint stops the run with the advice
+    to run again, which is right for it (the input is fine)."""
+    data = tmp_path / "dup.jsonl"
+    data.write_text("".join(json.dumps({"id": "same", "prompt": "p", "response_a": "a", "response_b": str(i)}) + "\n"
+                            for i in range(2)))
+    config = tmp_path / "c.toml"
+    config.write_text('[backends.dead]\nmodel = "hosted_vllm/x"\napi_base = "http://127.0.0.1:9/v1"\nnum_retries = 0\n'
+                      'timeout_s = 5\ncontext_tokens = 4096\n')
+    result = cli("judge", data, "--backend", "dead", "--config", config, "--cache-dir", tmp_path / "cache", check=False)
+    assert "1 id(s) name more than one pair ('same' x2)" in result.stderr
+    assert result.returncode == 1 and "run the same command again to resume" in result.stderr
+
+
 @pytest.mark.server
 def test_judge_starts_the_embedded_server_stops_it_and_caches(server, tmp_path):
     """No server configured: the CLI starts one, judges, stops it; the re-run costs no calls."""

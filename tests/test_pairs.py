@@ -60,3 +60,37 @@ def test_fit_to_budget_keeps_short_texts_and_cuts_long_ones_visibly():
     assert fitted["response_a"].startswith("aaa") and fitted["response_a"].endswith("aaa")
     assert fit_to_budget(texts, None) == (texts, ())
     assert fit_to_budget(texts, 10**6) == (texts, ())
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "response_a": "a", "response_b": "b"}).encode() + b"\r\n")
+    pairs, bad = read_pairs(path)
+    assert [p.prompt for p in pairs] == ["p"] and bad == []
+
+
+def test_a_lone_surrogate_escape_is_a_bad_line_that_says_what_to_fix(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"prompt": "p", "response_a": "x\\ud800y", "response_b": "b"}\n'
+                    '{"prompt": "p", "response_a": "a", "response_b": "b"}\n')
+    pairs, bad = read_pairs(path)
+    assert len(pairs) == 1 and [b.line for b in bad] == [1]
+    assert "response_a holds a lone surrogate escape" in bad[0].error and "character 2" in bad[0].error
+
+
+def test_duplicate_ids_are_found():
+    from reflectagent.pairs import duplicate_ids
+
+    pairs = [Pair(prompt="p", response_a="a", response_b=str(i), id=key) for i, key in enumerate(["x", "y", "x", None, None])]
+    assert duplicate_ids(pairs) == {"x": 2}
+
+
+def test_resume_advice_only_where_a_rerun_can_succeed():
+    from dspy.utils.exceptions import LMTransportError
+
+    from reflectagent.judge import RunInterrupted
+
+    dropped = RunInterrupted(3, 10, LMTransportError("connection reset"))
+    assert "run the same command again to resume" in str(dropped)
+    broken = RunInterrupted(0, 1, UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+    assert "run the same command again" not in str(broken) and "would stop here again. Fix the cause" in str(broken)
