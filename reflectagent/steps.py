@@ -223,8 +223,7 @@ def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, 
             logger.warning("a step cannot fit the model's context: %s", exc)
             return StepOutput(fields=None, raw="", usage=Usage(), error=f"InputTooLong: {exc}", truncated=tuple(inputs))
     inputs, truncated, key = request
-    with _single_flight(key, cache) as hit:
-        hit = hit or cache.get(refusal_key(key, backend))
+    with _single_flight(key, cache, refusal_key(key, backend)) as hit:
         if hit is not None:
             if hit.parsed and dspy.settings.trace is not None:
                 # Optimisers collect demos from traces: a cached step must leave one like a live call.
@@ -239,12 +238,19 @@ _inflight: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, threads u
 _inflight_guard = threading.Lock()
 
 
+LEASE_POLL_S = 0.1
+
+
 @contextlib.contextmanager
-def _single_flight(key: str, cache):
-    """Yield the cached step, or None while holding the key: concurrent identical steps (both
-    presentations of a pair, two programs sharing stage 1) wait for one call instead of each
-    making it."""
-    hit = cache.get(key)
+def _single_flight(key: str, cache, refused_key: str):
+    """Yield the cached step (or its cached refusal), or None while holding the key: concurrent identical
+    steps (both presentations of a pair, two programs sharing stage 1, several processes on one cache
+    folder) wait for one call instead of each making it. Threads of a process queue on a lock; processes
+    on a :class:`reflectagent.cache.Lease` in the cache, whose holder dies with it."""
+    def cached():
+        return cache.get(key) or cache.get(refused_key)
+
+    hit = cached()
     if hit is not None or not cache.enabled:
         yield hit
         return
@@ -253,7 +259,15 @@ def _single_flight(key: str, cache):
         _inflight[key] = (lock, users + 1)
     try:
         with lock:
-            yield cache.get(key)
+            lease = cache.lease(key)
+            hit = cached()
+            while hit is None and not lease.acquire():  # another process is making it: wait for its result
+                time.sleep(LEASE_POLL_S)
+                hit = cached()
+            try:
+                yield hit if hit is not None else cached()  # made by another process between our look and our lease
+            finally:
+                lease.release()
     finally:
         with _inflight_guard:
             lock, users = _inflight[key]
