@@ -13,9 +13,11 @@ over ``max_body_bytes`` are refused.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Annotated, Optional
 
@@ -30,7 +32,7 @@ from reflectagent.config import load_settings
 from reflectagent.pairs import InvalidPair, Pair
 from reflectagent.programs.ranking import rank
 from reflectagent.rl.adapters import RewardInputError, split_query
-from reflectagent.rl.rewards import NO_VERDICT_REWARD, Rewarder
+from reflectagent.rl.rewards import Rewarder
 
 
 class RewardRequest(BaseModel):
@@ -54,24 +56,44 @@ class Busy(Exception):
     """More requests than the service holds: answered 503 with Retry-After."""
 
 
+ROUTES = ("/get_reward", "/v1/judge", "/v1/rank", "/health", "/metrics")  # metric labels: any other path is "other"
+
+
 class Gate:
-    """At most ``running`` at once and ``waiting`` more; the rest are turned away at once."""
+    """At most ``running`` judging at once (each on its own thread of a pool of that size) and ``waiting``
+    more; the rest are turned away at once. A place is given back when its work has really finished,
+    not when its request timed out, so timed-out work cannot pile up beyond the bound."""
 
     def __init__(self, running: int, waiting: int):
+        self.pool = ThreadPoolExecutor(max_workers=running, thread_name_prefix="reflectagent-rm")
         self.semaphore, self.capacity, self.held = asyncio.Semaphore(running), running + waiting, 0
 
-    async def __aenter__(self):
-        if self.held >= self.capacity:
-            raise Busy()
-        self.held += 1
-        await self.semaphore.acquire()
-
-    async def __aexit__(self, *exc):
+    def release(self) -> None:
         self.semaphore.release()
         self.held -= 1
 
+    async def run(self, fn, timeout_s: float):
+        """``fn()`` on the pool within ``timeout_s`` (TimeoutError after it; the work goes on and keeps its place)."""
+        if self.held >= self.capacity:
+            raise Busy()
+        self.held += 1
+        try:
+            await self.semaphore.acquire()
+        except BaseException:  # cancelled while waiting: the place was never taken
+            self.held -= 1
+            raise
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.pool, contextvars.copy_context().run, fn)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except BaseException:
+            future.add_done_callback(lambda _: self.release())
+            raise
+        self.release()
+        return result
 
-def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int = 64, timeout_s: float = 600,
+
+def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int = 64, timeout_s: float = 170,
                max_body_bytes: int = 8 << 20, token: str | None = None, retry_after_s: int = 5) -> FastAPI:
     app = FastAPI(title="reflectagent reward model", docs_url=None, redoc_url=None)
     registry = CollectorRegistry()
@@ -90,12 +112,14 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        route, started = request.url.path, time.perf_counter()
+        route, started = request.url.path if request.url.path in ROUTES else "other", time.perf_counter()
         if token is not None and route != "/health":
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return _answer(requests, route, 401, {"detail": "missing or wrong bearer token"})
         size = request.headers.get("content-length")
+        if "transfer-encoding" in request.headers:  # the length must be known before the body is read
+            return _answer(requests, route, 411, {"detail": "send the body with a Content-Length, not Transfer-Encoding"})
         if request.method == "POST" and (size is None or not size.isdigit()):
             return _answer(requests, route, 411, {"detail": "send a Content-Length header with the body"})
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
@@ -106,12 +130,13 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         return response
 
     async def judged(fn, *args):
-        async with gate:
-            try:
-                return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout_s)
-            except asyncio.TimeoutError:
-                raise HTTPException(504, f"no answer within {timeout_s:.0f} s; the judgment goes on into the cache, "
-                                         "so the same request again is answered from it") from None
+        try:
+            return await gate.run(lambda: fn(*args), timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"no answer within {timeout_s:.0f} s; the judgment goes on into the cache, "
+                                     "so the same request again is answered from it") from None
+        except ValueError as exc:  # work the service refuses to take on (a group over max_group)
+            raise HTTPException(413, str(exc)) from None
 
     def account(usage_calls: int, hits: int, missing: int) -> None:
         lm_calls.inc(usage_calls)
@@ -142,13 +167,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         except InvalidPair as exc:
             raise HTTPException(400, str(exc)) from None
 
-        def run():
-            import dspy
-
-            with dspy.context(lm=rewarder.lm):
-                return rewarder.judge.judge(pair)
-
-        judgment = await judged(run)
+        judgment = await judged(rewarder.judge_pair, pair)
         account(judgment.lm_calls, judgment.cache_hits, judgment.preference is None)
         cost = judgment.cost
         return {"preference": judgment.preference, "probability_a": judgment.probability_a, "reason": judgment.reason,
@@ -162,6 +181,8 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
     async def rank_route(body: RankRequest):
         if len(body.responses) < 2:
             raise HTTPException(400, "responses needs at least two: a group reward compares them")
+        if len(body.responses) > rewarder.max_group:
+            raise HTTPException(413, f"{len(body.responses)} responses is over max_group ({rewarder.max_group}): send smaller groups")
         if not body.prompt.strip():
             raise HTTPException(400, "the prompt is empty: there is nothing to judge the responses against")
 
@@ -203,10 +224,10 @@ def serve_rm(
     host: Annotated[str, typer.Option(help="address to bind: loopback unless you mean otherwise")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 5000,
     group: Annotated[str, typer.Option(help="group rewards without labels: win_rate or bradley_terry")] = "win_rate",
-    no_verdict_reward: Annotated[float, typer.Option(help="the reward where no verdict stood behind it (flagged)")] = NO_VERDICT_REWARD,
+    no_verdict_reward: Annotated[Optional[float], typer.Option(help="the reward where no verdict stood behind it (flagged; default: 0.5, or 0 for bradley_terry)")] = None,
     max_concurrency: Annotated[int, typer.Option(help="requests judged at once")] = 8,
     max_queue: Annotated[int, typer.Option(help="requests that may wait; beyond, 503 with Retry-After")] = 64,
-    timeout: Annotated[float, typer.Option(help="seconds a request may take before a 504")] = 600,
+    timeout: Annotated[float, typer.Option(help="seconds a request may take before a 504 (OpenRLHF's client gives up at 180)")] = 170,
     max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 8 << 20,
     token_env: Annotated[Optional[str], typer.Option(help="environment variable holding a bearer token to require")] = None,
     config: ConfigOpt = None,

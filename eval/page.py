@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +52,15 @@ class PageData:
     plots: list[dict[str, str]] = field(default_factory=list)  # {"title", "src": data URI}
 
     def pair_index(self, pair: Pair) -> int:
-        key = pair.id or f"#{len(self.pairs)}"
+        """The pair's row: one per id *and* text, so two pairs sharing an id (or both without one) never
+        share a row, and two runs' judgments of the same pair do."""
+        text = hashlib.sha256("\x00".join(pair.inputs().values()).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        key = (pair.id, text)
         if not hasattr(self, "_index"):
-            self._index = {p["id"]: i for i, p in enumerate(self.pairs)}
+            self._index = {}
         if key not in self._index:
             self._index[key] = len(self.pairs)
-            self.pairs.append({"id": key, "prompt": pair.prompt, "response_a": pair.response_a,
+            self.pairs.append({"id": pair.id or f"#{len(self.pairs) + 1}", "prompt": pair.prompt, "response_a": pair.response_a,
                                "response_b": pair.response_b, "label": pair.label, "source": pair.source or "",
                                "category": pair.category or ""})
         return self._index[key]
@@ -188,7 +192,8 @@ def merge(before: PageData, after: PageData) -> PageData:
         offset = len(merged.runs)
         merged.runs += [{**r, "label": f"{name}: {r['label']}"} for r in page.runs]
         for run, index, judgments in page.judgments:
-            pair = parse_pair(page.pairs[index])
+            row = page.pairs[index]
+            pair = parse_pair({**row, "id": None if row["id"].startswith("#") else row["id"]})
             merged.judgments.append([run + offset, merged.pair_index(pair), judgments])
     return merged
 

@@ -178,6 +178,8 @@ def write_report(results: list[RunResult], folder: str | Path, meta: dict[str, A
 
     if any(r.judgments for r in results):
         write_judgments(results, folder)
+    else:  # results loaded without their judgments: an older file would show other judgments than these
+        (folder / "judgments.jsonl.gz").unlink(missing_ok=True)
     write_page(from_report(folder), folder / PAGE_FILE)
     return folder
 

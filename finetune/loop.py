@@ -25,7 +25,7 @@ from reflectagent.eval.runner import EvalRun, RunResult, run_eval
 from reflectagent.finetune.loop_config import LoopConfig
 from reflectagent.finetune.loop_report import write_loop_report
 from reflectagent.finetune.selection import choose_pairs
-from reflectagent.models import prepare_model
+from reflectagent.models import default_dtype, prepare_model
 from reflectagent.pairs import Pair, parse_pair
 from reflectagent.programs import named_program
 
@@ -207,7 +207,9 @@ class Loop:
                 folder = self.out / "models" / model / "merged"
                 if not (folder / "config.json").exists():
                     merge_adapter(adapters[model], folder, self.config.base_model)
-            with serving(folder, log_path=logs / f"vllm-{model}.log", max_model_len=self.config.max_model_len) as url:
+            # every model in the base's dtype: merged folders carry no preset, and "before vs after" must not mix precisions
+            with serving(folder, log_path=logs / f"vllm-{model}.log", max_model_len=self.config.max_model_len,
+                         dtype=default_dtype(base)) as url:
                 yield [model], url, {}, folder
 
     def _runs(self, models: list[str], url: str, loras: dict[str, str], folder: Path) -> tuple[list[EvalRun], list[EvalRun]]:
@@ -236,5 +238,6 @@ class Loop:
             yield None
             return
         folder = prepare_model(teacher.model_path or self.config.base_model)
-        with serving(folder, log_path=self.out / "logs" / "vllm-teacher.log", max_model_len=self.config.max_model_len) as url:
+        with serving(folder, log_path=self.out / "logs" / "vllm-teacher.log", max_model_len=self.config.max_model_len,
+                     dtype=teacher.dtype) as url:  # the dtype its cache identity names
             yield url

@@ -248,7 +248,10 @@ def _single_flight(key: str, cache, refused_key: str):
     folder) wait for one call instead of each making it. Threads of a process queue on a lock; processes
     on a :class:`reflectagent.cache.Lease` in the cache, whose holder dies with it."""
     def cached():
-        return cache.get(key) or cache.get(refused_key)
+        refused = cache.get(refused_key)
+        if refused is not None and (refused.error or "").startswith("LMUnsupportedModelError"):
+            refused = None  # cached by versions before a22440b: the endpoint's fault, not this request's
+        return cache.get(key) or refused
 
     hit = cached()
     if hit is not None or not cache.enabled:

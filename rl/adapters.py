@@ -37,6 +37,7 @@ def as_text(value: Any) -> str:
 def trl_reward(judge="genrm-prob", backend: str | None = None, *, reference_column: str | None = None,
                asynchronous: bool = False, rewarder: Rewarder | None = None, **options):
     """A TRL reward function (sync, or ``async def`` with ``asynchronous=True``) named after its judge."""
+    name = rewarder.name if rewarder is not None else judge if isinstance(judge, str) else type(judge).__name__
     rewarder = rewarder or Rewarder(judge, backend, **options)
 
     def inputs(prompts, completions, kwargs):
@@ -56,7 +57,6 @@ def trl_reward(judge="genrm-prob", backend: str | None = None, *, reference_colu
     else:
         def reward(prompts, completions, **kwargs):
             return floats(rewarder.rewards(*inputs(prompts, completions, kwargs)))
-    name = judge if isinstance(judge, str) else type(judge).__name__
     reward.__name__ = f"reflectagent_{name}".replace("-", "_")  # TRL logs each reward under its function's name
     return reward
 

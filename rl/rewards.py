@@ -6,8 +6,10 @@ gives verdict probabilities, else 1 for a win and 0 for a loss. In a group, ever
 the same prompt are judged (round robin) and each response's reward is its win rate (in [0, 1]) or
 its Bradley-Terry log-strength (mean 0), ``programs.ranking`` doing the counting. A comparison with
 no verdict counts as its P(A) or a draw there, as in ranking. A response with no verdict at all
-(against its reference, or alone in its group) gets ``no_verdict_reward`` and ``verdict=False``:
-the trainer can skip it (TRL: ``None``) or log it (OpenRLHF: ``extra_logs``).
+(against its reference, alone in its group, or in a pair that cannot be judged, such as two empty
+responses) gets ``no_verdict_reward`` and ``verdict=False``: the trainer can skip it (TRL: ``None``)
+or log it (OpenRLHF: ``extra_logs``). Its default is the neutral value of the reward's scale: 0.5
+for probabilities and win rates, 0.0 for Bradley-Terry log-strengths (their mean).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from reflectagent.backends import resolve_backend
 from reflectagent.concurrency import run_all
 from reflectagent.config import Settings
 from reflectagent.judge import Judge
-from reflectagent.pairs import Pair
+from reflectagent.pairs import InvalidPair, Pair
 from reflectagent.programs import named_program
 from reflectagent.programs.ranking import rank
 from reflectagent.results import Judgment, Usage
 
-NO_VERDICT_REWARD = 0.5  # neither better nor worse: the documented default, always flagged
+NO_VERDICT_REWARD = 0.5  # neither better nor worse on a [0, 1] scale: the documented default, always flagged
+MAX_GROUP = 64  # a group costs N(N-1)/2 judgments: larger ones are refused, not queued
 GroupMethod = Literal["win_rate", "bradley_terry"]
 
 
@@ -53,37 +56,59 @@ class Rewarder:
 
     def __init__(self, judge: Judge | str = "genrm-prob", backend: str | None = None, settings: Settings | None = None,
                  *, lm: dspy.BaseLM | None = None, group: GroupMethod = "win_rate",
-                 no_verdict_reward: float = NO_VERDICT_REWARD, concurrency: int = 8):
+                 no_verdict_reward: float | None = None, concurrency: int = 8, max_group: int = MAX_GROUP):
         if group not in ("win_rate", "bradley_terry"):
             raise ValueError(f"group must be 'win_rate' or 'bradley_terry', not {group!r}")
         self.judge = named_program(judge) if isinstance(judge, str) else judge
         self.lm = lm or resolve_backend(backend, settings)
-        self.group_method, self.no_verdict_reward, self.concurrency = group, no_verdict_reward, concurrency
+        self.group_method, self.concurrency, self.max_group = group, concurrency, max_group
+        neutral = 0.0 if group == "bradley_terry" else NO_VERDICT_REWARD
+        self.no_verdict_reward = neutral if no_verdict_reward is None else no_verdict_reward
+
+    @property
+    def name(self) -> str:
+        return type(self.judge).__name__
+
+    def judge_pair(self, pair: Pair) -> Judgment:
+        with dspy.context(lm=self.lm):
+            return self.judge.judge(pair)
+
+    def _no_verdict(self, reason: str, usage: Usage = Usage(), hits: int = 0) -> Reward:
+        return Reward(self.no_verdict_reward, NO_VERDICT_REWARD, False, reason, usage, hits)
 
     def against_reference(self, prompt: str, response: str, reference: str) -> Reward:
-        with dspy.context(lm=self.lm):
-            judgment = self.judge.judge(Pair(prompt=prompt, response_a=response, response_b=reference))
+        try:
+            pair = Pair(prompt=prompt, response_a=response, response_b=reference)
+        except InvalidPair as exc:
+            return self._no_verdict(f"cannot be judged: {exc}")
+        judgment = self.judge_pair(pair)
         usage, hits = _cost([judgment])
         if judgment.probability_a is not None:
             return Reward(judgment.probability_a, judgment.probability_a, True, judgment.reason, usage, hits)
         if judgment.preference is not None:
             won = 1.0 if judgment.preference == "A" else 0.0
             return Reward(won, won, True, None, usage, hits)
-        return Reward(self.no_verdict_reward, self.no_verdict_reward, False, judgment.reason or "no verdict", usage, hits)
+        return self._no_verdict(judgment.reason or "no verdict", usage, hits)
 
     def group(self, prompt: str, responses: list[str]) -> list[Reward]:
         """Each response against the others (round robin); a group of one has nothing to be compared with."""
+        if len(responses) > self.max_group:
+            raise ValueError(f"a group of {len(responses)} responses to one prompt is over max_group ({self.max_group}): "
+                             f"it would take {len(responses) * (len(responses) - 1) // 2} judgments; send smaller groups")
         if len(responses) < 2:
-            return [Reward(self.no_verdict_reward, self.no_verdict_reward, False, "alone in its group")] * len(responses)
-        with dspy.context(lm=self.lm):
-            ranking = rank(self.judge, prompt, responses, concurrency=self.concurrency)
+            return [self._no_verdict("alone in its group")] * len(responses)
+        try:
+            with dspy.context(lm=self.lm):
+                ranking = rank(self.judge, prompt, responses, concurrency=self.concurrency)
+        except InvalidPair as exc:  # an empty prompt, or two empty responses: nothing to compare
+            return [self._no_verdict(f"cannot be judged: {exc}")] * len(responses)
         rewards = []
         for i in range(len(responses)):
             mine = [c.judgment for c in ranking.comparisons if i in (c.first, c.second)]
             decided = any(j.preference is not None or j.probability_a is not None for j in mine)
             usage, hits = _cost(mine)
             if not decided:
-                rewards.append(Reward(self.no_verdict_reward, self.no_verdict_reward, False, "no comparison reached a verdict", usage, hits))
+                rewards.append(self._no_verdict("no comparison reached a verdict", usage, hits))
                 continue
             value = ranking.win_rate[i] if self.group_method == "win_rate" else ranking.strength[i]
             rewards.append(Reward(value, ranking.win_rate[i], True, None, usage, hits))

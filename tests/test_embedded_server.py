@@ -175,7 +175,9 @@ def test_a_request_the_server_refuses_is_a_cached_failed_step(server, cache):
 def test_a_model_name_the_server_does_not_serve_stops_the_step_and_caches_nothing(server, cache, sample_pairs):
     """An unknown model is the endpoint's fault, not the request's: fixed, the same steps must run."""
     conf = Settings(backends={"typo": BackendConfig(model="hosted_vllm/no-such-model", api_base=server.url, num_retries=0)})
-    with backend("typo", conf), pytest.raises(Exception, match="no-such-model"):
+    from dspy.utils.exceptions import LMUnsupportedModelError
+
+    with backend("typo", conf), pytest.raises(LMUnsupportedModelError, match="no-such-model"):
         PositionSwapJudge().judge(sample_pairs[0])
     assert len(cache) == 0
 

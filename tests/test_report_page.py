@@ -43,7 +43,7 @@ def test_every_eval_folder_gets_a_page_with_its_judgments_embedded_once(cache, t
     folder = fake_report(tmp_path, [PAIR, HOSTILE_PAIR])
     html = (folder / "report.html").read_text()
     data = embedded_data(html)
-    assert [p["id"] for p in data["pairs"]] == ["#0", "x1"]  # a pair without an id is numbered
+    assert [p["id"] for p in data["pairs"]] == ["#1", "x1"]  # a pair without an id is numbered
     assert len(data["judgments"]) == 2 and all(len(j[2]) == 2 for j in data["judgments"])  # both presentations
     assert data["runs"][0]["label"] == "genrm-both @ fake" and "[" in data["runs"][0]["cells"][0]  # accuracy with CI
     assert html.count("Capital of France?") == 1  # the data once, not once per run or row
@@ -225,3 +225,19 @@ def test_ten_thousand_pairs_page_and_filter_in_the_browser(chromium, tmp_path):
     tab.select_option("#f-source", "")
     assert tab.locator("#pairs-body tr").count() == 1
     tab.close()
+
+
+def test_the_swapped_judgment_s_probability_and_ratings_are_named_in_the_original_order():
+    from reflectagent.eval.page import slim
+    from reflectagent.results import Rating
+
+    judgment = Judgment(preference="A", probability_a=0.8, ratings=(Rating(response="A", rating=5, parsed=True, raw=""),))
+    shown = slim(judgment, swapped=True)
+    assert (shown["preference"], shown["probability_a"], shown["ratings"][0]["response"]) == ("B", 0.2, "B")
+
+
+def test_two_pairs_sharing_an_id_get_two_rows():
+    data = PageData(title="t")
+    first = Pair(id="same", prompt="p", response_a="a", response_b="b")
+    second = Pair(id="same", prompt="p", response_a="c", response_b="d")
+    assert data.pair_index(first) == 0 and data.pair_index(second) == 1 and data.pair_index(first) == 0

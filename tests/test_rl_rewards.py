@@ -66,7 +66,8 @@ def test_a_batch_mixes_references_and_groups_and_keeps_its_order():
 
 def test_trl_reward_takes_text_or_conversations_and_skips_no_verdict():
     reward = trl_reward(rewarder=Rewarder(ScoreJudge(), lm=LM), reference_column="answer")
-    assert reward.__name__ == "reflectagent_genrm_prob"
+    assert reward.__name__ == "reflectagent_ScoreJudge"  # the judge that gives the rewards, not a default name
+    assert trl_reward("genrm-prob", lm=LM).__name__ == "reflectagent_genrm_prob"
     prompts = [[{"role": "user", "content": "q"}]] * 3
     completions = [[{"role": "assistant", "content": c}] for c in ("5", "1", "2")]
     assert reward(prompts=prompts, completions=completions, answer=["2", "2", "2"], completion_ids=None) == [1.0, 0.0, None]
@@ -163,3 +164,25 @@ def test_at_capacity_the_service_answers_503_with_retry_after_and_loses_no_accep
     assert [a.status_code for a in answers] == [200, 200] and all(a.json()["preference"] == "A" for a in answers)
     assert 'reflectagent_requests_total{route="/v1/judge",status="503"} 1.0' in metrics
     assert 'reflectagent_requests_total{route="/v1/judge",status="200"} 2.0' in metrics
+
+
+def test_pairs_that_cannot_be_judged_get_the_flagged_neutral_reward_not_an_error():
+    rewarder = Rewarder(ScoreJudge(), lm=LM)
+    empty = rewarder.against_reference("q", "", " ")
+    assert (empty.reward, empty.verdict) == (NO_VERDICT_REWARD, False) and "both responses are empty" in empty.reason
+    assert [r.verdict for r in rewarder.group(" ", ["1", "2"])] == [False, False]  # an empty prompt
+    assert Rewarder(ScoreJudge(), lm=LM, group="bradley_terry").group("q", ["1"])[0].reward == 0.0  # BT's mean
+    with pytest.raises(ValueError, match="over max_group"):
+        Rewarder(ScoreJudge(), lm=LM, max_group=3).group("q", ["1", "2", "3", "4"])
+
+
+def test_unknown_paths_share_one_metric_label_and_chunked_bodies_are_refused():
+    http = client(max_body_bytes=2000)
+    for n in range(3):
+        http.get(f"/nothing-{n}")
+    assert 'route="other",status="404"} 3.0' in http.get("/metrics").text
+    chunked = http.post("/get_reward", content=iter([b'{"query": ["q1"], ', b'"prompts": ["q"]}']),
+                        headers={"content-type": "application/json"})
+    assert chunked.status_code == 411 and "Content-Length" in chunked.text
+    big = http.post("/v1/rank", json={"prompt": "q", "responses": [str(i) for i in range(65)]})
+    assert big.status_code == 413 and "max_group" in big.text
