@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from fastapi import FastAPI, Request  # at module level: the route's annotations are resolved here
 
 SCRIPT = """
 import json, sys
@@ -39,17 +40,17 @@ class Engine:
 
     def __init__(self, delay_s: float):
         import uvicorn
-        from fastapi import FastAPI
 
         from reflectagent.server import free_port
 
-        self.delay_s, self.calls = delay_s, []
+        self.delay_s, self.calls, self.keys = delay_s, [], []
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
-        async def chat(body: dict):
+        async def chat(body: dict, request: Request):
             import asyncio
 
+            self.keys.append(request.headers.get("authorization", ""))
             text = body["messages"][-1]["content"]
             self.calls.append(text)
             await asyncio.sleep(self.delay_s)
