@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
 
-from reflectagent.cache import JudgmentCache
+from reflectagent.cache import CACHE_URL_ENV, JudgmentCache
 from reflectagent.config import Settings
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config (default: $REFLECTAGENT_CONFIG or ./reflectagent.toml)")]
@@ -20,7 +21,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def open_cache(settings: Settings, cache_dir: Path | None, no_cache: bool = False) -> JudgmentCache:
-    return JudgmentCache(cache_dir or settings.cache_dir, enabled=settings.cache and not no_cache)
+    """--cache-dir, else the config's cache_url (Redis) or cache_dir, else $REFLECTAGENT_CACHE_URL, else the user folder."""
+    url = None if cache_dir else settings.cache_url or os.environ.get(CACHE_URL_ENV)
+    return JudgmentCache(cache_dir or settings.cache_dir, enabled=settings.cache and not no_cache, url=url)
 
 
 def warn_skipped(bad_lines) -> None:

@@ -6,8 +6,8 @@ the backend's identity (model, endpoint or model folder, LoRA adapter; never the
 the sampling settings, the sample index and the exact messages rendered from the program's
 signature, instructions, demos and inputs. A compiled program renders different messages,
 so it never reads another program's steps. diskcache is SQLite underneath, so several
-processes can share one folder, and a :class:`Lease` in it lets only one of them make a step
-that all of them need.
+processes can share one folder; Redis (``url="redis://..."``) shares one cache between machines.
+A :class:`Lease` in either lets only one process make a step that all of them need.
 """
 
 from __future__ import annotations
@@ -32,22 +32,123 @@ _current: contextvars.ContextVar[JudgmentCache | None] = contextvars.ContextVar(
 _default: JudgmentCache | None = None
 SCHEMA_VERSION = 1
 LEASE_TTL_ENV = "REFLECTAGENT_LEASE_TTL_S"
+CACHE_URL_ENV = "REFLECTAGENT_CACHE_URL"  # redis://host:port/db: the default cache becomes that Redis
 LEASE_TTL_S = 30.0  # renewed every third of it while held: a holder that dies frees the step within this
 
 
+class DiskStore:
+    """Steps in a diskcache folder (SQLite underneath): one machine, any number of processes."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._cache: diskcache.Cache | None = None
+
+    @property
+    def cache(self) -> diskcache.Cache:
+        if self._cache is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._cache = diskcache.Cache(str(self.directory), size_limit=2**34, eviction_policy="none")
+        return self._cache
+
+    def where(self) -> str:
+        return str(self.directory)
+
+    def get(self, key: str) -> dict | None:
+        return self.cache.get(key, retry=True)
+
+    def set(self, key: str, row: dict) -> None:
+        self.cache.set(key, row, retry=True)
+
+    # retry=True: under many writers SQLite is busy now and then, and a claim must wait, not fail. Renew and
+    # release read, then write, outside a transaction: in the rare race (our lease lapsed and was taken in
+    # between) another process's lease is extended or freed, which can only cost a duplicate call.
+    def claim(self, name: str, token: str, ttl_s: float) -> bool:
+        return self.cache.add(name, token, expire=ttl_s, retry=True)
+
+    def renew(self, name: str, token: str, ttl_s: float) -> bool:
+        return self.cache.get(name, retry=True) == token and self.cache.touch(name, expire=ttl_s, retry=True)
+
+    def release(self, name: str, token: str) -> None:
+        if self.cache.get(name, retry=True) == token:
+            self.cache.delete(name, retry=True)
+
+    def __len__(self) -> int:
+        return len(self.cache) if self.directory.exists() else 0
+
+    def volume(self) -> int:
+        return self.cache.volume() if self.directory.exists() else 0
+
+    def clear(self) -> int:
+        return self.cache.clear() if self.directory.exists() else 0
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+class RedisStore:
+    """Steps in Redis, for many machines: the same keys (under a prefix), stored as JSON (never pickle: a
+    shared store must not be able to run code here), claims by ``SET NX PX`` and compare-and-delete."""
+
+    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+    _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+    def __init__(self, url: str, prefix: str = "reflectagent:"):
+        import redis
+
+        self.url, self.prefix = url, prefix
+        self.client = redis.Redis.from_url(url, decode_responses=True)
+
+    def where(self) -> str:
+        return self.url.split("@")[-1]  # never a password from the URL
+
+    def get(self, key: str) -> dict | None:
+        value = self.client.get(self.prefix + key)
+        return None if value is None else json.loads(value)
+
+    def set(self, key: str, row: dict) -> None:
+        self.client.set(self.prefix + key, json.dumps(row, ensure_ascii=False))
+
+    def claim(self, name: str, token: str, ttl_s: float) -> bool:
+        return bool(self.client.set(self.prefix + name, token, nx=True, px=int(ttl_s * 1000)))
+
+    def renew(self, name: str, token: str, ttl_s: float) -> bool:
+        return bool(self.client.eval(self._RENEW, 1, self.prefix + name, token, int(ttl_s * 1000)))
+
+    def release(self, name: str, token: str) -> None:
+        self.client.eval(self._RELEASE, 1, self.prefix + name, token)
+
+    def _keys(self):
+        return self.client.scan_iter(match=self.prefix + "*", count=1000)
+
+    def __len__(self) -> int:
+        return sum(1 for key in self._keys() if not key.startswith(self.prefix + "lease:"))
+
+    def volume(self) -> int:
+        return sum(self.client.memory_usage(key) or 0 for key in self._keys())
+
+    def clear(self) -> int:
+        keys = list(self._keys())
+        return self.client.delete(*keys) if keys else 0
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class Lease:
-    """A claim, stored in the cache folder, on making one step: ``diskcache.add`` succeeds for one
-    process only. The holder renews it from a background thread while it works, so a long step keeps
+    """A claim, stored in the cache, on making one step: only one process (on any machine sharing the
+    store) gets it. The holder renews it from a background thread while it works, so a long step keeps
     it and a crashed holder loses it within ``ttl_s``; release removes it only if it is still ours."""
 
-    def __init__(self, store: diskcache.Cache, key: str, ttl_s: float):
+    def __init__(self, store: DiskStore | RedisStore, key: str, ttl_s: float):
         self.store, self.name, self.ttl_s = store, f"lease:{key}", ttl_s
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
     def acquire(self) -> bool:
-        if not self.store.add(self.name, self.token, expire=self.ttl_s):
+        if not self.store.claim(self.name, self.token, self.ttl_s):
             return False
         self._renewer = threading.Thread(target=self._renew, name="reflectagent-lease", daemon=True)
         self._renewer.start()
@@ -55,17 +156,14 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            if self.store.get(self.name) != self.token:
+            if not self.store.renew(self.name, self.token, self.ttl_s):
                 return  # expired and taken by another process: nothing of ours to renew
-            self.store.touch(self.name, expire=self.ttl_s)
 
     def release(self) -> None:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        with self.store.transact():
-            if self.store.get(self.name) == self.token:
-                self.store.delete(self.name)
+            self.store.release(self.name, self.token)
 
 
 def step_key(**parts: Any) -> str:
@@ -74,19 +172,13 @@ def step_key(**parts: Any) -> str:
 
 
 class JudgmentCache:
-    """Steps on disk, keyed by :func:`step_key`. ``enabled=False`` makes every lookup miss."""
+    """Steps keyed by :func:`step_key`, in a diskcache folder (the default) or, given ``url``
+    (``redis://host:port/db``), in Redis shared by many machines. ``enabled=False`` makes every lookup miss."""
 
-    def __init__(self, directory: str | Path | None = None, enabled: bool = True):
-        self.directory = Path(directory) if directory else judgments_dir()
+    def __init__(self, directory: str | Path | None = None, enabled: bool = True, url: str | None = None):
+        self.directory = None if url else Path(directory) if directory else judgments_dir()
         self.enabled = enabled
-        self._store: diskcache.Cache | None = None
-
-    @property
-    def store(self) -> diskcache.Cache:
-        if self._store is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._store = diskcache.Cache(str(self.directory), size_limit=2**34, eviction_policy="none")
-        return self._store
+        self.store: DiskStore | RedisStore = RedisStore(url) if url else DiskStore(self.directory)
 
     def get(self, key: str) -> StepOutput | None:
         if not self.enabled:
@@ -106,23 +198,16 @@ class JudgmentCache:
         return Lease(self.store, key, float(os.environ.get(LEASE_TTL_ENV) or LEASE_TTL_S))
 
     def __len__(self) -> int:
-        return len(self.store) if self.directory.exists() else 0
+        return len(self.store)
 
     def info(self) -> dict[str, Any]:
-        return {
-            "directory": str(self.directory),
-            "enabled": self.enabled,
-            "entries": len(self),
-            "bytes": self.store.volume() if self.directory.exists() else 0,
-        }
+        return {"directory": self.store.where(), "enabled": self.enabled, "entries": len(self), "bytes": self.store.volume()}
 
     def clear(self) -> int:
-        return self.store.clear() if self.directory.exists() else 0
+        return self.store.clear()
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        self.store.close()
 
 
 def current_cache() -> JudgmentCache:
@@ -133,7 +218,7 @@ def current_cache() -> JudgmentCache:
         return cache
     if _default is None:
         off = os.environ.get("REFLECTAGENT_CACHE", "").lower() in {"0", "off", "false", "no"}
-        _default = JudgmentCache(enabled=not off)
+        _default = JudgmentCache(enabled=not off, url=os.environ.get(CACHE_URL_ENV) or None)
     return _default
 
 

@@ -94,6 +94,8 @@ class Settings(BaseModel):
     default_backend: str = EMBEDDED
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     cache_dir: str | None = None
+    cache_url: str | None = Field(None, description="redis://host:port/db: one judgment cache for many machines "
+                                                    "(default: the diskcache folder, or $REFLECTAGENT_CACHE_URL)")
     cache: bool = True
 
     @model_validator(mode="after")

