@@ -186,3 +186,20 @@ def test_unknown_paths_share_one_metric_label_and_chunked_bodies_are_refused():
     assert chunked.status_code == 411 and "Content-Length" in chunked.text
     big = http.post("/v1/rank", json={"prompt": "q", "responses": [str(i) for i in range(65)]})
     assert big.status_code == 413 and "max_group" in big.text
+
+
+def test_a_request_over_its_time_gets_504_and_its_place_is_freed_when_the_work_ends():
+    import httpx
+
+    SlowJudge.release.clear()
+    body = {"prompt": "q", "response_a": "2", "response_b": "1"}
+    with running_service(Rewarder(SlowJudge(), lm=LM), max_concurrency=1, max_queue=0, timeout_s=0.3) as url:
+        late = httpx.post(f"{url}/v1/judge", json=body, timeout=30)
+        busy = httpx.post(f"{url}/v1/judge", json=body, timeout=30)  # the timed-out work still holds the one place
+        SlowJudge.release.set()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health").json()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        again = httpx.post(f"{url}/v1/judge", json=body, timeout=30)
+    assert late.status_code == 504 and "goes on into the cache" in late.text
+    assert busy.status_code == 503 and again.status_code == 200 and again.json()["preference"] == "A"
