@@ -37,11 +37,13 @@ LEASE_TTL_S = 30.0  # renewed every third of it while held: a holder that dies f
 
 
 class DiskStore:
-    """Steps in a diskcache folder (SQLite underneath): one machine, any number of processes."""
+    """Steps in a diskcache folder (SQLite underneath): one machine, any number of processes. Leases live
+    in their own small cache (``.leases/``), so they never count as steps."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         self._cache: diskcache.Cache | None = None
+        self._leases: diskcache.Cache | None = None
 
     @property
     def cache(self) -> diskcache.Cache:
@@ -49,6 +51,12 @@ class DiskStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._cache = diskcache.Cache(str(self.directory), size_limit=2**34, eviction_policy="none")
         return self._cache
+
+    @property
+    def leases(self) -> diskcache.Cache:
+        if self._leases is None:
+            self._leases = diskcache.Cache(str(self.directory / ".leases"), eviction_policy="none")
+        return self._leases
 
     def where(self) -> str:
         return str(self.directory)
@@ -63,14 +71,14 @@ class DiskStore:
     # release read, then write, outside a transaction: in the rare race (our lease lapsed and was taken in
     # between) another process's lease is extended or freed, which can only cost a duplicate call.
     def claim(self, name: str, token: str, ttl_s: float) -> bool:
-        return self.cache.add(name, token, expire=ttl_s, retry=True)
+        return self.leases.add(name, token, expire=ttl_s, retry=True)
 
     def renew(self, name: str, token: str, ttl_s: float) -> bool:
-        return self.cache.get(name, retry=True) == token and self.cache.touch(name, expire=ttl_s, retry=True)
+        return self.leases.get(name, retry=True) == token and self.leases.touch(name, expire=ttl_s, retry=True)
 
     def release(self, name: str, token: str) -> None:
-        if self.cache.get(name, retry=True) == token:
-            self.cache.delete(name, retry=True)
+        if self.leases.get(name, retry=True) == token:
+            self.leases.delete(name, retry=True)
 
     def __len__(self) -> int:
         return len(self.cache) if self.directory.exists() else 0
@@ -82,9 +90,10 @@ class DiskStore:
         return self.cache.clear() if self.directory.exists() else 0
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
+        for cache in (self._cache, self._leases):
+            if cache is not None:
+                cache.close()
+        self._cache = self._leases = None
 
 
 class RedisStore:

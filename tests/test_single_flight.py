@@ -111,3 +111,13 @@ def test_a_holder_that_dies_frees_its_step_for_the_others(tmp_path):
     assert survivor.returncode == 0, err[-2000:]
     assert json.loads(out) == ["A"] and len(engine.calls) == 4  # the dead holder's two calls, made again once each
     assert time.monotonic() - started < 60  # it waited for the leases to lapse, not for the dead calls
+
+
+def test_a_held_lease_is_not_counted_as_a_step(tmp_path):
+    from reflectagent.cache import JudgmentCache
+
+    cache = JudgmentCache(tmp_path / "cache")
+    lease = cache.lease("k")
+    assert lease.acquire() and len(cache) == 0 and not cache.lease("k").acquire()
+    lease.release()
+    assert cache.lease("k").acquire()
