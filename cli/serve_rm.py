@@ -30,7 +30,6 @@ from pydantic import BaseModel, Field
 from reflectagent.cli.common import ConfigOpt, CacheDirOpt, fail, open_cache
 from reflectagent.config import load_settings
 from reflectagent.pairs import InvalidPair, Pair
-from reflectagent.programs.ranking import rank
 from reflectagent.rl.adapters import RewardInputError, split_query
 from reflectagent.rl.rewards import Rewarder
 
@@ -186,13 +185,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         if not body.prompt.strip():
             raise HTTPException(400, "the prompt is empty: there is nothing to judge the responses against")
 
-        def run():
-            import dspy
-
-            with dspy.context(lm=rewarder.lm):
-                return rank(rewarder.judge, body.prompt, body.responses, concurrency=rewarder.concurrency)
-
-        ranking = await judged(run)
+        ranking = await judged(rewarder.rank, body.prompt, body.responses)
         undecided = sum(c.judgment.preference is None for c in ranking.comparisons)
         account(ranking.usage.lm_calls, sum(c.judgment.cache_hits for c in ranking.comparisons), undecided)
         ranks = [0] * len(body.responses)

@@ -27,7 +27,7 @@ from reflectagent.config import Settings
 from reflectagent.judge import Judge
 from reflectagent.pairs import InvalidPair, Pair
 from reflectagent.programs import named_program
-from reflectagent.programs.ranking import rank
+from reflectagent.programs.ranking import Ranking, rank
 from reflectagent.results import Judgment, Usage
 
 NO_VERDICT_REWARD = 0.5  # neither better nor worse on a [0, 1] scale: the documented default, always flagged
@@ -73,6 +73,11 @@ class Rewarder:
         with dspy.context(lm=self.lm):
             return self.judge.judge(pair)
 
+    def rank(self, prompt: str, responses: list[str]) -> Ranking:
+        """Every two responses judged (round robin) on this rewarder's judge and backend."""
+        with dspy.context(lm=self.lm):
+            return rank(self.judge, prompt, responses, concurrency=self.concurrency)
+
     def _no_verdict(self, reason: str, usage: Usage = Usage(), hits: int = 0) -> Reward:
         return Reward(self.no_verdict_reward, NO_VERDICT_REWARD, False, reason, usage, hits)
 
@@ -98,8 +103,7 @@ class Rewarder:
         if len(responses) < 2:
             return [self._no_verdict("alone in its group")] * len(responses)
         try:
-            with dspy.context(lm=self.lm):
-                ranking = rank(self.judge, prompt, responses, concurrency=self.concurrency)
+            ranking = self.rank(prompt, responses)
         except InvalidPair as exc:  # an empty prompt, or two empty responses: nothing to compare
             return [self._no_verdict(f"cannot be judged: {exc}")] * len(responses)
         rewards = []
