@@ -1,6 +1,6 @@
 """Do the judges judge? Accuracy with intervals, consistency, calls and seconds per verdict, on a local preset.
 
-    .venv/bin/python bench/judge_quality.py [--preset qwen2.5-coder-1.5b] [--dtype float32] [--per-source 32] [--out bench/results/quality-1.5b]
+    .venv/bin/python bench/judge_quality.py [--preset qwen2.5-coder-1.5b] [--dtype float32] [--per-source 32] [--skip 0] [--out bench/results/quality-1.5b]
 
 Test pairs: the seeded test split (``reflectagent.splits``, seed 0) of five human-labelled sets in
 ../shared/data, labelled A or B, two distinct non-empty responses, prompt plus responses within
@@ -9,7 +9,8 @@ compiled or trained on them: demos are drawn (seeded, by length only) from the t
 every teacher row whose prompt is a test prompt is left out.
 
 Runs: each response rated alone (``pointwise-prob`` by expected rating, ``pointwise`` by the generated
-digit: the same steps); the verdict token's probability without a rationale (``direct-prob``); GenRM
+digit: the same steps); the verdict token's probability without a rationale (``direct-prob``); the
+mean of those two P(A)s (``direct+pointwise-prob``, from their steps); GenRM
 (one order, both orders, by probability), the MT-Bench prompt (the peer baseline) on the same model,
 then ReflectRM (vote, probability, adaptive); GenRM and ReflectRM also with two teacher demos
 (pairwise analyses: nothing for a pointwise rater to use).
@@ -41,19 +42,20 @@ SOURCES = ("hh_rlhf_harmless_test", "hhh_alignment", "rmbench", "pandalm", "auto
 POINTWISE = ("pointwise-prob", "pointwise")
 GENRM = ("genrm", "genrm-both", "genrm-prob")
 DIRECT = "direct-prob"  # the verdict token alone, no rationale: nothing for analysis demos to change
+MIXED = "direct+pointwise-prob"  # the two above averaged: free once both have run
 REFLECTRM = ("reflectrm", "reflectrm-prob", "reflectrm-adaptive")
 PROGRAMS = GENRM + REFLECTRM
 PEER = "mtbench"
 
 
-def test_pairs(per_source: int, max_chars: int) -> list[Pair]:
+def test_pairs(per_source: int, max_chars: int, skip: int = 0) -> list[Pair]:
     chosen = []
     for source in SOURCES:
         pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
         test = split_pairs(pairs, seed=0)["test"]
         usable = [p for p in test if p.label in ("A", "B") and not p.identical and p.response_a.strip()
                   and p.response_b.strip() and len(p.prompt) + len(p.response_a) + len(p.response_b) <= max_chars]
-        chosen += sorted(usable, key=lambda p: stable_fraction("quality-bench", p.id))[:per_source]
+        chosen += sorted(usable, key=lambda p: stable_fraction("quality-bench", p.id))[skip:skip + per_source]
     return chosen
 
 
@@ -62,6 +64,8 @@ def main() -> None:
     parser.add_argument("--preset", default="qwen2.5-coder-1.5b", help="model preset (or folder) served by the embedded backend")
     parser.add_argument("--dtype", default=None, help="the server's dtype (default: the preset's; bfloat16 for the first runs)")
     parser.add_argument("--per-source", type=int, default=32)
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first SKIP pairs of each source's order: a fresh, disjoint sample")
     parser.add_argument("--max-chars", type=int, default=2500)
     parser.add_argument("--demos", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -71,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
-    pairs = test_pairs(args.per_source, args.max_chars)
+    pairs = test_pairs(args.per_source, args.max_chars, args.skip)
     teacher_file = SHARED / "teacher" / "alpaca_eval_gpt4_turbo.jsonl"
     every, _ = read_teacher(teacher_file)
     teacher, _ = read_teacher(teacher_file, exclude_prompts=[p.prompt for p in pairs])
@@ -81,7 +85,7 @@ def main() -> None:
     dtype = lm.backend.identity.get("dtype", "bfloat16")
     label = f"{args.preset} {dtype}"
     # Cheapest first, the baseline early: an interrupted bench has the comparison that matters most.
-    runs = [EvalRun(name, label, named_program(name), lm) for name in (*POINTWISE, DIRECT, *GENRM, PEER, *REFLECTRM)]
+    runs = [EvalRun(name, label, named_program(name), lm) for name in (*POINTWISE, DIRECT, MIXED, *GENRM, PEER, *REFLECTRM)]
     runs += [EvalRun(f"{name}+demos", label, with_demos(named_program(name), demos), lm) for name in PROGRAMS]
     wanted = [r for r in runs if not args.only or r.program in args.only.split(",")]
 
@@ -95,7 +99,7 @@ def main() -> None:
             (args.out / "runs" / f"{run.program}.json").write_text(json.dumps({**result.to_dict(), "run": result.run_dict()}))
             logging.info("%s: accuracy %s, %s LM calls made", run.program, result.overall.accuracy.value, result.run.lm_calls_made)
     meta = {"data": [f"{s}.jsonl (test split, seed 0)" for s in SOURCES], "pairs": len(pairs), "split": "test", "seed": 0,
-            "per_source": args.per_source, "max_chars": args.max_chars, "preset": args.preset,
+            "per_source": args.per_source, "skip": args.skip, "max_chars": args.max_chars, "preset": args.preset,
             "dtype": dtype,
             "demos": [{"prompt": d.prompt[:80], "preference": d.preference} for d in demos],
             "teacher_rows_left_out_for_sharing_a_test_prompt": len(every) - len(teacher)}

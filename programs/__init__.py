@@ -37,6 +37,9 @@ NAMED = {
     "pointwise": lambda: PointwiseJudge(decision="vote"),
     "pointwise-prob": lambda: PointwiseJudge(),  # each response rated alone, by expected rating
     "assess-prob": lambda: PointwiseJudge(rationale=True),  # the same after a written assessment of each
+    # both probability readings of the same model, averaged: the surer one settles a disagreement
+    "direct+pointwise-prob": lambda: Ensemble([(named_program("direct-prob"), None), (named_program("pointwise-prob"), None)],
+                                              decision="probability"),
     "mtbench": lambda: MTBenchJudge(),  # the peer baseline: MT-Bench's prompt, both orders
 }
 

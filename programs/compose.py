@@ -13,7 +13,7 @@ import dspy
 
 from reflectagent.backends import resolve_backend
 from reflectagent.concurrency import run_all
-from reflectagent.judge import Judge
+from reflectagent.judge import Decision, Judge, check_decision, probability_verdict
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
 
@@ -42,19 +42,33 @@ def _bind(members) -> tuple[list[Judge], list[dict]]:
 class _Composite(Judge):
     """A judge of member judges, each bound to its backend; saved as their specs."""
 
-    def __init__(self, members: list):
+    def __init__(self, members: list, **options):
         judges, specs = _bind(members)
         if len(judges) < 2:
             raise ValueError(f"{type(self).__name__} needs at least two members")
-        super().__init__(members=specs)
+        super().__init__(members=specs, **options)
         self.members = judges
 
 
 class Ensemble(_Composite):
-    """Majority vote of member judges; members without a verdict abstain; a tied vote gives none."""
+    """Member judges combined. ``decision="vote"``: a majority vote; members without a verdict abstain
+    and a tied vote gives none. ``"probability"``: the mean of the members' P(A), so two members that
+    disagree are settled by the surer one instead of cancelling out; every member must give a P(A).
+    """
+
+    def __init__(self, members: list, decision: Decision = "vote"):
+        check_decision(decision)
+        super().__init__(members, **({"decision": decision} if decision != "vote" else {}))
 
     def decide(self, pair: Pair) -> Judgment:
         parts = tuple(run_all([(lambda j=judge: j.judge(pair)) for judge in self.members]))
+        if self.options.get("decision") == "probability":
+            missing = [i for i, p in enumerate(parts) if p.probability_a is None]
+            if missing:
+                return Judgment(preference=None, parts=parts, reason=f"no P(A) from member(s) {missing}")
+            probability_a = sum(p.probability_a for p in parts) / len(parts)
+            preference, reason = probability_verdict(probability_a)
+            return Judgment(preference=preference, parts=parts, reason=reason, probability_a=probability_a)
         votes = Counter(p.preference for p in parts if p.preference is not None)
         ranked = votes.most_common()
         if not ranked:

@@ -12,7 +12,7 @@ import pytest
 from fakes import BAD, GOOD, PAIR, ScoreJudge, biased_analyst, fair_analyst, reflective
 
 from reflectagent.cache import JudgmentCache, use_cache
-from reflectagent.judge import PositionSwapJudge, ProgramFileError
+from reflectagent.judge import Judge, PositionSwapJudge, ProgramFileError
 from reflectagent.pairs import Pair
 from reflectagent.programs import AdaptiveReflectRM, Cascade, Ensemble, GenRM, MTBenchJudge, ReflectRM, load_program, rank
 from reflectagent.programs.compile import compile_judge, preference_metric, to_examples
@@ -208,6 +208,31 @@ def test_ensemble_votes_and_cascade_escalates():
     settled = Cascade([(GenRM(), biased), (GenRM(both_orders=True), fair)]).judge(PAIR)
     assert len(settled.parts) == 1 and settled.lm_calls == 1
     assert Judgment.from_dict(escalated.to_dict()) == escalated
+
+
+class SureJudge(Judge):
+    """A model-free judge with a fixed P(A) (None: a verdict without one)."""
+
+    def __init__(self, probability_a):
+        super().__init__(probability_a=probability_a)
+
+    def decide(self, pair: Pair) -> Judgment:
+        p = self.options["probability_a"]
+        return Judgment(preference="A" if p is None or p > 0.5 else "B", probability_a=p)
+
+
+def test_ensemble_by_probability_lets_the_surer_member_settle_a_disagreement():
+    members = [(SureJudge(0.9), None), (SureJudge(0.3), None)]
+    assert Ensemble(members).judge(PAIR).reason == "tied vote"
+    judged = Ensemble(members, decision="probability").judge(PAIR)
+    assert judged.preference == "A" and judged.probability_a == pytest.approx(0.6) and len(judged.parts) == 2
+    assert Ensemble([(SureJudge(0.2), None), (SureJudge(0.4), None)], decision="probability").judge(PAIR).preference == "B"
+    tied = Ensemble([(SureJudge(0.7), None), (SureJudge(0.3), None)], decision="probability").judge(PAIR)
+    assert tied.preference is None and tied.reason == "tied probability"
+    missing = Ensemble([(SureJudge(0.9), None), (SureJudge(None), None)], decision="probability").judge(PAIR)
+    assert missing.preference is None and missing.reason == "no P(A) from member(s) [1]"
+    with pytest.raises(ValueError, match="decision must be"):
+        Ensemble(members, decision="mean")
 
 
 def test_metric_rules():
