@@ -20,10 +20,12 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def open_cache(settings: Settings, cache_dir: Path | None, no_cache: bool = False) -> JudgmentCache:
-    """--cache-dir, else the config's cache_url (Redis) or cache_dir, else $REFLECTAGENT_CACHE_URL, else the user folder."""
+def open_cache(settings: Settings, cache_dir: Path | None, no_cache: bool = False, check: bool = True) -> JudgmentCache:
+    """--cache-dir, else the config's cache_url (Redis) or cache_dir, else $REFLECTAGENT_CACHE_URL, else the user folder.
+    ``check``: a cache that cannot be written (read-only, full, Redis away) is an error now, before any judging."""
     url = None if cache_dir else settings.cache_url or os.environ.get(CACHE_URL_ENV)
-    return JudgmentCache(cache_dir or settings.cache_dir, enabled=settings.cache and not no_cache, url=url)
+    cache = JudgmentCache(cache_dir or settings.cache_dir, enabled=settings.cache and not no_cache, url=url)
+    return cache.check() if check else cache
 
 
 def warn_skipped(bad_lines) -> None:

@@ -28,7 +28,7 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(help="at most N pairs per data file (after the split)")] = None,
     split: Annotated[str, typer.Option(help="all, train, dev or test (seeded, stratified by source)")] = "all",
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
-    concurrency: Annotated[int, typer.Option(help="judgments at once")] = 8,
+    concurrency: Annotated[int, typer.Option(min=1, help="judgments at once")] = 8,
     no_verdict: Annotated[str, typer.Option(help="how a missing verdict scores: 'wrong' (0) or 'half' (RewardBench)")] = "wrong",
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,

@@ -37,10 +37,10 @@ def data(
     teacher_file: Annotated[Optional[Path], typer.Option("--teacher-file", help="a file of strong-model judgments that teaches instead (the backend is the student)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the datasets and the data card")] = Path("runs/data"),
     backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="the teacher's backend, or the student's with --teacher-file (default: the configured default; use temperature > 0)")] = None,
-    samples: Annotated[int, typer.Option(help="analyses per pair (alternating orders)")] = 4,
-    temperature: Annotated[float, typer.Option(help="temperature of samples after the first")] = 0.8,
+    samples: Annotated[int, typer.Option(min=1, help="analyses per pair (alternating orders)")] = 4,
+    temperature: Annotated[float, typer.Option(min=0.0, help="temperature of samples after the first")] = 0.8,
     limit: Annotated[Optional[int], typer.Option(help="at most N pairs per file")] = None,
-    concurrency: Annotated[int, typer.Option(help="pairs judged at once")] = 8,
+    concurrency: Annotated[int, typer.Option(min=1, help="pairs judged at once")] = 8,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):

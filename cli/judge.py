@@ -74,8 +74,8 @@ def judge(
     program_name: Annotated[str, typer.Option("--program", "-p", help=f"one of: {', '.join(NAMED)}")] = "swap",
     load: Annotated[Optional[Path], typer.Option("--load", help="a compiled program saved with .save() (overrides --program)")] = None,
     backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="backend name from the config (default: $REFLECTAGENT_BACKEND or 'embedded')")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="judge only the first N pairs")] = None,
-    concurrency: Annotated[int, typer.Option(help="pairs judged at once")] = 8,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="judge only the first N pairs")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="pairs judged at once")] = 8,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write every judgment as JSONL here")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="verdicts only, no analyses")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the judgment cache")] = False,
@@ -98,8 +98,6 @@ def judge(
             pairs = [Pair(prompt=prompt, response_a=a, response_b=b, id="cli")]
         else:
             path = sample_path() if sample else file
-            if not path.exists():
-                fail(f"no such file: {path}", 2)
             pairs, bad = read_pairs(path)
         program = load_program(load) if load else named_program(program_name)
     except InvalidPair as exc:
@@ -110,7 +108,8 @@ def judge(
     pairs = pairs[:limit] if limit is not None else pairs
     warn_duplicates(pairs)
     if not pairs:
-        fail("no valid pairs to judge", 2)
+        fail("no valid pairs to judge" + (f": every line was skipped ({len(bad)}, above)" if bad else
+                                          f": {file} holds no pairs (it is empty or blank)" if file and limit is None else ""), 2)
 
     settings = load_settings(config)
     lm = resolve_backend(backend_name, settings)

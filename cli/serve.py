@@ -33,9 +33,9 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="port (default: a free one)")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="context length (default: the model preset's, else 2048)")] = None,
-    max_lora_rank: Annotated[int, typer.Option(help="largest LoRA rank to accept")] = 64,
+    max_lora_rank: Annotated[int, typer.Option(min=1, help="largest LoRA rank to accept")] = 64,
     dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the model preset's, else bfloat16)")] = None,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for the server to answer")] = 600,
+    timeout: Annotated[float, typer.Option(min=1.0, help="seconds to wait for the server to answer")] = 600,
 ):
     """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until Ctrl-C."""
     loras = parse_loras(lora or [])

@@ -17,6 +17,8 @@ import contextvars
 import hashlib
 import json
 import os
+import shutil
+import sqlite3
 import threading
 import uuid
 from dataclasses import asdict
@@ -25,6 +27,7 @@ from typing import Any
 
 import diskcache
 
+from reflectagent.errors import ReflectAgentError
 from reflectagent.paths import judgments_dir
 from reflectagent.results import StepOutput, Usage
 
@@ -34,6 +37,12 @@ SCHEMA_VERSION = 1
 LEASE_TTL_ENV = "REFLECTAGENT_LEASE_TTL_S"
 CACHE_URL_ENV = "REFLECTAGENT_CACHE_URL"  # redis://host:port/db: the default cache becomes that Redis
 LEASE_TTL_S = 30.0  # renewed every third of it while held: a holder that dies frees the step within this
+MIN_FREE_BYTES = 16 * 2**20  # below this a run would fill the disk within minutes: say so before judging
+FIX = "choose another with --cache-dir or $REFLECTAGENT_CACHE_DIR, or judge without it (--no-cache)"
+
+
+class CacheUnusable(ReflectAgentError):
+    """The cache cannot be written (read-only, full, not a folder, Redis away): found before any judging."""
 
 
 class DiskStore:
@@ -60,6 +69,23 @@ class DiskStore:
 
     def where(self) -> str:
         return str(self.directory)
+
+    def check(self) -> None:
+        """Write, read and delete a probe row and look at the free space, so a cache that cannot keep steps
+        fails at start, not after an hour of judging that it then cannot save."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = f"probe:{uuid.uuid4().hex}"
+            self.cache.set(probe, b"x" * 4096, retry=True)
+            self.cache.delete(probe, retry=True)
+            free = shutil.disk_usage(self.directory).free
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            self.close()
+            raise CacheUnusable(f"the judgment cache folder {self.directory} cannot be written ({type(exc).__name__}: "
+                                f"{exc}): {FIX}") from exc
+        if free < MIN_FREE_BYTES:
+            raise CacheUnusable(f"the judgment cache folder {self.directory} has {free // 1024} KiB free, less than "
+                                f"{MIN_FREE_BYTES // 2**20} MiB: free some space or {FIX}")
 
     def get(self, key: str) -> dict | None:
         return self.cache.get(key, retry=True)
@@ -111,6 +137,18 @@ class RedisStore:
 
     def where(self) -> str:
         return self.url.split("@")[-1]  # never a password from the URL
+
+    def check(self) -> None:
+        import redis
+
+        try:
+            self.client.ping()
+            probe = f"{self.prefix}probe:{uuid.uuid4().hex}"
+            self.client.set(probe, "x", px=10_000)
+            self.client.delete(probe)
+        except redis.RedisError as exc:
+            raise CacheUnusable(f"the Redis cache at {self.where()} cannot be used ({type(exc).__name__}: {exc}): "
+                                "start it, fix cache_url or $REFLECTAGENT_CACHE_URL, or judge without a cache (--no-cache)") from exc
 
     def get(self, key: str) -> dict | None:
         value = self.client.get(self.prefix + key)
@@ -201,6 +239,12 @@ class JudgmentCache:
     def put(self, key: str, step: StepOutput) -> None:
         if self.enabled:
             self.store.set(key, {**asdict(step), "cached": False})
+
+    def check(self) -> JudgmentCache:
+        """Raise :class:`CacheUnusable` now if steps could not be saved (a disabled cache needs nothing)."""
+        if self.enabled:
+            self.store.check()
+        return self
 
     def lease(self, key: str) -> Lease:
         """A claim on making the step ``key`` (see :class:`Lease`); ``$REFLECTAGENT_LEASE_TTL_S`` sets its life."""

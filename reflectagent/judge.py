@@ -153,14 +153,17 @@ def order_averaged_probability(analyses) -> float | None:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether the same call may succeed later: the backend was away, slow or busy, not the input wrong."""
+    """Whether the same call may succeed later: the backend was away, slow or busy, or its reply came
+    broken (HTTP 200 with a body that is not the answer: a proxy's or a dying server's fault), not the
+    input wrong. DSPy does not retry a broken reply itself (the request may have been served)."""
     import httpx
-    from dspy.utils.exceptions import LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
+    from dspy.utils.exceptions import LMProviderError, LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
 
     from reflectagent.server import ServerError
 
-    return isinstance(error, (LMTransportError, LMTimeoutError, LMServerError, LMRateLimitError, ServerError,
-                              httpx.TransportError, ConnectionError, TimeoutError))
+    broken_reply = isinstance(error, LMProviderError) and error.status is not None and 200 <= error.status < 300
+    return broken_reply or isinstance(error, (LMTransportError, LMTimeoutError, LMServerError, LMRateLimitError, ServerError,
+                                              httpx.TransportError, ConnectionError, TimeoutError))
 
 
 class RunInterrupted(ReflectAgentError, RuntimeError):

@@ -1,15 +1,18 @@
 """Preference pairs: the unit a judge works on, read from JSONL without losing a line.
 
 The schema is the one of ``shared/data``: id, prompt, response_a, response_b, and optional
-label ("A", "B" or "tie"), category and source. A bad line never stops a file: it is
-reported with its line number and the rest are still read.
+label ("A", "B" or "tie", any case), category and source. A bad line never stops a file: it is
+reported with its line number and the rest are still read. A file that is not lines of text
+at all (a folder, UTF-16, gzip, one JSON array) is read as what it is or refused as a whole.
 """
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,6 +26,10 @@ TEXT_FIELDS = ("prompt", "response_a", "response_b")
 
 class InvalidPair(ReflectAgentError, ValueError):
     """A pair that cannot be judged, with the reason."""
+
+
+class PairFileError(ReflectAgentError, ValueError):
+    """A whole file that cannot be read as pairs (missing, a folder), with what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,8 @@ def parse_pair(row: object) -> Pair:
     values = {k: row[k] for k in known if k in row}
     if values.get("id") is not None:
         values["id"] = str(values["id"])
+    if isinstance(values.get("label"), str):  # "a", " B ", "TIE": what the writer meant is not in doubt
+        values["label"] = {"a": "A", "b": "B", "tie": "tie"}.get(values["label"].strip().lower(), values["label"])
     for name, value in values.items():
         if isinstance(value, str):
             try:
@@ -101,34 +110,85 @@ def duplicate_ids(pairs: list[Pair]) -> dict[str, int]:
     return {key: n for key, n in counts.items() if n > 1}
 
 
-def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None) -> Iterator[Pair]:
-    """Yield the valid pairs of a JSONL file; append every bad line to ``bad_lines``.
+_UTF16_32 = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+             (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
-    Bytes that are not UTF-8 make that line bad (with the byte offset), not the file. A UTF-8 byte
-    order mark at the start of the file (as some editors save) is not part of the first line.
+
+def _raw_lines(path: Path) -> Iterable[bytes]:
+    """The file's lines as UTF-8 bytes: gzip is opened, UTF-16/32 (known by their byte order mark)
+    re-encoded, and a UTF-8 byte order mark dropped; anything else is left for each line to decode."""
+    if not path.exists():
+        raise PairFileError(f"no such file: {path}")
+    if path.is_dir():
+        raise PairFileError(f"{path} is a folder: give a JSONL file of pairs (one JSON object per line)")
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    if start.startswith(b"\x1f\x8b"):
+        with gzip.open(path, "rb") as handle:
+            yield from _raw_lines_of(handle)
+        return
+    for bom, encoding in _UTF16_32:
+        if start.startswith(bom):
+            text = path.read_bytes().decode(encoding, errors="replace")  # a bad code unit shows as U+FFFD
+            yield from (line.encode("utf-8") for line in text.splitlines(keepends=True))
+            return
+    with path.open("rb") as handle:
+        yield from _raw_lines_of(handle)
+
+
+def _raw_lines_of(handle) -> Iterator[bytes]:
+    for number, raw in enumerate(handle, start=1):
+        yield raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
+
+
+def _json_array(lines: list[bytes]) -> list | None:
+    """The items, when the whole file is one JSON array (as ``json.dump(pairs)`` writes) rather than lines."""
+    if not lines or not lines[0].lstrip().startswith(b"["):
+        return None
+    try:
+        whole = json.loads(b"".join(lines).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return whole if isinstance(whole, list) else None
+
+
+def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None) -> Iterator[Pair]:
+    """Yield the valid pairs of a JSONL file; append every bad line to ``bad_lines`` (or log it, if no
+    list is given: then nobody else will say it). A missing file or a folder is a :class:`PairFileError`.
+
+    Bytes that are not UTF-8 make that line bad (with the byte offset), not the file. A JSON array of
+    pairs is read too, its items numbered like lines.
     """
     path = Path(path)
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            if not raw.strip():
-                continue
+    lines = list(_raw_lines(path))
+    items = _json_array(lines)
+    numbered = enumerate(items, start=1) if items is not None else enumerate(lines, start=1)
+    for number, raw in numbered:
+        if items is not None:
+            row, problem = raw, None
+        elif not raw.strip():
+            continue
+        else:
+            row, problem = _decode(path, number, raw)
+        if problem is None:
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                problem = BadLine(str(path), number, f"not UTF-8 (byte {exc.start + 1} of the line)")
-            else:
-                try:
-                    yield parse_pair(json.loads(text))
-                    continue
-                except json.JSONDecodeError as exc:
-                    problem = BadLine(str(path), number, f"not JSON: {exc.msg} at column {exc.colno}")
-                except InvalidPair as exc:
-                    problem = BadLine(str(path), number, str(exc))
-            logger.warning("skipping %s", problem)
-            if bad_lines is not None:
-                bad_lines.append(problem)
+                yield parse_pair(row)
+                continue
+            except InvalidPair as exc:
+                problem = BadLine(str(path), number, str(exc))
+        logger.log(logging.DEBUG if bad_lines is not None else logging.WARNING, "skipping %s", problem)
+        if bad_lines is not None:
+            bad_lines.append(problem)
+
+
+def _decode(path: Path, number: int, raw: bytes) -> tuple[object, BadLine | None]:
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as exc:
+        return None, BadLine(str(path), number, f"not UTF-8 (byte {exc.start + 1} of the line): save the file as UTF-8 "
+                                                "(from Latin-1: iconv -f latin1 -t utf-8)")
+    except json.JSONDecodeError as exc:
+        return None, BadLine(str(path), number, f"not JSON: {exc.msg} at column {exc.colno}")
 
 
 def read_pairs(path: str | Path) -> tuple[list[Pair], list[BadLine]]:

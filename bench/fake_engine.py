@@ -1,0 +1,111 @@
+"""An instant OpenAI-compatible chat server that can misbehave on purpose.
+
+    python bench/fake_engine.py PORT [--fault ok|500|503|reset|hang|malformed|truncated] [--fail-first N] [--die-after N]
+
+Every ``POST /v1/chat/completions`` is answered at once with the same GenRM judgment (analysis,
+then preference "A"), unless a fault is asked for: the first ``--fail-first`` requests (all of them
+when 0) get the fault, the rest the answer. With ``--die-after N`` the process exits when chat request
+N + 1 arrives, without answering it (a server that dies mid-run). ``GET /count`` says how many chat requests came, so a
+test can see the client's retries; ``GET /health`` is 200.
+
+The benches use it as the engine that costs nothing (the library's own ceiling); the fault tests as
+a real server over loopback that fails the ways real ones do. It is plain asyncio, not a web
+framework, because a framework will not send a truncated body or reset a connection mid-request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import struct
+
+ANSWER = json.dumps({"analysis": "Response A answers the question; response B does not.", "preference": "A"})
+FAULTS = ("ok", "500", "503", "reset", "hang", "malformed", "truncated")
+
+
+def completion(model: str) -> bytes:
+    return json.dumps({
+        "id": "fake", "object": "chat.completion", "created": 0, "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ANSWER}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+    }).encode()
+
+
+def response(status: str, body: bytes, content_type: str = "application/json", length: int | None = None) -> bytes:
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n"
+            "Connection: close\r\n\r\n")
+    return head.encode() + body
+
+
+class FakeEngine:
+    def __init__(self, fault: str = "ok", fail_first: int = 0, die_after: int | None = None):
+        if fault not in FAULTS:
+            raise ValueError(f"fault must be one of {', '.join(FAULTS)}, not {fault!r}")
+        self.fault, self.fail_first, self.die_after, self.chat_requests = fault, fail_first, die_after, 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = request_line.split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines if ":" in h)}
+            body = await reader.readexactly(int(headers.get("content-length", 0)))
+        except (asyncio.IncompleteReadError, ValueError, ConnectionError):
+            writer.close()
+            return
+        if method == "GET" and path == "/count":
+            writer.write(response("200 OK", json.dumps({"chat": self.chat_requests}).encode()))
+        elif method == "GET" and path == "/health":
+            writer.write(response("200 OK", b"{}"))
+        elif method == "POST" and path.endswith("/chat/completions"):
+            self.chat_requests += 1
+            if self.die_after is not None and self.chat_requests > self.die_after:
+                os._exit(0)
+            failing = self.fault != "ok" and (self.fail_first == 0 or self.chat_requests <= self.fail_first)
+            model = json.loads(body or b"{}").get("model", "fake")
+            if not failing:
+                writer.write(response("200 OK", completion(model)))
+            elif self.fault in ("500", "503"):
+                reason = "Internal Server Error" if self.fault == "500" else "Service Unavailable"
+                writer.write(response(f"{self.fault} {reason}", json.dumps({"error": {"message": f"fake {self.fault}"}}).encode()))
+            elif self.fault == "reset":  # RST instead of FIN: the client sees "connection reset by peer"
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+            elif self.fault == "hang":
+                await asyncio.sleep(3600)
+            elif self.fault == "malformed":
+                writer.write(response("200 OK", b'{"id": "fake", "choices": [{"message": {"content": '))
+            elif self.fault == "truncated":  # promises the whole body, sends half, hangs up
+                whole = completion(model)
+                writer.write(response("200 OK", whole[: len(whole) // 2], length=len(whole)))
+        else:
+            writer.write(response("404 Not Found", b'{"error": "not found"}'))
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+async def serve(port: int, engine: FakeEngine) -> None:
+    server = await asyncio.start_server(engine.handle, "127.0.0.1", port, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("port", type=int)
+    parser.add_argument("--fault", choices=FAULTS, default="ok")
+    parser.add_argument("--fail-first", type=int, default=0, help="only the first N chat requests get the fault (0: all)")
+    parser.add_argument("--die-after", type=int, default=None, help="exit when chat request N + 1 arrives, unanswered")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after)))
+
+
+if __name__ == "__main__":
+    main()
