@@ -2,11 +2,14 @@
 
     python bench/fake_engine.py PORT [--fault ok|500|503|reset|hang|malformed|truncated] [--fail-first N] [--die-after N]
 
-Every ``POST /v1/chat/completions`` is answered at once with the same GenRM judgment (analysis,
-then preference "A"), unless a fault is asked for: the first ``--fail-first`` requests (all of them
+Every ``POST /v1/chat/completions`` is answered (after ``--delay`` seconds; at once by default) with a
+GenRM judgment: an analysis, then the preference for the response shown first if the word "right"
+comes before "wrong" in the request (a fair judge for tests' pairs; "A" when neither is there),
+unless a fault is asked for: the first ``--fail-first`` requests (all of them
 when 0) get the fault, the rest the answer. With ``--die-after N`` the process exits when chat request
 N + 1 arrives, without answering it (a server that dies mid-run). ``GET /count`` says how many chat requests came, so a
-test can see the client's retries; ``GET /health`` is 200.
+test can see the client's retries; ``GET /health`` is 200. In a test's own process (``calls`` and
+``keys`` then readable directly) :meth:`FakeEngine.start` serves it on the running event loop.
 
 The benches use it as the engine that costs nothing (the library's own ceiling); the fault tests as
 a real server over loopback that fails the ways real ones do. It is plain asyncio, not a web
@@ -22,14 +25,16 @@ import os
 import socket
 import struct
 
-ANSWER = json.dumps({"analysis": "Response A answers the question; response B does not.", "preference": "A"})
 FAULTS = ("ok", "500", "503", "reset", "hang", "malformed", "truncated")
 
 
-def completion(model: str) -> bytes:
+def completion(model: str, text: str) -> bytes:
+    right, wrong = text.find("right"), text.find("wrong")
+    first = "B" if wrong >= 0 and (right < 0 or wrong < right) else "A"
+    answer = json.dumps({"analysis": f"Response {first} answers the question; the other does not.", "preference": first})
     return json.dumps({
         "id": "fake", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ANSWER}}],
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
     }).encode()
 
@@ -41,10 +46,18 @@ def response(status: str, body: bytes, content_type: str = "application/json", l
 
 
 class FakeEngine:
-    def __init__(self, fault: str = "ok", fail_first: int = 0, die_after: int | None = None):
+    def __init__(self, fault: str = "ok", fail_first: int = 0, die_after: int | None = None, delay_s: float = 0.0):
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {', '.join(FAULTS)}, not {fault!r}")
-        self.fault, self.fail_first, self.die_after, self.chat_requests = fault, fail_first, die_after, 0
+        self.fault, self.fail_first, self.die_after, self.delay_s = fault, fail_first, die_after, delay_s
+        self.chat_requests = 0
+        self.calls: list[str] = []  # each chat request's last message
+        self.keys: list[str] = []  # each chat request's Authorization header
+
+    async def start(self, port: int = 0) -> int:
+        """Serve on the running loop; the port (a free one for 0)."""
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", port, reuse_address=True)
+        return self.server.sockets[0].getsockname()[1]
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -65,9 +78,13 @@ class FakeEngine:
             if self.die_after is not None and self.chat_requests > self.die_after:
                 os._exit(0)
             failing = self.fault != "ok" and (self.fail_first == 0 or self.chat_requests <= self.fail_first)
-            model = json.loads(body or b"{}").get("model", "fake")
+            request = json.loads(body or b"{}")
+            model, text = request.get("model", "fake"), str((request.get("messages") or [{}])[-1].get("content", ""))
+            self.calls.append(text)
+            self.keys.append(headers.get("authorization", ""))
+            await asyncio.sleep(self.delay_s)
             if not failing:
-                writer.write(response("200 OK", completion(model)))
+                writer.write(response("200 OK", completion(model, text)))
             elif self.fault in ("500", "503"):
                 reason = "Internal Server Error" if self.fault == "500" else "Service Unavailable"
                 writer.write(response(f"{self.fault} {reason}", json.dumps({"error": {"message": f"fake {self.fault}"}}).encode()))
@@ -81,7 +98,7 @@ class FakeEngine:
             elif self.fault == "malformed":
                 writer.write(response("200 OK", b'{"id": "fake", "choices": [{"message": {"content": '))
             elif self.fault == "truncated":  # promises the whole body, sends half, hangs up
-                whole = completion(model)
+                whole = completion(model, text)
                 writer.write(response("200 OK", whole[: len(whole) // 2], length=len(whole)))
         else:
             writer.write(response("404 Not Found", b'{"error": "not found"}'))
@@ -92,9 +109,9 @@ class FakeEngine:
 
 
 async def serve(port: int, engine: FakeEngine) -> None:
-    server = await asyncio.start_server(engine.handle, "127.0.0.1", port, reuse_address=True)
-    async with server:
-        await server.serve_forever()
+    await engine.start(port)
+    async with engine.server:
+        await engine.server.serve_forever()
 
 
 def main() -> None:
@@ -103,8 +120,9 @@ def main() -> None:
     parser.add_argument("--fault", choices=FAULTS, default="ok")
     parser.add_argument("--fail-first", type=int, default=0, help="only the first N chat requests get the fault (0: all)")
     parser.add_argument("--die-after", type=int, default=None, help="exit when chat request N + 1 arrives, unanswered")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after)))
+    asyncio.run(serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after, args.delay)))
 
 
 if __name__ == "__main__":

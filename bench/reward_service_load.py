@@ -28,19 +28,6 @@ import httpx
 
 from reflectagent.server import free_port
 
-FAKE_ENGINE = '''
-import json, sys
-from fastapi import FastAPI
-import uvicorn
-app = FastAPI()
-ANSWER = json.dumps({"analysis": "Response A answers the question; B does not.", "preference": "A"})
-@app.post("/v1/chat/completions")
-async def chat(body: dict):
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "fake"),
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ANSWER}}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
-'''
 
 
 def wait_for(url: str, seconds: float = 900) -> None:
@@ -94,10 +81,8 @@ def run_engine(engine: str, levels: list[int], requests: int, seconds: float, wo
     config = work / f"{engine}.toml"
     if engine == "fake":
         port = free_port()
-        script = work / "fake_engine.py"
-        script.write_text(FAKE_ENGINE)
-        processes.append(subprocess.Popen([sys.executable, str(script), str(port)]))
-        wait_for(f"http://127.0.0.1:{port}/docs")
+        processes.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_engine.py")), str(port)]))
+        wait_for(f"http://127.0.0.1:{port}/health")
         config.write_text(f'[backends.engine]\nmodel = "openai/fake"\napi_base = "http://127.0.0.1:{port}/v1"\n'
                           'api_key_env = "FAKE_ENGINE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n')
     else:

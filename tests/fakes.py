@@ -1,8 +1,11 @@
 """Deterministic fake LMs (DSPy's DummyLM), a model-free judge, for control-flow tests; and the fake
 engine (``bench/fake_engine.py``) as a real server process on loopback, for faults."""
 
+import asyncio
+import importlib.util
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +71,34 @@ class ScoreJudge(Judge):
 
 
 ENGINE = Path(__file__).resolve().parents[1] / "bench" / "fake_engine.py"
+_spec = importlib.util.spec_from_file_location("fake_engine", ENGINE)
+fake_engine = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake_engine)
+
+
+class ThreadEngine(fake_engine.FakeEngine):
+    """The fake engine served from a thread of the test's own process: ``calls``, ``keys`` and ``delay_s``
+    are read and set directly. A context manager."""
+
+    def __enter__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self.start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.url}/v1"
 
 
 class Engine:

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from test_single_flight import SCRIPT, Engine
+from fakes import ThreadEngine as Engine
+from test_single_flight import SCRIPT
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (scripts/test.sh installs Debian's "
@@ -50,7 +51,7 @@ RANGE_SCRIPT = RANGE_SCRIPT.replace("JudgmentCache(cache_dir)", "JudgmentCache(u
 def judge_range(engine, url, start, n, env=None):
     import os
 
-    return subprocess.Popen([sys.executable, "-c", RANGE_SCRIPT, engine.url, url, str(n), str(start)],
+    return subprocess.Popen([sys.executable, "-c", RANGE_SCRIPT, engine.api_base, url, str(n), str(start)],
                             env={**os.environ, "FAKE_KEY": "k", **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_single_flight import Engine
+from fakes import ThreadEngine as Engine
 
 KEY = "sk-planted-7f3a9c1e5b"
 
@@ -16,7 +16,7 @@ def test_a_planted_api_key_appears_nowhere(tmp_path):
     data.write_text('{"id": "1", "prompt": "2+2?", "response_a": "4, right", "response_b": "5, wrong", "label": "A"}\n')
     with Engine(delay_s=0) as engine:
         config = tmp_path / "c.toml"
-        config.write_text(f'[backends.api]\nmodel = "openai/fake"\napi_base = "{engine.url}"\napi_key_env = "PLANTED_KEY"\n'
+        config.write_text(f'[backends.api]\nmodel = "openai/fake"\napi_base = "{engine.api_base}"\napi_key_env = "PLANTED_KEY"\n'
                           'constrained = false\nlogprobs = false\nnum_retries = 0\n')
         env = {"PLANTED_KEY": KEY, "REFLECTAGENT_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
         runs = [

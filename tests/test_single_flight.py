@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from fastapi import FastAPI, Request  # at module level: the route's annotations are resolved here
+from fakes import ThreadEngine as Engine
 
 SCRIPT = """
 import json, sys
@@ -34,53 +34,8 @@ print(json.dumps([j.preference for j in judgments]))
 """
 
 
-class Engine:
-    """An OpenAI-compatible chat endpoint that answers after ``delay_s``, preferring the response that says
-    "right", and counts what it was asked."""
-
-    def __init__(self, delay_s: float):
-        import uvicorn
-
-        from reflectagent.server import free_port
-
-        self.delay_s, self.calls, self.keys = delay_s, [], []
-        app = FastAPI()
-
-        @app.post("/v1/chat/completions")
-        async def chat(body: dict, request: Request):
-            import asyncio
-
-            self.keys.append(request.headers.get("authorization", ""))
-            text = body["messages"][-1]["content"]
-            self.calls.append(text)
-            await asyncio.sleep(self.delay_s)
-            first = "A" if text.find("right") < text.find("wrong") else "B"  # a fair judge: the right one wins
-            answer = json.dumps({"analysis": "one of them is right", "preference": first})
-            return {"id": "x", "object": "chat.completion", "created": 0, "model": "fake",
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-
 def judge_in_process(engine: Engine, cache_dir, pairs: int, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, engine.url, str(cache_dir), str(pairs)],
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, engine.api_base, str(cache_dir), str(pairs)],
                             env={**os.environ, "FAKE_KEY": "not-a-secret", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
