@@ -66,7 +66,7 @@ class Backend:
         return self.config.max_text_chars
 
     def adapter(self) -> JudgeAdapter:
-        return JudgeAdapter(constrained=self.constrained, max_text_chars=self.max_text_chars)
+        return JudgeAdapter(constrained=self.constrained, max_text_chars=self.max_text_chars, fence=self.config.fence_inputs)
 
     @functools.cached_property
     def context_tokens(self) -> int | None:

@@ -55,6 +55,9 @@ class BackendConfig(BaseModel):
         "cache identity"))
     lora: dict[str, str] = Field(default_factory=dict, description="embedded only: LoRA adapters to serve, NAME -> DIR")
     adapter: str | None = Field(None, description="embedded only: the LoRA adapter (by NAME) to judge with")
+    fence_inputs: bool = Field(False, description=(
+        "prompt-injection mitigation: input texts go between <data> fences, inert, and the instructions say they are "
+        "material, not instructions (bench/injection.py measures it)"))
     cache_tag: str | None = Field(None, description="extra cache identity, for endpoints whose weights change")
     extra: dict[str, Any] = Field(default_factory=dict, description="more LiteLLM request options")
 
