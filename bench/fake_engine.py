@@ -39,9 +39,10 @@ def completion(model: str, text: str) -> bytes:
     }).encode()
 
 
-def response(status: str, body: bytes, content_type: str = "application/json", length: int | None = None) -> bytes:
+def response(status: str, body: bytes, content_type: str = "application/json", length: int | None = None,
+             keep_alive: bool = False) -> bytes:
     head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n"
-            "Connection: close\r\n\r\n")
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
     return head.encode() + body
 
 
@@ -60,15 +61,23 @@ class FakeEngine:
         return self.server.sockets[0].getsockname()[1]
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: requests answered in turn while the client keeps it open (as real servers do)."""
+        try:
+            while await self._one(reader, writer):
+                pass
+        finally:
+            writer.close()
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; whether the connection stays open for another."""
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
             method, path, _ = request_line.split(" ", 2)
             headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines if ":" in h)}
             body = await reader.readexactly(int(headers.get("content-length", 0)))
-        except (asyncio.IncompleteReadError, ValueError, ConnectionError):
-            writer.close()
-            return
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ConnectionError):
+            return False
         if method == "GET" and path == "/count":
             writer.write(response("200 OK", json.dumps({"chat": self.chat_requests}).encode()))
         elif method == "GET" and path == "/health":
@@ -82,9 +91,10 @@ class FakeEngine:
             model, text = request.get("model", "fake"), str((request.get("messages") or [{}])[-1].get("content", ""))
             self.calls.append(text)
             self.keys.append(headers.get("authorization", ""))
-            await asyncio.sleep(self.delay_s)
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
             if not failing:
-                writer.write(response("200 OK", completion(model, text)))
+                writer.write(response("200 OK", completion(model, text), keep_alive=True))
             elif self.fault in ("500", "503"):
                 reason = "Internal Server Error" if self.fault == "500" else "Service Unavailable"
                 writer.write(response(f"{self.fault} {reason}", json.dumps({"error": {"message": f"fake {self.fault}"}}).encode()))
@@ -92,7 +102,7 @@ class FakeEngine:
                 sock = writer.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 writer.transport.abort()
-                return
+                return False
             elif self.fault == "hang":
                 await asyncio.sleep(3600)
             elif self.fault == "malformed":
@@ -100,12 +110,15 @@ class FakeEngine:
             elif self.fault == "truncated":  # promises the whole body, sends half, hangs up
                 whole = completion(model, text)
                 writer.write(response("200 OK", whole[: len(whole) // 2], length=len(whole)))
+            if failing:
+                await writer.drain()
+                return False
         else:
             writer.write(response("404 Not Found", b'{"error": "not found"}'))
-        try:
             await writer.drain()
-        finally:
-            writer.close()
+            return False
+        await writer.drain()
+        return True
 
 
 async def serve(port: int, engine: FakeEngine) -> None:

@@ -207,6 +207,32 @@ def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
 _settings: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("reflectagent_settings", default=None)
 
 
+@functools.cache
+def remember_unpriced_models() -> None:
+    """DSPy prices every response from its model table. For a model the table does not list (every
+    self-hosted vLLM model) each lookup scans the whole table: 0.38 ms here, twice a call, about a
+    third of this library's own CPU per LM call (``bench/library_overhead.py``). The answer for a
+    model cannot change while the bundled table does not, so the miss is remembered; a model the
+    table lists is looked up as before. Installed once, when a backend is first resolved."""
+    import copy
+
+    from dspy.clients import capabilities, costs, model_metadata
+
+    lookup = model_metadata.model_info
+    missing: set = set()
+
+    def model_info(provider, model, *, namespaces=None):
+        key = (provider, model, None if namespaces is None else tuple(namespaces))
+        if key in missing:
+            return {}
+        found = lookup(provider, model, namespaces=namespaces)
+        if not found:
+            missing.add(key)
+        return copy.deepcopy(found) if found else found
+
+    costs.model_info = capabilities.model_info = model_info
+
+
 def resolve_backend(name: str | None = None, settings: Settings | None = None) -> BackendLM:
     """The LM for backend ``name`` (or ``$REFLECTAGENT_BACKEND``, or the configured default).
 
@@ -215,6 +241,7 @@ def resolve_backend(name: str | None = None, settings: Settings | None = None) -
     """
     settings = settings or _settings.get() or load_settings()
     name, config = settings.backend(name)
+    remember_unpriced_models()
     resolve = _resolve_embedded if config.model == EMBEDDED else _resolve_litellm
     return BackendLM(resolve(name, config))
 
