@@ -116,9 +116,17 @@ class BackendLM(dspy.LM):
         if backend.model.startswith("hosted_vllm/") and not api_key:
             api_key = "not-needed"  # vLLM ignores it; LiteLLM insists on one
         options = {k: v for k, v in {"api_base": backend.api_base, "api_key": api_key}.items() if v}
+        options["timeout"] = config.timeout_s
+        if config.replicas:  # a Router owns the connections: DSPy is given the engine, not the endpoint
+            from reflectagent.pool import AsyncRouterEngine, RouterEngine, make_router
+
+            router = make_router(backend.model, [config.api_base, *config.replicas], api_key,
+                                 routing_strategy=config.routing_strategy, num_retries=config.num_retries,
+                                 cooldown_s=config.cooldown_s, timeout_s=config.timeout_s)
+            options = {"engine": RouterEngine(router), "async_engine": AsyncRouterEngine(router)}
         super().__init__(
             backend.model, temperature=config.temperature, max_tokens=config.max_tokens, cache=False,
-            num_retries=config.num_retries, timeout=config.timeout_s, **options, **config.extra,
+            num_retries=config.num_retries, **options, **config.extra,
         )
         self.backend = backend
         self._connecting = threading.Lock()
@@ -126,8 +134,9 @@ class BackendLM(dspy.LM):
 
     @property
     def api_base(self) -> str | None:
-        """Where requests go; None for a server not yet needed (every step so far came from the cache)."""
-        return self.kwargs.get("api_base")
+        """Where requests go (a pool's first replica); None for a server not yet needed (every step so far
+        came from the cache)."""
+        return self.kwargs.get("api_base") or (self.backend.api_base if self.backend.config.replicas else None)
 
     def connect(self) -> None:
         """Find or start the server before the first request (``run_step`` calls this on a cache miss)."""
@@ -198,7 +207,8 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
     identity = {
-        "model": config.model, "api_base": config.api_base, "temperature": config.temperature,
+        # a pool's replicas serve one model: whichever answers, and however many there are, the step is the same
+        "model": config.model, "api_base": "replicas" if config.replicas else config.api_base, "temperature": config.temperature,
         "max_tokens": config.max_tokens, "extra": config.extra, "tag": config.cache_tag,
     }
     return Backend(name=name, config=config, model=config.model, api_base=config.api_base, identity=identity)

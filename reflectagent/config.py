@@ -36,6 +36,11 @@ class BackendConfig(BaseModel):
     model: str = Field(description="LiteLLM model string (e.g. 'openai/gpt-4o-mini', 'hosted_vllm/judge') or 'embedded'")
     api_base: str | None = Field(None, description="endpoint, e.g. http://127.0.0.1:8000/v1 for a vLLM server")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    replicas: list[str] = Field(default_factory=list, description=(
+        "more endpoints serving the same model as api_base (vLLM replicas): a LiteLLM Router spreads requests over "
+        "all of them, retries on another and cools a failing one down; the cache keys on the model, not the replica"))
+    routing_strategy: str = Field("simple-shuffle", description="LiteLLM Router strategy, with replicas")
+    cooldown_s: float = Field(5.0, ge=0, description="with replicas: how long a failing replica is left out")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(512, gt=0, description="completion budget per step")
     max_text_chars: int = Field(480, gt=0, description="constrained output: longest analysis/reflection text, in characters")
@@ -64,6 +69,10 @@ class BackendConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> BackendConfig:
         embedded_only = {"model_path": self.model_path, "lora": self.lora, "adapter": self.adapter, "dtype": self.dtype}
+        if self.replicas and not self.api_base:
+            raise ValueError("replicas need api_base too: the first endpoint of the pool")
+        if self.replicas and self.model == EMBEDDED:
+            raise ValueError("replicas are endpoints of served models, not of the embedded backend")
         if self.model != EMBEDDED:
             used = [k for k, v in embedded_only.items() if v]
             if used:
