@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from reflectagent.cli.common import fail
+from reflectagent.config import DTYPES
 from reflectagent.embedded import SERVED_NAME, publish, withdraw
 from reflectagent.models import default_context, default_dtype, prepare_model
 from reflectagent.server import ServerSpec, VLLMServer
@@ -34,7 +35,7 @@ def serve(
     name: Annotated[Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="context length (default: the model preset's, else 2048)")] = None,
     max_lora_rank: Annotated[int, typer.Option(min=1, help="largest LoRA rank to accept")] = 64,
-    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: the model preset's, else bfloat16)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help=f"{', '.join(DTYPES)} (default: the model preset's, else bfloat16)")] = None,
     timeout: Annotated[float, typer.Option(min=1.0, help="seconds to wait for the server to answer")] = 600,
 ):
     """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until Ctrl-C."""
@@ -43,8 +44,8 @@ def serve(
     embedded = model == "embedded"
     served = name or (SERVED_NAME if embedded else Path(folder).name)
     dtype = dtype or default_dtype(folder)
-    if dtype not in ("bfloat16", "float16", "float32"):
-        fail(f"--dtype takes bfloat16, float16 or float32, not {dtype!r}", 2)
+    if dtype not in DTYPES:
+        fail(f"--dtype takes {', '.join(DTYPES)}, not {dtype!r}", 2)
     server = VLLMServer(ServerSpec(model_dir=str(folder), served_name=served, loras=loras, port=port, dtype=dtype,
                                    max_model_len=max_model_len or default_context(folder), max_lora_rank=max_lora_rank))
     # Ctrl-C and SIGTERM both stop the server, even where SIGINT was ignored (nohup, `cmd &`).

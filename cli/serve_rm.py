@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from reflectagent.cli.common import ConfigOpt, CacheDirOpt, fail, open_cache
 from reflectagent.config import load_settings
 from reflectagent.pairs import InvalidPair, Pair
-from reflectagent.rl.adapters import RewardInputError, split_query
+from reflectagent.rl.adapters import RewardInputError, openrlhf_batch
 from reflectagent.rl.rewards import Rewarder
 
 
@@ -144,16 +144,11 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
 
     @app.post("/get_reward")
     async def get_reward(body: RewardRequest):
-        if not body.query:
-            raise HTTPException(400, "query is empty: send at least one prompt + response")
-        if len(body.query) != len(body.prompts) or (body.labels and len(body.labels) != len(body.query)):
-            raise HTTPException(400, f"query ({len(body.query)}), prompts ({len(body.prompts)}) and labels "
-                                     f"({len(body.labels or [])}) must have the same length")
         try:
-            responses = [split_query(q, p) for q, p in zip(body.query, body.prompts)]
+            batch = openrlhf_batch(body.query, body.prompts, body.labels)
         except RewardInputError as exc:
             raise HTTPException(400, str(exc)) from None
-        results = await judged(rewarder.rewards, body.prompts, responses, body.labels or None)
+        results = await judged(rewarder.rewards, *batch)
         account(sum(r.usage.lm_calls for r in results), sum(r.cache_hits for r in results), sum(not r.verdict for r in results))
         return {"rewards": [r.reward for r in results], "scores": [r.score for r in results],
                 "extra_logs": {"no_verdict": [0 if r.verdict else 1 for r in results],

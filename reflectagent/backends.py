@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,9 +185,7 @@ def fingerprint(folder: str | Path) -> str:
 
 def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
     from reflectagent.embedded import SERVED_NAME, embedded_url
-    from reflectagent.models import prepare_model
-
-    from reflectagent.models import DEFAULT_DTYPE, default_context, default_dtype
+    from reflectagent.models import DEFAULT_DTYPE, default_dtype, prepare_model
 
     model_dir = prepare_model(config.model_path)
     dtype = config.dtype or default_dtype(model_dir)
@@ -199,10 +197,12 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
         # the dtype changes the outputs; bfloat16, the first default, stays out so older caches keep their keys
         **({"dtype": dtype} if dtype != DEFAULT_DTYPE else {}),
     }
-    context = config.context_tokens or default_context(model_dir)
-    return Backend(name=name, config=config, model=f"hosted_vllm/{config.adapter or SERVED_NAME}",
-                   api_base=config.api_base, identity=identity, model_dir=model_dir,
-                   start=None if config.api_base else functools.partial(embedded_url, model_dir, loras, context, dtype))
+    backend = Backend(name=name, config=config, model=f"hosted_vllm/{config.adapter or SERVED_NAME}",
+                      api_base=config.api_base, identity=identity, model_dir=model_dir)
+    if config.api_base:
+        return backend
+    # the server is started with the context the budget counts on: one derivation (Backend.context_tokens)
+    return replace(backend, start=functools.partial(embedded_url, model_dir, loras, backend.context_tokens, dtype))
 
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:

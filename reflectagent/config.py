@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,6 +26,10 @@ DEFAULT_CONFIG_FILES = ("reflectagent.toml", "reflectagent.yaml", "reflectagent.
 
 class ConfigError(ReflectAgentError, ValueError):
     """A configuration that cannot be used, with what to fix."""
+
+
+Dtype = Literal["bfloat16", "float16", "float32"]  # what a served model may compute in
+DTYPES: tuple[str, ...] = get_args(Dtype)
 
 
 class BackendConfig(BaseModel):
@@ -55,7 +59,7 @@ class BackendConfig(BaseModel):
     num_retries: int = Field(2, ge=0)
     seed: int | None = Field(None, description="base seed; sample k sends seed + k")
     model_path: str | None = Field(None, description="embedded only: base model folder or preset name (default: packaged SmolLM2)")
-    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(None, description=(
+    dtype: Dtype | None = Field(None, description=(
         "embedded only: the dtype the server computes in (default: the model preset's, else bfloat16); part of the "
         "cache identity"))
     lora: dict[str, str] = Field(default_factory=dict, description="embedded only: LoRA adapters to serve, NAME -> DIR")

@@ -84,15 +84,24 @@ def split_query(query: str, prompt: str) -> str:
     return query[len(prompt):]
 
 
+def openrlhf_batch(queries, prompts, labels=None) -> tuple[list[str], list[str], list[str] | None]:
+    """OpenRLHF's batch (queries = prompt + response, their prompts, optional reference labels) as the
+    prompts, responses and references a :class:`Rewarder` takes; what is wrong with it, said once for the
+    in-process ``reward_func`` and the ``/get_reward`` route."""
+    if not queries:
+        raise RewardInputError("query is empty: send at least one prompt + response")
+    if len(queries) != len(prompts) or (labels and len(labels) != len(queries)):
+        raise RewardInputError(f"query ({len(queries)}), prompts ({len(prompts)}) and labels ({len(labels or [])}) "
+                               "must have the same length")
+    return list(prompts), [split_query(q, p) for q, p in zip(queries, prompts)], list(labels) if labels else None
+
+
 def openrlhf_reward_func(judge="genrm-prob", backend: str | None = None, *, rewarder: Rewarder | None = None, **options):
     """An OpenRLHF ``reward_func``: labels (reference answers) make rewards pairwise; without them, group-relative."""
     rewarder = rewarder or Rewarder(judge, backend, **options)
 
     def reward_func(queries, prompts, labels=None, **_):
-        if len(queries) != len(prompts) or (labels is not None and len(labels) not in (0, len(queries))):
-            raise RewardInputError("queries, prompts and labels must have the same length")
-        responses = [split_query(q, p) for q, p in zip(queries, prompts)]
-        results = rewarder.rewards(list(prompts), responses, list(labels) if labels else None)
+        results = rewarder.rewards(*openrlhf_batch(queries, prompts, labels))
         import torch
 
         return {"rewards": torch.tensor([r.reward for r in results]), "scores": torch.tensor([r.score for r in results]),
