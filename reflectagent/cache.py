@@ -20,6 +20,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -185,32 +186,63 @@ class RedisStore:
 
 class Lease:
     """A claim, stored in the cache, on making one step: only one process (on any machine sharing the
-    store) gets it. The holder renews it from a background thread while it works, so a long step keeps
-    it and a crashed holder loses it within ``ttl_s``; release removes it only if it is still ours."""
+    store) gets it. While held it is renewed (by the process's one renewer thread), so a long step keeps
+    it and a crashed holder loses it within ``ttl_s``; release removes it only if it is still ours.
+    Neither acquiring nor releasing waits for a thread: both run on the event loop of the steps."""
 
     def __init__(self, store: DiskStore | RedisStore, key: str, ttl_s: float):
         self.store, self.name, self.ttl_s = store, f"lease:{key}", ttl_s
         self.token = uuid.uuid4().hex
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
+        self.renewed = 0.0
 
     def acquire(self) -> bool:
         if not self.store.claim(self.name, self.token, self.ttl_s):
             return False
-        self._renewer = threading.Thread(target=self._renew, name="reflectagent-lease", daemon=True)
-        self._renewer.start()
+        self.renewed = time.monotonic()
+        _renewer.hold(self)
         return True
 
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            if not self.store.renew(self.name, self.token, self.ttl_s):
-                return  # expired and taken by another process: nothing of ours to renew
+    def renew(self) -> bool:
+        self.renewed = time.monotonic()
+        return self.store.renew(self.name, self.token, self.ttl_s)
 
     def release(self) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
+        if _renewer.drop(self):
             self.store.release(self.name, self.token)
+
+
+class _Renewer:
+    """One daemon thread per process renews every held lease a third of its life after the last renewal.
+    A renewal that races a release finds the token gone and changes nothing (compare-and-touch)."""
+
+    def __init__(self):
+        self._held: dict[int, Lease] = {}
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, lease: Lease) -> None:
+        with self._guard:
+            self._held[id(lease)] = lease
+            if self._thread is None or not self._thread.is_alive():  # first lease, or a forked child
+                self._thread = threading.Thread(target=self._run, name="reflectagent-leases", daemon=True)
+                self._thread.start()
+
+    def drop(self, lease: Lease) -> bool:
+        with self._guard:
+            return self._held.pop(id(lease), None) is not None
+
+    def _run(self) -> None:
+        while True:
+            with self._guard:
+                held = list(self._held.values())
+            now = time.monotonic()
+            for lease in held:
+                if now - lease.renewed >= lease.ttl_s / 3 and not lease.renew():
+                    self.drop(lease)  # expired and taken by another process: nothing of ours to renew
+            time.sleep(min([lease.ttl_s / 6 for lease in held] + [0.5]))
+
+
+_renewer = _Renewer()
 
 
 def step_key(**parts: Any) -> str:

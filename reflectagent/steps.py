@@ -1,6 +1,7 @@
 """One cached, accounted predictor call: the single place a judge talks to an LM.
 
-Every module in reflectagent runs its ``dspy.Predict`` through :func:`run_step`, which
+Every module in reflectagent runs its ``dspy.Predict`` through :func:`arun_step` (or
+:func:`run_step`, which wraps it for callers without an event loop), which
 fits long inputs into the backend's context, looks the step up in the judgment cache,
 measures tokens and latency, turns an unparseable output into an honest failed step (never
 a default verdict) and reads the verdict's token probabilities when the backend sends them.
@@ -8,6 +9,8 @@ a default verdict) and reads the verdict's token probabilities when the backend 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -27,6 +30,7 @@ from dspy.utils.usage_tracker import track_usage
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.cache import current_cache, step_key
+from reflectagent.concurrency import run_sync
 from reflectagent.errors import ReflectAgentError
 from reflectagent.results import StepOutput, Usage
 from reflectagent.tokens import InputBudget
@@ -192,7 +196,13 @@ def refusal_key(key: str, backend) -> str:
 
 def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, config: dict | None = None,
              adapter: dspy.Adapter | None = None) -> StepOutput:
-    """Run ``predict`` on ``inputs`` through the judgment cache.
+    """:func:`arun_step`, for callers without an event loop (it runs one)."""
+    return run_sync(arun_step(predict, inputs, sample=sample, config=config, adapter=adapter))
+
+
+async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, config: dict | None = None,
+                    adapter: dspy.Adapter | None = None) -> StepOutput:
+    """Run ``predict`` on ``inputs`` through the judgment cache (the one path: :func:`run_step` wraps it).
 
     ``sample`` tells repeated samples of the same step apart; ``config`` overrides request
     settings (e.g. ``temperature`` for extra samples). Both are part of the cache key.
@@ -215,79 +225,97 @@ def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, 
 
     chars = backend.context_chars if backend is not None else None
     request = keyed(*render_request(adapter, predict.signature, inputs, chars, predict.demos))
-    budget = backend.input_budget() if backend is not None and cache.get(request[2]) is None else None
+    # Cache I/O runs on the event loop: a diskcache read is microseconds and a write a tenth of a millisecond,
+    # less than handing each to a thread and back (measured: bench/library_overhead.py)
+    hit = cache.get(request[2]) if cache.enabled else None
+    if hit is not None:
+        return _reused(hit, predict, request[0])
+    budget = backend.input_budget() if backend is not None else None
     if budget is not None and budget.counts_tokens:
-        try:
-            request = keyed(*render_request(adapter, predict.signature, inputs, budget, predict.demos))
+        try:  # counting may ask a server (/tokenize): off the event loop
+            request = keyed(*await asyncio.to_thread(render_request, adapter, predict.signature, inputs, budget, predict.demos))
         except InputTooLong as exc:  # deterministic: the same request would never fit, so nothing to retry
             logger.warning("a step cannot fit the model's context: %s", exc)
             return StepOutput(fields=None, raw="", usage=Usage(), error=f"InputTooLong: {exc}", truncated=tuple(inputs))
     inputs, truncated, key = request
-    with _single_flight(key, cache, refusal_key(key, backend)) as hit:
-        if hit is not None:
-            if hit.parsed and dspy.settings.trace is not None:
-                # Optimisers collect demos from traces: a cached step must leave one like a live call.
-                dspy.settings.trace.append((predict, dict(inputs), dspy.Prediction(**hit.fields)))
-            return hit
-        if hasattr(lm, "connect"):
-            lm.connect()  # a server started on demand starts here, at the first step the cache cannot answer
-        return _call(predict, adapter, inputs, config, truncated, key, cache, backend)
+
+    async def make() -> StepOutput:
+        if hasattr(lm, "connect"):  # a server started on demand starts here, at the first step the cache cannot answer
+            await asyncio.to_thread(lm.connect)
+        return await _call(predict, adapter, inputs, config, truncated, key, cache, backend)
+
+    return await _single_flight(key, cache, refusal_key(key, backend), make, lambda hit: _reused(hit, predict, inputs))
 
 
-_inflight: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, threads using it)
+def _reused(hit: StepOutput, predict: dspy.Predict, inputs: dict[str, str]) -> StepOutput:
+    if hit.parsed and dspy.settings.trace is not None:
+        # Optimisers collect demos from traces: a cached step must leave one like a live call.
+        dspy.settings.trace.append((predict, dict(inputs), dspy.Prediction(**hit.fields)))
+    return hit
+
+
+_inflight: dict[str, concurrent.futures.Future] = {}  # key -> done when its maker finishes (any thread, any loop)
 _inflight_guard = threading.Lock()
 
 
 LEASE_POLL_S = 0.1
 
 
-@contextlib.contextmanager
-def _single_flight(key: str, cache, refused_key: str):
-    """Yield the cached step (or its cached refusal), or None while holding the key: concurrent identical
-    steps (both presentations of a pair, two programs sharing stage 1, several processes on one cache
-    folder) wait for one call instead of each making it. Threads of a process queue on a lock; processes
-    on a :class:`reflectagent.cache.Lease` in the cache, whose holder dies with it."""
+async def _single_flight(key: str, cache, refused_key: str, make, reused) -> StepOutput:
+    """The cached step (or its cached refusal), else one ``make()`` for all who need it: concurrent
+    identical steps (both presentations of a pair, two programs sharing stage 1, several processes on
+    one cache folder) wait for one call instead of each making it. Tasks and threads of a process wait
+    on the maker's future; processes on a :class:`reflectagent.cache.Lease` in the cache, whose holder
+    dies with it. A maker that fails leaves nothing cached: a waiter then tries itself."""
     def cached():
         refused = cache.get(refused_key)
         if refused is not None and (refused.error or "").startswith("LMUnsupportedModelError"):
             refused = None  # cached by versions before a22440b: the endpoint's fault, not this request's
         return cache.get(key) or refused
 
+    if not cache.enabled:
+        return await make()
     hit = cached()
-    if hit is not None or not cache.enabled:
-        yield hit
-        return
-    with _inflight_guard:
-        lock, users = _inflight.get(key, (threading.Lock(), 0))
-        _inflight[key] = (lock, users + 1)
-    try:
-        with lock:
-            lease = cache.lease(key)
+    if hit is not None:
+        return reused(hit)
+    while True:
+        with _inflight_guard:
+            running = _inflight.get(key)
+            mine = running is None
+            if mine:
+                running = _inflight[key] = concurrent.futures.Future()
+        if not mine:
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(running)
             hit = cached()
-            while hit is None and not lease.acquire():  # another process is making it: wait for its result
-                time.sleep(LEASE_POLL_S)
-                hit = cached()
+            if hit is not None:
+                return reused(hit)
+            continue  # its maker failed: try again, likely as the maker
+        try:
+            lease = cache.lease(key)
+            while not lease.acquire():  # another process is making it: wait for its result
+                await asyncio.sleep(LEASE_POLL_S)
+                if (hit := cached()) is not None:
+                    return reused(hit)
             try:
-                yield hit if hit is not None else cached()  # made by another process between our look and our lease
+                hit = cached()  # made by another process before our lease
+                return reused(hit) if hit is not None else await make()
             finally:
                 lease.release()
-    finally:
-        with _inflight_guard:
-            lock, users = _inflight[key]
-            if users == 1:
+        finally:
+            with _inflight_guard:
                 del _inflight[key]
-            else:
-                _inflight[key] = (lock, users - 1)
+            running.set_result(None)
 
 
-def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, truncated: tuple[str, ...],
-          key: str, cache, backend) -> StepOutput:
+async def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, truncated: tuple[str, ...],
+                key: str, cache, backend) -> StepOutput:
     signature = predict.signature
     started = time.perf_counter()
     fields, raw, error, logprobs = None, "", None, None
     with track_usage() as tracker, dspy.context(adapter=adapter):
         try:
-            prediction = predict(**inputs, config=config)
+            prediction = await predict.acall(**inputs, config=config)
             fields = {name: prediction[name] for name in signature.output_fields}
             meta = prediction.get("logprobs") or {}  # JudgeAdapter puts the raw text here too
             raw = meta.get("text", "") if isinstance(meta, dict) else ""

@@ -88,9 +88,17 @@ class ThreadEngine(fake_engine.FakeEngine):
         return self
 
     def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.server.close)
+        async def shutdown():  # open keep-alive connections end here, on their own loop
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
 
     @property
     def url(self) -> str:
