@@ -24,6 +24,10 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.request
 
 FAULTS = ("ok", "500", "503", "reset", "hang", "malformed", "truncated")
 
@@ -119,6 +123,26 @@ class FakeEngine:
             return False
         await writer.drain()
         return True
+
+
+def spawn(*flags: str, port: int | None = None, timeout_s: float = 30) -> tuple[subprocess.Popen, str]:
+    """This engine in its own process (on ``port``, else a free one), once it answers; and its base URL."""
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, __file__, str(port), *flags])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1).close()
+            return process, url
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"the fake engine did not start (flags {flags})") from None
+            time.sleep(0.1)
 
 
 async def serve(port: int, engine: FakeEngine) -> None:

@@ -35,10 +35,9 @@ from reflectagent.config import BackendConfig, Settings
 from reflectagent.judge import judge_pairs
 from reflectagent.pairs import Pair
 from reflectagent.programs import GenRM
-from reflectagent.server import free_port
 from reflectagent.signatures import Analyze
 
-ENGINE = Path(__file__).with_name("fake_engine.py")
+from fake_engine import spawn  # bench/, beside this script
 
 
 def timed(fn) -> tuple[float, float]:
@@ -73,15 +72,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/library_overhead.json"))
     args = parser.parse_args()
 
-    port = free_port()
-    engine = subprocess.Popen([sys.executable, str(ENGINE), str(port)])
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(100):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    engine, base = spawn()
+    url = f"{base}/v1"
     os.environ["FAKE_KEY"] = "k"
     settings = Settings(backends={"fake": BackendConfig(model="openai/fake", api_base=url, api_key_env="FAKE_KEY",
                                                         constrained=False, logprobs=False, num_retries=0)})

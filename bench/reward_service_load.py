@@ -28,6 +28,8 @@ import httpx
 
 from reflectagent.server import free_port
 
+from fake_engine import spawn  # bench/, beside this script
+
 
 
 def wait_for(url: str, seconds: float = 900) -> None:
@@ -80,10 +82,9 @@ def run_engine(engine: str, levels: list[int], requests: int, seconds: float, wo
     env = {**os.environ, "FAKE_ENGINE_KEY": "not-a-secret", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     config = work / f"{engine}.toml"
     if engine == "fake":
-        port = free_port()
-        processes.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_engine.py")), str(port)]))
-        wait_for(f"http://127.0.0.1:{port}/health")
-        config.write_text(f'[backends.engine]\nmodel = "openai/fake"\napi_base = "http://127.0.0.1:{port}/v1"\n'
+        engine, engine_url = spawn()
+        processes.append(engine)
+        config.write_text(f'[backends.engine]\nmodel = "openai/fake"\napi_base = "{engine_url}/v1"\n'
                           'api_key_env = "FAKE_ENGINE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n')
     else:
         config.write_text('[backends.engine]\nmodel = "embedded"\ncontext_chars = 4000\n')

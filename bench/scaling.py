@@ -21,11 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
-from reflectagent.server import free_port
-
-ENGINE = Path(__file__).with_name("fake_engine.py")
+from fake_engine import spawn  # bench/, beside this script
 
 
 def run(command: list[str], env: dict) -> dict:
@@ -46,21 +42,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("bench/results/scaling.json"))
     args = parser.parse_args()
-    port = free_port()
-    engine = subprocess.Popen([sys.executable, str(ENGINE), str(port)])
-    for _ in range(100):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    engine, url = spawn()
     env = {**os.environ, "FAKE_KEY": "k", "REFLECTAGENT_EMBEDDED_URL": ""}
     rows = []
     try:
         with tempfile.TemporaryDirectory() as work:
             work = Path(work)
             config = work / "c.toml"
-            config.write_text(f'[backends.fake]\nmodel = "openai/fake"\napi_base = "http://127.0.0.1:{port}/v1"\n'
+            config.write_text(f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{url}/v1"\n'
                               'api_key_env = "FAKE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n')
             startup = {}
             for size in [1, *[int(s) for s in args.sizes.split(",")]]:

@@ -25,17 +25,7 @@ import httpx
 
 from reflectagent.server import free_port
 
-ENGINE = Path(__file__).with_name("fake_engine.py")
-
-
-def wait(url: str) -> None:
-    for _ in range(200):
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
+from fake_engine import spawn  # bench/, beside this script
 
 
 def together(processes: int, command: list[str], env: dict) -> float:
@@ -66,20 +56,18 @@ def main() -> None:
                                   "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
         try:
             for store, processes in (("diskcache", 4), ("redis", 2)):
-                port = free_port()
-                engine = subprocess.Popen([sys.executable, str(ENGINE), str(port), "--delay", str(args.delay)])
+                engine, url = spawn("--delay", str(args.delay))
                 try:
-                    wait(f"http://127.0.0.1:{port}/health")
                     config = work / f"{store}.toml"
                     cache = (f'cache_url = "redis://127.0.0.1:{redis_port}/0"\n' if store == "redis" else "")
-                    config.write_text(cache + f'[backends.fake]\nmodel = "openai/fake"\napi_base = "http://127.0.0.1:{port}/v1"\n'
+                    config.write_text(cache + f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{url}/v1"\n'
                                       'api_key_env = "FAKE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n')
                     command = [sys.executable, "-m", "reflectagent.cli", "judge", str(data), "--program", "genrm-both", "--backend",
                                "fake", "--config", str(config), "--quiet", "--concurrency", "8"]
                     if store == "diskcache":
                         command += ["--cache-dir", str(work / "cache")]
                     wall = together(processes, command, {**os.environ, "FAKE_KEY": "k"})
-                    calls = httpx.get(f"http://127.0.0.1:{port}/count").json()["chat"]
+                    calls = httpx.get(f"{url}/count").json()["chat"]
                 finally:
                     engine.kill()
                 distinct = 2 * args.pairs

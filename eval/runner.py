@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import dspy
-from tqdm.auto import tqdm
 
 from reflectagent.backends import resolve_backend
-from reflectagent.concurrency import map_unordered
+from reflectagent.concurrency import run_sync
 from reflectagent.config import Settings
 from reflectagent.eval.metrics import Record, Summary, summarize, summarize_by_category
-from reflectagent.judge import Judge, RunInterrupted
+from reflectagent.judge import Judge, judge_all
 from reflectagent.pairs import Pair
 from reflectagent.programs import named_program
 from reflectagent.results import Judgment
@@ -105,26 +104,17 @@ def run_eval(
         runs = program_runs(runs, backends, settings)
     tasks = [(k, index, swapped) for k in range(len(runs)) for index in range(len(pairs)) for swapped in (False, True)]
 
-    def work(task):
+    async def work(task) -> Judgment:
         k, index, swapped = task
         pair = pairs[index].swapped() if swapped else pairs[index]
         if runs[k].lm is None:
-            return runs[k].judge.judge(pair)
+            return await runs[k].judge.ajudge(pair)
         with dspy.context(lm=runs[k].lm):
-            return runs[k].judge.judge(pair)
+            return await runs[k].judge.ajudge(pair)
 
-    judgments: dict[tuple, Judgment] = {}
     started = time.perf_counter()
-    outcomes = map_unordered(work, tasks, max_workers=concurrency)
-    with tqdm(total=len(tasks), desc="eval", unit="judgment", disable=not progress) as bar:
-        try:
-            for task, outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise RunInterrupted(len(judgments), len(tasks), outcome) from outcome
-                judgments[task] = outcome
-                bar.update()
-        finally:
-            outcomes.close()
+    done = run_sync(judge_all([(lambda t=t: work(t)) for t in tasks], concurrency=concurrency, progress=progress, desc="eval"))
+    judgments: dict[tuple, Judgment] = dict(zip(tasks, done))
     wall = time.perf_counter() - started
 
     categories = sorted({p.category or "" for p in pairs})

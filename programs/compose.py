@@ -7,12 +7,12 @@ judge the same pair. Member judgments are kept in ``Judgment.parts``.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import dspy
 
 from reflectagent.backends import resolve_backend
-from reflectagent.concurrency import run_all
 from reflectagent.judge import Decision, Judge, check_decision, probability_verdict
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
@@ -60,8 +60,8 @@ class Ensemble(_Composite):
         check_decision(decision)
         super().__init__(members, **({"decision": decision} if decision != "vote" else {}))
 
-    def decide(self, pair: Pair) -> Judgment:
-        parts = tuple(run_all([(lambda j=judge: j.judge(pair)) for judge in self.members]))
+    async def adecide(self, pair: Pair) -> Judgment:
+        parts = tuple(await asyncio.gather(*(judge.ajudge(pair) for judge in self.members)))
         if self.options.get("decision") == "probability":
             missing = [i for i, p in enumerate(parts) if p.probability_a is None]
             if missing:
@@ -83,10 +83,10 @@ class Ensemble(_Composite):
 class Cascade(_Composite):
     """Ask the first judge; escalate to the next while the verdict is missing (inconsistent or unparsed)."""
 
-    def decide(self, pair: Pair) -> Judgment:
+    async def adecide(self, pair: Pair) -> Judgment:
         parts = []
         for judge in self.members:
-            parts.append(judge.judge(pair))
+            parts.append(await judge.ajudge(pair))
             if parts[-1].preference is not None:
                 break
         last = parts[-1]

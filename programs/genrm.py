@@ -7,9 +7,9 @@ verdict token's probability, averaged over the analyses (and so over both orders
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
-from reflectagent.concurrency import run_all
 from reflectagent.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
 from reflectagent.modules import Analyzer
 from reflectagent.pairs import Pair
@@ -23,12 +23,12 @@ def sample_plan(samples: int, both_orders: bool) -> list[tuple[bool, int]]:
     return [(swapped, sample) for sample in range(samples) for swapped in orders]
 
 
-def analyse(analyzer: Analyzer, pair: Pair, plan: list[tuple[bool, int]], temperature: float) -> tuple[Analysis, ...]:
+async def analyse(analyzer: Analyzer, pair: Pair, plan: list[tuple[bool, int]], temperature: float) -> tuple[Analysis, ...]:
     """All planned analyses at once; samples after the first are drawn at ``temperature``."""
-    return tuple(run_all([
-        (lambda s=swapped, k=sample: analyzer(pair, swapped=s, sample=k, temperature=temperature if k else None))
+    return tuple(await asyncio.gather(*(
+        analyzer.acall(pair, swapped=swapped, sample=sample, temperature=temperature if sample else None)
         for swapped, sample in plan
-    ]))
+    )))
 
 
 def majority(analyses: tuple[Analysis, ...]) -> tuple[str | None, str | None]:
@@ -60,9 +60,9 @@ class GenRM(Judge):
                          **({} if rationale else {"rationale": False}))
         self.analyzer = Analyzer(Analyze if rationale else Prefer)
 
-    def decide(self, pair: Pair) -> Judgment:
+    async def adecide(self, pair: Pair) -> Judgment:
         options = self.options
-        analyses = analyse(self.analyzer, pair, sample_plan(options["samples"], options["both_orders"]), options["temperature"])
+        analyses = await analyse(self.analyzer, pair, sample_plan(options["samples"], options["both_orders"]), options["temperature"])
         probability_a = order_averaged_probability(analyses)
         if options["decision"] == "probability":
             preference, reason = probability_verdict(probability_a)

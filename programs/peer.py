@@ -8,17 +8,17 @@ verdict. Its steps go through the judgment cache like every other step.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any, Literal
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from reflectagent.concurrency import run_all
 from reflectagent.judge import Judge
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, flip
-from reflectagent.steps import run_step
+from reflectagent.steps import arun_step
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
@@ -75,17 +75,17 @@ class MTBenchJudge(Judge):
         self.predict = dspy.Predict(PeerVerdict)
         self.adapter = MTBenchAdapter()
 
-    def verdict(self, pair: Pair, swapped: bool) -> Analysis:
+    async def verdict(self, pair: Pair, swapped: bool) -> Analysis:
         shown = pair.swapped() if swapped else pair
-        step = run_step(self.predict, shown.inputs(), adapter=self.adapter)
+        step = await arun_step(self.predict, shown.inputs(), adapter=self.adapter)
         said = (step.fields or {}).get("verdict")
         preference = None if said in (None, "C") else (flip(said) if swapped else said)
         return Analysis(text=(step.fields or {}).get("explanation", ""), preference=preference, swapped=swapped,
                         parsed=step.parsed, raw=step.raw, error=step.error, usage=step.usage, cached=step.cached,
                         truncated=step.truncated)
 
-    def decide(self, pair: Pair) -> Judgment:
-        analyses = tuple(run_all([lambda: self.verdict(pair, False), lambda: self.verdict(pair, True)]))
+    async def adecide(self, pair: Pair) -> Judgment:
+        analyses = tuple(await asyncio.gather(self.verdict(pair, False), self.verdict(pair, True)))
         if not all(a.parsed for a in analyses):
             return Judgment(preference=None, analyses=analyses, reason="unparsed")
         verdicts = {a.preference for a in analyses}

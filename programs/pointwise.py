@@ -12,9 +12,9 @@ and the scores are usable as group rewards (``reflectagent.programs.ranking``).
 
 from __future__ import annotations
 
+import asyncio
 import math
 
-from reflectagent.concurrency import run_all
 from reflectagent.judge import Decision, Judge, check_decision
 from reflectagent.modules import Rater
 from reflectagent.pairs import Pair
@@ -35,8 +35,8 @@ class PointwiseJudge(Judge):
         super().__init__(decision=decision, **({"rationale": True} if rationale else {}))
         self.rater = Rater(Assess if rationale else Rate)
 
-    def decide(self, pair: Pair) -> Judgment:
-        ratings = tuple(run_all([lambda: self.rater(pair, "A"), lambda: self.rater(pair, "B")]))
+    async def adecide(self, pair: Pair) -> Judgment:
+        ratings = tuple(await asyncio.gather(self.rater.acall(pair, "A"), self.rater.acall(pair, "B")))
         if not all(r.parsed for r in ratings):
             return Judgment(preference=None, ratings=ratings, reason="unparsed")
         by_probability = self.options["decision"] == "probability"

@@ -9,12 +9,13 @@ again and, failing that, by a seeded coin, so results are reproducible.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from dataclasses import dataclass
 from typing import Literal
 
-from reflectagent.concurrency import run_all
+from reflectagent.concurrency import run_sync
 from reflectagent.judge import Judge
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment, Usage
@@ -73,10 +74,16 @@ def bradley_terry(n: int, comparisons: list[tuple[int, int, float]], prior: floa
 
 
 def _judge_all(judge: Judge, prompt: str, matches: list[tuple[int, int]], responses: list[str], concurrency: int) -> list[Comparison]:
-    judgments = run_all(
-        [(lambda i=i, j=j: judge.judge(Pair(prompt=prompt, response_a=responses[i], response_b=responses[j]))) for i, j in matches],
-        max_workers=concurrency,
-    )
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, j: int) -> Judgment:
+        async with gate:
+            return await judge.ajudge(Pair(prompt=prompt, response_a=responses[i], response_b=responses[j]))
+
+    async def every() -> list[Judgment]:
+        return list(await asyncio.gather(*(one(i, j) for i, j in matches)))
+
+    judgments = run_sync(every())
     return [Comparison(i, j, judgment) for (i, j), judgment in zip(matches, judgments)]
 
 

@@ -29,10 +29,10 @@ is on the same side of 0.5, where no weighting can change the verdict.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from itertools import combinations
 
-from reflectagent.concurrency import run_all
 from reflectagent.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
 from reflectagent.programs.genrm import analyse
 from reflectagent.modules import Analyzer, Reflector
@@ -122,8 +122,8 @@ class ReflectRM(Judge):
         self.analyzer = Analyzer()
         self.reflector = Reflector()
 
-    def decide(self, pair: Pair) -> Judgment:
-        analyses = analyse(self.analyzer, pair, stage1_plan(self.options["samples"]), self.options["temperature"])
+    async def adecide(self, pair: Pair) -> Judgment:
+        analyses = await analyse(self.analyzer, pair, stage1_plan(self.options["samples"]), self.options["temperature"])
         parsed = [i for i, a in enumerate(analyses) if a.parsed]
         reflections: tuple[Reflection, ...] = ()
         notes: tuple[str, ...] = ()
@@ -131,9 +131,9 @@ class ReflectRM(Judge):
             notes = ("stage 2 skipped: the analyses agree",)
         else:
             comparisons = [*combinations(parsed, 2), *((j, i) for i, j in combinations(parsed, 2))]
-            reflections = tuple(run_all([
-                (lambda a=first, b=second: self.reflector(pair, analyses, first=a, second=b)) for first, second in comparisons
-            ]))
+            reflections = tuple(await asyncio.gather(*(
+                self.reflector.acall(pair, analyses, first=first, second=second) for first, second in comparisons
+            )))
         if self.decision == "probability":
             probability_a, heaviest = weighted_probability(analyses, reflections)
             preference, reason = probability_verdict(probability_a)

@@ -1,7 +1,8 @@
 """What every judge shares, and the simplest judge worth running.
 
 ``Judge`` validates the pair, answers identical responses without asking a model, times
-the call and collects notes; subclasses only decide. ``PositionSwapJudge`` is the smallest
+the call and collects notes; subclasses only decide, async first (``adecide``: its steps run
+at once on one event loop) or sync (``decide``: run in a thread when judged from async code). ``PositionSwapJudge`` is the smallest
 judge that is honest about position bias: one analysis in each order, a verdict only when
 the two agree.
 """
@@ -13,12 +14,13 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import dspy
 from tqdm.auto import tqdm
 
-from reflectagent.concurrency import map_unordered, run_all
+from reflectagent.concurrency import run_sync
 from reflectagent.errors import ReflectAgentError
 from reflectagent.modules import Analyzer
 from reflectagent.pairs import Pair
@@ -47,14 +49,21 @@ class Judge(dspy.Module):
         return self.judge(Pair(prompt=prompt, response_a=response_a, response_b=response_b))
 
     async def aforward(self, prompt: str, response_a: str, response_b: str, **_) -> Judgment:
-        return await asyncio.to_thread(self.forward, prompt, response_a, response_b)
+        return await self.ajudge(Pair(prompt=prompt, response_a=response_a, response_b=response_b))
 
     def judge(self, pair: Pair) -> Judgment:
         started = time.perf_counter()
-        if pair.identical:
-            judgment = Judgment(preference=None, reason="identical responses: there is nothing to prefer")
-        else:
-            judgment = self.decide(pair)
+        return self._finish(pair, self._identical() if pair.identical else self.decide(pair), started)
+
+    async def ajudge(self, pair: Pair) -> Judgment:
+        started = time.perf_counter()
+        return self._finish(pair, self._identical() if pair.identical else await self.adecide(pair), started)
+
+    @staticmethod
+    def _identical() -> Judgment:
+        return Judgment(preference=None, reason="identical responses: there is nothing to prefer")
+
+    def _finish(self, pair: Pair, judgment: Judgment, started: float) -> Judgment:
         notes = list(judgment.notes)
         for name in ("response_a", "response_b"):
             if not getattr(pair, name).strip():
@@ -65,8 +74,17 @@ class Judge(dspy.Module):
         return replace(judgment, latency_s=time.perf_counter() - started, notes=tuple(notes),
                        program=type(self).__name__)
 
-    def decide(self, pair: Pair) -> Judgment:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def decide(self, pair: Pair) -> Judgment:
+        """The verdict for a pair (never identical responses). A program that defines ``adecide`` gets this."""
+        if type(self).adecide is Judge.adecide:
+            raise NotImplementedError(f"{type(self).__name__} defines neither decide nor adecide")
+        return run_sync(self.adecide(pair))
+
+    async def adecide(self, pair: Pair) -> Judgment:
+        """The verdict, async. A judge that defines only ``decide`` (sync) is run in a thread."""
+        if type(self).decide is Judge.decide:
+            raise NotImplementedError(f"{type(self).__name__} defines neither decide nor adecide")
+        return await asyncio.to_thread(self.decide, pair)
 
     def save(self, path: str | Path) -> Path:
         """Write the program's identity, options and compiled state (demos, instructions) as JSON."""
@@ -122,8 +140,8 @@ class PositionSwapJudge(Judge):
         self.decision = decision
         self.analyzer = Analyzer()
 
-    def decide(self, pair: Pair) -> Judgment:
-        analyses = tuple(run_all([lambda: self.analyzer(pair, swapped=False), lambda: self.analyzer(pair, swapped=True)]))
+    async def adecide(self, pair: Pair) -> Judgment:
+        analyses = tuple(await asyncio.gather(self.analyzer.acall(pair, swapped=False), self.analyzer.acall(pair, swapped=True)))
         probability_a = order_averaged_probability(analyses)
         if self.decision == "probability":
             preference, reason = probability_verdict(probability_a)
@@ -180,16 +198,38 @@ class RunInterrupted(ReflectAgentError, RuntimeError):
 
 
 def judge_pairs(judge: Judge, pairs: list[Pair], *, concurrency: int = 8, progress: bool = True) -> list[Judgment]:
-    """Judge many pairs concurrently, in input order, with a progress bar."""
-    results: list[Judgment | None] = [None] * len(pairs)
-    outcomes = map_unordered(lambda i: judge.judge(pairs[i]), range(len(pairs)), max_workers=concurrency)
-    with tqdm(total=len(pairs), desc=type(judge).__name__, unit="pair", disable=not progress) as bar:
+    """Judge many pairs concurrently, in input order, with a progress bar (:func:`ajudge_pairs`, run)."""
+    return run_sync(ajudge_pairs(judge, pairs, concurrency=concurrency, progress=progress))
+
+
+async def ajudge_pairs(judge: Judge, pairs: list[Pair], *, concurrency: int = 8, progress: bool = True) -> list[Judgment]:
+    """Judge many pairs on one event loop, ``concurrency`` at a time, in input order."""
+    jobs = [(lambda p=pair: judge.ajudge(p)) for pair in pairs]
+    return await judge_all(jobs, concurrency=concurrency, progress=progress, desc=type(judge).__name__, unit="pair")
+
+
+async def judge_all(jobs: list[Callable[[], Awaitable[Judgment]]], *, concurrency: int, progress: bool, desc: str,
+                    unit: str = "judgment") -> list[Judgment]:
+    """Run judgment jobs ``concurrency`` at a time, results in job order, with a progress bar. The first
+    error stops them all (:class:`RunInterrupted`): unfinished jobs are cancelled, finished steps are cached."""
+    results: list[Judgment | None] = [None] * len(jobs)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(index: int) -> None:
+        async with gate:
+            results[index] = await jobs[index]()
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
+    with tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress) as bar:
         try:
-            for index, outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise RunInterrupted(sum(r is not None for r in results), len(pairs), outcome) from outcome
-                results[index] = outcome
+            for finished in asyncio.as_completed(tasks):
+                try:
+                    await finished
+                except Exception as exc:
+                    raise RunInterrupted(sum(r is not None for r in results), len(jobs), exc) from exc
                 bar.update()
         finally:
-            outcomes.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return results  # type: ignore[return-value]

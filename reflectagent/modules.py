@@ -3,19 +3,19 @@
 An ``Analyzer`` can be shown the pair swapped and maps the verdict back, so callers only
 ever see the original order; a ``Reflector`` names the more reliable of two analyses; a
 ``VerdictStep`` turns an analysis into a preference; a ``Rater`` scores one response on its own. Programs compose these; optimisers
-see their predictors; every call goes through :func:`reflectagent.steps.run_step`.
+see their predictors; every call goes through :func:`reflectagent.steps.arun_step`. Each is
+async first (``aforward``, what ``await module.acall(...)`` runs); ``forward`` runs it from sync code.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 import dspy
 
+from reflectagent.concurrency import run_sync
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Rating, Reflection, StepOutput, flip
 from reflectagent.signatures import Analyze, Rate, Reflect, Verdict
-from reflectagent.steps import run_step
+from reflectagent.steps import arun_step
 
 
 def render_analysis(analysis: Analysis, swapped: bool) -> str:
@@ -42,13 +42,13 @@ class Analyzer(dspy.Module):
         super().__init__()
         self.predict = dspy.Predict(signature)
 
-    def forward(self, pair: Pair, swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Analysis:
+    async def aforward(self, pair: Pair, swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Analysis:
         shown = pair.swapped() if swapped else pair
-        step = run_step(self.predict, shown.inputs(), sample=sample, config={"temperature": temperature})
+        step = await arun_step(self.predict, shown.inputs(), sample=sample, config={"temperature": temperature})
         return analysis_from(step, swapped, sample, text=(step.fields or {}).get("analysis", ""))
 
-    async def aforward(self, *args, **kwargs) -> Analysis:
-        return await asyncio.to_thread(self.forward, *args, **kwargs)
+    def forward(self, *args, **kwargs) -> Analysis:
+        return run_sync(self.aforward(*args, **kwargs))
 
 
 class Reflector(dspy.Module):
@@ -58,8 +58,8 @@ class Reflector(dspy.Module):
         super().__init__()
         self.predict = dspy.Predict(signature)
 
-    def forward(self, pair: Pair, analyses: tuple[Analysis, ...], first: int, second: int,
-                swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Reflection:
+    async def aforward(self, pair: Pair, analyses: tuple[Analysis, ...], first: int, second: int,
+                       swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Reflection:
         """``first`` and ``second`` index ``analyses``; ``swapped`` shows the pair in B, A order."""
         shown = pair.swapped() if swapped else pair
         inputs = {
@@ -67,7 +67,7 @@ class Reflector(dspy.Module):
             "analysis_1": render_analysis(analyses[first], swapped),
             "analysis_2": render_analysis(analyses[second], swapped),
         }
-        step = run_step(self.predict, inputs, sample=sample, config={"temperature": temperature})
+        step = await arun_step(self.predict, inputs, sample=sample, config={"temperature": temperature})
         fields = step.fields or {}
         choice = fields.get("more_reliable")
         return Reflection(
@@ -84,8 +84,8 @@ class Reflector(dspy.Module):
             truncated=step.truncated,
         )
 
-    async def aforward(self, *args, **kwargs) -> Reflection:
-        return await asyncio.to_thread(self.forward, *args, **kwargs)
+    def forward(self, *args, **kwargs) -> Reflection:
+        return run_sync(self.aforward(*args, **kwargs))
 
 
 class VerdictStep(dspy.Module):
@@ -95,14 +95,14 @@ class VerdictStep(dspy.Module):
         super().__init__()
         self.predict = dspy.Predict(signature)
 
-    def forward(self, pair: Pair, analysis: Analysis, swapped: bool = False, sample: int = 0) -> Analysis:
+    async def aforward(self, pair: Pair, analysis: Analysis, swapped: bool = False, sample: int = 0) -> Analysis:
         shown = pair.swapped() if swapped else pair
         inputs = {**shown.inputs(), "analysis": render_analysis(analysis, swapped)}
-        step = run_step(self.predict, inputs, sample=sample)
+        step = await arun_step(self.predict, inputs, sample=sample)
         return analysis_from(step, swapped, sample, text=analysis.text)
 
-    async def aforward(self, *args, **kwargs) -> Analysis:
-        return await asyncio.to_thread(self.forward, *args, **kwargs)
+    def forward(self, *args, **kwargs) -> Analysis:
+        return run_sync(self.aforward(*args, **kwargs))
 
 
 def expected_rating(probabilities: dict[str, float] | None) -> float | None:
@@ -119,9 +119,9 @@ class Rater(dspy.Module):
         super().__init__()
         self.predict = dspy.Predict(signature)
 
-    def forward(self, pair: Pair, response: str, sample: int = 0, temperature: float | None = None) -> Rating:
+    async def aforward(self, pair: Pair, response: str, sample: int = 0, temperature: float | None = None) -> Rating:
         inputs = {"prompt": pair.prompt, "response": {"A": pair.response_a, "B": pair.response_b}[response]}
-        step = run_step(self.predict, inputs, sample=sample, config={"temperature": temperature})
+        step = await arun_step(self.predict, inputs, sample=sample, config={"temperature": temperature})
         generated = (step.fields or {}).get("rating")
         return Rating(
             response=response, rating=int(generated) if generated is not None else None, parsed=step.parsed,
@@ -129,5 +129,5 @@ class Rater(dspy.Module):
             text=(step.fields or {}).get("assessment", ""), sample=sample, error=step.error, usage=step.usage, cached=step.cached, truncated=step.truncated,
         )
 
-    async def aforward(self, *args, **kwargs) -> Rating:
-        return await asyncio.to_thread(self.forward, *args, **kwargs)
+    def forward(self, *args, **kwargs) -> Rating:
+        return run_sync(self.aforward(*args, **kwargs))

@@ -3,10 +3,7 @@ engine (``bench/fake_engine.py``) as a real server process on loopback, for faul
 
 import asyncio
 import importlib.util
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +13,6 @@ from reflectagent.adapter import JudgeAdapter
 from reflectagent.judge import Judge
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment
-from reflectagent.server import free_port
 
 GOOD, BAD = "The capital of France is Paris.", "The capital of France is Berlin."
 PAIR = Pair(prompt="What is the capital of France?", response_a=GOOD, response_b=BAD, label="A")
@@ -113,21 +109,8 @@ class Engine:
     """The fake engine in its own process, on a fixed port so that it can die and come back there."""
 
     def __init__(self, *flags, port=None):
-        self.port = port or free_port()
-        self.process = subprocess.Popen([sys.executable, str(ENGINE), str(self.port), *flags])
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{self.url}/health", timeout=1)
-                return
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"the fake engine did not start (flags {flags})") from None
-                time.sleep(0.1)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self.process, self.url = fake_engine.spawn(*flags, port=port)
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def count(self) -> int:
         return httpx.get(f"{self.url}/count", timeout=5).json()["chat"]

@@ -3,7 +3,6 @@ flip rates themselves are measured on real models in ``bench/injection.py``."""
 
 from types import SimpleNamespace
 
-import dspy
 
 from reflectagent.adapter import FENCE_RULE, JudgeAdapter, neutralise
 from reflectagent.eval.injection import KINDS, flip_stats, inject

@@ -340,3 +340,26 @@ def test_mtbench_baseline_uses_its_own_prompt_both_orders_and_never_guesses():
         with dspy.context(lm=free_text(good_first, bad_first)):
             judged = MTBenchJudge().judge(PAIR)
         assert judged.preference is None and judged.reason == reason
+
+
+def test_sync_and_async_give_the_same_judgments_and_sync_works_inside_a_running_loop():
+    import asyncio
+
+    from reflectagent.judge import ajudge_pairs, judge_pairs
+
+    flipped = Pair(prompt=PAIR.prompt, response_a=BAD, response_b=GOOD)
+    with dspy.context(lm=reflective()):
+        program = ReflectRM(samples=4)
+        synced = judge_pairs(program, [PAIR, flipped], concurrency=2, progress=False)
+        awaited = asyncio.run(ajudge_pairs(program, [PAIR, flipped], concurrency=2, progress=False))
+        one = asyncio.run(program.acall(**PAIR.inputs()))
+
+        async def inside_a_loop():  # a notebook or an async app calling the sync API
+            return program.judge(PAIR)
+
+        nested = asyncio.run(inside_a_loop())
+    strip = lambda j: (j.preference, j.reason, j.chosen, [a.preference for a in j.analyses],  # noqa: E731
+                       [(r.first, r.second, r.more_reliable) for r in j.reflections])
+    assert [strip(j) for j in synced] == [strip(j) for j in awaited]
+    assert strip(one) == strip(synced[0]) == strip(nested)
+    assert [j.preference for j in synced] == ["A", "B"]

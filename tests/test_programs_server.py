@@ -20,6 +20,22 @@ def conf(lora_dir=None):
     return settings(lora_dir=lora_dir)
 
 
+def test_the_async_path_gives_the_sync_path_s_judgments_over_real_http(server, sample_pairs):
+    """Both paths make their own calls (no cache): the same verdicts and verdict probabilities."""
+    import asyncio
+
+    from reflectagent.judge import ajudge_pairs
+
+    pairs = sample_pairs[:4]
+    program = GenRM(both_orders=True, decision="probability")
+    with use_cache(JudgmentCache(enabled=False)), backend("embedded", conf()):
+        synced = judge_pairs(program, pairs, progress=False)
+        awaited = asyncio.run(ajudge_pairs(program, pairs, progress=False))
+    assert [j.preference for j in synced] == [j.preference for j in awaited]
+    assert [j.probability_a for j in synced] == pytest.approx([j.probability_a for j in awaited], abs=1e-3)
+    assert all(j.probability_a is not None and j.lm_calls == 2 for j in synced + awaited)
+
+
 def test_genrm_and_reflectrm_judge_real_pairs(server, cache, sample_pairs):
     pairs = sample_pairs[:4]
     with backend("embedded", conf()):
