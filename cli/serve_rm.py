@@ -144,6 +144,8 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
 
     @app.post("/get_reward")
     async def get_reward(body: RewardRequest):
+        if not body.query:
+            raise HTTPException(400, "query is empty: send at least one prompt + response")
         try:
             batch = openrlhf_batch(body.query, body.prompts, body.labels)
         except RewardInputError as exc:

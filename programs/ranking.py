@@ -81,7 +81,12 @@ def _judge_all(judge: Judge, prompt: str, matches: list[tuple[int, int]], respon
             return await judge.ajudge(Pair(prompt=prompt, response_a=responses[i], response_b=responses[j]))
 
     async def every() -> list[Judgment]:
-        return list(await asyncio.gather(*(one(i, j) for i, j in matches)))
+        tasks = [asyncio.ensure_future(one(i, j)) for i, j in matches]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # the first error ends the ranking: the comparisons still running end with it
+            for task in tasks:
+                task.cancel()
 
     judgments = run_sync(every())
     return [Comparison(i, j, judgment) for (i, j), judgment in zip(matches, judgments)]

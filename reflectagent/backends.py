@@ -24,7 +24,7 @@ import dspy
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.config import EMBEDDED, BackendConfig, ConfigError, Settings, load_settings
-from reflectagent.tokens import InputBudget, folder_counter, server_context, server_counter
+from reflectagent.tokens import InputBudget, first_answering, folder_counter, pool_counter, server_context
 
 TOKEN_MARGIN = 4  # tokens kept free beside max_tokens, in case a server counts a template token differently
 
@@ -77,11 +77,18 @@ class Backend:
             return self.config.context_tokens
         if self.model_dir is not None:
             return default_context(self.model_dir)
-        return server_context(self.api_base, self.served) if self.is_hosted_vllm else None
+        if not self.is_hosted_vllm:
+            return None
+        return first_answering(self.endpoints, lambda base: server_context(base, self.served))
 
     @property
     def is_hosted_vllm(self) -> bool:
         return self.model.startswith("hosted_vllm/") and self.api_base is not None
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Where the model is served: ``api_base``, then a pool's other replicas."""
+        return [self.api_base, *self.config.replicas] if self.api_base else list(self.config.replicas)
 
     @property
     def served(self) -> str:
@@ -91,7 +98,7 @@ class Backend:
     def _counter(self):
         if self.model_dir is not None:
             return folder_counter(self.model_dir)
-        return server_counter(self.api_base, self.served) if self.is_hosted_vllm else None
+        return pool_counter(self.endpoints, self.served) if self.is_hosted_vllm else None
 
     def input_budget(self) -> InputBudget:
         """Characters (``context_chars``) and, where the model's tokenizer is at hand, tokens: the

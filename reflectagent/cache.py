@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -32,6 +33,7 @@ from reflectagent.errors import ReflectAgentError
 from reflectagent.paths import judgments_dir
 from reflectagent.results import StepOutput, Usage
 
+logger = logging.getLogger(__name__)
 _current: contextvars.ContextVar[JudgmentCache | None] = contextvars.ContextVar("reflectagent_cache", default=None)
 _default: JudgmentCache | None = None
 SCHEMA_VERSION = 1
@@ -134,7 +136,8 @@ class RedisStore:
         import redis
 
         self.url, self.prefix = url, prefix
-        self.client = redis.Redis.from_url(url, decode_responses=True)
+        # timeouts: steps read and write the store on their event loop, so a stalled Redis must fail, not hang
+        self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
 
     def where(self) -> str:
         return self.url.split("@")[-1]  # never a password from the URL
@@ -237,12 +240,26 @@ class _Renewer:
                 held = list(self._held.values())
             now = time.monotonic()
             for lease in held:
-                if now - lease.renewed >= lease.ttl_s / 3 and not lease.renew():
-                    self.drop(lease)  # expired and taken by another process: nothing of ours to renew
+                if now - lease.renewed < lease.ttl_s / 3:
+                    continue
+                try:
+                    if not lease.renew():
+                        self.drop(lease)  # expired and taken by another process: nothing of ours to renew
+                except Exception as exc:  # the store hiccupped (Redis away, SQLite busy): try again next round
+                    logger.warning("could not renew a lease: %s", exc)
             time.sleep(min([lease.ttl_s / 6 for lease in held] + [0.5]))
 
 
 _renewer = _Renewer()
+
+
+def _forget_in_child() -> None:
+    """A forked child holds none of its parent's leases."""
+    global _renewer
+    _renewer = _Renewer()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def step_key(**parts: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import os
 import threading
 from collections.abc import Awaitable
 from collections.abc import Callable, Iterable, Iterator
@@ -50,14 +51,41 @@ def run_sync(awaitable: Awaitable[R]) -> R:
         with ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(context.run, asyncio.run, awaitable).result()
     done: concurrent.futures.Future = concurrent.futures.Future()
+    started: list[asyncio.Task] = []
+
+    def finish(task: asyncio.Task) -> None:
+        if task.cancelled():
+            done.cancel()
+        elif task.exception() is not None:
+            done.set_exception(task.exception())
+        else:
+            done.set_result(task.result())
 
     def start() -> None:
-        task = loop.create_task(awaitable, context=context)
-        task.add_done_callback(lambda t: done.cancel() if t.cancelled() else
-                               done.set_exception(t.exception()) if t.exception() is not None else done.set_result(t.result()))
+        try:
+            task = loop.create_task(awaitable, context=context)
+        except BaseException as exc:  # not a coroutine, say: the caller must hear of it, not wait forever
+            done.set_exception(exc)
+            return
+        started.append(task)
+        task.add_done_callback(finish)
 
     loop.call_soon_threadsafe(start)
-    return done.result()
+    try:
+        return done.result()
+    except BaseException:
+        if started and not done.done():  # the caller stopped waiting (Ctrl-C): so does the work
+            loop.call_soon_threadsafe(started[0].cancel)
+        raise
+
+
+def _forget_in_child() -> None:
+    """A forked child has no loop thread: it starts its own on first use."""
+    global _loop
+    _loop = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def run_all(tasks: list[Callable[[], R]], max_workers: int | None = None) -> list[R]:

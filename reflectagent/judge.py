@@ -10,8 +10,10 @@ the two agree.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from collections.abc import Awaitable, Callable
@@ -53,11 +55,27 @@ class Judge(dspy.Module):
 
     def judge(self, pair: Pair) -> Judgment:
         started = time.perf_counter()
-        return self._finish(pair, self._identical() if pair.identical else self.decide(pair), started)
+        if pair.identical:
+            return self._finish(pair, self._identical(), started)
+        return self._finish(pair, self.decide(pair) if self._decides_sync() else run_sync(self.adecide(pair)), started)
 
     async def ajudge(self, pair: Pair) -> Judgment:
         started = time.perf_counter()
-        return self._finish(pair, self._identical() if pair.identical else await self.adecide(pair), started)
+        if pair.identical:
+            return self._finish(pair, self._identical(), started)
+        return self._finish(pair, await (_in_thread(self.decide, pair) if self._decides_sync() else self.adecide(pair)), started)
+
+    def _decides_sync(self) -> bool:
+        """Whether this judge's most derived decision is ``decide`` (sync) rather than ``adecide``: a subclass
+        that overrides either is judged by its override, on the sync and the async path alike."""
+        for cls in type(self).__mro__:
+            if cls is Judge:
+                raise NotImplementedError(f"{type(self).__name__} defines neither decide nor adecide")
+            if "adecide" in vars(cls):
+                return False
+            if "decide" in vars(cls):
+                return True
+        raise NotImplementedError(type(self).__name__)
 
     @staticmethod
     def _identical() -> Judgment:
@@ -76,15 +94,11 @@ class Judge(dspy.Module):
 
     def decide(self, pair: Pair) -> Judgment:
         """The verdict for a pair (never identical responses). A program that defines ``adecide`` gets this."""
-        if type(self).adecide is Judge.adecide:
-            raise NotImplementedError(f"{type(self).__name__} defines neither decide nor adecide")
         return run_sync(self.adecide(pair))
 
     async def adecide(self, pair: Pair) -> Judgment:
         """The verdict, async. A judge that defines only ``decide`` (sync) is run in a thread."""
-        if type(self).decide is Judge.decide:
-            raise NotImplementedError(f"{type(self).__name__} defines neither decide nor adecide")
-        return await asyncio.to_thread(self.decide, pair)
+        return await _in_thread(self.decide, pair)
 
     def save(self, path: str | Path) -> Path:
         """Write the program's identity, options and compiled state (demos, instructions) as JSON."""
@@ -123,6 +137,16 @@ class Judge(dspy.Module):
 
 
 Decision = Literal["vote", "probability"]
+
+
+_sync_judges = ThreadPoolExecutor(max_workers=256, thread_name_prefix="reflectagent-sync-judge")
+
+
+async def _in_thread(decide, pair: Pair) -> Judgment:
+    """A sync ``decide`` from async code, in the caller's context, on threads of its own: it may wait on
+    steps that need the event loop's executor, so it must never hold one of that executor's threads."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(_sync_judges, context.run, decide, pair)
 
 
 def check_decision(decision: str) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import itertools
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -114,25 +115,29 @@ _UTF16_32 = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
-def _raw_lines(path: Path) -> Iterable[bytes]:
-    """The file's lines as UTF-8 bytes: gzip is opened, UTF-16/32 (known by their byte order mark)
-    re-encoded, and a UTF-8 byte order mark dropped; anything else is left for each line to decode."""
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines as UTF-8 bytes, streamed from one open handle (a pipe works too): gzip is opened,
+    UTF-16/32 (known by their byte order mark) re-encoded, and a UTF-8 byte order mark dropped; anything
+    else is left for each line to decode."""
     if not path.exists():
         raise PairFileError(f"no such file: {path}")
     if path.is_dir():
         raise PairFileError(f"{path} is a folder: give a JSONL file of pairs (one JSON object per line)")
     with path.open("rb") as handle:
-        start = handle.read(4)
-    if start.startswith(b"\x1f\x8b"):
-        with gzip.open(path, "rb") as handle:
-            yield from _raw_lines_of(handle)
-        return
-    for bom, encoding in _UTF16_32:
-        if start.startswith(bom):
-            text = path.read_bytes().decode(encoding, errors="replace")  # a bad code unit shows as U+FFFD
-            yield from (line.encode("utf-8") for line in text.splitlines(keepends=True))
+        start = handle.peek(4)[:4]
+        if start.startswith(b"\x1f\x8b"):
+            try:
+                with gzip.GzipFile(fileobj=handle) as unpacked:
+                    yield from _raw_lines_of(unpacked)
+            except (EOFError, gzip.BadGzipFile) as exc:
+                raise PairFileError(f"{path} is not a readable gzip file ({exc}): check or re-compress it") from exc
             return
-    with path.open("rb") as handle:
+        for bom, encoding in _UTF16_32:
+            if start.startswith(bom):
+                text = handle.read().decode(encoding, errors="replace")  # a bad code unit shows as U+FFFD
+                # only "\n" ends a line: U+2028 and its kin may stand unescaped inside a JSON string
+                yield from (line.encode("utf-8") for line in text.split("\n"))
+                return
         yield from _raw_lines_of(handle)
 
 
@@ -143,8 +148,6 @@ def _raw_lines_of(handle) -> Iterator[bytes]:
 
 def _json_array(lines: list[bytes]) -> list | None:
     """The items, when the whole file is one JSON array (as ``json.dump(pairs)`` writes) rather than lines."""
-    if not lines or not lines[0].lstrip().startswith(b"["):
-        return None
     try:
         whole = json.loads(b"".join(lines).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -157,11 +160,19 @@ def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None) -> Iter
     list is given: then nobody else will say it). A missing file or a folder is a :class:`PairFileError`.
 
     Bytes that are not UTF-8 make that line bad (with the byte offset), not the file. A JSON array of
-    pairs is read too, its items numbered like lines.
+    pairs is read too, its items numbered like lines. Lines are streamed, except for a file that starts
+    with ``[`` (it may be one array, which is read whole).
     """
     path = Path(path)
-    lines = list(_raw_lines(path))
-    items = _json_array(lines)
+    lines = _raw_lines(path)
+    first = next(lines, None)
+    items = None
+    if first is not None and first.lstrip().startswith(b"["):
+        held = [first, *lines]
+        items = _json_array(held)
+        lines = iter(held)
+    else:
+        lines = itertools.chain([first] if first is not None else [], lines)
     numbered = enumerate(items, start=1) if items is not None else enumerate(lines, start=1)
     for number, raw in numbered:
         if items is not None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -258,6 +258,16 @@ _inflight: dict[str, concurrent.futures.Future] = {}  # key -> done when its mak
 _inflight_guard = threading.Lock()
 
 
+def _forget_in_child() -> None:
+    """A forked child makes its own steps: its parent's makers will never finish there."""
+    global _inflight_guard
+    _inflight.clear()
+    _inflight_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 LEASE_POLL_S = 0.1
 
 
@@ -284,9 +294,10 @@ async def _single_flight(key: str, cache, refused_key: str, make, reused) -> Ste
             mine = running is None
             if mine:
                 running = _inflight[key] = concurrent.futures.Future()
+                running.set_running_or_notify_cancel()  # no waiter can cancel it: only its maker ends it
         if not mine:
-            with contextlib.suppress(BaseException):
-                await asyncio.wrap_future(running)
+            # shielded: a waiter that is cancelled stops waiting (its CancelledError propagates); the maker goes on
+            await asyncio.shield(asyncio.wrap_future(running))
             hit = cached()
             if hit is not None:
                 return reused(hit)

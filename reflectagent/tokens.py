@@ -68,6 +68,23 @@ def server_counter(api_base: str, model: str, timeout_s: float = 30) -> TokenCou
     return count
 
 
+def first_answering(endpoints: list[str], ask):
+    """``ask(endpoint)`` of the first endpoint that answers (replicas serve the same model); the last
+    endpoint's error when none does."""
+    for endpoint in endpoints[:-1]:
+        try:
+            return ask(endpoint)
+        except httpx.TransportError:
+            continue
+    return ask(endpoints[-1])
+
+
+def pool_counter(api_bases: list[str], model: str, timeout_s: float = 30) -> TokenCounter:
+    """:func:`server_counter` over replicas: counted by the first that answers."""
+    counters = {base: server_counter(base, model, timeout_s) for base in api_bases}
+    return lambda messages: first_answering(api_bases, lambda base: counters[base](messages))
+
+
 @functools.lru_cache(maxsize=64)
 def server_context(api_base: str, model: str, timeout_s: float = 30) -> int | None:
     """The context length a vLLM server reports for ``model`` (``max_model_len`` in ``/v1/models``; a LoRA

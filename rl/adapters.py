@@ -88,8 +88,6 @@ def openrlhf_batch(queries, prompts, labels=None) -> tuple[list[str], list[str],
     """OpenRLHF's batch (queries = prompt + response, their prompts, optional reference labels) as the
     prompts, responses and references a :class:`Rewarder` takes; what is wrong with it, said once for the
     in-process ``reward_func`` and the ``/get_reward`` route."""
-    if not queries:
-        raise RewardInputError("query is empty: send at least one prompt + response")
     if len(queries) != len(prompts) or (labels and len(labels) != len(queries)):
         raise RewardInputError(f"query ({len(queries)}), prompts ({len(prompts)}) and labels ({len(labels or [])}) "
                                "must have the same length")

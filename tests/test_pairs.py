@@ -94,3 +94,27 @@ def test_resume_advice_only_where_a_rerun_can_succeed():
     assert "run the same command again to resume" in str(dropped)
     broken = RunInterrupted(0, 1, UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
     assert "run the same command again" not in str(broken) and "would stop here again. Fix the cause" in str(broken)
+
+
+def test_a_pipe_a_broken_gzip_and_a_line_separator_in_utf16(tmp_path):
+    import gzip
+    import os
+    import threading
+
+    from reflectagent.pairs import PairFileError
+
+    row = {"prompt": "p\u2028q", "response_a": "a", "response_b": "b"}
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n"))
+    writer.start()
+    assert len(read_pairs(fifo)[0]) == 2  # read from one handle: sniffing the start loses nothing
+    writer.join()
+    utf16 = tmp_path / "u16.jsonl"
+    utf16.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-16")
+    pairs, bad = read_pairs(utf16)
+    assert [p.prompt for p in pairs] == ["p\u2028q"] and bad == []
+    broken = tmp_path / "cut.jsonl.gz"
+    broken.write_bytes(gzip.compress((json.dumps(row) + "\n").encode() * 50)[:40])
+    with pytest.raises(PairFileError, match="not a readable gzip file"):
+        read_pairs(broken)

@@ -363,3 +363,31 @@ def test_sync_and_async_give_the_same_judgments_and_sync_works_inside_a_running_
     assert [strip(j) for j in synced] == [strip(j) for j in awaited]
     assert strip(one) == strip(synced[0]) == strip(nested)
     assert [j.preference for j in synced] == ["A", "B"]
+
+
+def test_a_subclass_is_judged_by_its_own_decision_on_both_paths_and_a_cancelled_waiter_leaves_the_maker_alone(tmp_path):
+    import asyncio
+
+    from reflectagent.judge import ajudge_pairs, judge_pairs
+
+    class Contrary(PositionSwapJudge):  # a sync override of an async-first program
+        def decide(self, pair):
+            return Judgment(preference="B", reason="contrary")
+
+    assert judge_pairs(Contrary(), [PAIR], progress=False)[0].reason == "contrary"
+    assert asyncio.run(ajudge_pairs(Contrary(), [PAIR], progress=False))[0].reason == "contrary"
+    assert Contrary().judge(PAIR).reason == "contrary"
+
+    async def one_waiter_gives_up():
+        with use_cache(JudgmentCache(tmp_path / "cache")), dspy.context(lm=fair_analyst()):
+            maker = asyncio.ensure_future(GenRM().ajudge(PAIR))
+            waiter = asyncio.ensure_future(GenRM().ajudge(PAIR))
+            await asyncio.sleep(0)
+            waiter.cancel()
+            judged = await maker
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            return judged
+
+    judged = asyncio.run(one_waiter_gives_up())
+    assert judged.preference == "A"
