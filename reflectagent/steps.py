@@ -68,6 +68,9 @@ def _choice_logprobs(logprobs: dict | None, signature) -> dict[str, dict[str, fl
     content = (logprobs or {}).get("content") if isinstance(logprobs, dict) else None
     if not content:
         return None
+    # LiteLLM (a replica pool's Router) hands back pydantic objects where DSPy's own transport gives dicts
+    content = [_plain(token) | {"top_logprobs": [_plain(alt) for alt in _plain(token).get("top_logprobs") or []]}
+               for token in content]
     starts, text = [], ""
     for token in content:
         starts.append(len(text))
@@ -90,6 +93,10 @@ def _choice_logprobs(logprobs: dict | None, signature) -> dict[str, dict[str, fl
         if total > 0:
             result[name] = {c: p / total for c, p in probs.items()}
     return result or None
+
+
+def _plain(entry) -> dict:
+    return entry if isinstance(entry, dict) else entry.model_dump() if hasattr(entry, "model_dump") else dict(vars(entry))
 
 
 def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int, overrides: dict | None) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def test_two_vllm_replicas_one_killed_midway_the_run_completes_on_the_other(mode
         server.start()
     try:
         settings = pool(servers[0].url, servers[1].url, model="hosted_vllm/judge", context_tokens=2048)
-        settings.backends["pool"].constrained = True
+        settings.backends["pool"].constrained = settings.backends["pool"].logprobs = None  # vLLM's defaults: both on
         pairs = [Pair(prompt=f"What is {i} + {i}?", response_a=str(2 * i), response_b=str(2 * i + 1), label="A") for i in range(16)]
         done = []
 
@@ -94,8 +94,10 @@ def test_two_vllm_replicas_one_killed_midway_the_run_completes_on_the_other(mode
         cache = JudgmentCache(tmp_path / "cache")
         while len(cache) < 6 and worker.is_alive():  # some steps made through both: now one replica dies
             threading.Event().wait(0.5)
+        midway = worker.is_alive() and len(cache) < 2 * len(pairs)
         servers[0].stop(grace_s=0)
         worker.join(600)
+        assert midway, "the run finished before a replica was killed: nothing was tested"
         assert len(done) == len(pairs) and all(j.probability_a is not None for j in done)
     finally:
         for server in servers:
