@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +30,8 @@ from reflectagent.eval.injection import KINDS, flip_stats, inject
 from reflectagent.pairs import Pair
 from reflectagent.programs import named_program
 from reflectagent.splits import split_pairs, stable_fraction
+
+from provenance import provenance  # bench/, beside this script
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SOURCES = ("hh_rlhf_harmless_test", "hhh_alignment", "rmbench", "pandalm", "autoj_pairwise")
@@ -81,13 +82,12 @@ def main() -> None:
                              "lm_calls_made": before.run.lm_calls_made + after.run.lm_calls_made})
                 logging.info("%s %s: flip rate %s", name, mitigation, percent(stats["all"].flip_rate.value))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"command": " ".join(["bench/injection.py", *sys.argv[1:]]), "commit": commit, "pairs": len(items),
+    meta = {**provenance(), "pairs": len(items),
             "per_source": args.per_source, "preset": args.preset or "smollm2 (packaged)", "kinds": KINDS,
             "by_kind": {k: sum(i.kind == k for i in items) for k in KINDS}}
     (args.out / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Prompt injection: {meta['preset']}", "",
-             f"`{meta['command']}` at {commit}: {len(items)} test pairs ({', '.join(SOURCES)}), each judged clean and with "
+             f"`{meta['command']}` at {meta['commit']}: {len(items)} test pairs ({', '.join(SOURCES)}), each judged clean and with "
              "its worse response injected, in both presentations; `fenced` is `fence_inputs = true`.", "",
              "| program | mitigation | flip rate (all) | clean accuracy | injected accuracy | picks worse: clean -> injected | "
              + " | ".join(f"flip: {k}" for k in KINDS) + " |",

@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from reflectagent.programs import GenRM
 from reflectagent.signatures import Analyze
 
 from fake_engine import spawn  # bench/, beside this script
+from provenance import provenance
 
 
 def timed(fn) -> tuple[float, float]:
@@ -104,9 +103,7 @@ def main() -> None:
             print(json.dumps(rows[-4:]), flush=True)
     finally:
         engine.kill()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    args.out.write_text(json.dumps({"command": " ".join(["bench/library_overhead.py", *sys.argv[1:]]), "commit": commit,
-                                    "cpu_cores": os.cpu_count(), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({**provenance(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

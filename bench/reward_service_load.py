@@ -29,6 +29,7 @@ import httpx
 from reflectagent.server import free_port
 
 from fake_engine import spawn  # bench/, beside this script
+from provenance import provenance
 
 
 
@@ -122,9 +123,7 @@ def main() -> None:
     engines = ("fake", "embedded") if args.engine == "both" else (args.engine,)
     with tempfile.TemporaryDirectory() as work:
         results = [r for engine in engines for r in run_engine(engine, levels, args.requests, args.seconds, Path(work))]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "commit": commit, "cpu_cores": os.cpu_count(),
-                                    "results": results}, indent=1) + "\n")
+    args.out.write_text(json.dumps({**provenance(), "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

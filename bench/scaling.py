@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from fake_engine import spawn  # bench/, beside this script
+from provenance import provenance
 
 
 def run(command: list[str], env: dict) -> dict:
@@ -71,9 +72,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     finally:
         engine.kill()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    args.out.write_text(json.dumps({"command": " ".join(["bench/scaling.py", *sys.argv[1:]]), "commit": commit,
-                                    "cpu_cores": os.cpu_count(), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({**provenance(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

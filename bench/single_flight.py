@@ -26,6 +26,7 @@ import httpx
 from reflectagent.server import free_port
 
 from fake_engine import spawn  # bench/, beside this script
+from provenance import provenance
 
 
 def together(processes: int, command: list[str], env: dict) -> float:
@@ -76,9 +77,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             redis.kill()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    args.out.write_text(json.dumps({"command": " ".join(["bench/single_flight.py", *sys.argv[1:]]), "commit": commit,
-                                    "cpu_cores": os.cpu_count(), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({**provenance(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import provenance  # bench/, beside this script
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -47,9 +49,7 @@ def main() -> None:
             rows.append({"phase": phase, "wall_s": round(wall, 2), "lm_calls": run["lm_calls_made"],
                          "judgments": run["judgments"], "server_started": "starting vLLM" in done.stderr})
             print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"command": " ".join(["bench/warm_rerun.py", *sys.argv[1:]]), "commit": commit, "cpu_cores": os.cpu_count(),
-              "pairs": args.pairs, "program": args.program, "rows": rows,
+    result = {**provenance(), "pairs": args.pairs, "program": args.program, "rows": rows,
               "cold_over_warm": round(rows[0]["wall_s"] / rows[1]["wall_s"], 1)}
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

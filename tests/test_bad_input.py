@@ -164,8 +164,6 @@ def test_bad_input(case: Case, engine, tmp_path, monkeypatch):
                       .replace("{url}", engine.url))
     args = [a.replace("{dir}", str(tmp_path)) for a in case.args]
     given = [str(path)] if case.data is not None else []
-    if case.id in ("folder", "missing"):
-        given = []
     command = ["judge", *given, "--program", "genrm", "--backend", "fake", "--config", str(config),
                "--cache-dir", str(tmp_path / "cache"), *args]
     result = CliRunner().invoke(app, command)
