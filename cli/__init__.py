@@ -23,11 +23,17 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 class Commands(TyperGroup):
-    """Every command, with a library error shown as ``error: <what to fix>`` and exit code 1."""
+    """Every command, without DSPy's call history, and with a library error shown as ``error: <what to fix>`` and exit code 1."""
 
     def invoke(self, ctx):
+        import dspy
+
         try:
-            return super().invoke(ctx)
+            # Every call a command makes is kept in its judgments and the cache; DSPy's in-memory history (up to
+            # 10,000 whole requests and responses, for ``inspect_history``) and its trace (the last 10,000 calls'
+            # inputs and predictions, for optimisers, which open their own) would only grow a long run's memory.
+            with dspy.context(disable_history=True, trace=None):
+                return super().invoke(ctx)
         except ReflectAgentError as exc:
             typer.secho(f"error: {exc}", fg="red", err=True)
             raise typer.Exit(1) from exc

@@ -33,10 +33,10 @@ def warn_skipped(bad_lines) -> None:
         typer.secho(f"skipped {line}", fg="yellow", err=True)
 
 
-def warn_duplicates(pairs) -> None:
+def warn_duplicates(ids) -> None:
     from reflectagent.pairs import duplicate_ids
 
-    repeated = duplicate_ids(pairs)
+    repeated = duplicate_ids(ids)
     if repeated:
         shown = ", ".join(f"{key!r} x{n}" for key, n in list(repeated.items())[:5])
         typer.secho(f"warning: {len(repeated)} id(s) name more than one pair ({shown}{', ...' if len(repeated) > 5 else ''}): "

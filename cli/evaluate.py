@@ -51,7 +51,7 @@ def eval_command(
         pairs += chosen[:limit] if limit is not None else chosen
     if not pairs:
         fail("no valid pairs to evaluate", 2)
-    warn_duplicates(pairs)
+    warn_duplicates(pair.id for pair in pairs)
     program_names, backend_names = [p for p in programs.split(",") if p], [b for b in backends.split(",") if b]
     try:
         settings = load_settings(config)

@@ -5,47 +5,53 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
 import dspy
 import typer
+from tqdm.auto import tqdm
 
 from reflectagent.backends import resolve_backend
 from reflectagent.cache import use_cache
+from reflectagent.concurrency import run_sync
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_duplicates, warn_skipped
 from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
-from reflectagent.eval.metrics import JudgingSummary, summarize_judgments
-from reflectagent.judge import judge_pairs
-from reflectagent.pairs import InvalidPair, Pair, read_pairs, sample_path
+from reflectagent.eval.metrics import JudgingSummary, JudgingTally
+from reflectagent.judge import judge_in_order
+from reflectagent.pairs import InvalidPair, Pair, PairFile, read_pairs, sample_path
 from reflectagent.programs import NAMED, load_program, named_program
 from reflectagent.results import Judgment
 
 
-def print_judgment(pair: Pair, judgment: Judgment, show_analyses: bool) -> None:
+def judgment_lines(pair: Pair, judgment: Judgment, show_analyses: bool) -> list[str]:
+    """What ``judge`` prints for one judgment: its verdict, notes and (``show_analyses``) each step."""
+    lines = []
     verdict = judgment.preference or f"none ({judgment.reason})"
     label = f"  label {pair.label}" if pair.label else ""
     mark = ""
     if pair.label in ("A", "B"):
         mark = "  ✓" if judgment.preference == pair.label else "  ✗"
     cached = "  [cached]" if judgment.steps and judgment.cache_hits == len(judgment.steps) else ""
-    typer.echo(f"{pair.id or '-'}: verdict {verdict}{label}{mark}{cached}")
+    lines.append(f"{pair.id or '-'}: verdict {verdict}{label}{mark}{cached}")
     for note in judgment.notes:
-        typer.echo(f"    note: {note}")
+        lines.append(f"    note: {note}")
     if show_analyses:
         for a in judgment.analyses:
             order = "B,A" if a.swapped else "A,B"
             prob = f" p={a.probability:.2f}" if a.probability is not None else ""
             text = a.text.replace("\n", " ")[:160] if a.parsed else (a.error or "")[:160]
-            typer.echo(f"    [{order}] -> {a.preference or 'unparsed'}{prob}: {text}")
+            lines.append(f"    [{order}] -> {a.preference or 'unparsed'}{prob}: {text}")
         for r in judgment.reflections:
             choice = f"analysis {r.more_reliable + 1}" if r.more_reliable is not None else "unparsed"
             text = r.text.replace("\n", " ")[:120] if r.parsed else (r.error or "")[:120]
-            typer.echo(f"    reflect({r.first + 1} vs {r.second + 1}) -> {choice}: {text}")
+            lines.append(f"    reflect({r.first + 1} vs {r.second + 1}) -> {choice}: {text}")
         for g in judgment.ratings:
             score = f" (expected {g.score:.2f})" if g.score is not None else ""
-            typer.echo(f"    rate {g.response} -> {g.rating if g.parsed else g.error}{score}")
+            lines.append(f"    rate {g.response} -> {g.rating if g.parsed else g.error}{score}")
+    return lines
 
 
 def print_summary(summary: JudgingSummary, bad_lines: int, wall_s: float) -> None:
@@ -98,34 +104,50 @@ def judge(
             pairs = [Pair(prompt=prompt, response_a=a, response_b=b, id="cli")]
         else:
             path = sample_path() if sample else file
-            pairs, bad = read_pairs(path)
+            if path.is_file():  # read as judged, not held: memory stays flat however long the file
+                pairs = PairFile(path, limit)
+                bad = pairs.bad_lines
+            else:  # a pipe, or what is not there (read_pairs says what is wrong)
+                pairs, bad = read_pairs(path)
+                pairs = pairs[:limit] if limit is not None else pairs
         program = load_program(load) if load else named_program(program_name)
     except InvalidPair as exc:
         fail(f"invalid pair: {exc}", 2)
     except ReflectAgentError as exc:  # a program name or program file to fix: a usage error
         fail(str(exc), 2)
     warn_skipped(bad)
-    pairs = pairs[:limit] if limit is not None else pairs
-    warn_duplicates(pairs)
+    warn_duplicates(pairs.ids if isinstance(pairs, PairFile) else [pair.id for pair in pairs])
     if not pairs:
         fail("no valid pairs to judge" + (f": every line was skipped ({len(bad)}, above)" if bad else
                                           f": {file} holds no pairs (it is empty or blank)" if file and limit is None else ""), 2)
 
     settings = load_settings(config)
     lm = resolve_backend(backend_name, settings)
-    started = time.perf_counter()
-    with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm):
-        judgments = judge_pairs(program, pairs, concurrency=concurrency, progress=sys.stderr.isatty())
+    started, tally = time.perf_counter(), JudgingTally()
+    with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm), \
+            (open(output, "w", encoding="utf-8") if output else nullcontext()) as handle:
+        run_sync(_judge_and_print(program, pairs, concurrency, tally, handle, show_analyses=not quiet))
     wall = time.perf_counter() - started
 
-    for pair, judgment in zip(pairs, judgments):
-        print_judgment(pair, judgment, show_analyses=not quiet)
-    if output:
-        with open(output, "w", encoding="utf-8") as handle:
-            for pair, judgment in zip(pairs, judgments):
-                handle.write(json.dumps({"pair": pair.to_dict(), "judgment": judgment.to_dict()}, ensure_ascii=False) + "\n")
     typer.echo("")
     typer.echo(f"program: {type(program).__name__} {program.options}")
     where = lm.api_base or ("no server needed: every step came from the cache" if lm.backend.start else "provider default")
     typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {where})")
-    print_summary(summarize_judgments(pairs, judgments), len(bad), wall)
+    print_summary(tally.summary(), len(bad), wall)
+
+
+async def _judge_and_print(program, pairs: list[Pair] | PairFile, concurrency: int, tally: JudgingTally, output, show_analyses: bool) -> None:
+    """Each judgment printed, written and counted as it comes (in input order) and then let go, so a run of
+    any size holds only the pairs in flight."""
+    progress = sys.stderr.isatty()
+    with tqdm(total=len(pairs), desc=type(program).__name__, unit="pair", disable=not progress) as bar:
+        async for pair, judgment in judge_in_order(program, pairs, concurrency=concurrency):
+            for line in judgment_lines(pair, judgment, show_analyses):
+                if progress:
+                    bar.write(line, file=sys.stdout)  # above the bar, which stays at the bottom
+                else:
+                    typer.echo(line)
+            if output:
+                output.write(json.dumps({"pair": pair.to_dict(), "judgment": judgment.to_dict()}, ensure_ascii=False) + "\n")
+            tally.add(pair, judgment)
+            bar.update()

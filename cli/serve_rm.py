@@ -13,13 +13,13 @@ over ``max_body_bytes`` are refused.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hmac
+import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TypeVar
 
 import typer
 from fastapi import FastAPI, HTTPException, Request
@@ -32,6 +32,10 @@ from reflectagent.config import load_settings
 from reflectagent.pairs import InvalidPair, Pair
 from reflectagent.rl.adapters import RewardInputError, openrlhf_batch
 from reflectagent.rl.rewards import Rewarder
+
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RewardRequest(BaseModel):
@@ -59,20 +63,21 @@ ROUTES = ("/get_reward", "/v1/judge", "/v1/rank", "/health", "/metrics")  # metr
 
 
 class Gate:
-    """At most ``running`` judging at once (each on its own thread of a pool of that size) and ``waiting``
-    more; the rest are turned away at once. A place is given back when its work has really finished,
-    not when its request timed out, so timed-out work cannot pile up beyond the bound."""
+    """At most ``running`` requests judging at once on the event loop and ``waiting`` more; the rest are
+    turned away at once. A place is given back when its work has really finished, not when its request
+    timed out or its client went away, so work left running cannot pile up beyond the bound."""
 
     def __init__(self, running: int, waiting: int):
-        self.pool = ThreadPoolExecutor(max_workers=running, thread_name_prefix="reflectagent-rm")
         self.semaphore, self.capacity, self.held = asyncio.Semaphore(running), running + waiting, 0
 
-    def release(self) -> None:
+    def _release(self, task: asyncio.Task) -> None:
         self.semaphore.release()
         self.held -= 1
+        if not task.cancelled() and task.exception() is not None:  # retrieved here: its request may be gone
+            logger.debug("judging for a request that was not waiting failed: %r", task.exception())
 
-    async def run(self, fn, timeout_s: float):
-        """``fn()`` on the pool within ``timeout_s`` (TimeoutError after it; the work goes on and keeps its place)."""
+    async def run(self, work: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+        """``await work()`` within ``timeout_s`` (TimeoutError after it; the work goes on and keeps its place)."""
         if self.held >= self.capacity:
             raise Busy()
         self.held += 1
@@ -81,15 +86,9 @@ class Gate:
         except BaseException:  # cancelled while waiting: the place was never taken
             self.held -= 1
             raise
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.pool, contextvars.copy_context().run, fn)
-        try:
-            result = await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except BaseException:
-            future.add_done_callback(lambda _: self.release())
-            raise
-        self.release()
-        return result
+        task = asyncio.ensure_future(work())
+        task.add_done_callback(self._release)
+        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
 
 
 def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int = 64, timeout_s: float = 170,
@@ -150,7 +149,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
             batch = openrlhf_batch(body.query, body.prompts, body.labels)
         except RewardInputError as exc:
             raise HTTPException(400, str(exc)) from None
-        results = await judged(rewarder.rewards, *batch)
+        results = await judged(rewarder.arewards, *batch)
         account(sum(r.usage.lm_calls for r in results), sum(r.cache_hits for r in results), sum(not r.verdict for r in results))
         return {"rewards": [r.reward for r in results], "scores": [r.score for r in results],
                 "extra_logs": {"no_verdict": [0 if r.verdict else 1 for r in results],
@@ -163,7 +162,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         except InvalidPair as exc:
             raise HTTPException(400, str(exc)) from None
 
-        judgment = await judged(rewarder.judge_pair, pair)
+        judgment = await judged(rewarder.ajudge_pair, pair)
         account(judgment.lm_calls, judgment.cache_hits, judgment.preference is None)
         cost = judgment.cost
         return {"preference": judgment.preference, "probability_a": judgment.probability_a, "reason": judgment.reason,
@@ -182,7 +181,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         if not body.prompt.strip():
             raise HTTPException(400, "the prompt is empty: there is nothing to judge the responses against")
 
-        ranking = await judged(rewarder.rank, body.prompt, body.responses)
+        ranking = await judged(rewarder.arank, body.prompt, body.responses)
         undecided = sum(c.judgment.preference is None for c in ranking.comparisons)
         account(ranking.usage.lm_calls, sum(c.judgment.cache_hits for c in ranking.comparisons), undecided)
         ranks = [0] * len(body.responses)

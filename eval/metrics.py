@@ -234,19 +234,40 @@ class JudgingSummary:
         return self.correct / self.labelled if self.labelled else None
 
 
+class JudgingTally:
+    """A :class:`JudgingSummary` counted as judgments arrive, holding none of them: a run of any size
+    summarised in constant memory."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.no_verdict: Counter = Counter()
+        self.usage = Usage()
+
+    def add(self, pair, judgment: Judgment) -> None:
+        c = self.counts
+        c["judged"] += 1
+        if judgment.preference is None:
+            self.no_verdict[judgment.reason or ""] += 1
+        if pair.label in ("A", "B"):
+            c["labelled"] += 1
+            c["correct"] += judgment.preference == pair.label
+        c["steps"] += len(judgment.steps)
+        c["unparsed_steps"] += sum(not s.parsed for s in judgment.steps)
+        c["cached_steps"] += judgment.cache_hits
+        c["cached_judgments"] += bool(judgment.steps) and judgment.cache_hits == len(judgment.steps)
+        self.usage += judgment.usage
+
+    def summary(self) -> JudgingSummary:
+        c = self.counts
+        return JudgingSummary(
+            judged=c["judged"], no_verdict=dict(self.no_verdict.most_common()), labelled=c["labelled"],
+            correct=c["correct"], steps=c["steps"], unparsed_steps=c["unparsed_steps"], lm_calls=self.usage.lm_calls,
+            cached_steps=c["cached_steps"], cached_judgments=c["cached_judgments"],
+            prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens)
+
+
 def summarize_judgments(pairs: list, judgments: list[Judgment]) -> JudgingSummary:
-    labelled = [(p, j) for p, j in zip(pairs, judgments, strict=True) if p.label in ("A", "B")]
-    usage = sum((j.usage for j in judgments), Usage())
-    return JudgingSummary(
-        judged=len(judgments),
-        no_verdict=dict(Counter(j.reason or "" for j in judgments if j.preference is None).most_common()),
-        labelled=len(labelled),
-        correct=sum(j.preference == p.label for p, j in labelled),
-        steps=sum(len(j.steps) for j in judgments),
-        unparsed_steps=sum(1 for j in judgments for s in j.steps if not s.parsed),
-        lm_calls=usage.lm_calls,
-        cached_steps=sum(j.cache_hits for j in judgments),
-        cached_judgments=sum(1 for j in judgments if j.steps and j.cache_hits == len(j.steps)),
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-    )
+    tally = JudgingTally()
+    for pair, judgment in zip(pairs, judgments, strict=True):
+        tally.add(pair, judgment)
+    return tally.summary()

@@ -98,12 +98,38 @@ def sft_arguments(config: SFTJobConfig, evaluate: bool) -> tuple[SFTConfig, Lora
     return args, lora_config(config, "CAUSAL_LM")
 
 
+def sft_trainer(**kwargs):
+    """TRL's SFTTrainer; off CUDA and XPU, its loss is transformers' own (one LM-head product, kept for backward).
+
+    TRL computes the loss through a fused, chunked LM head: on GPUs with Triton it scores only the target
+    positions and saves the memory of the full logits. Elsewhere it scores every position through a loop of
+    torch ops that also folds entropy and top-1 for its logged metrics, and its backward recomputes every tile
+    of the head. On a CPU that costs a quarter of each step (``bench/lora_throughput.py``: 0.74x a bare loop
+    on the same batches). Without it the run logs no ``entropy``, ``mean_token_accuracy`` or ``num_tokens``;
+    the loss is the same cross-entropy on the same target tokens.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class SFTTrainerPlainHeadOffGPU(SFTTrainer):
+        # transformers decides the loss's scaling for gradient accumulation from the model, on either path
+        # (same train_loss to 4 digits over 7 steps of 4 micro-batches: bench/results/lora-throughput*.json)
+        loss_is_scaled_for_ga = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if inputs["input_ids"].device.type in ("cuda", "xpu"):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return SFTTrainerPlainHeadOffGPU(**kwargs)
+
+
 def train_sft(config: SFTJobConfig) -> Path:
     """Train a LoRA adapter; return the adapter folder (servable with ``reflectagent serve --lora``)."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
-    from trl import SFTTrainer
 
     base, out, tokenizer = start_run(config)
     data = datasets.load_from_disk(config.data)
@@ -111,7 +137,7 @@ def train_sft(config: SFTJobConfig) -> Path:
     dev = drop_too_long(data["dev"], tokenizer, config.max_length)[0] if "dev" in data else None
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     args, peft_config = sft_arguments(config, evaluate=dev is not None and len(dev) > 0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev if args.eval_strategy != "no" else None,
+    trainer = sft_trainer(model=model, args=args, train_dataset=train, eval_dataset=dev if args.eval_strategy != "no" else None,
                          processing_class=tokenizer, peft_config=peft_config)
     started = time.perf_counter()
     resume_from = _latest_checkpoint(out) if config.resume else None

@@ -16,7 +16,7 @@ from reflectagent.programs.compose import Cascade, Ensemble
 from reflectagent.programs.genrm import GenRM
 from reflectagent.programs.peer import MTBenchJudge
 from reflectagent.programs.pointwise import PointwiseJudge
-from reflectagent.programs.ranking import Ranking, best_of_n, bradley_terry, rank
+from reflectagent.programs.ranking import Ranking, arank, best_of_n, bradley_terry, rank
 from reflectagent.programs.reflectrm import AdaptiveReflectRM, ReflectRM
 
 PROGRAMS: dict[str, type[Judge]] = {
@@ -70,5 +70,5 @@ def load_program(path: str | Path) -> Judge:
 
 __all__ = [
     "AdaptiveReflectRM", "Cascade", "Ensemble", "GenRM", "MTBenchJudge", "PointwiseJudge", "PositionSwapJudge", "Ranking", "ReflectRM",
-    "best_of_n", "bradley_terry", "load_program", "named_program", "program_class", "rank",
+    "arank", "best_of_n", "bradley_terry", "load_program", "named_program", "program_class", "rank",
 ]

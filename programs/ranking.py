@@ -20,6 +20,8 @@ from reflectagent.judge import Judge
 from reflectagent.pairs import Pair
 from reflectagent.results import Judgment, Usage
 
+Method = Literal["round_robin", "tournament"]
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -73,22 +75,18 @@ def bradley_terry(n: int, comparisons: list[tuple[int, int, float]], prior: floa
     return [math.log(s) for s in strength]
 
 
-def _judge_all(judge: Judge, prompt: str, matches: list[tuple[int, int]], responses: list[str], concurrency: int) -> list[Comparison]:
-    gate = asyncio.Semaphore(concurrency)
-
+async def _judge_matches(judge: Judge, prompt: str, matches: list[tuple[int, int]], responses: list[str],
+                         gate: asyncio.Semaphore) -> list[Comparison]:
     async def one(i: int, j: int) -> Judgment:
         async with gate:
             return await judge.ajudge(Pair(prompt=prompt, response_a=responses[i], response_b=responses[j]))
 
-    async def every() -> list[Judgment]:
-        tasks = [asyncio.ensure_future(one(i, j)) for i, j in matches]
-        try:
-            return list(await asyncio.gather(*tasks))
-        finally:  # the first error ends the ranking: the comparisons still running end with it
-            for task in tasks:
-                task.cancel()
-
-    judgments = run_sync(every())
+    tasks = [asyncio.ensure_future(one(i, j)) for i, j in matches]
+    try:
+        judgments = await asyncio.gather(*tasks)
+    finally:  # the first error ends the ranking: the comparisons still running end with it
+        for task in tasks:
+            task.cancel()
     return [Comparison(i, j, judgment) for (i, j), judgment in zip(matches, judgments)]
 
 
@@ -104,14 +102,22 @@ def _scores(n: int, comparisons: list[Comparison]) -> tuple[tuple[float, ...], t
     return win_rate, strength
 
 
-def rank(judge: Judge, prompt: str, responses: list[str], method: Literal["round_robin", "tournament"] = "round_robin",
+def rank(judge: Judge, prompt: str, responses: list[str], method: Method = "round_robin",
          concurrency: int = 8, seed: int = 0) -> Ranking:
     """Rank ``responses`` to ``prompt`` with ``judge`` (each comparison uses the judge's own order handling)."""
+    return run_sync(arank(judge, prompt, responses, method, concurrency, seed))
+
+
+async def arank(judge: Judge, prompt: str, responses: list[str], method: Method = "round_robin",
+                concurrency: int = 8, seed: int = 0, *, gate: asyncio.Semaphore | None = None) -> Ranking:
+    """:func:`rank`, async. ``gate`` (instead of ``concurrency``) shares one limit with other work, such as
+    the other groups of a batch of rewards."""
+    gate = gate or asyncio.Semaphore(concurrency)
     n = len(responses)
     if n < 2:
         raise ValueError("ranking needs at least two responses")
     if method == "round_robin":
-        comparisons = _judge_all(judge, prompt, [(i, j) for i in range(n) for j in range(i + 1, n)], responses, concurrency)
+        comparisons = await _judge_matches(judge, prompt, [(i, j) for i in range(n) for j in range(i + 1, n)], responses, gate)
         win_rate, strength = _scores(n, comparisons)
         order = sorted(range(n), key=lambda i: (-strength[i], -win_rate[i], i))
         return Ranking(tuple(order), win_rate, strength, tuple(comparisons), method)
@@ -121,7 +127,7 @@ def rank(judge: Judge, prompt: str, responses: list[str], method: Literal["round
     alive, eliminated, comparisons = list(range(n)), [], []
     while len(alive) > 1:
         matches = [(alive[k], alive[k + 1]) for k in range(0, len(alive) - 1, 2)]
-        played = _judge_all(judge, prompt, matches, responses, concurrency)
+        played = await _judge_matches(judge, prompt, matches, responses, gate)
         comparisons += played
         winners, losers = [], []
         for c in played:
@@ -135,7 +141,7 @@ def rank(judge: Judge, prompt: str, responses: list[str], method: Literal["round
     return Ranking(tuple(order), win_rate, strength, tuple(comparisons), method)
 
 
-def best_of_n(judge: Judge, prompt: str, responses: list[str], method: Literal["round_robin", "tournament"] = "tournament",
+def best_of_n(judge: Judge, prompt: str, responses: list[str], method: Method = "tournament",
               **kwargs) -> int:
     """The index of the best response (a tournament by default: N-1 comparisons)."""
     return rank(judge, prompt, responses, method=method, **kwargs).best

@@ -13,12 +13,10 @@ import concurrent.futures
 import contextvars
 import os
 import threading
-from collections.abc import Awaitable
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 
@@ -95,19 +93,3 @@ def run_all(tasks: list[Callable[[], R]], max_workers: int | None = None) -> lis
     with ThreadPoolExecutor(max_workers=max_workers or len(tasks)) as pool:
         futures = [pool.submit(contextvars.copy_context().run, task) for task in tasks]
         return [future.result() for future in futures]
-
-
-def map_unordered(fn: Callable[[T], R], items: Iterable[T], max_workers: int) -> Iterator[tuple[T, R | BaseException]]:
-    """Yield ``(item, result or exception)`` as each finishes, so a caller can save progress.
-
-    Closing the generator early (a caller that stops on a dead backend) cancels the tasks
-    not yet started instead of running them all.
-    """
-    pool = ThreadPoolExecutor(max_workers=max_workers)
-    try:
-        futures = {pool.submit(contextvars.copy_context().run, fn, item): item for item in items}
-        for future in as_completed(futures):
-            error = future.exception()
-            yield futures[future], (error if error is not None else future.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

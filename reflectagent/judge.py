@@ -16,7 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sized
 from typing import Literal
 
 import dspy
@@ -222,7 +223,10 @@ class RunInterrupted(ReflectAgentError, RuntimeError):
 
 
 def judge_pairs(judge: Judge, pairs: list[Pair], *, concurrency: int = 8, progress: bool = True) -> list[Judgment]:
-    """Judge many pairs concurrently, in input order, with a progress bar (:func:`ajudge_pairs`, run)."""
+    """Judge many pairs concurrently, in input order, with a progress bar (:func:`ajudge_pairs`, run).
+
+    A run keeps no DSPy trace, even inside ``dspy.context(trace=[])``: to collect demos, call the program
+    itself, as DSPy's optimisers do."""
     return run_sync(ajudge_pairs(judge, pairs, concurrency=concurrency, progress=progress))
 
 
@@ -230,6 +234,46 @@ async def ajudge_pairs(judge: Judge, pairs: list[Pair], *, concurrency: int = 8,
     """Judge many pairs on one event loop, ``concurrency`` at a time, in input order."""
     jobs = [(lambda p=pair: judge.ajudge(p)) for pair in pairs]
     return await judge_all(jobs, concurrency=concurrency, progress=progress, desc=type(judge).__name__, unit="pair")
+
+
+def _untraced():
+    """No DSPy trace inside a run: its judgments are its record, and a trace of every call (for optimisers,
+    which open their own) costs CPU and holds up to ``max_trace_size`` calls' inputs in memory."""
+    return dspy.context(trace=None)
+
+
+async def judge_in_order(judge: Judge, pairs: Iterable[Pair], *, concurrency: int = 8,
+                         window: int | None = None) -> AsyncIterator[tuple[Pair, Judgment]]:
+    """Yield ``(pair, judgment)`` in input order as soon as each is ready, ``concurrency`` judging at once and
+    at most ``window`` (default 4x that) started or waiting to be yielded: a run of any length holds only
+    the window, so its memory stays flat. The first error stops the rest (:class:`RunInterrupted`)."""
+    gate, window = asyncio.Semaphore(concurrency), window or 4 * concurrency
+    total = len(pairs) if isinstance(pairs, Sized) else None
+    started: deque[tuple[Pair, asyncio.Task]] = deque()
+    remaining, done = iter(pairs), 0
+
+    async def one(pair: Pair) -> Judgment:
+        async with gate:
+            with _untraced():
+                return await judge.ajudge(pair)
+
+    try:
+        while True:
+            while len(started) < window and (pair := next(remaining, None)) is not None:
+                started.append((pair, asyncio.ensure_future(one(pair))))
+            if not started:
+                return
+            pair, task = started.popleft()
+            try:
+                judgment = await task
+            except Exception as exc:
+                raise RunInterrupted(done, total if total is not None else done + 1 + len(started), exc) from exc
+            done += 1
+            yield pair, judgment
+    finally:
+        for _, task in started:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in started), return_exceptions=True)
 
 
 async def judge_all(jobs: list[Callable[[], Awaitable[Judgment]]], *, concurrency: int, progress: bool, desc: str,
@@ -241,7 +285,8 @@ async def judge_all(jobs: list[Callable[[], Awaitable[Judgment]]], *, concurrenc
 
     async def one(index: int) -> None:
         async with gate:
-            results[index] = await jobs[index]()
+            with _untraced():
+                results[index] = await jobs[index]()
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(jobs))]
     with tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress) as bar:

@@ -13,7 +13,7 @@ import gzip
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -102,12 +102,12 @@ def parse_pair(row: object) -> Pair:
     return Pair(**values)
 
 
-def duplicate_ids(pairs: list[Pair]) -> dict[str, int]:
-    """Ids given to more than one pair, with their counts: each such pair is still judged."""
+def duplicate_ids(ids: Iterable[str | None]) -> dict[str, int]:
+    """Ids given to more than one pair (``pair.id`` of each), with their counts: each such pair is still judged."""
     counts: dict[str, int] = {}
-    for pair in pairs:
-        if pair.id is not None:
-            counts[pair.id] = counts.get(pair.id, 0) + 1
+    for key in ids:
+        if key is not None:
+            counts[key] = counts.get(key, 0) + 1
     return {key: n for key, n in counts.items() if n > 1}
 
 
@@ -200,6 +200,38 @@ def _decode(path: Path, number: int, raw: bytes) -> tuple[object, BadLine | None
                                                 "(from Latin-1: iconv -f latin1 -t utf-8)")
     except json.JSONDecodeError as exc:
         return None, BadLine(str(path), number, f"not JSON: {exc.msg} at column {exc.colno}")
+
+
+class PairFile:
+    """The valid pairs of a file on disk, read again each time they are iterated rather than held, so a run
+    of any length holds only the pairs in flight. Made by reading the file once: its bad lines are reported
+    before any judging, its pairs counted (``len``) and their ids kept, so a file that changes while it is
+    judged is an error instead of other pairs judged under the same run. A pipe can be read only once: use
+    :func:`read_pairs` for one.
+    """
+
+    def __init__(self, path: str | Path, limit: int | None = None):
+        self.path, self.bad_lines = Path(path), []
+        # the whole file is read, so every bad line is reported; a pair's hash, so the whole pair (not only
+        # its id) must read the same when judged
+        ids, fingerprints = [], []
+        for pair in iter_pairs(self.path, self.bad_lines):
+            ids.append(pair.id)
+            fingerprints.append(hash(pair))
+        self.ids, self._fingerprints = ids[:limit], fingerprints[:limit]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[Pair]:
+        again = iter_pairs(self.path, [])  # its bad lines were reported by the first reading
+        for number, expected in enumerate(self._fingerprints, start=1):
+            pair = next(again, None)
+            if pair is None or hash(pair) != expected:
+                raise PairFileError(f"{self.path} changed while it was being judged (its pair {number} is not the one "
+                                    "read at the start): judge a copy that nothing writes to, then run again "
+                                    "(with the cache on, finished judgments are reused)")
+            yield pair
 
 
 def read_pairs(path: str | Path) -> tuple[list[Pair], list[BadLine]]:

@@ -119,6 +119,9 @@ def server_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # One engine step (a batch's prefill) on a small, busy CPU can pass vLLM's 300 s limit; the engine
+        # then dies ("RPC call to execute_model timed out", EngineDeadError: seen here under load).
+        env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")
     return env
 
 

@@ -255,9 +255,12 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
 
 
 def _reused(hit: StepOutput, predict: dspy.Predict, inputs: dict[str, str]) -> StepOutput:
-    if hit.parsed and dspy.settings.trace is not None:
-        # Optimisers collect demos from traces: a cached step must leave one like a live call.
-        dspy.settings.trace.append((predict, dict(inputs), dspy.Prediction(**hit.fields)))
+    trace = dspy.settings.trace
+    if hit.parsed and trace is not None and dspy.settings.max_trace_size > 0:
+        # Optimisers collect demos from traces: a cached step must leave one like a live call, bounded like one.
+        if len(trace) >= dspy.settings.max_trace_size:
+            trace.pop(0)
+        trace.append((predict, dict(inputs), dspy.Prediction(**hit.fields)))
     return hit
 
 

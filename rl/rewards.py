@@ -22,12 +22,12 @@ from typing import Literal
 import dspy
 
 from reflectagent.backends import resolve_backend
-from reflectagent.concurrency import run_all
+from reflectagent.concurrency import run_sync
 from reflectagent.config import Settings
 from reflectagent.judge import Judge
 from reflectagent.pairs import InvalidPair, Pair
 from reflectagent.programs import named_program
-from reflectagent.programs.ranking import Ranking, rank
+from reflectagent.programs.ranking import Ranking, arank
 from reflectagent.results import Judgment, Usage
 
 NO_VERDICT_REWARD = 0.5  # neither better nor worse on a [0, 1] scale: the documented default, always flagged
@@ -70,23 +70,41 @@ class Rewarder:
         return type(self.judge).__name__
 
     def judge_pair(self, pair: Pair) -> Judgment:
-        with dspy.context(lm=self.lm):
-            return self.judge.judge(pair)
+        return run_sync(self.ajudge_pair(pair))
+
+    async def ajudge_pair(self, pair: Pair, gate: asyncio.Semaphore | None = None) -> Judgment:
+        with dspy.context(lm=self.lm, trace=None):  # rewards feed no optimiser: keep no trace of every call
+            if gate is None:
+                return await self.judge.ajudge(pair)
+            async with gate:
+                return await self.judge.ajudge(pair)
 
     def rank(self, prompt: str, responses: list[str]) -> Ranking:
         """Every two responses judged (round robin) on this rewarder's judge and backend."""
-        with dspy.context(lm=self.lm):
-            return rank(self.judge, prompt, responses, concurrency=self.concurrency)
+        return run_sync(self.arank(prompt, responses))
+
+    async def arank(self, prompt: str, responses: list[str], gate: asyncio.Semaphore | None = None) -> Ranking:
+        with dspy.context(lm=self.lm, trace=None):
+            return await arank(self.judge, prompt, responses, concurrency=self.concurrency, gate=gate)
+
+    def _check_group_size(self, n: int) -> None:
+        if n > self.max_group:
+            raise ValueError(f"a group of {n} responses to one prompt is over max_group ({self.max_group}): "
+                             f"it would take {n * (n - 1) // 2} judgments; send smaller groups")
 
     def _no_verdict(self, reason: str, usage: Usage = Usage(), hits: int = 0) -> Reward:
         return Reward(self.no_verdict_reward, NO_VERDICT_REWARD, False, reason, usage, hits)
 
     def against_reference(self, prompt: str, response: str, reference: str) -> Reward:
+        return run_sync(self.aagainst_reference(prompt, response, reference))
+
+    async def aagainst_reference(self, prompt: str, response: str, reference: str,
+                                 gate: asyncio.Semaphore | None = None) -> Reward:
         try:
             pair = Pair(prompt=prompt, response_a=response, response_b=reference)
         except InvalidPair as exc:
             return self._no_verdict(f"cannot be judged: {exc}")
-        judgment = self.judge_pair(pair)
+        judgment = await self.ajudge_pair(pair, gate)
         usage, hits = _cost([judgment])
         if judgment.probability_a is not None:
             return Reward(judgment.probability_a, judgment.probability_a, True, judgment.reason, usage, hits)
@@ -97,13 +115,14 @@ class Rewarder:
 
     def group(self, prompt: str, responses: list[str]) -> list[Reward]:
         """Each response against the others (round robin); a group of one has nothing to be compared with."""
-        if len(responses) > self.max_group:
-            raise ValueError(f"a group of {len(responses)} responses to one prompt is over max_group ({self.max_group}): "
-                             f"it would take {len(responses) * (len(responses) - 1) // 2} judgments; send smaller groups")
+        return run_sync(self.agroup(prompt, responses))
+
+    async def agroup(self, prompt: str, responses: list[str], gate: asyncio.Semaphore | None = None) -> list[Reward]:
+        self._check_group_size(len(responses))
         if len(responses) < 2:
             return [self._no_verdict("alone in its group")] * len(responses)
         try:
-            ranking = self.rank(prompt, responses)
+            ranking = await self.arank(prompt, responses, gate)
         except InvalidPair as exc:  # an empty prompt, or two empty responses: nothing to compare
             return [self._no_verdict(f"cannot be judged: {exc}")] * len(responses)
         rewards = []
@@ -120,11 +139,15 @@ class Rewarder:
 
     def rewards(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None) -> list[Reward]:
         """One reward per response: against its reference where it has one, else within its prompt's group."""
+        return run_sync(self.arewards(prompts, responses, references))
+
+    async def arewards(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None) -> list[Reward]:
+        """:meth:`rewards` on the running event loop: every comparison of the batch (against references and
+        within groups) shares one limit of ``concurrency`` judgments at once."""
         if len(prompts) != len(responses) or (references is not None and len(references) != len(responses)):
             raise ValueError(f"prompts ({len(prompts)}), responses ({len(responses)}) and references "
                              f"({len(references) if references is not None else 'none'}) must have the same length")
         references = references or [None] * len(responses)
-        result: list[Reward | None] = [None] * len(responses)
         groups: dict[str, list[int]] = defaultdict(list)
         pairwise = []
         for i, (prompt, reference) in enumerate(zip(prompts, references)):
@@ -132,13 +155,24 @@ class Rewarder:
                 pairwise.append(i)
             else:
                 groups[prompt].append(i)
-        jobs = [(lambda i=i: [(i, self.against_reference(prompts[i], responses[i], references[i]))]) for i in pairwise]
-        jobs += [(lambda p=p, members=members: list(zip(members, self.group(p, [responses[i] for i in members]))))
-                 for p, members in groups.items()]
-        for done in run_all(jobs, max_workers=self.concurrency):
-            for i, reward in done:
-                result[i] = reward
-        return result  # type: ignore[return-value]
+        for members in groups.values():  # refused before any judging starts
+            self._check_group_size(len(members))
+        gate = asyncio.Semaphore(self.concurrency)
 
-    async def arewards(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None) -> list[Reward]:
-        return await asyncio.to_thread(self.rewards, prompts, responses, references)
+        async def one(i: int) -> list[tuple[int, Reward]]:
+            return [(i, await self.aagainst_reference(prompts[i], responses[i], references[i], gate))]
+
+        async def group(prompt: str, members: list[int]) -> list[tuple[int, Reward]]:
+            return list(zip(members, await self.agroup(prompt, [responses[i] for i in members], gate)))
+
+        tasks = [asyncio.ensure_future(one(i)) for i in pairwise]
+        tasks += [asyncio.ensure_future(group(p, members)) for p, members in groups.items()]
+        result: list[Reward | None] = [None] * len(responses)
+        try:
+            for done in await asyncio.gather(*tasks):
+                for i, reward in done:
+                    result[i] = reward
+        finally:  # the first error ends the batch: the judgments still running end with it
+            for task in tasks:
+                task.cancel()
+        return result  # type: ignore[return-value]

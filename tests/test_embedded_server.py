@@ -121,21 +121,26 @@ def test_a_server_dying_mid_run_loses_nothing_and_the_rerun_resumes(server, mode
     doomed = VLLMServer(ServerSpec(model_dir=str(model_dir), served_name="embedded"), log_path=tmp_path / "doomed.log")
     doomed.start()
     monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", doomed.url)
-    conf = Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000, num_retries=0, timeout_s=30)})
+    conf = Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000, num_retries=0, timeout_s=600)})
+
+    run_ended = threading.Event()
 
     def kill_after_two_judgments():
-        while len(store) < 4:
+        while len(store) < 4 and not run_ended.is_set():
             time.sleep(0.05)
         doomed.stop(grace_s=0)
 
     killer = threading.Thread(target=kill_after_two_judgments)
     killer.start()
-    with use_cache(store), backend("embedded", conf):
-        with pytest.raises(RunInterrupted, match="run the same command again to resume"):
-            judge_pairs(PositionSwapJudge(), pairs, concurrency=1, progress=False)
-    killer.join()
+    try:
+        with use_cache(store), backend("embedded", conf):
+            with pytest.raises(RunInterrupted, match="run the same command again to resume") as stopped:
+                judge_pairs(PositionSwapJudge(), pairs, concurrency=1, progress=False)
+    finally:
+        run_ended.set()
+        killer.join()
     saved = len(store)
-    assert 4 <= saved < 12
+    assert 4 <= saved < 12, f"stopped after {saved} cached steps by {stopped.value.__cause__!r}"
 
     monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", server.url)  # the same model, served again elsewhere
     with use_cache(store), backend("embedded", conf):

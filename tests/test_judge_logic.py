@@ -97,6 +97,18 @@ def test_cache_serves_repeats_and_misses_on_changed_instructions(cache):
     assert len(cache) == 5
 
 
+def test_cached_steps_leave_a_trace_for_optimisers_bounded_like_live_ones(cache):
+    with dspy.context(lm=content_judge()):
+        PositionSwapJudge().judge(PAIR)  # both steps made and cached
+        with dspy.context(trace=[], max_trace_size=3):
+            for _ in range(3):
+                PositionSwapJudge().judge(PAIR)  # six cached steps
+            kept = list(dspy.settings.trace)
+        with dspy.context(trace=None):
+            assert PositionSwapJudge().judge(PAIR).cache_hits == 2  # no trace kept, nothing fails
+    assert len(kept) == 3 and all(isinstance(entry[2], dspy.Prediction) for entry in kept)
+
+
 def test_reflector_names_an_analysis_by_index(cache):
     lm = DummyLM({"": {"reflection": "the second checks the facts", "more_reliable": "2"}}, adapter=JudgeAdapter())
     analyses = (
@@ -144,3 +156,51 @@ def test_concurrent_identical_steps_make_one_call(cache):
         analyses = run_all([lambda: Analyzer()(PAIR) for _ in range(6)])
     assert len(lm.history) == 1  # one request; the other five waited and read the cache
     assert sum(not a.cached for a in analyses) == 1 and len({a.text for a in analyses}) == 1
+
+
+class CountingJudge(PositionSwapJudge):
+    """Async, model-free: A wins unless response_a says "fail" (then an error); counts judgments started."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = 0
+
+    async def adecide(self, pair: Pair) -> Judgment:
+        import asyncio
+
+        self.started += 1
+        await asyncio.sleep(0.001 * (int(pair.id) % 3))  # finish out of order
+        if pair.response_a == "fail":
+            raise ValueError("a bug in this judge")
+        return Judgment(preference="A")
+
+
+def test_judgments_stream_in_input_order_and_only_a_window_is_started():
+    import asyncio
+
+    from reflectagent.judge import RunInterrupted, judge_in_order
+
+    pairs = [Pair(prompt="q", response_a=f"a{i}", response_b="b", id=str(i)) for i in range(50)]
+    judge = CountingJudge()
+
+    async def first_five():
+        seen = []
+        async for pair, judgment in judge_in_order(judge, pairs, concurrency=2, window=6):
+            seen.append((pair.id, judgment.preference))
+            if len(seen) == 5:
+                return seen
+
+    assert asyncio.run(first_five()) == [(str(i), "A") for i in range(5)]
+    assert judge.started <= 5 + 6  # the consumer stopped at 5: no more than a window beyond it was ever started
+
+    async def every():
+        return [pair.id async for pair, _ in judge_in_order(CountingJudge(), iter(pairs), concurrency=4)]
+
+    assert asyncio.run(every()) == [p.id for p in pairs]  # any iterable, not only lists
+    broken = pairs[:3] + [Pair(prompt="q", response_a="fail", response_b="b", id="3")] + pairs[4:]
+
+    async def until_error():
+        return [pair.id async for pair, _ in judge_in_order(CountingJudge(), broken, concurrency=4)]
+
+    with pytest.raises(RunInterrupted, match="stopped after 3 of 50 judgments: ValueError: a bug in this judge"):
+        asyncio.run(until_error())

@@ -82,7 +82,7 @@ def test_duplicate_ids_are_found():
     from reflectagent.pairs import duplicate_ids
 
     pairs = [Pair(prompt="p", response_a="a", response_b=str(i), id=key) for i, key in enumerate(["x", "y", "x", None, None])]
-    assert duplicate_ids(pairs) == {"x": 2}
+    assert duplicate_ids(pair.id for pair in pairs) == {"x": 2}
 
 
 def test_resume_advice_only_where_a_rerun_can_succeed():
@@ -118,3 +118,26 @@ def test_a_pipe_a_broken_gzip_and_a_line_separator_in_utf16(tmp_path):
     broken.write_bytes(gzip.compress((json.dumps(row) + "\n").encode() * 50)[:40])
     with pytest.raises(PairFileError, match="not a readable gzip file"):
         read_pairs(broken)
+
+
+def test_a_pair_file_is_counted_once_and_read_again_as_judged(tmp_path):
+    from reflectagent.pairs import PairFile, PairFileError, read_pairs
+
+    rows = [{"prompt": f"p{i}", "response_a": "a", "response_b": "b", "id": f"id{i}"} for i in range(5)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows[:2]) + "\nnot json\n"
+                    + "\n".join(json.dumps(row) for row in rows[2:]) + "\n")
+    streamed = PairFile(path, limit=4)
+    assert len(streamed) == 4 and streamed.ids == ["id0", "id1", "id2", "id3"]
+    assert [bad.line for bad in streamed.bad_lines] == [3]  # reported once, at the start
+    assert list(streamed) == read_pairs(path)[0][:4] == list(streamed)  # each iteration reads the file again
+
+    path.write_text("\n".join(json.dumps(row) for row in reversed(rows)) + "\n")  # rewritten while judged
+    with pytest.raises(PairFileError, match="changed while it was being judged .*pair 1 "):
+        list(streamed)
+    path.write_text(json.dumps(rows[0]) + "\n")  # cut short
+    with pytest.raises(PairFileError, match="pair 2 is not the one"):
+        list(streamed)
+    path.write_text("\n".join(json.dumps({**row, "response_b": "edited"}) for row in rows) + "\n")  # same ids
+    with pytest.raises(PairFileError, match="pair 1 is not the one"):
+        list(streamed)

@@ -64,6 +64,33 @@ def test_a_batch_mixes_references_and_groups_and_keeps_its_order():
     assert [r.reward for r in asyncio.run(rewarder.arewards(["p", "p"], ["2", "1"]))] == [1.0, 0.0]
 
 
+class InFlightJudge(Judge):
+    """Async, model-free: the higher number wins; records the most judgments in flight at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.most = 0
+
+    async def adecide(self, pair: Pair) -> Judgment:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await asyncio.sleep(0.01)
+        self.now -= 1
+        return Judgment(preference="A" if float(pair.response_a) > float(pair.response_b) else "B")
+
+
+def test_a_batch_on_the_event_loop_shares_one_limit_over_references_and_groups():
+    judge = InFlightJudge()
+    rewarder = Rewarder(judge, lm=LM, concurrency=3)
+    prompts = ["p"] * 4 + ["q"] * 4 + ["r", "s"]
+    responses = ["1", "2", "3", "4", "4", "3", "2", "1", "5", "0"]
+    references = [None] * 8 + ["4", "4"]
+    out = asyncio.run(rewarder.arewards(prompts, responses, references))  # 6 + 6 comparisons in groups, 2 against references
+    assert [r.reward for r in out] == pytest.approx([0, 1 / 3, 2 / 3, 1, 1, 2 / 3, 1 / 3, 0, 1, 0])
+    assert judge.most == 3  # all 14 at once would be 14; one at a time, 1
+    assert [r.reward for r in rewarder.rewards(prompts, responses, references)] == [r.reward for r in out]
+
+
 def test_trl_reward_takes_text_or_conversations_and_skips_no_verdict():
     reward = trl_reward(rewarder=Rewarder(ScoreJudge(), lm=LM), reference_column="answer")
     assert reward.__name__ == "reflectagent_ScoreJudge"  # the judge that gives the rewards, not a default name
