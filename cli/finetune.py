@@ -15,6 +15,7 @@ from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, wa
 from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark
+from reflectagent.splits import SPLITS, split_pairs
 
 app = typer.Typer(help="Distil judge traces into training data and fine-tune with LoRA.", no_args_is_help=True)
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -41,18 +42,27 @@ def data(
     temperature: Annotated[float, typer.Option(min=0.0, help="temperature of samples after the first")] = 0.8,
     limit: Annotated[Optional[int], typer.Option(help="at most N pairs per file")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="pairs judged at once")] = 8,
+    kind: Annotated[str, typer.Option(help="'unified' (analyses and reflections, from a teacher) or 'verdict' (the verdict alone, from the labels: no LM call)")] = "unified",
+    split: Annotated[str, typer.Option(help="all, or the train, dev or test split of each --data file (seeded, stratified by source, as `eval --split` draws it)")] = "all",
+    split_seed: Annotated[int, typer.Option(help="the seed of --split")] = 0,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):
-    """Build the unified training data: a teacher program (ReflectRM) over labelled pairs, or a file of judgments.
+    """Build training data: a teacher program (ReflectRM) over labelled pairs, a file of judgments, or (``--kind verdict``) the labels alone.
 
     More flags (DataConfig): --ratio, --rationalize, --fractions, --seed, --context_chars.
     """
-    from reflectagent.finetune import DataConfig, distil, distil_file
+    from reflectagent.finetune import DataConfig, distil, distil_file, label_data
     from reflectagent.teacher import read_teacher
 
     if (data is None) == (teacher_file is None):
         fail("give one of --data (pairs the backend judges) or --teacher-file (judgments that teach)", 2)
+    if kind not in ("unified", "verdict"):
+        fail(f"--kind is 'unified' or 'verdict', not {kind!r}", 2)
+    if split not in ("all", *SPLITS):
+        fail(f"--split is one of all, {', '.join(SPLITS)}, not {split!r}", 2)
+    if split != "all" and teacher_file is not None:
+        fail("--split draws from --data files; a teacher file is used whole (leave out what you test on when you write it)", 2)
     (data_config,) = dataclass_flags(ctx, DataConfig)
     settings = load_settings(config)
     options = dict(samples=samples, temperature=temperature, concurrency=concurrency, progress=sys.stderr.isatty())
@@ -61,8 +71,14 @@ def data(
             fail(f"no such teacher file: {teacher_file}", 2)
         judgments, bad = read_teacher(teacher_file)
         warn_skipped(bad)
-        with use_cache(open_cache(settings, cache_dir)):
-            built = distil_file(judgments[:limit], backend_name, settings, out, data_config, **options)
+        judgments = judgments[:limit]
+        if kind == "verdict":
+            card = {"labels": "the teacher's preference: the file carries no human label",
+                    "teachers": sorted({j.teacher for j in judgments})}
+            built = label_data([j.pair for j in judgments], backend_name, settings, out, data_config, card)
+        else:
+            with use_cache(open_cache(settings, cache_dir)):
+                built = distil_file(judgments, backend_name, settings, out, data_config, **options)
     else:
         pairs = []
         for name in [f for f in data.split(",") if f]:
@@ -70,10 +86,18 @@ def data(
                 fail(f"no such data file: {name}", 2)
             loaded, bad = load_benchmark(name)
             warn_skipped(bad)
-            pairs += loaded[:limit] if limit is not None else loaded
-        with use_cache(open_cache(settings, cache_dir)):
-            built = distil(pairs, backend_name, settings, out, data_config, **options)
+            chosen = loaded if split == "all" else split_pairs(loaded, seed=split_seed)[split]
+            pairs += chosen[:limit] if limit is not None else chosen
+        if kind == "verdict":
+            card = {"labels": "the data files' own labels", "split": split, "split_seed": split_seed}
+            built = label_data(pairs, backend_name, settings, out, data_config, card)
+        else:
+            with use_cache(open_cache(settings, cache_dir)):
+                built = distil(pairs, backend_name, settings, out, data_config, **options)
     typer.echo(json.dumps(built.stats, indent=2))
+    if kind == "verdict":
+        typer.echo(f"datasets: {out}/unified (SFT, verdict rows: train it, then judge with --program direct-prob); card: {out}/data_card.json")
+        return
     dpo_note = f", {out}/dpo (STaR-DPO)" if (out / "dpo").exists() else " (no STaR-DPO triples: no order had a right and a wrong analysis)"
     typer.echo(f"datasets: {out}/unified (SFT){dpo_note}; card: {out}/data_card.json")
 

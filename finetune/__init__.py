@@ -3,11 +3,12 @@
     traces = collect_traces(train_pairs)                 # a teacher program, any backend
     data = build_unified_data(traces, DataConfig())      # STaR rows + reflection rows, 4:1, split by pair
     data.save("runs/data")                               # Hugging Face datasets, chat messages
+    build_verdict_data(labelled_pairs).save("runs/verdict")  # or the verdict alone, from labels: no LM call
     adapter = train_sft(SFTJobConfig(data="runs/data/unified"))   # LoRA, served by `reflectagent serve --lora`
     Loop(load_loop_config("loop.yaml")).run()            # all of it, with the eval report (`finetune run`)
 """
 
-from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data
+from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data, build_verdict_data
 from reflectagent.finetune.dpo import DPOJobConfig, train_dpo
 from reflectagent.finetune.export import merge_adapter
 from reflectagent.finetune.loop import Loop
@@ -16,8 +17,8 @@ from reflectagent.finetune.rationalize import Rationalizer
 from reflectagent.finetune.reward import RewardJobConfig, RewardModelJudge, train_reward
 from reflectagent.finetune.sft_config import SFTJobConfig
 from reflectagent.finetune.sft_trainer import train_sft
-from reflectagent.finetune.traces import collect_traces, distil, distil_file, teacher_traces
+from reflectagent.finetune.traces import collect_traces, distil, distil_file, label_data, teacher_traces
 
 __all__ = ["DPOJobConfig", "DataConfig", "Loop", "LoopConfig", "Rationalizer", "RewardJobConfig", "RewardModelJudge", "SFTJobConfig", "Trace", "UnifiedData",
-           "build_unified_data", "collect_traces", "distil", "distil_file", "teacher_traces", "load_loop_config", "merge_adapter", "train_dpo", "train_reward",
+           "build_unified_data", "build_verdict_data", "collect_traces", "distil", "distil_file", "label_data", "teacher_traces", "load_loop_config", "merge_adapter", "train_dpo", "train_reward",
            "train_sft"]

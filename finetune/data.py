@@ -12,6 +12,11 @@ reflections), three kinds of rows:
   teacher reflection that chose it (else a rationalised one).
 - STaR-DPO triples: the same prompt with a right (chosen) and a wrong (rejected) analysis.
 
+Apart from these, :func:`build_verdict_data` makes *verdict* rows from labels alone: the verdict
+token without a rationale (``Prefer``, GenRM's direct variant, the ``direct-prob`` program), in both
+orders. They need no teacher call, so they are the cheapest data to train a judge on, and they train
+exactly where a small model carries its judgment: the verdict token's probability.
+
 Rows are deduplicated, mixed response : analysis = 4 : 1 by default (the majority kind is
 subsampled), split by *pair* so no pair crosses train/dev/test, and rendered by the very
 adapter the programs use at inference: the trained model sees exactly what it is served.
@@ -31,7 +36,7 @@ from reflectagent.splits import split_pairs
 from reflectagent.modules import render_analysis
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, flip
-from reflectagent.signatures import Analyze, Reflect
+from reflectagent.signatures import Analyze, Prefer, Reflect
 from reflectagent.steps import InputTooLong, render_request
 from reflectagent.tokens import InputBudget
 
@@ -265,3 +270,48 @@ def build_unified_data(traces: list[Trace], config: DataConfig | None = None, ra
         "pairs_with_a_correct_sample": sum(any(correct(a, t.pair.label) for a in t.judgment.analyses) for t in labelled),
     }
     return UnifiedData(splits=splits, dpo=dpo, pair_splits=pair_splits, stats=stats)
+
+
+def verdict_rows(pair: Pair, adapter: JudgeAdapter, budget: InputBudget | int | None) -> list[dict]:
+    """The pair's verdict alone (``Prefer``), as shown and swapped: the label in the order it is shown, so
+    the two rows teach that position decides nothing."""
+    rows = []
+    for swapped in (False, True):
+        shown = pair.swapped() if swapped else pair
+        prompt = render_prompt(adapter, Prefer, shown.inputs(), budget)
+        target = adapter.render_target(Prefer, {"preference": flip(pair.label) if swapped else pair.label})
+        rows.append(_row(pair, "verdict", prompt, target, False, order="BA" if swapped else "AB"))
+    return rows
+
+
+def build_verdict_data(pairs: list[Pair], config: DataConfig | None = None, adapter: JudgeAdapter | None = None,
+                       budget: InputBudget | None = None) -> UnifiedData:
+    """Verdict rows for every A/B-labelled pair, split by pair (``config.fractions``, ``config.seed``).
+
+    Prompts are cut as the serving backend cuts them (``budget``, else ``config.context_chars``); a pair
+    that cannot fit gives no rows and is counted in the card. Ties and unlabelled pairs are left out.
+    """
+    config = config or DataConfig()
+    adapter = adapter or JudgeAdapter()
+    labelled = [p for p in pairs if p.label in ("A", "B")]
+    fractions = tuple(float(x) for x in config.fractions.split(","))
+    pair_splits = split_pairs(labelled, fractions=fractions, seed=config.seed)
+    rng, splits, too_long = random.Random(config.seed), {}, 0
+    for name, mine in pair_splits.items():
+        rows = []
+        for pair in mine:
+            try:
+                rows += verdict_rows(pair, adapter, budget or config.context_chars)
+            except InputTooLong as exc:
+                logger.warning("pair %s gives no rows: %s", pair.id, exc)
+                too_long += 1
+        splits[name] = dedupe(rows)
+        rng.shuffle(splits[name])
+    stats = {
+        "config": asdict(config), "kind": "verdict", "pairs": {k: len(v) for k, v in pair_splits.items()},
+        "pairs_left_out_unlabelled": len(pairs) - len(labelled), "pairs_too_long_for_the_context": too_long,
+        "rows": {k: dict(Counter(r["kind"] for r in v)) for k, v in splits.items()},
+        "label_counts": dict(Counter(p.label for p in labelled)),
+        "sources": dict(Counter(p.source or "" for p in labelled)),
+    }
+    return UnifiedData(splits=splits, dpo={name: [] for name in splits}, pair_splits=pair_splits, stats=stats)

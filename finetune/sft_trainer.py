@@ -98,6 +98,27 @@ def sft_arguments(config: SFTJobConfig, evaluate: bool) -> tuple[SFTConfig, Lora
     return args, lora_config(config, "CAUSAL_LM")
 
 
+def completion_loss(model, inputs: dict, num_items_in_batch=None):
+    """Transformers' causal-LM loss (summed over target tokens, divided by ``num_items_in_batch`` when given,
+    else their mean), with the LM head run only from the position before the batch's first target on
+    (``logits_to_keep``): the same loss and gradients, without the head's product over the prompt."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    targets = (labels[:, 1:] != -100).any(dim=0).nonzero()
+    first = int(targets[0]) + 1 if len(targets) else labels.shape[1] - 1  # the first position any row is scored at
+    keep = labels.shape[1] - first + 1  # ... and the position before it, which predicts it
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+    scored = labels[:, first:]
+    loss = F.cross_entropy(outputs.logits[:, :-1].flatten(0, 1).float(), scored.flatten(), ignore_index=-100,
+                           reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (scored != -100).sum()
+    if torch.is_tensor(count):
+        count = count.to(loss.device)
+    return loss / count, outputs
+
+
 def sft_trainer(**kwargs):
     """TRL's SFTTrainer; off CUDA and XPU, its loss is transformers' own (one LM-head product, kept for backward).
 
@@ -107,8 +128,10 @@ def sft_trainer(**kwargs):
     of the head. On a CPU that costs a quarter of each step (``bench/lora_throughput.py``: 0.74x a bare loop
     on the same batches). Without it the run logs no ``entropy``, ``mean_token_accuracy`` or ``num_tokens``;
     the loss is the same cross-entropy on the same target tokens.
+
+    Off GPU the LM head also runs only where a target is (:func:`completion_loss`): a verdict row's target
+    is a few tokens after hundreds of prompt tokens, and the head over every position was a third of the step.
     """
-    from transformers import Trainer
     from trl import SFTTrainer
 
     class SFTTrainerPlainHeadOffGPU(SFTTrainer):
@@ -119,8 +142,8 @@ def sft_trainer(**kwargs):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if inputs["input_ids"].device.type in ("cuda", "xpu"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            loss, outputs = completion_loss(model, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
 
     return SFTTrainerPlainHeadOffGPU(**kwargs)
 

@@ -9,6 +9,9 @@ judgment cache, so an interrupted collection resumes.
 A file of strong-model judgments teaches too (:func:`distil_file`): its analysis, shown in both
 orders, is the right answer of each pair, and the student's own analyses of the same pair supply
 the wrong ones that Reflect and STaR-DPO rows contrast it with.
+
+Labels alone teach the verdict (:func:`label_data`): no trace and no LM call, only the backend's
+adapter and input budget, so the rows are what that backend is served.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 from pathlib import Path
 
 from reflectagent.config import Settings
-from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data
+from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data, build_verdict_data
 from reflectagent.judge import Judge, judge_pairs
 from reflectagent.pairs import Pair
 from reflectagent.programs import GenRM, ReflectRM
@@ -85,6 +88,22 @@ def distil_file(judgments: list[TeacherJudgment], student: str | None, settings:
     card = {"labels": "the teacher's preference: the file carries no human label",
             "teachers": sorted({j.teacher for j in labelled})}
     return _distil(traces, student, settings, out, config, concurrency, card)
+
+
+def label_data(pairs: list[Pair], student: str | None, settings: Settings, out: Path, config: DataConfig | None = None,
+               card: dict | None = None) -> UnifiedData:
+    """Verdict rows (:func:`build_verdict_data`) from the pairs' labels, rendered and cut as backend ``student``
+    is served, saved into ``out``. Makes no LM call and starts no server; ``card`` adds to the data card
+    (say where the labels come from)."""
+    from reflectagent.backends import resolve_backend
+
+    lm = resolve_backend(student, settings)
+    budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
+    config = for_backend(config, lm.backend)
+    built = build_verdict_data(pairs, config, adapter=lm.backend.adapter(), budget=budget)
+    built.stats.update(card or {})
+    built.save(out)
+    return built
 
 
 def _distil(make_traces, name: str | None, settings: Settings, out: Path, config: DataConfig | None,

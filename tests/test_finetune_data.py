@@ -170,3 +170,66 @@ def test_a_teacher_file_teaches_both_orders_and_is_contrasted_with_the_students_
     reflect = [r for r in rows if r["kind"] == "analysis"]
     assert {r["pair_id"] for r in reflect} == {f"t{i}" for i in range(0, 10, 2)}  # only where the student erred
     assert sum(len(v) for v in data.dpo.values()) == 5  # teacher (chosen) over the student's wrong analysis, same order
+
+
+def test_verdict_rows_are_what_direct_prob_sends_in_both_orders_labels_flipped_with_the_order():
+    from reflectagent.finetune.data import build_verdict_data
+    from reflectagent.programs import named_program
+
+    pairs = [Pair(prompt=f"q{i}", response_a=f"a{i}", response_b=f"b{i}", id=f"p{i}", label="AB"[i % 2], source="s")
+             for i in range(20)]
+    pairs += [Pair(prompt="q-tie", response_a="x", response_b="y", id="tie", label="tie"), Pair(prompt="q", response_a="x", response_b="z", id="none")]
+    data = build_verdict_data(pairs, DataConfig(fractions="0.8,0.2,0"))
+    rows = [r for split in data.splits.values() for r in split]
+    assert len(rows) == 40 and {r["kind"] for r in rows} == {"verdict"}
+    assert data.stats["pairs_left_out_unlabelled"] == 2 and data.stats["label_counts"] == {"A": 10, "B": 10}
+    splits_of = {}
+    for name, split in data.splits.items():
+        for r in split:
+            splits_of.setdefault(r["pair_id"], set()).add(name)
+    assert all(len(names) == 1 for names in splits_of.values())  # no pair in two splits
+    by_key = {(r["pair_id"], r["order"]): r for r in rows}
+    # p1 is labelled B: shown as given its target is B; swapped, the same response is shown first, so A
+    assert by_key[("p1", "AB")]["completion"][0]["content"] == '{"preference":"B"}'
+    assert by_key[("p1", "BA")]["completion"][0]["content"] == '{"preference":"A"}'
+
+    lm = DummyLM([{"preference": "A"}, {"preference": "B"}], adapter=JudgeAdapter())
+    with use_cache(JudgmentCache(enabled=False)), dspy.context(lm=lm):
+        named_program("direct-prob").judge(pairs[1])
+    sent = [entry["messages"] for entry in lm.history[-2:]]
+    assert sorted(map(repr, sent)) == sorted(repr(by_key[("p1", order)]["prompt"]) for order in ("AB", "BA"))
+
+
+def test_finetune_data_kind_verdict_takes_the_train_split_and_makes_no_lm_call(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from reflectagent import embedded
+    from reflectagent.cli import app
+    from reflectagent.eval import load_benchmark
+    from reflectagent.splits import split_pairs
+
+    source = tmp_path / "pairs.jsonl"
+    rows = [{"id": f"p{i}", "prompt": f"question {i}", "response_a": f"first {i}", "response_b": f"second {i}",
+             "label": "AB"[i % 3 % 2], "source": "s"} for i in range(30)]
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", "http://127.0.0.1:9/v1")  # nothing answers there: no call may go
+    out = tmp_path / "data"
+    result = CliRunner().invoke(app, ["finetune", "data", "--kind", "verdict", "--data", str(source), "--split", "train",
+                                      "--out", str(out), "--fractions", "1,0,0"])
+    assert result.exit_code == 0, result.output
+    assert not embedded._servers
+    card = json.loads((out / "data_card.json").read_text())
+    assert card["labels"] == "the data files' own labels" and card["split"] == "train"
+    import datasets
+
+    trained = {r["pair_id"] for r in datasets.load_from_disk(str(out / "unified"))["train"]}
+    expected = {p.id for p in split_pairs(load_benchmark(source)[0], seed=0)["train"]}
+    assert trained == expected and 0 < len(trained) < 30
+
+    for flags, message in ((["--kind", "bogus"], "--kind is"), (["--split", "later"], "--split is one of"),
+                           (["--teacher-file", str(source), "--split", "train"], "a teacher file is used whole")):
+        data_flag = [] if "--teacher-file" in flags else ["--data", str(source)]
+        refused = CliRunner().invoke(app, ["finetune", "data", *data_flag, *flags, "--out", str(tmp_path / "x")])
+        assert refused.exit_code == 2 and message in refused.output, refused.output

@@ -1,0 +1,115 @@
+"""Does training the verdict token make the 1.5B a judge? Train on labels, then measure on the quality bench's test pairs.
+
+    .venv/bin/python bench/verdict_distill.py [--preset qwen2.5-coder-1.5b] [--per-source 60] [--out bench/results/verdict-1.5b]
+
+Zero-shot, the 1.5B's verdict-token probability carries some signal and its order average is near
+chance over five sources (``bench/judge_quality.py``: direct-prob 55.6% and 51.0% on two samples).
+This trains that very token: verdict rows (``reflectagent finetune data --kind verdict``: ``Prefer``,
+both orders, the label following the response) from the **train** split of the same five human-labelled
+sets (seed 0, as ``eval --split`` and the quality bench draw them; its test pairs are the test split,
+so no test pair or prompt can be trained on), ``--per-source`` pairs each, then LoRA SFT
+(``train_sft``: checkpoints every ``--save-steps``, resumed when run again), a merged model, and
+``direct-prob`` on the quality bench's first test sample (``--skip 0 --per-source 32``) and, with
+``--fresh``, its second (``--skip 32 --per-source 35``). Nothing is chosen by looking at a test pair:
+the sizes and the training settings are fixed here before the run, and the dev rows (10% of the
+training pairs) give the only feedback, an eval loss.
+
+Every judgment is cached in ``OUT/cache`` (committed with the report); the adapter is kept in
+``OUT/adapter`` (about 18 MB), the merged model in ``~/.cache/reflectagent/verdict-merged`` (not
+committed: it is rebuilt from the adapter). Run again, each stage that has its output is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from judge_quality import SHARED, SOURCES, test_pairs  # bench/, beside this script
+from provenance import provenance
+
+from reflectagent.backends import resolve_backend
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.config import BackendConfig, Settings
+from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
+from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, merge_adapter, train_sft
+from reflectagent.paths import cache_root
+from reflectagent.programs import named_program
+from reflectagent.splits import split_pairs, stable_fraction
+
+
+def train_pairs(per_source: int, max_chars: int):
+    chosen = []
+    for source in SOURCES:
+        pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
+        train = split_pairs(pairs, seed=0)["train"]
+        usable = [p for p in train if p.label in ("A", "B") and not p.identical and p.response_a.strip()
+                  and p.response_b.strip() and len(p.prompt) + len(p.response_a) + len(p.response_b) <= max_chars]
+        chosen += sorted(usable, key=lambda p: stable_fraction("verdict-train", p.id))[:per_source]
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--per-source", type=int, default=60, help="training pairs per source (two rows each)")
+    parser.add_argument("--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--save-steps", type=int, default=10, help="checkpoint every N optimizer steps: an interrupted run resumes")
+    parser.add_argument("--max-steps", type=int, default=-1, help="a short run for trying the script (overrides --epochs)")
+    parser.add_argument("--fresh", action="store_true", help="also judge the quality bench's second sample")
+    parser.add_argument("--eval-per-source", type=int, default=32, help="the first sample's pairs per source")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/verdict-1.5b"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    adapter, merged = args.out / "adapter", cache_root() / "verdict-merged" / args.out.name
+
+    if not (adapter / "adapter_config.json").exists():
+        settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
+        data_dir, job_dir = cache_root() / "verdict-data" / args.out.name, cache_root() / "verdict-sft" / args.out.name
+        label_data(train_pairs(args.per_source, args.max_chars), "student", settings, data_dir,
+                   DataConfig(fractions="0.9,0.1,0"), {"labels": "the data files' own labels (train split, seed 0)"})
+        job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(job_dir),
+                           epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
+                           max_length=1024, per_device_batch=2, gradient_accumulation=4,
+                           save_steps=args.save_steps, eval_steps=args.save_steps)
+        trained = train_sft(job)
+        adapter.mkdir(parents=True, exist_ok=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):  # the base's tokenizer is used with it
+            shutil.copy(trained / name, adapter / name)
+        for name in ("run_card.json", "training_curve.png"):
+            if (job_dir / name).exists():
+                shutil.copy(job_dir / name, args.out / name)
+        shutil.copy(data_dir / "data_card.json", args.out / "data_card.json")
+    if not (merged / "config.json").exists():
+        merge_adapter(adapter, merged, args.preset, dtype="float32")
+
+    samples = [("first", 0, args.eval_per_source)] + ([("fresh", 32, 35)] if args.fresh else [])
+    settings = Settings(backends={"trained": BackendConfig(model="embedded", model_path=str(merged), dtype="float32",
+                                                           context_tokens=4096)})
+    lm = resolve_backend("trained", settings)
+    results = []
+    with use_cache(JudgmentCache(args.out / "cache")):
+        for name, skip, per_source in samples:
+            pairs = test_pairs(per_source, 2500, skip)
+            [result] = run_eval(pairs, [EvalRun(f"direct-prob ({name} sample)", f"{args.preset} + verdict LoRA",
+                                                named_program("direct-prob"), lm)],
+                                concurrency=args.concurrency, progress=sys.stderr.isatty())
+            results.append(result)
+    meta = {**provenance(), "data": [f"{s}.jsonl (test split, seed 0)" for s in SOURCES], "split": "test", "seed": 0,
+            "pairs": sum(r.overall.pairs for r in results), "train": {"sources": list(SOURCES), "split": "train", "per_source": args.per_source,
+                                      "max_chars": args.max_chars, "epochs": args.epochs, "learning_rate": args.learning_rate},
+            "test": [{"sample": n, "skip": s, "per_source": k} for n, s, k in samples]}
+    write_report(results, args.out, meta)
+    (args.out / "run.json").write_text(json.dumps(meta, indent=2))
+    print((args.out / "report.md").read_text().split("## Accuracy per category")[0])
+
+
+if __name__ == "__main__":
+    main()
