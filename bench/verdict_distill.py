@@ -6,8 +6,9 @@ Zero-shot, the 1.5B's verdict-token probability carries some signal and its orde
 chance over five sources (``bench/judge_quality.py``: direct-prob 55.6% and 51.0% on two samples).
 This trains that very token: verdict rows (``reflectagent finetune data --kind verdict``: ``Prefer``,
 both orders, the label following the response) from the **train** split of the same five human-labelled
-sets (seed 0, as ``eval --split`` and the quality bench draw them; its test pairs are the test split,
-so no test pair or prompt can be trained on), ``--per-source`` pairs each, then LoRA SFT
+sets (seed 0, as ``eval --split`` and the quality bench draw them; its test pairs are the test split),
+less every train pair that shares a prompt with a dev or test pair (RM-Bench, PandaLM and HHH pair one
+prompt with several responses), so no test pair or prompt is trained on; ``--per-source`` pairs each, then LoRA SFT
 (``train_sft``: checkpoints every ``--save-steps``, resumed when run again), a merged model, and
 ``direct-prob`` on the quality bench's first test sample (``--skip 0 --per-source 32``) and, with
 ``--fresh``, its second (``--skip 32 --per-source 35``). Nothing is chosen by looking at a test pair:
@@ -38,14 +39,15 @@ from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
 from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, merge_adapter, train_sft
 from reflectagent.paths import cache_root
 from reflectagent.programs import named_program
-from reflectagent.splits import split_pairs, stable_fraction
+from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
 
 
 def train_pairs(per_source: int, max_chars: int):
     chosen = []
     for source in SOURCES:
         pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
-        train = split_pairs(pairs, seed=0)["train"]
+        split = split_pairs(pairs, seed=0)
+        train = prompt_disjoint(split["train"], split["dev"] + split["test"])  # no test prompt, in other pairs either
         usable = [p for p in train if p.label in ("A", "B") and not p.identical and p.response_a.strip()
                   and p.response_b.strip() and len(p.prompt) + len(p.response_a) + len(p.response_b) <= max_chars]
         chosen += sorted(usable, key=lambda p: stable_fraction("verdict-train", p.id))[:per_source]
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument("--per-source", type=int, default=60, help="training pairs per source (two rows each)")
     parser.add_argument("--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters")
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="the SFT job's default")
     parser.add_argument("--save-steps", type=int, default=10, help="checkpoint every N optimizer steps: an interrupted run resumes")
     parser.add_argument("--max-steps", type=int, default=-1, help="a short run for trying the script (overrides --epochs)")
     parser.add_argument("--fresh", action="store_true", help="also judge the quality bench's second sample")

@@ -15,7 +15,7 @@ from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, wa
 from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark
-from reflectagent.splits import SPLITS, split_pairs
+from reflectagent.splits import SPLITS, prompt_disjoint, split_pairs
 
 app = typer.Typer(help="Distil judge traces into training data and fine-tune with LoRA.", no_args_is_help=True)
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -80,16 +80,24 @@ def data(
             with use_cache(open_cache(settings, cache_dir)):
                 built = distil_file(judgments, backend_name, settings, out, data_config, **options)
     else:
-        pairs = []
+        pairs, shared_prompt = [], 0
         for name in [f for f in data.split(",") if f]:
             if not Path(name).exists():
                 fail(f"no such data file: {name}", 2)
             loaded, bad = load_benchmark(name)
             warn_skipped(bad)
             chosen = loaded if split == "all" else split_pairs(loaded, seed=split_seed)[split]
+            if split == "train":  # nothing that shares a prompt with the file's dev or test pairs
+                held_out = split_pairs(loaded, seed=split_seed)
+                kept = prompt_disjoint(chosen, held_out["dev"] + held_out["test"])
+                shared_prompt += len(chosen) - len(kept)
+                chosen = kept
             pairs += chosen[:limit] if limit is not None else chosen
+        if shared_prompt:
+            typer.secho(f"left out {shared_prompt} train pair(s) that share a prompt with a dev or test pair", fg="yellow", err=True)
         if kind == "verdict":
-            card = {"labels": "the data files' own labels", "split": split, "split_seed": split_seed}
+            card = {"labels": "the data files' own labels", "split": split, "split_seed": split_seed,
+                    "train_pairs_left_out_for_sharing_a_dev_or_test_prompt": shared_prompt}
             built = label_data(pairs, backend_name, settings, out, data_config, card)
         else:
             with use_cache(open_cache(settings, cache_dir)):

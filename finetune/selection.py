@@ -1,7 +1,7 @@
 """Which pairs the fine-tuning loop trains and evaluates on: disjoint, balanced, short enough.
 
-``train`` and ``dev`` come from the training sources (``dev`` is held out by pair), ``unseen``
-from sources never trained on. Every choice is a stable hash of (seed, pair id), so the same
+``train`` and ``dev`` come from the training sources (``dev`` is held out by pair, and no training
+pair shares a prompt with an evaluation pair), ``unseen`` from sources never trained on. Every choice is a stable hash of (seed, pair id), so the same
 config picks the same pairs on every machine.
 """
 
@@ -12,7 +12,7 @@ import logging
 from reflectagent.eval.data import load_benchmark
 from reflectagent.finetune.loop_config import LoopConfig
 from reflectagent.pairs import Pair
-from reflectagent.splits import split_pairs, stable_fraction
+from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,11 @@ def choose_pairs(config: LoopConfig) -> dict[str, list[Pair]]:
     share = config.train_pairs / max(config.train_pairs + config.dev_pairs, 1)
     split = split_pairs(known, fractions=(share, 1 - share, 0.0), seed=config.seed)
     unseen = balanced(_usable_pairs(config.files("unseen_data"), config.max_pair_chars), config.unseen_pairs, config.seed)
-    overlap = {p.id for p in split["train"]} & {p.id for p in split["dev"] + unseen}
+    train = prompt_disjoint(split["train"], split["dev"] + unseen)
+    overlap = {p.id for p in train} & {p.id for p in split["dev"] + unseen}
     if overlap:
         raise ValueError(f"{len(overlap)} pair ids are both in training and in evaluation: {sorted(overlap)[:5]}")
-    logger.info("pairs: %d train, %d dev, %d unseen (training sources: %d usable pairs)",
-                len(split["train"]), len(split["dev"]), len(unseen), len(candidates))
-    return {"train": split["train"], "dev": split["dev"], "unseen": unseen}
+    logger.info("pairs: %d train (%d more left out: they share a prompt with an evaluation pair), %d dev, %d unseen "
+                "(training sources: %d usable pairs)", len(train), len(split["train"]) - len(train), len(split["dev"]),
+                len(unseen), len(candidates))
+    return {"train": train, "dev": split["dev"], "unseen": unseen}

@@ -50,3 +50,14 @@ def split_pairs(pairs: list[Pair], fractions: tuple[float, float, float] = (0.6,
         splits["dev"] += ordered[cut_train:cut_dev]
         splits["test"] += ordered[cut_dev:]
     return splits
+
+
+def prompt_disjoint(pairs: list[Pair], held_out: list[Pair]) -> list[Pair]:
+    """``pairs`` without those whose prompt is also a ``held_out`` pair's prompt.
+
+    Splits go by pair, and some sets pair one prompt with several responses (RM-Bench: nine style
+    variants of one comparison; PandaLM: about six pairs a prompt; HHH): a training pair that shares a
+    test pair's prompt is often the test's own comparison in other words. Train on what this returns.
+    """
+    seen = {pair.prompt for pair in held_out}
+    return [pair for pair in pairs if pair.prompt not in seen]

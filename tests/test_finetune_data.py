@@ -211,8 +211,8 @@ def test_finetune_data_kind_verdict_takes_the_train_split_and_makes_no_lm_call(t
     from reflectagent.splits import split_pairs
 
     source = tmp_path / "pairs.jsonl"
-    rows = [{"id": f"p{i}", "prompt": f"question {i}", "response_a": f"first {i}", "response_b": f"second {i}",
-             "label": "AB"[i % 3 % 2], "source": "s"} for i in range(30)]
+    rows = [{"id": f"p{i}", "prompt": f"question {i % 20}", "response_a": f"first {i}", "response_b": f"second {i}",
+             "label": "AB"[i % 3 % 2], "source": "s"} for i in range(30)]  # ten prompts with two pairs each
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", "http://127.0.0.1:9/v1")  # nothing answers there: no call may go
     out = tmp_path / "data"
@@ -225,8 +225,11 @@ def test_finetune_data_kind_verdict_takes_the_train_split_and_makes_no_lm_call(t
     import datasets
 
     trained = {r["pair_id"] for r in datasets.load_from_disk(str(out / "unified"))["train"]}
-    expected = {p.id for p in split_pairs(load_benchmark(source)[0], seed=0)["train"]}
-    assert trained == expected and 0 < len(trained) < 30
+    split = split_pairs(load_benchmark(source)[0], seed=0)
+    held_out = {p.prompt for p in split["dev"] + split["test"]}
+    expected = {p.id for p in split["train"] if p.prompt not in held_out}  # a test prompt's other pair is not trained on
+    left_out = card["train_pairs_left_out_for_sharing_a_dev_or_test_prompt"]
+    assert trained == expected and 0 < len(trained) and left_out > 0 and len(trained) + left_out == len(split["train"])
 
     for flags, message in ((["--kind", "bogus"], "--kind is"), (["--split", "later"], "--split is one of"),
                            (["--teacher-file", str(source), "--split", "train"], "a teacher file is used whole")):

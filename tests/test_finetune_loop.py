@@ -50,7 +50,10 @@ def test_pairs_are_disjoint_balanced_and_short_enough():
                               unseen_data=f"{SHARED}/pandalm.jsonl", train_pairs=40, dev_pairs=20, unseen_pairs=10,
                               max_pair_chars=1200)
     chosen = choose_pairs(config)
-    assert [len(chosen[k]) for k in ("train", "dev", "unseen")] == [40, 20, 10]
+    assert [len(chosen[k]) for k in ("dev", "unseen")] == [20, 10]
+    held_out = {p.prompt for p in chosen["dev"] + chosen["unseen"]}
+    assert not any(p.prompt in held_out for p in chosen["train"])  # HHH pairs one prompt with several responses
+    assert 30 <= len(chosen["train"]) <= 40
     ids = [p.id for k in chosen for p in chosen[k]]
     assert len(ids) == len(set(ids))
     sources = [p.source for p in chosen["train"] + chosen["dev"]]
