@@ -16,23 +16,23 @@ the sizes and the training settings are fixed here before the run, and the dev r
 training pairs) give the only feedback, an eval loss.
 
 Every judgment is cached in ``OUT/cache`` (committed with the report); the adapter is kept in
-``OUT/adapter`` (about 18 MB), the merged model in ``~/.cache/reflectagent/verdict-merged`` (not
-committed: it is rebuilt from the adapter). Run again, each stage that has its output is skipped.
+``OUT/adapter`` (about 18 MB), the merged model in ``~/.cache/reflectagent/verdict-merged/<the
+adapter's fingerprint>`` (not committed: it is rebuilt from the adapter). Run again, each stage that has its output is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 from judge_quality import SHARED, SOURCES, test_pairs  # bench/, beside this script
 from provenance import provenance
 
-from reflectagent.backends import resolve_backend
+from reflectagent.backends import fingerprint, resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
@@ -64,18 +64,21 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=10, help="checkpoint every N optimizer steps: an interrupted run resumes")
     parser.add_argument("--max-steps", type=int, default=-1, help="a short run for trying the script (overrides --epochs)")
     parser.add_argument("--fresh", action="store_true", help="also judge the quality bench's second sample")
-    parser.add_argument("--eval-per-source", type=int, default=32, help="the first sample's pairs per source")
+    parser.add_argument("--eval-per-source", type=int, default=32, help="the first sample's pairs per source (at most 32: the fresh sample starts at 33)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/results/verdict-1.5b"))
     args = parser.parse_args()
+    if args.eval_per_source > 32:
+        parser.error("--eval-per-source is at most 32: the quality bench's fresh sample starts at each source's 33rd pair")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    adapter, merged = args.out / "adapter", cache_root() / "verdict-merged" / args.out.name
+    adapter = args.out / "adapter"
+    chosen = train_pairs(args.per_source, args.max_chars)
 
-    if not (adapter / "adapter_config.json").exists():
+    if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
         settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
         data_dir, job_dir = cache_root() / "verdict-data" / args.out.name, cache_root() / "verdict-sft" / args.out.name
-        label_data(train_pairs(args.per_source, args.max_chars), "student", settings, data_dir,
+        label_data(chosen, "student", settings, data_dir,
                    DataConfig(fractions="0.9,0.1,0"), {"labels": "the data files' own labels (train split, seed 0)"})
         job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(job_dir),
                            epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
@@ -84,13 +87,17 @@ def main() -> None:
         trained = train_sft(job)
         adapter.mkdir(parents=True, exist_ok=True)
         for name in ("adapter_config.json", "adapter_model.safetensors"):  # the base's tokenizer is used with it
-            shutil.copy(trained / name, adapter / name)
+            shutil.copy(trained / name, adapter / f"{name}.partial")
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (adapter / f"{name}.partial").rename(adapter / name)
         for name in ("run_card.json", "training_curve.png"):
             if (job_dir / name).exists():
                 shutil.copy(job_dir / name, args.out / name)
         shutil.copy(data_dir / "data_card.json", args.out / "data_card.json")
-    if not (merged / "config.json").exists():
+    merged = cache_root() / "verdict-merged" / fingerprint(adapter)  # another adapter, another folder
+    if not (merged / "done").exists():
         merge_adapter(adapter, merged, args.preset, dtype="float32")
+        (merged / "done").touch()  # after the weights: a merge cut short is done again
 
     samples = [("first", 0, args.eval_per_source)] + ([("fresh", 32, 35)] if args.fresh else [])
     settings = Settings(backends={"trained": BackendConfig(model="embedded", model_path=str(merged), dtype="float32",
@@ -105,11 +112,11 @@ def main() -> None:
                                 concurrency=args.concurrency, progress=sys.stderr.isatty())
             results.append(result)
     meta = {**provenance(), "data": [f"{s}.jsonl (test split, seed 0)" for s in SOURCES], "split": "test", "seed": 0,
-            "pairs": sum(r.overall.pairs for r in results), "train": {"sources": list(SOURCES), "split": "train", "per_source": args.per_source,
-                                      "max_chars": args.max_chars, "epochs": args.epochs, "learning_rate": args.learning_rate},
+            "pairs": sum(r.overall.pairs for r in results), "train": {"split": "train, less pairs sharing a dev or test prompt", "per_source_asked": args.per_source,
+                      "pairs_by_source": dict(Counter(p.source for p in chosen)), "max_chars": args.max_chars,
+                      "epochs": args.epochs, "learning_rate": args.learning_rate},
             "test": [{"sample": n, "skip": s, "per_source": k} for n, s, k in samples]}
-    write_report(results, args.out, meta)
-    (args.out / "run.json").write_text(json.dumps(meta, indent=2))
+    write_report(results, args.out, meta)  # meta is in report.json
     print((args.out / "report.md").read_text().split("## Accuracy per category")[0])
 
 

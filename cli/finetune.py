@@ -37,7 +37,7 @@ def data(
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="labelled pair files, comma-separated (the backend teaches)")] = None,
     teacher_file: Annotated[Optional[Path], typer.Option("--teacher-file", help="a file of strong-model judgments that teaches instead (the backend is the student)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the datasets and the data card")] = Path("runs/data"),
-    backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="the teacher's backend, or the student's with --teacher-file (default: the configured default; use temperature > 0)")] = None,
+    backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="the teacher's backend, or the student's with --teacher-file or --kind verdict (the rows are rendered as it is served; default: the configured default; use temperature > 0)")] = None,
     samples: Annotated[int, typer.Option(min=1, help="analyses per pair (alternating orders)")] = 4,
     temperature: Annotated[float, typer.Option(min=0.0, help="temperature of samples after the first")] = 0.8,
     limit: Annotated[Optional[int], typer.Option(help="at most N pairs per file")] = None,
@@ -73,26 +73,27 @@ def data(
         warn_skipped(bad)
         judgments = judgments[:limit]
         if kind == "verdict":
-            card = {"labels": "the teacher's preference: the file carries no human label",
+            card = {"labels": "each row's own label where it has one, else the teacher's preference",
                     "teachers": sorted({j.teacher for j in judgments})}
             built = label_data([j.pair for j in judgments], backend_name, settings, out, data_config, card)
         else:
             with use_cache(open_cache(settings, cache_dir)):
                 built = distil_file(judgments, backend_name, settings, out, data_config, **options)
     else:
-        pairs, shared_prompt = [], 0
+        pairs, held_out = [], []
         for name in [f for f in data.split(",") if f]:
             if not Path(name).exists():
                 fail(f"no such data file: {name}", 2)
             loaded, bad = load_benchmark(name)
             warn_skipped(bad)
-            chosen = loaded if split == "all" else split_pairs(loaded, seed=split_seed)[split]
-            if split == "train":  # nothing that shares a prompt with the file's dev or test pairs
-                held_out = split_pairs(loaded, seed=split_seed)
-                kept = prompt_disjoint(chosen, held_out["dev"] + held_out["test"])
-                shared_prompt += len(chosen) - len(kept)
-                chosen = kept
+            splits = split_pairs(loaded, seed=split_seed) if split != "all" else {}
+            chosen = splits.get(split, loaded)
+            held_out += splits.get("dev", []) + splits.get("test", []) if split == "train" else []
             pairs += chosen[:limit] if limit is not None else chosen
+        kept = prompt_disjoint(pairs, held_out)  # nothing that shares a prompt with any file's dev or test pairs
+        shared_prompt, pairs = len(pairs) - len(kept), kept
+        if not pairs:
+            fail(f"no pairs to build data from (the {split} split of {data})" if split != "all" else f"no pairs in {data}", 2)
         if shared_prompt:
             typer.secho(f"left out {shared_prompt} train pair(s) that share a prompt with a dev or test pair", fg="yellow", err=True)
         if kind == "verdict":
@@ -104,6 +105,9 @@ def data(
                 built = distil(pairs, backend_name, settings, out, data_config, **options)
     typer.echo(json.dumps(built.stats, indent=2))
     if kind == "verdict":
+        if not built.splits.get("train"):
+            fail(f"no training rows were made (see the card above: ties, unlabelled pairs and prompts too long for the "
+                 f"backend's context make none); nothing in {out} to train on", 1)
         typer.echo(f"datasets: {out}/unified (SFT, verdict rows: train it, then judge with --program direct-prob); card: {out}/data_card.json")
         return
     dpo_note = f", {out}/dpo (STaR-DPO)" if (out / "dpo").exists() else " (no STaR-DPO triples: no order had a right and a wrong analysis)"

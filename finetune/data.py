@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from reflectagent.adapter import JudgeAdapter
-from reflectagent.splits import split_pairs
+from reflectagent.splits import prompt_disjoint, split_pairs
 from reflectagent.modules import render_analysis
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, flip
@@ -289,13 +289,16 @@ def build_verdict_data(pairs: list[Pair], config: DataConfig | None = None, adap
     """Verdict rows for every A/B-labelled pair, split by pair (``config.fractions``, ``config.seed``).
 
     Prompts are cut as the serving backend cuts them (``budget``, else ``config.context_chars``); a pair
-    that cannot fit gives no rows and is counted in the card. Ties and unlabelled pairs are left out.
+    that cannot fit gives no rows and is counted in the card. Ties and unlabelled pairs are left out, and so
+    is a train pair that shares its prompt with a dev or test pair.
     """
     config = config or DataConfig()
     adapter = adapter or JudgeAdapter()
     labelled = [p for p in pairs if p.label in ("A", "B")]
     fractions = tuple(float(x) for x in config.fractions.split(","))
     pair_splits = split_pairs(labelled, fractions=fractions, seed=config.seed)
+    trained = len(pair_splits["train"])  # ... less what shares a prompt with a dev or test pair, so the dev loss is honest
+    pair_splits["train"] = prompt_disjoint(pair_splits["train"], pair_splits["dev"] + pair_splits["test"])
     rng, splits, too_long = random.Random(config.seed), {}, 0
     for name, mine in pair_splits.items():
         rows = []
@@ -309,7 +312,8 @@ def build_verdict_data(pairs: list[Pair], config: DataConfig | None = None, adap
         rng.shuffle(splits[name])
     stats = {
         "config": asdict(config), "kind": "verdict", "pairs": {k: len(v) for k, v in pair_splits.items()},
-        "pairs_left_out_unlabelled": len(pairs) - len(labelled), "pairs_too_long_for_the_context": too_long,
+        "pairs_left_out_unlabelled_or_tied": len(pairs) - len(labelled), "pairs_too_long_for_the_context": too_long,
+        "train_pairs_left_out_for_sharing_a_dev_or_test_prompt": trained - len(pair_splits["train"]),
         "rows": {k: dict(Counter(r["kind"] for r in v)) for k, v in splits.items()},
         "label_counts": dict(Counter(p.label for p in labelled)),
         "sources": dict(Counter(p.source or "" for p in labelled)),

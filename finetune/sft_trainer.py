@@ -106,17 +106,19 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None):
     import torch.nn.functional as F
 
     labels = inputs["labels"]
+    if labels.shape[1] < 2:
+        raise ValueError("a training row needs at least two tokens: one to read and one to predict")
     targets = (labels[:, 1:] != -100).any(dim=0).nonzero()
     first = int(targets[0]) + 1 if len(targets) else labels.shape[1] - 1  # the first position any row is scored at
     keep = labels.shape[1] - first + 1  # ... and the position before it, which predicts it
-    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep, use_cache=False)
     scored = labels[:, first:]
     loss = F.cross_entropy(outputs.logits[:, :-1].flatten(0, 1).float(), scored.flatten(), ignore_index=-100,
                            reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (scored != -100).sum()
     if torch.is_tensor(count):
         count = count.to(loss.device)
-    return loss / count, outputs
+    return loss / max(count, 1), outputs  # a batch with no target adds nothing (not NaN)
 
 
 def sft_trainer(**kwargs):
@@ -132,6 +134,7 @@ def sft_trainer(**kwargs):
     Off GPU the LM head also runs only where a target is (:func:`completion_loss`): a verdict row's target
     is a few tokens after hundreds of prompt tokens, and the head over every position was a third of the step.
     """
+    from transformers import Trainer
     from trl import SFTTrainer
 
     class SFTTrainerPlainHeadOffGPU(SFTTrainer):
@@ -142,6 +145,11 @@ def sft_trainer(**kwargs):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if inputs["input_ids"].device.type in ("cuda", "xpu"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if (self.args.label_smoothing_factor or self.compute_loss_func is not None
+                    or (self.args.average_tokens_across_devices and self.args.world_size > 1)):
+                # what completion_loss does not do: transformers' own loss does
+                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
             loss, outputs = completion_loss(model, inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 

@@ -182,7 +182,7 @@ def test_verdict_rows_are_what_direct_prob_sends_in_both_orders_labels_flipped_w
     data = build_verdict_data(pairs, DataConfig(fractions="0.8,0.2,0"))
     rows = [r for split in data.splits.values() for r in split]
     assert len(rows) == 40 and {r["kind"] for r in rows} == {"verdict"}
-    assert data.stats["pairs_left_out_unlabelled"] == 2 and data.stats["label_counts"] == {"A": 10, "B": 10}
+    assert data.stats["pairs_left_out_unlabelled_or_tied"] == 2 and data.stats["label_counts"] == {"A": 10, "B": 10}
     splits_of = {}
     for name, split in data.splits.items():
         for r in split:
@@ -214,12 +214,15 @@ def test_finetune_data_kind_verdict_takes_the_train_split_and_makes_no_lm_call(t
     rows = [{"id": f"p{i}", "prompt": f"question {i % 20}", "response_a": f"first {i}", "response_b": f"second {i}",
              "label": "AB"[i % 3 % 2], "source": "s"} for i in range(30)]  # ten prompts with two pairs each
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", "http://127.0.0.1:9/v1")  # nothing answers there: no call may go
+    def no_server(*args, **kwargs):
+        raise AssertionError("building verdict rows asked for a server")
+
+    monkeypatch.setattr(embedded, "embedded_url", no_server)
+    monkeypatch.delenv("REFLECTAGENT_EMBEDDED_URL", raising=False)
     out = tmp_path / "data"
     result = CliRunner().invoke(app, ["finetune", "data", "--kind", "verdict", "--data", str(source), "--split", "train",
                                       "--out", str(out), "--fractions", "1,0,0"])
     assert result.exit_code == 0, result.output
-    assert not embedded._servers
     card = json.loads((out / "data_card.json").read_text())
     assert card["labels"] == "the data files' own labels" and card["split"] == "train"
     import datasets

@@ -11,7 +11,7 @@ from reflectagent.finetune.sft_trainer import sft_trainer
 pytestmark = pytest.mark.torch
 
 
-def test_off_gpu_the_loss_skips_trls_fused_head_and_equals_it(model_dir, sample_pairs, tmp_path, monkeypatch):
+def test_off_gpu_the_loss_skips_trls_fused_head_and_equals_it(model_dir, sample_pairs, tmp_path):
     rows = [{"prompt": [{"role": "user", "content": pair.prompt}],
              "completion": [{"role": "assistant", "content": f"Response {pair.label} answers what was asked."}]}
             for pair in sample_pairs[:2]]
@@ -42,12 +42,14 @@ def test_the_head_on_targets_only_gives_the_same_gradients(model_dir, sample_pai
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    rows = [tokenizer(pair.prompt + " Verdict: " + pair.label, return_tensors="pt")["input_ids"][0] for pair in sample_pairs[:3]]
+    rows = [tokenizer(pair.prompt + " Verdict: " + pair.label, return_tensors="pt")["input_ids"][0] for pair in sample_pairs[:4]]
     width = max(len(r) for r in rows)
-    ids = torch.full((3, width), tokenizer.pad_token_id or 0)
+    ids = torch.full((4, width), tokenizer.pad_token_id or 0)
     mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, r in enumerate(rows):  # right-padded, targets (the last 2 tokens) ending at different places
-        ids[i, :len(r)], mask[i, :len(r)], labels[i, len(r) - 2:len(r)] = r, 1, r[-2:]
+    for i, r in enumerate(rows):  # right-padded, targets (the last 2 tokens) ending at different places; row 3 has none
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        if i < 3:
+            labels[i, len(r) - 2:len(r)] = r[-2:]
     inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     grads = []
     for loss_of in (lambda: completion_loss(model, dict(inputs))[0], lambda: model(**inputs).loss):
@@ -57,3 +59,6 @@ def test_the_head_on_targets_only_gives_the_same_gradients(model_dir, sample_pai
         grads.append((loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-3, atol=1e-6)
+    with torch.no_grad():  # a batch with no target at all adds nothing, where a mean would be NaN
+        nothing = completion_loss(model, {**inputs, "labels": torch.full_like(labels, -100)})[0]
+    assert float(nothing) == 0.0
