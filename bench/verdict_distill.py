@@ -1,6 +1,6 @@
 """Does training the verdict token make the 1.5B a judge? Train on labels, then measure on the quality bench's test pairs.
 
-    .venv/bin/python bench/verdict_distill.py [--preset qwen2.5-coder-1.5b] [--per-source 60] [--out bench/results/verdict-1.5b]
+    .venv/bin/python bench/verdict_distill.py [--preset qwen2.5-coder-1.5b] [--per-source 40] [--fresh] [--out bench/results/verdict-1.5b]
 
 Zero-shot, the 1.5B's verdict-token probability carries some signal and its order average is near
 chance over five sources (``bench/judge_quality.py``: direct-prob 55.6% and 51.0% on two samples).
@@ -18,12 +18,15 @@ training pairs) give the only feedback, an eval loss.
 Every judgment is cached in ``OUT/cache`` (committed with the report); the adapter is kept in
 ``OUT/adapter`` (about 18 MB), the merged model in ``~/.cache/reflectagent/verdict-merged/<the
 adapter's fingerprint>`` (not committed: it is rebuilt from the adapter). Run again, each stage that has its output is skipped.
+Run it with nothing else on the machine: the 1.5B in training and the 1.5B served do not fit in 24 GB
+together (``results/README.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import shutil
 import sys
 from collections import Counter
@@ -54,27 +57,10 @@ def train_pairs(per_source: int, max_chars: int):
     return chosen
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="qwen2.5-coder-1.5b")
-    parser.add_argument("--per-source", type=int, default=60, help="training pairs per source (two rows each)")
-    parser.add_argument("--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--learning-rate", type=float, default=2e-4, help="the SFT job's default")
-    parser.add_argument("--save-steps", type=int, default=10, help="checkpoint every N optimizer steps: an interrupted run resumes")
-    parser.add_argument("--max-steps", type=int, default=-1, help="a short run for trying the script (overrides --epochs)")
-    parser.add_argument("--fresh", action="store_true", help="also judge the quality bench's second sample")
-    parser.add_argument("--eval-per-source", type=int, default=32, help="the first sample's pairs per source (at most 32: the fresh sample starts at 33)")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/verdict-1.5b"))
-    args = parser.parse_args()
-    if args.eval_per_source > 32:
-        parser.error("--eval-per-source is at most 32: the quality bench's fresh sample starts at each source's 33rd pair")
+def train_and_merge(args: argparse.Namespace, chosen) -> None:
+    """Verdict rows, LoRA SFT (resumed from its checkpoints) and the merged model, each skipped when done."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
     adapter = args.out / "adapter"
-    chosen = train_pairs(args.per_source, args.max_chars)
-
     if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
         settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
         data_dir, job_dir = cache_root() / "verdict-data" / args.out.name, cache_root() / "verdict-sft" / args.out.name
@@ -98,6 +84,39 @@ def main() -> None:
     if not (merged / "done").exists():
         merge_adapter(adapter, merged, args.preset, dtype="float32")
         (merged / "done").touch()  # after the weights: a merge cut short is done again
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--per-source", type=int, default=40,
+                        help="training pairs per source (two rows each; HHH and PandaLM have about 50 usable)")
+    parser.add_argument("--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="the SFT job's default")
+    parser.add_argument("--save-steps", type=int, default=10, help="checkpoint every N optimizer steps: an interrupted run resumes")
+    parser.add_argument("--max-steps", type=int, default=-1, help="a short run for trying the script (overrides --epochs)")
+    parser.add_argument("--fresh", action="store_true", help="also judge the quality bench's second sample")
+    parser.add_argument("--eval-per-source", type=int, default=32, help="the first sample's pairs per source (at most 32: the fresh sample starts at 33)")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/verdict-1.5b"))
+    args = parser.parse_args()
+    if args.eval_per_source > 32:
+        parser.error("--eval-per-source is at most 32: the quality bench's fresh sample starts at each source's 33rd pair")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    adapter = args.out / "adapter"
+    chosen = train_pairs(args.per_source, args.max_chars)
+
+    merged = cache_root() / "verdict-merged" / (fingerprint(adapter) if (adapter / "adapter_model.safetensors").exists() else "-")
+    if not (merged / "done").exists():
+        # in a process of its own, so the training's memory is given back before the 1.5B is served
+        worker = multiprocessing.get_context("spawn").Process(target=train_and_merge, args=(args, chosen))
+        worker.start()
+        worker.join()
+        if worker.exitcode != 0:
+            raise SystemExit(f"training or merging failed (exit code {worker.exitcode}); see above")
+        merged = cache_root() / "verdict-merged" / fingerprint(adapter)
 
     samples = [("first", 0, args.eval_per_source)] + ([("fresh", 32, 35)] if args.fresh else [])
     settings = Settings(backends={"trained": BackendConfig(model="embedded", model_path=str(merged), dtype="float32",
