@@ -7,8 +7,8 @@ chance over five sources (``bench/judge_quality.py``: direct-prob 55.6% and 51.0
 This trains that very token: verdict rows (``reflectagent finetune data --kind verdict``: ``Prefer``,
 both orders, the label following the response) from the **train** split of the same five human-labelled
 sets (seed 0, as ``eval --split`` and the quality bench draw them; its test pairs are the test split),
-less every train pair that shares a prompt with a dev or test pair (RM-Bench, PandaLM and HHH pair one
-prompt with several responses), so no test pair or prompt is trained on; ``--per-source`` pairs each, then LoRA SFT
+less every train pair that shares a prompt with any set's dev or test pair (RM-Bench, PandaLM and HHH pair
+one prompt with several responses, and prompts recur across sets), so no test pair or prompt is trained on; ``--per-source`` pairs each, then LoRA SFT
 (``train_sft``: checkpoints every ``--save-steps``, resumed when run again), a merged model, and
 ``direct-prob`` on the quality bench's first test sample (``--skip 0 --per-source 32``) and, with
 ``--fresh``, its second (``--skip 32 --per-source 35``). Nothing is chosen by looking at a test pair:
@@ -17,7 +17,10 @@ training pairs) give the only feedback, an eval loss.
 
 Every judgment is cached in ``OUT/cache`` (committed with the report); the adapter is kept in
 ``OUT/adapter`` (about 18 MB), the merged model in ``~/.cache/reflectagent/verdict-merged/<the
-adapter's fingerprint>`` (not committed: it is rebuilt from the adapter). Run again, each stage that has its output is skipped.
+adapter's fingerprint>`` (not committed: it is rebuilt from the adapter). Run again, each stage that has its output is skipped; an
+adapter trained with other settings or pairs is refused (``OUT/adapter/training.json``). The cache keys on
+the merged weights' fingerprint: a merge on another machine or torch build that is not bit-identical
+makes those judgments again rather than reuse them.
 Run it with nothing else on the machine: the 1.5B in training and the 1.5B served do not fit in 24 GB
 together (``results/README.md``).
 """
@@ -25,6 +28,8 @@ together (``results/README.md``).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import multiprocessing
 import shutil
@@ -46,24 +51,32 @@ from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
 
 
 def train_pairs(per_source: int, max_chars: int):
+    loaded = {source: load_benchmark(SHARED / f"{source}.jsonl")[0] for source in SOURCES}
+    splits = {source: split_pairs(pairs, seed=0) for source, pairs in loaded.items()}
+    held_out = [p for split in splits.values() for p in split["dev"] + split["test"]]  # every set's: prompts recur across sets
     chosen = []
     for source in SOURCES:
-        pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
-        split = split_pairs(pairs, seed=0)
-        train = prompt_disjoint(split["train"], split["dev"] + split["test"])  # no test prompt, in other pairs either
+        train = prompt_disjoint(splits[source]["train"], held_out)  # no test prompt, in other pairs either
         usable = [p for p in train if p.label in ("A", "B") and not p.identical and p.response_a.strip()
                   and p.response_b.strip() and len(p.prompt) + len(p.response_a) + len(p.response_b) <= max_chars]
         chosen += sorted(usable, key=lambda p: stable_fraction("verdict-train", p.id))[:per_source]
     return chosen
 
 
+def training_key(args: argparse.Namespace, chosen) -> dict:
+    """What the adapter is trained from: a run with other settings or pairs must not reuse it."""
+    return {"preset": args.preset, "epochs": args.epochs, "learning_rate": args.learning_rate, "max_steps": args.max_steps,
+            "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16]}
+
+
 def train_and_merge(args: argparse.Namespace, chosen) -> None:
     """Verdict rows, LoRA SFT (resumed from its checkpoints) and the merged model, each skipped when done."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    adapter = args.out / "adapter"
+    adapter, key = args.out / "adapter", training_key(args, chosen)
     if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
         settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
-        data_dir, job_dir = cache_root() / "verdict-data" / args.out.name, cache_root() / "verdict-sft" / args.out.name
+        run = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]  # checkpoints of this very job only
+        data_dir, job_dir = cache_root() / "verdict-data" / run, cache_root() / "verdict-sft" / run
         label_data(chosen, "student", settings, data_dir,
                    DataConfig(fractions="0.9,0.1,0"), {"labels": "the data files' own labels (train split, seed 0)"})
         job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(job_dir),
@@ -72,6 +85,7 @@ def train_and_merge(args: argparse.Namespace, chosen) -> None:
                            save_steps=args.save_steps, eval_steps=args.save_steps)
         trained = train_sft(job)
         adapter.mkdir(parents=True, exist_ok=True)
+        (adapter / "training.json").write_text(json.dumps(key, indent=1))
         for name in ("adapter_config.json", "adapter_model.safetensors"):  # the base's tokenizer is used with it
             shutil.copy(trained / name, adapter / f"{name}.partial")
         for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -107,6 +121,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     adapter = args.out / "adapter"
     chosen = train_pairs(args.per_source, args.max_chars)
+    made_from = adapter / "training.json"
+    if made_from.exists() and json.loads(made_from.read_text()) != training_key(args, chosen):
+        raise SystemExit(f"{adapter} was trained with other settings or pairs ({made_from.read_text().strip()}): "
+                         "give another --out, or delete that folder to train again")
 
     merged = cache_root() / "verdict-merged" / (fingerprint(adapter) if (adapter / "adapter_model.safetensors").exists() else "-")
     if not (merged / "done").exists():
@@ -132,7 +150,9 @@ def main() -> None:
             results.append(result)
     meta = {**provenance(), "data": [f"{s}.jsonl (test split, seed 0)" for s in SOURCES], "split": "test", "seed": 0,
             "pairs": sum(r.overall.pairs for r in results), "train": {"split": "train, less pairs sharing a dev or test prompt", "per_source_asked": args.per_source,
-                      "pairs_by_source": dict(Counter(p.source for p in chosen)), "max_chars": args.max_chars,
+                      "pairs_by_source": dict(Counter(p.source for p in chosen)),
+                      "data_card": json.loads((args.out / "data_card.json").read_text()) if (args.out / "data_card.json").exists() else None,
+                      "max_chars": args.max_chars,
                       "epochs": args.epochs, "learning_rate": args.learning_rate},
             "test": [{"sample": n, "skip": s, "per_source": k} for n, s, k in samples]}
     write_report(results, args.out, meta)  # meta is in report.json

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from reflectagent.adapter import JudgeAdapter
-from reflectagent.splits import prompt_disjoint, split_pairs
+from reflectagent.splits import split_pairs
 from reflectagent.modules import render_analysis
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, flip
@@ -286,19 +286,23 @@ def verdict_rows(pair: Pair, adapter: JudgeAdapter, budget: InputBudget | int | 
 
 def build_verdict_data(pairs: list[Pair], config: DataConfig | None = None, adapter: JudgeAdapter | None = None,
                        budget: InputBudget | None = None) -> UnifiedData:
-    """Verdict rows for every A/B-labelled pair, split by pair (``config.fractions``, ``config.seed``).
+    """Verdict rows for every A/B-labelled pair, split by *prompt* (``config.fractions``, ``config.seed``).
 
-    Prompts are cut as the serving backend cuts them (``budget``, else ``config.context_chars``); a pair
-    that cannot fit gives no rows and is counted in the card. Ties and unlabelled pairs are left out, and so
-    is a train pair that shares its prompt with a dev or test pair.
+    Every pair of one prompt lands in the same split, so the dev loss is not measured on a training
+    prompt and nothing is thrown away (sets such as RM-Bench and PandaLM pair one prompt with several
+    responses). Prompts are cut as the serving backend cuts them (``budget``, else ``config.context_chars``);
+    a pair that cannot fit gives no rows and is counted in the card. Ties and unlabelled pairs are left out.
     """
     config = config or DataConfig()
     adapter = adapter or JudgeAdapter()
     labelled = [p for p in pairs if p.label in ("A", "B")]
     fractions = tuple(float(x) for x in config.fractions.split(","))
-    pair_splits = split_pairs(labelled, fractions=fractions, seed=config.seed)
-    trained = len(pair_splits["train"])  # ... less what shares a prompt with a dev or test pair, so the dev loss is honest
-    pair_splits["train"] = prompt_disjoint(pair_splits["train"], pair_splits["dev"] + pair_splits["test"])
+    first_of: dict[str, Pair] = {}
+    for pair in labelled:  # one pair stands for its prompt in the split
+        first_of.setdefault(pair.prompt, pair)
+    where = {p.prompt: name for name, chosen in split_pairs(list(first_of.values()), fractions=fractions, seed=config.seed).items()
+             for p in chosen}
+    pair_splits = {name: [p for p in labelled if where.get(p.prompt) == name] for name in ("train", "dev", "test")}
     rng, splits, too_long = random.Random(config.seed), {}, 0
     for name, mine in pair_splits.items():
         rows = []
@@ -313,7 +317,8 @@ def build_verdict_data(pairs: list[Pair], config: DataConfig | None = None, adap
     stats = {
         "config": asdict(config), "kind": "verdict", "pairs": {k: len(v) for k, v in pair_splits.items()},
         "pairs_left_out_unlabelled_or_tied": len(pairs) - len(labelled), "pairs_too_long_for_the_context": too_long,
-        "train_pairs_left_out_for_sharing_a_dev_or_test_prompt": trained - len(pair_splits["train"]),
+        "pairs_left_out_with_a_repeated_id": sum(p.prompt not in where for p in labelled),
+        "prompts": {k: len({p.prompt for p in v}) for k, v in pair_splits.items()},
         "rows": {k: dict(Counter(r["kind"] for r in v)) for k, v in splits.items()},
         "label_counts": dict(Counter(p.label for p in labelled)),
         "sources": dict(Counter(p.source or "" for p in labelled)),

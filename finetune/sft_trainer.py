@@ -113,7 +113,8 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None):
     keep = labels.shape[1] - first + 1  # ... and the position before it, which predicts it
     outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep, use_cache=False)
     scored = labels[:, first:]
-    loss = F.cross_entropy(outputs.logits[:, :-1].flatten(0, 1).float(), scored.flatten(), ignore_index=-100,
+    logits = outputs.logits[:, -keep:]  # a model that ignores logits_to_keep returns every position
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), scored.flatten(), ignore_index=-100,
                            reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (scored != -100).sum()
     if torch.is_tensor(count):
@@ -122,7 +123,7 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None):
 
 
 def sft_trainer(**kwargs):
-    """TRL's SFTTrainer; off CUDA and XPU, its loss is transformers' own (one LM-head product, kept for backward).
+    """TRL's SFTTrainer; off CUDA and XPU, its loss is transformers' plain cross-entropy, computed by :func:`completion_loss`.
 
     TRL computes the loss through a fused, chunked LM head: on GPUs with Triton it scores only the target
     positions and saves the memory of the full logits. Elsewhere it scores every position through a loop of
@@ -131,8 +132,9 @@ def sft_trainer(**kwargs):
     on the same batches). Without it the run logs no ``entropy``, ``mean_token_accuracy`` or ``num_tokens``;
     the loss is the same cross-entropy on the same target tokens.
 
-    Off GPU the LM head also runs only where a target is (:func:`completion_loss`): a verdict row's target
-    is a few tokens after hundreds of prompt tokens, and the head over every position was a third of the step.
+    Off GPU the LM head also runs only from the batch's first target position on (:func:`completion_loss`):
+    a verdict row's target is a few tokens after hundreds of prompt tokens. Rows are padded on the right, so
+    in a batch of rows of different lengths it still runs over the longer rows' tails.
     """
     from transformers import Trainer
     from trl import SFTTrainer
@@ -146,6 +148,7 @@ def sft_trainer(**kwargs):
             if inputs["input_ids"].device.type in ("cuda", "xpu"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if (self.args.label_smoothing_factor or self.compute_loss_func is not None
+                    or getattr(self.args, "loss_type", "nll") != "nll" or getattr(self, "aux_loss_enabled", False)
                     or (self.args.average_tokens_across_devices and self.args.world_size > 1)):
                 # what completion_loss does not do: transformers' own loss does
                 return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,

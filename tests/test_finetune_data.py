@@ -176,8 +176,8 @@ def test_verdict_rows_are_what_direct_prob_sends_in_both_orders_labels_flipped_w
     from reflectagent.finetune.data import build_verdict_data
     from reflectagent.programs import named_program
 
-    pairs = [Pair(prompt=f"q{i}", response_a=f"a{i}", response_b=f"b{i}", id=f"p{i}", label="AB"[i % 2], source="s")
-             for i in range(20)]
+    pairs = [Pair(prompt=f"q{i % 10}", response_a=f"a{i}", response_b=f"b{i}", id=f"p{i}", label="AB"[i % 2], source="s")
+             for i in range(20)]  # ten prompts, two pairs each
     pairs += [Pair(prompt="q-tie", response_a="x", response_b="y", id="tie", label="tie"), Pair(prompt="q", response_a="x", response_b="z", id="none")]
     data = build_verdict_data(pairs, DataConfig(fractions="0.8,0.2,0"))
     rows = [r for split in data.splits.values() for r in split]
@@ -188,6 +188,12 @@ def test_verdict_rows_are_what_direct_prob_sends_in_both_orders_labels_flipped_w
         for r in split:
             splits_of.setdefault(r["pair_id"], set()).add(name)
     assert all(len(names) == 1 for names in splits_of.values())  # no pair in two splits
+    prompt_splits = {}
+    for name, chosen in data.pair_splits.items():
+        for pair in chosen:
+            prompt_splits.setdefault(pair.prompt, set()).add(name)
+    assert all(len(names) == 1 for names in prompt_splits.values())  # a prompt's pairs stay together: nothing dropped
+    assert len(data.pair_splits["dev"]) > 0 and data.stats["prompts"]["dev"] * 2 == len(data.pair_splits["dev"])
     by_key = {(r["pair_id"], r["order"]): r for r in rows}
     # p1 is labelled B: shown as given its target is B; swapped, the same response is shown first, so A
     assert by_key[("p1", "AB")]["completion"][0]["content"] == '{"preference":"B"}'
@@ -239,3 +245,30 @@ def test_finetune_data_kind_verdict_takes_the_train_split_and_makes_no_lm_call(t
         data_flag = [] if "--teacher-file" in flags else ["--data", str(source)]
         refused = CliRunner().invoke(app, ["finetune", "data", *data_flag, *flags, "--out", str(tmp_path / "x")])
         assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
+def test_finetune_data_kind_verdict_from_a_teacher_file_and_refusing_an_empty_result(tmp_path, monkeypatch):
+    import json
+
+    import datasets
+    from typer.testing import CliRunner
+
+    from reflectagent.cli import app
+
+    monkeypatch.delenv("REFLECTAGENT_EMBEDDED_URL", raising=False)
+    teacher = tmp_path / "teacher.jsonl"
+    teacher.write_text("\n".join(json.dumps({"id": f"t{i}", "prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}",
+                                             "teacher_analysis": "Response A is right.", "teacher_preference": "AB"[i % 2],
+                                             "teacher": "gpt"}) for i in range(12)) + "\n")
+    result = CliRunner().invoke(app, ["finetune", "data", "--kind", "verdict", "--teacher-file", str(teacher),
+                                      "--fractions", "1,0,0", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    card = json.loads((tmp_path / "t" / "data_card.json").read_text())
+    assert card["teachers"] == ["gpt"] and "teacher's preference" in card["labels"] and card["label_counts"] == {"A": 6, "B": 6}
+    assert len(datasets.load_from_disk(str(tmp_path / "t" / "unified"))["train"]) == 24
+
+    ties = tmp_path / "ties.jsonl"
+    ties.write_text("\n".join(json.dumps({"id": f"p{i}", "prompt": f"q{i}", "response_a": "x", "response_b": "y", "label": "tie"})
+                              for i in range(4)) + "\n")
+    refused = CliRunner().invoke(app, ["finetune", "data", "--kind", "verdict", "--data", str(ties), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "no training rows" in refused.output, refused.output
