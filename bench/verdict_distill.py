@@ -44,6 +44,7 @@ from reflectagent.backends import fingerprint, resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
+from reflectagent.finetune.selection import usable
 from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, merge_adapter, train_sft
 from reflectagent.paths import cache_root
 from reflectagent.programs import named_program
@@ -57,9 +58,8 @@ def train_pairs(per_source: int, max_chars: int):
     chosen = []
     for source in SOURCES:
         train = prompt_disjoint(splits[source]["train"], held_out)  # no test prompt, in other pairs either
-        usable = [p for p in train if p.label in ("A", "B") and not p.identical and p.response_a.strip()
-                  and p.response_b.strip() and len(p.prompt) + len(p.response_a) + len(p.response_b) <= max_chars]
-        chosen += sorted(usable, key=lambda p: stable_fraction("verdict-train", p.id))[:per_source]
+        kept = [p for p in train if usable(p, max_chars)]
+        chosen += sorted(kept, key=lambda p: stable_fraction("verdict-train", p.id))[:per_source]
     return chosen
 
 
