@@ -8,7 +8,8 @@ This trains that very token: verdict rows (``reflectagent finetune data --kind v
 both orders, the label following the response) from the **train** split of the same five human-labelled
 sets (seed 0, as ``eval --split`` and the quality bench draw them; its test pairs are the test split),
 less every train pair that shares a prompt with any set's dev or test pair (RM-Bench, PandaLM and HHH pair
-one prompt with several responses, and prompts recur across sets), so no test pair or prompt is trained on; ``--per-source`` pairs each, then LoRA SFT
+one prompt with several responses, and prompts recur across sets) or with the 32 pairs shipped for the README's
+demo, so no test pair, demo pair or their prompts are trained on; ``--per-source`` pairs each, then LoRA SFT
 (``train_sft``: checkpoints every ``--save-steps``, resumed when run again), a merged model, and
 ``direct-prob`` on the quality bench's first test sample (``--skip 0 --per-source 32``) and, with
 ``--fresh``, its second (``--skip 32 --per-source 35``). Nothing is chosen by looking at a test pair:
@@ -45,6 +46,7 @@ from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
 from reflectagent.finetune.selection import usable
+from reflectagent.pairs import sample_pairs
 from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, merge_adapter, train_sft
 from reflectagent.paths import cache_root
 from reflectagent.programs import named_program
@@ -55,6 +57,7 @@ def train_pairs(per_source: int, max_chars: int):
     loaded = {source: load_benchmark(SHARED / f"{source}.jsonl")[0] for source in SOURCES}
     splits = {source: split_pairs(pairs, seed=0) for source, pairs in loaded.items()}
     held_out = [p for split in splits.values() for p in split["dev"] + split["test"]]  # every set's: prompts recur across sets
+    held_out += sample_pairs()  # the README's demo judges these: it must not judge what was trained on
     chosen = []
     for source in SOURCES:
         train = prompt_disjoint(splits[source]["train"], held_out)  # no test prompt, in other pairs either
