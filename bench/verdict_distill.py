@@ -72,8 +72,8 @@ def training_key(args: argparse.Namespace, chosen) -> dict:
             "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16]}
 
 
-def train_and_merge(args: argparse.Namespace, chosen) -> None:
-    """Verdict rows, LoRA SFT (resumed from its checkpoints) and the merged model, each skipped when done."""
+def train(args: argparse.Namespace, chosen) -> None:
+    """Verdict rows and LoRA SFT (resumed from its checkpoints) into ``OUT/adapter``, skipped when it is there."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     adapter, key = args.out / "adapter", training_key(args, chosen)
     if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
@@ -84,7 +84,7 @@ def train_and_merge(args: argparse.Namespace, chosen) -> None:
                    DataConfig(fractions="0.9,0.1,0"), {"labels": "the data files' own labels (train split, seed 0)"})
         job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(job_dir),
                            epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
-                           max_length=1024, per_device_batch=2, gradient_accumulation=4,
+                           max_length=1024, per_device_batch=1, gradient_accumulation=8,  # two 1024-token rows at once: over 24 GB
                            save_steps=args.save_steps, eval_steps=args.save_steps)
         trained = train_sft(job)
         adapter.mkdir(parents=True, exist_ok=True)
@@ -97,10 +97,28 @@ def train_and_merge(args: argparse.Namespace, chosen) -> None:
             if (job_dir / name).exists():
                 shutil.copy(job_dir / name, args.out / name)
         shutil.copy(data_dir / "data_card.json", args.out / "data_card.json")
+
+
+def merge(args: argparse.Namespace) -> None:
+    """The adapter merged into the base, in float32 as the preset is served; skipped when done."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    adapter = args.out / "adapter"
     merged = cache_root() / "verdict-merged" / fingerprint(adapter)  # another adapter, another folder
     if not (merged / "done").exists():
         merge_adapter(adapter, merged, args.preset, dtype="float32")
         (merged / "done").touch()  # after the weights: a merge cut short is done again
+
+
+def in_own_process(target, *args) -> None:
+    """Run ``target`` in a spawned process, so its memory is given back when it ends: the trainer's 1.5B,
+    the merge's and the served one do not fit in 24 GB together (the merge was killed for memory when it
+    ran in the training process)."""
+    worker = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    worker.start()
+    worker.join()
+    if worker.exitcode != 0:
+        raise SystemExit(f"{target.__name__} failed (exit code {worker.exitcode}, -9: killed for memory); "
+                         "see above, then run the same command again: finished stages are kept")
 
 
 def main() -> None:
@@ -129,15 +147,11 @@ def main() -> None:
         raise SystemExit(f"{adapter} was trained with other settings or pairs ({made_from.read_text().strip()}): "
                          "give another --out, or delete that folder to train again")
 
-    merged = cache_root() / "verdict-merged" / (fingerprint(adapter) if (adapter / "adapter_model.safetensors").exists() else "-")
+    if not (adapter / "adapter_model.safetensors").exists():
+        in_own_process(train, args, chosen)
+    merged = cache_root() / "verdict-merged" / fingerprint(adapter)
     if not (merged / "done").exists():
-        # in a process of its own, so the training's memory is given back before the 1.5B is served
-        worker = multiprocessing.get_context("spawn").Process(target=train_and_merge, args=(args, chosen))
-        worker.start()
-        worker.join()
-        if worker.exitcode != 0:
-            raise SystemExit(f"training or merging failed (exit code {worker.exitcode}); see above")
-        merged = cache_root() / "verdict-merged" / fingerprint(adapter)
+        in_own_process(merge, args)
 
     samples = [("first", 0, args.eval_per_source)] + ([("fresh", 32, 35)] if args.fresh else [])
     settings = Settings(backends={"trained": BackendConfig(model="embedded", model_path=str(merged), dtype="float32",
