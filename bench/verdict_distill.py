@@ -45,9 +45,9 @@ from reflectagent.backends import fingerprint, resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
+from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, merge_adapter, train_sft
 from reflectagent.finetune.selection import usable
 from reflectagent.pairs import sample_pairs
-from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, merge_adapter, train_sft
 from reflectagent.paths import cache_root
 from reflectagent.programs import named_program
 from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
@@ -117,8 +117,9 @@ def in_own_process(target, *args) -> None:
     worker.start()
     worker.join()
     if worker.exitcode != 0:
-        raise SystemExit(f"{target.__name__} failed (exit code {worker.exitcode}, -9: killed for memory); "
-                         "see above, then run the same command again: finished stages are kept")
+        why = "killed, most likely for memory: is anything else running?" if worker.exitcode == -9 else "see above"
+        raise SystemExit(f"{target.__name__} failed (exit code {worker.exitcode}: {why}); "
+                         "run the same command again: finished stages are kept")
 
 
 def main() -> None:
