@@ -72,41 +72,44 @@ def training_key(args: argparse.Namespace, chosen) -> dict:
             "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16]}
 
 
-def train(args: argparse.Namespace, chosen) -> None:
-    """Verdict rows and LoRA SFT (resumed from its checkpoints) into ``OUT/adapter``, skipped when it is there."""
+def log_to_stderr() -> None:
+    """Each stage runs in a spawned process of its own, which starts with no logging set up."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def train(args: argparse.Namespace, chosen) -> None:
+    """Verdict rows and LoRA SFT (resumed from its checkpoints) into ``OUT/adapter``, its weights copied last."""
+    log_to_stderr()
     adapter, key = args.out / "adapter", training_key(args, chosen)
-    if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
-        settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
-        run = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]  # checkpoints of this very job only
-        data_dir, job_dir = cache_root() / "verdict-data" / run, cache_root() / "verdict-sft" / run
-        label_data(chosen, "student", settings, data_dir,
-                   DataConfig(fractions="0.9,0.1,0"), {"labels": "the data files' own labels (train split, seed 0)"})
-        job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(job_dir),
-                           epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
-                           max_length=1024, per_device_batch=1, gradient_accumulation=8,  # two 1024-token rows at once: over 24 GB
-                           save_steps=args.save_steps, eval_steps=args.save_steps)
-        trained = train_sft(job)
-        adapter.mkdir(parents=True, exist_ok=True)
-        (adapter / "training.json").write_text(json.dumps(key, indent=1))
-        for name in ("adapter_config.json", "adapter_model.safetensors"):  # the base's tokenizer is used with it
-            shutil.copy(trained / name, adapter / f"{name}.partial")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            (adapter / f"{name}.partial").rename(adapter / name)
-        for name in ("run_card.json", "training_curve.png"):
-            if (job_dir / name).exists():
-                shutil.copy(job_dir / name, args.out / name)
-        shutil.copy(data_dir / "data_card.json", args.out / "data_card.json")
+    settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
+    run = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]  # checkpoints of this very job only
+    data_dir, job_dir = cache_root() / "verdict-data" / run, cache_root() / "verdict-sft" / run
+    label_data(chosen, "student", settings, data_dir,
+               DataConfig(fractions="0.9,0.1,0"), {"labels": "the data files' own labels (train split, seed 0)"})
+    job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(job_dir),
+                       epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
+                       max_length=1024, per_device_batch=1, gradient_accumulation=8,  # two 1024-token rows at once: over 24 GB
+                       save_steps=args.save_steps, eval_steps=args.save_steps)
+    trained = train_sft(job)
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "training.json").write_text(json.dumps(key, indent=1))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the base's tokenizer is used with it
+        shutil.copy(trained / name, adapter / f"{name}.partial")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter / f"{name}.partial").rename(adapter / name)
+    for name in ("run_card.json", "training_curve.png"):
+        if (job_dir / name).exists():
+            shutil.copy(job_dir / name, args.out / name)
+    shutil.copy(data_dir / "data_card.json", args.out / "data_card.json")
 
 
 def merge(args: argparse.Namespace) -> None:
-    """The adapter merged into the base, in float32 as the preset is served; skipped when done."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    """The adapter merged into the base, in float32 as the preset is served."""
+    log_to_stderr()
     adapter = args.out / "adapter"
     merged = cache_root() / "verdict-merged" / fingerprint(adapter)  # another adapter, another folder
-    if not (merged / "done").exists():
-        merge_adapter(adapter, merged, args.preset, dtype="float32")
-        (merged / "done").touch()  # after the weights: a merge cut short is done again
+    merge_adapter(adapter, merged, args.preset, dtype="float32")
+    (merged / "done").touch()  # after the weights: a merge cut short is done again
 
 
 def in_own_process(target, *args) -> None:
@@ -139,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.eval_per_source > 32:
         parser.error("--eval-per-source is at most 32: the quality bench's fresh sample starts at each source's 33rd pair")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    log_to_stderr()
     args.out.mkdir(parents=True, exist_ok=True)
     adapter = args.out / "adapter"
     chosen = train_pairs(args.per_source, args.max_chars)
@@ -148,7 +151,7 @@ def main() -> None:
         raise SystemExit(f"{adapter} was trained with other settings or pairs ({made_from.read_text().strip()}): "
                          "give another --out, or delete that folder to train again")
 
-    if not (adapter / "adapter_model.safetensors").exists():
+    if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
         in_own_process(train, args, chosen)
     merged = cache_root() / "verdict-merged" / fingerprint(adapter)
     if not (merged / "done").exists():
