@@ -1,6 +1,7 @@
 """Does training the verdict token make the 1.5B a judge? Train on labels, then measure on the quality bench's test pairs.
 
     .venv/bin/python bench/verdict_distill.py [--preset qwen2.5-coder-1.5b] [--per-source 40] [--fresh] [--out bench/results/verdict-1.5b]
+        [--adapter reflectagent/data/adapters/qwen2.5-coder-1.5b-verdict]
 
 Zero-shot, the 1.5B's verdict-token probability carries some signal and its order average is near
 chance over five sources (``bench/judge_quality.py``: direct-prob 55.6% and 51.0% on two samples).
@@ -16,10 +17,12 @@ demo, so no test pair, demo pair or their prompts are trained on; ``--per-source
 the sizes and the training settings are fixed here before the run, and the dev rows (10% of the
 training pairs) give the only feedback, an eval loss.
 
-Every judgment is cached in ``OUT/cache`` (committed with the report); the adapter is kept in
-``OUT/adapter`` (about 18 MB), the merged model in ``~/.cache/reflectagent/verdict-merged/<the
-adapter's fingerprint>`` (not committed: it is rebuilt from the adapter). Run again, each stage that has its output is skipped; an
-adapter trained with other settings or pairs is refused (``OUT/adapter/training.json``). The cache keys on
+Every judgment is cached in ``OUT/cache`` (committed with the report). The adapter (about 18 MB) is
+written to ``--adapter``, by default the folder the ``<preset>-verdict`` tuned preset ships
+(``reflectagent/data/adapters``): this script is how that adapter is made. The merged model is kept in
+``~/.cache/reflectagent/verdict-merged/<the adapter's fingerprint>`` (not committed: it is rebuilt from the
+adapter). Run again, each stage that has its output is skipped; an adapter trained with other settings or
+pairs is refused (``ADAPTER/training.json``). The cache keys on
 the merged weights' fingerprint: a merge on another machine or torch build that is not bit-identical
 makes those judgments again rather than reuse them.
 Run it with nothing else on the machine: the 1.5B in training and the 1.5B served do not fit in 24 GB
@@ -49,6 +52,7 @@ from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, merge_ad
 from reflectagent.finetune.selection import usable
 from reflectagent.pairs import sample_pairs
 from reflectagent.paths import cache_root
+from reflectagent.presets import ADAPTERS_DIR
 from reflectagent.programs import named_program
 from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
 
@@ -78,9 +82,9 @@ def log_to_stderr() -> None:
 
 
 def train(args: argparse.Namespace, chosen) -> None:
-    """Verdict rows and LoRA SFT (resumed from its checkpoints) into ``OUT/adapter``, its weights copied last."""
+    """Verdict rows and LoRA SFT (resumed from its checkpoints) into ``--adapter``, its weights copied last."""
     log_to_stderr()
-    adapter, key = args.out / "adapter", training_key(args, chosen)
+    adapter, key = args.adapter, training_key(args, chosen)
     settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
     run = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]  # checkpoints of this very job only
     data_dir, job_dir = cache_root() / "verdict-data" / run, cache_root() / "verdict-sft" / run
@@ -106,7 +110,7 @@ def train(args: argparse.Namespace, chosen) -> None:
 def merge(args: argparse.Namespace) -> None:
     """The adapter merged into the base, in float32 as the preset is served."""
     log_to_stderr()
-    adapter = args.out / "adapter"
+    adapter = args.adapter
     merged = cache_root() / "verdict-merged" / fingerprint(adapter)  # another adapter, another folder
     merge_adapter(adapter, merged, args.preset, dtype="float32")
     (merged / "done").touch()  # after the weights: a merge cut short is done again
@@ -139,17 +143,20 @@ def main() -> None:
     parser.add_argument("--eval-per-source", type=int, default=32, help="the first sample's pairs per source (at most 32: the fresh sample starts at 33)")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/results/verdict-1.5b"))
+    parser.add_argument("--adapter", type=Path, help="where the adapter is trained to (default: the one the "
+                                                     "'<preset>-verdict' preset ships, in reflectagent/data/adapters)")
     args = parser.parse_args()
+    args.adapter = args.adapter or ADAPTERS_DIR / f"{args.preset}-verdict"
     if args.eval_per_source > 32:
         parser.error("--eval-per-source is at most 32: the quality bench's fresh sample starts at each source's 33rd pair")
     log_to_stderr()
     args.out.mkdir(parents=True, exist_ok=True)
-    adapter = args.out / "adapter"
+    adapter = args.adapter
     chosen = train_pairs(args.per_source, args.max_chars)
     made_from = adapter / "training.json"
     if made_from.exists() and json.loads(made_from.read_text()) != training_key(args, chosen):
         raise SystemExit(f"{adapter} was trained with other settings or pairs ({made_from.read_text().strip()}): "
-                         "give another --out, or delete that folder to train again")
+                         "give another --adapter and --out, or delete that folder to train again")
 
     if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
         in_own_process(train, args, chosen)

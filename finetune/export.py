@@ -16,21 +16,13 @@ logger = logging.getLogger(__name__)
 
 def merge_adapter(adapter: str | Path, out: str | Path, base_model: str = "embedded", dtype: str = "bfloat16") -> Path:
     """Fold the LoRA ``adapter`` into ``base_model`` and save a servable model folder at ``out``."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from reflectagent.models import prepare_model
+    from reflectagent.models import merge_lora, prepare_model
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
     base = prepare_model(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tokenizer_source = adapter if (adapter / "tokenizer_config.json").exists() else base
-    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(out)
+    tokenizer_from = adapter if (adapter / "tokenizer_config.json").exists() else base
+    merge_lora(base, adapter, out, dtype, tokenizer_from=tokenizer_from)
     logger.info("merged %s into %s -> %s", adapter, base, out)
     return out

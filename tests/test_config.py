@@ -32,7 +32,8 @@ def test_toml_backends_resolve_to_lms_without_leaking_the_key(tmp_path, monkeypa
     path.write_text(TOML)
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
     settings = load_settings(path)
-    assert set(settings.backends) == {"embedded", "api", "local", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"}
+    assert set(settings.backends) == {"embedded", "api", "local", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b",
+                                     "qwen2.5-coder-1.5b-verdict"}
     lm = resolve_backend(settings=settings)
     assert lm.backend.name == "api" and lm.model == "openai/gpt-4o-mini" and lm.kwargs["temperature"] == 0.3
     assert "sk-secret-123" not in repr(lm.backend.identity)

@@ -151,7 +151,7 @@ def test_prepare_model_takes_preset_names(monkeypatch):
     monkeypatch.setattr("reflectagent.presets.prepare_preset", lambda name, force: asked.append((name, force)) or Path("x"))
     assert prepare_model("qwen2.5-coder-0.5b", force=True) == Path("x")
     assert asked == [("qwen2.5-coder-0.5b", True)]
-    with pytest.raises(ModelPreparationError, match="unknown preset 'nope'; known: qwen2.5-coder-0.5b, qwen2.5-coder-1.5b"):
+    with pytest.raises(ModelPreparationError, match="unknown preset 'nope'; known: qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, qwen2.5-coder-1.5b-verdict"):
         prepare_preset("nope")
 
 
@@ -209,3 +209,85 @@ def test_real_preset_is_served_and_judges(tmp_path, cache):
     for judgment in judgments:
         assert len(judgment.steps) == 2
         assert all(step.parsed for step in judgment.steps), [step.error or step.raw for step in judgment.steps]
+
+
+def test_the_shipped_verdict_adapter_is_whole_and_made_for_its_base():
+    """The tuned preset's adapter ships as package data: every layer's q/k/v/o pair is there, trained on its base."""
+    from safetensors import safe_open
+
+    from reflectagent.presets import TunedPreset
+
+    tuned = PRESETS["qwen2.5-coder-1.5b-verdict"]
+    assert isinstance(tuned, TunedPreset) and isinstance(PRESETS[tuned.base], Preset)
+    assert (tuned.max_model_len, tuned.dtype) == (4096, "float32")  # served like its base
+    config = json.loads((tuned.adapter_dir / "adapter_config.json").read_text())
+    assert json.loads((tuned.adapter_dir / "training.json").read_text())["preset"] == tuned.base
+    with safe_open(tuned.adapter_dir / "adapter_model.safetensors", "pt") as weights:
+        keys = set(weights.keys())
+    layers = {int(re.search(r"layers\.(\d+)\.", key)[1]) for key in keys}
+    assert layers == set(range(28))  # Qwen2.5-1.5B has 28 layers
+    assert len(keys) == 28 * len(config["target_modules"]) * 2  # lora_A and lora_B of each
+
+
+@pytest.mark.torch
+def test_a_tuned_preset_merges_its_adapter_once_and_again_when_it_changes(model_dir, lora_dir, tmp_path, monkeypatch):
+    """The merged folder holds base + (alpha / r) B A where the adapter applies and the base elsewhere; it is
+    reused while base and adapter are the same, merged again when the adapter changes, and a failed merge
+    leaves nothing half-written."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from reflectagent import presets
+
+    monkeypatch.setenv("REFLECTAGENT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(presets, "ADAPTERS_DIR", tmp_path / "adapters")
+    shutil.copytree(lora_dir, tmp_path / "adapters" / "judge")
+    monkeypatch.setitem(presets.PRESETS, "base", tiny_preset(1, name="base"))
+    monkeypatch.setattr(presets, "prepare_preset", lambda name, pip_args=(): model_dir)  # the base, as prepared
+    tuned = presets.TunedPreset(name="tuned", base="base", adapter="judge", note="test")
+
+    out = presets.prepare_tuned(tuned)
+    assert out == models_dir() / "tuned" and not (models_dir() / "tuned.partial").exists()
+    source = json.loads((out / SOURCE_FILE).read_text())
+    assert source["adapter_fingerprint"] and source["dtype"] == "float32" and source["max_model_len"] == 4096
+    base, merged = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    adapter = load_file(tmp_path / "adapters" / "judge" / "adapter_model.safetensors")
+    config = json.loads((lora_dir / "adapter_config.json").read_text())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    lora_a, lora_b = (adapter[f"base_model.model.{q[:-len('.weight')]}.lora_{x}.weight"] for x in "AB")
+    assert merged[q].dtype == torch.float32
+    delta = merged[q] - base[q].float()
+    assert torch.allclose(delta, config["lora_alpha"] / config["r"] * lora_b.float() @ lora_a.float(), atol=1e-5)
+    assert delta.abs().max() > 0
+    k = "model.layers.0.self_attn.k_proj.weight"  # not a target module
+    assert torch.equal(merged[k], base[k].float())
+
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    assert presets.prepare_tuned(tuned) == out and (out / "model.safetensors").stat().st_mtime_ns == written
+    (tmp_path / "adapters" / "judge" / "training.json").write_text('{"retrained": true}\n')
+    presets.prepare_tuned(tuned)
+    assert (out / "model.safetensors").stat().st_mtime_ns != written  # another adapter: merged again
+
+    (tmp_path / "adapters" / "judge" / "adapter_model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(Exception):
+        presets.prepare_tuned(tuned, force=True)
+    assert not (models_dir() / "tuned.partial").exists() and (out / SOURCE_FILE).exists()  # the last good merge stays
+    shutil.rmtree(tmp_path / "adapters" / "judge")
+    with pytest.raises(ModelPreparationError, match="adapter is missing from this installation"):
+        presets.prepare_tuned(tuned)
+
+
+def test_a_merge_never_replaces_a_folder_of_other_files(tmp_path):
+    from reflectagent.models import merge_lora
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.md").write_text("years of work")
+    with pytest.raises(ModelPreparationError, match="holds files but no model"):
+        merge_lora(tmp_path / "base", adapter, notes)
+    assert (notes / "thesis.md").read_text() == "years of work"
