@@ -140,7 +140,7 @@ def merge_lora(base: Path, adapter: Path, out: Path, dtype: str = "bfloat16", *,
                                     "install reflectagent[finetune]") from exc
     if not (adapter / "adapter_config.json").exists():
         raise ModelPreparationError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+    if out.exists() and not (out / "config.json").exists() and (not out.is_dir() or any(out.iterdir())):
         raise ModelPreparationError(f"{out} holds files but no model, and a merge replaces the whole folder: "
                                     "give an empty or new folder")
     logger.info("merging %s into %s -> %s (%s)", adapter, base, out, dtype)
