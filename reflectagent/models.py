@@ -9,6 +9,7 @@ hub unless the user names a hub id.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -86,6 +87,24 @@ def _download_gguf() -> Path:
     return cached
 
 
+@contextlib.contextmanager
+def landing(out: Path, made_from: str, source: dict | None = None):
+    """A ``.partial`` folder to write a model into; on success ``source`` and the done marker are added
+    and it replaces ``out`` in one rename, so a crash never leaves a half folder in place."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield partial
+        if source is not None:
+            (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        (partial / DONE_MARKER).write_text(made_from + "\n")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+
+
 def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", *, source: dict | None = None) -> Path:
     """Dequantise a GGUF into a Hugging Face folder (weights, tokenizer, chat template).
 
@@ -100,9 +119,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", *, source: dict
             "converting a GGUF needs torch, transformers and gguf: install reflectagent[serve]"
         ) from exc
     logger.info("converting %s -> %s (%s)", gguf.name, out, dtype)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with landing(out, gguf.name, source) as partial:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # A dequantised GGUF still carries its quantisation config, which save_pretrained refuses.
@@ -111,14 +128,6 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", *, source: dict
             del model.config.quantization_config
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        if source is not None:
-            (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        (partial / DONE_MARKER).write_text(gguf.name + "\n")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)  # atomic: a crash mid-conversion never leaves a half folder in place
     return out
 
 
@@ -144,21 +153,11 @@ def merge_lora(base: Path, adapter: Path, out: Path, dtype: str = "bfloat16", *,
         raise ModelPreparationError(f"{out} holds files but no model, and a merge replaces the whole folder: "
                                     "give an empty or new folder")
     logger.info("merging %s into %s -> %s (%s)", adapter, base, out, dtype)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    with landing(out, adapter.name, source) as partial:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
         PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(partial)
         del model
         AutoTokenizer.from_pretrained(tokenizer_from or base).save_pretrained(partial)
-        if source is not None:
-            (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        (partial / DONE_MARKER).write_text(adapter.name + "\n")
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
     return out
 
 
@@ -166,21 +165,24 @@ DEFAULT_CONTEXT = 2048  # the embedded SmolLM2's serving length (its judge promp
 DEFAULT_DTYPE = "bfloat16"
 
 
-def _source(folder: str | Path) -> dict:
-    source = Path(folder) / SOURCE_FILE
-    return json.loads(source.read_text()) if source.exists() else {}
+def read_source(folder: str | Path) -> dict:
+    """What a prepared folder says it was made from (``SOURCE_FILE``); {} where it says nothing readable."""
+    try:
+        return json.loads((Path(folder) / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def default_context(folder: str | Path) -> int:
     """The context length to serve a prepared folder with: its preset's, else ``DEFAULT_CONTEXT``."""
-    return int(_source(folder).get("max_model_len") or DEFAULT_CONTEXT)
+    return int(read_source(folder).get("max_model_len") or DEFAULT_CONTEXT)
 
 
 def default_dtype(folder: str | Path) -> str:
     """The dtype to serve a prepared folder in: its preset's (see ``Preset.dtype``), else ``DEFAULT_DTYPE``."""
     from reflectagent.presets import PRESETS  # presets builds on this module
 
-    preset = PRESETS.get(_source(folder).get("name", ""))
+    preset = PRESETS.get(read_source(folder).get("name", ""))
     return preset.dtype if preset else DEFAULT_DTYPE
 
 

