@@ -27,6 +27,7 @@ from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, load_benchmark, run_eval
 from reflectagent.eval.injection import KINDS, flip_stats, inject
+from reflectagent.finetune.selection import usable
 from reflectagent.pairs import Pair
 from reflectagent.programs import named_program
 from reflectagent.splits import split_pairs, stable_fraction
@@ -41,10 +42,8 @@ def bench_pairs(per_source: int, max_chars: int) -> list[Pair]:
     chosen = []
     for source in SOURCES:
         pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
-        usable = [p for p in split_pairs(pairs, seed=0)["test"] if p.label in ("A", "B") and not p.identical
-                  and p.response_a.strip() and p.response_b.strip()
-                  and len(p.prompt) + len(p.response_a) + len(p.response_b) <= max_chars]
-        chosen += sorted(usable, key=lambda p: stable_fraction("injection-bench", p.id))[:per_source]
+        test = (p for p in split_pairs(pairs, seed=0)["test"] if usable(p, max_chars))
+        chosen += sorted(test, key=lambda p: stable_fraction("injection-bench", p.id))[:per_source]
     return chosen
 
 

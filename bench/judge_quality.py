@@ -31,6 +31,7 @@ from reflectagent.backends import resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
+from reflectagent.finetune.selection import usable
 from reflectagent.pairs import Pair
 from reflectagent.programs import named_program
 from reflectagent.programs.compile import teacher_demos, with_demos
@@ -53,9 +54,7 @@ def test_pairs(per_source: int, max_chars: int, skip: int = 0) -> list[Pair]:
     for source in SOURCES:
         pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
         test = split_pairs(pairs, seed=0)["test"]
-        usable = [p for p in test if p.label in ("A", "B") and not p.identical and p.response_a.strip()
-                  and p.response_b.strip() and len(p.prompt) + len(p.response_a) + len(p.response_b) <= max_chars]
-        chosen += sorted(usable, key=lambda p: stable_fraction("quality-bench", p.id))[skip:skip + per_source]
+        chosen += sorted((p for p in test if usable(p, max_chars)), key=lambda p: stable_fraction("quality-bench", p.id))[skip:skip + per_source]
     return chosen
 
 

@@ -22,9 +22,10 @@ written to ``--adapter``, by default the folder the ``<preset>-verdict`` tuned p
 (``reflectagent/data/adapters``): this script is how that adapter is made. The merged model is kept in
 ``~/.cache/reflectagent/verdict-merged/<the adapter's fingerprint>`` (not committed: it is rebuilt from the
 adapter). Run again, each stage that has its output is skipped; an adapter trained with other settings or
-pairs is refused (``ADAPTER/training.json``). The cache keys on
-the merged weights' fingerprint: a merge on another machine or torch build that is not bit-identical
-makes those judgments again rather than reuse them.
+pairs is refused (``ADAPTER/training.json``). The merged folder records what it was merged from (the
+base's GGUF sha256 and the adapter's fingerprint), so the cache keys on those, as it does for the tuned
+preset (``reflectagent.backends.model_identity``): the same adapter judged here and through the preset
+shares its judgments, on any machine.
 Run it with nothing else on the machine: the 1.5B in training and the 1.5B served do not fit in 24 GB
 together (``results/README.md``).
 """
@@ -48,11 +49,12 @@ from reflectagent.backends import fingerprint, resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
-from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, merge_adapter, train_sft
+from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, train_sft
 from reflectagent.finetune.selection import usable
 from reflectagent.pairs import sample_pairs
+from reflectagent.models import is_prepared, merge_lora, prepare_model
 from reflectagent.paths import cache_root
-from reflectagent.presets import ADAPTERS_DIR
+from reflectagent.presets import ADAPTERS_DIR, prepared_sha256
 from reflectagent.programs import named_program
 from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
 
@@ -110,10 +112,12 @@ def train(args: argparse.Namespace, chosen) -> None:
 def merge(args: argparse.Namespace) -> None:
     """The adapter merged into the base, in float32 as the preset is served."""
     log_to_stderr()
-    adapter = args.adapter
+    adapter, base = args.adapter, prepare_model(args.preset)
     merged = cache_root() / "verdict-merged" / fingerprint(adapter)  # another adapter, another folder
-    merge_adapter(adapter, merged, args.preset, dtype="float32")
-    (merged / "done").touch()  # after the weights: a merge cut short is done again
+    # lands atomically (a merge cut short is done again); the source names it for the judgment cache
+    merge_lora(base, adapter, merged, "float32", source={
+        "name": f"{args.preset} + {adapter.name}", "base_sha256": prepared_sha256(base),
+        "adapter_fingerprint": fingerprint(adapter), "dtype": "float32", "max_model_len": 4096})
 
 
 def in_own_process(target, *args) -> None:
@@ -161,7 +165,7 @@ def main() -> None:
     if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
         in_own_process(train, args, chosen)
     merged = cache_root() / "verdict-merged" / fingerprint(adapter)
-    if not (merged / "done").exists():
+    if not is_prepared(merged):
         in_own_process(merge, args)
 
     samples = [("first", 0, args.eval_per_source)] + ([("fresh", 32, 35)] if args.fresh else [])

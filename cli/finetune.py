@@ -96,13 +96,13 @@ def data(
             fail(f"no pairs to build data from (the {split} split of {data})" if split != "all" else f"no pairs in {data}", 2)
         if shared_prompt:
             typer.secho(f"left out {shared_prompt} train pair(s) that share a prompt with a dev or test pair", fg="yellow", err=True)
+        card = {"labels": "the data files' own labels", "split": split, "split_seed": split_seed,
+                "train_pairs_left_out_for_sharing_a_dev_or_test_prompt": shared_prompt}
         if kind == "verdict":
-            card = {"labels": "the data files' own labels", "split": split, "split_seed": split_seed,
-                    "train_pairs_left_out_for_sharing_a_dev_or_test_prompt": shared_prompt}
             built = label_data(pairs, backend_name, settings, out, data_config, card)
         else:
             with use_cache(open_cache(settings, cache_dir)):
-                built = distil(pairs, backend_name, settings, out, data_config, **options)
+                built = distil(pairs, backend_name, settings, out, data_config, **options, card=card)
     typer.echo(json.dumps(built.stats, indent=2))
     if kind == "verdict":
         if not built.splits.get("train"):

@@ -47,18 +47,20 @@ def for_backend(config: DataConfig | None, backend) -> DataConfig:
 
 
 def distil(pairs: list[Pair], teacher: str | None, settings: Settings, out: Path, config: DataConfig | None = None, *,
-           samples: int = 4, temperature: float = 0.8, concurrency: int = 8, progress: bool = True) -> UnifiedData:
+           samples: int = 4, temperature: float = 0.8, concurrency: int = 8, progress: bool = True,
+           card: dict | None = None) -> UnifiedData:
     """Teacher traces on ``pairs`` with backend ``teacher``, then the unified data, saved into ``out``.
 
     The rows are rendered by the teacher backend's own adapter, and cut to its input budget unless
     ``config.context_chars`` says otherwise (:func:`for_backend`), so they match what that backend
     is served. ``teacher`` None is the configured default backend. ``out`` gets
     the datasets, the data card and ``traces.jsonl`` (every teacher analysis with its
-    correctness, for reading; resuming goes through the cache).
+    correctness, for reading; resuming goes through the cache); ``card`` adds to the data card (say
+    which pairs these are).
     """
     program = ReflectRM(samples=samples, temperature=temperature)
     return _distil(lambda: collect_traces(pairs, program, concurrency=concurrency, progress=progress),
-                   teacher, settings, out, config, concurrency)
+                   teacher, settings, out, config, concurrency, card)
 
 
 def teacher_traces(judgments: list[TeacherJudgment], student: list[Trace | None] | None = None) -> list[Trace]:

@@ -190,6 +190,27 @@ def fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_identity(folder: str | Path) -> str:
+    """What judgments made by a model folder are keyed on: its pinned inputs where it has them, else its contents.
+
+    A folder that ``models prepare`` made from pinned inputs (a preset's verified GGUF, and for a tuned
+    preset the shipped adapter too) is named by them. Its bytes would be the wrong name: they also hold
+    our record of its source, which gains fields as the code grows, and the version of transformers
+    that wrote ``config.json``. Either changes the bytes, not the model, and a cache made on one machine
+    then missed on the next (every committed bench cache did once). Hashing 3.5 to 7 GB also cost
+    seconds at every start. Any other folder (a conversion with no pin, a fine-tuned or merged model)
+    is named by :func:`fingerprint`.
+    """
+    from reflectagent.models import is_prepared, read_source
+
+    source = read_source(folder) if is_prepared(Path(folder)) else {}
+    if source.get("sha256"):
+        return f"gguf-sha256:{source['sha256'][:16]}"
+    if source.get("base_sha256") and source.get("adapter_fingerprint"):
+        return f"gguf-sha256:{source['base_sha256'][:16]}+lora:{source['adapter_fingerprint']}"
+    return fingerprint(folder)
+
+
 def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
     from reflectagent.embedded import SERVED_NAME, embedded_url
     from reflectagent.models import DEFAULT_DTYPE, default_dtype, prepare_model
@@ -198,7 +219,7 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
     dtype = config.dtype or default_dtype(model_dir)
     loras = {k: str(Path(v).expanduser().resolve()) for k, v in config.lora.items()}
     identity = {
-        "model": EMBEDDED, "base": fingerprint(model_dir),
+        "model": EMBEDDED, "base": model_identity(model_dir),
         "adapter": [config.adapter, fingerprint(loras[config.adapter])] if config.adapter else None,
         "temperature": config.temperature, "max_tokens": config.max_tokens, "tag": config.cache_tag,
         # the dtype changes the outputs; bfloat16, the first default, stays out so older caches keep their keys

@@ -160,6 +160,7 @@ def test_finetune_data_distils_a_file_and_a_rerun_reproduces_it(server, tmp_path
     assert all(len(t["judgment"]["analyses"]) == 2 and len(t["analysis_correct"]) == 2 for t in traces)
     card = json.loads((tmp_path / "one" / "data_card.json").read_text())
     assert card == json.loads(first.stdout[:first.stdout.rindex("}") + 1])
+    assert (card["labels"], card["split"], card["split_seed"]) == ("the data files' own labels", "all", 0)
     cli(*args, "--out", tmp_path / "two", env=env)
     assert json.loads((tmp_path / "two" / "data_card.json").read_text()) == card
     again = [json.loads(line) for line in (tmp_path / "two" / "traces.jsonl").read_text().splitlines()]

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -85,6 +86,35 @@ def test_model_folders_that_differ_only_deep_in_the_weights_are_different_backen
     for path in (tmp_path / "response").iterdir():
         (tmp_path / "copy" / path.name).write_bytes(path.read_bytes())
     assert fingerprint(tmp_path / "copy") == fingerprint(tmp_path / "response")  # the place does not matter
+
+
+def test_a_prepared_preset_is_keyed_on_its_pins_and_any_other_folder_on_its_bytes(tmp_path):
+    """The same preset prepared by another version of our code or of transformers (another source record,
+    another ``transformers_version`` in config.json) is the same model: its judgments must be found again.
+    A different pin is another model; a folder with no pin (a fine-tuned model) is keyed on its bytes."""
+    from reflectagent.backends import fingerprint
+    from reflectagent.config import BackendConfig, Settings
+    from reflectagent.models import landing
+
+    def prepared(name: str, source: dict | None, transformers_version: str = "5.19.0"):
+        with landing(tmp_path / name, "x.gguf", source) as partial:
+            partial.mkdir()
+            (partial / "config.json").write_text(json.dumps({"model_type": "qwen2", "transformers_version": transformers_version}))
+            (partial / "model.safetensors").write_bytes(b"weights")
+        backend = resolve_backend("local", Settings(backends={"local": BackendConfig(model="embedded", model_path=str(tmp_path / name))}))
+        return backend.backend.identity["base"]
+
+    pin = {"name": "qwen2.5-coder-1.5b", "sha256": "cc324af070c2ecbf" + "0" * 48}
+    first = prepared("first", pin)
+    assert first == prepared("later", {**pin, "dtype": "float32", "note": "a field added since"}, "5.18.0")
+    assert first != prepared("other", {**pin, "sha256": "1d9614638d18024d" + "0" * 48})
+    tuned = {"base_sha256": pin["sha256"], "adapter_fingerprint": "aaaa"}
+    assert prepared("tuned", tuned) not in (first, prepared("retrained", {**tuned, "adapter_fingerprint": "bbbb"}))
+    assert prepared("unpinned", None) == fingerprint(tmp_path / "unpinned")
+    assert prepared("unpinned", None, "5.18.0") != prepared("unpinned-2", None)  # no pin: the bytes decide
+    (tmp_path / "first" / ".reflectagent-complete").unlink()  # not a finished preparation: its record is not trusted
+    assert resolve_backend("x", Settings(backends={"x": BackendConfig(model="embedded", model_path=str(tmp_path / "first"))})
+                           ).backend.identity["base"] == fingerprint(tmp_path / "first")
 
 
 def test_every_option_reaches_a_hosted_vllm_backend(tmp_path):
