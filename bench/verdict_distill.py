@@ -52,7 +52,7 @@ from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
 from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, train_sft
 from reflectagent.finetune.selection import usable
 from reflectagent.pairs import sample_pairs
-from reflectagent.models import is_prepared, merge_lora, prepare_model
+from reflectagent.models import is_prepared, merge_lora, prepare_model, read_source
 from reflectagent.paths import cache_root
 from reflectagent.presets import ADAPTERS_DIR, prepared_sha256
 from reflectagent.programs import named_program
@@ -109,15 +109,18 @@ def train(args: argparse.Namespace, chosen) -> None:
     shutil.copy(data_dir / "data_card.json", args.out / "data_card.json")
 
 
+def merged_source(args: argparse.Namespace) -> dict:
+    """What the merged folder is made from: its record, and the judgment cache's name for it (``model_identity``)."""
+    adapter = args.adapter
+    return {"name": f"{args.preset} + {adapter.name}", "base_sha256": prepared_sha256(prepare_model(args.preset)),
+            "adapter_fingerprint": fingerprint(adapter), "dtype": "float32", "max_model_len": 4096}
+
+
 def merge(args: argparse.Namespace) -> None:
-    """The adapter merged into the base, in float32 as the preset is served."""
+    """The adapter merged into the base, in float32 as the preset is served; lands atomically."""
     log_to_stderr()
-    adapter, base = args.adapter, prepare_model(args.preset)
-    merged = cache_root() / "verdict-merged" / fingerprint(adapter)  # another adapter, another folder
-    # lands atomically (a merge cut short is done again); the source names it for the judgment cache
-    merge_lora(base, adapter, merged, "float32", source={
-        "name": f"{args.preset} + {adapter.name}", "base_sha256": prepared_sha256(base),
-        "adapter_fingerprint": fingerprint(adapter), "dtype": "float32", "max_model_len": 4096})
+    merged = cache_root() / "verdict-merged" / fingerprint(args.adapter)  # another adapter, another folder
+    merge_lora(prepare_model(args.preset), args.adapter, merged, "float32", source=merged_source(args))
 
 
 def in_own_process(target, *args) -> None:
@@ -165,7 +168,7 @@ def main() -> None:
     if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
         in_own_process(train, args, chosen)
     merged = cache_root() / "verdict-merged" / fingerprint(adapter)
-    if not is_prepared(merged):
+    if not (is_prepared(merged) and read_source(merged) == merged_source(args)):  # a merge of older code has no record
         in_own_process(merge, args)
 
     samples = [("first", 0, args.eval_per_source)] + ([("fresh", 32, 35)] if args.fresh else [])

@@ -193,21 +193,33 @@ def fingerprint(folder: str | Path) -> str:
 def model_identity(folder: str | Path) -> str:
     """What judgments made by a model folder are keyed on: its pinned inputs where it has them, else its contents.
 
-    A folder that ``models prepare`` made from pinned inputs (a preset's verified GGUF, and for a tuned
-    preset the shipped adapter too) is named by them. Its bytes would be the wrong name: they also hold
-    our record of its source, which gains fields as the code grows, and the version of transformers
-    that wrote ``config.json``. Either changes the bytes, not the model, and a cache made on one machine
-    then missed on the next (every committed bench cache did once). Hashing 3.5 to 7 GB also cost
-    seconds at every start. Any other folder (a conversion with no pin, a fine-tuned or merged model)
-    is named by :func:`fingerprint`.
-    """
-    from reflectagent.models import is_prepared, read_source
+    A folder whose source record carries pins (written by ``models prepare`` for a preset's verified
+    GGUF, and for a tuned preset its adapter too; ``bench/verdict_distill.py`` writes the same for its
+    merge) is named by them. Its bytes would be the wrong name: they also hold that record, which gains
+    fields as the code grows, and the version of transformers that wrote ``config.json``. Either changes
+    the bytes, not the model, and a cache made on one machine then missed on the next (every committed
+    bench cache did once). Hashing 3.5 to 7 GB also cost seconds at every start.
 
-    source = read_source(folder) if is_prepared(Path(folder)) else {}
-    if source.get("sha256"):
-        return f"gguf-sha256:{source['sha256'][:16]}"
+    The pins are trusted only while the folder is as it was made: no file in it newer than its done
+    marker, written last. Weights saved into a prepared folder afterwards make it an unpinned folder
+    again. Any other folder (no pin, a fine-tuned model, a merge without a record) is named by
+    :func:`fingerprint`. The recipe (a GGUF converted in bfloat16, an adapter merged in float32) is
+    this code's: a change to it must change these names.
+    """
+    from reflectagent.models import DONE_MARKER, read_source
+
+    folder = Path(folder)
+    marker = folder / DONE_MARKER
+    if not marker.is_file():
+        return fingerprint(folder)
+    made = marker.stat().st_mtime_ns
+    if any(path.stat().st_mtime_ns > made for path in folder.rglob("*") if path.is_file()):
+        return fingerprint(folder)  # changed since it was made: its record no longer describes it
+    source = read_source(folder)
     if source.get("base_sha256") and source.get("adapter_fingerprint"):
         return f"gguf-sha256:{source['base_sha256'][:16]}+lora:{source['adapter_fingerprint']}"
+    if source.get("sha256"):
+        return f"gguf-sha256:{source['sha256'][:16]}"
     return fingerprint(folder)
 
 

@@ -109,12 +109,20 @@ def test_a_prepared_preset_is_keyed_on_its_pins_and_any_other_folder_on_its_byte
     assert first == prepared("later", {**pin, "dtype": "float32", "note": "a field added since"}, "5.18.0")
     assert first != prepared("other", {**pin, "sha256": "1d9614638d18024d" + "0" * 48})
     tuned = {"base_sha256": pin["sha256"], "adapter_fingerprint": "aaaa"}
+    assert prepared("tuned", tuned) == prepared("merged-by-a-bench", {**tuned, "name": "another", "dtype": "float32"}, "5.18.0")
     assert prepared("tuned", tuned) not in (first, prepared("retrained", {**tuned, "adapter_fingerprint": "bbbb"}))
     assert prepared("unpinned", None) == fingerprint(tmp_path / "unpinned")
-    assert prepared("unpinned", None, "5.18.0") != prepared("unpinned-2", None)  # no pin: the bytes decide
-    (tmp_path / "first" / ".reflectagent-complete").unlink()  # not a finished preparation: its record is not trusted
-    assert resolve_backend("x", Settings(backends={"x": BackendConfig(model="embedded", model_path=str(tmp_path / "first"))})
-                           ).backend.identity["base"] == fingerprint(tmp_path / "first")
+    assert prepared("unpinned-old", None, "5.18.0") != prepared("unpinned", None)  # no pin: the bytes decide
+
+    def identity(name):
+        config = BackendConfig(model="embedded", model_path=str(tmp_path / name))
+        return resolve_backend("x", Settings(backends={"x": config})).backend.identity["base"]
+
+    weights = tmp_path / "first" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # saved into it later
+    assert identity("first") == fingerprint(tmp_path / "first") != first
+    (tmp_path / "later" / ".reflectagent-complete").unlink()  # not a finished preparation: its record is not trusted
+    assert identity("later") == fingerprint(tmp_path / "later")
 
 
 def test_every_option_reaches_a_hosted_vllm_backend(tmp_path):
