@@ -54,7 +54,8 @@ def test_pairs(per_source: int, max_chars: int, skip: int = 0) -> list[Pair]:
     for source in SOURCES:
         pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
         test = split_pairs(pairs, seed=0)["test"]
-        chosen += sorted((p for p in test if usable(p, max_chars)), key=lambda p: stable_fraction("quality-bench", p.id))[skip:skip + per_source]
+        ordered = sorted((p for p in test if usable(p, max_chars)), key=lambda p: stable_fraction("quality-bench", p.id))
+        chosen += ordered[skip:skip + per_source]
     return chosen
 
 

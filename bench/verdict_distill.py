@@ -51,8 +51,8 @@ from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
 from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, train_sft
 from reflectagent.finetune.selection import usable
-from reflectagent.pairs import sample_pairs
 from reflectagent.models import is_prepared, merge_lora, prepare_model, read_source
+from reflectagent.pairs import sample_pairs
 from reflectagent.paths import cache_root
 from reflectagent.presets import ADAPTERS_DIR, prepared_sha256
 from reflectagent.programs import named_program
