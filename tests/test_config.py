@@ -96,13 +96,16 @@ def test_a_prepared_preset_is_keyed_on_its_pins_and_any_other_folder_on_its_byte
     from reflectagent.config import BackendConfig, Settings
     from reflectagent.models import landing
 
-    def prepared(name: str, source: dict | None, transformers_version: str = "5.19.0"):
+    def identity(name: str) -> str:
+        config = BackendConfig(model="embedded", model_path=str(tmp_path / name))
+        return resolve_backend("x", Settings(backends={"x": config})).backend.identity["base"]
+
+    def prepared(name: str, source: dict | None, transformers_version: str = "5.19.0") -> str:
         with landing(tmp_path / name, "x.gguf", source) as partial:
             partial.mkdir()
             (partial / "config.json").write_text(json.dumps({"model_type": "qwen2", "transformers_version": transformers_version}))
             (partial / "model.safetensors").write_bytes(b"weights")
-        backend = resolve_backend("local", Settings(backends={"local": BackendConfig(model="embedded", model_path=str(tmp_path / name))}))
-        return backend.backend.identity["base"]
+        return identity(name)
 
     pin = {"name": "qwen2.5-coder-1.5b", "sha256": "cc324af070c2ecbf" + "0" * 48}
     first = prepared("first", pin)
@@ -113,10 +116,6 @@ def test_a_prepared_preset_is_keyed_on_its_pins_and_any_other_folder_on_its_byte
     assert prepared("tuned", tuned) not in (first, prepared("retrained", {**tuned, "adapter_fingerprint": "bbbb"}))
     assert prepared("unpinned", None) == fingerprint(tmp_path / "unpinned")
     assert prepared("unpinned-old", None, "5.18.0") != prepared("unpinned", None)  # no pin: the bytes decide
-
-    def identity(name):
-        config = BackendConfig(model="embedded", model_path=str(tmp_path / name))
-        return resolve_backend("x", Settings(backends={"x": config})).backend.identity["base"]
 
     weights = tmp_path / "first" / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # saved into it later
