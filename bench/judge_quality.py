@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--max-chars", type=int, default=2500)
     parser.add_argument("--demos", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--timeout-s", type=float, default=900.0,
+                        help="per request; ReflectRM's long reflections at concurrency 4 took over the library's 300 s on two cores")
     parser.add_argument("--only", default="", help="comma-separated run labels to judge now (default: all, in order)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: OUT/cache, committed with the results")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality-1.5b"))
@@ -80,7 +82,8 @@ def main() -> None:
     every, _ = read_teacher(teacher_file)
     teacher, _ = read_teacher(teacher_file, exclude_prompts=[p.prompt for p in pairs])
     demos = teacher_demos(teacher, k=args.demos, seed=0)
-    settings = Settings(backends={"local": BackendConfig(model="embedded", model_path=args.preset, dtype=args.dtype)})
+    backend = BackendConfig(model="embedded", model_path=args.preset, dtype=args.dtype, timeout_s=args.timeout_s)
+    settings = Settings(backends={"local": backend})
     lm = resolve_backend("local", settings)
     dtype = lm.backend.identity.get("dtype", "bfloat16")
     label = f"{args.preset} {dtype}"

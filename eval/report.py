@@ -75,7 +75,9 @@ def summary_markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
         total = sum(s.judgments for s in stats)
         made = sum(s.lm_calls_made for s in stats)
         hits = sum(s.cache_hits for s in stats)
-        wall = stats[0].wall_s_all_runs
+        # the runs of one run_eval call share its wall time (one pool); a bench that runs one program per call
+        # (so an interrupted bench keeps whole runs) has a wall time per call: count each call's once
+        wall = sum(set(s.wall_s_all_runs for s in stats))
         lines += [f"Run: {total} judgments in {wall:.0f} s ({60 * total / wall:.1f} judgments per minute, all programs "
                   f"together); {made} LM calls made, {hits} steps from the cache." if wall else "", ""]
     return "\n".join(lines)

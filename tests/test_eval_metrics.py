@@ -7,8 +7,8 @@ import pytest
 from reflectagent.eval.metrics import (
     CostPerVerdict, Record, Summary, bootstrap, summarize, summarize_by_category, summarize_judgments, wilson,
 )
-from reflectagent.eval.report import accuracy_axis_label
-from reflectagent.eval.runner import RunResult
+from reflectagent.eval.report import accuracy_axis_label, summary_markdown
+from reflectagent.eval.runner import RunResult, RunStats
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, Usage
 
@@ -78,6 +78,21 @@ def test_plot_axis_names_the_no_verdict_rule_in_force():
 
     assert accuracy_axis_label([run("wrong")]).endswith("no verdict = wrong)")
     assert accuracy_axis_label([run("half")]).endswith("no verdict = half)")
+
+
+def test_run_line_counts_each_eval_calls_wall_time_once():
+    def run(name, wall):
+        stats = RunStats(wall_s_all_runs=wall, lm_calls_made=3, cache_hits=1, judgments=10, lm_seconds_per_verdict=1.0)
+        return RunResult(name, "b", RECORDS, summarize(RECORDS), {}, {}, run=stats)
+
+    def run_line(results):
+        meta = {"data": ["d.jsonl"], "pairs": 5, "split": "test", "seed": 0}
+        return next(line for line in summary_markdown(results, meta).splitlines() if line.startswith("Run:"))
+
+    # two programs judged in one call share its pool and its 60 s
+    assert run_line([run("p", 60.0), run("q", 60.0)]).startswith("Run: 20 judgments in 60 s (20.0 judgments per minute")
+    # a bench that judges one program per call (bench/judge_quality.py) took the calls' sum
+    assert run_line([run("p", 60.0), run("q", 120.0)]).startswith("Run: 20 judgments in 180 s")
 
 
 def test_judging_summary_counts_verdicts_accuracy_and_cache():
