@@ -141,3 +141,14 @@ def test_a_pair_file_is_counted_once_and_read_again_as_judged(tmp_path):
     path.write_text("\n".join(json.dumps({**row, "response_b": "edited"}) for row in rows) + "\n")  # same ids
     with pytest.raises(PairFileError, match="pair 1 is not the one"):
         list(streamed)
+
+
+def test_the_shipped_sample_is_balanced_and_any_prefix_mixes_its_sources():
+    from collections import Counter
+
+    from reflectagent.pairs import sample_pairs
+
+    pairs = sample_pairs()
+    assert Counter(p.source for p in pairs) == {"pandalm_testset_v1": 12, "hhh_alignment": 12, "hh-rlhf": 8}
+    assert Counter(p.label for p in pairs) == {"A": 16, "B": 16}
+    assert len({p.source for p in sample_pairs(limit=3)}) == 3  # `judge --sample --limit N` is not N pairs of one set
