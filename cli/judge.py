@@ -17,7 +17,7 @@ from reflectagent.backends import resolve_backend
 from reflectagent.cache import use_cache
 from reflectagent.concurrency import run_sync
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_duplicates, warn_skipped
-from reflectagent.config import load_settings
+from reflectagent.config import DTYPES, ConfigError, load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval.metrics import JudgingSummary, JudgingTally
 from reflectagent.judge import judge_in_order
@@ -82,6 +82,9 @@ def judge(
     backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="backend name from the config (default: $REFLECTAGENT_BACKEND or 'embedded')")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="judge only the first N pairs")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="pairs judged at once")] = 8,
+    dtype: Annotated[Optional[str], typer.Option(help=(
+        f"embedded backends: the dtype the server computes in, one of {', '.join(DTYPES)} (default: the backend's). "
+        "bfloat16 is about twice as fast on CPUs with avx512_bf16/AMX; float32 gives finer probabilities"))] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write every judgment as JSONL here")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="verdicts only, no analyses")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the judgment cache")] = False,
@@ -122,6 +125,11 @@ def judge(
                                           f": {file} holds no pairs (it is empty or blank)" if file and limit is None else ""), 2)
 
     settings = load_settings(config)
+    if dtype is not None:
+        try:
+            settings = settings.overriding(backend_name, dtype=dtype)
+        except ConfigError as exc:  # a flag to fix: a usage error
+            fail(f"--dtype: {exc}", 2)
     lm = resolve_backend(backend_name, settings)
     started, tally = time.perf_counter(), JudgingTally()
     with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm), \

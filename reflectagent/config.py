@@ -127,6 +127,17 @@ class Settings(BaseModel):
             raise ConfigError(f"unknown backend {name!r}; known: {', '.join(sorted(self.backends))}")
         return name, self.backends[name]
 
+    def overriding(self, name: str | None, **changes: Any) -> Settings:
+        """These settings with backend ``name`` (resolved as :meth:`backend` does) changed and made the default,
+        re-validated, so a command-line override (``judge --dtype``) gets the same checks as the config file."""
+        name, config = self.backend(name)
+        try:
+            changed = BackendConfig.model_validate({**config.model_dump(exclude_unset=True), **changes})
+        except ValidationError as exc:
+            problems = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+            raise ConfigError(f"backend {name!r} cannot take {changes}: {problems}") from None
+        return self.model_copy(update={"backends": {**self.backends, name: changed}, "default_backend": name})
+
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A TOML (by suffix) or YAML file's top-level mapping, parsed safely; errors say which file."""

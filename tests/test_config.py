@@ -203,3 +203,23 @@ def test_each_local_preset_is_a_backend_by_its_name():
     settings = Settings()
     for name in PRESETS:
         assert settings.backend(name)[1].model_path == name
+
+
+def test_a_command_line_dtype_overrides_one_embedded_backend_and_keys_its_cache(tmp_path):
+    """``judge --dtype``: the override is validated like the config file, keys the cache (a bf16 verdict
+    is not a float32 one), becomes the backend judged with, and leaves the loaded settings alone."""
+    path = tmp_path / "c.toml"
+    path.write_text(TOML)
+    settings = load_settings(path)
+    fast = settings.overriding("embedded", dtype="float32")
+    assert fast.default_backend == "embedded" and fast.backends["embedded"].dtype == "float32"
+    assert fast.backends["embedded"].context_chars == 4000  # the rest of the backend is kept
+    assert settings.backends["embedded"].dtype is None and settings.default_backend == "api"
+    plain, changed = resolve_backend("embedded", settings), resolve_backend(settings=fast)
+    assert "dtype" not in plain.backend.identity and changed.backend.identity["dtype"] == "float32"
+    with pytest.raises(ConfigError, match="backend 'api' cannot take .*only apply to the embedded backend"):
+        settings.overriding(None, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="'bfloat16', 'float16' or 'float32'"):
+        settings.overriding("embedded", dtype="float8")
+    with pytest.raises(ConfigError, match="unknown backend 'nope'"):
+        settings.overriding("nope", dtype="float32")
