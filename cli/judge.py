@@ -17,7 +17,7 @@ from reflectagent.backends import resolve_backend
 from reflectagent.cache import use_cache
 from reflectagent.concurrency import run_sync
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_duplicates, warn_skipped
-from reflectagent.config import DTYPES, ConfigError, load_settings
+from reflectagent.config import DTYPES, OverrideError, load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval.metrics import JudgingSummary, JudgingTally
 from reflectagent.judge import judge_in_order
@@ -126,10 +126,9 @@ def judge(
 
     settings = load_settings(config)
     if dtype is not None:
-        settings.backend(backend_name)  # an unknown backend is the error it is without --dtype
         try:
             settings = settings.overriding(backend_name, dtype=dtype)
-        except ConfigError as exc:  # a flag to fix: a usage error
+        except OverrideError as exc:  # a flag to fix: a usage error; an unknown backend stays the error it is without --dtype
             fail(f"--dtype: {exc}", 2)
     lm = resolve_backend(backend_name, settings)
     started, tally = time.perf_counter(), JudgingTally()

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "reflectagent.backends": ("Backend", "BackendLM", "backend", "resolve_backend"),
     "reflectagent.cache": ("JudgmentCache", "current_cache", "use_cache"),
-    "reflectagent.config": ("BackendConfig", "ConfigError", "Settings", "load_settings"),
+    "reflectagent.config": ("BackendConfig", "ConfigError", "OverrideError", "Settings", "load_settings"),
     "reflectagent.errors": ("ReflectAgentError",),
     "reflectagent.judge": ("Judge", "PositionSwapJudge", "judge_pairs"),
     "reflectagent.modules": ("Analyzer", "Rater", "Reflector", "VerdictStep"),
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from reflectagent import pairs
     from reflectagent.backends import Backend, BackendLM, backend, resolve_backend
     from reflectagent.cache import JudgmentCache, current_cache, use_cache
-    from reflectagent.config import BackendConfig, ConfigError, Settings, load_settings
+    from reflectagent.config import BackendConfig, ConfigError, OverrideError, Settings, load_settings
     from reflectagent.errors import ReflectAgentError
     from reflectagent.judge import Judge, PositionSwapJudge, judge_pairs
     from reflectagent.modules import Analyzer, Rater, Reflector, VerdictStep

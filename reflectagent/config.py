@@ -28,6 +28,10 @@ class ConfigError(ReflectAgentError, ValueError):
     """A configuration that cannot be used, with what to fix."""
 
 
+class OverrideError(ConfigError):
+    """A change asked of one backend (``judge --dtype``) that it cannot take: the change is what to fix, not the file."""
+
+
 Dtype = Literal["bfloat16", "float16", "float32"]  # what a served model may compute in
 DTYPES: tuple[str, ...] = get_args(Dtype)
 
@@ -135,7 +139,7 @@ class Settings(BaseModel):
             changed = BackendConfig.model_validate({**config.model_dump(exclude_unset=True), **changes})
         except ValidationError as exc:
             problems = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
-            raise ConfigError(f"backend {name!r} cannot take {changes}: {problems}") from None
+            raise OverrideError(f"backend {name!r} cannot take {changes}: {problems}") from None
         return self.model_copy(update={"backends": {**self.backends, name: changed}, "default_backend": name})
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from reflectagent.backends import resolve_backend
-from reflectagent.config import ConfigError, load_settings
+from reflectagent.config import ConfigError, OverrideError, load_settings
 
 TOML = """
 default_backend = "api"
@@ -217,9 +217,12 @@ def test_a_command_line_dtype_overrides_one_embedded_backend_and_keys_its_cache(
     assert settings.backends["embedded"].dtype is None and settings.default_backend == "api"
     plain, changed = resolve_backend("embedded", settings), resolve_backend(settings=fast)
     assert "dtype" not in plain.backend.identity and changed.backend.identity["dtype"] == "float32"
-    with pytest.raises(ConfigError, match="backend 'api' cannot take .*only apply to the embedded backend"):
+    # a change the backend cannot take is the flag's fault (OverrideError, a usage error in the CLI) ...
+    with pytest.raises(OverrideError, match="backend 'api' cannot take .*only apply to the embedded backend"):
         settings.overriding(None, dtype="bfloat16")
-    with pytest.raises(ConfigError, match="'bfloat16', 'float16' or 'float32'"):
+    with pytest.raises(OverrideError, match="'bfloat16', 'float16' or 'float32'"):
         settings.overriding("embedded", dtype="float8")
-    with pytest.raises(ConfigError, match="unknown backend 'nope'"):
+    # ... an unknown backend is not: it is the same ConfigError it is without an override
+    with pytest.raises(ConfigError, match="unknown backend 'nope'") as unknown:
         settings.overriding("nope", dtype="float32")
+    assert not isinstance(unknown.value, OverrideError)
