@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=900.0,
                         help="per request; ReflectRM's long reflections at concurrency 4 took over the library's 300 s on two cores")
     parser.add_argument("--only", default="", help="comma-separated run labels to judge now (default: all, in order)")
+    parser.add_argument("--baseline", default="mtbench", help="the run the others are paired against (default: the peer "
+                        "baseline; the first run judged when it is not among them)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: OUT/cache, committed with the results")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality-1.5b"))
     args = parser.parse_args()
@@ -105,7 +107,8 @@ def main() -> None:
             "per_source": args.per_source, "skip": args.skip, "max_chars": args.max_chars, "preset": args.preset,
             "dtype": dtype,
             "demos": [{"prompt": d.prompt[:80], "preference": d.preference} for d in demos],
-            "teacher_rows_left_out_for_sharing_a_test_prompt": len(every) - len(teacher)}
+            "teacher_rows_left_out_for_sharing_a_test_prompt": len(every) - len(teacher),
+            "baseline": args.baseline if any(r.program == args.baseline for r in results) else None}
     write_report(results, args.out, meta)
     print((args.out / "report.md").read_text().split("## Accuracy per category")[0])
 

@@ -30,6 +30,8 @@ def eval_command(
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
     concurrency: Annotated[int, typer.Option(min=1, help="judgments at once")] = 8,
     no_verdict: Annotated[str, typer.Option(help="how a missing verdict scores: 'wrong' (0) or 'half' (RewardBench)")] = "wrong",
+    baseline: Annotated[Optional[str], typer.Option(
+        help="the run the others are paired against, pair by pair: 'PROGRAM' or 'PROGRAM@BACKEND' (default: the first)")] = None,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):
@@ -53,6 +55,12 @@ def eval_command(
         fail("no valid pairs to evaluate", 2)
     warn_duplicates(pair.id for pair in pairs)
     program_names, backend_names = [p for p in programs.split(",") if p], [b for b in backends.split(",") if b]
+    if baseline is not None:  # checked before judging: a report that cannot be written would waste the run
+        program, _, backend = (part.strip() for part in baseline.partition("@"))
+        if program not in program_names or (backend and backend not in backend_names):
+            fail(f"--baseline {baseline!r} is not one of the runs: give one of --programs ({', '.join(program_names)}), "
+                 f"optionally @ one of --backends ({', '.join(backend_names)})", 2)
+        baseline = f"{program} @ {backend}" if backend else program
     try:
         settings = load_settings(config)
         with use_cache(open_cache(settings, cache_dir)):
@@ -63,7 +71,7 @@ def eval_command(
     except ReflectAgentError as exc:
         fail(str(exc), 2)  # a config, backend or program name to fix
     meta = {"data": files, "pairs": len(pairs), "split": split, "seed": seed, "limit": limit,
-            "programs": program_names, "backends": backend_names, "no_verdict": no_verdict}
+            "programs": program_names, "backends": backend_names, "no_verdict": no_verdict, "baseline": baseline}
     folder = write_report(results, out, meta)
     typer.echo(summary_markdown(results, meta))
     typer.echo(f"report: {folder}/report.md (JSON: report.json, plots: plots/)")

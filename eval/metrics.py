@@ -13,6 +13,8 @@ the pair's original A/B order. Conventions, stated once:
 - parse failures: the share of LM steps whose output did not parse.
 - cost: per judgment (one presentation), the calls and tokens it took to produce, cached or
   not. Time is not here: it is a fact of the run, not of the judgments (see the runner).
+- paired difference: one run's pair scores minus a baseline run's on the same pairs, with a
+  bootstrap over those pairs: whether one program beat another on these pairs.
 A metric over no pairs is ``None``, never a division by zero.
 """
 
@@ -165,6 +167,29 @@ def pair_score(record: Record, no_verdict: Literal["wrong", "half"] = "wrong") -
     missing = 0.5 if no_verdict == "half" else 0.0
     scores = [missing if v is None else float(v == record.label) for v in record.verdicts]
     return sum(scores) / len(scores)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One run's accuracy minus a baseline's over the pairs both scored, with a paired bootstrap interval.
+
+    Both runs judged the same pairs, so their scores move together (an easy pair is easy for both); the
+    interval of the per-pair differences is far narrower than two runs' own intervals side by side, and
+    it is the one that says whether a program beat another."""
+
+    value: float | None
+    n: int  # pairs scored by both runs
+    ci: tuple[float, float] | None
+
+
+def paired_difference(records: list[Record], baseline: list[Record],
+                      no_verdict: Literal["wrong", "half"] = "wrong") -> Difference:
+    """``records``' accuracy minus ``baseline``'s, pair by pair (matched by pair id; ties and pairs only one
+    run judged are left out), with a seeded percentile bootstrap over those pairs."""
+    base = {r.pair_id: pair_score(r, no_verdict) for r in baseline}
+    deltas = [score - base[r.pair_id] for r in records
+              if (score := pair_score(r, no_verdict)) is not None and base.get(r.pair_id) is not None]
+    return Difference(value=sum(deltas) / len(deltas) if deltas else None, n=len(deltas), ci=bootstrap(deltas))
 
 
 def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wrong") -> Summary:

@@ -1,7 +1,7 @@
 """Reports a reviewer can check: a markdown table, every number and record in JSON, plots, and a page.
 
-``report.json`` holds the per-pair records and every metric, so any number can be
-recomputed; ``run.json`` holds what differs between runs (wall time, calls made, cache
+``report.json`` holds the per-pair records and every metric (each run's accuracy paired
+against a baseline run's included), so any number can be recomputed; ``run.json`` holds what differs between runs (wall time, calls made, cache
 hits); ``plots/`` shows accuracy per category and accuracy against cost per verdict;
 ``judgments.jsonl.gz`` holds every judgment and ``report.html`` shows them (:mod:`reflectagent.eval.page`).
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from reflectagent.eval.metrics import Summary
+from reflectagent.eval.metrics import Difference, Summary, paired_difference
 from reflectagent.eval.runner import RunResult, RunStats
 
 Metric = tuple[str, Callable[[Summary, "RunStats | None"], Any], str]  # (label, value of a run, format)
@@ -83,8 +84,42 @@ def summary_markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def baseline_run(results: list[RunResult], name: str | None = None) -> RunResult | None:
+    """The run the others are paired against: ``name`` ('program' or 'program @ backend'; the first such run),
+    else the first run; None with fewer than two runs."""
+    if len(results) < 2:
+        return None
+    if name is None:
+        return results[0]
+    for r in results:
+        if name in (r.program, f"{r.program} @ {r.backend}"):
+            return r
+    raise ValueError(f"baseline {name!r} is none of the runs: {', '.join(f'{r.program} @ {r.backend}' for r in results)}")
+
+
+def paired_differences(results: list[RunResult], baseline: RunResult) -> list[tuple[RunResult, Difference]]:
+    rule = "half" if no_verdict_rule(results) == "half" else "wrong"
+    return [(r, paired_difference(r.records, baseline.records, rule)) for r in results if r is not baseline]
+
+
+def paired_markdown(results: list[RunResult], baseline: RunResult | None) -> list[str]:
+    """Markdown lines: each run's accuracy minus the baseline's on the same pairs, with the paired interval."""
+    if baseline is None:
+        return []
+    lines = [f"## Paired against {baseline.program} @ {baseline.backend}", "",
+             "Accuracy minus the baseline's over the pairs both scored, pair by pair; 95% bootstrap over those pairs. "
+             "An interval that excludes 0 says the run beat (or lost to) the baseline on these pairs.", "",
+             "| program | backend | accuracy minus baseline | pairs |", "|---|---|---|---|"]
+    for r, d in paired_differences(results, baseline):
+        cell = "n/a" if d.value is None else f"{100 * d.value:+.1f} pts" + (
+            f" [{100 * d.ci[0]:+.1f}, {100 * d.ci[1]:+.1f}]" if d.ci else "")
+        lines.append(f"| {r.program} | {r.backend} | {cell} | {d.n} |")
+    return lines + [""]
+
+
 def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
     lines = [summary_markdown(results, meta)]
+    lines += paired_markdown(results, baseline_run(results, meta.get("baseline")))
     lines += group_table("source", results, lambda r: r.by_source, with_consistency=True)
     lines += group_table("category", results, lambda r: r.by_category)
     lines += ["", "![accuracy per category](plots/accuracy_by_category.png)",
@@ -172,7 +207,12 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
 def write_report(results: list[RunResult], folder: str | Path, meta: dict[str, Any]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps({"meta": meta, "runs": [r.to_dict() for r in results]}, indent=1))
+    baseline = baseline_run(results, meta.get("baseline"))
+    paired = None if baseline is None else {
+        "baseline": {"program": baseline.program, "backend": baseline.backend},
+        "runs": [{"program": r.program, "backend": r.backend, **asdict(d)} for r, d in paired_differences(results, baseline)]}
+    (folder / "report.json").write_text(json.dumps({"meta": meta, "runs": [r.to_dict() for r in results], "paired": paired},
+                                                   indent=1))
     (folder / "run.json").write_text(json.dumps([r.run_dict() for r in results], indent=1))
     (folder / "report.md").write_text(markdown(results, meta))
     plot(results, folder / "plots")

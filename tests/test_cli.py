@@ -44,6 +44,17 @@ def test_input_errors_are_clear_and_exit_nonzero(tmp_path):
     assert result.returncode == 1 and "unknown backend 'nope'" in result.stderr
 
 
+def test_an_eval_baseline_that_is_not_a_run_stops_before_judging(tmp_path):
+    result = cli("eval", "--data", DATA / "eval_hhh.jsonl", "--programs", "genrm,reflectrm", "--baseline", "mtbench",
+                 "-o", tmp_path / "report", "--cache-dir", tmp_path / "cache", check=False)
+    assert result.returncode == 2 and "--baseline 'mtbench' is not one of the runs" in result.stderr
+    assert "--programs (genrm, reflectrm)" in result.stderr
+    result = cli("eval", "--data", DATA / "eval_hhh.jsonl", "--programs", "genrm", "--baseline", "genrm@api",
+                 "-o", tmp_path / "report", "--cache-dir", tmp_path / "cache", check=False)
+    assert result.returncode == 2 and "optionally @ one of --backends (embedded)" in result.stderr
+    assert not (tmp_path / "report").exists() and not (tmp_path / "cache").exists()  # nothing judged, nothing written
+
+
 def test_library_errors_are_one_line_not_a_traceback(tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("[backends\n")

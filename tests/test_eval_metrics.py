@@ -5,9 +5,10 @@ import json
 import pytest
 
 from reflectagent.eval.metrics import (
-    CostPerVerdict, Record, Summary, bootstrap, summarize, summarize_by_category, summarize_judgments, wilson,
+    CostPerVerdict, Record, Summary, bootstrap, paired_difference, summarize, summarize_by_category, summarize_judgments,
+    wilson,
 )
-from reflectagent.eval.report import accuracy_axis_label, summary_markdown
+from reflectagent.eval.report import accuracy_axis_label, baseline_run, markdown, summary_markdown
 from reflectagent.eval.runner import RunResult, RunStats
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, Usage
@@ -70,6 +71,40 @@ def test_categories_including_an_empty_one():
     assert by["y"].accuracy.value == pytest.approx(0.25) and by["y"].ties == 1
     assert by["z"].pairs == 0 and by["z"].accuracy.value is None and by["z"].accuracy.ci is None
     assert by["z"].consistency.value is None and by["z"].cost_per_verdict.lm_calls is None
+
+
+def test_paired_difference_by_hand():
+    """Matched by pair id; ties and pairs the other run did not judge are left out."""
+    better = [record("1", "x", "A", ("A", "A")), record("2", "x", "A", ("A", "A")), record("3", "y", "B", ("B", "B")),
+              record("4", "y", "tie", ("A", "A")), record("6", "y", "A", ("A", "A"))]  # "6": not in RECORDS
+    diff = paired_difference(better, RECORDS)
+    # pair 1: 1 - 1, pair 2: 1 - 0.5, pair 3: 1 - 0.5; pair 5 is only in RECORDS
+    assert diff.n == 3 and diff.value == pytest.approx(1 / 3)
+    assert diff.ci == bootstrap([0.0, 0.5, 0.5])
+    assert paired_difference(better, RECORDS, no_verdict="half").value == pytest.approx((0 + 0.5 + 0.25) / 3)
+    same = paired_difference(RECORDS, RECORDS)
+    assert same.value == 0.0 and same.ci == (0.0, 0.0) and same.n == 4
+    nothing = paired_difference(better, [record("9", "x", "A", ("A", "A"))])
+    assert nothing.value is None and nothing.ci is None and nothing.n == 0
+
+
+def test_the_report_pairs_every_run_against_its_baseline():
+    def run(name, records):
+        return RunResult(name, "b", records, summarize(records), {}, {})
+
+    base, good = run("base", RECORDS), run("good", [record("1", "x", "A", ("A", "A")), record("2", "x", "A", ("A", "A")),
+                                                    record("3", "y", "B", ("B", "B"))])
+    meta = {"data": ["d.jsonl"], "pairs": 5, "split": "test", "seed": 0}
+    assert baseline_run([base]) is None and baseline_run([base, good]) is base
+    assert baseline_run([base, good], "good @ b") is good and baseline_run([base, good], "good") is good
+    with pytest.raises(ValueError, match="baseline 'nope' is none of the runs: base @ b, good @ b"):
+        baseline_run([base, good], "nope")
+    text = markdown([base, good], meta)
+    # good is right on pairs 1-3, which base scores 1, 0.5 and 0.5: (0 + 0.5 + 0.5) / 3 over 3 pairs
+    assert "## Paired against base @ b" in text
+    assert "| good | b | +33.3 pts [+0.0, +50.0] | 3 |" in text and "| base | b |" not in text.split("## Paired")[1]
+    assert "## Paired against good @ b" in markdown([base, good], {**meta, "baseline": "good"})
+    assert "## Paired" not in markdown([base], meta)
 
 
 def test_plot_axis_names_the_no_verdict_rule_in_force():

@@ -45,12 +45,21 @@ def test_report_numbers_follow_from_the_per_pair_results(server, cache, tmp_path
         assert run["overall"]["accuracy"]["value"] == pytest.approx(right / 12)
         assert run["overall"]["parse_failures"]["value"] == 0.0  # constrained decoding
     genrm, reflectrm = report["runs"]
+    # reflectrm paired against the first run, genrm, pair by pair: recomputed from the two runs' records
+    assert report["paired"]["baseline"] == {"program": "genrm", "backend": "embedded"}
+    [paired] = report["paired"]["runs"]
+    by_pair = {r["pair_id"]: r for r in genrm["records"]}
+    deltas = [sum(v == r["label"] for v in r["verdicts"]) / 2 - sum(v == by_pair[r["pair_id"]]["label"]
+                                                                   for v in by_pair[r["pair_id"]]["verdicts"]) / 2
+              for r in reflectrm["records"]]
+    assert paired["program"] == "reflectrm" and paired["n"] == 6 and paired["value"] == pytest.approx(sum(deltas) / 6)
     assert genrm["overall"]["cost_per_verdict"]["lm_calls"] == 1.0
     assert reflectrm["overall"]["cost_per_verdict"]["lm_calls"] == 4.0
     assert (folder / "plots" / "accuracy_by_category.png").stat().st_size > 5000
     assert (folder / "plots" / "accuracy_vs_cost.png").stat().st_size > 5000
     markdown = (folder / "report.md").read_text()
     assert "| genrm | embedded |" in markdown and "| reflectrm | embedded |" in markdown
+    assert "## Paired against genrm @ embedded" in markdown
     assert "| genrm | embedded |" in compare(folder, folder)
 
 
