@@ -73,7 +73,7 @@ def main() -> None:
                         help="per request; ReflectRM's long reflections at concurrency 4 took over the library's 300 s on two cores")
     parser.add_argument("--only", default="", help="comma-separated run labels to judge now (default: all, in order)")
     parser.add_argument("--baseline", default="mtbench", help="the run the others are paired against (default: the peer "
-                        "baseline; the first run judged when it is not among them)")
+                        "baseline); when --only leaves it out, the first run judged")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: OUT/cache, committed with the results")
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality-1.5b"))
     args = parser.parse_args()
@@ -93,6 +93,8 @@ def main() -> None:
     runs = [EvalRun(name, label, named_program(name), lm) for name in (*POINTWISE, DIRECT, MIXED, *GENRM, PEER, *REFLECTRM)]
     runs += [EvalRun(f"{name}+demos", label, with_demos(named_program(name), demos), lm) for name in PROGRAMS]
     wanted = [r for r in runs if not args.only or r.program in args.only.split(",")]
+    if args.baseline not in {r.program for r in runs}:
+        parser.error(f"--baseline {args.baseline!r} is not a run: one of {', '.join(r.program for r in runs)}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -173,9 +173,9 @@ def pair_score(record: Record, no_verdict: Literal["wrong", "half"] = "wrong") -
 class Difference:
     """One run's accuracy minus a baseline's over the pairs both scored, with a paired bootstrap interval.
 
-    Both runs judged the same pairs, so their scores move together (an easy pair is easy for both); the
-    interval of the per-pair differences is far narrower than two runs' own intervals side by side, and
-    it is the one that says whether a program beat another."""
+    Both runs judged the same pairs; where they agree on which pairs are easy, the interval of the per-pair
+    differences is narrower than two runs' own intervals side by side, and it is the one that says whether
+    a program beat another on these pairs."""
 
     value: float | None
     n: int  # pairs scored by both runs
@@ -184,12 +184,24 @@ class Difference:
 
 def paired_difference(records: list[Record], baseline: list[Record],
                       no_verdict: Literal["wrong", "half"] = "wrong") -> Difference:
-    """``records``' accuracy minus ``baseline``'s, pair by pair (matched by pair id; ties and pairs only one
-    run judged are left out), with a seeded percentile bootstrap over those pairs."""
-    base = {r.pair_id: pair_score(r, no_verdict) for r in baseline}
-    deltas = [score - base[r.pair_id] for r in records
-              if (score := pair_score(r, no_verdict)) is not None and base.get(r.pair_id) is not None]
+    """``records``' accuracy minus ``baseline``'s, pair by pair, with a seeded percentile bootstrap over those pairs.
+
+    Pairs are matched by id and, for an id given more than once (two files named alike, pairs without ids),
+    by its occurrence: the k-th record of an id against the baseline's k-th, as runs over the same pairs
+    list them. Ties and pairs only one run judged are left out."""
+    base = {key: pair_score(r, no_verdict) for key, r in _by_occurrence(baseline)}
+    deltas = [score - base[key] for key, r in _by_occurrence(records)
+              if (score := pair_score(r, no_verdict)) is not None and base.get(key) is not None]
     return Difference(value=sum(deltas) / len(deltas) if deltas else None, n=len(deltas), ci=bootstrap(deltas))
+
+
+def _by_occurrence(records: list[Record]) -> list[tuple[tuple[str | None, int], Record]]:
+    seen: Counter = Counter()
+    keyed = []
+    for r in records:
+        keyed.append(((r.pair_id, seen[r.pair_id]), r))
+        seen[r.pair_id] += 1
+    return keyed
 
 
 def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wrong") -> Summary:

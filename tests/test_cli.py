@@ -55,6 +55,24 @@ def test_an_eval_baseline_that_is_not_a_run_stops_before_judging(tmp_path):
     assert not (tmp_path / "report").exists() and not (tmp_path / "cache").exists()  # nothing judged, nothing written
 
 
+def test_an_eval_baseline_by_program_and_backend_reaches_the_report(tmp_path):
+    """The CLI's PROGRAM@BACKEND form is the one the report resolves (a fake engine stands in for the model:
+    this is the flag's path, not judging; tests/test_eval_server.py pairs real runs)."""
+    from fakes import ThreadEngine
+
+    with ThreadEngine(delay_s=0) as engine:
+        config = tmp_path / "c.toml"
+        config.write_text(f'[backends.api]\nmodel = "openai/fake"\napi_base = "{engine.api_base}"\napi_key_env = "FAKE_KEY"\n'
+                          'constrained = false\nlogprobs = false\nnum_retries = 0\n')
+        cli("eval", "--data", DATA / "eval_hhh.jsonl", "--limit", "2", "--programs", "genrm,genrm-both", "--backends", "api",
+            "--baseline", "genrm-both @ api", "--config", config, "-o", tmp_path / "report", "--cache-dir", tmp_path / "cache",
+            env={"FAKE_KEY": "k"})
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["paired"]["baseline"] == {"program": "genrm-both", "backend": "api"}
+    assert [(r["program"], r["n"]) for r in report["paired"]["runs"]] == [("genrm", 2)]
+    assert "## Paired against genrm-both @ api" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_library_errors_are_one_line_not_a_traceback(tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("[backends\n")

@@ -84,6 +84,11 @@ def test_paired_difference_by_hand():
     assert paired_difference(better, RECORDS, no_verdict="half").value == pytest.approx((0 + 0.5 + 0.25) / 3)
     same = paired_difference(RECORDS, RECORDS)
     assert same.value == 0.0 and same.ci == (0.0, 0.0) and same.n == 4
+    # an id given twice (two files named alike): each occurrence against the baseline's same occurrence
+    twice = [record("d", "x", "A", ("A", "A")), record("d", "x", "B", ("A", "A"))]
+    swapped = paired_difference(twice, [record("d", "x", "A", ("B", "B")), record("d", "x", "B", ("B", "B"))])
+    assert swapped.n == 2 and swapped.value == 0.0  # (1 - 0) and (0 - 1); keyed by id alone it would be -0.5
+    assert paired_difference(twice[:1], twice).n == 1  # the second occurrence has no partner
     nothing = paired_difference(better, [record("9", "x", "A", ("A", "A"))])
     assert nothing.value is None and nothing.ci is None and nothing.n == 0
 
