@@ -7,12 +7,15 @@
 """
 
 from reflectagent.eval.data import from_chosen_rejected, load_benchmark
-from reflectagent.eval.metrics import Difference, Record, bootstrap, paired_difference, summarize, summarize_by_category, wilson
+from reflectagent.eval.metrics import (
+    Difference, Record, bootstrap, paired_difference, summarize, summarize_by_category, wilson,
+)
 from reflectagent.eval.report import compare, load_report, write_report
 from reflectagent.eval.runner import EvalRun, RunResult, RunStats, program_runs, run_eval
 from reflectagent.splits import split_pairs
 
 __all__ = [
     "Difference", "EvalRun", "Record", "RunResult", "RunStats", "bootstrap", "compare", "from_chosen_rejected", "load_benchmark",
-    "load_report", "paired_difference", "program_runs", "run_eval", "split_pairs", "summarize", "summarize_by_category", "wilson", "write_report",
+    "load_report", "paired_difference", "program_runs", "run_eval", "split_pairs", "summarize", "summarize_by_category",
+    "wilson", "write_report",
 ]

@@ -1,8 +1,9 @@
 """Reports a reviewer can check: a markdown table, every number and record in JSON, plots, and a page.
 
 ``report.json`` holds the per-pair records and every metric (each run's accuracy paired
-against a baseline run's included), so any number can be recomputed; ``run.json`` holds what differs between runs (wall time, calls made, cache
-hits); ``plots/`` shows accuracy per category and accuracy against cost per verdict;
+against a baseline run's included), so any number can be recomputed; ``run.json`` holds
+what differs between runs (wall time, calls made, cache hits); ``plots/`` shows accuracy
+per category and accuracy against cost per verdict;
 ``judgments.jsonl.gz`` holds every judgment and ``report.html`` shows them (:mod:`reflectagent.eval.page`).
 """
 
@@ -98,7 +99,7 @@ def baseline_run(results: list[RunResult], name: str | None = None) -> RunResult
 
 
 def paired_differences(results: list[RunResult], baseline: RunResult) -> list[tuple[RunResult, Difference]]:
-    rule = "half" if no_verdict_rule(results) == "half" else "wrong"
+    rule = no_verdict_rule(results)
     return [(r, paired_difference(r.records, baseline.records, rule)) for r in results if r is not baseline]
 
 
