@@ -14,7 +14,7 @@ from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark, run_eval, write_report
 from reflectagent.eval import compare as compare_reports
-from reflectagent.eval.report import summary_markdown
+from reflectagent.eval.report import split_baseline, summary_markdown
 from reflectagent.judge import RunInterrupted
 from reflectagent.programs import NAMED
 from reflectagent.splits import SPLITS, split_pairs
@@ -56,11 +56,10 @@ def eval_command(
     warn_duplicates(pair.id for pair in pairs)
     program_names, backend_names = [p for p in programs.split(",") if p], [b for b in backends.split(",") if b]
     if baseline is not None:  # checked before judging: a report that cannot be written would waste the run
-        program, _, backend = (part.strip() for part in baseline.partition("@"))
+        program, backend = split_baseline(baseline)
         if program not in program_names or (backend and backend not in backend_names):
             fail(f"--baseline {baseline!r} is not one of the runs: give one of --programs ({', '.join(program_names)}), "
                  f"optionally @ one of --backends ({', '.join(backend_names)})", 2)
-        baseline = f"{program} @ {backend}" if backend else program
     try:
         settings = load_settings(config)
         with use_cache(open_cache(settings, cache_dir)):

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from reflectagent.eval.metrics import Difference, Summary, paired_difference
+from reflectagent.eval.metrics import Summary, paired_difference
 from reflectagent.eval.runner import RunResult, RunStats
 
 Metric = tuple[str, Callable[[Summary, "RunStats | None"], Any], str]  # (label, value of a run, format)
@@ -85,42 +85,58 @@ def summary_markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def split_baseline(name: str) -> tuple[str, str]:
+    """'program' or 'program@backend' (spaces around '@' allowed) -> (program, backend or '')."""
+    program, _, backend = (part.strip() for part in name.partition("@"))
+    return program, backend
+
+
 def baseline_run(results: list[RunResult], name: str | None = None) -> RunResult | None:
-    """The run the others are paired against: ``name`` ('program' or 'program @ backend'; the first such run),
+    """The run the others are paired against: ``name`` ('program' or 'program@backend'; the first such run),
     else the first run; None with fewer than two runs."""
     if len(results) < 2:
         return None
     if name is None:
         return results[0]
+    program, backend = split_baseline(name)
     for r in results:
-        if name in (r.program, f"{r.program} @ {r.backend}"):
+        if r.program == program and backend in ("", r.backend):
             return r
     raise ValueError(f"baseline {name!r} is none of the runs: {', '.join(f'{r.program} @ {r.backend}' for r in results)}")
 
 
-def paired_differences(results: list[RunResult], baseline: RunResult) -> list[tuple[RunResult, Difference]]:
-    rule = no_verdict_rule(results)
-    return [(r, paired_difference(r.records, baseline.records, rule)) for r in results if r is not baseline]
-
-
-def paired_markdown(results: list[RunResult], baseline: RunResult | None) -> list[str]:
-    """Markdown lines: each run's accuracy minus the baseline's on the same pairs, with the paired interval."""
+def paired_comparison(results: list[RunResult], name: str | None = None) -> dict[str, Any] | None:
+    """Each run's accuracy minus the baseline run's (:func:`baseline_run`) on the same pairs, as report.json holds it;
+    None with fewer than two runs."""
+    baseline = baseline_run(results, name)
     if baseline is None:
+        return None
+    rule = no_verdict_rule(results)
+    return {"baseline": {"program": baseline.program, "backend": baseline.backend},
+            "runs": [{"program": r.program, "backend": r.backend,
+                      **asdict(paired_difference(r.records, baseline.records, rule))} for r in results if r is not baseline]}
+
+
+def paired_markdown(paired: dict[str, Any] | None) -> list[str]:
+    """Markdown lines: each run's accuracy minus the baseline's on the same pairs, with the paired interval."""
+    if paired is None:
         return []
-    lines = [f"## Paired against {baseline.program} @ {baseline.backend}", "",
+    baseline = paired["baseline"]
+    lines = [f"## Paired against {baseline['program']} @ {baseline['backend']}", "",
              "Accuracy minus the baseline's over the pairs both scored, pair by pair; 95% bootstrap over those pairs. "
              "An interval that excludes 0 says the run beat (or lost to) the baseline on these pairs.", "",
              "| program | backend | accuracy minus baseline | pairs |", "|---|---|---|---|"]
-    for r, d in paired_differences(results, baseline):
-        cell = "n/a" if d.value is None else f"{100 * d.value:+.1f} pts" + (
-            f" [{100 * d.ci[0]:+.1f}, {100 * d.ci[1]:+.1f}]" if d.ci else "")
-        lines.append(f"| {r.program} | {r.backend} | {cell} | {d.n} |")
+    for run in paired["runs"]:
+        value, ci = run["value"], run["ci"]
+        cell = "n/a" if value is None else f"{100 * value:+.1f} pts" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+        lines.append(f"| {run['program']} | {run['backend']} | {cell} | {run['n']} |")
     return lines + [""]
 
 
-def markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
+def markdown(results: list[RunResult], meta: dict[str, Any], paired: dict[str, Any] | None = None) -> str:
+    """report.md; ``paired`` is :func:`paired_comparison`'s result (write_report computes it once for both files)."""
     lines = [summary_markdown(results, meta)]
-    lines += paired_markdown(results, baseline_run(results, meta.get("baseline")))
+    lines += paired_markdown(paired)
     lines += group_table("source", results, lambda r: r.by_source, with_consistency=True)
     lines += group_table("category", results, lambda r: r.by_category)
     lines += ["", "![accuracy per category](plots/accuracy_by_category.png)",
@@ -208,14 +224,11 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
 def write_report(results: list[RunResult], folder: str | Path, meta: dict[str, Any]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    baseline = baseline_run(results, meta.get("baseline"))
-    paired = None if baseline is None else {
-        "baseline": {"program": baseline.program, "backend": baseline.backend},
-        "runs": [{"program": r.program, "backend": r.backend, **asdict(d)} for r, d in paired_differences(results, baseline)]}
+    paired = paired_comparison(results, meta.get("baseline"))
     (folder / "report.json").write_text(json.dumps({"meta": meta, "runs": [r.to_dict() for r in results], "paired": paired},
                                                    indent=1))
     (folder / "run.json").write_text(json.dumps([r.run_dict() for r in results], indent=1))
-    (folder / "report.md").write_text(markdown(results, meta))
+    (folder / "report.md").write_text(markdown(results, meta, paired))
     plot(results, folder / "plots")
     from reflectagent.eval.page import PAGE_FILE, from_report, write_judgments, write_page  # the page reads this module
 

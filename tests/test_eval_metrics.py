@@ -8,7 +8,7 @@ from reflectagent.eval.metrics import (
     CostPerVerdict, Record, Summary, bootstrap, paired_difference, summarize, summarize_by_category, summarize_judgments,
     wilson,
 )
-from reflectagent.eval.report import accuracy_axis_label, baseline_run, markdown, summary_markdown
+from reflectagent.eval.report import accuracy_axis_label, baseline_run, markdown, paired_comparison, summary_markdown
 from reflectagent.eval.runner import RunResult, RunStats
 from reflectagent.pairs import Pair
 from reflectagent.results import Analysis, Judgment, Usage
@@ -104,12 +104,15 @@ def test_the_report_pairs_every_run_against_its_baseline():
     assert baseline_run([base, good], "good @ b") is good and baseline_run([base, good], "good") is good
     with pytest.raises(ValueError, match="baseline 'nope' is none of the runs: base @ b, good @ b"):
         baseline_run([base, good], "nope")
-    text = markdown([base, good], meta)
+    assert baseline_run([base, good], "good@b") is good  # the CLI's PROGRAM@BACKEND, spaces or not
+    with pytest.raises(ValueError, match="baseline 'base @ c' is none of the runs"):
+        baseline_run([base, good], "base @ c")  # the program exists, on another backend
+    text = markdown([base, good], meta, paired_comparison([base, good]))
     # good is right on pairs 1-3, which base scores 1, 0.5 and 0.5: (0 + 0.5 + 0.5) / 3 over 3 pairs
     assert "## Paired against base @ b" in text
     assert "| good | b | +33.3 pts [+0.0, +50.0] | 3 |" in text and "| base | b |" not in text.split("## Paired")[1]
-    assert "## Paired against good @ b" in markdown([base, good], {**meta, "baseline": "good"})
-    assert "## Paired" not in markdown([base], meta)
+    assert "## Paired against good @ b" in markdown([base, good], meta, paired_comparison([base, good], "good"))
+    assert paired_comparison([base]) is None and "## Paired" not in markdown([base], meta, paired_comparison([base]))
 
 
 def test_plot_axis_names_the_no_verdict_rule_in_force():
