@@ -1,4 +1,4 @@
-"""Ready judges built from the core parts: GenRM, ReflectRM, ranking, ensembles and cascades.
+"""Ready judges built from the core parts: GenRM, ReflectRM, ranking, ensembles, cascades, calibration and escalation.
 
 Every program is a ``dspy.Module`` returning a :class:`reflectagent.Judgment`; compile it
 with DSPy optimisers (:mod:`reflectagent.programs.compile`), save it with ``.save(path)``
@@ -12,7 +12,9 @@ from pathlib import Path
 
 from reflectagent.config import ConfigError
 from reflectagent.judge import Judge, PositionSwapJudge, ProgramFileError
+from reflectagent.programs.calibration import Calibrated, Calibration, calibrate
 from reflectagent.programs.compose import Cascade, Ensemble
+from reflectagent.programs.escalating import EscalatingJudge, choose_threshold
 from reflectagent.programs.genrm import GenRM
 from reflectagent.programs.peer import MTBenchJudge
 from reflectagent.programs.pointwise import PointwiseJudge
@@ -20,7 +22,8 @@ from reflectagent.programs.ranking import Ranking, arank, best_of_n, bradley_ter
 from reflectagent.programs.reflectrm import AdaptiveReflectRM, ReflectRM
 
 PROGRAMS: dict[str, type[Judge]] = {
-    cls.__name__: cls for cls in (GenRM, ReflectRM, AdaptiveReflectRM, PositionSwapJudge, MTBenchJudge, PointwiseJudge, Ensemble, Cascade)
+    cls.__name__: cls for cls in (GenRM, ReflectRM, AdaptiveReflectRM, PositionSwapJudge, MTBenchJudge, PointwiseJudge, Ensemble, Cascade,
+                                  Calibrated, EscalatingJudge)
 }
 
 
@@ -41,15 +44,33 @@ NAMED = {
     "direct+pointwise-prob": lambda: Ensemble([(named_program("direct-prob"), None), (named_program("pointwise-prob"), None)],
                                               decision="probability"),
     "mtbench": lambda: MTBenchJudge(),  # the peer baseline: MT-Bench's prompt, both orders
+    # direct-prob, climbing to analyses, more samples and reflection while in doubt; "escalating-prob:0.2" sets the threshold
+    "escalating-prob": lambda: EscalatingJudge(),
 }
+THRESHOLDED = {"escalating-prob"}  # named programs that take ":THRESHOLD"
 
 
 def named_program(name: str) -> Judge:
-    """A ready program by short name (the CLI's ``--program``): see ``NAMED``."""
-    try:
-        return NAMED[name]()
-    except KeyError:
-        raise ConfigError(f"unknown program {name!r}; choose from {', '.join(NAMED)}") from None
+    """A ready program by short name (the CLI's ``--program``): see ``NAMED``; ``escalating-prob:T`` sets its
+    threshold to T (so one eval can draw its accuracy-against-cost curve)."""
+    base, _, threshold = name.partition(":")
+    if base not in NAMED or (threshold and base not in THRESHOLDED):
+        raise ConfigError(f"unknown program {name!r}; choose from {', '.join(NAMED)} "
+                          f"(and {', '.join(f'{n}:THRESHOLD' for n in sorted(THRESHOLDED))})")
+    program = NAMED[base]()
+    if threshold:
+        try:
+            return program.with_threshold(float(threshold))
+        except ValueError as exc:
+            raise ConfigError(f"{name!r}: the threshold after ':' is a number in [0, 1] ({exc})") from None
+    return program
+
+
+def resolve_program(name_or_path: str) -> Judge:
+    """A named program, or a program saved by ``.save`` (a calibrated one, say) given by its file's path."""
+    if name_or_path.endswith(".json") and Path(name_or_path).is_file():
+        return load_program(name_or_path)
+    return named_program(name_or_path)
 
 
 def program_class(name: str) -> type[Judge]:
@@ -69,6 +90,7 @@ def load_program(path: str | Path) -> Judge:
 
 
 __all__ = [
-    "AdaptiveReflectRM", "Cascade", "Ensemble", "GenRM", "MTBenchJudge", "PointwiseJudge", "PositionSwapJudge", "Ranking", "ReflectRM",
-    "arank", "best_of_n", "bradley_terry", "load_program", "named_program", "program_class", "rank",
+    "AdaptiveReflectRM", "Calibrated", "Calibration", "Cascade", "Ensemble", "EscalatingJudge", "GenRM", "MTBenchJudge",
+    "PointwiseJudge", "PositionSwapJudge", "Ranking", "ReflectRM", "arank", "best_of_n", "bradley_terry", "calibrate",
+    "choose_threshold", "load_program", "named_program", "program_class", "rank", "resolve_program",
 ]

@@ -124,6 +124,7 @@ class Judgment:
     parts: tuple[Judgment, ...] = ()  # the judgments of member judges (ensembles, cascades)
     chosen: int | None = None  # the analysis whose verdict is final, where a program picks one
     ratings: tuple[Rating, ...] = ()  # pointwise programs: each response rated on its own
+    decided_by: str | None = None  # the stage or member whose judgment is final, where a program escalates
 
     @property
     def steps(self) -> tuple[Analysis | Reflection | Rating, ...]:
