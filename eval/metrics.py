@@ -15,6 +15,10 @@ the pair's original A/B order. Conventions, stated once:
   not. Time is not here: it is a fact of the run, not of the judgments (see the runner).
 - paired difference: one run's pair scores minus a baseline run's on the same pairs, with a
   bootstrap over those pairs: whether one program beat another on these pairs.
+- calibration: every judgment's P(A better), named in the pair's original order, against the label
+  (pairs labelled A or B, both presentations; judgments without a P(A) are left out). Expected
+  calibration error over 10 equal-width bins of P(A): the bins' |mean P(A) - share labelled A|,
+  weighted by their size; the bins themselves are the reliability diagram.
 A metric over no pairs is ``None``, never a division by zero.
 """
 
@@ -44,6 +48,7 @@ class Record:
     lm_calls: int  # cost over both presentations
     prompt_tokens: int
     completion_tokens: int
+    probabilities: tuple[float | None, float | None] = (None, None)  # P(A) of each presentation, in the original order
 
     @classmethod
     def from_judgments(cls, pair, straight: Judgment, swapped: Judgment) -> Record:
@@ -56,11 +61,13 @@ class Record:
             steps=sum(len(j.steps) for j in both),
             unparsed_steps=sum(1 for j in both for s in j.steps if not s.parsed),
             lm_calls=cost.lm_calls, prompt_tokens=cost.prompt_tokens, completion_tokens=cost.completion_tokens,
+            probabilities=(straight.probability_a, None if swapped.probability_a is None else 1 - swapped.probability_a),
         )
 
     @classmethod
     def from_dict(cls, row: dict) -> Record:
-        return cls(**{**row, "verdicts": tuple(row["verdicts"]), "reasons": tuple(row["reasons"])})
+        return cls(**{**row, "verdicts": tuple(row["verdicts"]), "reasons": tuple(row["reasons"]),
+                      "probabilities": tuple(row.get("probabilities") or (None, None))})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +135,54 @@ class CostPerVerdict:
 
 
 @dataclass(frozen=True)
+class ReliabilityBin:
+    """One bin of P(A): its edges, how many judgments fell in it, their mean P(A) and the share labelled A."""
+
+    low: float
+    high: float
+    count: int
+    mean_probability: float | None
+    frequency: float | None
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Expected calibration error of P(A) and the bins of its reliability diagram."""
+
+    ece: float | None
+    n: int  # judgments with a P(A), of pairs labelled A or B
+    bins: tuple[ReliabilityBin, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Reliability:
+        return cls(ece=data["ece"], n=data["n"], bins=tuple(ReliabilityBin(**b) for b in data["bins"]))
+
+
+def reliability(probabilities: list[float], outcomes: list[bool], bins: int = 10) -> Reliability:
+    """ECE over ``bins`` equal-width bins of [0, 1] (P = 1 falls in the last); empty bins weigh nothing."""
+    import numpy as np
+
+    p, y = np.asarray(probabilities, dtype=float), np.asarray(outcomes, dtype=float)
+    index = np.minimum((p * bins).astype(int), bins - 1) if len(p) else np.array([], dtype=int)
+    rows, error = [], 0.0
+    for b in range(bins):
+        inside = index == b
+        count = int(inside.sum())
+        mean = float(p[inside].mean()) if count else None
+        frequency = float(y[inside].mean()) if count else None
+        if count:
+            error += count * abs(mean - frequency)
+        rows.append(ReliabilityBin(low=b / bins, high=(b + 1) / bins, count=count, mean_probability=mean, frequency=frequency))
+    return Reliability(ece=error / len(p) if len(p) else None, n=len(p), bins=tuple(rows))
+
+
+def calibration_of(records: list[Record]) -> Reliability:
+    """:func:`reliability` of every P(A) the records hold, against their A/B labels."""
+    kept = [(p, r.label == "A") for r in records if r.label in ("A", "B") for p in r.probabilities if p is not None]
+    return reliability([p for p, _ in kept], [y for _, y in kept])
+
+
+@dataclass(frozen=True)
 class Summary:
     """Every metric of one group of pairs; ``to_dict``/``from_dict`` are its form in report.json."""
 
@@ -140,6 +195,7 @@ class Summary:
     no_verdict: Rate
     parse_failures: Rate
     cost_per_verdict: CostPerVerdict
+    calibration: Reliability | None = None  # None in reports written before it was measured
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +214,7 @@ class Summary:
                                        second=rate(data["position_bias"]["second"])),
             no_verdict=rate(data["no_verdict"]), parse_failures=rate(data["parse_failures"]),
             cost_per_verdict=CostPerVerdict(**data["cost_per_verdict"]),
+            calibration=Reliability.from_dict(data["calibration"]) if data.get("calibration") else None,
         )
 
 
@@ -233,6 +290,7 @@ def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wro
             prompt_tokens=per_verdict(sum(r.prompt_tokens for r in records)),
             completion_tokens=per_verdict(sum(r.completion_tokens for r in records)),
         ),
+        calibration=calibration_of(records),
     )
 
 

@@ -100,6 +100,7 @@ def slim(judgment: Judgment, swapped: bool) -> dict[str, Any]:
         "presentation": "swapped" if swapped else "as given", "preference": name(judgment.preference),
         "reason": judgment.reason, "probability_a": None if probability_a is None else round(probability_a, 4),
         "chosen": judgment.chosen, "notes": list(judgment.notes), "program": judgment.program,
+        "decided_by": judgment.decided_by,
         "analyses": [step(a) for a in judgment.analyses], "reflections": [step(r) for r in judgment.reflections],
         "ratings": [step(r) for r in judgment.ratings], "parts": [slim(p, swapped) for p in judgment.parts],
         "unparsed_steps": sum(not s.parsed for s in judgment.steps),

@@ -3,7 +3,8 @@
 ``report.json`` holds the per-pair records and every metric (each run's accuracy paired
 against a baseline run's included), so any number can be recomputed; ``run.json`` holds
 what differs between runs (wall time, calls made, cache hits); ``plots/`` shows accuracy
-per category and accuracy against cost per verdict;
+per category, accuracy against cost per verdict (runs of one program at several thresholds,
+``escalating-prob:T``, joined as a curve) and the reliability diagram of every run's P(A);
 ``judgments.jsonl.gz`` holds every judgment and ``report.html`` shows them (:mod:`reflectagent.eval.page`).
 """
 
@@ -25,6 +26,7 @@ METRICS: tuple[Metric, ...] = (
     ("picks first both times", lambda s, run: s.position_bias.first.value, "{:.1%}"),
     ("picks second both times", lambda s, run: s.position_bias.second.value, "{:.1%}"),
     ("no verdict", lambda s, run: s.no_verdict.value, "{:.1%}"),
+    ("ECE", lambda s, run: s.calibration.ece if s.calibration else None, "{:.3f}"),
     ("parse failures", lambda s, run: s.parse_failures.value, "{:.1%}"),
     ("LM calls / verdict", lambda s, run: s.cost_per_verdict.lm_calls, "{:.2f}"),
     ("tokens / verdict", lambda s, run: s.cost_per_verdict.tokens, "{:.0f}"),
@@ -71,7 +73,9 @@ def summary_markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
               f"no verdict counts as {0.5 if no_verdict_rule(results) == 'half' else 0.0}; "
               "ties are excluded (counted per run in report.json). 95% intervals: bootstrap over pairs "
               "(accuracy), Wilson (rates). Calls and tokens are what each verdict took to produce, cached or not; "
-              "LM s / verdict sums the latency of its steps, server queueing included (a fact of the run: run.json).", ""]
+              "LM s / verdict sums the latency of its steps, server queueing included (a fact of the run: run.json). "
+              "ECE: expected calibration error of P(A better) over both presentations, 10 equal-width bins "
+              "(plots/reliability.png); n/a where a run gives no P(A).", ""]
     stats = [r.run for r in results if r.run is not None]
     if stats:
         total = sum(s.judgments for s in stats)
@@ -140,7 +144,7 @@ def markdown(results: list[RunResult], meta: dict[str, Any], paired: dict[str, A
     lines += group_table("source", results, lambda r: r.by_source, with_consistency=True)
     lines += group_table("category", results, lambda r: r.by_category)
     lines += ["", "![accuracy per category](plots/accuracy_by_category.png)",
-              "![accuracy against cost](plots/accuracy_vs_cost.png)", ""]
+              "![accuracy against cost](plots/accuracy_vs_cost.png)", "![reliability of P(A)](plots/reliability.png)", ""]
     return "\n".join(lines)
 
 
@@ -207,18 +211,58 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
         if acc.value is None or calls is None:
             continue
         low, high = acc.ci or (acc.value, acc.value)
-        ax.errorbar(calls, acc.value, yerr=[[acc.value - low], [high - acc.value]], fmt="o", capsize=4)
+        ax.errorbar(calls, acc.value, yerr=[[acc.value - low], [high - acc.value]], fmt="o", capsize=4, alpha=0.8)
         ax.annotate(f"{r.program} @ {r.backend}", (calls, acc.value), textcoords="offset points",
                     xytext=(6, 4 + 11 * k), fontsize=8)  # staggered: programs often share a point
+    for (program, backend), points in curves(results).items():
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "-", linewidth=1.5, label=f"{program} @ {backend}")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("LM calls per verdict")
+    ax.set_xlabel("LM calls per verdict (one pair, one presentation)")
     ax.set_ylabel("accuracy (95% CI)")
     ax.set_title("Accuracy against cost")
+    if curves(results):
+        ax.legend(loc="lower right", fontsize=8, title="a program at several thresholds", title_fontsize=8)
     fig.tight_layout()
     paths.append(folder / "accuracy_vs_cost.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for r in results:
+        calibration = r.overall.calibration
+        if calibration is None or not calibration.n:
+            continue
+        shown = [b for b in calibration.bins if b.count]
+        ax.plot([b.mean_probability for b in shown], [b.frequency for b in shown], "o-", markersize=4,
+                label=f"{r.program} @ {r.backend}: ECE {calibration.ece:.3f} (n={calibration.n})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("P(A better), mean per bin of 0.1")
+    ax.set_ylabel("share of those judgments where A is better")
+    ax.set_title("Reliability of P(A)")
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    paths.append(folder / "reliability.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
     return paths
+
+
+def curves(results: list[RunResult]) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
+    """Runs of one program at several thresholds (``NAME:T`` on one backend, two or more of them): their
+    (calls per verdict, accuracy, threshold) points by threshold, to draw as one curve."""
+    groups: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for r in results:
+        name, _, threshold = r.program.partition(":")
+        acc, calls = r.overall.accuracy.value, r.overall.cost_per_verdict.lm_calls
+        try:
+            value = float(threshold)
+        except ValueError:
+            continue
+        if acc is not None and calls is not None:
+            groups.setdefault((name, r.backend), []).append((calls, acc, value))
+    return {key: sorted(points, key=lambda p: (p[2], p[0])) for key, points in groups.items() if len(points) > 1}
 
 
 def write_report(results: list[RunResult], folder: str | Path, meta: dict[str, Any]) -> Path:

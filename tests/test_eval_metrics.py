@@ -5,7 +5,8 @@ import json
 import pytest
 
 from reflectagent.eval.metrics import (
-    CostPerVerdict, Record, Summary, bootstrap, paired_difference, summarize, summarize_by_category, summarize_judgments,
+    CostPerVerdict, Record, Summary, bootstrap, paired_difference, reliability, summarize, summarize_by_category,
+    summarize_judgments,
     wilson,
 )
 from reflectagent.eval.report import accuracy_axis_label, baseline_run, markdown, paired_comparison, summary_markdown
@@ -162,3 +163,53 @@ def test_record_maps_the_swapped_verdict_back():
     rec = Record.from_judgments(pair, straight, swapped)
     assert rec.verdicts == ("A", "A") and rec.lm_calls == 2 and rec.prompt_tokens == 20 and rec.steps == 2
     assert Record.from_dict(rec.to_dict()) == rec
+
+
+def test_expected_calibration_error_and_its_bins_by_hand():
+    # bin [0.9, 1.0]: 0.95 and 1.0 (P = 1 falls in the last bin), one labelled A: |0.975 - 0.5|; bin [0.2, 0.3): 0.25, not A
+    cal = reliability([0.95, 1.0, 0.25], [True, False, False])
+    assert cal.n == 3 and cal.ece == pytest.approx((2 * 0.475 + 0.25) / 3)
+    last, low = cal.bins[9], cal.bins[2]
+    assert (last.count, last.mean_probability, last.frequency) == (2, pytest.approx(0.975), 0.5)
+    assert (low.count, low.frequency) == (1, 0.0) and cal.bins[5].count == 0 and cal.bins[5].frequency is None
+    assert reliability([], []).ece is None
+
+
+def test_a_record_keeps_each_presentation_s_p_a_in_the_original_order_and_the_summary_its_ece():
+    pair = Pair(prompt="p", response_a="a", response_b="b", id="7", label="A")
+    straight, swapped = Judgment(preference="A", probability_a=0.8), Judgment(preference="B", probability_a=0.3)
+    rec = Record.from_judgments(pair, straight, swapped)
+    assert rec.probabilities == (0.8, pytest.approx(0.7))  # the swapped judgment's P(A) is the original B's
+    unlabelled = Record.from_judgments(Pair(prompt="p", response_a="a", response_b="c"), straight, Judgment(preference=None))
+    summary = summarize([rec, unlabelled])
+    assert summary.calibration.n == 2 and summary.calibration.ece == pytest.approx(0.25)  # (0.2 + 0.3) / 2
+    assert Summary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+    old = summary.to_dict()
+    del old["calibration"]  # report.json written before ECE was measured
+    assert Summary.from_dict(old).calibration is None
+    row = rec.to_dict()
+    del row["probabilities"]
+    assert Record.from_dict(row).probabilities == (None, None)
+
+
+def test_the_report_draws_reliability_and_a_curve_per_thresholded_program(tmp_path):
+    from reflectagent.eval import write_report
+    from reflectagent.eval.report import curves
+
+    def run(name, p, calls):
+        records = [Record(pair_id=str(i), category="c", source="s", label="BAAB"[i], verdicts=(v, v),
+                          reasons=(None, None), steps=2, unparsed_steps=0, lm_calls=calls, prompt_tokens=10,
+                          completion_tokens=1, probabilities=(q, q))
+                   for i, (v, q) in enumerate((("A" if x > 0.5 else "B", x) for x in p))]
+        return RunResult(name, "b", records, summarize(records), {}, {})
+
+    results = [run("direct-prob", [0.7, 0.4, 0.6, 0.2], 4), run("escalating-prob:0.2", [0.3, 0.6, 0.8, 0.1], 10),
+               run("escalating-prob:0.05", [0.3, 0.4, 0.6, 0.1], 6), run("mtbench", [0.5] * 4, 4)]
+    assert curves(results) == {("escalating-prob", "b"): [(3.0, 0.75, 0.05), (5.0, 1.0, 0.2)]}
+    folder = write_report(results, tmp_path / "r", {"data": ["d"], "pairs": 4, "split": "test", "seed": 0})
+    assert (folder / "plots" / "reliability.png").stat().st_size > 5000
+    assert "![reliability of P(A)](plots/reliability.png)" in (folder / "report.md").read_text()
+    header = next(line for line in (folder / "report.md").read_text().splitlines() if line.startswith("| program"))
+    assert "| ECE |" in header
+    html = (folder / "report.html").read_text()
+    assert "<th>ECE</th>" in html and 'alt="reliability"' in html  # the page's summary and its plots
