@@ -8,7 +8,9 @@ from the cache) from that many concurrent clients, for at most ``--requests`` re
 Two engines behind the service: an instant fake OpenAI-compatible server (the service's own ceiling)
 and the embedded vLLM server (the engine-bound case). The service, the fake engine and this client are
 separate processes, as in use. A request that is neither answered 200 nor refused 503 (capacity) is
-counted lost. Results: ``bench/results/reward_service_load.json``, with the command and the commit.
+counted lost; an answered one whose judgment reached no verdict is counted in ``abstained`` (an answer, not a
+failure: the service says so instead of guessing). Results: ``bench/results/reward_service_load.json``, with
+the command and the commit.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ def wait_for(url: str, seconds: float = 900) -> None:
 
 
 async def level(url: str, clients: int, requests: int, seconds: float, tag: str) -> dict:
-    latencies, statuses, errors = [], {}, 0
+    latencies, statuses, errors, abstained = [], {}, 0, 0
     issued = 0
     stop = time.monotonic() + seconds
 
     async def client(http: httpx.AsyncClient):
-        nonlocal issued, errors
+        nonlocal issued, errors, abstained
         while issued < requests and time.monotonic() < stop:
             issued += 1
             n = issued
@@ -63,6 +65,7 @@ async def level(url: str, clients: int, requests: int, seconds: float, tag: str)
                 statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
                 if answer.status_code == 200:
                     latencies.append(time.perf_counter() - started)
+                    abstained += answer.json()["preference"] is None
             except httpx.HTTPError:
                 errors += 1
 
@@ -72,7 +75,7 @@ async def level(url: str, clients: int, requests: int, seconds: float, tag: str)
     wall = time.perf_counter() - started
     answered = statuses.get(200, 0)
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [latencies[0]] * 99 if latencies else None
-    return {"clients": clients, "sent": issued, "answered": answered, "refused_503": statuses.get(503, 0),
+    return {"clients": clients, "sent": issued, "answered": answered, "abstained": abstained, "refused_503": statuses.get(503, 0),
             "lost": issued - answered - statuses.get(503, 0), "other_statuses": {k: v for k, v in statuses.items() if k not in (200, 503)},
             "transport_errors": errors, "wall_s": round(wall, 2), "requests_per_s": round(answered / wall, 2),
             "p50_s": round(quantiles[49], 4) if quantiles else None, "p99_s": round(quantiles[98], 4) if quantiles else None}

@@ -3,7 +3,9 @@
 verl calls ``compute_score(data_source, solution_str, ground_truth, extra_info)`` per rollout; here the
 solution is judged against ``ground_truth`` (the reference answer) and the prompt comes from the row's
 ``extra_info["prompt"]``. The reward is P(solution better than the reference) where the backend gives
-verdict probabilities. The backend is ``$REFLECTAGENT_BACKEND`` (default: the embedded model).
+verdict probabilities. It returns ``{"score", "abstain"}``: where no verdict stood behind it, ``abstain`` is True
+and the score the neutral 0.5 (verl logs ``abstain`` in ``reward_extra_info``). The backend is
+``$REFLECTAGENT_BACKEND`` (default: the embedded model).
 
 Run (a demo call): .venv/bin/python examples/verl_reward.py
 """

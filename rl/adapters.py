@@ -1,18 +1,32 @@
 """The function shapes TRL, verl and OpenRLHF call, each backed by a :class:`Rewarder`.
 
+A response no verdict stood behind (:attr:`Reward.abstain`) is an explicit abstain in every shape, never a
+silent 0; what each trainer then does with it differs, and is said here:
+
 - TRL ``GRPOTrainer(reward_funcs=[trl_reward(...)])``: called with ``prompts``, ``completions`` and every
-  dataset column as keyword arguments; returns one float per completion, ``None`` where no verdict
-  stood behind it (TRL skips it). A ``reference`` column (name it with ``reference_column``) makes
-  each reward pairwise against it; without one, completions of the same prompt are judged as a group.
-  ``trl_reward(..., asynchronous=True)`` gives an ``async def`` (TRL gathers those concurrently).
+  dataset column as keyword arguments; returns one float per completion, and ``None`` for an abstain.
+  TRL (1.x) turns ``None`` into NaN: it is left out of its group's mean and spread (nan-aware), a completion
+  that every reward function abstained on gets advantage 0 (no gradient from it), and the logged reward
+  ignores it; with several reward functions, the others' rewards still count. A ``reference`` column (name it
+  with ``reference_column``) makes each reward pairwise against it; without one, completions of the same
+  prompt are judged as a group. ``trl_reward(..., asynchronous=True)`` gives an ``async def`` (TRL gathers
+  those concurrently).
 - verl ``custom_reward_function``: ``compute_score(data_source, solution_str, ground_truth, extra_info)``
-  judges the solution against ``ground_truth``; the prompt comes from ``extra_info["prompt"]``.
+  judges the solution against ``ground_truth``; the prompt comes from ``extra_info["prompt"]``. verl needs a
+  number for every row: it returns ``{"score", "abstain"}``, the score of an abstain being the neutral
+  ``no_verdict_reward``. verl's reward managers put ``score`` in the reward tensor and every other key in
+  ``reward_extra_info`` (logged per batch), so an abstain trains as a neutral reward and is counted; a
+  custom reward manager can read ``abstain`` to mask it.
 - OpenRLHF ``--remote_rm_url reward_func.py``: ``reward_func(queries, prompts, labels)``, where each
-  query is its prompt followed by the response; returns rewards, scores and ``extra_logs``.
+  query is its prompt followed by the response; returns ``rewards``, ``scores`` and ``extra_logs`` with
+  ``abstain`` (1.0 per abstain). OpenRLHF trains on ``rewards`` as they are (an abstain at the neutral
+  ``no_verdict_reward``) and logs the batch mean of each ``extra_logs`` entry, so the abstain rate is in its
+  logs; it has no per-sample mask for a remote reward.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from reflectagent.errors import ReflectAgentError
@@ -36,8 +50,14 @@ def as_text(value: Any) -> str:
 
 def trl_reward(judge="genrm-prob", backend: str | None = None, *, reference_column: str | None = None,
                asynchronous: bool = False, rewarder: Rewarder | None = None, **options):
-    """A TRL reward function (sync, or ``async def`` with ``asynchronous=True``) named after its judge."""
-    name = rewarder.name if rewarder is not None else judge if isinstance(judge, str) else type(judge).__name__
+    """A TRL reward function (sync, or ``async def`` with ``asynchronous=True``) named after its judge: a float
+    per completion, ``None`` where it abstains (TRL masks it)."""
+    if rewarder is not None:
+        name = rewarder.name
+    elif isinstance(judge, str):
+        name = Path(judge).stem if judge.endswith(".json") else judge  # a saved program: its file's name
+    else:
+        name = type(judge).__name__
     rewarder = rewarder or Rewarder(judge, backend, **options)
 
     def inputs(prompts, completions, kwargs):
@@ -49,7 +69,7 @@ def trl_reward(judge="genrm-prob", backend: str | None = None, *, reference_colu
         return [as_text(p) for p in prompts], [as_text(c) for c in completions], references
 
     def floats(rewards):
-        return [r.reward if r.verdict else None for r in rewards]
+        return [None if r.abstain else r.reward for r in rewards]
 
     if asynchronous:
         async def reward(prompts, completions, **kwargs):
@@ -62,7 +82,8 @@ def trl_reward(judge="genrm-prob", backend: str | None = None, *, reference_colu
 
 
 def verl_compute_score(judge="genrm-prob", backend: str | None = None, *, rewarder: Rewarder | None = None, **options):
-    """A verl ``compute_score``: the solution against ``ground_truth``, the prompt from ``extra_info['prompt']``."""
+    """A verl ``compute_score``: the solution against ``ground_truth``, the prompt from ``extra_info['prompt']``;
+    ``{"score", "abstain"}`` (an abstain's score is the neutral ``no_verdict_reward``)."""
     rewarder = rewarder or Rewarder(judge, backend, **options)
 
     def compute_score(data_source, solution_str, ground_truth, extra_info=None, **_):
@@ -72,7 +93,7 @@ def verl_compute_score(judge="genrm-prob", backend: str | None = None, *, reward
         if not ground_truth:
             raise RewardInputError(f"no ground_truth for a {data_source} row: a pairwise judge needs a reference answer")
         result = rewarder.against_reference(as_text(prompt), solution_str, as_text(ground_truth))
-        return {"score": result.reward, "verdict": result.verdict}
+        return {"score": result.reward, "abstain": result.abstain}
 
     return compute_score
 
@@ -95,7 +116,8 @@ def openrlhf_batch(queries, prompts, labels=None) -> tuple[list[str], list[str],
 
 
 def openrlhf_reward_func(judge="genrm-prob", backend: str | None = None, *, rewarder: Rewarder | None = None, **options):
-    """An OpenRLHF ``reward_func``: labels (reference answers) make rewards pairwise; without them, group-relative."""
+    """An OpenRLHF ``reward_func``: labels (reference answers) make rewards pairwise; without them, group-relative.
+    ``extra_logs["abstain"]`` is 1.0 for each reward no verdict stood behind (its reward: ``no_verdict_reward``)."""
     rewarder = rewarder or Rewarder(judge, backend, **options)
 
     def reward_func(queries, prompts, labels=None, **_):
@@ -103,6 +125,6 @@ def openrlhf_reward_func(judge="genrm-prob", backend: str | None = None, *, rewa
         import torch
 
         return {"rewards": torch.tensor([r.reward for r in results]), "scores": torch.tensor([r.score for r in results]),
-                "extra_logs": {"no_verdict": torch.tensor([0.0 if r.verdict else 1.0 for r in results])}}
+                "extra_logs": {"abstain": torch.tensor([1.0 if r.abstain else 0.0 for r in results])}}
 
     return reward_func

@@ -1,4 +1,4 @@
-"""Rewards from judgments, never from a guessed verdict.
+"""Rewards from judgments, never from a guessed verdict, and an explicit abstain where there was none.
 
 Against a reference, the response is shown as A and the reference as B (the judge handles order:
 a both-orders program averages it away); the reward is the judgment's P(A better) where the backend
@@ -7,9 +7,12 @@ the same prompt are judged (round robin) and each response's reward is its win r
 its Bradley-Terry log-strength (mean 0), ``programs.ranking`` doing the counting. A comparison with
 no verdict counts as its P(A) or a draw there, as in ranking. A response with no verdict at all
 (against its reference, alone in its group, or in a pair that cannot be judged, such as two empty
-responses) gets ``no_verdict_reward`` and ``verdict=False``: the trainer can skip it (TRL: ``None``)
-or log it (OpenRLHF: ``extra_logs``). Its default is the neutral value of the reward's scale: 0.5
-for probabilities and win rates, 0.0 for Bradley-Terry log-strengths (their mean).
+responses) *abstains*: ``Reward.abstain`` is True, and each trainer adapter says so in its own way
+(:mod:`reflectagent.rl.adapters`: ``None`` for TRL, which masks it; a flag beside the reward where the
+trainer needs a number). The number it carries is ``no_verdict_reward``, by default the neutral value of
+the reward's scale (0.5 for probabilities and win rates, 0.0 for Bradley-Terry log-strengths, their
+mean), never a silent 0. A calibrated program (:class:`~reflectagent.programs.Calibrated`, given as the
+path of its saved file) rewards with its calibrated P(A).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from reflectagent.concurrency import run_sync
 from reflectagent.config import Settings
 from reflectagent.judge import Judge
 from reflectagent.pairs import InvalidPair, Pair
-from reflectagent.programs import named_program
+from reflectagent.programs import resolve_program
 from reflectagent.programs.ranking import Ranking, arank
 from reflectagent.results import Judgment, Usage
 
@@ -46,20 +49,27 @@ class Reward:
     usage: Usage = Usage()
     cache_hits: int = 0
 
+    @property
+    def abstain(self) -> bool:
+        """No verdict or probability stood behind this reward: a trainer should not learn from its number."""
+        return not self.verdict
+
 
 def _cost(judgments: list[Judgment]) -> tuple[Usage, int]:
     return sum((j.usage for j in judgments), Usage()), sum(j.cache_hits for j in judgments)
 
 
 class Rewarder:
-    """Rewards from one judge on one backend; every step goes through the judgment cache in use."""
+    """Rewards from one judge on one backend; every step goes through the judgment cache in use.
+
+    ``judge`` is a program, a named program (``"genrm-prob"``) or the path of a saved one (``calibrated.json``)."""
 
     def __init__(self, judge: Judge | str = "genrm-prob", backend: str | None = None, settings: Settings | None = None,
                  *, lm: dspy.BaseLM | None = None, group: GroupMethod = "win_rate",
                  no_verdict_reward: float | None = None, concurrency: int = 8, max_group: int = MAX_GROUP):
         if group not in ("win_rate", "bradley_terry"):
             raise ValueError(f"group must be 'win_rate' or 'bradley_terry', not {group!r}")
-        self.judge = named_program(judge) if isinstance(judge, str) else judge
+        self.judge = resolve_program(judge) if isinstance(judge, str) else judge
         self.lm = lm or resolve_backend(backend, settings)
         self.group_method, self.concurrency, self.max_group = group, concurrency, max_group
         neutral = 0.0 if group == "bradley_terry" else NO_VERDICT_REWARD
@@ -113,6 +123,16 @@ class Rewarder:
             return Reward(won, won, True, None, usage, hits)
         return self._no_verdict(judgment.reason or "no verdict", usage, hits)
 
+    @staticmethod
+    def abstains(ranking: Ranking) -> list[bool]:
+        """Per response of a ranked group: whether none of its comparisons reached a verdict or a probability
+        (what ``serve-rm``'s ``/v1/rank`` flags per response)."""
+        decided = [False] * len(ranking.win_rate)
+        for c in ranking.comparisons:
+            if c.judgment.preference is not None or c.judgment.probability_a is not None:
+                decided[c.first] = decided[c.second] = True
+        return [not d for d in decided]
+
     def group(self, prompt: str, responses: list[str]) -> list[Reward]:
         """Each response against the others (round robin); a group of one has nothing to be compared with."""
         return run_sync(self.agroup(prompt, responses))
@@ -126,11 +146,10 @@ class Rewarder:
         except InvalidPair as exc:  # an empty prompt, or two empty responses: nothing to compare
             return [self._no_verdict(f"cannot be judged: {exc}")] * len(responses)
         rewards = []
-        for i in range(len(responses)):
+        for i, abstain in enumerate(self.abstains(ranking)):
             mine = [c.judgment for c in ranking.comparisons if i in (c.first, c.second)]
-            decided = any(j.preference is not None or j.probability_a is not None for j in mine)
             usage, hits = _cost(mine)
-            if not decided:
+            if abstain:
                 rewards.append(self._no_verdict("no comparison reached a verdict", usage, hits))
                 continue
             value = ranking.win_rate[i] if self.group_method == "win_rate" else ranking.strength[i]

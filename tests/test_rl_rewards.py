@@ -110,7 +110,7 @@ def test_trl_reward_takes_text_or_conversations_and_skips_no_verdict():
 
 def test_verl_compute_score_needs_a_prompt_and_a_reference():
     score = verl_compute_score(rewarder=Rewarder(ScoreJudge(), lm=LM))
-    assert score("set", "3", "2", extra_info={"prompt": "q"}) == {"score": 1.0, "verdict": True}
+    assert score("set", "3", "2", extra_info={"prompt": "q"}) == {"score": 1.0, "abstain": False}
     with pytest.raises(RewardInputError, match="extra_info has no 'prompt'"):
         score("set", "3", "2")
     with pytest.raises(RewardInputError, match="needs a reference answer"):
@@ -120,9 +120,35 @@ def test_verl_compute_score_needs_a_prompt_and_a_reference():
 def test_openrlhf_reward_func_cuts_the_prompt_off_each_query():
     func = openrlhf_reward_func(rewarder=Rewarder(ScoreJudge(), lm=LM))
     out = func(["q:3", "q:1"], ["q:", "q:"], [])
-    assert out["rewards"].tolist() == [1.0, 0.0] and out["extra_logs"]["no_verdict"].tolist() == [0.0, 0.0]
+    assert out["rewards"].tolist() == [1.0, 0.0] and out["extra_logs"]["abstain"].tolist() == [0.0, 0.0]
     with pytest.raises(RewardInputError, match="does not start with its prompt"):
         func(["x3"], ["q:"], [])
+
+
+def test_a_pair_with_no_verdict_is_an_explicit_abstain_in_every_adapter():
+    rewarder = Rewarder(ScoreJudge(), lm=LM)  # equal numbers: no verdict, no probability
+    assert trl_reward(rewarder=rewarder)(prompts=["q", "q"], completions=["1", "1.0"]) == [None, None]
+    trl = trl_reward(rewarder=rewarder, reference_column="ref")
+    assert trl(prompts=["q", "q"], completions=["2", "1"], ref=["1", "1.0"]) == [1.0, None]  # TRL masks None
+    verl = verl_compute_score(rewarder=rewarder)
+    assert verl("set", "1", "1.0", extra_info={"prompt": "q"}) == {"score": NO_VERDICT_REWARD, "abstain": True}
+    out = openrlhf_reward_func(rewarder=rewarder)(["q:1", "q:1.0", "q:3"], ["q:"] * 3, ["1", "1", "1"])
+    assert out["rewards"].tolist() == [NO_VERDICT_REWARD, NO_VERDICT_REWARD, 1.0]  # the neutral value, never 0
+    assert out["extra_logs"]["abstain"].tolist() == [1.0, 1.0, 0.0]
+    # in a group, a response abstains only where none of its comparisons decided anything
+    ranking = rewarder.rank("q", ["1", "1.0", "2"])
+    assert Rewarder.abstains(ranking) == [False, False, False]
+    assert Rewarder.abstains(rewarder.rank("q", ["1", "1.0", "1.00"])) == [True, True, True]
+    assert [r.abstain for r in rewarder.group("q", ["1", "1.0", "1.00"])] == [True, True, True]
+
+
+def test_a_saved_program_is_a_reward_by_its_path(tmp_path):
+    from reflectagent.programs import Calibrated, Calibration, GenRM
+
+    path = Calibrated(GenRM(both_orders=True, decision="probability"), Calibration("temperature", 0.5)).save(tmp_path / "calibrated.json")
+    rewarder = Rewarder(str(path), lm=LM)
+    assert type(rewarder.judge).__name__ == "Calibrated" and rewarder.judge.calibration.temperature == 2.0
+    assert trl_reward(str(path), lm=LM).__name__ == "reflectagent_calibrated"
 
 
 # ---- the service's rules, in process ---------------------------------------------------------------------------
