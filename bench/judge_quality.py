@@ -30,16 +30,12 @@ from pathlib import Path
 from reflectagent.backends import resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
-from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
-from reflectagent.finetune.selection import usable
-from reflectagent.pairs import Pair
+from reflectagent.eval import EvalRun, run_eval, write_report
 from reflectagent.programs import named_program
 from reflectagent.programs.compile import teacher_demos, with_demos
-from reflectagent.splits import split_pairs, stable_fraction
 from reflectagent.teacher import read_teacher
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SOURCES = ("hh_rlhf_harmless_test", "hhh_alignment", "rmbench", "pandalm", "autoj_pairwise")
+from common import SOURCES, TEACHER, test_pairs  # bench/, beside this script
 POINTWISE = ("pointwise-prob", "pointwise")
 GENRM = ("genrm", "genrm-both", "genrm-prob")
 DIRECT = "direct-prob"  # the verdict token alone, no rationale: nothing for analysis demos to change
@@ -47,16 +43,6 @@ MIXED = "direct+pointwise-prob"  # the two above averaged: free once both have r
 REFLECTRM = ("reflectrm", "reflectrm-prob", "reflectrm-adaptive")
 PROGRAMS = GENRM + REFLECTRM
 PEER = "mtbench"
-
-
-def test_pairs(per_source: int, max_chars: int, skip: int = 0) -> list[Pair]:
-    chosen = []
-    for source in SOURCES:
-        pairs, _ = load_benchmark(SHARED / f"{source}.jsonl")
-        test = split_pairs(pairs, seed=0)["test"]
-        ordered = sorted((p for p in test if usable(p, max_chars)), key=lambda p: stable_fraction("quality-bench", p.id))
-        chosen += ordered[skip:skip + per_source]
-    return chosen
 
 
 def main() -> None:
@@ -80,9 +66,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
     pairs = test_pairs(args.per_source, args.max_chars, args.skip)
-    teacher_file = SHARED / "teacher" / "alpaca_eval_gpt4_turbo.jsonl"
-    every, _ = read_teacher(teacher_file)
-    teacher, _ = read_teacher(teacher_file, exclude_prompts=[p.prompt for p in pairs])
+    every, _ = read_teacher(TEACHER)
+    teacher, _ = read_teacher(TEACHER, exclude_prompts=[p.prompt for p in pairs])
     demos = teacher_demos(teacher, k=args.demos, seed=0)
     backend = BackendConfig(model="embedded", model_path=args.preset, dtype=args.dtype, timeout_s=args.timeout_s)
     settings = Settings(backends={"local": backend})

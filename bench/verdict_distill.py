@@ -35,20 +35,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
-import multiprocessing
 import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
-from judge_quality import SHARED, SOURCES, test_pairs  # bench/, beside this script
+from common import SOURCES, in_own_process, load_source, log_to_stderr, test_pairs  # bench/, beside this script
 from provenance import provenance
 
 from reflectagent.backends import fingerprint, resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
-from reflectagent.eval import EvalRun, load_benchmark, run_eval, write_report
+from reflectagent.eval import EvalRun, run_eval, write_report
 from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, train_sft
 from reflectagent.finetune.selection import usable
 from reflectagent.models import is_prepared, merge_lora, prepare_model, read_source
@@ -60,7 +58,7 @@ from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
 
 
 def train_pairs(per_source: int, max_chars: int):
-    loaded = {source: load_benchmark(SHARED / f"{source}.jsonl")[0] for source in SOURCES}
+    loaded = {source: load_source(source) for source in SOURCES}
     splits = {source: split_pairs(pairs, seed=0) for source, pairs in loaded.items()}
     held_out = [p for split in splits.values() for p in split["dev"] + split["test"]]  # every set's: prompts recur across sets
     held_out += sample_pairs()  # the README's demo judges these: it must not judge what was trained on
@@ -76,11 +74,6 @@ def training_key(args: argparse.Namespace, chosen) -> dict:
     """What the adapter is trained from: a run with other settings or pairs must not reuse it."""
     return {"preset": args.preset, "epochs": args.epochs, "learning_rate": args.learning_rate, "max_steps": args.max_steps,
             "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16]}
-
-
-def log_to_stderr() -> None:
-    """Each stage runs in a spawned process of its own, which starts with no logging set up."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def train(args: argparse.Namespace, chosen) -> None:
@@ -121,19 +114,6 @@ def merge(args: argparse.Namespace) -> None:
     log_to_stderr()
     merged = cache_root() / "verdict-merged" / fingerprint(args.adapter)  # another adapter, another folder
     merge_lora(prepare_model(args.preset), args.adapter, merged, "float32", source=merged_source(args))
-
-
-def in_own_process(target, *args) -> None:
-    """Run ``target`` in a spawned process, so its memory is given back when it ends: the trainer's 1.5B,
-    the merge's and the served one do not fit in 24 GB together (the merge was killed for memory when it
-    ran in the training process)."""
-    worker = multiprocessing.get_context("spawn").Process(target=target, args=args)
-    worker.start()
-    worker.join()
-    if worker.exitcode != 0:
-        why = "killed, most likely for memory: is anything else running?" if worker.exitcode == -9 else "see above"
-        raise SystemExit(f"{target.__name__} failed (exit code {worker.exitcode}: {why}); "
-                         "run the same command again: finished stages are kept")
 
 
 def main() -> None:

@@ -36,6 +36,18 @@ def balanced(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
     return chosen
 
 
+def one_per_prompt(pairs: list[Pair], seed: int) -> list[Pair]:
+    """At most one pair a prompt, the first in a stable seeded order: sets such as RM-Bench and PandaLM pair one
+    prompt with several responses, and the teacher file judges each AlpacaEval instruction for a dozen models.
+    Breadth is in the prompts; a prompt's second pair mostly teaches that prompt again."""
+    seen, kept = set(), []
+    for pair in sorted(pairs, key=lambda p: stable_fraction(str(seed), p.id)):
+        if pair.prompt not in seen:
+            seen.add(pair.prompt)
+            kept.append(pair)
+    return kept
+
+
 def _usable_pairs(files: list[str], max_chars: int) -> list[Pair]:
     pairs = []
     for name in files:

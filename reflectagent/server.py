@@ -31,6 +31,12 @@ from reflectagent.paths import server_dir
 
 logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
+RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+# vLLM's CPU engine keeps one core per worker out of its compute threads, for its API server and engine
+# core. On a small machine that is a large share of the compute (half of two cores), while those two
+# processes need a few percent of a core (bench/results/engine_threads.json): below this many usable
+# cores, the worker computes on all of them.
+RESERVE_A_CORE_FROM = 4
 
 
 class ServerError(ReflectAgentError, RuntimeError):
@@ -109,8 +115,17 @@ class ServerSpec:
         return args + list(self.extra_args)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), which a container may set below ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def server_env() -> dict[str, str]:
-    """vLLM and torch.compile caches under our folder, not the home or temp folder."""
+    """vLLM and torch.compile caches under our folder, not the home or temp folder; on CPU, the compute
+    threads on every core of a small machine (``RESERVE_A_CORE_FROM``). A variable already set wins."""
     root = server_dir()
     env = dict(os.environ)
     env.setdefault("VLLM_CACHE_ROOT", str(root / "vllm-cache"))
@@ -119,6 +134,8 @@ def server_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     if not has_gpu():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        if usable_cores() < RESERVE_A_CORE_FROM:
+            env.setdefault(RESERVED_CPU_ENV, "0")
         # One engine step (a batch's prefill) on a small, busy CPU can pass vLLM's 300 s limit; the engine
         # then dies ("RPC call to execute_model timed out", EngineDeadError: seen here under load).
         env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")

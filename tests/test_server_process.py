@@ -47,3 +47,21 @@ def test_no_hook_without_libc_says_so(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="reflectagent.server"):
         assert server.parent_death_hook() is None
     assert "cannot make the server die with this process" in caplog.text  # said, not swallowed
+
+
+def test_on_a_small_cpu_machine_the_engine_computes_on_every_core(monkeypatch):
+    """vLLM's CPU backend keeps a core out of its compute threads by default: half of a two-core machine.
+    Below ``RESERVE_A_CORE_FROM`` usable cores none is kept; above, vLLM's own default stands; a value
+    the user set is never overridden."""
+    monkeypatch.delenv(server.RESERVED_CPU_ENV, raising=False)
+    monkeypatch.setattr(server, "has_gpu", lambda: False)
+    monkeypatch.setattr(server, "usable_cores", lambda: 2)
+    assert server.server_env()[server.RESERVED_CPU_ENV] == "0"
+    monkeypatch.setattr(server, "usable_cores", lambda: server.RESERVE_A_CORE_FROM)
+    assert server.RESERVED_CPU_ENV not in server.server_env()
+    monkeypatch.setattr(server, "usable_cores", lambda: 2)
+    monkeypatch.setenv(server.RESERVED_CPU_ENV, "1")
+    assert server.server_env()[server.RESERVED_CPU_ENV] == "1"
+    monkeypatch.setattr(server, "has_gpu", lambda: True)
+    monkeypatch.delenv(server.RESERVED_CPU_ENV)
+    assert server.RESERVED_CPU_ENV not in server.server_env()
