@@ -54,11 +54,12 @@ def main(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, hel
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-from reflectagent.cli import cache, evaluate, finetune, judge, models, serve, serve_rm, view  # noqa: E402  (they register on app)
+from reflectagent.cli import cache, calibrate, evaluate, finetune, judge, models, serve, serve_rm, view  # noqa: E402  (they register on app)
 
 app.command()(judge.judge)
 app.command("eval")(evaluate.eval_command)
 app.command()(evaluate.compare)
+app.command()(calibrate.calibrate)
 app.command()(serve.serve)
 app.command("serve-rm")(serve_rm.serve_rm)
 app.command()(view.view)
