@@ -11,6 +11,7 @@ per category, accuracy against cost per verdict (runs of one program at several 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -206,22 +207,29 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for k, r in enumerate(results):
+    lines = curves(results)
+    shown = 0
+    for r in results:
         acc, calls = r.overall.accuracy, r.overall.cost_per_verdict.lm_calls
-        if acc.value is None or calls is None:
+        on_a_line = (r.program.partition(":")[0], r.backend) in lines and not math.isnan(_threshold(r.program))
+        if acc.value is None or calls is None or on_a_line:
             continue
         low, high = acc.ci or (acc.value, acc.value)
         ax.errorbar(calls, acc.value, yerr=[[acc.value - low], [high - acc.value]], fmt="o", capsize=4, alpha=0.8)
         ax.annotate(f"{r.program} @ {r.backend}", (calls, acc.value), textcoords="offset points",
-                    xytext=(6, 4 + 11 * k), fontsize=8)  # staggered: programs often share a point
-    for (program, backend), points in curves(results).items():
-        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "-", linewidth=1.5, label=f"{program} @ {backend}")
+                    xytext=(6, 4 + 11 * (shown % 4)), fontsize=8)  # staggered: programs often share a point
+        shown += 1
+    for (program, backend), points in lines.items():  # one program at several thresholds: a curve, each point its threshold
+        line, = ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "s-", markersize=4, linewidth=1.5,
+                        label=f"{program} @ {backend}")
+        for x, y, t in points:
+            ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7, color=line.get_color())
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("LM calls per verdict (one pair, one presentation)")
     ax.set_ylabel("accuracy (95% CI)")
     ax.set_title("Accuracy against cost")
-    if curves(results):
-        ax.legend(loc="lower right", fontsize=8, title="a program at several thresholds", title_fontsize=8)
+    if lines:
+        ax.legend(loc="lower right", fontsize=8, title="at several thresholds (labelled)", title_fontsize=8)
     fig.tight_layout()
     paths.append(folder / "accuracy_vs_cost.png")
     fig.savefig(paths[-1], dpi=110)
@@ -249,19 +257,23 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
     return paths
 
 
+def _threshold(program: str) -> float:
+    """T of a run labelled ``NAME:T``; NaN for any other label."""
+    try:
+        return float(program.partition(":")[2])
+    except ValueError:
+        return float("nan")
+
+
 def curves(results: list[RunResult]) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
     """Runs of one program at several thresholds (``NAME:T`` on one backend, two or more of them): their
     (calls per verdict, accuracy, threshold) points by threshold, to draw as one curve."""
     groups: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for r in results:
-        name, _, threshold = r.program.partition(":")
+        threshold = _threshold(r.program)
         acc, calls = r.overall.accuracy.value, r.overall.cost_per_verdict.lm_calls
-        try:
-            value = float(threshold)
-        except ValueError:
-            continue
-        if acc is not None and calls is not None:
-            groups.setdefault((name, r.backend), []).append((calls, acc, value))
+        if not math.isnan(threshold) and acc is not None and calls is not None:
+            groups.setdefault((r.program.partition(":")[0], r.backend), []).append((calls, acc, threshold))
     return {key: sorted(points, key=lambda p: (p[2], p[0])) for key, points in groups.items() if len(points) > 1}
 
 
