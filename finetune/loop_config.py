@@ -3,7 +3,10 @@
 One YAML/TOML file: the loop's own keys at the top level, and the sections ``data``
 (:class:`DataConfig`), ``sft`` (:class:`SFTJobConfig`) and ``reward`` (:class:`RewardJobConfig`)
 for the stages they configure. The defaults are the documented run (~1 h 50 min on 2 CPU cores) with
-the embedded SmolLM2-135M; a GPU user changes ``base_model``, the sizes and ``sft`` (see README).
+the embedded SmolLM2-135M; a GPU user changes ``base_model``, the sizes and ``sft`` (see docs/finetune.md).
+The default ``train_data`` and ``unseen_data`` are files of the data folder (:func:`reflectagent.paths.data_dir`:
+``$REFLECTAGENT_DATA_DIR``, in a source checkout ``../shared/data`` beside it); paths given in a file or as
+overrides are relative to the folder the command runs in.
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from reflectagent.config import ConfigError, read_config_file
+from reflectagent.paths import data_dir
 from reflectagent.finetune.data import DataConfig
 from reflectagent.finetune.reward import RewardJobConfig
 from reflectagent.finetune.sft_config import SFTJobConfig
 
-# The project's data folder, ``../shared/data`` beside the checkout: found from this file, not from
-# the folder the command runs in. Data paths in a config file are relative to that folder, as usual.
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TRAIN_FILES = ("hh_rlhf_harmless_test.jsonl", "rmbench.jsonl", "hhh_alignment.jsonl")
+UNSEEN_FILES = ("pandalm.jsonl", "autoj_pairwise.jsonl")
+
+
+def _in_data_dir(names: tuple[str, ...]):
+    # looked up when a config leaves the key out, so naming the files needs no data folder
+    return lambda: ",".join(str(data_dir() / name) for name in names)
 
 
 def _loop_sft() -> SFTJobConfig:
@@ -42,10 +50,8 @@ class LoopConfig:
 
     output_dir: str = field(default="runs/loop", metadata={"help": "everything the loop makes; re-running resumes"})
     base_model: str = field(default="embedded", metadata={"help": "'embedded' or a model folder (both teacher base and student)"})
-    train_data: str = field(default=",".join(str(SHARED / f) for f in ("hh_rlhf_harmless_test.jsonl", "rmbench.jsonl", "hhh_alignment.jsonl")),
-                            metadata={"help": "labelled pair files to train on (held-out pairs of these are the in-distribution dev set)"})
-    unseen_data: str = field(default=",".join(str(SHARED / f) for f in ("pandalm.jsonl", "autoj_pairwise.jsonl")),
-                             metadata={"help": "pair files never trained on (the out-of-distribution eval)"})
+    train_data: str = field(default_factory=_in_data_dir(TRAIN_FILES), metadata={"help": "labelled pair files to train on (held-out pairs of these are the in-distribution dev set)"})
+    unseen_data: str = field(default_factory=_in_data_dir(UNSEEN_FILES), metadata={"help": "pair files never trained on (the out-of-distribution eval)"})
     max_pair_chars: int = field(default=1500, metadata={"help": "use pairs whose prompt + responses fit in this many characters"})
     train_pairs: int = field(default=200, metadata={"help": "training pairs, balanced over the training sources"})
     dev_pairs: int = field(default=50, metadata={"help": "held-out pairs of the training sources"})
@@ -91,11 +97,11 @@ def load_loop_config(path: str | Path | None = None, **overrides) -> LoopConfig:
             values[key] = ",".join(os.path.abspath(f.strip()) for f in str(values[key]).split(",") if f.strip())
     sections = {"data": DataConfig, "sft": SFTJobConfig, "reward": RewardJobConfig}
     _build(LoopConfig, values, str(path or "loop config"))
-    defaults = LoopConfig()
+    defaults = {f.name: f.default_factory for f in dataclasses.fields(LoopConfig) if f.name in sections}
     for name, kind in sections.items():
         given = values.pop(name, None) or {}
         _build(kind, given, f"{path}: [{name}]")
-        values[name] = dataclasses.replace(getattr(defaults, name), **given)
+        values[name] = dataclasses.replace(defaults[name](), **given)
     try:
         config = LoopConfig(**values)
     except TypeError as exc:

@@ -42,6 +42,20 @@ def test_default_data_is_found_from_any_working_folder(tmp_path, monkeypatch):
     assert all(Path(f).is_file() for f in config.files("train_data") + config.files("unseen_data"))
     given = load_loop_config(None, train_data="../data.jsonl")  # a path given relative to where the command runs
     assert given.files("train_data") == [str(tmp_path.parent / "data.jsonl")]
+    assert load_loop_config(ROOT / "examples" / "loop.yaml") == config  # the documented file, from anywhere
+
+
+def test_default_data_is_in_the_data_folder_setting_and_named_files_need_none(tmp_path, monkeypatch):
+    from reflectagent import paths
+
+    monkeypatch.setenv(paths.DATA_DIR_ENV, str(tmp_path))
+    assert LoopConfig().files("unseen_data") == [str(tmp_path / "pandalm.jsonl"), str(tmp_path / "autoj_pairwise.jsonl")]
+    monkeypatch.delenv(paths.DATA_DIR_ENV)
+    monkeypatch.setattr(paths, "source_checkout", lambda: None)  # an ordinary install: no default folder
+    with pytest.raises(paths.DataDirError, match="REFLECTAGENT_DATA_DIR"):
+        load_loop_config(None)
+    named = load_loop_config(None, train_data="a.jsonl", unseen_data="b.jsonl")
+    assert named.files("unseen_data") == [str(Path("b.jsonl").resolve())] and named.sft.max_steps == 30
 
 
 @needs_shared
