@@ -7,11 +7,14 @@ click through it, and prove that markup in a response stays text.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
 import subprocess
 import sys
+
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +27,7 @@ from reflectagent.programs import GenRM
 from reflectagent.results import Analysis, Judgment
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BENCH_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 HOSTILE_PAIR = Pair(id="x1", prompt="Capital of France?", response_a=HOSTILE, response_b="Berlin.", label="A")
 
 
@@ -100,6 +104,19 @@ def test_the_cli_writes_the_page_and_prints_its_path(cache, tmp_path):
     assert done.stdout.strip() == str(folder / "report.html") and (folder / "report.html").exists()
     missing = subprocess.run([sys.executable, "-m", "reflectagent.cli", "view", str(tmp_path / "no")], capture_output=True, text=True)
     assert missing.returncode == 1 and "error:" in missing.stderr and "does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in BENCH_RESULTS.glob("*/judgments.jsonl.gz")))
+def test_a_committed_bench_report_gets_its_page_back_from_its_json_and_judgments(name, tmp_path):
+    """bench/results keeps report.json and judgments.jsonl.gz, not the page (one template's copy, megabytes a run):
+    `reflectagent view FOLDER` writes it again, every run and every judgment of the report on it."""
+    folder = BENCH_RESULTS / name
+    data = embedded_data(view(folder, out=tmp_path / "report.html").read_text())
+    runs = json.loads((folder / "report.json").read_text())["runs"]
+    assert [(r["program"], r["backend"]) for r in data["runs"]] == [(r["program"], r["backend"]) for r in runs]
+    assert [r["cells"][0].split(" [")[0] for r in data["runs"]] == [f"{r['overall']['accuracy']['value']:.1%}" for r in runs]
+    with gzip.open(folder / "judgments.jsonl.gz", "rt", encoding="utf-8") as handle:
+        assert len(data["judgments"]) == sum(1 for _ in handle)
 
 
 def big_page(pairs: int) -> PageData:
