@@ -35,7 +35,9 @@ class Commands(TyperGroup):
             with dspy.context(disable_history=True, trace=None):
                 return super().invoke(ctx)
         except ReflectAgentError as exc:
-            typer.secho(f"error: {exc}", fg="red", err=True)
+            from reflectagent.terminal import visible
+
+            typer.secho(f"error: {visible(str(exc), keep=chr(10))}", fg="red", err=True)
             raise typer.Exit(1) from exc
 
 

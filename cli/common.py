@@ -10,13 +10,15 @@ import typer
 
 from reflectagent.cache import CACHE_URL_ENV, JudgmentCache
 from reflectagent.config import Settings
+from reflectagent.terminal import visible
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config (default: $REFLECTAGENT_CONFIG or ./reflectagent.toml)")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="judgment cache folder (default: $REFLECTAGENT_CACHE_DIR or the user cache)")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    typer.secho(f"error: {message}", fg="red", err=True)
+    """``error: <message>`` on stderr (control characters from data shown, not sent) and exit ``code``."""
+    typer.secho(f"error: {visible(message, keep=chr(10))}", fg="red", err=True)
     raise typer.Exit(code)
 
 
@@ -30,7 +32,7 @@ def open_cache(settings: Settings, cache_dir: Path | None, no_cache: bool = Fals
 
 def warn_skipped(bad_lines) -> None:
     for line in bad_lines:
-        typer.secho(f"skipped {line}", fg="yellow", err=True)
+        typer.secho(f"skipped {line}", fg="yellow", err=True)  # BadLine's text is made visible
 
 
 def warn_duplicates(ids) -> None:
@@ -38,6 +40,6 @@ def warn_duplicates(ids) -> None:
 
     repeated = duplicate_ids(ids)
     if repeated:
-        shown = ", ".join(f"{key!r} x{n}" for key, n in list(repeated.items())[:5])
+        shown = visible(", ".join(f"{key!r} x{n}" for key, n in list(repeated.items())[:5]))
         typer.secho(f"warning: {len(repeated)} id(s) name more than one pair ({shown}{', ...' if len(repeated) > 5 else ''}): "
                     "each pair is judged; give unique ids to tell their judgments apart", fg="yellow", err=True)

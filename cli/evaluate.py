@@ -18,6 +18,7 @@ from reflectagent.eval.report import split_baseline, summary_markdown
 from reflectagent.judge import RunInterrupted
 from reflectagent.programs import NAMED
 from reflectagent.splits import SPLITS, split_pairs
+from reflectagent.terminal import visible
 
 
 def eval_command(
@@ -43,11 +44,18 @@ def eval_command(
         fail("--split is one of all, train, dev, test", 2)
     if no_verdict not in ("wrong", "half"):
         fail("--no-verdict is 'wrong' or 'half'", 2)
+    try:
+        settings = load_settings(config)  # first: its [reading] table bounds the data files
+    except ReflectAgentError as exc:
+        fail(str(exc), 2)
     pairs, files = [], [f for f in data.split(",") if f]
     for name in files:
         if not Path(name).exists():
             fail(f"no such data file: {name}", 2)
-        loaded, bad = load_benchmark(name)
+        try:
+            loaded, bad = load_benchmark(name, limits=settings.reading)
+        except ReflectAgentError as exc:  # a device, a file over a limit: the file to fix
+            fail(str(exc), 2)
         warn_skipped(bad)
         chosen = loaded if split == "all" else split_pairs(loaded, seed=seed)[split]
         pairs += chosen[:limit] if limit is not None else chosen
@@ -61,7 +69,6 @@ def eval_command(
             fail(f"--baseline {baseline!r} is not one of the runs: give one of --programs ({', '.join(program_names)}), "
                  f"optionally @ one of --backends ({', '.join(backend_names)})", 2)
     try:
-        settings = load_settings(config)
         with use_cache(open_cache(settings, cache_dir)):
             results = run_eval(pairs, program_names, backend_names, settings=settings, concurrency=concurrency,
                                no_verdict=no_verdict, progress=sys.stderr.isatty())
@@ -72,7 +79,7 @@ def eval_command(
     meta = {"data": files, "pairs": len(pairs), "split": split, "seed": seed, "limit": limit,
             "programs": program_names, "backends": backend_names, "no_verdict": no_verdict, "baseline": baseline}
     folder = write_report(results, out, meta)
-    typer.echo(summary_markdown(results, meta))
+    typer.echo(visible(summary_markdown(results, meta), keep="\n"))  # categories and sources come from the data
     typer.echo(f"report: {folder}/report.md (JSON: report.json, plots: plots/)")
 
 
@@ -84,4 +91,4 @@ def compare(
     for folder in (before, after):
         if not (folder / "report.json").exists():
             fail(f"{folder} holds no report.json", 2)
-    typer.echo(compare_reports(before, after))
+    typer.echo(visible(compare_reports(before, after), keep="\n"))

@@ -67,9 +67,12 @@ def data(
     settings = load_settings(config)
     options = dict(samples=samples, temperature=temperature, concurrency=concurrency, progress=sys.stderr.isatty())
     if teacher_file is not None:
-        if not teacher_file.is_file():
+        if not teacher_file.exists() or teacher_file.is_dir():
             fail(f"no such teacher file: {teacher_file}", 2)
-        judgments, bad = read_teacher(teacher_file)
+        try:
+            judgments, bad = read_teacher(teacher_file, limits=settings.reading)
+        except ReflectAgentError as exc:  # a device, a file over a limit: the file to fix
+            fail(str(exc), 2)
         warn_skipped(bad)
         judgments = judgments[:limit]
         if kind == "verdict":
@@ -84,7 +87,10 @@ def data(
         for name in [f for f in data.split(",") if f]:
             if not Path(name).exists():
                 fail(f"no such data file: {name}", 2)
-            loaded, bad = load_benchmark(name)
+            try:
+                loaded, bad = load_benchmark(name, limits=settings.reading)
+            except ReflectAgentError as exc:
+                fail(str(exc), 2)
             warn_skipped(bad)
             splits = split_pairs(loaded, seed=split_seed) if split != "all" else {}
             chosen = splits.get(split, loaded)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,13 +21,17 @@ from reflectagent.config import DTYPES, OverrideError, load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval.metrics import JudgingSummary, JudgingTally
 from reflectagent.judge import judge_in_order
+from reflectagent.output import AtomicOutput, OutputError
 from reflectagent.pairs import InvalidPair, Pair, PairFile, read_pairs, sample_path
 from reflectagent.programs import NAMED, load_program, named_program
 from reflectagent.results import Judgment
+from reflectagent.terminal import visible
 
 
 def judgment_lines(pair: Pair, judgment: Judgment, show_analyses: bool) -> list[str]:
-    """What ``judge`` prints for one judgment: its verdict, notes and (``show_analyses``) each step."""
+    """What ``judge`` prints for one judgment: its verdict, notes and (``show_analyses``) each step. Every text
+    from the data or the model (ids, analyses, raw output) has its control characters made visible: an ANSI
+    escape in an id or a response echoed by the model must not act on the terminal."""
     lines = []
     verdict = judgment.preference or f"none ({judgment.reason})"
     label = f"  label {pair.label}" if pair.label else ""
@@ -51,7 +55,7 @@ def judgment_lines(pair: Pair, judgment: Judgment, show_analyses: bool) -> list[
         for g in judgment.ratings:
             score = f" (expected {g.score:.2f})" if g.score is not None else ""
             lines.append(f"    rate {g.response} -> {g.rating if g.parsed else g.error}{score}")
-    return lines
+    return [visible(line) for line in lines]
 
 
 def print_summary(summary: JudgingSummary, bad_lines: int, wall_s: float) -> None:
@@ -85,7 +89,9 @@ def judge(
     dtype: Annotated[Optional[str], typer.Option(help=(
         f"embedded backends: the dtype the server computes in, one of {', '.join(DTYPES)} (default: the backend's). "
         "bfloat16 judged 2.5x as fast as float32 on a CPU with avx512_bf16/AMX; float32 gives finer probabilities"))] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write every judgment as JSONL here")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
+        "write every judgment as JSONL here: replaced whole when the run ends (a failed run keeps its finished "
+        "judgments in OUTPUT.partial and leaves OUTPUT as it was); never the input file"))] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="verdicts only, no analyses")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the judgment cache")] = False,
     config: ConfigOpt = None,
@@ -99,6 +105,11 @@ def judge(
     """
     if sum([file is not None, prompt is not None, sample]) != 1:
         fail("give exactly one of: a JSONL FILE, --prompt with --a and --b, or --sample", 2)
+    settings = load_settings(config)  # first: its [reading] table bounds the file
+    try:  # before any pair is read or judged: an output that cannot be written, or would erase the input, wastes nothing
+        out = AtomicOutput(output, [file] if file is not None else [sample_path()] if sample else []) if output else None
+    except OutputError as exc:
+        fail(str(exc), 2)
     bad = []
     try:
         if prompt is not None:
@@ -108,15 +119,15 @@ def judge(
         else:
             path = sample_path() if sample else file
             if path.is_file():  # read as judged, not held: memory stays flat however long the file
-                pairs = PairFile(path, limit)
+                pairs = PairFile(path, limit, settings.reading)
                 bad = pairs.bad_lines
             else:  # a pipe, or what is not there (read_pairs says what is wrong)
-                pairs, bad = read_pairs(path)
+                pairs, bad = read_pairs(path, settings.reading)
                 pairs = pairs[:limit] if limit is not None else pairs
         program = load_program(load) if load else named_program(program_name)
     except InvalidPair as exc:
         fail(f"invalid pair: {exc}", 2)
-    except ReflectAgentError as exc:  # a program name or program file to fix: a usage error
+    except ReflectAgentError as exc:  # a file, a program name or program file to fix: a usage error
         fail(str(exc), 2)
     warn_skipped(bad)
     warn_duplicates(pairs.ids if isinstance(pairs, PairFile) else [pair.id for pair in pairs])
@@ -124,7 +135,6 @@ def judge(
         fail("no valid pairs to judge" + (f": every line was skipped ({len(bad)}, above)" if bad else
                                           f": {file} holds no pairs (it is empty or blank)" if file and limit is None else ""), 2)
 
-    settings = load_settings(config)
     if dtype is not None:
         try:
             settings = settings.overriding(backend_name, dtype=dtype)
@@ -132,9 +142,16 @@ def judge(
             fail(f"--dtype: {exc}", 2)
     lm = resolve_backend(backend_name, settings)
     started, tally = time.perf_counter(), JudgingTally()
-    with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm), \
-            (open(output, "w", encoding="utf-8") if output else nullcontext()) as handle:
-        run_sync(_judge_and_print(program, pairs, concurrency, tally, handle, show_analyses=not quiet))
+    with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm), ExitStack() as writing:
+        if out:
+            try:  # the lock, before the first judgment: a second writer of the same file stops here
+                writing.enter_context(out)
+            except OutputError as exc:
+                fail(str(exc), 2)
+        try:
+            run_sync(_judge_and_print(program, pairs, concurrency, tally, out, show_analyses=not quiet))
+        except ReflectAgentError as exc:  # the backend went away, or the file changed under the run
+            fail(f"{exc}\n{out.failure_note()}" if out else str(exc), 1)  # leaving the block keeps OUTPUT.partial
     wall = time.perf_counter() - started
 
     typer.echo("")
@@ -142,9 +159,12 @@ def judge(
     where = lm.api_base or ("no server needed: every step came from the cache" if lm.backend.start else "provider default")
     typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {where})")
     print_summary(tally.summary(), len(bad), wall)
+    if out:
+        typer.echo(f"judgments: {out.given} ({out.lines} lines)")
 
 
-async def _judge_and_print(program, pairs: list[Pair] | PairFile, concurrency: int, tally: JudgingTally, output, show_analyses: bool) -> None:
+async def _judge_and_print(program, pairs: list[Pair] | PairFile, concurrency: int, tally: JudgingTally,
+                           output: AtomicOutput | None, show_analyses: bool) -> None:
     """Each judgment printed, written and counted as it comes (in input order) and then let go, so a run of
     any size holds only the pairs in flight."""
     progress = sys.stderr.isatty()
@@ -156,6 +176,6 @@ async def _judge_and_print(program, pairs: list[Pair] | PairFile, concurrency: i
                 else:
                     typer.echo(line)
             if output:
-                output.write(json.dumps({"pair": pair.to_dict(), "judgment": judgment.to_dict()}, ensure_ascii=False) + "\n")
+                output.write(json.dumps({"pair": pair.to_dict(), "judgment": judgment.to_dict()}, ensure_ascii=False))
             tally.add(pair, judgment)
             bar.update()

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from reflectagent.pairs import BadLine, InvalidPair, Pair, parse_pair, read_pairs
+from reflectagent.reading import DEFAULT_LIMITS, PairFileError, ReadLimits, check_readable
 from reflectagent.splits import stable_fraction
 
 logger = logging.getLogger(__name__)
@@ -29,16 +30,20 @@ def from_chosen_rejected(row: dict, index: int, source: str) -> Pair:
                 label="A" if chosen_first else "B", category=str(category), source=source)
 
 
-def load_benchmark(path: str | Path, split: str | None = None) -> tuple[list[Pair], list[BadLine]]:
+def load_benchmark(path: str | Path, split: str | None = None,
+                   limits: ReadLimits = DEFAULT_LIMITS) -> tuple[list[Pair], list[BadLine]]:
     """Pairs from a JSONL file, a ``datasets`` folder (``save_to_disk``) or a local data file.
 
     Rows may use the shared pair schema or RewardBench's chosen/rejected; bad rows are
     returned (with their row number) rather than dropped silently. Pairs without an id
-    get ``<file stem>-<row>``; without a source, the file stem.
+    get ``<file stem>-<row>``; without a source, the file stem. JSONL (``.jsonl``, ``.jsonl.gz``) is read within
+    ``limits``, as every pair file is; a device is refused whatever its name.
     """
     path = Path(path)
-    if path.suffix == ".jsonl" and path.is_file():
-        pairs, bad = read_pairs(path)
+    if not path.is_dir():
+        check_readable(path)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        pairs, bad = read_pairs(path, limits)
     else:
         rows = _dataset_rows(path, split)
         pairs, bad = [], []
@@ -47,7 +52,7 @@ def load_benchmark(path: str | Path, split: str | None = None) -> tuple[list[Pai
                 pairs.append(from_chosen_rejected(row, index, path.stem) if "chosen" in row else parse_pair(row))
             except InvalidPair as exc:
                 bad.append(BadLine(str(path), index + 1, str(exc)))
-    stem = path.stem
+    stem = Path(path.name.removesuffix(".gz")).stem
     named = []
     for index, pair in enumerate(pairs):
         updates = {}
@@ -71,7 +76,7 @@ def _dataset_rows(path: Path, split: str | None) -> list[dict]:
     else:
         kind = {".parquet": "parquet", ".json": "json", ".csv": "csv"}.get(path.suffix)
         if kind is None:
-            raise ValueError(f"{path}: expected .jsonl, .json, .parquet, .csv or a datasets folder")
+            raise PairFileError(f"{path}: expected .jsonl, .json, .parquet, .csv or a datasets folder")
         loaded = datasets.load_dataset(kind, data_files=str(path))
     if isinstance(loaded, datasets.DatasetDict):
         name = split or ("test" if "test" in loaded else next(iter(loaded)))

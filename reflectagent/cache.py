@@ -319,9 +319,20 @@ def current_cache() -> JudgmentCache:
     if cache is not None:
         return cache
     if _default is None:
-        off = os.environ.get("REFLECTAGENT_CACHE", "").lower() in {"0", "off", "false", "no"}
-        _default = JudgmentCache(enabled=not off, url=os.environ.get(CACHE_URL_ENV) or None)
+        _default = JudgmentCache(enabled=not _off_by_env(), url=os.environ.get(CACHE_URL_ENV) or None)
     return _default
+
+
+def _off_by_env() -> bool:
+    return os.environ.get("REFLECTAGENT_CACHE", "").lower() in {"0", "off", "false", "no"}
+
+
+def caching() -> bool:
+    """Whether finished steps are being kept (the cache in force is on), without opening the default cache: what
+    an error may promise about resuming (``--no-cache`` keeps nothing, so a re-run starts over)."""
+    cache = _current.get()  # not ``or``: an empty cache has len() 0, and is falsy
+    cache = _default if cache is None else cache
+    return cache.enabled if cache is not None else not _off_by_env()
 
 
 @contextlib.contextmanager

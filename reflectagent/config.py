@@ -9,6 +9,7 @@ the environment variable that holds one.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -17,11 +18,25 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from reflectagent.errors import ReflectAgentError
+from reflectagent.reading import ReadLimits
 
 CONFIG_ENV = "REFLECTAGENT_CONFIG"
 BACKEND_ENV = "REFLECTAGENT_BACKEND"
 EMBEDDED = "embedded"
 DEFAULT_CONFIG_FILES = ("reflectagent.toml", "reflectagent.yaml", "reflectagent.yml")
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; more is not one (``--config /dev/zero``)
+SECRET_WORDS = frozenset({"key", "token", "secret", "password", "passwd", "apikey"})
+# what BackendLM passes to dspy.LM from the backend's own fields: the same name in ``extra`` would be given twice
+SET_BY_THE_BACKEND = {"model": "model", "temperature": "temperature", "max_tokens": "max_tokens", "num_retries": "num_retries",
+                      "timeout": "timeout_s", "api_base": "api_base", "cache": "the judgment cache",
+                      "engine": "replicas", "async_engine": "replicas"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def secret_named(*names: object) -> bool:
+    """Whether any of ``names`` (a field, or the path to one) says it holds a secret: a word of it (split at ``_``,
+    ``-``, ``.``) is key, token, secret or password. ``max_tokens`` is not (its word is "tokens")."""
+    return any(word in SECRET_WORDS for name in names for word in re.split(r"[^a-z0-9]+", str(name).lower()))
 
 
 class ConfigError(ReflectAgentError, ValueError):
@@ -76,6 +91,16 @@ class BackendConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> BackendConfig:
+        for name in self.extra:  # one line each, before LiteLLM sees it twice ("multiple values") or a key leaks
+            if secret_named(name):
+                raise ValueError(f"extra.{name}: a secret is never written in the config: put it in an environment "
+                                 "variable and name that variable with api_key_env")
+            if name in SET_BY_THE_BACKEND:
+                raise ValueError(f"extra.{name}: set by the backend's own {SET_BY_THE_BACKEND[name]}: write it there, "
+                                 "not in extra")
+        if self.api_key_env is not None and not _ENV_NAME.fullmatch(self.api_key_env):
+            raise ValueError("api_key_env names an environment variable (letters, digits and _), it does not hold the "
+                             "key: export the key in a variable and write that variable's name here")
         embedded_only = {"model_path": self.model_path, "lora": self.lora, "adapter": self.adapter, "dtype": self.dtype}
         if self.replicas and not self.api_base:
             raise ValueError("replicas need api_base too: the first endpoint of the pool")
@@ -117,6 +142,8 @@ class Settings(BaseModel):
     cache_url: str | None = Field(None, description="redis://host:port/db: one judgment cache for many machines "
                                                     "(default: the diskcache folder, or $REFLECTAGENT_CACHE_URL)")
     cache: bool = True
+    reading: ReadLimits = Field(default_factory=ReadLimits, description=(
+        "bounds on every data file read (pairs, benchmarks, teacher files): the longest line, the most bytes"))
 
     @model_validator(mode="after")
     def _merge_defaults(self) -> Settings:
@@ -138,26 +165,69 @@ class Settings(BaseModel):
         try:
             changed = BackendConfig.model_validate({**config.model_dump(exclude_unset=True), **changes})
         except ValidationError as exc:
-            problems = "; ".join(error["msg"].removeprefix("Value error, ") for error in exc.errors())
+            problems = "; ".join(line.strip() for line in validation_problems(exc).splitlines())
             raise OverrideError(f"backend {name!r} cannot take {changes}: {problems}") from None
         return self.model_copy(update={"backends": {**self.backends, name: changed}, "default_backend": name})
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """A TOML (by suffix) or YAML file's top-level mapping, parsed safely; errors say which file."""
+    """A TOML (by suffix) or YAML file's top-level mapping, parsed safely; errors say which file and where, never
+    quoting a line of it (a syntax error on the line of a key must not print the key). At most
+    ``MAX_CONFIG_BYTES`` are read, so a device or an endless pipe is an error, not a hang."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is over 1 MiB: that is not a config file (name the TOML or YAML file)")
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start + 1}): save it as UTF-8") from None
+    is_toml = path.suffix == ".toml"
+    try:
+        data = tomllib.loads(text) if is_toml else yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as exc:  # its message is the reason and the line and column, never the text
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests tables or lists too deep to read: that is not a config file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table/mapping")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's reason and position, without the snippet of the file its message quotes."""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    context = getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """One line per problem: where (``backends.fake.timeout_s``), what is wrong and, for a plain value in a field
+    that holds no secret, the value given. A value under a name that says key, token, secret or password is never
+    shown (pydantic's own message would print it as ``input_value=``), nor is a whole table."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        given = error.get("input")
+        if secret_named(*error["loc"]):
+            if error["type"] == "extra_forbidden":
+                message += ": a secret is never written in the config: put it in an environment variable and name " \
+                           "that variable with api_key_env"
+        elif isinstance(given, (str, int, float, bool)) and error["type"] != "missing":
+            shown = repr(given)
+            message += f" (got {shown if len(shown) <= 60 else shown[:60] + '...'})"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
 
 
 def load_settings(path: str | Path | None = None) -> Settings:
@@ -169,4 +239,4 @@ def load_settings(path: str | Path | None = None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config {candidate}:\n{exc}") from exc
+        raise ConfigError(f"invalid config {candidate}:\n{validation_problems(exc)}") from None

@@ -209,16 +209,55 @@ def is_transient(error: BaseException) -> bool:
                                               httpx.TransportError, ConnectionError, TimeoutError))
 
 
-class RunInterrupted(ReflectAgentError, RuntimeError):
-    """Judging stopped; what was finished is cached. A dead or slow backend: a re-run resumes. Anything
-    else would fail again the same way: the message says to fix it first."""
+def _timed_out(error: BaseException) -> bool:
+    """Whether a client timeout is behind ``error`` (DSPy wraps its transport's ``ReadTimeout`` in an
+    ``LMTransportError``), found along the chain of causes."""
+    import httpx
+    from dspy.utils.exceptions import LMTimeoutError
 
-    def __init__(self, done: int, total: int, cause: BaseException):
-        advice = ("Every finished step is in the judgment cache: run the same command again to resume."
-                  if is_transient(cause) else
-                  "This is not a backend that went away: the same command would stop here again. Fix the cause above "
-                  "(the input, the config or a bug to report); every finished step is in the judgment cache.")
-        super().__init__(f"stopped after {done} of {total} judgments: {type(cause).__name__}: {cause}\n{advice}")
+    seen: BaseException | None = error
+    for _ in range(16):  # a chain is short; a cycle is not followed for ever
+        if seen is None:
+            return False
+        if isinstance(seen, (TimeoutError, LMTimeoutError, httpx.TimeoutException)) or type(seen).__name__.endswith("Timeout"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _timeout_text() -> str:
+    """What timed out, in the config's own terms: the backend in force and its ``timeout_s`` and ``num_retries``
+    (the knobs a user has), not the transport's internals."""
+    backend = getattr(dspy.settings.lm, "backend", None)
+    config = getattr(backend, "config", None)
+    if config is None:
+        return "timed out: the backend gave no answer within its timeout_s; raise timeout_s in its table of the config if the model needs longer, or check the server"
+    tries = config.num_retries + 1
+    return (f"timed out: backend {backend.name!r} gave no answer within timeout_s = {config.timeout_s:g} s "
+            f"({tries} tr{'y' if tries == 1 else 'ies'}: num_retries = {config.num_retries}); if the model needs longer, "
+            f"raise timeout_s in [backends.{backend.name}] of the config, else check the server")
+
+
+class RunInterrupted(ReflectAgentError, RuntimeError):
+    """Judging stopped. A dead or slow backend: a re-run resumes from the cache (or, with the cache off, starts
+    over: the message never promises what was not kept). Anything else would fail again the same way: the
+    message says to fix it first. A timeout is told in the config's terms (``timeout_s``)."""
+
+    def __init__(self, done: int, total: int, cause: BaseException, cached: bool | None = None):
+        from reflectagent.cache import caching
+
+        cached = caching() if cached is None else cached
+        if not cached:
+            advice = ("The judgment cache is off, so no finished step was kept: the same command again starts from the "
+                      "first pair" + (" (leave out --no-cache to keep steps for a resume)." if is_transient(cause) else
+                                      ", and stops here again unless the cause above is fixed."))
+        elif is_transient(cause):
+            advice = "Every finished step is in the judgment cache: run the same command again to resume."
+        else:
+            advice = ("This is not a backend that went away: the same command would stop here again. Fix the cause above "
+                      "(the input, the config or a bug to report); every finished step is in the judgment cache.")
+        what = _timeout_text() if _timed_out(cause) else str(cause)
+        super().__init__(f"stopped after {done} of {total} judgments: {type(cause).__name__}: {what}\n{advice}")
         self.done, self.total, self.cause = done, total, cause
 
 

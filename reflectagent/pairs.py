@@ -3,34 +3,30 @@
 The schema is the one of ``shared/data``: id, prompt, response_a, response_b, and optional
 label ("A", "B" or "tie", any case), category and source. A bad line never stops a file: it is
 reported with its line number and the rest are still read. A file that is not lines of text
-at all (a folder, UTF-16, gzip, one JSON array) is read as what it is or refused as a whole.
+at all (a folder, a device, UTF-16, gzip, one JSON array) is read as what it is or refused as a
+whole, within the bounds of :mod:`reflectagent.reading`.
 """
 
 from __future__ import annotations
 
-import codecs
-import gzip
-import itertools
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from reflectagent.errors import ReflectAgentError
+from reflectagent.reading import DEFAULT_LIMITS, BadLine, PairFileError, ReadLimits, iter_records
 
 logger = logging.getLogger(__name__)
 
 LABELS = ("A", "B", "tie")
 TEXT_FIELDS = ("prompt", "response_a", "response_b")
+OPTIONAL_FIELDS = ("id", "label", "category", "source")
+NAME_FIELDS = ("id", "category", "source")
 
 
 class InvalidPair(ReflectAgentError, ValueError):
     """A pair that cannot be judged, with the reason."""
-
-
-class PairFileError(ReflectAgentError, ValueError):
-    """A whole file that cannot be read as pairs (missing, a folder), with what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +43,18 @@ class Pair:
         for name in TEXT_FIELDS:
             if not isinstance(getattr(self, name), str):
                 raise InvalidPair(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        for name in NAME_FIELDS:  # kept as dict keys and in sets (splits, duplicates, reports): text or nothing
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidPair(f"{name} must be text, got {type(value).__name__}")
+        for name in (*TEXT_FIELDS, *OPTIONAL_FIELDS):
+            _check_encodable(name, getattr(self, name))
         if not self.prompt.strip():
             raise InvalidPair("the prompt is empty: there is nothing to judge the responses against")
         if not self.response_a.strip() and not self.response_b.strip():
             raise InvalidPair("both responses are empty")
         if self.label is not None and self.label not in LABELS:
-            raise InvalidPair(f"label must be one of {LABELS}, got {self.label!r}")
+            raise InvalidPair(f"label must be one of {LABELS}, got {_shown(self.label)}")
 
     @property
     def identical(self) -> bool:
@@ -70,35 +72,43 @@ class Pair:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-@dataclass(frozen=True)
-class BadLine:
-    path: str
-    line: int
-    error: str
+def _shown(value: object, limit: int = 60) -> str:
+    """A value quoted in an error: its repr (control characters escaped), cut to ``limit`` characters."""
+    text = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.error}"
+
+def _check_encodable(name: str, value: str | None) -> None:
+    """JSON allows ``"\\ud800"``; no text encoding does, so such a string would fail later, in a cache key or a request."""
+    if not isinstance(value, str) or value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidPair(f"{name} holds a lone surrogate escape ({value[exc.start]!r} at character "
+                          f"{exc.start + 1}), which is not text: fix or remove that \\u escape") from None
+
+
+def _as_text(name: str, value: object) -> object:
+    """An id, category or source given as a number kept as text (``7`` -> ``"7"``); anything else is left for
+    :class:`Pair` to refuse by its type (a list or an object is not a name)."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def parse_pair(row: object) -> Pair:
+    """A pair from one JSON value, or an :class:`InvalidPair` with the reason (never another error: what a hostile
+    line holds is reported, not raised)."""
     if not isinstance(row, dict):
         raise InvalidPair(f"expected a JSON object, got {type(row).__name__}")
     missing = [name for name in TEXT_FIELDS if row.get(name) is None]
     if missing:
         raise InvalidPair(f"missing field(s): {', '.join(missing)}")
-    known = {"id", "label", "category", "source", *TEXT_FIELDS}
-    values = {k: row[k] for k in known if k in row}
-    if values.get("id") is not None:
-        values["id"] = str(values["id"])
+    values = {k: row[k] for k in (*TEXT_FIELDS, *OPTIONAL_FIELDS) if row.get(k) is not None}
+    for name in NAME_FIELDS:
+        if name in values:
+            values[name] = _as_text(name, values[name])
     if isinstance(values.get("label"), str):  # "a", " B ", "TIE": what the writer meant is not in doubt
         values["label"] = {"a": "A", "b": "B", "tie": "tie"}.get(values["label"].strip().lower(), values["label"])
-    for name, value in values.items():
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:  # JSON allows "\ud800"; no text encoding does
-                raise InvalidPair(f"{name} holds a lone surrogate escape ({value[exc.start]!r} at character "
-                                  f"{exc.start + 1}), which is not text: fix or remove that \\u escape") from None
     return Pair(**values)
 
 
@@ -111,95 +121,27 @@ def duplicate_ids(ids: Iterable[str | None]) -> dict[str, int]:
     return {key: n for key, n in counts.items() if n > 1}
 
 
-_UTF16_32 = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-             (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
-
-
-def _raw_lines(path: Path) -> Iterator[bytes]:
-    """The file's lines as UTF-8 bytes, streamed from one open handle (a pipe works too): gzip is opened,
-    UTF-16/32 (known by their byte order mark) re-encoded, and a UTF-8 byte order mark dropped; anything
-    else is left for each line to decode."""
-    if not path.exists():
-        raise PairFileError(f"no such file: {path}")
-    if path.is_dir():
-        raise PairFileError(f"{path} is a folder: give a JSONL file of pairs (one JSON object per line)")
-    with path.open("rb") as handle:
-        start = handle.peek(4)[:4]
-        if start.startswith(b"\x1f\x8b"):
-            try:
-                with gzip.GzipFile(fileobj=handle) as unpacked:
-                    yield from _raw_lines_of(unpacked)
-            except (EOFError, gzip.BadGzipFile) as exc:
-                raise PairFileError(f"{path} is not a readable gzip file ({exc}): check or re-compress it") from exc
-            return
-        for bom, encoding in _UTF16_32:
-            if start.startswith(bom):
-                text = handle.read().decode(encoding, errors="replace")  # a bad code unit shows as U+FFFD
-                # only "\n" ends a line: U+2028 and its kin may stand unescaped inside a JSON string
-                yield from (line.encode("utf-8") for line in text.split("\n"))
-                return
-        yield from _raw_lines_of(handle)
-
-
-def _raw_lines_of(handle) -> Iterator[bytes]:
-    for number, raw in enumerate(handle, start=1):
-        yield raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
-
-
-def _json_array(lines: list[bytes]) -> list | None:
-    """The items, when the whole file is one JSON array (as ``json.dump(pairs)`` writes) rather than lines."""
-    try:
-        whole = json.loads(b"".join(lines).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return whole if isinstance(whole, list) else None
-
-
-def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None) -> Iterator[Pair]:
+def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[Pair]:
     """Yield the valid pairs of a JSONL file; append every bad line to ``bad_lines`` (or log it, if no
-    list is given: then nobody else will say it). A missing file or a folder is a :class:`PairFileError`.
+    list is given: then nobody else will say it). A file that cannot be read at all (missing, a folder, a
+    device, over ``limits``) is a :class:`PairFileError`.
 
-    Bytes that are not UTF-8 make that line bad (with the byte offset), not the file. A JSON array of
-    pairs is read too, its items numbered like lines. Lines are streamed, except for a file that starts
-    with ``[`` (it may be one array, which is read whole).
+    Bytes that are not UTF-8 make that line bad (with the byte offset), not the file; so does a line Python's
+    JSON reader cannot take (nested too deep, a number too long) or a field of the wrong type. A JSON array of
+    pairs is read too, its items numbered like lines.
     """
     path = Path(path)
-    lines = _raw_lines(path)
-    first = next(lines, None)
-    items = None
-    if first is not None and first.lstrip().startswith(b"["):
-        held = [first, *lines]
-        items = _json_array(held)
-        lines = iter(held)
-    else:
-        lines = itertools.chain([first] if first is not None else [], lines)
-    numbered = enumerate(items, start=1) if items is not None else enumerate(lines, start=1)
-    for number, raw in numbered:
-        if items is not None:
-            row, problem = raw, None
-        elif not raw.strip():
-            continue
-        else:
-            row, problem = _decode(path, number, raw)
-        if problem is None:
-            try:
-                yield parse_pair(row)
-                continue
-            except InvalidPair as exc:
-                problem = BadLine(str(path), number, str(exc))
+
+    def bad(problem: BadLine) -> None:
         logger.log(logging.DEBUG if bad_lines is not None else logging.WARNING, "skipping %s", problem)
         if bad_lines is not None:
             bad_lines.append(problem)
 
-
-def _decode(path: Path, number: int, raw: bytes) -> tuple[object, BadLine | None]:
-    try:
-        return json.loads(raw.decode("utf-8")), None
-    except UnicodeDecodeError as exc:
-        return None, BadLine(str(path), number, f"not UTF-8 (byte {exc.start + 1} of the line): save the file as UTF-8 "
-                                                "(from Latin-1: iconv -f latin1 -t utf-8)")
-    except json.JSONDecodeError as exc:
-        return None, BadLine(str(path), number, f"not JSON: {exc.msg} at column {exc.colno}")
+    for number, row in iter_records(path, bad, limits):
+        try:
+            yield parse_pair(row)
+        except InvalidPair as exc:
+            bad(BadLine(str(path), number, str(exc)))
 
 
 class PairFile:
@@ -210,12 +152,12 @@ class PairFile:
     :func:`read_pairs` for one.
     """
 
-    def __init__(self, path: str | Path, limit: int | None = None):
-        self.path, self.bad_lines = Path(path), []
+    def __init__(self, path: str | Path, limit: int | None = None, limits: ReadLimits = DEFAULT_LIMITS):
+        self.path, self.bad_lines, self.limits = Path(path), [], limits
         # the whole file is read, so every bad line is reported; a pair's hash, so the whole pair (not only
         # its id) must read the same when judged
         ids, fingerprints = [], []
-        for pair in iter_pairs(self.path, self.bad_lines):
+        for pair in iter_pairs(self.path, self.bad_lines, limits):
             ids.append(pair.id)
             fingerprints.append(hash(pair))
         self.ids, self._fingerprints = ids[:limit], fingerprints[:limit]
@@ -224,7 +166,7 @@ class PairFile:
         return len(self.ids)
 
     def __iter__(self) -> Iterator[Pair]:
-        again = iter_pairs(self.path, [])  # its bad lines were reported by the first reading
+        again = iter_pairs(self.path, [], self.limits)  # its bad lines were reported by the first reading
         for number, expected in enumerate(self._fingerprints, start=1):
             pair = next(again, None)
             if pair is None or hash(pair) != expected:
@@ -234,9 +176,10 @@ class PairFile:
             yield pair
 
 
-def read_pairs(path: str | Path) -> tuple[list[Pair], list[BadLine]]:
+def read_pairs(path: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[list[Pair], list[BadLine]]:
+    """Every valid pair of a file (or pipe), held, and its bad lines."""
     bad: list[BadLine] = []
-    return list(iter_pairs(path, bad)), bad
+    return list(iter_pairs(path, bad, limits)), bad
 
 
 def sample_path() -> Path:

@@ -10,13 +10,13 @@ by exchanging the two names.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reflectagent.pairs import BadLine, InvalidPair, Pair, parse_pair
+from reflectagent.pairs import InvalidPair, Pair, parse_pair
+from reflectagent.reading import DEFAULT_LIMITS, BadLine, ReadLimits, iter_records
 from reflectagent.results import Analysis
 
 _NAMES = re.compile(r"\b(Response) ([AB])\b")
@@ -43,34 +43,41 @@ def swap_names(text: str) -> str:
 
 
 def parse_teacher(row: object) -> TeacherJudgment:
+    """One teacher judgment from a JSON value, or an :class:`InvalidPair` with the reason (the pair's fields are
+    checked as :func:`parse_pair` checks them; ``teacher`` is text and ``prompt_also_in`` a list of names)."""
     if not isinstance(row, dict):
         raise InvalidPair(f"expected a JSON object, got {type(row).__name__}")
     analysis, preference = row.get("teacher_analysis"), row.get("teacher_preference")
     if not isinstance(analysis, str) or not analysis.strip():
         raise InvalidPair("missing teacher_analysis")
     if preference not in ("A", "B", "tie"):
-        raise InvalidPair(f"teacher_preference must be A, B or tie, got {preference!r}")
+        shown = repr(preference) if isinstance(preference, str) or preference is None else type(preference).__name__
+        raise InvalidPair(f"teacher_preference must be A, B or tie, got {shown[:60]}")
+    teacher, also_in = row.get("teacher", ""), row.get("prompt_also_in") or []
+    if not isinstance(teacher, str):
+        raise InvalidPair(f"teacher must be text, got {type(teacher).__name__}")
+    if not isinstance(also_in, list) or not all(isinstance(name, str) for name in also_in):
+        raise InvalidPair("prompt_also_in must be a list of benchmark names (text)")
     pair = parse_pair(row)
     if pair.label is None:
         pair = replace(pair, label=preference)
-    return TeacherJudgment(pair=pair, analysis=analysis.strip(), preference=preference, teacher=str(row.get("teacher", "")),
-                           prompt_also_in=tuple(row.get("prompt_also_in") or ()))
+    return TeacherJudgment(pair=pair, analysis=analysis.strip(), preference=preference, teacher=teacher,
+                           prompt_also_in=tuple(also_in))
 
 
-def read_teacher(path: str | Path, *, exclude_prompts: Iterable[str] = ()) -> tuple[list[TeacherJudgment], list[BadLine]]:
+def read_teacher(path: str | Path, *, exclude_prompts: Iterable[str] = (),
+                 limits: ReadLimits = DEFAULT_LIMITS) -> tuple[list[TeacherJudgment], list[BadLine]]:
     """The judgments of a teacher file, bad lines reported, and none whose prompt is in ``exclude_prompts``
-    (the prompts of an evaluation split: a judge that saw a prompt with a verdict is not tested on unseen work)."""
+    (the prompts of an evaluation split: a judge that saw a prompt with a verdict is not tested on unseen work).
+    Read as pairs are (:func:`reflectagent.reading.iter_records`): within ``limits``, every bad line named."""
     excluded = {p.strip() for p in exclude_prompts}
     judgments, bad = [], []
-    with Path(path).open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                judgment = parse_teacher(json.loads(raw.decode("utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError, InvalidPair) as exc:
-                bad.append(BadLine(str(path), number, str(exc)))
-                continue
-            if judgment.pair.prompt.strip() not in excluded:
-                judgments.append(judgment)
+    for number, row in iter_records(Path(path), bad.append, limits):
+        try:
+            judgment = parse_teacher(row)
+        except InvalidPair as exc:
+            bad.append(BadLine(str(path), number, str(exc)))
+            continue
+        if judgment.pair.prompt.strip() not in excluded:
+            judgments.append(judgment)
     return judgments, bad

@@ -226,3 +226,23 @@ def test_a_command_line_dtype_overrides_one_embedded_backend_and_keys_its_cache(
     with pytest.raises(ConfigError, match="unknown backend 'nope'") as unknown:
         settings.overriding("nope", dtype="float32")
     assert not isinstance(unknown.value, OverrideError)
+
+
+def test_a_value_under_a_secret_name_is_never_quoted_and_extra_cannot_repeat_a_field(tmp_path):
+    from reflectagent.config import secret_named
+
+    assert secret_named("api_key") and secret_named("backends", "x", "extra", "aws_secret_access_key")
+    assert secret_named("access-token") and secret_named("db.password") and not secret_named("max_tokens", "timeout_s")
+    path = tmp_path / "c.toml"
+    path.write_text('[backends.a]\nmodel = "openai/x"\nauth_token = "sk-hidden-1"\nmax_tokens = "many"\n')
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert "sk-hidden-1" not in str(error.value) and "backends.a.auth_token: Extra inputs are not permitted" in str(error.value)
+    assert "backends.a.max_tokens: Input should be a valid integer, unable to parse string as an integer (got 'many')" in str(error.value)
+    for extra, shown in (('{ model = "y" }', "extra.model: set by the backend's own model"),
+                         ('{ timeout = 9 }', "extra.timeout: set by the backend's own timeout_s"),
+                         ('{ my_secret = "sk-hidden-2" }', "extra.my_secret: a secret is never written in the config")):
+        path.write_text(f'[backends.a]\nmodel = "openai/x"\nextra = {extra}\n')
+        with pytest.raises(ConfigError, match=shown) as error:
+            load_settings(path)
+        assert "sk-hidden-2" not in str(error.value) and len(str(error.value).splitlines()) == 2  # the file, then one line
