@@ -7,13 +7,20 @@ through the judgment cache. At most ``max_concurrency`` requests judge at once a
 beyond that the answer is 503 with ``Retry-After``, so memory does not grow with the load. Every accepted
 request gets its answer, a 504 after ``timeout_s`` (its steps still finish into the cache), or an error.
 Loopback unless ``--host`` says otherwise; an optional bearer token from an environment variable; bodies
-over ``max_body_bytes`` are refused.
+over ``max_body_bytes`` are refused, and so is a request that would take more than ``max_judgments`` judgments
+(a group of N costs N(N-1)/2). A request head must arrive within ``header_timeout_s`` (``cli/http_server.py``).
+
+Every error is an answer with a reason, never a bare 500: JSON that is not JSON's (``NaN``, ``Infinity``) or
+not text (a lone surrogate escape) is 400, a backend that is down or slow 503 with ``Retry-After``, one that
+fails otherwise 502, and each is counted in ``/metrics`` (``reflectagent_request_errors_total``, by route,
+status and reason).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
@@ -22,16 +29,21 @@ from dataclasses import asdict
 from typing import Annotated, Optional, TypeVar
 
 import typer
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
+from dspy.utils.exceptions import LMError
+
 from reflectagent.cli.common import ConfigOpt, CacheDirOpt, fail, open_cache
 from reflectagent.config import load_settings
+from reflectagent.judge import is_transient
 from reflectagent.pairs import InvalidPair, Pair
 from reflectagent.rl.adapters import RewardInputError, openrlhf_batch
-from reflectagent.rl.rewards import Rewarder
+from reflectagent.rl.rewards import GroupTooLarge, Rewarder
 
 
 logger = logging.getLogger(__name__)
@@ -55,8 +67,66 @@ class RankRequest(BaseModel):
     responses: list[str]
 
 
-class Busy(Exception):
+MAX_JUDGMENTS = 2048  # per request: one group of 64 (2,016 judgments) fits; two do not
+
+
+class Refused(Exception):
+    """A request answered with an error: its status, a short ``reason`` (the metric label: one of a fixed few) and
+    what to do, in ``detail``."""
+
+    def __init__(self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.reason, self.detail, self.headers = status, reason, detail, headers
+
+
+class Busy(Refused):
     """More requests than the service holds: answered 503 with Retry-After."""
+
+    def __init__(self, retry_after_s: int = 5):
+        super().__init__(503, "at_capacity", "the reward model is at capacity: retry later", {"Retry-After": str(retry_after_s)})
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> object:
+    raise _NotFinite(name)
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """Where the first string holding a lone surrogate escape is in a parsed body (``query[3]``), or None. Walked
+    with a stack, not recursion: a body nested as deep as the JSON reader allows is walked too."""
+    stack: list[tuple[str, object]] = [("body", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return f"{where} holds a lone surrogate escape at character {exc.start + 1}"
+        elif isinstance(item, dict):
+            stack += [(f"{where}.{key}" if where != "body" else str(key), v) for key, v in item.items()]
+            stack += [(f"{where} (a key)", key) for key in item]
+        elif isinstance(item, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(item)]
+    return None
+
+
+async def strict_json(request: Request) -> None:
+    """What FastAPI's JSON reading lets through and the judges cannot take, refused as 400 before the body is used:
+    ``NaN``/``Infinity`` (Python reads them; JSON has no such numbers, and the 422 that would quote them back cannot
+    be written) and a lone surrogate escape (JSON allows ``"\\ud800"``; no text encoding does)."""
+    try:
+        parsed = json.loads(await request.body(), parse_constant=_refuse_constant)
+    except _NotFinite as exc:
+        raise Refused(400, "not_finite", f"the body holds {exc}, which is not a JSON number: send finite numbers") from None
+    except (ValueError, RecursionError):  # not JSON at all: FastAPI has answered it already
+        return
+    where = _lone_surrogate(parsed)
+    if where is not None:
+        raise Refused(400, "not_text", f"{where}, which is not text: fix or remove that \\u escape")
 
 
 ROUTES = ("/get_reward", "/v1/judge", "/v1/rank", "/health", "/metrics")  # metric labels: any other path is "other"
@@ -92,10 +162,13 @@ class Gate:
 
 
 def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int = 64, timeout_s: float = 170,
-               max_body_bytes: int = 8 << 20, token: str | None = None, retry_after_s: int = 5) -> FastAPI:
+               max_body_bytes: int = 8 << 20, token: str | None = None, retry_after_s: int = 5,
+               max_judgments: int = MAX_JUDGMENTS) -> FastAPI:
     app = FastAPI(title="reflectagent reward model", docs_url=None, redoc_url=None)
     registry = CollectorRegistry()
     requests = Counter("reflectagent_requests", "requests answered", ["route", "status"], registry=registry)
+    errors = Counter("reflectagent_request_errors", "requests answered with an error, by reason", ["route", "status", "reason"],
+                     registry=registry)
     latency = Histogram("reflectagent_request_seconds", "request latency", ["route"], registry=registry,
                         buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
     lm_calls = Counter("reflectagent_lm_calls", "LM calls made for requests", registry=registry)
@@ -103,64 +176,114 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
     no_verdict = Counter("reflectagent_no_verdict", "rewards or judgments with no verdict behind them", registry=registry)
     gate = Gate(max_concurrency, max_queue)
 
-    @app.exception_handler(Busy)
-    async def busy(request: Request, exc: Busy):
-        return JSONResponse({"detail": "the reward model is at capacity: retry later"}, status_code=503,
-                            headers={"Retry-After": str(retry_after_s)})
+    def route_of(request: Request) -> str:
+        return request.url.path if request.url.path in ROUTES else "other"
+
+    def answer(request: Request, status: int, reason: str, detail, headers: dict | None = None) -> JSONResponse:
+        request.state.error_reason = reason  # the middleware counts it, with the status
+        return JSONResponse({"detail": detail, "reason": reason}, status_code=status, headers=headers)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused):
+        return answer(request, exc.status, exc.reason, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        # where and what, never the input: it may be NaN (which no JSON response can hold) or megabytes of text
+        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        for problem in problems:
+            if problem["loc"] == ["body"]:  # the body as a whole is not an object: most often no JSON content type
+                problem["msg"] += ": send a JSON object, with Content-Type: application/json"
+        reason = "bad_json" if any(p["type"] == "json_invalid" for p in problems) else "invalid_request"
+        return answer(request, 422, reason, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        reason = {400: "bad_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        detail = exc.detail
+        if exc.status_code == 400:  # FastAPI's words when Python's JSON reader raised (too deep, a number too long)
+            detail = "the body could not be read as JSON (nested too deep, or a number too long to read): send plain JSON"
+        return answer(request, exc.status_code, reason, detail, getattr(exc, "headers", None))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        route, started = request.url.path if request.url.path in ROUTES else "other", time.perf_counter()
+        route, started = route_of(request), time.perf_counter()
         if token is not None and route != "/health":
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return _answer(requests, route, 401, {"detail": "missing or wrong bearer token"})
+                return _answer(requests, errors, route, 401, "unauthorized", "missing or wrong bearer token")
         size = request.headers.get("content-length")
         if "transfer-encoding" in request.headers:  # the length must be known before the body is read
-            return _answer(requests, route, 411, {"detail": "send the body with a Content-Length, not Transfer-Encoding"})
+            return _answer(requests, errors, route, 411, "no_length", "send the body with a Content-Length, not Transfer-Encoding")
         if request.method == "POST" and (size is None or not size.isdigit()):
-            return _answer(requests, route, 411, {"detail": "send a Content-Length header with the body"})
+            return _answer(requests, errors, route, 411, "no_length", "send a Content-Length header with the body")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return _answer(requests, route, 413, {"detail": f"body over {max_body_bytes} bytes: send fewer items per request"})
-        response = await call_next(request)
+            return _answer(requests, errors, route, 413, "body_too_big",
+                           f"body over {max_body_bytes} bytes: send fewer items per request")
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug: still an answer with a reason, and counted
+            logger.exception("request to %s failed", route)
+            response = answer(request, 500, "internal", "the reward service failed on this request: its log has the details")
         requests.labels(route, str(response.status_code)).inc()
+        if response.status_code >= 400:
+            errors.labels(route, str(response.status_code), getattr(request.state, "error_reason", f"http_{response.status_code}")).inc()
         latency.labels(route).observe(time.perf_counter() - started)
         return response
+
+    def check_size(judgments: int) -> None:
+        if judgments > max_judgments:
+            raise Refused(413, "too_many_judgments", f"this request needs {judgments} judgments, over --max-judgments "
+                          f"({max_judgments}): a group of N responses takes N(N-1)/2; send fewer or smaller groups per request")
 
     async def judged(fn, *args):
         try:
             return await gate.run(lambda: fn(*args), timeout_s)
         except asyncio.TimeoutError:
-            raise HTTPException(504, f"no answer within {timeout_s:.0f} s; the judgment goes on into the cache, "
-                                     "so the same request again is answered from it") from None
-        except ValueError as exc:  # work the service refuses to take on (a group over max_group)
-            raise HTTPException(413, str(exc)) from None
+            raise Refused(504, "timeout", f"no answer within {timeout_s:.0f} s; the judgment goes on into the cache, "
+                          "so the same request again is answered from it") from None
+        except Busy:
+            raise Busy(retry_after_s) from None
+        except GroupTooLarge as exc:  # work the service refuses to take on
+            raise Refused(413, "group_too_large", str(exc)) from None
+        except Refused:
+            raise
+        except Exception as exc:
+            said = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if is_transient(exc):  # down, slow or busy: the same request later can succeed
+                raise Refused(503, "backend_unavailable", f"the judge's backend did not answer ({said}): retry later",
+                              {"Retry-After": str(retry_after_s)}) from None
+            if isinstance(exc, LMError):
+                raise Refused(502, "backend_error", f"the judge's backend failed ({said})") from None
+            logger.exception("judging failed")
+            raise Refused(500, "internal", f"judging failed ({type(exc).__name__}): the service's log has the details") from None
 
     def account(usage_calls: int, hits: int, missing: int) -> None:
         lm_calls.inc(usage_calls)
         cache_hits.inc(hits)
         no_verdict.inc(missing)
 
-    @app.post("/get_reward")
+    @app.post("/get_reward", dependencies=[Depends(strict_json)])
     async def get_reward(body: RewardRequest):
         if not body.query:
-            raise HTTPException(400, "query is empty: send at least one prompt + response")
+            raise Refused(400, "bad_input", "query is empty: send at least one prompt + response")
         try:
             batch = openrlhf_batch(body.query, body.prompts, body.labels)
         except RewardInputError as exc:
-            raise HTTPException(400, str(exc)) from None
+            raise Refused(400, "bad_input", str(exc)) from None
+        check_size(rewarder.judgments_needed(batch[0], batch[2]))
         results = await judged(rewarder.arewards, *batch)
         account(sum(r.usage.lm_calls for r in results), sum(r.cache_hits for r in results), sum(not r.verdict for r in results))
         return {"rewards": [r.reward for r in results], "scores": [r.score for r in results],
                 "extra_logs": {"no_verdict": [0 if r.verdict else 1 for r in results],
                                "no_verdict_reward": rewarder.no_verdict_reward}}
 
-    @app.post("/v1/judge")
+    @app.post("/v1/judge", dependencies=[Depends(strict_json)])
     async def judge(body: JudgeRequest):
         try:
             pair = Pair(prompt=body.prompt, response_a=body.response_a, response_b=body.response_b)
         except InvalidPair as exc:
-            raise HTTPException(400, str(exc)) from None
+            raise Refused(400, "bad_input", str(exc)) from None
 
         judgment = await judged(rewarder.ajudge_pair, pair)
         account(judgment.lm_calls, judgment.cache_hits, judgment.preference is None)
@@ -172,14 +295,16 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
                          "completion_tokens": cost.completion_tokens, "latency_s": cost.latency_s,
                          "cache_hits": judgment.cache_hits}}
 
-    @app.post("/v1/rank")
+    @app.post("/v1/rank", dependencies=[Depends(strict_json)])
     async def rank_route(body: RankRequest):
         if len(body.responses) < 2:
-            raise HTTPException(400, "responses needs at least two: a group reward compares them")
+            raise Refused(400, "bad_input", "responses needs at least two: a group reward compares them")
         if len(body.responses) > rewarder.max_group:
-            raise HTTPException(413, f"{len(body.responses)} responses is over max_group ({rewarder.max_group}): send smaller groups")
+            raise Refused(413, "group_too_large",
+                          f"{len(body.responses)} responses is over max_group ({rewarder.max_group}): send smaller groups")
         if not body.prompt.strip():
-            raise HTTPException(400, "the prompt is empty: there is nothing to judge the responses against")
+            raise Refused(400, "bad_input", "the prompt is empty: there is nothing to judge the responses against")
+        check_size(len(body.responses) * (len(body.responses) - 1) // 2)
 
         ranking = await judged(rewarder.arank, body.prompt, body.responses)
         undecided = sum(c.judgment.preference is None for c in ranking.comparisons)
@@ -202,9 +327,11 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
     return app
 
 
-def _answer(requests, route: str, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+def _answer(requests, errors, route: str, status: int, reason: str, detail: str) -> JSONResponse:
+    """An answer the middleware gives before the app sees the request, counted as the app's answers are."""
     requests.labels(route, str(status)).inc()
-    return JSONResponse(body, status_code=status, headers=headers)
+    errors.labels(route, str(status), reason).inc()
+    return JSONResponse({"detail": detail, "reason": reason}, status_code=status)
 
 
 def serve_rm(
@@ -218,6 +345,10 @@ def serve_rm(
     max_queue: Annotated[int, typer.Option(min=0, help="requests that may wait; beyond, 503 with Retry-After")] = 64,
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request may take before a 504 (OpenRLHF's client gives up at 180)")] = 170,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 8 << 20,
+    max_judgments: Annotated[int, typer.Option(min=1, help=(
+        "most judgments one request may take (a group of N responses takes N(N-1)/2); beyond, 413"))] = MAX_JUDGMENTS,
+    header_timeout: Annotated[float, typer.Option(min=0.001, help=(
+        "seconds a client has to send a request's headers; a slower one is disconnected"))] = 10,
     token_env: Annotated[Optional[str], typer.Option(help="environment variable holding a bearer token to require")] = None,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -226,19 +357,21 @@ def serve_rm(
     import uvicorn
 
     from reflectagent.cache import use_cache
+    from reflectagent.cli.http_server import service_config
 
     token = None
     if token_env:
         token = os.environ.get(token_env)
         if not token:
             fail(f"${token_env} is not set: export the token there, or leave out --token-env", 2)
-    for name, value in (("max-concurrency", max_concurrency), ("max-queue", max_queue), ("timeout", timeout), ("max-body-bytes", max_body_bytes)):
+    for name, value in (("max-concurrency", max_concurrency), ("max-queue", max_queue), ("timeout", timeout),
+                        ("max-body-bytes", max_body_bytes), ("max-judgments", max_judgments), ("header-timeout", header_timeout)):
         if value <= 0 and not (name == "max-queue" and value == 0):
             fail(f"--{name} must be positive", 2)
     settings = load_settings(config)
     rewarder = Rewarder(program, backend, settings, group=group, no_verdict_reward=no_verdict_reward, concurrency=max_concurrency)
     app = create_app(rewarder, max_concurrency=max_concurrency, max_queue=max_queue, timeout_s=timeout,
-                     max_body_bytes=max_body_bytes, token=token)
+                     max_body_bytes=max_body_bytes, token=token, max_judgments=max_judgments)
     with use_cache(open_cache(settings, cache_dir)):
         typer.echo(f"reward model: {program} on {rewarder.lm.model} at http://{host}:{port} (POST /get_reward, /v1/judge, /v1/rank)")
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(service_config(app, host=host, port=port, header_timeout_s=header_timeout)).run()

@@ -27,6 +27,7 @@ import dspy
 from reflectagent.backends import resolve_backend
 from reflectagent.concurrency import run_sync
 from reflectagent.config import Settings
+from reflectagent.errors import ReflectAgentError
 from reflectagent.judge import Judge
 from reflectagent.pairs import InvalidPair, Pair
 from reflectagent.programs import resolve_program
@@ -36,6 +37,10 @@ from reflectagent.results import Judgment, Usage
 NO_VERDICT_REWARD = 0.5  # neither better nor worse on a [0, 1] scale: the documented default, always flagged
 MAX_GROUP = 64  # a group costs N(N-1)/2 judgments: larger ones are refused, not queued
 GroupMethod = Literal["win_rate", "bradley_terry"]
+
+
+class GroupTooLarge(ReflectAgentError, ValueError):
+    """A group over ``max_group``: refused before any judging, since it would take N(N-1)/2 judgments."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,20 @@ class Rewarder:
 
     def _check_group_size(self, n: int) -> None:
         if n > self.max_group:
-            raise ValueError(f"a group of {n} responses to one prompt is over max_group ({self.max_group}): "
+            raise GroupTooLarge(f"a group of {n} responses to one prompt is over max_group ({self.max_group}): "
                              f"it would take {n * (n - 1) // 2} judgments; send smaller groups")
+
+    @staticmethod
+    def judgments_needed(prompts: list[str], references: list[str | None] | None = None) -> int:
+        """How many judgments :meth:`rewards` makes for this batch, counted before any is made: one per response
+        with a reference, N(N-1)/2 per group of N responses to one prompt (a service caps it per request: one
+        small request must not become thousands of LM calls)."""
+        references = references or [None] * len(prompts)
+        sizes: dict[str, int] = defaultdict(int)
+        for prompt, reference in zip(prompts, references):
+            if not reference:
+                sizes[prompt] += 1
+        return sum(1 for r in references if r) + sum(n * (n - 1) // 2 for n in sizes.values())
 
     def _no_verdict(self, reason: str, usage: Usage = Usage(), hits: int = 0) -> Reward:
         return Reward(self.no_verdict_reward, NO_VERDICT_REWARD, False, reason, usage, hits)
