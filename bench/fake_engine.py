@@ -4,12 +4,14 @@
 
 Every ``POST /v1/chat/completions`` is answered (after ``--delay`` seconds; at once by default) with a
 GenRM judgment: an analysis, then the preference for the response shown first if the word "right"
-comes before "wrong" in the request (a fair judge for tests' pairs; "A" when neither is there),
-unless a fault is asked for: the first ``--fail-first`` requests (all of them
-when 0) get the fault, the rest the answer. With ``--die-after N`` the process exits when chat request
-N + 1 arrives, without answering it (a server that dies mid-run). ``GET /count`` says how many chat requests came, so a
-test can see the client's retries; ``GET /health`` is 200. In a test's own process (``calls`` and
-``keys`` then readable directly) :meth:`FakeEngine.start` serves it on the running event loop.
+comes before "wrong" in the request (a fair judge for tests' pairs; "A" when neither is there), with
+each token's log-probabilities when the request asks for ``logprobs`` (as vLLM sends them), unless a
+fault is asked for: the first ``--fail-first`` requests (all of them when 0) get the fault, the rest
+the answer. With ``--die-after N`` the process exits when chat request N + 1 arrives, without
+answering it (a server that dies mid-run). ``GET /count`` says how many chat requests came, so a test
+can see the client's retries; ``GET /health`` is 200, ``GET /v1/models`` an empty list (no context
+length: a client keeps to its character budget). In a test's own process (``calls``, ``keys`` and
+``requests`` then readable directly) :meth:`FakeEngine.start` serves it on the running event loop.
 
 The benches use it as the engine that costs nothing (the library's own ceiling); the fault tests as
 a real server over loopback that fails the ways real ones do. It is plain asyncio, not a web
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -32,15 +35,31 @@ import urllib.request
 FAULTS = ("ok", "500", "503", "reset", "hang", "malformed", "truncated")
 
 
-def completion(model: str, text: str) -> bytes:
+def completion(model: str, text: str, top_logprobs: int | None = None) -> bytes:
+    """The answer; with ``top_logprobs`` (a request with ``logprobs``) each token's log-probability and its
+    alternatives, as vLLM sends them: the verdict token's alternatives are the other choice."""
     right, wrong = text.find("right"), text.find("wrong")
     first = "B" if wrong >= 0 and (right < 0 or wrong < right) else "A"
     answer = json.dumps({"analysis": f"Response {first} answers the question; the other does not.", "preference": first})
+    choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+    if top_logprobs is not None:
+        choice["logprobs"] = {"content": [token_logprobs(token, first, top_logprobs) for token in _TOKEN.findall(answer)]}
     return json.dumps({
-        "id": "fake", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
+        "id": "fake", "object": "chat.completion", "created": 0, "model": model, "choices": [choice],
         "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
     }).encode()
+
+
+_TOKEN = re.compile(r"\w+|\s+|[^\w\s]")
+
+
+def token_logprobs(token: str, verdict: str, top: int) -> dict:
+    def entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    others = [("B" if verdict == "A" else "A", -1.6)] if token == verdict else []
+    others += [(f"{token}{i}", -4.0 - i) for i in range(max(top - 1 - len(others), 0))]
+    return {**entry(token, -0.22), "top_logprobs": [entry(token, -0.22)] + [entry(t, lp) for t, lp in others][: max(top - 1, 0)]}
 
 
 def response(status: str, body: bytes, content_type: str = "application/json", length: int | None = None,
@@ -58,6 +77,7 @@ class FakeEngine:
         self.chat_requests = 0
         self.calls: list[str] = []  # each chat request's last message
         self.keys: list[str] = []  # each chat request's Authorization header
+        self.requests: list[dict] = []  # each chat request's body
 
     async def start(self, port: int = 0) -> int:
         """Serve on the running loop; the port (a free one for 0)."""
@@ -86,6 +106,8 @@ class FakeEngine:
             writer.write(response("200 OK", json.dumps({"chat": self.chat_requests}).encode()))
         elif method == "GET" and path == "/health":
             writer.write(response("200 OK", b"{}"))
+        elif method == "GET" and path.endswith("/models"):
+            writer.write(response("200 OK", b'{"object": "list", "data": []}'))
         elif method == "POST" and path.endswith("/chat/completions"):
             self.chat_requests += 1
             if self.die_after is not None and self.chat_requests > self.die_after:
@@ -95,10 +117,12 @@ class FakeEngine:
             model, text = request.get("model", "fake"), str((request.get("messages") or [{}])[-1].get("content", ""))
             self.calls.append(text)
             self.keys.append(headers.get("authorization", ""))
+            self.requests.append(request)
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             if not failing:
-                writer.write(response("200 OK", completion(model, text), keep_alive=True))
+                top = request.get("top_logprobs") or 0 if request.get("logprobs") else None
+                writer.write(response("200 OK", completion(model, text, top), keep_alive=True))
             elif self.fault in ("500", "503"):
                 reason = "Internal Server Error" if self.fault == "500" else "Service Unavailable"
                 writer.write(response(f"{self.fault} {reason}", json.dumps({"error": {"message": f"fake {self.fault}"}}).encode()))

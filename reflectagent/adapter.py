@@ -10,12 +10,14 @@ training prompts with this same adapter, so the model is trained on what it is s
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from typing import Any
 
 import dspy
 import regex
 from dspy.adapters.json_adapter import _get_structured_outputs_response_format
-from dspy.adapters.utils import parse_value, serialize_for_json
+from dspy.adapters.utils import format_field_value, parse_value, serialize_for_json
 from dspy.utils.exceptions import AdapterParseError
 
 _OBJECT = regex.compile(r"\{(?:[^{}]|(?R))*\}", regex.DOTALL)
@@ -43,13 +45,55 @@ def output_schema(signature: type[dspy.Signature], max_text_chars: int = 480) ->
     Free-text fields get a ``maxLength``: a small model otherwise rambles (or repeats one
     token) until ``max_tokens`` cuts the JSON short, and an unclosed object is a lost
     verdict. Keep ``max_tokens`` above ``maxLength`` plus the JSON around it: a token is at
-    least one character.
+    least one character. A fresh copy each call; built once per signature (pydantic takes
+    about a millisecond to build it).
     """
+    return json.loads(_schema_text(signature, max_text_chars))
+
+
+def _build_schema(signature: type[dspy.Signature], max_text_chars: int) -> dict[str, Any]:
     schema = _get_structured_outputs_response_format(signature).model_json_schema()
     for prop in schema.get("properties", {}).values():
         if prop.get("type") == "string" and "enum" not in prop:
             prop.setdefault("maxLength", max_text_chars)
     return schema
+
+
+# What is rendered from a signature alone, kept beside it (weakly: an optimiser's many signatures come and go).
+# Keyed also on what it is rendered from (its fields and instructions), so a signature changed in place is
+# rendered again, never served stale: the cache key of a step depends on these texts.
+_rendered: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_rendered_guard = threading.Lock()
+
+
+def _signature_state(signature) -> tuple:
+    fields = tuple((name, info.annotation, repr(info.json_schema_extra)) for name, info in signature.fields.items())
+    return signature.instructions, fields
+
+
+def _memo(signature, what: tuple, build):
+    state = _signature_state(signature)
+    with _rendered_guard:
+        found = _rendered.setdefault(signature, {}).get(what)
+    if found is not None and found[0] == state:
+        return found[1]
+    value = build()
+    with _rendered_guard:
+        _rendered.setdefault(signature, {})[what] = (state, value)
+    return value
+
+
+def _schema_text(signature, max_text_chars: int) -> str:
+    return _memo(signature, ("schema", max_text_chars), lambda: json.dumps(_build_schema(signature, max_text_chars)))
+
+
+def response_format(signature: type[dspy.Signature], max_text_chars: int = 480) -> dict[str, Any]:
+    """The ``response_format`` that constrains a server to ``signature``'s outputs: one object per signature,
+    shared (read it, never change it)."""
+    return _memo(signature, ("response_format", max_text_chars), lambda: {
+        "type": "json_schema",
+        "json_schema": {"name": signature.__name__, "schema": output_schema(signature, max_text_chars), "strict": True},
+    })
 
 
 class JudgeAdapter(dspy.JSONAdapter):
@@ -71,14 +115,20 @@ class JudgeAdapter(dspy.JSONAdapter):
         return [type(self).__name__, self.constrained, self.max_text_chars if self.constrained else None,
                 *(["fenced"] if self.fence else [])]
 
+    def response_format(self, signature) -> dict[str, Any] | None:
+        """What constrains the server's output to ``signature`` (shared: read it, never change it); None when
+        the output is not constrained."""
+        return response_format(signature, self.max_text_chars) if self.constrained else None
+
     def _prepare_response_format(self, lm, lm_kwargs, signature):
         if self.constrained:
-            lm_kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": signature.__name__, "schema": output_schema(signature, self.max_text_chars), "strict": True,
-                },
-            }
+            lm_kwargs["response_format"] = json.loads(json.dumps(self.response_format(signature)))  # DSPy's own copy
+
+    def format_system_message(self, signature) -> str:
+        """DSPy's system message, rendered once per signature and adapter settings (it is most of a prompt's
+        rendering time, and depends on nothing else)."""
+        what = ("system", type(self), self.constrained, self.max_text_chars, self.fence)
+        return _memo(signature, what, lambda: super(JudgeAdapter, self).format_system_message(signature))
 
     def parse(self, signature: type[dspy.Signature], completion: str) -> dict[str, Any]:
         def fail(message: str, parsed: dict | None = None):
@@ -119,12 +169,31 @@ class JudgeAdapter(dspy.JSONAdapter):
             value["logprobs"] = {"text": text or "", "content": (logprobs or {}).get("content")}
         return values
 
-    def format_user_message_content(self, signature, inputs, *args, **kwargs) -> str:
+    def format_user_message_content(self, signature, inputs, prefix: str = "", suffix: str = "",
+                                    main_request: bool = False) -> str:
+        """DSPy's user message (``ChatAdapter.format_user_message_content``, to the character), without DSPy's
+        pydantic round trip for a text input: ``format_field_value`` gives a ``str`` back as it is, after
+        building a ``TypeAdapter`` for it (a tenth of a millisecond a call, for each input)."""
         if self.fence:
             keys = list(signature.output_fields)
             inputs = {name: f"<data>\n{neutralise(value, keys)}\n</data>" if isinstance(value, str) and name in signature.input_fields
                       else value for name, value in inputs.items()}
-        return super().format_user_message_content(signature, inputs, *args, **kwargs)
+        messages = [prefix]
+        for name, info in signature.input_fields.items():
+            if name in inputs:
+                value = inputs.get(name)
+                text = value if type(value) is str else format_field_value(field_info=info, value=value)
+                messages.append(f"[[ ## {name} ## ]]\n{text}")
+        if main_request:
+            requirements = self.user_message_output_requirements(signature)
+            if requirements is not None:
+                messages.append(requirements)
+        messages.append(suffix)
+        return "\n\n".join(messages).strip()
+
+    def user_message_output_requirements(self, signature) -> str:
+        return _memo(signature, ("requirements", type(self)),
+                     lambda: super(JudgeAdapter, self).user_message_output_requirements(signature))
 
     def format_field_with_value(self, fields_with_values, role: str = "user") -> str:
         """Assistant turns as compact JSON: what a server without whitespace freedom emits."""

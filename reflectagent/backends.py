@@ -82,6 +82,12 @@ class Backend:
         return first_answering(self.endpoints, lambda base: server_context(base, self.served))
 
     @property
+    def direct(self) -> bool:
+        """Whether steps talk to the server with reflectagent's own client (:mod:`reflectagent.vllm_client`)
+        rather than through DSPy's: every vLLM backend but a replica pool (LiteLLM's Router spreads those)."""
+        return self.config.is_vllm and not self.config.replicas
+
+    @property
     def is_hosted_vllm(self) -> bool:
         return self.model.startswith("hosted_vllm/") and self.api_base is not None
 
@@ -112,6 +118,9 @@ class Backend:
         return InputBudget(chars=self.config.context_chars, tokens=tokens, count=self._counter if tokens else None)
 
 
+_CLIENT_KEYS = {"api_base", "api_key", "base_url", "timeout", "headers", "extra_headers", "rollout_id", "num_retries"}
+
+
 class BackendLM(dspy.LM):
     """A ``dspy.LM`` with the :class:`Backend` it was resolved from (see ``steps.run_step``)."""
 
@@ -138,6 +147,27 @@ class BackendLM(dspy.LM):
         self.backend = backend
         self._connecting = threading.Lock()
         self._failed: BaseException | None = None  # a start that failed is not tried again by every waiting step
+        self._client = None
+
+    @property
+    def client(self):
+        """The step path's own client for this backend (:class:`reflectagent.vllm_client.ChatClient`), where
+        it has one (:attr:`Backend.direct`); None otherwise. The LM itself stays DSPy's: a program or an
+        optimiser that calls it directly goes through DSPy, with the same request and the same errors."""
+        if self._client is None and self.backend.direct:
+            from reflectagent.vllm_client import ChatClient
+
+            config = self.backend.config
+            self._client = ChatClient(model=self.model, api_key=self.kwargs.get("api_key"), timeout_s=config.timeout_s,
+                                      num_retries=config.num_retries)
+        return self._client
+
+    def request_options(self) -> dict[str, Any]:
+        """What every request of this LM carries besides its messages (temperature, max_tokens, the config's
+        ``extra``), as DSPy would send it; none of the client's settings (endpoint, key, timeout)."""
+        options = {k: v for k, v in self.kwargs.items() if k not in _CLIENT_KEYS and v is not None}
+        options.update(options.pop("extra_body", None) or {})  # LiteLLM's and OpenAI's way to add body fields
+        return options
 
     @property
     def api_base(self) -> str | None:

@@ -10,6 +10,7 @@ a default verdict) and reads the verdict's token probabilities when the backend 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import logging
 import math
@@ -68,25 +69,30 @@ def _choice_logprobs(logprobs: dict | None, signature) -> dict[str, dict[str, fl
     content = (logprobs or {}).get("content") if isinstance(logprobs, dict) else None
     if not content:
         return None
-    # LiteLLM (a replica pool's Router) hands back pydantic objects where DSPy's own transport gives dicts
-    content = [_plain(token) | {"top_logprobs": [_plain(alt) for alt in _plain(token).get("top_logprobs") or []]}
-               for token in content]
-    starts, text = [], ""
-    for token in content:
-        starts.append(len(text))
-        text += token.get("token", "")
+    fields = [(name, [str(c) for c in get_args(info.annotation)]) for name, info in signature.output_fields.items()]
+    if not any(choices for _, choices in fields):
+        return None
+    # LiteLLM (a replica pool's Router) hands back pydantic objects where DSPy's own transport and the server's
+    # JSON give dicts: only the tokens' text is read from each, and only the chosen token is read whole
+    tokens = [(token if isinstance(token, dict) else _plain(token)).get("token") or "" for token in content]
+    ends, end = [], 0
+    for token in tokens:
+        end += len(token)
+        ends.append(end)
+    text = "".join(tokens)
     result: dict[str, dict[str, float]] = {}
-    for name, info in signature.output_fields.items():
-        choices = [str(c) for c in get_args(info.annotation)]
+    for name, choices in fields:
         match = re.search(rf'"{re.escape(name)}"\s*:\s*"', text)
         if not choices or match is None:
             continue
-        index = next((i for i, start in enumerate(starts) if start + len(content[i]["token"]) > match.end()), None)
-        if index is None:
+        index = bisect.bisect_right(ends, match.end())  # the first token that ends past the opening quote
+        if index >= len(tokens):
             continue
+        chosen = _plain(content[index])
         probs = dict.fromkeys(choices, 0.0)
-        for alt in content[index].get("top_logprobs") or [content[index]]:
-            token = alt.get("token", "").strip().strip('"')
+        for alt in chosen.get("top_logprobs") or [chosen]:
+            alt = _plain(alt)
+            token = (alt.get("token") or "").strip().strip('"')
             if token in probs and alt.get("logprob") is not None and alt["logprob"] > -1e3:
                 probs[token] += math.exp(alt["logprob"])
         total = sum(probs.values())
@@ -227,8 +233,12 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
     identity = lm_identity(lm)
     cache = current_cache()
 
+    request_messages: dict[str, list[dict]] = {}
+
     def keyed(fitted_inputs, cut, messages):
-        return fitted_inputs, cut, step_key(lm=identity, adapter=describe, messages=messages, config=config, sample=sample)
+        key = step_key(lm=identity, adapter=describe, messages=messages, config=config, sample=sample)
+        request_messages[key] = messages  # what is sent is what is keyed: the direct path sends these
+        return fitted_inputs, cut, key
 
     chars = backend.context_chars if backend is not None else None
     request = keyed(*render_request(adapter, predict.signature, inputs, chars, predict.demos))
@@ -245,13 +255,24 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
             logger.warning("a step cannot fit the model's context: %s", exc)
             return StepOutput(fields=None, raw="", usage=Usage(), error=f"InputTooLong: {exc}", truncated=tuple(inputs))
     inputs, truncated, key = request
+    messages = request_messages.get(key)
 
     async def make() -> StepOutput:
-        if hasattr(lm, "connect"):  # a server started on demand starts here, at the first step the cache cannot answer
+        if _connects(lm, backend):  # a server started on demand starts here, at the first step the cache cannot answer
             await asyncio.to_thread(lm.connect)
+        if messages is not None and _direct(lm, predict, adapter, config):
+            return await _call_direct(lm, predict, adapter, inputs, messages, config, truncated, key, cache, backend)
         return await _call(predict, adapter, inputs, config, truncated, key, cache, backend)
 
     return await _single_flight(key, cache, refusal_key(key, backend), make, lambda hit: _reused(hit, predict, inputs))
+
+
+def _connects(lm, backend) -> bool:
+    """Whether ``lm.connect`` has anything to do (a thread hop each step otherwise): a backend's LM connects only
+    while it has no endpoint and a server to start."""
+    if not hasattr(lm, "connect"):
+        return False
+    return backend is None or not (getattr(lm, "api_base", None) or getattr(backend, "start", None) is None)
 
 
 def _reused(hit: StepOutput, predict: dspy.Predict, inputs: dict[str, str]) -> StepOutput:
@@ -327,6 +348,119 @@ async def _single_flight(key: str, cache, refused_key: str, make, reused) -> Ste
             with _inflight_guard:
                 del _inflight[key]
             running.set_result(None)
+
+
+_PLAIN_OUTPUTS = (str, int, float, bool)
+
+
+def _direct(lm, predict: dspy.Predict, adapter, config: dict) -> bool:
+    """Whether this step can go straight to the server through the backend's own client (a vLLM backend's:
+    :attr:`reflectagent.backends.Backend.direct`) instead of through DSPy's ``Predict``: an adapter that only
+    renders and parses (ours, or a plain ``dspy.Adapter`` such as MT-Bench's), outputs of plain types, one
+    completion, and nothing that hooks into DSPy's call (callbacks, streaming). Anything else takes DSPy's path,
+    which sends the same request and raises the same errors."""
+    if getattr(lm, "client", None) is None or not lm.api_base or (config.get("n") or 1) != 1:
+        return False
+    if not isinstance(adapter, JudgeAdapter):
+        if isinstance(adapter, dspy.ChatAdapter) or type(adapter)._call_postprocess is not dspy.Adapter._call_postprocess:
+            return False
+    if lm.callbacks or predict.callbacks or dspy.settings.callbacks or dspy.settings.send_stream is not None:
+        return False
+    if getattr(predict, "fields", None):  # DSPy's experimental decision fields
+        return False
+    return all(info.annotation in _PLAIN_OUTPUTS or get_args(info.annotation) and _is_literal(info.annotation)
+               for info in predict.signature.output_fields.values())
+
+
+def _is_literal(annotation) -> bool:
+    from typing import Literal, get_origin
+
+    return get_origin(annotation) is Literal
+
+
+async def _call_direct(lm, predict: dspy.Predict, adapter, inputs: dict[str, str], messages: list[dict], config: dict,
+                       truncated: tuple[str, ...], key: str, cache, backend) -> StepOutput:
+    """:func:`_call` through the backend's own client: the request DSPy would send (the messages already
+    rendered for the key, the LM's options, this step's settings, the adapter's response format), the reply
+    parsed by the adapter as DSPy would, the same trace and history entries, the same failures."""
+    signature = predict.signature
+    started = time.perf_counter()
+    body: dict[str, Any] = {"model": backend.served, "messages": messages, **lm.request_options(),
+                            **{k: v for k, v in config.items() if v is not None}}
+    response_format = adapter.response_format(signature) if isinstance(adapter, JudgeAdapter) else None
+    if response_format is not None:
+        body["response_format"] = response_format
+    fields, raw, error, logprobs, usage = None, "", None, None, {}
+    try:
+        reply = await lm.client.complete(lm.api_base, body)
+    except BACKEND_ERRORS:
+        raise
+    except PER_REQUEST_ERRORS as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        logger.warning("the server refused a request; the step fails (cached, not retried): %s", error)
+    else:
+        usage = reply.get("usage") or {}
+        choice = reply["choices"][0]
+        message = choice.get("message") or {}
+        raw = message.get("content") or ""
+        if choice.get("finish_reason") == "length":
+            logger.warning("LM response was truncated; increase max_tokens or inspect history.")
+        try:
+            fields = _parse(adapter, signature, raw, message)
+        except AdapterParseError as exc:
+            error = f"unparsed: {getattr(exc, 'reason', 'the output does not match the signature')}"
+        else:
+            logprobs = _choice_logprobs(choice.get("logprobs"), signature)
+            _traced(predict, inputs, fields)
+        _record_history(lm, messages, body, reply, raw)
+    step = StepOutput(fields=fields, raw=raw, error=error, logprobs=logprobs, truncated=truncated, usage=Usage(
+        lm_calls=1, prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=usage.get("completion_tokens") or 0,
+        latency_s=time.perf_counter() - started))
+    refused = error is not None and not error.startswith("unparsed")
+    cache.put(refusal_key(key, backend) if refused else key, step)
+    return step
+
+
+def _parse(adapter, signature, text: str, message: dict) -> dict[str, Any]:
+    """The output fields, as ``Adapter._call_postprocess`` reads a completion: an empty one is unparsed."""
+    if not text:
+        raise AdapterParseError(adapter_name=type(adapter).__name__, signature=signature, lm_response=str(message),
+                                message="The LM returned an empty or null response.")
+    value = adapter.parse(signature, text)
+    for name in signature.output_fields:
+        value.setdefault(name, None)
+    return {name: value[name] for name in signature.output_fields}
+
+
+def _traced(predict: dspy.Predict, inputs: dict[str, str], fields: dict[str, Any]) -> None:
+    """What ``Predict`` leaves in DSPy's trace for a call (optimisers collect demos from it), bounded like it."""
+    trace = dspy.settings.trace
+    if trace is not None and dspy.settings.max_trace_size > 0:
+        if len(trace) >= dspy.settings.max_trace_size:
+            trace.pop(0)
+        trace.append((predict, dict(inputs), dspy.Prediction(**fields)))
+
+
+def _record_history(lm, messages: list[dict], body: dict, reply: dict, text: str) -> None:
+    """The entry DSPy's LM keeps for a call (``dspy.inspect_history``), unless history is off (commands).
+
+    The reply is kept without its tokens' log-probabilities (the step's result has what they say): DSPy keeps
+    up to 10,000 entries, and with them the reply was a few hundred objects each, which Python's garbage
+    collector then walked again and again: 0.9 ms a call, more than the call itself (``bench/library_overhead.py``).
+    """
+    if dspy.settings.disable_history:
+        return
+    import datetime
+    import uuid
+
+    kept = {**reply, "choices": [{**choice, "logprobs": None} if isinstance(choice, dict) and choice.get("logprobs") else choice
+                                 for choice in reply.get("choices") or []]}
+    lm.update_history({
+        "prompt": None, "messages": messages, "kwargs": {k: v for k, v in body.items() if k not in ("model", "messages")},
+        "response": kept, "outputs": [text], "usage": reply.get("usage") or {}, "cost": None,
+        "timestamp": datetime.datetime.now().isoformat(), "uuid": str(uuid.uuid4()), "model": lm.model,
+        "response_model": reply.get("model"), "model_type": lm.model_type,
+    })
 
 
 async def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, truncated: tuple[str, ...],

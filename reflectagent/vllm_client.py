@@ -1,0 +1,266 @@
+"""The step path's own client for vLLM servers: one ``POST /chat/completions`` over a kept connection pool.
+
+DSPy's transport turns every reply into its typed response and then back into OpenAI's shape, validating
+and copying each token's log-probabilities twice, and hands each call to a thread to prepare it. On the
+path vLLM backends take (constrained output, log-probs on) that cost about twice the CPU of the request
+itself (``bench/library_overhead.py``). This client sends the request body DSPy would send and reads the
+reply as JSON, nothing more, over aiohttp: the cheapest of the kept HTTP clients per request (httpx alone
+costs more CPU per call than this whole path; measured in that bench).
+
+What a caller can see stays DSPy's: the errors are DSPy's LM error classes, a failed reply classified by
+DSPy's own reading of vLLM's error bodies (``dspy.lm15.OpenAIChatLM.normalize_error``: an unknown model,
+a context overflow, a server error); ``num_retries`` further tries on DSPy's backoff (1, 2, 4 s...; a
+``Retry-After`` wins) for what DSPy retries (transport faults, timeouts, 429 and 5xx), and a reply that
+arrived is never sent again; ``timeout_s`` bounds each try's wait for the connection and for the reply.
+
+Connections are pooled per event loop (an aiohttp session belongs to one loop). A loop that ends through
+``asyncio.run`` (or ``shutdown_asyncgens``) closes its session as it ends; the shared loop of
+:mod:`reflectagent.concurrency` closes its at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import email.utils
+import json
+import math
+import os
+import threading
+import time
+from typing import Any
+
+PROVIDER = "vllm"  # DSPy's name for a hosted_vllm endpoint (its errors say so)
+
+
+class ChatClient:
+    """Chat completions from one vLLM backend (any replica-free endpoint that speaks OpenAI's chat API)."""
+
+    def __init__(self, *, model: str, api_key: str | None, timeout_s: float, num_retries: int):
+        self.model = model  # the LM's model string, as DSPy's errors name it ("hosted_vllm/...")
+        self.timeout_s, self.num_retries = timeout_s, num_retries
+        self.headers = {"Content-Type": "application/json", "User-Agent": "reflectagent",
+                        **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self._reader = None
+
+    async def complete(self, api_base: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The reply to ``body`` (OpenAI's chat completion, as JSON); DSPy's LM errors otherwise."""
+        try:
+            data = json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate: no server can be sent it (DSPy says the same)
+            raise ValueError(f"the request contains text that is not valid Unicode ({exc.reason}), which no provider "
+                             "can receive; repair the text first") from None
+        url = f"{api_base.rstrip('/')}/chat/completions"
+        for attempt in range(self.num_retries + 1):
+            try:
+                return await self._once(url, data)
+            except (OSError, asyncio.TimeoutError, _aiohttp().ClientError, _lm15().LM15Error) as exc:
+                error = self._dspy_error(self._canonical(exc))
+                if attempt >= self.num_retries or getattr(exc, "replied", False) or not _retryable(error):
+                    raise error from exc
+                await asyncio.sleep(_delay(error, attempt))
+        raise AssertionError("unreachable")
+
+    async def _once(self, url: str, data: bytes) -> dict[str, Any]:
+        aiohttp = _aiohttp()
+        session = await _sessions.get()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
+        async with session.post(url, data=data, headers=self.headers, timeout=timeout) as response:
+            body = await response.read()
+            status, headers = response.status, response.headers
+        if status >= 400:
+            raise self._http_error(status, body, headers)
+        try:
+            reply = _loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _replied(_not_json(status, headers, body, exc), status) from exc
+        if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
+            raise _replied(f"the reply (HTTP {status}) has no choices: {body[:200]!r}", status)
+        return reply
+
+    def _http_error(self, status: int, body: bytes, headers):
+        if self._reader is None:  # DSPy's reading of an OpenAI-compatible server's error body, vLLM's dialect
+            self._reader = _lm15().OpenAIChatLM(base_url="http://unused/v1", api_key="unused", compat="vllm")
+        error = self._reader.normalize_error(status, body.decode("utf-8", errors="replace"))
+        if getattr(error, "retry_after", None) is None:
+            error.retry_after = _retry_after(headers.get("retry-after"))
+        if getattr(error, "request_id", None) is None:
+            error.request_id = headers.get("x-request-id")
+        return error
+
+    def _canonical(self, exc: BaseException):
+        lm15 = _lm15()
+        if isinstance(exc, lm15.LM15Error):
+            return exc
+        if isinstance(exc, asyncio.TimeoutError):  # aiohttp's connect and read timeouts are both TimeoutErrors
+            error = lm15.TimeoutError(f"no reply within timeout_s = {self.timeout_s:g} s ({type(exc).__name__})",
+                                      provider=PROVIDER)
+        else:
+            error = lm15.TransportError(f"{type(exc).__name__}: {exc}", provider=PROVIDER)
+        error.__cause__ = exc
+        return error
+
+    def _dspy_error(self, error):
+        from dspy.clients.errors import wrap_error
+
+        return wrap_error(error, model=self.model, provider=PROVIDER)
+
+
+def _replied(message: str, status: int):
+    """A reply that arrived but is not an answer (HTTP 200, not JSON): the request may have been served, so it
+    is never sent again (DSPy's rule)."""
+    error = _lm15().ProviderError(message, provider=PROVIDER, status=status)
+    error.replied = True
+    return error
+
+
+def _retryable(error: BaseException) -> bool:
+    from dspy.utils.exceptions import is_retryable_lm_error
+
+    return is_retryable_lm_error(error)
+
+
+def _delay(error: BaseException, attempt: int) -> float:
+    """DSPy's backoff: the server's ``Retry-After`` if it gave one, else 1, 2, 4 ... 60 s."""
+    hint = getattr(error, "retry_after", None)
+    return hint if isinstance(hint, (int, float)) and math.isfinite(hint) and hint >= 0 else min(2 ** min(attempt, 6), 60)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _not_json(status: int, headers, body: bytes, exc: Exception) -> str:
+    excerpt = body[:200].decode("utf-8", errors="replace") + ("…" if len(body) > 200 else "")
+    return (f"the reply (HTTP {status}, {headers.get('content-type') or 'no content-type'}, {len(body)} bytes) is not "
+            f"JSON: {exc}. Body starts: {excerpt!r}. A gateway or proxy in front of the server is the usual cause; "
+            "the request may or may not have been served.")
+
+
+def _loads(body: bytes):
+    """JSON, read by orjson where it is installed (a reply with every token's log-probabilities is most of this
+    client's CPU under ``json``); by ``json`` what orjson refuses and ``json`` takes (a lone surrogate, NaN)."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(body)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
+
+
+try:
+    import orjson as _orjson
+except ImportError:  # optional: json reads the same replies
+    _orjson = None
+
+
+def _aiohttp():
+    import aiohttp
+
+    return aiohttp
+
+
+def _lm15():
+    from dspy import lm15
+
+    return lm15
+
+
+class _Sessions:
+    """One aiohttp session (a connection pool) per event loop that makes requests."""
+
+    def __init__(self):
+        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[Any, Any]] = {}
+        self._guard = threading.Lock()
+
+    async def get(self):
+        loop = asyncio.get_running_loop()
+        found = self._by_loop.get(loop)
+        if found is not None:
+            return found[0]
+        aiohttp = _aiohttp()
+        self._sweep()
+        # no pool limit of its own: callers bound their concurrency; proxies from the environment, as DSPy's
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=True)
+        state = {"abandoned": False}
+        closer = _close_with_loop(session, state)
+        with self._guard:
+            self._by_loop[loop] = (session, closer, state)
+        await closer.__anext__()  # registered with the loop: asyncio.run's shutdown_asyncgens closes the session
+        return session
+
+    def _sweep(self) -> None:
+        """Let go of the sessions of loops that closed without shutting their async generators down."""
+        with self._guard:
+            closed = [loop for loop in self._by_loop if loop.is_closed()]
+            entries = [self._by_loop.pop(loop) for loop in closed]
+        for session, closer, state in entries:
+            _abandon(session, closer, state)
+
+    def close_all(self) -> None:
+        """At exit: close the sessions of loops still running in other threads (the shared loop)."""
+        with self._guard:
+            entries = list(self._by_loop.items())
+            self._by_loop.clear()
+        for loop, (session, closer, state) in entries:
+            if loop.is_running() and not _in_loop(loop):
+                try:
+                    asyncio.run_coroutine_threadsafe(session.close(), loop).result(2)
+                except Exception:  # at exit, a session that cannot close in time is let go
+                    pass
+            _abandon(session, closer, state)
+
+    def forget_in_child(self) -> None:
+        """A forked child cannot use its parent's loops or sockets: it keeps them unused (closing them would
+        close the parent's connections) and opens its own."""
+        _orphans.extend(self._by_loop.values())
+        self._by_loop = {}
+        self._guard = threading.Lock()
+
+
+async def _close_with_loop(session, state):
+    try:
+        yield
+    finally:
+        if not state["abandoned"]:
+            await session.close()
+
+
+def _abandon(session, closer, state) -> None:
+    """Let a session go without its loop: marked closed (no 'Unclosed client session' at collection), its
+    sockets closed with the process; its closer finished here, so the dead loop is never asked to run it."""
+    state["abandoned"] = True
+    try:
+        closer.aclose().send(None)
+    except (StopIteration, RuntimeError):
+        pass
+    connector = session.connector
+    session.detach()
+    if connector is not None and not connector.closed:
+        try:
+            connector._close()  # close()'s synchronous part, without the awaitable a dead loop cannot run
+        except Exception:
+            pass
+
+
+def _in_loop(loop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+_orphans: list = []
+_sessions = _Sessions()
+atexit.register(_sessions.close_all)
+os.register_at_fork(after_in_child=_sessions.forget_in_child)

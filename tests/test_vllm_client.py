@@ -1,0 +1,164 @@
+"""The step path's own client for vLLM backends (``reflectagent.vllm_client``), against the fake engine on
+loopback (control flow, faults) and once against the real embedded server: it sends the very request DSPy
+sends, reads the same verdict, probability and usage from the reply, and fails, retries and times out as
+DSPy's path does."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import warnings
+
+import dspy
+import pytest
+from dspy.utils.exceptions import LMProviderError, LMServerError, LMTimeoutError, LMTransportError
+from fakes import Engine, ThreadEngine
+
+from reflectagent.backends import BackendLM, resolve_backend
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.config import BackendConfig, Settings
+from reflectagent.judge import RunInterrupted, judge_pairs
+from reflectagent.pairs import Pair
+from reflectagent.programs import GenRM, MTBenchJudge
+from reflectagent.signatures import Analyze
+from reflectagent.steps import arun_step
+
+PAIRS = [Pair(prompt=f"question {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(3)]
+
+
+class ThroughDSPy(BackendLM):
+    """The same backend with no client of its own: its steps go through DSPy's transport."""
+
+    client = None
+
+
+def vllm(api_base: str, **options) -> BackendLM:
+    config = {"num_retries": 0, "seed": 7, **options}
+    return resolve_backend("fake", Settings(backends={"fake": BackendConfig(model="hosted_vllm/fake", api_base=api_base,
+                                                                             **config)}))
+
+
+def judged(lm, pairs=PAIRS, program=None, **options):
+    with dspy.context(lm=lm, **options), use_cache(JudgmentCache(enabled=False)):
+        return judge_pairs(program or GenRM(both_orders=True, decision="probability"), pairs, concurrency=4, progress=False)
+
+
+def test_the_direct_path_sends_what_dspy_sends_and_reads_the_same_answer():
+    with ThreadEngine() as engine:
+        lm = vllm(engine.api_base)
+        assert lm.backend.direct and lm.client is not None and lm.backend.constrained and lm.backend.logprobs
+        direct = judged(lm)
+        sent = list(engine.requests)
+        engine.requests.clear()
+        through = judged(ThroughDSPy(lm.backend))
+        expected = list(engine.requests)
+    key = lambda body: body["messages"][-1]["content"]  # noqa: E731 (concurrent: match requests by their text)
+    assert sorted(sent, key=key) == sorted(expected, key=key)  # the very same bodies, schema and log-probs included
+    assert sent[0]["response_format"]["json_schema"]["name"] == "Analyze" and sent[0]["top_logprobs"] == 5
+    for mine, theirs in zip(direct, through, strict=True):
+        assert mine.preference == theirs.preference == "A"
+        assert mine.probability_a == pytest.approx(theirs.probability_a) and 0.5 < mine.probability_a < 1
+        for a, b in zip(mine.analyses, theirs.analyses, strict=True):
+            assert (a.text, a.raw, a.probability, a.parsed) == (b.text, b.raw, b.probability, b.parsed)
+            assert (a.usage.lm_calls, a.usage.prompt_tokens, a.usage.completion_tokens) == (1, 100, 20)
+
+
+def test_history_trace_and_a_baselines_adapter_as_dspy_keeps_them():
+    with ThreadEngine() as engine:
+        lm = vllm(engine.api_base, logprobs=False)
+        trace: list = []
+        with dspy.context(lm=lm, trace=trace), use_cache(JudgmentCache(enabled=False)):
+            judgment = GenRM().judge(PAIRS[0])
+            peer = MTBenchJudge().judge(PAIRS[0])  # MT-Bench's own prompt and parser (a plain dspy.Adapter)
+        assert judgment.preference == "A" and len(trace) == 1 and trace[0][2].preference == "A"
+        entry = lm.history[0]
+        assert entry["messages"][-1]["content"] == engine.requests[0]["messages"][-1]["content"]
+        assert entry["outputs"] == [judgment.analyses[0].raw] and entry["usage"]["prompt_tokens"] == 100
+        assert "response_format" not in engine.requests[-1] and len(lm.history) == 3
+        assert peer.reason == "unparsed" and all(a.raw for a in peer.analyses)  # the fake answers JSON, not [[A]]
+
+
+def test_what_the_direct_path_cannot_keep_goes_through_dspy():
+    from dspy.utils.callback import BaseCallback
+
+    class Listener(BaseCallback):
+        calls = 0
+
+        def on_lm_start(self, call_id, instance, inputs):
+            Listener.calls += 1
+
+    with ThreadEngine() as engine:
+        lm = vllm(engine.api_base)
+        judged(lm, PAIRS[:1], GenRM(), callbacks=[Listener()])
+    assert Listener.calls == 1  # DSPy's callbacks saw the call: it went through DSPy
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "reset", "truncated"])
+def test_a_passing_fault_is_retried_with_dspys_backoff(fault):
+    engine = Engine("--fault", fault, "--fail-first", "2")
+    try:
+        lm = vllm(f"{engine.url}/v1", num_retries=2)
+        assert [j.preference for j in judged(lm, PAIRS[:2], GenRM())] == ["A", "A"]
+        assert engine.count() == 2 + 2  # the two failures were retried, nothing else was asked twice
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("fault, error, shown, tries", [
+    ("500", LMServerError, "fake 500", 2), ("reset", LMTransportError, "reset", 2),
+    ("hang", LMTimeoutError, "no reply within timeout_s = 1 s", 2), ("malformed", LMProviderError, "is not JSON", 1),
+])
+def test_a_lasting_fault_raises_dspys_error_and_a_reply_is_never_sent_again(fault, error, shown, tries):
+    engine = Engine("--fault", fault)
+    try:
+        lm = vllm(f"{engine.url}/v1", num_retries=1, timeout_s=1)
+        with pytest.raises(RunInterrupted) as stopped:
+            judged(lm, PAIRS[:1], GenRM())
+        cause = stopped.value.__cause__
+        assert isinstance(cause, error) and shown in str(cause) and "hosted_vllm/fake" in str(cause)
+        if fault == "hang":  # told in the config's terms, as on DSPy's path
+            assert "gave no answer within timeout_s = 1 s (2 tries: num_retries = 1)" in str(stopped.value)
+        if fault == "malformed":
+            assert cause.status == 200  # a broken reply: the run may resume (judge.is_transient)
+        assert engine.count() == tries
+    finally:
+        engine.stop()
+
+
+def test_a_loop_that_ends_closes_its_connections_and_says_nothing(caplog):
+    with ThreadEngine() as engine:
+        lm = vllm(engine.api_base)
+
+        async def one(i):
+            with dspy.context(lm=lm), use_cache(JudgmentCache(enabled=False)):
+                return await arun_step(dspy.Predict(Analyze), PAIRS[i].inputs())
+
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.ERROR, logger="asyncio"):
+            warnings.simplefilter("always")
+            for i in range(3):  # a loop (and a session) each, closed as asyncio.run ends
+                assert asyncio.run(one(i)).parsed
+            gc.collect()
+        assert not [str(w.message) for w in caught if "nclosed" in str(w.message)]
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            loop = asyncio.new_event_loop()  # one closed without shutting its generators down: let go, not logged
+            assert loop.run_until_complete(one(0)).parsed
+            loop.close()
+            assert asyncio.run(one(1)).parsed
+            gc.collect()
+    assert "nclosed" not in caplog.text
+
+
+@pytest.mark.server
+def test_on_the_real_server_the_direct_path_and_dspys_give_the_same_steps(server, sample_pairs):
+    """Greedy decoding on one server: the same request must give the same analysis, verdict and probability."""
+    lm = resolve_backend("embedded", Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000)}))
+    assert lm.backend.direct
+    pairs = sample_pairs[:2]
+    direct = judged(lm, pairs, GenRM(decision="probability"))
+    through = judged(ThroughDSPy(lm.backend), pairs, GenRM(decision="probability"))
+    for mine, theirs in zip(direct, through, strict=True):
+        for a, b in zip(mine.analyses, theirs.analyses, strict=True):
+            assert a.parsed and (a.raw, a.preference) == (b.raw, b.preference)
+            assert a.probability == pytest.approx(b.probability, abs=1e-6)
+            assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (b.usage.prompt_tokens, b.usage.completion_tokens)
