@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -51,11 +52,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def is_stream(target: str | Path) -> bool:
+    """Whether ``target`` is a pipe or a device (``-o /dev/stdout``, ``>(gzip > x)``): written as it comes, since
+    it cannot be renamed onto or read back."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def check_output(target: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """The target, resolved (a symlink is written through to the file it names, as ``open`` would), or an
     :class:`OutputError` saying what to change: a folder, a folder that does not exist, or a path that is one of
-    ``inputs`` (also through a symlink or a hard link), which writing would destroy."""
+    ``inputs`` (also through a symlink or a hard link), which writing would destroy. A pipe or device is
+    returned as given."""
     given = Path(target)
+    if is_stream(given):
+        if any(_same_file(Path(source), given) for source in inputs):
+            raise OutputError(f"-o {given} is the input {given}: name another output")
+        return given
     path = given.resolve()
     if path.is_dir():
         raise OutputError(f"-o {given} is a folder: name a file in it (e.g. {given / 'judgments.jsonl'})")
@@ -73,11 +89,13 @@ class AtomicOutput:
     """``with AtomicOutput(target, inputs) as out: out.write(line)``: lines go to a temporary file beside
     ``target`` as they come; leaving the block normally renames it onto ``target``, leaving it with an error keeps
     what was written as :func:`partial_path` (``target`` untouched). Checked (:func:`check_output`) and locked on
-    entry, before any work, so a second run writing the same file fails with :class:`OutputBusy`."""
+    entry, before any work, so a second run writing the same file fails with :class:`OutputBusy`. A pipe or a
+    device (``/dev/stdout``) is written as it comes: there is no file there to keep whole."""
 
     def __init__(self, target: str | Path, inputs: Iterable[str | Path] = ()):
         self.given = Path(target)
         self.target = check_output(target, inputs)
+        self.stream = is_stream(self.target)  # a pipe or device: written as it comes, nothing to rename or lock
         self.partial = partial_path(self.target)
         self.lines = 0
         self._lock = filelock.FileLock(str(lock_path(self.target)), timeout=0)
@@ -85,6 +103,12 @@ class AtomicOutput:
         self._handle: TextIO | None = None
 
     def __enter__(self) -> AtomicOutput:
+        if self.stream:
+            try:
+                self._handle = open(self.target, "w", encoding="utf-8")
+            except OSError as exc:
+                raise OutputError(f"-o {self.given}: cannot write to it ({exc.strerror})") from None
+            return self
         try:
             self._lock.acquire()
         except filelock.Timeout:
@@ -111,6 +135,9 @@ class AtomicOutput:
         self.lines += 1
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        if self.stream:
+            self._handle.close()
+            return
         try:
             self._handle.flush()
             os.fsync(self._handle.fileno())  # on disk before the rename makes it the output
@@ -129,6 +156,8 @@ class AtomicOutput:
 
     def failure_note(self) -> str:
         """What a failed run left, for its error message: where the finished lines are, and that the output is as it was."""
+        if self.stream:
+            return f"the {self.lines} judgment(s) finished were written to {self.given} as they came."
         kept = (f"the {self.lines} judgment(s) finished are in {self.partial}" if self.lines else "no judgment was finished")
         before = f"{self.given} is as it was before this run" if self.target.exists() else f"{self.given} was not written"
         return f"{kept}; {before}."

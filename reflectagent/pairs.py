@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from reflectagent.errors import ReflectAgentError
-from reflectagent.reading import DEFAULT_LIMITS, BadLine, PairFileError, ReadLimits, iter_records
+from reflectagent.reading import DEFAULT_LIMITS, BadLine, BadLines, PairFileError, ReadLimits, iter_records
 
 logger = logging.getLogger(__name__)
 
@@ -127,16 +127,18 @@ def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None, limits:
     device, over ``limits``) is a :class:`PairFileError`.
 
     Bytes that are not UTF-8 make that line bad (with the byte offset), not the file; so does a line Python's
-    JSON reader cannot take (nested too deep, a number too long) or a field of the wrong type. A JSON array of
-    pairs is read too, its items numbered like lines.
+    JSON reader cannot take (nested too deep, a number too long) or a field of the wrong type; more than
+    ``limits.max_bad_lines`` of them is an error for the file. A JSON array of pairs is read too, its items
+    numbered like lines.
     """
     path = Path(path)
 
-    def bad(problem: BadLine) -> None:
+    def report(problem: BadLine) -> None:
         logger.log(logging.DEBUG if bad_lines is not None else logging.WARNING, "skipping %s", problem)
         if bad_lines is not None:
             bad_lines.append(problem)
 
+    bad = BadLines(path, limits, report)
     for number, row in iter_records(path, bad, limits):
         try:
             yield parse_pair(row)

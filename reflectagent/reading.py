@@ -44,6 +44,9 @@ class ReadLimits(BaseModel):
         "the longest line (or UTF-16 file, or JSON array on one line) read, in bytes; longer is an error, not a pair"))
     max_input_bytes: int = Field(4 * GIB, gt=0, description=(
         "the most bytes read from one file, after decompression (a gzip bomb stops here)"))
+    max_bad_lines: int = Field(10_000, gt=0, description=(
+        "the most bad lines one file may have, each kept and reported; more and the file is refused (random bytes from "
+        "a pipe are millions of bad lines)"))
 
 
 DEFAULT_LIMITS = ReadLimits()
@@ -65,6 +68,23 @@ class BadLine:
 
     def __str__(self) -> str:  # printed and logged: a path or a reason quoting data shows its control characters
         return visible(f"{self.path}:{self.line}: {self.error}")
+
+
+class BadLines:
+    """Where a reader reports the bad lines of one file: each goes to ``sink``, and one more than
+    ``limits.max_bad_lines`` is a :class:`PairFileError`, so a stream of garbage (``cat /dev/urandom |``) costs a
+    bounded list and a bounded read, not one entry per line until ``max_input_bytes``."""
+
+    def __init__(self, path: Path, limits: ReadLimits, sink: Callable[[BadLine], None]):
+        self.path, self.limits, self.sink, self.count = path, limits, sink, 0
+
+    def __call__(self, problem: BadLine) -> None:
+        self.count += 1
+        if self.count > self.limits.max_bad_lines:
+            raise PairFileError(f"{self.path}: more than {self.limits.max_bad_lines:,} bad lines (reading.max_bad_lines; "
+                                f"line {problem.line}: {problem.error}): this is not a JSONL file of pairs, or raise "
+                                "max_bad_lines in the [reading] table of the config")
+        self.sink(problem)
 
 
 def check_readable(path: Path) -> None:

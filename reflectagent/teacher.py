@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reflectagent.pairs import InvalidPair, Pair, parse_pair
-from reflectagent.reading import DEFAULT_LIMITS, BadLine, ReadLimits, iter_records
+from reflectagent.reading import DEFAULT_LIMITS, BadLine, BadLines, ReadLimits, iter_records
 from reflectagent.results import Analysis
 
 _NAMES = re.compile(r"\b(Response) ([AB])\b")
@@ -72,11 +72,12 @@ def read_teacher(path: str | Path, *, exclude_prompts: Iterable[str] = (),
     Read as pairs are (:func:`reflectagent.reading.iter_records`): within ``limits``, every bad line named."""
     excluded = {p.strip() for p in exclude_prompts}
     judgments, bad = [], []
-    for number, row in iter_records(Path(path), bad.append, limits):
+    report = BadLines(Path(path), limits, bad.append)
+    for number, row in iter_records(Path(path), report, limits):
         try:
             judgment = parse_teacher(row)
         except InvalidPair as exc:
-            bad.append(BadLine(str(path), number, str(exc)))
+            report(BadLine(str(path), number, str(exc)))
             continue
         if judgment.pair.prompt.strip() not in excluded:
             judgments.append(judgment)

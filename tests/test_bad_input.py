@@ -122,6 +122,10 @@ FILES = [
     Case("over-size", "file", "a file larger than `[reading] max_input_bytes` (here 1,000 bytes)",
          "error: names the limit and the setting; read no further", lines(*[GOOD] * 20), code=2,
          config="{working}[reading]\nmax_input_bytes = 1000\n", shown=("holds more than 1,000 bytes", "reading.max_input_bytes")),
+    Case("bad-lines-galore", "file", "more bad lines than `[reading] max_bad_lines` (10,000; here 2), as random bytes from a "
+         "pipe give", "error: names the limit; read no further (the list of bad lines stays bounded)",
+         lines(GOOD, b"x", b"y", b"z", GOOD), code=2, config="{working}[reading]\nmax_bad_lines = 2\n",
+         shown=("more than 2 bad lines (reading.max_bad_lines; line 4: not JSON",)),
 ]
 
 ROWS = [
@@ -190,6 +194,8 @@ OUTPUTS = [
     Case("output-busy", "output", "another run writing the same `-o` (it holds `OUTPUT.lock`)",
          "error: another run is writing it; nothing is judged", lines(GOOD), lock_held=True, previous=b"earlier\n", code=2,
          shown=("another run is writing", "name another output file"), fate="none judged; the other run's `-o` untouched"),
+    Case("output-stream", "output", "`-o /dev/stdout`, `/dev/null` or a pipe", "written as judgments come (nothing to "
+         "rename or lock)", lines(GOOD), args=["-o", "/dev/null"], judged=1, fate="1 judged, written to the stream"),
     Case("rerun", "output", "a run whose `-o` exists", "the finished run replaces it whole (one rename)",
          lines(GOOD, GOOD), previous=b"earlier\n", judged=2, fate="2 judged; `-o` replaced by this run's judgments"),
     Case("failed-rerun", "output", "a re-run whose backend dies after one judgment",
@@ -336,8 +342,8 @@ def test_bad_input(case: Case, engine, tmp_path, monkeypatch):
         assert (out.read_bytes() if out.exists() else None) == case.previous
     if case.judged is not None:
         assert f"pairs: {case.judged} judged" in result.stdout, output
-        written = [json.loads(line) for line in out.read_text().splitlines()]
-        assert len(written) == case.judged and all(w["judgment"]["preference"] for w in written if not w["pair"]["response_b"]
+        written = [json.loads(line) for line in out.read_text().splitlines()] if "-o" not in case.args else [None] * case.judged
+        assert len(written) == case.judged and all(w["judgment"]["preference"] for w in written if w and not w["pair"]["response_b"]
                                                    == w["pair"]["response_a"])
     partial = out.with_name("out.jsonl.partial")
     assert (len(partial.read_text().splitlines()) if partial.exists() else None) == case.partial
@@ -528,8 +534,9 @@ def render_table() -> str:
            "judgments in `OUTPUT.partial` beside it), that a finished run wrote every judgment, and that nothing",
            "printed holds a traceback, a raw control character or the secret planted in some configs.", "",
            "A bad line never stops a file: it is skipped with its line number and reason, and the rest is judged.",
-           "A file is read within bounds (`[reading]` in the config: `max_line_bytes`, 64 MiB, and `max_input_bytes`,",
-           "4 GiB after decompression); over one is an error naming it. `-o` is written beside its target and renamed",
+           "A file is read within bounds (`[reading]` in the config: `max_line_bytes`, 64 MiB, `max_input_bytes`,",
+           "4 GiB after decompression, and `max_bad_lines`, 10,000); over one is an error naming it, before anything",
+           "is judged. `-o` is written beside its target and renamed",
            "into place when the run ends, under a lock (`OUTPUT.lock`). An input error never says \"run the same",
            "command again to resume\": that advice is only given when the backend went away or was slow, where a",
            "re-run can succeed, and only with the judgment cache on.", "",

@@ -153,3 +153,32 @@ def test_the_reading_bounds_are_settings(tmp_path):
     config.write_text("[reading]\nmax_line_bytes = 0\n")
     with pytest.raises(ConfigError, match="reading.max_line_bytes: Input should be greater than 0"):
         load_settings(config)
+
+
+def test_a_stream_of_garbage_stops_at_max_bad_lines_with_the_list_bounded(tmp_path):
+    """``cat /dev/urandom | reflectagent judge /dev/stdin``: a pipe is read, but random bytes are a bad line every few
+    hundred bytes; the reader stops at max_bad_lines instead of listing them until max_input_bytes."""
+    fifo = tmp_path / "urandom.jsonl"
+    os.mkfifo(fifo)
+    stop = threading.Event()
+
+    def write_garbage():
+        try:
+            with open(fifo, "wb") as pipe:
+                while not stop.is_set():
+                    pipe.write(os.urandom(1 << 16))
+        except BrokenPipeError:
+            pass
+
+    writer = threading.Thread(target=write_garbage)
+    writer.start()
+    try:
+        with pytest.raises(PairFileError, match=r"more than 1,000 bad lines \(reading\.max_bad_lines; line \d+: "):
+            read_pairs(fifo, ReadLimits(max_bad_lines=1000))
+    finally:
+        stop.set()
+        writer.join(10)
+    good_then_bad = tmp_path / "mixed.jsonl"
+    good_then_bad.write_text(json.dumps(GOOD) + "\n" + "not json\n" * 3)
+    pairs, bad = read_pairs(good_then_bad, ReadLimits(max_bad_lines=3))  # at the limit: read, every bad line listed
+    assert len(pairs) == 1 and len(bad) == 3

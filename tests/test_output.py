@@ -150,3 +150,21 @@ def test_two_writers_of_one_output_cannot_interleave(tmp_path):
     written = [json.loads(line) for line in out.read_text().splitlines()]  # every line whole, each pair once
     assert [w["pair"]["id"] for w in written] == [str(i) for i in range(6)]
     assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_a_pipe_or_device_as_the_output_is_written_as_it_comes(tmp_path):
+    import threading
+
+    fifo = tmp_path / "out.pipe"
+    os.mkfifo(fifo)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()))
+    reader.start()
+    with AtomicOutput(fifo) as out:
+        out.write("one")
+    reader.join(10)
+    assert read == ["one\n"] and sorted(p.name for p in tmp_path.iterdir()) == ["out.pipe"]  # no lock, no temporary
+    with pytest.raises(RuntimeError), AtomicOutput("/dev/null") as null:
+        null.write("x")
+        raise RuntimeError("stopped")
+    assert null.failure_note() == "the 1 judgment(s) finished were written to /dev/null as they came."
