@@ -47,10 +47,22 @@ app = typer.Typer(
 )
 
 
+class VisibleFormatter(logging.Formatter):
+    """Log lines with their control characters shown as escapes: a log message may quote an id, a path or a
+    model's output (the library's or LiteLLM's), and the log goes to the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from reflectagent.terminal import visible
+
+        return visible(super().format(record), keep="\n")  # a traceback's lines stay lines
+
+
 @app.callback()
 def main(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v for progress logs, -vv for debug")] = 0):
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     if verbose < 2:
         for noisy in ("LiteLLM", "litellm", "httpx", "dspy"):
             logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -39,3 +39,13 @@ def test_a_bad_line_and_an_error_show_their_escapes():
 
     result = CliRunner().invoke(app, ["judge", "--prompt", "q", "--a", "x", "--b", "y", "--load", f"/nope/{ATTACK}.json"])
     assert result.exit_code == 2 and "\\x1b[2J" in result.stderr and "\x1b" not in result.stderr
+
+
+def test_the_command_line_log_shows_escapes(capsys):
+    import logging
+
+    from reflectagent.cli import VisibleFormatter
+
+    record = logging.LogRecord("reflectagent.x", logging.WARNING, __file__, 1, "pair %s gives no rows", (ATTACK,), None)
+    line = VisibleFormatter("%(levelname)s %(message)s").format(record)
+    assert line.startswith("WARNING pair \\x1b[2J") and "\x1b" not in line and "\u202e" not in line
