@@ -275,7 +275,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         results = await judged(rewarder.arewards, *batch)
         account(sum(r.usage.lm_calls for r in results), sum(r.cache_hits for r in results), sum(not r.verdict for r in results))
         return {"rewards": [r.reward for r in results], "scores": [r.score for r in results],
-                "extra_logs": {"no_verdict": [0 if r.verdict else 1 for r in results],
+                "extra_logs": {"abstain": [1.0 if r.abstain else 0.0 for r in results],
                                "no_verdict_reward": rewarder.no_verdict_reward}}
 
     @app.post("/v1/judge", dependencies=[Depends(strict_json)])
@@ -289,6 +289,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         account(judgment.lm_calls, judgment.cache_hits, judgment.preference is None)
         cost = judgment.cost
         return {"preference": judgment.preference, "probability_a": judgment.probability_a, "reason": judgment.reason,
+                "abstain": judgment.preference is None and judgment.probability_a is None, "decided_by": judgment.decided_by,
                 "analyses": [asdict(a) for a in judgment.analyses], "reflections": [asdict(r) for r in judgment.reflections],
                 "ratings": [asdict(r) for r in judgment.ratings],
                 "cost": {"lm_calls": cost.lm_calls, "prompt_tokens": cost.prompt_tokens,
@@ -313,7 +314,8 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         for place, index in enumerate(ranking.order, 1):
             ranks[index] = place
         return {"scores": list(ranking.win_rate), "strength": list(ranking.strength), "ranks": ranks,
-                "order": list(ranking.order), "comparisons": len(ranking.comparisons), "no_verdict_comparisons": undecided}
+                "order": list(ranking.order), "comparisons": len(ranking.comparisons), "no_verdict_comparisons": undecided,
+                "abstain": Rewarder.abstains(ranking)}
 
     @app.get("/health")
     async def health():
@@ -335,7 +337,8 @@ def _answer(requests, errors, route: str, status: int, reason: str, detail: str)
 
 
 def serve_rm(
-    program: Annotated[str, typer.Option("--program", "-p", help="a named program (see `judge --help`)")] = "genrm-prob",
+    program: Annotated[str, typer.Option("--program", "-p", help=(
+        "a named program (see `judge --help`) or a saved program's .json file (from `reflectagent calibrate`)"))] = "genrm-prob",
     backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="backend name from the config")] = None,
     host: Annotated[str, typer.Option(help="address to bind: loopback unless you mean otherwise")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port")] = 5000,

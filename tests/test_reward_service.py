@@ -40,10 +40,12 @@ def test_every_route_answers_what_the_same_judgments_give_in_python(server, cach
     assert len(judged["analyses"]) == 2 and judged["cost"]["lm_calls"] + judged["cost"]["cache_hits"] >= 2
     expected = rewarder.rewards([p.prompt for p in pairs], [p.response_a for p in pairs], [p.response_b for p in pairs])
     assert labelled["rewards"] == pytest.approx([r.reward for r in expected])
-    assert all(0.0 <= s <= 1.0 for s in labelled["scores"]) and labelled["extra_logs"]["no_verdict"] == [0, 0, 0]
+    assert all(0.0 <= s <= 1.0 for s in labelled["scores"]) and labelled["extra_logs"]["abstain"] == [0.0, 0.0, 0.0]
     assert labelled["rewards"][0] == pytest.approx(local.probability_a)  # P(response better than the reference)
     assert grouped["rewards"] == pytest.approx(list(local_rank.win_rate))
     assert ranked["scores"] == pytest.approx(list(local_rank.win_rate)) and sorted(ranked["ranks"]) == [1, 2, 3]
+    assert judged["abstain"] == (local.preference is None and local.probability_a is None)
+    assert ranked["abstain"] == Rewarder.abstains(local_rank)
     assert health["status"] == "ok" and health["in_flight"] == 0
     calls = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("reflectagent_lm_calls_total")))
     assert calls > 0 and 'reflectagent_request_seconds_count{route="/get_reward"} 2.0' in metrics

@@ -185,6 +185,19 @@ def test_bad_requests_get_4xx_with_what_to_fix():
     assert "empty" in http.post("/v1/judge", json={"prompt": " ", "response_a": "1", "response_b": "2"}).text
 
 
+def test_every_route_flags_an_abstain_beside_its_number():
+    http = client()
+    tied = http.post("/v1/judge", json={"prompt": "q", "response_a": "1", "response_b": "1.0"}).json()
+    decided = http.post("/v1/judge", json={"prompt": "q", "response_a": "2", "response_b": "1"}).json()
+    assert (tied["abstain"], tied["preference"], decided["abstain"], decided["decided_by"]) == (True, None, False, None)
+    ranked = http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "1.0", "3"]}).json()
+    assert ranked["abstain"] == [False, False, False]
+    assert http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "1.0"]}).json()["abstain"] == [True, True]
+    rewards = http.post("/get_reward", json={"query": ["q:1", "q:3"], "prompts": ["q:"] * 2, "labels": ["1.0", "2"]}).json()
+    assert rewards["extra_logs"] == {"abstain": [1.0, 0.0], "no_verdict_reward": NO_VERDICT_REWARD}
+    assert rewards["rewards"] == [NO_VERDICT_REWARD, 1.0]
+
+
 def test_a_token_is_required_when_set_and_health_stays_open():
     http = client(token="s3cret")
     assert http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "2"]}).status_code == 401
