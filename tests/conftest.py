@@ -104,7 +104,7 @@ def running_service(rewarder, **options):
     """The service under uvicorn on a free loopback port, in a thread, for the ``with`` block."""
     import uvicorn
 
-    from reflectagent.cli.serve_rm import create_app
+    from reflectagent.rl.service import create_app
     from reflectagent.server import free_port
 
     port = free_port()

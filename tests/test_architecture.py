@@ -1,5 +1,5 @@
-"""The layers point one way: core <- programs <- eval <- finetune <- command line and services;
-rl (rewards for trainers) sits beside eval, on programs.
+"""The layers point one way: core <- programs <- eval <- finetune <- command line;
+rl (rewards for trainers, and the reward service) sits beside eval, on programs.
 
 Every module's imports are read from its source (lazy imports inside functions included),
 so a shortcut taken anywhere fails here instead of in a review.
@@ -54,6 +54,14 @@ def test_every_module_imports_only_its_own_layer_and_those_below():
                     wrong.append(f"{path.relative_to(ROOT)} ({layer}) imports {name} ({target})")
     assert checked > 30
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_command_line_holds_no_service():
+    """Commands stay thin: the reward service's web framework is imported in rl/, never in cli/."""
+    web = {"fastapi", "starlette", "h11"}
+    assert web & {n.split(".")[0] for n in imported(ROOT / "rl" / "service.py") | imported(ROOT / "rl" / "http.py")}
+    in_cli = {f"{path.name}: {name}" for path in (ROOT / "cli").rglob("*.py") for name in imported(path) if name.split(".")[0] in web}
+    assert not in_cli, in_cli
 
 
 def test_the_checker_sees_a_wrong_direction(tmp_path):

@@ -453,7 +453,7 @@ def test_bad_request(case: Request, monkeypatch, tmp_path):
     from fastapi.testclient import TestClient
 
     from reflectagent.cache import JudgmentCache, use_cache
-    from reflectagent.cli.serve_rm import create_app
+    from reflectagent.rl.service import create_app
 
     monkeypatch.setenv("FAKE_KEY", "k")
     http = TestClient(create_app(rewarder_for(case.judge), max_body_bytes=case.max_body_bytes), raise_server_exceptions=False)
@@ -488,8 +488,8 @@ def test_slow_connection(case):
     from dspy.utils.dummies import DummyLM
     from fakes import ScoreJudge
 
-    from reflectagent.cli.http_server import service_config
-    from reflectagent.cli.serve_rm import create_app
+    from reflectagent.rl.http import service_config
+    from reflectagent.rl.service import create_app
     from reflectagent.rl import Rewarder
     from reflectagent.server import free_port
 

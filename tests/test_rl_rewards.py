@@ -164,7 +164,7 @@ class SlowJudge(ScoreJudge):
 def client(judge=None, **options):
     from fastapi.testclient import TestClient
 
-    from reflectagent.cli.serve_rm import create_app
+    from reflectagent.rl.service import create_app
 
     return TestClient(create_app(Rewarder(judge or ScoreJudge(), lm=LM), **options))
 

@@ -1,4 +1,4 @@
-"""uvicorn for a service on an open port: a deadline for the request head, so slow clients cannot hold connections.
+"""uvicorn for the reward service on an open port: a deadline for the request head, so slow clients cannot hold connections.
 
 Why: uvicorn (0.55) arms no timer while a request's headers arrive; its keep-alive timeout starts only after a
 response and is reset by every byte. 300 connections sending a header byte now and then were held open for as
