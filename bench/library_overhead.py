@@ -18,7 +18,9 @@ timing), ``asyncio.gather`` under a semaphore, and at least parsing the answer's
   transport (the path before ``reflectagent.vllm_client``), and on both ``library+cache`` (a cold diskcache
   folder) and ``warm`` (the same pairs again, every step from the cache);
 - ``sdk``: ``openai.AsyncOpenAI`` (over httpx);
-- ``httpx``: a lean ``httpx.AsyncClient`` POST, the reply read with ``response.json()``.
+- ``httpx``: a lean ``httpx.AsyncClient`` POST, the reply read with ``response.json()``;
+- ``aiohttp``: the same with a bare ``aiohttp.ClientSession`` and ``json``: the floor under the library's own
+  client (``reflectagent.vllm_client`` is aiohttp), so the difference is what the library adds.
 
 The calls of a level are split into ``--rounds`` rounds and the clients interleaved within each round
 (their order rotating), so a machine whose load drifts during the run weighs on every client alike.
@@ -114,6 +116,25 @@ def httpx_client(url: str, bodies: list[dict], concurrency: int) -> None:
     asyncio.run(run())
 
 
+def aiohttp_client(url: str, bodies: list[dict], concurrency: int) -> None:
+    import aiohttp
+
+    async def run():
+        headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), headers=headers) as session:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(body):
+                async with gate, session.post(f"{url}/chat/completions", data=json.dumps(body).encode()) as response:
+                    response.raise_for_status()
+                    reply = json.loads(await response.read())
+                json.loads(reply["choices"][0]["message"]["content"])
+
+            await asyncio.gather(*(one(b) for b in bodies))
+
+    asyncio.run(run())
+
+
 def timed(fn) -> tuple[float, float]:
     cpu, wall = time.process_time(), time.perf_counter()
     fn()
@@ -137,6 +158,7 @@ def measure(path: str, lm: BackendLM, url: str, level: int, calls: int, rounds: 
         **({"library-dspy": lambda chunk, _: library(dspy_lm, chunk)} if dspy_lm else {}),
         "sdk": lambda _, chunk: sdk_client(url, chunk, level),
         "httpx": lambda _, chunk: httpx_client(url, chunk, level),
+        "aiohttp": lambda _, chunk: aiohttp_client(url, chunk, level),
     }
     warm = [Pair(prompt=f"[{tag}] warm-up {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(50)]
     for name, client in clients.items():  # imports, connections, DSPy's first-call costs

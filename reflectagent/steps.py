@@ -451,6 +451,7 @@ def _record_history(lm, messages: list[dict], body: dict, reply: dict, text: str
     if dspy.settings.disable_history:
         return
     import datetime
+    import random
     import uuid
 
     kept = {**reply, "choices": [{**choice, "logprobs": None} if isinstance(choice, dict) and choice.get("logprobs") else choice
@@ -458,7 +459,8 @@ def _record_history(lm, messages: list[dict], body: dict, reply: dict, text: str
     lm.update_history({
         "prompt": None, "messages": messages, "kwargs": {k: v for k, v in body.items() if k not in ("model", "messages")},
         "response": kept, "outputs": [text], "usage": reply.get("usage") or {}, "cost": None,
-        "timestamp": datetime.datetime.now().isoformat(), "uuid": str(uuid.uuid4()), "model": lm.model,
+        "timestamp": datetime.datetime.now().isoformat(), "model": lm.model,
+        "uuid": str(uuid.UUID(int=random.getrandbits(128), version=4)),  # an id, not a secret: no os.urandom call
         "response_model": reply.get("model"), "model_type": lm.model_type,
     })
 

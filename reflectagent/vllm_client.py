@@ -11,7 +11,8 @@ What a caller can see stays DSPy's: the errors are DSPy's LM error classes, a fa
 DSPy's own reading of vLLM's error bodies (``dspy.lm15.OpenAIChatLM.normalize_error``: an unknown model,
 a context overflow, a server error); ``num_retries`` further tries on DSPy's backoff (1, 2, 4 s...; a
 ``Retry-After`` wins) for what DSPy retries (transport faults, timeouts, 429 and 5xx), and a reply that
-arrived is never sent again; ``timeout_s`` bounds each try's wait for the connection and for the reply.
+arrived is never sent again; ``timeout_s`` bounds each try's wait for the connection and for the reply;
+a proxy named in the environment is used (read once per endpoint).
 
 Connections are pooled per event loop (an aiohttp session belongs to one loop). A loop that ends through
 ``asyncio.run`` (or ``shutdown_asyncgens``) closes its session as it ends; the shared loop of
@@ -23,11 +24,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import email.utils
+import functools
 import json
 import math
 import os
 import threading
 import time
+import urllib.parse
+import urllib.request
 from typing import Any
 
 PROVIDER = "vllm"  # DSPy's name for a hosted_vllm endpoint (its errors say so)
@@ -51,9 +55,10 @@ class ChatClient:
             raise ValueError(f"the request contains text that is not valid Unicode ({exc.reason}), which no provider "
                              "can receive; repair the text first") from None
         url = f"{api_base.rstrip('/')}/chat/completions"
+        proxy = _env_proxy(url)
         for attempt in range(self.num_retries + 1):
             try:
-                return await self._once(url, data)
+                return await self._once(url, data, proxy)
             except (OSError, asyncio.TimeoutError, _aiohttp().ClientError, _lm15().LM15Error) as exc:
                 error = self._dspy_error(self._canonical(exc))
                 if attempt >= self.num_retries or getattr(exc, "replied", False) or not _retryable(error):
@@ -61,11 +66,11 @@ class ChatClient:
                 await asyncio.sleep(_delay(error, attempt))
         raise AssertionError("unreachable")
 
-    async def _once(self, url: str, data: bytes) -> dict[str, Any]:
+    async def _once(self, url: str, data: bytes, proxy: str | None) -> dict[str, Any]:
         aiohttp = _aiohttp()
         session = await _sessions.get()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
-        async with session.post(url, data=data, headers=self.headers, timeout=timeout) as response:
+        async with session.post(url, data=data, headers=self.headers, timeout=timeout, proxy=proxy) as response:
             body = await response.read()
             status, headers = response.status, response.headers
         if status >= 400:
@@ -112,6 +117,16 @@ def _replied(message: str, status: int):
     error = _lm15().ProviderError(message, provider=PROVIDER, status=status)
     error.replied = True
     return error
+
+
+@functools.lru_cache(maxsize=256)
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``http_proxy``, ``no_proxy``...), as DSPy's transport honours
+    them; read once per endpoint (aiohttp's ``trust_env`` reads them in a thread at every request)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def _retryable(error: BaseException) -> bool:
@@ -190,8 +205,8 @@ class _Sessions:
             return found[0]
         aiohttp = _aiohttp()
         self._sweep()
-        # no pool limit of its own: callers bound their concurrency; proxies from the environment, as DSPy's
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=True)
+        # no pool limit of its own: callers bound their concurrency
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         state = {"abandoned": False}
         closer = _close_with_loop(session, state)
         with self._guard:
