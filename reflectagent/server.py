@@ -34,7 +34,7 @@ PR_SET_PDEATHSIG = 1
 RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 # vLLM's CPU engine keeps one core per worker out of its compute threads, for its API server and engine
 # core. On a small machine that is a large share of the compute (half of two cores), while those two
-# processes need a few percent of a core (bench/results/engine_threads.json): below this many usable
+# processes need a few percent of a core (bench/README.md, "Engine threads"): below this many physical
 # cores, the worker computes on all of them.
 RESERVE_A_CORE_FROM = 4
 
@@ -116,11 +116,21 @@ class ServerSpec:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity), which a container may set below ``os.cpu_count()``."""
+    """The physical cores this process may run on: vLLM's CPU worker binds one compute thread to one logical CPU of
+    each physical core, so a 4-vCPU machine with 2 hyperthreaded cores is a 2-core machine to it. Counted from the
+    process's affinity (a container may allow fewer than ``os.cpu_count()``) and the kernel's topology."""
     try:
-        return len(os.sched_getaffinity(0))
+        allowed = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology to read: count the logical CPU as a core
+    return len(cores) or 1
 
 
 def server_env() -> dict[str, str]:
