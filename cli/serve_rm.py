@@ -13,6 +13,7 @@ import typer
 
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache
 from reflectagent.config import load_settings
+from reflectagent.rl.groups import ROUND_ROBIN_UP_TO
 from reflectagent.rl.service import MAX_JUDGMENTS
 
 
@@ -24,12 +25,14 @@ def serve_rm(
     port: Annotated[int, typer.Option(min=0, max=65535, help="port")] = 5000,
     group: Annotated[str, typer.Option(help="group rewards without labels: win_rate or bradley_terry")] = "win_rate",
     no_verdict_reward: Annotated[Optional[float], typer.Option(help="the reward where no verdict stood behind it (flagged; default: 0.5, or 0 for bradley_terry)")] = None,
+    round_robin_up_to: Annotated[int, typer.Option(min=2, help=(
+        "a group of up to this many distinct responses is judged round robin (every two), a larger one by tournament (N-1)"))] = ROUND_ROBIN_UP_TO,
     max_concurrency: Annotated[int, typer.Option(min=1, help="requests judged at once")] = 8,
     max_queue: Annotated[int, typer.Option(min=0, help="requests that may wait; beyond, 503 with Retry-After")] = 64,
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request may take before a 504 (OpenRLHF's client gives up at 180)")] = 170,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body")] = 8 << 20,
     max_judgments: Annotated[int, typer.Option(min=1, help=(
-        "most judgments one request may take (a group of N responses takes N(N-1)/2); beyond, 413"))] = MAX_JUDGMENTS,
+        "most judgments one request may take (a round-robin group of N takes N(N-1)/2, a tournament N-1); beyond, 413"))] = MAX_JUDGMENTS,
     header_timeout: Annotated[float, typer.Option(min=0.001, help=(
         "seconds a client has to send a request's headers; a slower one is disconnected"))] = 10,
     token_env: Annotated[Optional[str], typer.Option(help="environment variable holding a bearer token to require")] = None,
@@ -54,7 +57,8 @@ def serve_rm(
         if value <= 0 and not (name == "max-queue" and value == 0):
             fail(f"--{name} must be positive", 2)
     settings = load_settings(config)
-    rewarder = Rewarder(program, backend, settings, group=group, no_verdict_reward=no_verdict_reward, concurrency=max_concurrency)
+    rewarder = Rewarder(program, backend, settings, group=group, no_verdict_reward=no_verdict_reward, concurrency=max_concurrency,
+                        round_robin_up_to=round_robin_up_to)
     app = create_app(rewarder, max_concurrency=max_concurrency, max_queue=max_queue, timeout_s=timeout,
                      max_body_bytes=max_body_bytes, token=token, max_judgments=max_judgments)
     with use_cache(open_cache(settings, cache_dir)):

@@ -44,6 +44,9 @@ class Ranking:
     strength: tuple[float, ...]  # per response: Bradley-Terry log-strength (mean 0)
     comparisons: tuple[Comparison, ...]
     method: str
+    # per response, the response whose scores it holds: its first identical copy, or itself. Empty where every
+    # response was judged (``rank``); set where copies were judged once (``reflectagent.rl.groups``)
+    same_as: tuple[int, ...] = ()
 
     @property
     def best(self) -> int:

@@ -9,7 +9,8 @@ beyond that the answer is 503 with ``Retry-After``, so memory does not grow with
 request gets its answer, a 504 after ``timeout_s`` (its steps still finish into the cache), or an error.
 ``serve-rm`` binds loopback unless ``--host`` says otherwise; an optional bearer token is required; bodies
 over ``max_body_bytes`` are refused, and so is a request that would take more than ``max_judgments`` judgments
-(a group of N costs N(N-1)/2). A request head must arrive within ``header_timeout_s`` (:mod:`reflectagent.rl.http`).
+(a group of N distinct responses costs N(N-1)/2 up to ``round_robin_up_to``, N - 1 above). A request head must
+arrive within ``header_timeout_s`` (:mod:`reflectagent.rl.http`).
 
 Every error is an answer with a reason, never a bare 500: JSON that is not JSON's (``NaN``, ``Infinity``) or
 not text (a lone surrogate escape) is 400, a backend that is down or slow 503 with ``Retry-After``, one that
@@ -64,7 +65,7 @@ class RankRequest(BaseModel):
     responses: list[str]
 
 
-MAX_JUDGMENTS = 2048  # per request: one group of 64 (2,016 judgments) fits; two do not
+MAX_JUDGMENTS = 2048  # per request: 2,048 judgments against references, or groups (one of 64 judged round robin: 2,016)
 
 
 class Refused(Exception):
@@ -231,7 +232,8 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
     def check_size(judgments: int) -> None:
         if judgments > max_judgments:
             raise Refused(413, "too_many_judgments", f"this request needs {judgments} judgments, over --max-judgments "
-                          f"({max_judgments}): a group of N responses takes N(N-1)/2; send fewer or smaller groups per request")
+                          f"({max_judgments}): a group of N distinct responses takes N(N-1)/2 up to --round-robin-up-to, N - 1 above; "
+                          "send fewer or smaller groups per request")
 
     async def judged(fn, *args):
         try:
@@ -268,7 +270,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
             batch = openrlhf_batch(body.query, body.prompts, body.labels)
         except RewardInputError as exc:
             raise Refused(400, "bad_input", str(exc)) from None
-        check_size(rewarder.judgments_needed(batch[0], batch[2]))
+        check_size(rewarder.judgments_needed(batch[0], batch[2], responses=batch[1]))
         results = await judged(rewarder.arewards, *batch)
         account(sum(r.usage.lm_calls for r in results), sum(r.cache_hits for r in results), sum(not r.verdict for r in results))
         return {"rewards": [r.reward for r in results], "scores": [r.score for r in results],
@@ -302,7 +304,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
                           f"{len(body.responses)} responses is over max_group ({rewarder.max_group}): send smaller groups")
         if not body.prompt.strip():
             raise Refused(400, "bad_input", "the prompt is empty: there is nothing to judge the responses against")
-        check_size(len(body.responses) * (len(body.responses) - 1) // 2)
+        check_size(rewarder.judgments_needed([body.prompt] * len(body.responses), responses=body.responses))
 
         ranking = await judged(rewarder.arank, body.prompt, body.responses)
         undecided = sum(c.judgment.preference is None for c in ranking.comparisons)

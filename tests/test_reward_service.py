@@ -51,6 +51,24 @@ def test_every_route_answers_what_the_same_judgments_give_in_python(server, cach
     assert calls > 0 and 'reflectagent_request_seconds_count{route="/get_reward"} 2.0' in metrics
 
 
+def test_a_group_is_judged_once_per_distinct_pair_and_a_reordered_group_comes_from_the_cache(server, cache, sample_pairs):
+    """One order per judgment (``genrm``: one LM call each), so the order a pair is shown in decides what is cached."""
+    pair = sample_pairs[0]
+    responses = [pair.response_a, pair.response_b, "I do not know.", pair.response_a]  # the last is a copy
+    with running_service(Rewarder("genrm", "embedded", SETTINGS)) as url:
+        first = httpx.post(f"{url}/v1/rank", json={"prompt": pair.prompt, "responses": responses}, timeout=600).json()
+        calls = lm_calls(httpx.get(f"{url}/metrics").text)
+        again = httpx.post(f"{url}/v1/rank", json={"prompt": pair.prompt, "responses": responses[::-1]}, timeout=600).json()
+        after = lm_calls(httpx.get(f"{url}/metrics").text)
+    assert first["comparisons"] == 3 and calls == 3  # naive pairwise: 6 judgments, 5 of them LM calls
+    assert first["scores"][0] == first["scores"][3] and after == calls  # the reordered group: every step from the cache
+    assert again["scores"] == pytest.approx(first["scores"][::-1])
+
+
+def lm_calls(metrics: str) -> float:
+    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("reflectagent_lm_calls_total")))
+
+
 @pytest.mark.torch
 def test_grpo_trains_two_steps_with_a_reflectagent_reward(server, cache, model_dir, tmp_path):
     """TRL's GRPOTrainer on CPU: SmolLM2 as the policy, a reflectagent judge (on the embedded server) as the

@@ -274,8 +274,9 @@ def test_a_request_over_its_time_gets_504_and_its_place_is_freed_when_the_work_e
 def test_a_batch_counts_its_judgments_before_judging_and_a_big_group_is_its_own_error():
     from reflectagent.rl.rewards import GroupTooLarge
 
-    count = Rewarder.judgments_needed
+    count = Rewarder(ScoreJudge(), lm=LM, round_robin_up_to=64).judgments_needed
     assert count(["q"] * 64 + ["p"] * 64) == 2 * 2016 and count(["q", "q", "p"], ["r", None, None]) == 1
     assert count(["q"] * 3, ["r", "", None]) == 1 + 1  # an empty reference is no reference: q's two form a group
+    assert Rewarder(ScoreJudge(), lm=LM).judgments_needed(["q"] * 64) == 63  # over round_robin_up_to: a tournament
     with pytest.raises(GroupTooLarge, match="over max_group"):
         Rewarder(ScoreJudge(), lm=LM, max_group=3).rewards(["q"] * 4, ["1", "2", "3", "4"])
