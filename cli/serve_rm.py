@@ -7,6 +7,7 @@ capacity, limits, errors, metrics) is the app's, beside the rewards in ``rl/``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -14,6 +15,7 @@ import typer
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache
 from reflectagent.config import load_settings
 from reflectagent.rl.groups import ROUND_ROBIN_UP_TO
+from reflectagent.rl.monitors import WINDOW
 from reflectagent.rl.service import MAX_JUDGMENTS
 
 
@@ -36,6 +38,8 @@ def serve_rm(
     header_timeout: Annotated[float, typer.Option(min=0.001, help=(
         "seconds a client has to send a request's headers; a slower one is disconnected"))] = 10,
     token_env: Annotated[Optional[str], typer.Option(help="environment variable holding a bearer token to require")] = None,
+    monitor_window: Annotated[int, typer.Option(min=3, help=(
+        "judgments (and scored responses) the rolling health gauges in /metrics are computed over"))] = WINDOW,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):
@@ -60,7 +64,8 @@ def serve_rm(
     rewarder = Rewarder(program, backend, settings, group=group, no_verdict_reward=no_verdict_reward, concurrency=max_concurrency,
                         round_robin_up_to=round_robin_up_to)
     app = create_app(rewarder, max_concurrency=max_concurrency, max_queue=max_queue, timeout_s=timeout,
-                     max_body_bytes=max_body_bytes, token=token, max_judgments=max_judgments)
+                     max_body_bytes=max_body_bytes, token=token, max_judgments=max_judgments, monitor_window=monitor_window,
+                     judge_name=Path(program).stem if program.endswith(".json") else program)
     with use_cache(open_cache(settings, cache_dir)):
         typer.echo(f"reward model: {program} on {rewarder.lm.model} at http://{host}:{port} (POST /get_reward, /v1/judge, /v1/rank)")
         uvicorn.Server(service_config(app, host=host, port=port, header_timeout_s=header_timeout)).run()

@@ -89,11 +89,18 @@ def orders_disagree(judgment: Judgment) -> bool:
     their votes). A judgment decided by reflection or by members is not read this way."""
     if judgment.reflections or judgment.parts:
         return False
+    return bool(analyses_disagree(judgment))
+
+
+def analyses_disagree(judgment: Judgment) -> bool | None:
+    """Whether the analyses of the two presentation orders lean different ways (by their mean P(A), else by
+    their votes), whatever decided the judgment; None where the parsed analyses do not cover both orders (what
+    the reward service's order-flip gauge and mining the cache for doubts read)."""
     sides = []
     for swapped in (False, True):
         shown = [a for a in judgment.analyses if a.swapped == swapped and a.parsed]
         if not shown:
-            return False
+            return None
         probabilities = [probability_a_of(a) for a in shown]
         if all(p is not None for p in probabilities):
             mean = sum(probabilities) / len(probabilities)

@@ -15,7 +15,8 @@ arrive within ``header_timeout_s`` (:mod:`reflectagent.rl.http`).
 Every error is an answer with a reason, never a bare 500: JSON that is not JSON's (``NaN``, ``Infinity``) or
 not text (a lone surrogate escape) is 400, a backend that is down or slow 503 with ``Retry-After``, one that
 fails otherwise 502, and each is counted in ``/metrics`` (``reflectagent_request_errors_total``, by route,
-status and reason).
+status and reason). ``/metrics`` also carries the judge's rolling health gauges (:mod:`reflectagent.rl.monitors`:
+reward against length, order flips, ties, abstains, margin), fed by every judgment a route answers with.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dspy.utils.exceptions import LMError
 from reflectagent.judge import is_transient
 from reflectagent.pairs import InvalidPair, Pair
 from reflectagent.rl.adapters import RewardInputError, openrlhf_batch
+from reflectagent.rl.monitors import WINDOW, Monitor
 from reflectagent.rl.rewards import GroupTooLarge, Rewarder
 
 
@@ -161,7 +163,8 @@ class Gate:
 
 def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int = 64, timeout_s: float = 170,
                max_body_bytes: int = 8 << 20, token: str | None = None, retry_after_s: int = 5,
-               max_judgments: int = MAX_JUDGMENTS) -> FastAPI:
+               max_judgments: int = MAX_JUDGMENTS, judge_name: str | None = None, monitor_window: int = WINDOW) -> FastAPI:
+    """The service for ``rewarder``; ``judge_name`` labels the monitor gauges (default: the judge's class name)."""
     app = FastAPI(title="reflectagent reward model", docs_url=None, redoc_url=None)
     registry = CollectorRegistry()
     requests = Counter("reflectagent_requests", "requests answered", ["route", "status"], registry=registry)
@@ -173,6 +176,7 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
     cache_hits = Counter("reflectagent_cache_hits", "steps served from the judgment cache", registry=registry)
     no_verdict = Counter("reflectagent_no_verdict", "rewards or judgments with no verdict behind them", registry=registry)
     gate = Gate(max_concurrency, max_queue)
+    monitor = Monitor(judge_name or rewarder.name, monitor_window, registry)
 
     def route_of(request: Request) -> str:
         return request.url.path if request.url.path in ROUTES else "other"
@@ -273,6 +277,8 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         check_size(rewarder.judgments_needed(batch[0], batch[2], responses=batch[1]))
         results = await judged(rewarder.arewards, *batch)
         account(sum(r.usage.lm_calls for r in results), sum(r.cache_hits for r in results), sum(not r.verdict for r in results))
+        monitor.judged(j for r in results for j in r.judgments)
+        monitor.scored(*_decided(batch[1], [None if r.abstain else r.score for r in results]))
         return {"rewards": [r.reward for r in results], "scores": [r.score for r in results],
                 "extra_logs": {"abstain": [1.0 if r.abstain else 0.0 for r in results],
                                "no_verdict_reward": rewarder.no_verdict_reward}}
@@ -286,6 +292,9 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
 
         judgment = await judged(rewarder.ajudge_pair, pair)
         account(judgment.lm_calls, judgment.cache_hits, judgment.preference is None)
+        monitor.judged([judgment])
+        score = judgment.probability_a if judgment.probability_a is not None else {"A": 1.0, "B": 0.0}.get(judgment.preference)
+        monitor.scored(*_decided([pair.response_a, pair.response_b], [score, None if score is None else 1 - score]))
         cost = judgment.cost
         return {"preference": judgment.preference, "probability_a": judgment.probability_a, "reason": judgment.reason,
                 "abstain": judgment.preference is None and judgment.probability_a is None, "decided_by": judgment.decided_by,
@@ -309,12 +318,15 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         ranking = await judged(rewarder.arank, body.prompt, body.responses)
         undecided = sum(c.judgment.preference is None for c in ranking.comparisons)
         account(ranking.usage.lm_calls, sum(c.judgment.cache_hits for c in ranking.comparisons), undecided)
+        abstains = Rewarder.abstains(ranking)
+        monitor.judged(c.judgment for c in ranking.comparisons)
+        monitor.scored(*_decided(body.responses, [None if a else w for a, w in zip(abstains, ranking.win_rate)]))
         ranks = [0] * len(body.responses)
         for place, index in enumerate(ranking.order, 1):
             ranks[index] = place
         return {"scores": list(ranking.win_rate), "strength": list(ranking.strength), "ranks": ranks,
                 "order": list(ranking.order), "comparisons": len(ranking.comparisons), "no_verdict_comparisons": undecided,
-                "abstain": Rewarder.abstains(ranking)}
+                "abstain": abstains}
 
     @app.get("/health")
     async def health():
@@ -326,6 +338,12 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _decided(responses: list[str], scores: list[float | None]) -> tuple[list[int], list[float]]:
+    """The lengths and [0, 1] scores of the responses a verdict stood behind (None: abstained), for the monitor."""
+    kept = [(len(r), s) for r, s in zip(responses, scores) if s is not None]
+    return [n for n, _ in kept], [s for _, s in kept]
 
 
 def _answer(requests, errors, route: str, status: int, reason: str, detail: str) -> JSONResponse:

@@ -49,6 +49,10 @@ def test_every_route_answers_what_the_same_judgments_give_in_python(server, cach
     assert health["status"] == "ok" and health["in_flight"] == 0
     calls = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("reflectagent_lm_calls_total")))
     assert calls > 0 and 'reflectagent_request_seconds_count{route="/get_reward"} 2.0' in metrics
+    gauges = {line.split("{")[0].removeprefix("reflectagent_judge_"): float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("reflectagent_judge_") and 'judge="GenRM"' in line}
+    assert gauges["window_judgments"] == 1 + 3 + 3 + 3  # the pair, three against references, two groups of three
+    assert 0.0 <= gauges["order_flip_rate"] <= 1.0 and 0.0 <= gauges["mean_margin"] <= 0.5  # genrm-prob saw both orders
 
 
 def test_a_group_is_judged_once_per_distinct_pair_and_a_reordered_group_comes_from_the_cache(server, cache, sample_pairs):
