@@ -1,6 +1,7 @@
 """An instant OpenAI-compatible chat server that can misbehave on purpose.
 
     python bench/fake_engine.py PORT [--fault ok|500|503|reset|hang|malformed|truncated] [--fail-first N] [--die-after N]
+        [--delay S] [--context N]
 
 Every ``POST /v1/chat/completions`` is answered (after ``--delay`` seconds; at once by default) with a
 GenRM judgment: an analysis, then the preference for the response shown first if the word "right"
@@ -9,9 +10,11 @@ each token's log-probabilities when the request asks for ``logprobs`` (as vLLM s
 fault is asked for: the first ``--fail-first`` requests (all of them when 0) get the fault, the rest
 the answer. With ``--die-after N`` the process exits when chat request N + 1 arrives, without
 answering it (a server that dies mid-run). ``GET /count`` says how many chat requests came, so a test
-can see the client's retries; ``GET /health`` is 200, ``GET /v1/models`` an empty list (no context
-length: a client keeps to its character budget). In a test's own process (``calls``, ``keys`` and
-``requests`` then readable directly) :meth:`FakeEngine.start` serves it on the running event loop.
+can see the client's retries; ``GET /health`` is 200; ``GET /v1/models`` lists no model, so a client
+keeps to its character budget, unless ``--context N`` is given: then model ``fake`` has ``max_model_len``
+N and ``POST /tokenize`` counts a prompt (roughly: a token a word), as vLLM lets a client fit its context.
+In a test's own process (``calls``, ``keys`` and ``requests`` then readable directly)
+:meth:`FakeEngine.start` serves it on the running event loop.
 
 The benches use it as the engine that costs nothing (the library's own ceiling); the fault tests as
 a real server over loopback that fails the ways real ones do. It is plain asyncio, not a web
@@ -70,10 +73,13 @@ def response(status: str, body: bytes, content_type: str = "application/json", l
 
 
 class FakeEngine:
-    def __init__(self, fault: str = "ok", fail_first: int = 0, die_after: int | None = None, delay_s: float = 0.0):
+    def __init__(self, fault: str = "ok", fail_first: int = 0, die_after: int | None = None, delay_s: float = 0.0,
+                 context: int | None = None):
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {', '.join(FAULTS)}, not {fault!r}")
         self.fault, self.fail_first, self.die_after, self.delay_s = fault, fail_first, die_after, delay_s
+        self.context = context
+        self.counted = 0  # prompts counted (POST /tokenize)
         self.chat_requests = 0
         self.calls: list[str] = []  # each chat request's last message
         self.keys: list[str] = []  # each chat request's Authorization header
@@ -107,7 +113,15 @@ class FakeEngine:
         elif method == "GET" and path == "/health":
             writer.write(response("200 OK", b"{}"))
         elif method == "GET" and path.endswith("/models"):
-            writer.write(response("200 OK", b'{"object": "list", "data": []}'))
+            models = [{"id": "fake", "object": "model", "max_model_len": self.context}] if self.context else []
+            writer.write(response("200 OK", json.dumps({"object": "list", "data": models}).encode()))
+        elif method == "POST" and path == "/tokenize":  # a token a word and a piece of punctuation, roughly
+            self.counted += 1
+            messages = json.loads(body or b"{}").get("messages") or []
+            count = sum(len(_TOKEN.findall(str(m.get("content", "")))) + 4 for m in messages)
+            writer.write(response("200 OK", json.dumps({"count": count}).encode(), keep_alive=True))
+            await writer.drain()
+            return True
         elif method == "POST" and path.endswith("/chat/completions"):
             self.chat_requests += 1
             if self.die_after is not None and self.chat_requests > self.die_after:
@@ -182,8 +196,9 @@ def main() -> None:
     parser.add_argument("--fail-first", type=int, default=0, help="only the first N chat requests get the fault (0: all)")
     parser.add_argument("--die-after", type=int, default=None, help="exit when chat request N + 1 arrives, unanswered")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--context", type=int, default=None, help="report this context length and count tokens")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after, args.delay)))
+    asyncio.run(serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after, args.delay, args.context)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the library itself costs per LM call, against lean clients sending the same requests.
 
-    .venv/bin/python bench/library_overhead.py [--calls 2000] [--levels 16,64] [--rounds 4] [--paths vllm,light]
+    .venv/bin/python bench/library_overhead.py [--calls 2000] [--levels 16,64] [--rounds 4] [--paths vllm,vllm-counted,light]
         [--out bench/results/library_overhead.json]
 
 The engine is ``bench/fake_engine.py`` in its own process (it answers at once, so the client is the
@@ -9,13 +9,15 @@ limit and its CPU is not counted). Two paths, each judged by ``GenRM()`` in one 
 
 - ``vllm``, the path vLLM backends take by default: a ``hosted_vllm/`` backend, constrained output (a JSON
   schema in every request) and log-probs on (the engine sends each token's top 5, as vLLM does);
+- ``vllm-counted``: the same against an engine that reports its context length (``--context``), as a real
+  vLLM server does: every step then counts its prompt's tokens (``POST /tokenize``) to fit the context;
 - ``light``: an ``openai/`` backend, no constraint, no log-probs (the path this bench measured first).
 
 Clients, each sending the very requests the library sends (messages rendered beforehand, outside the
 timing), ``asyncio.gather`` under a semaphore, and at least parsing the answer's JSON:
 
 - ``library``: ``judge_pairs(GenRM(), ...)``; on ``vllm`` also ``library-dspy``, the same through DSPy's own
-  transport (the path before ``reflectagent.vllm_client``), and on both ``library+cache`` (a cold diskcache
+  transport (the path before ``reflectagent.vllm_client``), and on each ``library+cache`` (a cold diskcache
   folder) and ``warm`` (the same pairs again, every step from the cache);
 - ``sdk``: ``openai.AsyncOpenAI`` (over httpx);
 - ``httpx``: a lean ``httpx.AsyncClient`` POST, the reply read with ``response.json()``;
@@ -61,9 +63,10 @@ class ThroughDSPy(BackendLM):
     client = None
 
 
-def backends(url: str) -> dict[str, BackendConfig]:
+def backends(url: str, counted_url: str) -> dict[str, BackendConfig]:
     return {
         "vllm": BackendConfig(model="hosted_vllm/fake", api_base=url, num_retries=0),  # constrained, log-probs: vLLM's defaults
+        "vllm-counted": BackendConfig(model="hosted_vllm/fake", api_base=counted_url, num_retries=0),
         "light": BackendConfig(model="openai/fake", api_base=url, api_key_env="FAKE_KEY", constrained=False, logprobs=False,
                                num_retries=0),
     }
@@ -146,7 +149,7 @@ def measure(path: str, lm: BackendLM, url: str, level: int, calls: int, rounds: 
     tag = f"{path}-c{level}-{time.time_ns()}"  # fresh texts per level: nothing cached by anyone
     pairs = [Pair(prompt=f"[{tag}] question {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(calls)]
     bodies = request_bodies(lm, pairs)
-    dspy_lm = ThroughDSPy(lm.backend) if path == "vllm" else None
+    dspy_lm = ThroughDSPy(lm.backend) if path.startswith("vllm") else None
     off = JudgmentCache(enabled=False)
 
     def library(lm_, chunk):
@@ -185,18 +188,19 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--levels", default="16,64")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--paths", default="vllm,light")
+    parser.add_argument("--paths", default="vllm,vllm-counted,light")
     parser.add_argument("--out", type=Path, default=Path("bench/results/library_overhead.json"))
     args = parser.parse_args()
 
     engine, base = spawn()
-    url = f"{base}/v1"
+    counting, counting_base = spawn("--context", "32768")
     os.environ["FAKE_KEY"] = "k"
-    settings = Settings(backends=backends(url))
+    settings = Settings(backends=backends(f"{base}/v1", f"{counting_base}/v1"))
     rows = []
     try:
         for path in args.paths.split(","):
             lm = resolve_backend(path, settings)
+            url = lm.backend.api_base
             for level in [int(x) for x in args.levels.split(",")]:
                 measured = measure(path, lm, url, level, args.calls, args.rounds)
                 level_rows = [{"path": path, "concurrency": level, "client": name, "calls_per_s": round(args.calls / wall, 1),
@@ -209,6 +213,7 @@ def main() -> None:
                 print(json.dumps(level_rows), flush=True)
     finally:
         engine.kill()
+        counting.kill()
     args.out.write_text(json.dumps({**provenance(), "rounds": args.rounds, "calls": args.calls, "rows": rows}, indent=1))
 
 

@@ -248,7 +248,8 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
     if hit is not None:
         return _reused(hit, predict, request[0])
     budget = backend.input_budget() if backend is not None else None
-    if budget is not None and budget.counts_tokens:
+    if budget is not None and budget.counts_tokens and not await _fits_as_rendered(lm, backend, budget, request[2],
+                                                                                  request_messages):
         try:  # counting may ask a server (/tokenize): off the event loop
             request = keyed(*await asyncio.to_thread(render_request, adapter, predict.signature, inputs, budget, predict.demos))
         except InputTooLong as exc:  # deterministic: the same request would never fit, so nothing to retry
@@ -265,6 +266,20 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
         return await _call(predict, adapter, inputs, config, truncated, key, cache, backend)
 
     return await _single_flight(key, cache, refusal_key(key, backend), make, lambda hit: _reused(hit, predict, inputs))
+
+
+async def _fits_as_rendered(lm, backend, budget: InputBudget, key: str, rendered: dict[str, list[dict]]) -> bool:
+    """Whether the request as the character budget rendered it fits the token budget, counted by the vLLM server
+    through the backend's own client (no thread, no second client): what :func:`render_request` would find
+    first, and then keep. False when it does not fit, or where this cannot be told here (a model folder's
+    tokenizer, a pool, a failed count): :func:`render_request` then counts, and cuts, as it always has."""
+    client = getattr(lm, "client", None)
+    if client is None or backend.model_dir is not None or not backend.is_hosted_vllm or not lm.api_base:
+        return False
+    try:
+        return await client.count_tokens(lm.api_base, backend.served, rendered[key]) <= budget.tokens
+    except Exception:  # counted again below, where a server that cannot count fails as it always has
+        return False
 
 
 def _connects(lm, backend) -> bool:

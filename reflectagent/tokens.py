@@ -10,6 +10,7 @@ the tokenizer and chat template of a local model folder (the embedded server's),
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,12 +57,15 @@ def folder_counter(model_dir: str | Path) -> TokenCounter:
 
 
 def server_counter(api_base: str, model: str, timeout_s: float = 30) -> TokenCounter:
-    """Tokens as a vLLM server counts them (``POST /tokenize`` with the chat messages)."""
+    """Tokens as a vLLM server counts them (``POST /tokenize`` with the chat messages), over one kept client
+    per process: ``httpx.post`` built a client, and its SSL context, for every count (27 ms of CPU a step)."""
     url = api_base.rstrip("/").removesuffix("/v1") + "/tokenize"
+    kept: list = [None, None]  # the process that made the client, the client (a forked child makes its own)
 
     def count(messages: Messages) -> int:
-        response = httpx.post(url, json={"model": model, "messages": messages, "add_generation_prompt": True},
-                              timeout=timeout_s)
+        if kept[0] != os.getpid():
+            kept[:] = [os.getpid(), httpx.Client(timeout=timeout_s)]
+        response = kept[1].post(url, json={"model": model, "messages": messages, "add_generation_prompt": True})
         response.raise_for_status()
         return int(response.json()["count"])
 

@@ -66,6 +66,18 @@ class ChatClient:
                 await asyncio.sleep(_delay(error, attempt))
         raise AssertionError("unreachable")
 
+    async def count_tokens(self, api_base: str, model: str, messages: list[dict]) -> int:
+        """The prompt's tokens as the server counts them (vLLM's ``POST /tokenize``, the chat template applied),
+        as :func:`reflectagent.tokens.server_counter` asks: one try, an error raised as it comes."""
+        url = api_base.rstrip("/").removesuffix("/v1") + "/tokenize"
+        data = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}, ensure_ascii=False).encode()
+        aiohttp = _aiohttp()
+        session = await _sessions.get()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
+        async with session.post(url, data=data, headers=self.headers, timeout=timeout, proxy=_env_proxy(url)) as response:
+            response.raise_for_status()
+            return int(_loads(await response.read())["count"])
+
     async def _once(self, url: str, data: bytes, proxy: str | None) -> dict[str, Any]:
         aiohttp = _aiohttp()
         session = await _sessions.get()

@@ -128,7 +128,38 @@ def test_a_lasting_fault_raises_dspys_error_and_a_reply_is_never_sent_again(faul
         engine.stop()
 
 
+def test_a_netrc_entry_for_the_servers_host_leaves_the_requests_as_they_are(tmp_path, monkeypatch):
+    """aiohttp's ``trust_env`` read ``~/.netrc``: an entry for the server's host clashed with the Authorization header and
+    every request raised a raw ValueError (removed in 5ec0eb6). The key sent is the backend's, never the netrc's."""
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1\nlogin someone\npassword from-netrc\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC", raising=False)
+    with ThreadEngine() as engine:
+        lm = vllm(engine.api_base)
+        assert lm.client is not None  # the direct path, aiohttp's
+        judgments = judged(lm, PAIRS[:1])
+        keys = list(engine.keys)
+    assert judgments[0].preference is not None and keys and set(keys) == {"Bearer not-needed"}
+
+
+def test_a_server_that_reports_its_context_counts_each_prompt_once_and_a_long_one_is_cut():
+    with ThreadEngine(context=2048) as engine:
+        lm = vllm(engine.api_base)
+        assert lm.backend.input_budget().tokens == 2048 - 512 - 4
+        short = judged(lm, PAIRS[:2], GenRM())
+        assert engine.counted == 2 and all(not j.analyses[0].truncated for j in short)  # counted, no thread, kept
+        long = Pair(prompt="why? " * 1500, response_a="right", response_b="wrong")
+        cut = judged(lm, [long], GenRM())[0]
+    assert cut.analyses[0].truncated == ("prompt",) and cut.preference == "A"  # counted again, and cut to fit
+    assert "characters cut to fit the judge's context" in engine.requests[-1]["messages"][-1]["content"]
+
+
 def test_a_loop_that_ends_closes_its_connections_and_says_nothing(caplog):
+    with warnings.catch_warnings():  # what earlier tests left to the collector (DSPy's own pools) is not this test's
+        warnings.simplefilter("ignore")
+        gc.collect()
     with ThreadEngine() as engine:
         lm = vllm(engine.api_base)
 
