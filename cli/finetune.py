@@ -45,10 +45,13 @@ def data(
     kind: Annotated[str, typer.Option(help="'unified' (analyses and reflections, from a teacher) or 'verdict' (the verdict alone, from the labels: no LM call)")] = "unified",
     split: Annotated[str, typer.Option(help="all, or the train, dev or test split of each --data file (seeded, stratified by source, as `eval --split` draws it)")] = "all",
     split_seed: Annotated[int, typer.Option(help="the seed of --split")] = 0,
+    from_cache: Annotated[bool, typer.Option("--from-cache", help="mine the judgment cache instead of judging: the program's order-inconsistent or low-margin judgments of the --data pairs on --backend become STaR and STaR-DPO rows (no LM call; pairs not in the cache are counted and skipped)")] = False,
+    program: Annotated[Optional[str], typer.Option("--program", "-p", help="with --from-cache: the program whose cached judgments are mined (a named program or a saved .json; default: the teacher this command runs, ReflectRM with --samples and --temperature)")] = None,
+    margin: Annotated[float, typer.Option(min=0.0, max=0.5, help="with --from-cache: a judgment whose |P(A) - 0.5| is under this is low-margin")] = 0.1,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):
-    """Build training data: a teacher program (ReflectRM) over labelled pairs, a file of judgments, or (``--kind verdict``) the labels alone.
+    """Build training data: a teacher program (ReflectRM) over labelled pairs, a file of judgments, (``--kind verdict``) the labels alone, or (``--from-cache``) the judge's own doubts in the judgment cache.
 
     More flags (DataConfig): --ratio, --rationalize, --fractions, --seed, --context_chars.
     """
@@ -63,6 +66,13 @@ def data(
         fail(f"--split is one of all, {', '.join(SPLITS)}, not {split!r}", 2)
     if split != "all" and teacher_file is not None:
         fail("--split draws from --data files; a teacher file is used whole (leave out what you test on when you write it)", 2)
+    if from_cache and (teacher_file is not None or kind != "unified"):
+        fail("--from-cache mines judgments of --data pairs into STaR rows: leave out --teacher-file and --kind", 2)
+    if from_cache and split not in ("train", "dev"):
+        fail(f"--from-cache needs --split train (or dev): the cache also holds the judgments an eval made of test pairs, "
+             f"and mining {'them' if split == 'test' else 'every split'} would train the judge on what it is measured on", 2)
+    if program is not None and not from_cache:
+        fail("--program names the judge whose cached judgments --from-cache mines: add --from-cache", 2)
     (data_config,) = dataclass_flags(ctx, DataConfig)
     settings = load_settings(config)
     options = dict(samples=samples, temperature=temperature, concurrency=concurrency, progress=sys.stderr.isatty())
@@ -106,10 +116,20 @@ def data(
                 "train_pairs_left_out_for_sharing_a_dev_or_test_prompt": shared_prompt}
         if kind == "verdict":
             built = label_data(pairs, backend_name, settings, out, data_config, card)
+        elif from_cache:
+            built = _mine(pairs, program, backend_name, settings, out, data_config, cache_dir, samples=samples,
+                          temperature=temperature, margin=margin, concurrency=concurrency, card=card)
         else:
             with use_cache(open_cache(settings, cache_dir)):
                 built = distil(pairs, backend_name, settings, out, data_config, **options, card=card)
     typer.echo(json.dumps(built.stats, indent=2))
+    if from_cache:
+        if not any(built.splits.values()) and not any(built.dpo.values()):
+            fail(f"no rows were mined (see the card above: pairs not in the cache were judged by no run of this program on "
+                 f"this backend; confident ones teach nothing here); nothing in {out} to train on", 1)
+        typer.echo(f"datasets: {out}/unified (STaR rows from the judge's doubts), {out}/dpo where an order had a right and a "
+                   f"wrong analysis; card: {out}/data_card.json")
+        return
     if kind == "verdict":
         if not built.splits.get("train"):
             fail(f"no training rows were made (see the card above: ties, unlabelled pairs and prompts too long for the "
@@ -118,6 +138,21 @@ def data(
         return
     dpo_note = f", {out}/dpo (STaR-DPO)" if (out / "dpo").exists() else " (no STaR-DPO triples: no order had a right and a wrong analysis)"
     typer.echo(f"datasets: {out}/unified (SFT){dpo_note}; card: {out}/data_card.json")
+
+
+def _mine(pairs, program: str | None, backend_name, settings, out: Path, data_config, cache_dir, *, samples: int,
+          temperature: float, margin: float, concurrency: int, card: dict):
+    from reflectagent.finetune import mine
+    from reflectagent.programs import ReflectRM, resolve_program
+
+    try:
+        judge = resolve_program(program) if program else ReflectRM(samples=samples, temperature=temperature)
+    except (ReflectAgentError, ValueError, OSError) as exc:
+        fail(str(exc), 2)
+    card = {**card, "mined_program": program or f"ReflectRM(samples={samples}, temperature={temperature})"}
+    with use_cache(open_cache(settings, cache_dir, check=False)):  # read, never written
+        return mine(pairs, judge, backend_name, settings, out, data_config, margin=margin, concurrency=concurrency,
+                    progress=sys.stderr.isatty(), card=card)
 
 
 @app.command("train", context_settings=PASSTHROUGH, add_help_option=False)

@@ -312,6 +312,34 @@ class JudgmentCache:
         self.store.close()
 
 
+class NotCached(ReflectAgentError):
+    """A step that a :class:`CacheOnly` view does not hold: it would have to be made, and the view makes none."""
+
+
+class CacheOnly:
+    """A view of ``cache`` that answers every step it holds and makes none: the claim that every step takes
+    before it is made (:meth:`lease`) raises :class:`NotCached` instead, so a judge run under it (``use_cache``)
+    either rebuilds its judgment from cached steps or raises, and calls no LM. Keys are the steps' own: the
+    view reads through the cache's ``get``, never computes one. What mining the cache for hard examples uses."""
+
+    enabled = True
+
+    def __init__(self, cache: JudgmentCache):
+        self.cache = cache
+
+    def get(self, key: str) -> StepOutput | None:
+        return self.cache.get(key) if self.cache.enabled else None
+
+    def put(self, key: str, step: StepOutput) -> None:
+        raise NotCached("a cache-only view keeps no new step")
+
+    def lease(self, key: str) -> Lease:
+        raise NotCached(f"step {key[:12]} is not in the judgment cache ({self.cache.store.where()})")
+
+    def check(self) -> CacheOnly:
+        return self
+
+
 def current_cache() -> JudgmentCache:
     """The cache in force: set by :func:`use_cache`, else the default folder (or off by env)."""
     global _default
