@@ -26,6 +26,16 @@ EMBEDDED = "embedded"
 DEFAULT_CONFIG_FILES = ("reflectagent.toml", "reflectagent.yaml", "reflectagent.yml")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; more is not one (``--config /dev/zero``)
 SECRET_WORDS = frozenset({"key", "token", "secret", "password", "passwd", "apikey"})
+# names that hold a credential, compared whole (lower case, ``-`` and ``.`` as ``_``): ``extra`` is refused one, at
+# any depth (an ``Authorization`` header in ``extra_headers``). Whole names, not words: ``stop_token_ids``,
+# ``allowed_token_ids`` and ``prompt_cache_key`` are request options of vLLM and OpenAI, not secrets
+CREDENTIAL_NAMES = frozenset({
+    "token", "access_token", "auth_token", "bearer_token", "refresh_token", "id_token", "session_token", "api_token",
+    "api_key", "apikey", "secret", "client_secret", "secret_key", "private_key", "password", "passwd", "passphrase",
+    "credentials", "authorization", "proxy_authorization", "cookie"})
+CREDENTIAL_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "_passwd", "_access_token", "_auth_token",
+                       "_bearer_token", "_session_token", "_refresh_token", "_api_token", "_secret_key",
+                       "_secret_access_key", "_private_key", "_subscription_key", "_credentials")
 # what BackendLM passes to dspy.LM from the backend's own fields: the same name in ``extra`` would be given twice
 SET_BY_THE_BACKEND = {"model": "model", "temperature": "temperature", "max_tokens": "max_tokens", "num_retries": "num_retries",
                       "timeout": "timeout_s", "api_base": "api_base", "cache": "the judgment cache",
@@ -34,9 +44,40 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def secret_named(*names: object) -> bool:
-    """Whether any of ``names`` (a field, or the path to one) says it holds a secret: a word of it (split at ``_``,
-    ``-``, ``.``) is key, token, secret or password. ``max_tokens`` is not (its word is "tokens")."""
-    return any(word in SECRET_WORDS for name in names for word in re.split(r"[^a-z0-9]+", str(name).lower()))
+    """Whether any of ``names`` (a field, or the path to one) may hold a secret, so an error never shows its value:
+    a word of it (split at ``_``, ``-``, ``.``) is key, token, secret or password, or it is a credential's name
+    (:func:`credential_named`: ``Authorization``, ``Cookie``). Broader than what ``extra`` refuses: hiding a value
+    costs nothing. ``max_tokens`` is not (its word is "tokens")."""
+    return any(credential_named(name) or any(word in SECRET_WORDS for word in re.split(r"[^a-z0-9]+", str(name).lower()))
+               for name in names)
+
+
+def credential_named(name: object) -> bool:
+    """Whether ``name`` is the name of a credential (:data:`CREDENTIAL_NAMES`, or one ending in ``_api_key``,
+    ``_secret``, ``_password``, ``_access_token`` ...): ``api_key``, ``X-Api-Key``, ``Authorization``,
+    ``client_secret``; not ``stop_token_ids``, ``prompt_cache_key`` or ``max_tokens``."""
+    normal = re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
+    return normal in CREDENTIAL_NAMES or normal.endswith(CREDENTIAL_SUFFIXES)
+
+
+def written_secret(table: dict, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The path to the first credential written in ``table``: a key of a credential's name holding a value, at any
+    depth (``extra_headers.Authorization``, ``extra_body.api_key``); a table under such a name is looked into, not
+    refused (a JSON schema may have a property named ``token``), and so are tables in lists."""
+    for name, value in table.items():
+        here = (*path, str(name))
+        if isinstance(value, dict):
+            found = written_secret(value, here)
+        elif credential_named(name):
+            return here
+        elif isinstance(value, list):
+            found = next((f for i, item in enumerate(value) if isinstance(item, dict)
+                          for f in [written_secret(item, (*here, str(i)))] if f), None)
+        else:
+            found = None
+        if found:
+            return found
+    return None
 
 
 class ConfigError(ReflectAgentError, ValueError):
@@ -91,10 +132,12 @@ class BackendConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> BackendConfig:
-        for name in self.extra:  # one line each, before LiteLLM sees it twice ("multiple values") or a key leaks
-            if secret_named(name):
-                raise ValueError(f"extra.{name}: a secret is never written in the config: put it in an environment "
-                                 "variable and name that variable with api_key_env")
+        secret = written_secret(self.extra)  # never its value: the message names where it is, and the way instead
+        if secret:
+            raise ValueError(f"extra.{'.'.join(secret)}: a secret is never written in the config: put it in an "
+                             "environment variable and name that variable with api_key_env (the backend sends it as "
+                             "the provider's key, e.g. Authorization: Bearer)")
+        for name in self.extra:  # one line each, before LiteLLM sees it twice ("multiple values")
             if name in SET_BY_THE_BACKEND:
                 raise ValueError(f"extra.{name}: set by the backend's own {SET_BY_THE_BACKEND[name]}: write it there, "
                                  "not in extra")

@@ -246,3 +246,39 @@ def test_a_value_under_a_secret_name_is_never_quoted_and_extra_cannot_repeat_a_f
         with pytest.raises(ConfigError, match=shown) as error:
             load_settings(path)
         assert "sk-hidden-2" not in str(error.value) and len(str(error.value).splitlines()) == 2  # the file, then one line
+
+
+def test_extra_refuses_credentials_by_name_at_any_depth_and_takes_request_options_that_mention_tokens(tmp_path):
+    """vLLM's and OpenAI's own options (``stop_token_ids``, ``prompt_cache_key``) are not secrets; an ``Authorization`` or
+    ``X-Api-Key`` header written under ``extra_headers`` is one, refused without its value."""
+    from reflectagent.config import credential_named
+
+    path = tmp_path / "c.toml"
+    path.write_text('[backends.v]\nmodel = "hosted_vllm/judge"\napi_base = "http://127.0.0.1:8000/v1"\n'
+                    'extra = { stop_token_ids = [2], allowed_token_ids = [5, 6], return_tokens_as_token_ids = true, '
+                    'prompt_cache_key = "judge-v1", skip_special_tokens = false, extra_body = { response_format = { '
+                    'type = "json_schema", json_schema = { schema = { properties = { token = { type = "string" } }, '
+                    'required = ["token"] } } } } }\n')
+    extra = load_settings(path).backends["v"].extra
+    assert extra["stop_token_ids"] == [2] and extra["prompt_cache_key"] == "judge-v1"
+    for name in ("api_key", "openai_api_key", "X-Api-Key", "x-goog-api-key", "Authorization", "token", "access_token",
+                 "auth_token", "password", "client_secret", "secret", "aws_secret_access_key", "Cookie"):
+        assert credential_named(name), name
+    for name in ("stop_token_ids", "allowed_token_ids", "return_tokens_as_token_ids", "prompt_cache_key", "max_tokens",
+                 "logit_bias", "cache_key", "keywords"):
+        assert not credential_named(name), name
+    for extra, where in (('{ extra_headers = { Authorization = "Bearer sk-hidden-3" } }', "extra.extra_headers.Authorization"),
+                         ('{ extra_headers = { "X-Api-Key" = "sk-hidden-3" } }', "extra.extra_headers.X-Api-Key"),
+                         ('{ extra_body = { api_key = "sk-hidden-3" } }', "extra.extra_body.api_key"),
+                         ('{ openai_api_key = "sk-hidden-3" }', "extra.openai_api_key")):
+        path.write_text(f'[backends.a]\nmodel = "openai/x"\nextra = {extra}\n')
+        with pytest.raises(ConfigError, match=f"{where}: a secret is never written in the config: .*api_key_env") as error:
+            load_settings(path)
+        assert "sk-hidden-3" not in str(error.value) and len(str(error.value).splitlines()) == 2
+    from reflectagent.config import secret_named
+
+    assert secret_named("backends", "a", "Authorization") and secret_named("Cookie")  # never shown in an error either
+    path.write_text('[backends.a]\nmodel = "openai/x"\nAuthorization = "Bearer sk-hidden-4"\n')
+    with pytest.raises(ConfigError, match="backends.a.Authorization: Extra inputs are not permitted") as error:
+        load_settings(path)
+    assert "sk-hidden-4" not in str(error.value)
