@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -90,8 +93,9 @@ def judge(
         f"embedded backends: the dtype the server computes in, one of {', '.join(DTYPES)} (default: the backend's). "
         "bfloat16 judged 2.5x as fast as float32 on a CPU with avx512_bf16/AMX; float32 gives finer probabilities"))] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
-        "write every judgment as JSONL here: replaced whole when the run ends (a failed run keeps its finished "
-        "judgments in OUTPUT.partial and leaves OUTPUT as it was); never the input file"))] = None,
+        "write every judgment as JSONL here: replaced whole when the run ends (a failed, interrupted or killed run "
+        "keeps its finished judgments in OUTPUT.partial, or .partial.2 ... beside an earlier one, and leaves OUTPUT as "
+        "it was); never the input file"))] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="verdicts only, no analyses")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the judgment cache")] = False,
     config: ConfigOpt = None,
@@ -105,9 +109,42 @@ def judge(
     """
     if sum([file is not None, prompt is not None, sample]) != 1:
         fail("give exactly one of: a JSONL FILE, --prompt with --a and --b, or --sample", 2)
+    with _terminate_as_interrupt() as signals:
+        _judge(file, prompt, a, b, sample, program_name, load, backend_name, limit, concurrency, dtype, output, quiet,
+               no_cache, config, cache_dir, signals)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM (``kill``, ``timeout``) stops ``judge`` as Ctrl-C does, so ``-o`` keeps and reports what was finished
+    instead of dying with it in a hidden temporary; the signals received are listed. The previous handler comes back
+    after (the command may run inside another program, a test)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield received
+        return
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _warn(note: str) -> None:
+    typer.secho(f"warning: {visible(note)}", fg="yellow", err=True)
+
+
+def _judge(file, prompt, a, b, sample, program_name, load, backend_name, limit, concurrency, dtype, output, quiet,
+           no_cache, config, cache_dir, signals: list[int]) -> None:
     settings = load_settings(config)  # first: its [reading] table bounds the file
     try:  # before any pair is read or judged: an output that cannot be written, or would erase the input, wastes nothing
-        out = AtomicOutput(output, [file] if file is not None else [sample_path()] if sample else []) if output else None
+        out = AtomicOutput(output, [file] if file is not None else [sample_path()] if sample else [],
+                           report=_warn) if output else None
     except OutputError as exc:
         fail(str(exc), 2)
     bad = []
@@ -151,7 +188,17 @@ def judge(
         try:
             run_sync(_judge_and_print(program, pairs, concurrency, tally, out, show_analyses=not quiet))
         except ReflectAgentError as exc:  # the backend went away, or the file changed under the run
-            fail(f"{exc}\n{out.failure_note()}" if out else str(exc), 1)  # leaving the block keeps OUTPUT.partial
+            fail(f"{exc}\n{out.stop()}" if out else str(exc), 1)  # stopped first: the note says what was kept
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (above)
+            if not out:
+                raise
+            how = ("stopped by SIGTERM", 128 + signal.SIGTERM) if signals else ("interrupted", 130)
+            fail(f"{how[0]} after {tally.counts['judged']} of {len(pairs)} judgments: {out.stop()}", how[1])
+        if out:
+            try:
+                out.finish()
+            except OutputError as exc:  # judged, but the file could not be written (a full disk): where the lines are
+                fail(str(exc), 1)
     wall = time.perf_counter() - started
 
     typer.echo("")
