@@ -16,6 +16,7 @@ import itertools
 import json
 import stat
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +142,9 @@ def raw_lines(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[bytes
             try:
                 with gzip.GzipFile(fileobj=handle) as unpacked:
                     yield from _bounded_lines(unpacked, budget)
-            except (EOFError, gzip.BadGzipFile, OSError) as exc:
-                raise PairFileError(f"{path} is not a readable gzip file ({exc}): check or re-compress it") from exc
+            except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:  # truncated, not gzip, a damaged stream
+                raise PairFileError(f"{path} is not a readable gzip file ({exc or type(exc).__name__}): it is damaged "
+                                    "or cut short; check it (gzip -t) or compress it again") from exc
             return
         for bom, encoding in _UTF16_32:
             if start.startswith(bom):
@@ -203,20 +205,30 @@ def iter_records(path: str | Path, on_bad: Callable[[BadLine], None],
                  limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[tuple[int, object]]:
     """``(line number, JSON value)`` of each non-blank line of a JSONL file; a line that is not a JSON value is
     given to ``on_bad`` instead. A file that is one JSON array gives its items, numbered like lines. Lines are
-    streamed, except for a file that starts with ``[`` (it may be one array, which is read whole, within the
-    limits)."""
+    streamed; a file that starts with ``[`` may be one array, read whole only if it ends within
+    ``max_line_bytes`` (the most held at once): a longer one, or one that is not an array (a JSON Lines file whose
+    first, bad, line starts with ``[``), is read line by line, its bad lines reported."""
     path = Path(path)
     lines = raw_lines(path, limits)
     first = next(lines, None)
     if first is None:
         return
+    held_over = False  # the file began like an array but ran past max_line_bytes before its end
     if first.lstrip().startswith(b"["):
-        held = [first, *lines]
-        items = _json_array(held)
-        if items is not None:
-            yield from enumerate(items, start=1)
-            return
-        lines = iter(held)
+        held, size = [first], len(first)
+        for raw in lines:
+            held.append(raw)
+            size += len(raw)
+            if size > limits.max_line_bytes:
+                held_over = True
+                break
+        else:
+            items = _json_array(held)
+            if items is not None:
+                yield from enumerate(items, start=1)
+                return
+        lines = itertools.chain(held, lines)  # the held lines first, then the rest as it is read
+        del held
     else:
         lines = itertools.chain([first], lines)
     for number, raw in enumerate(lines, start=1):
@@ -225,4 +237,9 @@ def iter_records(path: str | Path, on_bad: Callable[[BadLine], None],
         try:
             yield number, decode_line(raw)
         except LineError as exc:
-            on_bad(BadLine(str(path), number, str(exc)))
+            reason = str(exc)
+            if number == 1 and held_over:
+                reason += (f" (if the file is one JSON array, it is larger than {size_text(limits.max_line_bytes)}, "
+                           "the most read at once (reading.max_line_bytes): write it as JSON Lines, one pair a line, "
+                           "e.g. jq -c '.[]' pairs.json > pairs.jsonl)")
+            on_bad(BadLine(str(path), number, reason))

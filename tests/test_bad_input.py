@@ -85,6 +85,19 @@ def gzip_bomb() -> bytes:
     return gzip.compress(b"\0" * (65 * MIB), compresslevel=1)
 
 
+def damaged_gzip() -> bytes:
+    """A gzip whose deflate stream has 20 bytes flipped: zlib's own error, not an OSError."""
+    packed = bytearray(gzip.compress(lines(*(row(id=str(i)) for i in range(50))), mtime=0))
+    packed[40:60] = bytes(b ^ 0xFF for b in packed[40:60])
+    return bytes(packed)
+
+
+def cut_gzip() -> bytes:
+    """A gzip cut in half, as a download that stopped."""
+    packed = gzip.compress(lines(*(row(id=str(i)) for i in range(50))), mtime=0)
+    return packed[:len(packed) // 2]
+
+
 def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
@@ -101,8 +114,19 @@ FILES = [
          lines(GOOD).decode().encode("utf-16"), judged=1),
     Case("gzip", "file", "a gzip-compressed file (`pairs.jsonl.gz`)", "decompressed and read", gzip.compress(lines(GOOD, GOOD)),
          judged=2, file_name="pairs.jsonl.gz"),
+    Case("gzip-damaged", "file", "a `.gz` whose compressed data is damaged (bytes flipped mid-stream)",
+         "error: not a readable gzip file, naming it and zlib's reason; read no further", damaged_gzip, code=2,
+         file_name="pairs.jsonl.gz", shown=("pairs.jsonl.gz is not a readable gzip file (Error -3 while decompressing",)),
+    Case("gzip-cut", "file", "a `.gz` cut short (a download that stopped)",
+         "error: not a readable gzip file (it ended early); read no further", cut_gzip, code=2, file_name="pairs.jsonl.gz",
+         shown=("pairs.jsonl.gz is not a readable gzip file (Compressed file ended before the end-of-stream marker",)),
     Case("json-array", "file", "one JSON array of pairs instead of JSON Lines", "read; its items are numbered like lines",
          json.dumps([GOOD, row(id="x")], indent=2).encode(), judged=2, file_name="pairs.json"),
+    Case("json-array-large", "file", "a JSON array longer than `[reading] max_line_bytes` (64 MiB; here 1,000 bytes)",
+         "never held whole: read line by line, each line skipped; line 1's reason says to write JSON Lines (`jq -c`)",
+         json.dumps([row(id=str(i)) for i in range(20)], indent=2).encode(), code=2, file_name="pairs.json",
+         config="{working}[reading]\nmax_line_bytes = 1000\n",
+         shown=("pairs.json:1: not JSON", "larger than 1,000 bytes, the most read at once", "jq -c '.[]'")),
     Case("empty", "file", "an empty file", "error: the file holds no pairs", b"", code=2, shown=("holds no pairs (it is empty or blank)",)),
     Case("blank", "file", "only blank lines", "error: the file holds no pairs", b"\n  \n\t\n", code=2, shown=("holds no pairs",)),
     Case("folder", "file", "a folder instead of a file", "error: it is a folder; give a JSONL file", None, args=["{dir}"], code=2,
@@ -133,6 +157,9 @@ ROWS = [
          lines(GOOD, b"{'prompt': 'single quotes'}"), shown=("pairs.jsonl:2: not JSON",), judged=1),
     Case("not-object", "row", "a line that is JSON but not an object", "skipped: `expected a JSON object, got list`",
          lines(GOOD, [GOOD]), shown=("pairs.jsonl:2: expected a JSON object, got list",), judged=1),
+    Case("first-line-array", "row", "a JSON Lines file whose first line is a JSON array",
+         "line 1 skipped: `expected a JSON object, got list`; the rest judged, line by line",
+         lines([GOOD], GOOD, GOOD), shown=("pairs.jsonl:1: expected a JSON object, got list",), judged=2),
     Case("missing-field", "row", "a row without `response_b`", "skipped: `missing field(s): response_b`",
          lines(GOOD, {"prompt": "p", "response_a": "a"}), shown=("missing field(s): response_b",), judged=1),
     Case("null-field", "row", "`\"response_b\": null`", "skipped: `missing field(s): response_b`",
@@ -399,10 +426,10 @@ REQUESTS = [
             "prompt holds a lone surrogate escape at character 2", "not_text"),
     Request("deep-body", "a body of 100,000 nested arrays", "400: cannot be read as JSON", "/v1/judge", nested(100_000), 400,
             "could not be read as json", "bad_json", max_body_bytes=1 << 20),
-    Request("too-many-judgments", "`/get_reward` with 2 groups of 64 (4,032 judgments in a 1 KB body)",
+    Request("too-many-judgments", "`/get_reward` with 100 groups of 8 distinct responses (2,800 judgments in a 12 KB body)",
             "413: names `--max-judgments` (default 2,048)", "/get_reward",
-            {"query": ["q1"] * 64 + ["p2"] * 64, "prompts": ["q"] * 64 + ["p"] * 64}, 413,
-            "needs 4032 judgments, over --max-judgments (2048)", "too_many_judgments"),
+            {"query": [f"{g}:{i}" for g in range(100) for i in range(8)], "prompts": [f"{g}:" for g in range(100) for _ in range(8)]},
+            413, "needs 2800 judgments, over --max-judgments (2048)", "too_many_judgments"),
     Request("dead-backend", "a request while the judge's backend is down", "503 with `Retry-After` and the backend's error",
             "/v1/judge", {"prompt": "q", "response_a": "1", "response_b": "2"}, 503, "the judge's backend did not answer",
             "backend_unavailable", judge="dead", fate="its judgment stops; counted as `backend_unavailable`; the same request "

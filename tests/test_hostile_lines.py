@@ -182,3 +182,44 @@ def test_a_stream_of_garbage_stops_at_max_bad_lines_with_the_list_bounded(tmp_pa
     good_then_bad.write_text(json.dumps(GOOD) + "\n" + "not json\n" * 3)
     pairs, bad = read_pairs(good_then_bad, ReadLimits(max_bad_lines=3))  # at the limit: read, every bad line listed
     assert len(pairs) == 1 and len(bad) == 3
+
+
+def test_a_file_that_starts_like_an_array_is_held_only_up_to_max_line_bytes(tmp_path):
+    """A JSON Lines file whose first (bad) line starts with ``[``: tried as one array for at most max_line_bytes, then
+    read line by line as it comes (a pipe gives its first pair before the writer has finished), never held whole."""
+    from reflectagent.pairs import iter_pairs
+
+    fifo = tmp_path / "pairs.jsonl"
+    os.mkfifo(fifo)
+    released = threading.Event()
+    waited: list[bool] = []
+    line = (json.dumps(GOOD) + "\n").encode()
+
+    def write():
+        with open(fifo, "wb") as pipe:
+            pipe.write(b"[1]\n" + line * 20)  # ~3.5 KB: past the 1,000 bytes an array may take
+            pipe.flush()
+            waited.append(released.wait(15))  # the reader has a pair before the rest of the file exists
+            pipe.write(line * 5)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    bad = []
+    pairs = iter_pairs(fifo, bad, ReadLimits(max_line_bytes=1000))
+    first = next(pairs)
+    released.set()
+    rest = list(pairs)
+    writer.join(20)
+    assert waited == [True] and first.prompt == GOOD["prompt"] and len(rest) == 24
+    assert [(b.line, b.error) for b in bad] == [(1, "expected a JSON object, got list")]
+
+
+def test_a_damaged_or_cut_gzip_is_an_error_naming_the_file_not_a_traceback(tmp_path):
+    packed = bytearray(gzip.compress((json.dumps(GOOD) + "\n").encode() * 200, mtime=0))
+    damaged, cut = tmp_path / "damaged.jsonl.gz", tmp_path / "cut.jsonl.gz"
+    damaged.write_bytes(bytes(packed[:40]) + bytes(b ^ 0xFF for b in packed[40:60]) + bytes(packed[60:]))
+    cut.write_bytes(bytes(packed[: len(packed) // 2]))
+    for path, reason in ((damaged, "Error -3 while decompressing"), (cut, "Compressed file ended before")):
+        for read in (read_pairs, read_teacher):
+            with pytest.raises(PairFileError, match=rf"{path.name} is not a readable gzip file \({reason}.*gzip -t"):
+                read(path)
