@@ -49,12 +49,41 @@ app = typer.Typer(
 
 class VisibleFormatter(logging.Formatter):
     """Log lines with their control characters shown as escapes: a log message may quote an id, a path or a
-    model's output (the library's or LiteLLM's), and the log goes to the terminal."""
+    model's output (the library's or LiteLLM's), and the log goes to the terminal. A record is one line: a newline in
+    its message is ``\\n``, so data cannot write a line that reads as another record. Only a traceback's (or stack's)
+    own lines stay lines, with each exception's message in it escaped whole."""
 
     def format(self, record: logging.LogRecord) -> str:
         from reflectagent.terminal import visible
 
-        return visible(super().format(record), keep="\n")  # a traceback's lines stay lines
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = visible(self.formatMessage(record))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + visible(_messages_escaped(record.exc_text, record.exc_info), keep="\n")
+        if record.stack_info:
+            text += "\n" + visible(self.formatStack(record.stack_info), keep="\n")
+        return text
+
+
+def _messages_escaped(trace: str, exc_info) -> str:
+    """``trace`` with the message of each exception in its chain shown on one line (a message may quote data)."""
+    from reflectagent.terminal import visible
+
+    error, seen = exc_info[1] if exc_info else None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        try:
+            message = str(error)
+        except Exception:  # noqa: BLE001 - a message that cannot be made is not in the trace either
+            message = ""
+        if message and not message.isprintable():
+            trace = trace.replace(message, visible(message))
+        error = error.__cause__ or error.__context__
+    return trace
 
 
 @app.callback()

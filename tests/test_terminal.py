@@ -49,3 +49,30 @@ def test_the_command_line_log_shows_escapes(capsys):
     record = logging.LogRecord("reflectagent.x", logging.WARNING, __file__, 1, "pair %s gives no rows", (ATTACK,), None)
     line = VisibleFormatter("%(levelname)s %(message)s").format(record)
     assert line.startswith("WARNING pair \\x1b[2J") and "\x1b" not in line and "\u202e" not in line
+
+
+def test_a_log_record_is_one_line_whatever_its_message_holds():
+    """A newline from an id or a model's output is ``\\n`` in the log: no forged record; a traceback keeps its lines,
+    its exception's message escaped."""
+    import logging
+    import sys
+
+    from reflectagent.cli import VisibleFormatter
+
+    forged = "x\n2025-01-01 00:00:00 ERROR reflectagent.judge: forged line"
+    formatter = VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    record = logging.LogRecord("reflectagent.x", logging.WARNING, __file__, 1, "pair %s gives no rows", (forged,), None)
+    line = formatter.format(record)
+    assert "\n" not in line and line.endswith("pair x\\n2025-01-01 00:00:00 ERROR reflectagent.judge: forged line gives no rows")
+    try:
+        try:
+            raise KeyError("inner")
+        except KeyError as inner:
+            raise ValueError(f"bad id {forged}") from inner
+    except ValueError:
+        record = logging.LogRecord("reflectagent.x", logging.ERROR, __file__, 1, "failed: %s", (forged,), sys.exc_info())
+    text = formatter.format(record)
+    lines = text.splitlines()
+    assert "\n" not in lines[0] and lines[1] == "Traceback (most recent call last):" and len(lines) > 4
+    assert not any(line.startswith("2025-01-01") for line in lines), text
+    assert lines[-1] == "ValueError: bad id x\\n2025-01-01 00:00:00 ERROR reflectagent.judge: forged line"
