@@ -429,7 +429,7 @@ REQUESTS = [
     Request("too-many-judgments", "`/get_reward` with 100 groups of 8 distinct responses (2,800 judgments in a 12 KB body)",
             "413: names `--max-judgments` (default 2,048)", "/get_reward",
             {"query": [f"{g}:{i}" for g in range(100) for i in range(8)], "prompts": [f"{g}:" for g in range(100) for _ in range(8)]},
-            413, "needs 2800 judgments, over --max-judgments (2048)", "too_many_judgments"),
+            413, "needs 2800 judgments, over --max-judgments (2048)", "too_many_judgments", max_body_bytes=1 << 20),
     Request("dead-backend", "a request while the judge's backend is down", "503 with `Retry-After` and the backend's error",
             "/v1/judge", {"prompt": "q", "response_a": "1", "response_b": "2"}, 503, "the judge's backend did not answer",
             "backend_unavailable", judge="dead", fate="its judgment stops; counted as `backend_unavailable`; the same request "
