@@ -76,7 +76,7 @@ class FeatureStore:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._features: dict[str, np.ndarray] = {}
-        for shard in sorted(self.folder.glob("shard-*.npz")):
+        for shard in sorted(set(self.folder.glob("shard-*.npz")) - set(self.folder.glob("shard-*.partial.npz"))):
             with np.load(shard) as data:
                 self._features.update(zip(data["keys"].tolist(), data["features"]))
 
@@ -90,11 +90,12 @@ class FeatureStore:
         return np.stack([self._features[k] for k in keys]).astype(np.float32)
 
     def add(self, keys: list[str], features: np.ndarray) -> None:
-        """One shard, written whole under a temporary name and renamed, so a reader never sees half of one."""
-        index = len(list(self.folder.glob("shard-*.npz")))
-        partial = self.folder / f"shard-{index:05d}.partial.npz"
+        """One shard, written whole under a temporary name and renamed, so a reader never sees half of one; named by
+        its contents, so two extractions into one folder cannot overwrite each other's shards."""
+        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+        partial = self.folder / f"shard-{name}.partial.npz"
         np.savez(partial, keys=np.asarray(keys), features=features.astype(np.float16))
-        partial.rename(self.folder / f"shard-{index:05d}.npz")
+        partial.rename(self.folder / f"shard-{name}.npz")
         self._features.update(zip(keys, features.astype(np.float16)))
 
 

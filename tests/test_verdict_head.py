@@ -114,3 +114,13 @@ def test_a_tied_head_is_refused(tmp_path):
 def test_rows_key_on_what_the_model_reads():
     assert VerdictRow("p", False, (1, 2, 3), 1.0).key == VerdictRow("q", True, (1, 2, 3), 0.0).key
     assert VerdictRow("p", False, (1, 2, 3), 1.0).key != VerdictRow("p", False, (1, 2, 4), 1.0).key
+
+
+def test_a_half_written_shard_is_ignored_and_two_writers_keep_both_shards(tmp_path):
+    first, second = FeatureStore(tmp_path), FeatureStore(tmp_path)  # two extractions into one folder
+    first.add(["a", "b"], np.ones((2, 4)))
+    second.add(["c"], np.zeros((1, 4)))
+    np.savez(tmp_path / "shard-cut.partial.npz", keys=np.asarray(["d"]), features=np.ones((1, 4)))
+    reopened = FeatureStore(tmp_path)
+    assert len(reopened) == 3 and "d" not in reopened
+    np.testing.assert_array_equal(reopened.get(["a", "c"]), [[1, 1, 1, 1], [0, 0, 0, 0]])
