@@ -87,7 +87,7 @@ class FakeEngine:
 
     async def start(self, port: int = 0) -> int:
         """Serve on the running loop; the port (a free one for 0)."""
-        self.server = await asyncio.start_server(self.handle, "127.0.0.1", port, reuse_address=True)
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", port, reuse_address=True, backlog=1024)
         return self.server.sockets[0].getsockname()[1]
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
