@@ -1,0 +1,403 @@
+"""Does a trained judge judge what it never saw? Leave one source out, over the five human-labelled sets.
+
+    .venv/bin/python bench/loso.py [--target verdict] [--preset qwen2.5-coder-0.5b] [--pairs 480] [--folds all]
+        [--out bench/results/loso-verdict-0.5b]
+
+A judge trained and tested on the same sources measures how well it learnt those sources: the shipped
+preset got 72.5% on its five training sources' test pairs and chance on public benchmarks it never saw.
+This bench holds each of the five sets in ../shared/data out in turn (a *fold*) and trains on the rest:
+
+- **train**: a mix of the teacher file's GPT-4-turbo judgments (its preference as the label) and the four
+  other sets' train splits (seed 0), less every pair whose prompt is in the held-out set (any split), in
+  any set's dev or test split, or among the pairs shipped for the demo; usable pairs only (labelled A or B,
+  two distinct non-empty responses, prompt and responses within ``--max-chars``); one pair a prompt
+  (``one_per_prompt``); then ``--pairs`` of them taken in turn from the five groups (teacher and four sets:
+  ``balanced``), each in both orders, so the position of the better response carries no signal.
+- **held out**: the held-out set's first quality-bench sample (``common.source_test_pairs``: its test
+  split, the same 32 pairs ``bench/judge_quality.py`` judged), so the untrained base models and today's
+  preset are already judged on exactly these pairs (their committed reports: no LM call).
+- **in distribution**: the same fold's model on the other four sets' first samples (128 pairs).
+
+The headline is the mean over the five folds' held-out pairs (160, so it is their pooled accuracy), with a
+bootstrap interval and paired differences against today's preset (``qwen2.5-coder-1.5b-verdict``,
+direct-prob, float32) and the untrained base on the same pairs. Today's preset was trained on all five
+sets' train splits, so its figure here is in-distribution for it: a strict baseline.
+
+Targets (what the fold's model is trained to write, and the program that judges with it):
+- ``verdict``: the verdict token alone (``Prefer`` rows, LoRA; ``direct-prob``), today's preset's recipe. On this
+  CPU a 0.5B took 67-88 s a step of 8 rows: about 2.3 hours a fold of 480 pairs.
+- ``verdict-head``: the same verdict, adapted by a linear head on the frozen model's hidden state at the verdict
+  slot (``reflectagent.finetune.verdict_head``), folded into the LM head's "A" and "B" rows. Features are computed
+  once, one forward pass a row (``OUT/features``, committed: a new machine resumes), for a pool of ``--pairs``
+  pairs drawn as above from every set's train split and the teacher, each in one order (drawn from its id, so
+  positions stay balanced), and for the test pairs in both orders; each fold then fits on the pool less its
+  held-out set, with its L2 weight chosen on 10% of the fold's training prompts, and is scored from the features
+  (the order-averaged P(A), as ``direct-prob`` computes it). ``--serve-check SOURCE`` folds that fold's head into
+  a model folder and judges its held-out pairs through vLLM, to show the served judge agrees.
+
+Nothing is chosen by looking at a test pair or a held-out set: the mix, its size and the training
+settings are fixed here before the run; the dev rows (10% of the fold's training prompts) give the only
+feedback, an eval loss. Each fold trains in its own process with checkpoints every ``--save-steps``
+(``OUT/fold-SOURCE/sft``, resumed when run again; commit the latest checkpoint to resume on another
+machine); the adapter is copied to ``OUT/fold-SOURCE/adapter`` last and committed; merged models are
+rebuilt from it into the user cache. Every judgment is cached in ``OUT/cache`` (committed): a warm re-run
+makes no LM call and starts no server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from common import SOURCES, TEACHER, in_own_process, load_source, log_to_stderr, source_test_pairs
+from provenance import provenance
+
+from reflectagent.backends import fingerprint, resolve_backend
+from reflectagent.cache import JudgmentCache, use_cache
+from reflectagent.config import BackendConfig, Settings
+from reflectagent.eval import EvalRun, Record, paired_difference, run_eval, summarize
+from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, train_sft
+from reflectagent.finetune.selection import balanced, one_per_prompt, usable
+from reflectagent.finetune.verdict_head import FeatureStore, VerdictHead, VerdictRow, extract, fit_head, verdict_direction, verdict_rows, write_head
+from reflectagent.models import is_prepared, merge_lora, prepare_model, read_source
+from reflectagent.pairs import Pair, sample_pairs
+from reflectagent.paths import cache_root
+from reflectagent.presets import prepared_sha256
+from reflectagent.programs import named_program
+from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
+from reflectagent.teacher import read_teacher
+
+TARGETS = {"verdict": "direct-prob", "verdict-head": "direct-prob"}  # target -> the program that judges with it
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+PER_SOURCE = 32  # the quality bench's first sample
+TEST_MAX_CHARS = 2500  # ... and its length limit
+PRESET_REPORT = Path("bench/results/quality-1.5b-verdict/report.json")  # today's preset, direct-prob, float32
+BASE_REPORT = Path("bench/results/quality-1.5b/report.json")  # the untrained 1.5B, every program
+
+
+def training_pool(held_out: str | None, n: int, max_chars: int, seed: int) -> list[Pair]:
+    """Teacher pairs and the sets' train splits (all but ``held_out``, and nothing sharing a prompt with it or with any
+    evaluation pair), usable, one a prompt, ``n`` taken in turn from each group."""
+    loaded = {source: load_source(source) for source in SOURCES}
+    splits = {source: split_pairs(pairs, seed=0) for source, pairs in loaded.items()}
+    evaluation = [p for split in splits.values() for p in split["dev"] + split["test"]]  # prompts recur across sets
+    evaluation += (loaded[held_out] if held_out else []) + sample_pairs()
+    teacher = [judgment.pair for judgment in read_teacher(TEACHER)[0]]
+    candidates = teacher + [p for source in SOURCES if source != held_out for p in splits[source]["train"]]
+    candidates = [p for p in prompt_disjoint(candidates, evaluation) if usable(p, max_chars)]
+    return balanced(one_per_prompt(candidates, seed), n, seed)
+
+
+def held_out_pairs(held_out: str) -> list[Pair]:
+    return source_test_pairs(held_out, PER_SOURCE, TEST_MAX_CHARS)
+
+
+def fold_test_pairs(held_out: str) -> list[Pair]:
+    """Held-out pairs first, then the four training sets' (in distribution)."""
+    return held_out_pairs(held_out) + [p for s in SOURCES if s != held_out for p in source_test_pairs(s, PER_SOURCE, TEST_MAX_CHARS)]
+
+
+def training_key(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> dict:
+    """What a fold's adapter is trained from: another setting or another mix must not reuse it."""
+    return {"target": args.target, "preset": args.preset, "held_out": held_out, "epochs": args.epochs,
+            "learning_rate": args.learning_rate, "max_length": args.max_length,
+            "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16]}
+
+
+def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
+    """Verdict rows and LoRA SFT, resumed from the fold's checkpoints; the adapter copied to ``fold/adapter`` last."""
+    log_to_stderr()
+    fold, key = args.out / f"fold-{held_out}", training_key(args, held_out, chosen)
+    run = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    data_dir = cache_root() / "loso-data" / run
+    settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
+    label_data(chosen, "student", settings, data_dir, DataConfig(fractions="0.9,0.1,0"),
+               {"labels": "the teacher's preference (teacher rows) and the sets' own labels (train splits, seed 0)",
+                "held_out": held_out, "pairs_by_source": dict(Counter(p.source for p in chosen))})
+    job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(fold / "sft"),
+                       epochs=args.epochs, learning_rate=args.learning_rate, max_length=args.max_length,
+                       per_device_batch=1, gradient_accumulation=8, save_steps=args.save_steps, eval_steps=args.save_steps)
+    trained = train_sft(job)
+    adapter = fold / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (fold / "training.json").write_text(json.dumps(key, indent=1))
+    for name in ("run_card.json", "training_curve.png"):
+        shutil.copy(Path(job.output_dir) / name, fold / name)
+    shutil.copy(data_dir / "data_card.json", fold / "data_card.json")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # the base's tokenizer is used with it
+        shutil.copy(trained / name, adapter / f"{name}.partial")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter / f"{name}.partial").rename(adapter / name)
+
+
+def merged_source(args: argparse.Namespace, adapter: Path) -> dict:
+    """The merged folder's record: the judgment cache names it by the base's hash and the adapter's fingerprint."""
+    return {"name": f"{args.preset} + {adapter.parent.name}", "base_sha256": prepared_sha256(prepare_model(args.preset)),
+            "adapter_fingerprint": fingerprint(adapter), "dtype": "float32", "max_model_len": 4096}
+
+
+def merge(args: argparse.Namespace, adapter: Path, merged: Path) -> None:
+    log_to_stderr()
+    merge_lora(prepare_model(args.preset), adapter, merged, "float32", source=merged_source(args, adapter))
+
+
+def judge(args: argparse.Namespace, model: str, pairs: list[Pair], label: str, path: Path) -> None:
+    """One model's verdicts on ``pairs``, kept in ``path`` (a server starts only for uncached steps, and dies with
+    this process, so folds do not pile servers up)."""
+    log_to_stderr()
+    settings = Settings(backends={"judge": BackendConfig(model="embedded", model_path=model, dtype="float32",
+                                                         context_tokens=4096, timeout_s=1800)})
+    program = TARGETS[args.target]
+    with use_cache(JudgmentCache(args.out / "cache")):
+        [result] = run_eval(pairs, [EvalRun(program, label, named_program(program), resolve_backend("judge", settings))],
+                            concurrency=args.concurrency, progress=sys.stderr.isatty())
+    path.write_text(json.dumps({**result.to_dict(), "run": result.run_dict()}))
+
+
+def records(path: Path, pairs: list[Pair], program: str = "direct-prob") -> list[Record]:
+    """The records of ``pairs`` in a saved run (:func:`judge`), or in a report's run of ``program``."""
+    data = json.loads(path.read_text())
+    if "runs" in data:  # a report.json: today's preset or the untrained 1.5B
+        data = next(run for run in data["runs"] if run["program"] == program)
+    wanted = {p.id for p in pairs}
+    return [r for r in map(Record.from_dict, data["records"]) if r.pair_id in wanted]
+
+
+def percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def interval(ci) -> str:
+    return "" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def points(value: float | None, ci) -> str:
+    return "-" if value is None else f"{100 * value:+.1f} pts" + ("" if ci is None else f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]")
+
+
+def report(args: argparse.Namespace, folds: list[str]) -> dict:
+    """Per fold and pooled: held-out and in-distribution accuracy, and paired differences against the baselines."""
+    rows, pooled = [], {"trained": [], "in_distribution": [], "preset": [], "base": [], "base_1.5b": []}
+    for held_out in folds:
+        fold = args.out / f"fold-{held_out}"
+        held, others = held_out_pairs(held_out), fold_test_pairs(held_out)[PER_SOURCE:]
+        mine = records(fold / "judged.json", held)
+        inside = records(fold / "judged.json", others)
+        base = records(args.out / "base.json", held)
+        preset, base15 = records(PRESET_REPORT, held), records(BASE_REPORT, held)
+        for name, got in (("trained", mine), ("in_distribution", inside), ("preset", preset), ("base", base), ("base_1.5b", base15)):
+            pooled[name] += got
+        rows.append({"held_out": held_out, "pairs": len(held),
+                     "trained": summarize(mine).accuracy, "in_distribution": summarize(inside).accuracy,
+                     "preset": summarize(preset).accuracy, "base": summarize(base).accuracy, "base_1.5b": summarize(base15).accuracy,
+                     "vs_preset": paired_difference(mine, preset), "vs_base": paired_difference(mine, base),
+                     "card": json.loads((fold / "run_card.json").read_text())})
+    overall = {name: summarize(got).accuracy for name, got in pooled.items()}
+    paired = {"vs_preset": paired_difference(pooled["trained"], pooled["preset"]),
+              "vs_base": paired_difference(pooled["trained"], pooled["base"]),
+              "vs_base_1.5b": paired_difference(pooled["trained"], pooled["base_1.5b"])}
+    return {"rows": rows, "overall": overall, "paired": paired}
+
+
+def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
+    program = TARGETS[args.target]
+    lines = [f"# Leave one source out: {args.target} target on {args.preset}, judged by {program}", "",
+             f"Run: `{meta['command']}` at {meta['commit']} ({meta['cpu_cores']} cores). Both presentations of each pair; "
+             "no verdict counts as wrong. Held out: each set's first quality-bench sample (32 test pairs), never trained "
+             "on, nor any pair sharing a prompt with it. In distribution: the same fold's model on the other four sets' samples.",
+             "", f"| held out | pairs | trained, held out | trained, in distribution | untrained {args.preset} | "
+             "today's preset (in-distribution for it) | trained - preset | trained - untrained | train rows | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        card = row["card"]
+        lines.append(f"| {row['held_out']} | {row['pairs']} | {percent(row['trained'].value)}{interval(row['trained'].ci)} | "
+                     f"{percent(row['in_distribution'].value)} | {percent(row['base'].value)} | {percent(row['preset'].value)} | "
+                     f"{points(row['vs_preset'].value, row['vs_preset'].ci)} | {points(row['vs_base'].value, row['vs_base'].ci)} | "
+                     f"{card['train_rows']} | {card['seconds'] / 60:.0f} |")
+    o, p = summary["overall"], summary["paired"]
+    lines += ["", f"**Mean over the folds' held-out pairs: {percent(o['trained'].value)}{interval(o['trained'].ci)}** "
+              f"(in distribution: {percent(o['in_distribution'].value)}{interval(o['in_distribution'].ci)}).", "",
+              f"- Paired against today's preset on the same pairs: {points(p['vs_preset'].value, p['vs_preset'].ci)} "
+              f"(preset {percent(o['preset'].value)}{interval(o['preset'].ci)}).",
+              f"- Paired against the untrained {args.preset}: {points(p['vs_base'].value, p['vs_base'].ci)} "
+              f"(untrained {percent(o['base'].value)}).",
+              f"- Paired against the untrained 1.5B (direct-prob, float32): {points(p['vs_base_1.5b'].value, p['vs_base_1.5b'].ci)} "
+              f"(untrained 1.5B {percent(o['base_1.5b'].value)}).", ""]
+    return "\n".join(lines)
+
+
+def input_budget(args: argparse.Namespace):
+    """The budget the served model's prompts are cut to, so the features are of the very prompts it is served."""
+    settings = Settings(backends={"judge": BackendConfig(model="embedded", model_path=args.preset, dtype="float32",
+                                                         context_tokens=4096)})
+    return resolve_backend("judge", settings).backend.input_budget()
+
+
+def extract_stage(model_dir: str, rows: list[VerdictRow], folder: Path) -> None:
+    log_to_stderr()
+    extract(model_dir, rows, FeatureStore(folder), progress=sys.stderr.isatty())
+
+
+def head_records(pairs: list[Pair], rows: list[VerdictRow], logits: np.ndarray) -> list[Record]:
+    """``direct-prob``'s records from logit differences: the order-averaged P(A), the same in both presentations."""
+    p_shown_a = {(row.pair_id, row.swapped): 1 / (1 + np.exp(-logit)) for row, logit in zip(rows, logits)}
+    made = []
+    for pair in pairs:
+        p_a = float((p_shown_a[(pair.id, False)] + 1 - p_shown_a[(pair.id, True)]) / 2)
+        verdict = None if p_a == 0.5 else "A" if p_a > 0.5 else "B"
+        made.append(Record(pair_id=pair.id, category=pair.category or "", source=pair.source or "", label=pair.label,
+                           verdicts=(verdict, verdict), reasons=(None, None) if verdict else ("tie", "tie"), steps=4,
+                           unparsed_steps=0, lm_calls=0, prompt_tokens=0, completion_tokens=0, probabilities=(p_a, p_a)))
+    return made
+
+
+def head_main(args: argparse.Namespace, folds: list[str]) -> None:
+    """Features once for the pool and the test pairs, then each fold's head fitted and scored from them."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    model_dir = prepare_model(args.preset)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    budget = input_budget(args)
+    every_test = [p for s in SOURCES for p in held_out_pairs(s)]
+    pool = training_pool(None, args.pairs, args.max_chars, args.seed)
+    test_rows = verdict_rows(every_test, tokenizer, budget, orders="both")
+    pool_rows = verdict_rows(pool, tokenizer, budget, orders="one")
+    store_dir = args.out / "features"
+    if any(row.key not in FeatureStore(store_dir) for row in test_rows + pool_rows):
+        in_own_process(extract_stage, str(model_dir), test_rows + pool_rows, store_dir)  # test rows first
+    store, base = FeatureStore(store_dir), verdict_direction(model_dir, tokenizer)
+    test_x = store.get([r.key for r in test_rows])
+    (args.out / "base.json").write_text(json.dumps({"records": [r.to_dict() for r in head_records(every_test, test_rows, test_x @ base)]}))
+    source_of = {p.id: p.source for p in pool}
+    for held_out in folds:
+        started = time.perf_counter()
+        held_prompts = {p.prompt for p in load_source(held_out)}
+        held_name = held_out_pairs(held_out)[0].source
+        mine = [r for r, p in zip(pool_rows, pool) if source_of[p.id] != held_name and p.prompt not in held_prompts]
+        dev = [r for r in mine if stable_fraction("head-dev", r.pair_id) < 0.1]
+        train = [r for r in mine if stable_fraction("head-dev", r.pair_id) >= 0.1]
+        x, y = store.get([r.key for r in train]), np.array([r.label for r in train])
+        dev_x, dev_y = store.get([r.key for r in dev]), np.array([r.label for r in dev])
+
+        def dev_loss(l2: float) -> float:
+            logit = fit_head(x, base, y, l2).logit(dev_x, base)
+            return float(np.mean(np.logaddexp(0, -logit) * dev_y + np.logaddexp(0, logit) * (1 - dev_y)))
+
+        losses = {l2: dev_loss(l2) for l2 in L2_GRID}
+        l2 = min(losses, key=losses.get)
+        head = fit_head(store.get([r.key for r in mine]), base, np.array([r.label for r in mine]), l2)
+        fold = args.out / f"fold-{held_out}"
+        fold.mkdir(parents=True, exist_ok=True)
+        np.save(fold / "head.npy", head.delta)
+        wanted = {p.id for p in fold_test_pairs(held_out)}
+        judged = [r for r in head_records(every_test, test_rows, head.logit(test_x, base)) if r.pair_id in wanted]
+        (fold / "judged.json").write_text(json.dumps({"records": [r.to_dict() for r in judged]}))
+        (fold / "run_card.json").write_text(json.dumps({
+            "train_rows": head.train_rows, "seconds": time.perf_counter() - started, "l2": l2,
+            "dev_loss_by_l2": {str(k): v for k, v in losses.items()}, "dev_rows": len(dev), "train_loss": head.train_loss,
+            "rows_by_source": dict(Counter(source_of[r.pair_id] for r in mine))}, indent=1))
+    if args.serve_check:
+        serve_check(args, model_dir, args.serve_check)
+
+
+def head_model(args: argparse.Namespace, model_dir: Path, held_out: str) -> Path:
+    """The fold's head folded into a copy of the base (float32, as the preset is served), kept in the user cache."""
+    delta = np.load(args.out / f"fold-{held_out}" / "head.npy")
+    out = cache_root() / "verdict-head" / hashlib.sha256(delta.tobytes()).hexdigest()[:16]
+    if not is_prepared(out):
+        source = {"name": f"{args.preset} + verdict head without {held_out}", "base": str(model_dir),
+                  "head_sha256": hashlib.sha256(delta.tobytes()).hexdigest()}
+        in_own_process(write_head_stage, str(model_dir), delta, out, source)
+    return out
+
+
+def write_head_stage(model_dir: str, delta: np.ndarray, out: Path, source: dict) -> None:
+    log_to_stderr()
+    write_head(model_dir, VerdictHead(delta=delta, l2=0.0, train_rows=0, train_loss=0.0), out, source)
+
+
+def serve_check(args: argparse.Namespace, model_dir: Path, held_out: str) -> None:
+    """The fold's head served by vLLM and judged by direct-prob on its held-out pairs: does the served judge give the
+    verdicts the features predicted?"""
+    fold, pairs = args.out / f"fold-{held_out}", held_out_pairs(held_out)
+    if not (fold / "served.json").exists():
+        in_own_process(judge, args, str(head_model(args, model_dir, held_out)), pairs, f"{args.preset} + head without {held_out}",
+                       fold / "served.json")
+    served, predicted = records(fold / "served.json", pairs), records(fold / "judged.json", pairs)
+    agree = sum(a.verdicts == b.verdicts for a, b in zip(served, predicted))
+    gaps = [abs(a.probabilities[0] - b.probabilities[0]) for a, b in zip(served, predicted)
+            if a.probabilities[0] is not None and b.probabilities[0] is not None]
+    (fold / "served_check.json").write_text(json.dumps({
+        "pairs": len(pairs), "same_verdicts": agree, "served_accuracy": summarize(served).accuracy.value,
+        "predicted_accuracy": summarize(predicted).accuracy.value,
+        "mean_abs_p_gap": sum(gaps) / len(gaps) if gaps else None, "max_abs_p_gap": max(gaps, default=None)}, indent=1))
+
+
+def lora_main(args: argparse.Namespace, folds: list[str]) -> None:
+    """The untrained base judged, then each fold trained (resumed), merged and judged through vLLM."""
+    (args.out / ".gitignore").write_text("# checkpoints stay local; commit the latest one by hand to resume elsewhere\nfold-*/sft/\n")
+    if not (args.out / "base.json").exists():  # the untrained base: what training adds
+        every_test = [p for s in SOURCES for p in held_out_pairs(s)]
+        in_own_process(judge, args, args.preset, every_test, f"{args.preset} untrained", args.out / "base.json")
+    for held_out in folds:
+        fold = args.out / f"fold-{held_out}"
+        chosen = training_pool(held_out, args.pairs, args.max_chars, args.seed)
+        made_from = fold / "training.json"
+        if made_from.exists() and json.loads(made_from.read_text()) != training_key(args, held_out, chosen):
+            raise SystemExit(f"{fold} was trained with other settings or pairs: give another --out, or delete it")
+        adapter = fold / "adapter"
+        if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means whole
+            in_own_process(train, args, held_out, chosen)
+        merged = cache_root() / "loso-merged" / fingerprint(adapter)
+        if not (fold / "judged.json").exists():
+            if not (is_prepared(merged) and read_source(merged) == merged_source(args, adapter)):
+                in_own_process(merge, args, adapter, merged)
+            in_own_process(judge, args, str(merged), fold_test_pairs(held_out), f"{args.preset} trained without {held_out}",
+                           fold / "judged.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=sorted(TARGETS), default="verdict")
+    parser.add_argument("--preset", default="qwen2.5-coder-0.5b", help="the base model trained in every fold")
+    parser.add_argument("--pairs", type=int, default=480, help="training pairs per fold (two rows each)")
+    parser.add_argument("--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters")
+    parser.add_argument("--max-length", type=int, default=1024, help="training rows longer than this many tokens are left out")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--save-steps", type=int, default=10)
+    parser.add_argument("--folds", default="all", help=f"comma-separated held-out sets, of {', '.join(SOURCES)}")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve-check", metavar="SOURCE", help="verdict-head: serve that fold's head through vLLM and "
+                        "judge its held-out pairs, to check the served judge gives the verdicts the features predicted")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/loso-TARGET-PRESET")
+    args = parser.parse_args()
+    folds = list(SOURCES) if args.folds == "all" else args.folds.split(",")
+    if unknown := set(folds) - set(SOURCES):
+        parser.error(f"unknown sets {sorted(unknown)}: choose from {', '.join(SOURCES)}")
+    args.out = args.out or Path(f"bench/results/loso-{args.target}-{args.preset.removeprefix('qwen2.5-coder-')}")
+    log_to_stderr()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (head_main if args.target == "verdict-head" else lora_main)(args, folds)
+    done = [s for s in SOURCES if (args.out / f"fold-{s}" / "judged.json").exists()]
+    meta = {**provenance(), "target": args.target, "preset": args.preset, "pairs_per_fold": args.pairs, "folds_done": done,
+            "settings": {k: getattr(args, k) for k in ("max_chars", "max_length", "epochs", "learning_rate", "seed")}}
+    summary = report(args, done)
+    (args.out / "report.md").write_text(markdown(args, summary, meta))
+    serial = json.loads(json.dumps(summary, default=lambda o: o.__dict__))
+    (args.out / "report.json").write_text(json.dumps({"meta": meta, **serial}, indent=1))
+    print((args.out / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
