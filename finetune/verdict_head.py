@@ -31,9 +31,9 @@ from reflectagent.tokens import InputBudget
 
 logger = logging.getLogger(__name__)
 
-# What vLLM has generated, under the JSON schema, when the verdict letter comes next (a judgment's ``raw`` output
-# is '{"preference": "A"}'): the hidden state after it is the one the served model decides from.
-VERDICT_PREFIX = '{"preference": "'
+# What vLLM has generated, under the JSON schema without free whitespace (``ServerSpec``), when the verdict letter
+# comes next (a step's ``raw`` is '{"preference":"A"}'): the hidden state after it is the one the served model decides from.
+VERDICT_PREFIX = '{"preference":"'
 SHARD = 32  # rows per stored shard: a killed extraction loses at most this many forward passes
 
 
