@@ -29,7 +29,9 @@ def test_the_async_path_gives_the_sync_path_s_judgments_over_real_http(server, s
     probabilities must agree to within the served dtype's rounding; exact sameness of the two paths is
     tested with deterministic fakes. SmolLM2 is served in bfloat16, whose logits near 10 to 30 are rounded
     to steps of 1/16 to 1/8 nat: one step in the A-B gap moves a P(A) near 0.5 by up to 0.03 (CI saw 0.474
-    against 0.451 with the same analyses), so agreement means within 0.035, one step.
+    against 0.451 with the same analyses). On a small CPU the engine now computes on two threads
+    (``reflectagent.server.RESERVE_A_CORE_FROM``), whose split of each product depends on the batch, so the
+    rounding can land a step further (CI saw 0.477 against 0.520): agreement means within 0.07, two steps.
     """
     import asyncio
 
@@ -43,7 +45,7 @@ def test_the_async_path_gives_the_sync_path_s_judgments_over_real_http(server, s
     assert all(j.probability_a is not None and j.lm_calls == 2 and all(a.parsed for a in j.analyses)
                for j in synced + awaited)
     same = [(a, b) for a, b in zip(synced, awaited) if [x.text for x in a.analyses] == [x.text for x in b.analyses]]
-    assert [a.probability_a for a, _ in same] == pytest.approx([b.probability_a for _, b in same], abs=0.035), \
+    assert [a.probability_a for a, _ in same] == pytest.approx([b.probability_a for _, b in same], abs=0.07), \
         f"{len(same)} of {len(pairs)} pairs had the same analyses on both paths"
 
 

@@ -180,7 +180,8 @@ def test_the_page_renders_with_its_table_and_plots(page, tmp_path):
     histogram = image.histogram()
     assert sum(1 for count in histogram if count) > 40  # text, tables and plots, not a blank page
     assert page.locator("#summary tbody tr").count() == 2
-    assert page.locator(".plots img").count() == 2 and page.evaluate("[...document.images].every(i => i.naturalWidth > 0)")
+    assert page.locator(".plots img").count() == 3 and page.evaluate("[...document.images].every(i => i.naturalWidth > 0)")
+    assert page.locator(".plots img[alt='reliability']").count() == 1  # the calibration plot beside the other two
     assert rows(page).count() == 7 and "7 of 7 pairs" in page.locator("#page-info").inner_text()
 
 
