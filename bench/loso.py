@@ -101,7 +101,7 @@ def held_out_pairs(held_out: str) -> list[Pair]:
 
 def fold_test_pairs(held_out: str) -> list[Pair]:
     """Held-out pairs first, then the four training sets' (in distribution)."""
-    return held_out_pairs(held_out) + [p for s in SOURCES if s != held_out for p in source_test_pairs(s, PER_SOURCE, TEST_MAX_CHARS)]
+    return [p for s in (held_out, *(s for s in SOURCES if s != held_out)) for p in held_out_pairs(s)]
 
 
 def training_key(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> dict:
