@@ -89,6 +89,37 @@ def test_config_switches_backend_and_two_run_side_by_side(server, cache, sample_
     assert [a.probability for a in results["base"].analyses] != [a.probability for a in results["tuned"].analyses]
 
 
+
+def test_base_requests_batched_with_an_adapters_get_no_adapter(server, sample_pairs):
+    """vLLM's CPU LoRA ops apply the last adapter to base-model tokens in a shared batch (reflectagent's
+    plugin mends them, :mod:`reflectagent.vllm_plugin`): sent at once, each model answers as it does alone."""
+    import asyncio
+
+    import httpx
+
+    prompts = [pair.prompt[:400] for pair in sample_pairs[:3]]
+
+    async def first_logprob(client, model, prompt):
+        reply = await client.post(f"{server.url}/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "temperature": 0,
+            "logprobs": True})
+        reply.raise_for_status()
+        return [t["logprob"] for t in reply.json()["choices"][0]["logprobs"]["content"]]
+
+    async def measure():
+        async with httpx.AsyncClient(timeout=120) as client:
+            alone = [[await first_logprob(client, m, p) for m in ("embedded", "test")] for p in prompts]
+            together = [await asyncio.gather(*(first_logprob(client, m, p) for m in ("embedded", "test", "embedded")))
+                        for p in prompts]
+            return alone, together
+
+    alone, together = asyncio.run(measure())
+    for (base, tuned), (base_batched, tuned_batched, base_again) in zip(alone, together):
+        assert abs(base[0] - tuned[0]) > 0.05  # the adapter changes the answer, so a mix-up would show
+        for got, want in ((base_batched, base), (base_again, base), (tuned_batched, tuned)):
+            assert got[0] == pytest.approx(want[0], abs=0.02)  # batching moves bf16 sums a little, never by an adapter
+
+
 def test_unconstrained_output_that_does_not_parse_is_reported_not_guessed(server, cache, sample_pairs):
     with backend("free", settings(server.url)):
         judgment = PositionSwapJudge().judge(sample_pairs[1])
