@@ -27,7 +27,14 @@ _EXPORTS = {
     "reflectagent.signatures": ("Analyze", "Assess", "Prefer", "Rate", "Reflect", "Verdict"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted([*_WHERE, "pairs"])
+# Spelled out so linters and readers see the names; tests/test_architecture.py checks it equals _WHERE and "pairs".
+__all__ = [
+    "Analysis", "Analyze", "Analyzer", "Assess", "Backend", "BackendConfig", "BackendLM", "BadLine", "ConfigError",
+    "InvalidPair", "Judge", "Judgment", "JudgmentCache", "OverrideError", "Pair", "PositionSwapJudge", "Prefer", "Rate",
+    "Rater", "Rating", "Reflect", "ReflectAgentError", "Reflection", "Reflector", "Settings", "Usage", "Verdict",
+    "VerdictStep", "backend", "current_cache", "judge_pairs", "load_settings", "pairs", "read_pairs", "resolve_backend",
+    "use_cache",
+]
 
 
 def __getattr__(name: str):

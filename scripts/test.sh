@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything, then run the test suite (it starts one real vLLM server of the embedded model).
+# Install everything, check the code with ruff (pyproject.toml's [tool.ruff]: errors, not style), then run the
+# test suite (it starts one real vLLM server of the embedded model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -13,4 +14,5 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } >/dev/null 2>&1 \
     || echo "[test] could not install$missing: those tests will be skipped" >&2
 fi
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -81,3 +81,10 @@ def test_every_library_error_shares_one_base():
                    if issubclass(cls, Exception) and cls.__module__ == module.__name__]
     assert len(errors) >= 6
     assert all(issubclass(cls, reflectagent.ReflectAgentError) for cls in errors), errors
+
+
+def test_the_package_exports_what_it_loads_lazily():
+    """``__all__`` is spelled out (ruff reads it); it names exactly the lazily loaded names, each one there."""
+    assert sorted(reflectagent.__all__) == sorted([*reflectagent._WHERE, "pairs"])
+    assert len(set(reflectagent.__all__)) == len(reflectagent.__all__)
+    assert all(getattr(reflectagent, name) is not None for name in reflectagent.__all__)

@@ -13,7 +13,7 @@ from dspy.utils.dummies import DummyLM
 
 from reflectagent.judge import Judge
 from reflectagent.pairs import Pair
-from reflectagent.programs import Calibrated, Calibration, GenRM, calibrate, load_program
+from reflectagent.programs import Calibrated, Calibration, GenRM, calibrate
 from reflectagent.programs.calibration import fit_calibration, log_loss, logit, sigmoid
 from reflectagent.results import Judgment
 

@@ -12,7 +12,7 @@ import pytest
 from fakes import PAIR, fake
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import ConfigError
-from reflectagent.judge import Judge, judge_pairs
+from reflectagent.judge import Judge
 from reflectagent.pairs import Pair
 from reflectagent.programs import Calibrated, Calibration, EscalatingJudge, GenRM, choose_threshold, named_program
 from reflectagent.programs.escalating import doubt, ladder, orders_disagree
