@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
 
-from reflectagent.cache import CACHE_URL_ENV, JudgmentCache
+from reflectagent.cache import JudgmentCache, configured_cache
 from reflectagent.config import Settings
 from reflectagent.terminal import visible
 
@@ -23,10 +22,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def open_cache(settings: Settings, cache_dir: Path | None, no_cache: bool = False, check: bool = True) -> JudgmentCache:
-    """--cache-dir, else the config's cache_url (Redis) or cache_dir, else $REFLECTAGENT_CACHE_URL, else the user folder.
+    """--cache-dir, else the cache the config configures, in the library's order (:func:`configured_cache`).
     ``check``: a cache that cannot be written (read-only, full, Redis away) is an error now, before any judging."""
-    url = None if cache_dir else settings.cache_url or os.environ.get(CACHE_URL_ENV)
-    cache = JudgmentCache(cache_dir or settings.cache_dir, enabled=settings.cache and not no_cache, url=url)
+    cache = configured_cache(settings, cache_dir, enabled=not no_cache)
     return cache.check() if check else cache
 
 

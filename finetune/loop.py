@@ -184,8 +184,8 @@ class Loop:
     # ---- helpers ------------------------------------------------------------------------------
 
     def _with(self, **backends: BackendConfig) -> Settings:
-        return Settings(backends={**self.settings.backends, **backends}, cache_dir=self.settings.cache_dir,
-                        cache=self.settings.cache, default_backend=self.settings.default_backend)
+        """The loop's settings, every field kept (the cache's place and its Redis among them), with ``backends`` added."""
+        return self.settings.model_copy(update={"backends": {**self.settings.backends, **backends}})
 
     def _servers(self, adapters: dict[str, Path]):
         """(models, url, loras, model folder) for each server eval needs, started one after another."""

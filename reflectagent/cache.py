@@ -20,12 +20,13 @@ import logging
 import os
 import shutil
 import sqlite3
+import sys
 import threading
 import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import diskcache
 
@@ -33,9 +34,13 @@ from reflectagent.errors import ReflectAgentError
 from reflectagent.paths import judgments_dir
 from reflectagent.results import StepOutput, Usage
 
+if TYPE_CHECKING:
+    from reflectagent.config import Settings
+
 logger = logging.getLogger(__name__)
 _current: contextvars.ContextVar[JudgmentCache | None] = contextvars.ContextVar("reflectagent_cache", default=None)
-_default: JudgmentCache | None = None
+_defaults: dict[tuple, JudgmentCache] = {}  # the caches settings configure, one per place (see current_cache)
+_file_settings: Settings | None = None  # the config file's settings, read once, where no backend() block gives any
 SCHEMA_VERSION = 1
 LEASE_TTL_ENV = "REFLECTAGENT_LEASE_TTL_S"
 CACHE_URL_ENV = "REFLECTAGENT_CACHE_URL"  # redis://host:port/db: the default cache becomes that Redis
@@ -340,15 +345,51 @@ class CacheOnly:
         return self
 
 
+def configured_cache(settings: Settings, directory: str | Path | None = None, enabled: bool = True) -> JudgmentCache:
+    """The judgment cache ``settings`` configure, in the one order every entry point follows: ``directory`` (a
+    command's ``--cache-dir``), else the config's ``cache_url`` (Redis), else ``$REFLECTAGENT_CACHE_URL``, else the
+    config's ``cache_dir``, else ``$REFLECTAGENT_CACHE_DIR`` or the user folder. Off where ``enabled`` is False
+    (``--no-cache``), the config says ``cache = false`` or ``$REFLECTAGENT_CACHE`` is off. A new cache, not checked."""
+    return JudgmentCache(directory or settings.cache_dir, enabled=enabled and _enabled(settings),
+                         url=None if directory else _url(settings))
+
+
 def current_cache() -> JudgmentCache:
-    """The cache in force: set by :func:`use_cache`, else the default folder (or off by env)."""
-    global _default
+    """The cache in force: set by :func:`use_cache`, else the one the settings in force configure
+    (:func:`configured_cache`): those of the enclosing :func:`~reflectagent.backends.backend` block, else the
+    config file's (read once). One cache per place, opened on first use and kept."""
     cache = _current.get()
     if cache is not None:
         return cache
-    if _default is None:
-        _default = JudgmentCache(enabled=not _off_by_env(), url=os.environ.get(CACHE_URL_ENV) or None)
-    return _default
+    settings = _settings_in_force()
+    key = (_url(settings), settings.cache_dir, _enabled(settings))
+    cache = _defaults.get(key)
+    if cache is None:
+        cache = _defaults.setdefault(key, configured_cache(settings))
+    return cache
+
+
+def _settings_in_force() -> Settings:
+    """The enclosing ``backend()`` block's settings, else the config file's. No block can be open before
+    reflectagent.backends is imported, so this never imports it (nor DSPy) itself."""
+    global _file_settings
+    backends = sys.modules.get("reflectagent.backends")
+    settings = backends._settings.get() if backends is not None else None
+    if settings is not None:
+        return settings
+    if _file_settings is None:
+        from reflectagent.config import load_settings
+
+        _file_settings = load_settings()
+    return _file_settings
+
+
+def _url(settings: Settings) -> str | None:
+    return settings.cache_url or os.environ.get(CACHE_URL_ENV) or None
+
+
+def _enabled(settings: Settings) -> bool:
+    return settings.cache and not _off_by_env()
 
 
 def _off_by_env() -> bool:
@@ -359,8 +400,7 @@ def caching() -> bool:
     """Whether finished steps are being kept (the cache in force is on), without opening the default cache: what
     an error may promise about resuming (``--no-cache`` keeps nothing, so a re-run starts over)."""
     cache = _current.get()  # not ``or``: an empty cache has len() 0, and is falsy
-    cache = _default if cache is None else cache
-    return cache.enabled if cache is not None else not _off_by_env()
+    return cache.enabled if cache is not None else _enabled(_settings_in_force())
 
 
 @contextlib.contextmanager

@@ -98,3 +98,30 @@ def test_the_cli_uses_a_redis_cache_from_the_config(redis_url, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert redis_url.removeprefix("redis://") in done.stdout and "entries" in done.stdout
+
+
+def test_a_library_backend_block_judges_into_the_configured_redis(redis_url, tmp_path, monkeypatch):
+    """No ``use_cache``: the ``backend()`` block's settings name the Redis, as the loop's teacher settings do."""
+    import redis
+
+    from fakes import PAIR
+    from reflectagent import cache as cache_module
+    from reflectagent.backends import backend
+    from reflectagent.config import BackendConfig, Settings
+    from reflectagent.judge import judge_pairs
+    from reflectagent.programs import named_program
+
+    monkeypatch.setattr(cache_module, "_defaults", {})
+    monkeypatch.setenv("REFLECTAGENT_CACHE_DIR", str(tmp_path / "default"))
+    monkeypatch.setenv("FAKE_KEY", "k")
+    monkeypatch.delenv("REFLECTAGENT_CACHE", raising=False)
+    with Engine(delay_s=0) as engine:
+        settings = Settings(backends={"api": BackendConfig(model="openai/fake", api_base=engine.api_base,
+                                                           api_key_env="FAKE_KEY", constrained=False, logprobs=False,
+                                                           num_retries=0)}, cache_url=redis_url)
+        with backend("api", settings):
+            judge_pairs(named_program("genrm-both"), [PAIR], progress=False)
+        assert len(engine.calls) == 2
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert sum(1 for _ in client.scan_iter("reflectagent:[0-9a-f]*")) == 2
+    assert not (tmp_path / "default").exists()
