@@ -12,7 +12,7 @@ import typer
 from reflectagent.cli.common import fail
 from reflectagent.config import DTYPES
 from reflectagent.embedded import SERVED_NAME, publish, withdraw
-from reflectagent.models import default_context, default_dtype, prepare_model
+from reflectagent.models import DEFAULT_CONTEXT, DEFAULT_DTYPE, default_context, default_dtype, prepare_model
 from reflectagent.server import ServerSpec, VLLMServer
 
 
@@ -33,9 +33,9 @@ def serve(
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA adapter to serve, NAME=DIR (repeatable)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default: a free one)")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="context length (default: the model preset's, else 2048)")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help=f"context length (default: the model preset's, else {DEFAULT_CONTEXT})")] = None,
     max_lora_rank: Annotated[int, typer.Option(min=1, help="largest LoRA rank to accept")] = 64,
-    dtype: Annotated[Optional[str], typer.Option(help=f"{', '.join(DTYPES)} (default: the model preset's, else bfloat16)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help=f"{', '.join(DTYPES)} (default: the model preset's, else {DEFAULT_DTYPE})")] = None,
     timeout: Annotated[float, typer.Option(min=1.0, help="seconds to wait for the server to answer")] = 600,
 ):
     """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until Ctrl-C."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from reflectagent.models import DEFAULT_DTYPE
+
 logger = logging.getLogger(__name__)
 
 
-def merge_adapter(adapter: str | Path, out: str | Path, base_model: str = "embedded", dtype: str = "bfloat16") -> Path:
+def merge_adapter(adapter: str | Path, out: str | Path, base_model: str = "embedded", dtype: str = DEFAULT_DTYPE) -> Path:
     """Fold the LoRA ``adapter`` into ``base_model`` and save a servable model folder at ``out``."""
     from reflectagent.models import merge_lora, prepare_model
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reflectagent.config import ConfigError, read_config_file
+from reflectagent.models import DEFAULT_CONTEXT
 from reflectagent.paths import data_dir
 from reflectagent.finetune.data import DataConfig
 from reflectagent.finetune.reward import RewardJobConfig
@@ -65,7 +66,7 @@ class LoopConfig:
     unconstrained_pairs: int = field(default=30, metadata={"help": "pairs of each eval set judged without constraints"})
     unconstrained_max_tokens: int = field(default=256, metadata={"help": "completion budget without constraints"})
     serve: str = field(default="merged", metadata={"help": "'merged' (one server per model; fast on CPU) or 'lora' (one server, --lora-modules)"})
-    max_model_len: int = field(default=2048, metadata={"help": "context length of the servers the loop starts"})
+    max_model_len: int = field(default=DEFAULT_CONTEXT, metadata={"help": "context length of the servers the loop starts"})
     bradley_terry: bool = field(default=True, metadata={"help": "train and evaluate the scalar baseline"})
     dpo: bool = field(default=False, metadata={"help": "also train STaR-DPO on top of the unified adapter"})
     seed: int = field(default=0)

@@ -20,6 +20,8 @@ from dspy.adapters.json_adapter import _get_structured_outputs_response_format
 from dspy.adapters.utils import format_field_value, parse_value, serialize_for_json
 from dspy.utils.exceptions import AdapterParseError
 
+from reflectagent.config import MAX_TEXT_CHARS
+
 _OBJECT = regex.compile(r"\{(?:[^{}]|(?R))*\}", regex.DOTALL)
 _MARKER = regex.compile(r"\[\[\s*##")  # DSPy's field markers, "[[ ## preference ## ]]"
 _FENCE = regex.compile(r"</?\s*data\s*>", regex.IGNORECASE)
@@ -39,7 +41,7 @@ def neutralise(text: str, output_keys: list[str]) -> str:
     return text
 
 
-def output_schema(signature: type[dspy.Signature], max_text_chars: int = 480) -> dict[str, Any]:
+def output_schema(signature: type[dspy.Signature], max_text_chars: int = MAX_TEXT_CHARS) -> dict[str, Any]:
     """JSON schema of a signature's outputs, in field order (Literal fields become enums).
 
     Free-text fields get a ``maxLength``: a small model otherwise rambles (or repeats one
@@ -87,7 +89,7 @@ def _schema_text(signature, max_text_chars: int) -> str:
     return _memo(signature, ("schema", max_text_chars), lambda: json.dumps(_build_schema(signature, max_text_chars)))
 
 
-def response_format(signature: type[dspy.Signature], max_text_chars: int = 480) -> dict[str, Any]:
+def response_format(signature: type[dspy.Signature], max_text_chars: int = MAX_TEXT_CHARS) -> dict[str, Any]:
     """The ``response_format`` that constrains a server to ``signature``'s outputs: one object per signature,
     shared (read it, never change it)."""
     return _memo(signature, ("response_format", max_text_chars), lambda: {
@@ -104,7 +106,7 @@ class JudgeAdapter(dspy.JSONAdapter):
     instructions (``FENCE_RULE``). Measured in ``bench/injection.py``.
     """
 
-    def __init__(self, constrained: bool = False, max_text_chars: int = 480, fence: bool = False):
+    def __init__(self, constrained: bool = False, max_text_chars: int = MAX_TEXT_CHARS, fence: bool = False):
         super().__init__(use_native_function_calling=False)
         self.constrained = constrained
         self.max_text_chars = max_text_chars

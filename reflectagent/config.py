@@ -18,12 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from reflectagent.errors import ReflectAgentError
+from reflectagent.models import DEFAULT_CONTEXT, DEFAULT_DTYPE
 from reflectagent.reading import ReadLimits
 
 CONFIG_ENV = "REFLECTAGENT_CONFIG"
 BACKEND_ENV = "REFLECTAGENT_BACKEND"
 EMBEDDED = "embedded"
 DEFAULT_CONFIG_FILES = ("reflectagent.toml", "reflectagent.yaml", "reflectagent.yml")
+MAX_TEXT_CHARS = 480  # constrained output's longest analysis/reflection text (the adapter's default too)
 MAX_CONFIG_BYTES = 1 << 20  # a config is a page of text; more is not one (``--config /dev/zero``)
 SECRET_WORDS = frozenset({"key", "token", "secret", "password", "passwd", "apikey"})
 # names that hold a credential, compared whole (lower case, ``-`` and ``.`` as ``_``): ``extra`` is refused one, at
@@ -107,20 +109,20 @@ class BackendConfig(BaseModel):
     cooldown_s: float = Field(5.0, ge=0, description="with replicas: how long a failing replica is left out")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(512, gt=0, description="completion budget per step")
-    max_text_chars: int = Field(480, gt=0, description="constrained output: longest analysis/reflection text, in characters")
+    max_text_chars: int = Field(MAX_TEXT_CHARS, gt=0, description="constrained output: longest analysis/reflection text, in characters")
     constrained: bool | None = Field(None, description="JSON-schema-constrained output; default on for vLLM backends")
     logprobs: bool | None = Field(None, description="ask for verdict-token probabilities; default on for vLLM backends")
     context_chars: int | None = Field(None, gt=0, description="input characters a step may use; longer inputs are cut")
     context_tokens: int | None = Field(None, gt=0, description=(
         "the model's context length in tokens: inputs are cut so prompt + max_tokens fit it (counted by the model's "
         "tokenizer: embedded and hosted_vllm backends). Embedded: also the length of the server it starts (default: "
-        "the model preset's, else 2048); hosted_vllm: default asked from the server"))
+        f"the model preset's, else {DEFAULT_CONTEXT}); hosted_vllm: default asked from the server"))
     timeout_s: float = Field(300.0, gt=0)
     num_retries: int = Field(2, ge=0)
     seed: int | None = Field(None, description="base seed; sample k sends seed + k")
     model_path: str | None = Field(None, description="embedded only: base model folder or preset name (default: packaged SmolLM2)")
     dtype: Dtype | None = Field(None, description=(
-        "embedded only: the dtype the server computes in (default: the model preset's, else bfloat16); part of the "
+        f"embedded only: the dtype the server computes in (default: the model preset's, else {DEFAULT_DTYPE}); part of the "
         "cache identity"))
     lora: dict[str, str] = Field(default_factory=dict, description="embedded only: LoRA adapters to serve, NAME -> DIR")
     adapter: str | None = Field(None, description="embedded only: the LoRA adapter (by NAME) to judge with")

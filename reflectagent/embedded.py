@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from reflectagent.config import ConfigError
+from reflectagent.models import DEFAULT_CONTEXT, DEFAULT_DTYPE
 from reflectagent.paths import server_dir
 from reflectagent.server import ServerSpec, VLLMServer, served_models
 
@@ -80,7 +81,7 @@ def answers_for(url: str, model_dir: Path, loras: dict[str, str], max_model_len:
             and base.get("max_model_len", max_model_len) == max_model_len)
 
 
-def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = 2048, dtype: str = "bfloat16") -> str:
+def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = DEFAULT_CONTEXT, dtype: str = DEFAULT_DTYPE) -> str:
     """A server answering for the embedded model and ``loras``: reused if running, else started.
 
     A server named by ``$REFLECTAGENT_EMBEDDED_URL`` is trusted to compute in ``dtype`` (vLLM does not
@@ -88,7 +89,7 @@ def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = 20
     """
     named = os.environ.get(EMBEDDED_URL_ENV)
     announced = published()
-    if announced and announced.get("dtype", "bfloat16") != dtype:
+    if announced and announced.get("dtype", DEFAULT_DTYPE) != dtype:
         announced = None
     for url in filter(None, (named, (announced or {}).get("url"))):
         if answers_for(url, model_dir, loras, max_model_len):
@@ -112,7 +113,7 @@ def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = 20
 
 @contextmanager
 def serving(model_dir: str | Path, loras: dict[str, str] | None = None, *, log_path: Path | None = None,
-            max_model_len: int = 2048, max_lora_rank: int = 64, dtype: str | None = None):
+            max_model_len: int = DEFAULT_CONTEXT, max_lora_rank: int = 64, dtype: str | None = None):
     """A server for ``model_dir`` under the embedded model's name, for the ``with`` block only
     (``dtype``: default the model preset's, as the embedded backend would serve it)."""
     from reflectagent.models import default_dtype

