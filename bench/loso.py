@@ -63,6 +63,7 @@ from reflectagent.backends import fingerprint, resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, Record, paired_difference, run_eval, summarize
+from reflectagent.eval.report import format_ci as interval
 from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, train_sft
 from reflectagent.finetune.selection import balanced, one_per_prompt, usable
 from reflectagent.finetune.verdict_head import FeatureStore, VerdictHead, VerdictRow, extract, fit_head, verdict_direction, verdict_rows, write_head
@@ -172,10 +173,6 @@ def records(path: Path, pairs: list[Pair], program: str = "direct-prob") -> list
 
 def percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def interval(ci) -> str:
-    return "" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def points(value: float | None, ci) -> str:
