@@ -158,13 +158,16 @@ class BackendLM(dspy.LM):
             from reflectagent.vllm_client import ChatClient
 
             config = self.backend.config
+            # the config's headers, as LiteLLM merges them for DSPy's path (extra_headers over headers)
+            headers = {**(self.kwargs.get("headers") or {}), **(self.kwargs.get("extra_headers") or {})}
             self._client = ChatClient(model=self.model, api_key=self.kwargs.get("api_key"), timeout_s=config.timeout_s,
-                                      num_retries=config.num_retries)
+                                      num_retries=config.num_retries, headers=headers)
         return self._client
 
     def request_options(self) -> dict[str, Any]:
         """What every request of this LM carries besides its messages (temperature, max_tokens, the config's
-        ``extra``), as DSPy would send it; none of the client's settings (endpoint, key, timeout)."""
+        ``extra``), as DSPy would send it; none of the client's settings (endpoint, key, timeout, headers: the
+        client sends those itself)."""
         options = {k: v for k, v in self.kwargs.items() if k not in _CLIENT_KEYS and v is not None}
         options.update(options.pop("extra_body", None) or {})  # LiteLLM's and OpenAI's way to add body fields
         return options

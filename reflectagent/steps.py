@@ -415,6 +415,7 @@ async def _call_direct(lm, predict: dspy.Predict, adapter, inputs: dict[str, str
         logger.warning("the server refused a request; the step fails (cached, not retried): %s", error)
     else:
         usage = reply.get("usage") or {}
+        _track_usage(lm, usage)
         choice = reply["choices"][0]
         message = choice.get("message") or {}
         raw = message.get("content") or ""
@@ -454,6 +455,33 @@ def _traced(predict: dspy.Predict, inputs: dict[str, str], fields: dict[str, Any
         if len(trace) >= dspy.settings.max_trace_size:
             trace.pop(0)
         trace.append((predict, dict(inputs), dspy.Prediction(**fields)))
+
+
+def _track_usage(lm, usage: dict) -> None:
+    """What DSPy's LM adds to an active ``dspy.track_usage()`` for a call that was answered, parsed or not: the
+    reply's ``usage`` as DSPy reads an OpenAI-shaped one (lm15's chat reader, then ``call_result.usage_dict``), so
+    a tracker totals the same on either path. A usage that is not counts is left out (DSPy's path refuses that
+    reply)."""
+    tracker = dspy.settings.usage_tracker
+    if tracker is None or not usage:
+        return
+    from types import SimpleNamespace
+
+    from dspy.clients.call_result import usage_dict
+    from dspy.lm15 import Usage as LMUsage
+
+    from reflectagent.vllm_client import PROVIDER
+
+    try:
+        prompt, completion = usage.get("prompt_tokens_details") or {}, usage.get("completion_tokens_details") or {}
+        read = LMUsage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
+                       total_tokens=usage.get("total_tokens"), reasoning_tokens=completion.get("reasoning_tokens"),
+                       cache_read_tokens=prompt.get("cached_tokens"), cache_write_tokens=prompt.get("cache_write_tokens"),
+                       input_audio_tokens=prompt.get("audio_tokens"), output_audio_tokens=completion.get("audio_tokens"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        logger.debug("the reply's usage is not counted (%s): %r", exc, usage)
+        return
+    tracker.add_usage(lm.model, usage_dict(SimpleNamespace(usage=read), PROVIDER))
 
 
 def _record_history(lm, messages: list[dict], body: dict, reply: dict, text: str) -> None:

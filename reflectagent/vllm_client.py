@@ -12,7 +12,8 @@ DSPy's own reading of vLLM's error bodies (``dspy.lm15.OpenAIChatLM.normalize_er
 a context overflow, a server error); ``num_retries`` further tries on DSPy's backoff (1, 2, 4 s...; a
 ``Retry-After`` wins) for what DSPy retries (transport faults, timeouts, 429 and 5xx), and a reply that
 arrived is never sent again; ``timeout_s`` bounds each try's wait for the connection and for the reply;
-a proxy named in the environment is used (read once per endpoint).
+the config's ``headers`` and ``extra_headers`` go with every request; a proxy named in the environment is
+used as httpx uses it (``all_proxy`` too; read once per endpoint).
 
 Connections are pooled per event loop (an aiohttp session belongs to one loop). A loop that ends through
 ``asyncio.run`` (or ``shutdown_asyncgens``) closes its session as it ends; the shared loop of
@@ -23,28 +24,48 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import email.utils
 import functools
 import json
+import logging
 import math
 import os
 import threading
 import time
 import urllib.parse
 import urllib.request
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 PROVIDER = "vllm"  # DSPy's name for a hosted_vllm endpoint (its errors say so)
+# How long an idle connection is kept for the next request. vLLM's server (uvicorn) closes one idle for 5 s
+# (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); aiohttp's default, 15 s, sent requests on connections the server was closing,
+# which then failed. Below the server's, this side lets a connection go first (aiohttp checks the age at each
+# take from the pool, and starts its clock after the reply, later than the server starts its).
+KEEPALIVE_S = 4.0
+
+logger = logging.getLogger(__name__)
 
 
 class ChatClient:
     """Chat completions from one vLLM backend (any replica-free endpoint that speaks OpenAI's chat API)."""
 
-    def __init__(self, *, model: str, api_key: str | None, timeout_s: float, num_retries: int):
+    def __init__(self, *, model: str, api_key: str | None, timeout_s: float, num_retries: int,
+                 headers: Mapping[str, Any] | None = None):
+        from multidict import CIMultiDict
+
         self.model = model  # the LM's model string, as DSPy's errors name it ("hosted_vllm/...")
         self.timeout_s, self.num_retries = timeout_s, num_retries
-        self.headers = {"Content-Type": "application/json", "User-Agent": "reflectagent",
-                        **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        # the config's headers on every request, as DSPy's transport sends them (theirs win over the User-Agent,
+        # names compared without case); the body's type and the key stay this client's (the config refuses a
+        # credential in them)
+        self.headers = CIMultiDict({"User-Agent": "reflectagent"})
+        self.headers.update({str(k): str(v) for k, v in (headers or {}).items() if v is not None})
+        self.headers["Content-Type"] = "application/json"
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self._reader = None
 
     async def complete(self, api_base: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -71,20 +92,34 @@ class ChatClient:
         as :func:`reflectagent.tokens.server_counter` asks: one try, an error raised as it comes."""
         url = api_base.rstrip("/").removesuffix("/v1") + "/tokenize"
         data = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}, ensure_ascii=False).encode()
+        status, headers, body = await self._post(url, data, _env_proxy(url))
+        if status >= 400:
+            raise self._http_error(status, body, headers)
+        return int(_loads(body)["count"])
+
+    async def _post(self, url: str, data: bytes, proxy: str | None) -> tuple[int, Any, bytes]:
+        """One request's reply: its status, headers and body.
+
+        A request that fails on a kept connection before any reply came is sent once more at once, and counts as
+        no try: the usual cause is a server that closed the connection as it idled (uvicorn after 5 s) while this
+        side sent, or before a loop that was not running could see it, and such a request was never read. httpx
+        (DSPy's transport) looks at the socket before it reuses one; aiohttp only hears of a close from its loop,
+        and sends again by itself only methods that may be repeated (RFC 9112, 9.3.1), never a POST."""
         aiohttp = _aiohttp()
         session = await _sessions.get()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
-        async with session.post(url, data=data, headers=self.headers, timeout=timeout, proxy=_env_proxy(url)) as response:
-            response.raise_for_status()
-            return int(_loads(await response.read())["count"])
+        for last in (False, True):
+            try:
+                async with session.post(url, data=data, headers=self.headers, timeout=timeout, proxy=proxy) as response:
+                    return response.status, response.headers, await response.read()
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if last or not _reused.get():
+                    raise
+                logger.debug("a kept connection to %s was closed by the server (%s): sent again on another", url, exc)
+        raise AssertionError("unreachable")
 
     async def _once(self, url: str, data: bytes, proxy: str | None) -> dict[str, Any]:
-        aiohttp = _aiohttp()
-        session = await _sessions.get()
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
-        async with session.post(url, data=data, headers=self.headers, timeout=timeout, proxy=proxy) as response:
-            body = await response.read()
-            status, headers = response.status, response.headers
+        status, headers, body = await self._post(url, data, proxy)
         if status >= 400:
             raise self._http_error(status, body, headers)
         try:
@@ -133,12 +168,31 @@ def _replied(message: str, status: int):
 
 @functools.lru_cache(maxsize=256)
 def _env_proxy(url: str) -> str | None:
-    """The proxy the environment names for ``url`` (``http_proxy``, ``no_proxy``...), as DSPy's transport honours
-    them; read once per endpoint (aiohttp's ``trust_env`` reads them in a thread at every request)."""
+    """The proxy the environment names for ``url``, as DSPy's transport (httpx) reads it: ``http_proxy`` or
+    ``https_proxy`` for the URL's scheme, else ``all_proxy`` (either case each), none for a host ``no_proxy``
+    names; one written without a scheme is an HTTP proxy. Read once per endpoint (aiohttp's ``trust_env`` reads
+    them in a thread at every request, and leaves ``all_proxy`` out).
+
+    aiohttp speaks to HTTP proxies only: a SOCKS proxy (``all_proxy``'s usual kind) is refused with what to do,
+    not sent HTTP, nor passed by unseen (httpx refuses it too, without its ``socks`` extra)."""
     parts = urllib.parse.urlsplit(url)
     if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
         return None
-    return urllib.request.getproxies().get(parts.scheme)
+    proxies = urllib.request.getproxies()
+    name = parts.scheme if proxies.get(parts.scheme) else "all"
+    proxy = proxies.get(name)
+    if not proxy:
+        return None
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"
+    scheme = proxy.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        from reflectagent.config import ConfigError
+
+        raise ConfigError(f"{name}_proxy names a {scheme} proxy for {parts.hostname}, which reflectagent's client for "
+                          "vLLM servers cannot use (it speaks to HTTP proxies only): name the server's host in "
+                          "no_proxy, or an http:// proxy")
+    return proxy
 
 
 def _retryable(error: BaseException) -> bool:
@@ -203,6 +257,31 @@ def _lm15():
     return lm15
 
 
+_reused: contextvars.ContextVar[bool] = contextvars.ContextVar("reflectagent_reused_connection", default=False)
+
+
+@functools.cache
+def _connector_class():
+    """aiohttp's pool, telling each request whether its connection carried one before (:data:`_reused`, set in the
+    context of the task that sends it): only such a connection can have been closed by the server unseen (see
+    ``ChatClient._post``)."""
+    aiohttp = _aiohttp()
+
+    class Connector(aiohttp.TCPConnector):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._carried: weakref.WeakSet = weakref.WeakSet()
+
+        async def connect(self, req, traces, timeout):
+            _reused.set(False)  # a connection that cannot be made is no kept one
+            connection = await super().connect(req, traces, timeout)
+            _reused.set(connection.protocol in self._carried)
+            self._carried.add(connection.protocol)
+            return connection
+
+    return Connector
+
+
 class _Sessions:
     """One aiohttp session (a connection pool) per event loop that makes requests."""
 
@@ -218,7 +297,7 @@ class _Sessions:
         aiohttp = _aiohttp()
         self._sweep()
         # no pool limit of its own: callers bound their concurrency
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        session = aiohttp.ClientSession(connector=_connector_class()(limit=0, keepalive_timeout=KEEPALIVE_S))
         state = {"abandoned": False}
         closer = _close_with_loop(session, state)
         with self._guard:

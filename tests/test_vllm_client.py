@@ -9,12 +9,14 @@ import asyncio
 import gc
 import json
 import logging
+import threading
+import time
 import warnings
 
 import dspy
 import pytest
 from dspy.utils.exceptions import LMProviderError, LMServerError, LMTimeoutError, LMTransportError
-from fakes import Engine, ThreadEngine
+from fakes import Engine, ThreadEngine, fake_engine
 
 from reflectagent.backends import BackendLM, resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
@@ -198,3 +200,204 @@ def test_on_the_real_server_the_direct_path_and_dspys_give_the_same_steps(server
             assert json.loads(a.raw) == json.loads(b.raw)
             assert a.probability == pytest.approx(b.probability, abs=1e-6)
             assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (b.usage.prompt_tokens, b.usage.completion_tokens)
+
+
+class Recorder:
+    """A chat server on loopback (the fake engine's answers) that keeps each request's path, headers and connection,
+    and closes a connection left idle for ``keep_alive_s`` as uvicorn does: at once, or with ``lazy`` only as the
+    next request comes (the server's timer and a request crossing: that request is dropped unanswered)."""
+
+    def __init__(self, keep_alive_s: float | None = None, lazy: bool = False, context: int | None = None):
+        self.keep_alive_s, self.lazy, self.context = keep_alive_s, lazy, context
+        self.requests: list[tuple[str, dict, int]] = []  # path, headers (lower-case names), connection
+        self.connections = self.dropped = 0
+
+    def __enter__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self.handle, "127.0.0.1", 0), self.loop).result(10)
+        self.api_base = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        async def shutdown():
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def chat(self) -> list[tuple[dict, int]]:
+        return [(headers, conn) for path, headers, conn in self.requests if path.endswith("/chat/completions")]
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number, idle_since = self.connections, None
+        try:
+            while True:
+                wait = self.keep_alive_s if idle_since is not None and not self.lazy else None
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), wait)
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    return
+                request_line, *lines = head.decode("latin-1").split("\r\n")
+                _, path, _ = request_line.split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines if ":" in h)}
+                body = json.loads(await reader.readexactly(int(headers.get("content-length", 0))) or b"{}")
+                if self.lazy and idle_since is not None and time.monotonic() - idle_since > self.keep_alive_s:
+                    self.dropped += 1
+                    return
+                self.requests.append((path, headers, number))
+                if path.endswith("/chat/completions"):
+                    reply = fake_engine.completion(body.get("model", "fake"), str(body["messages"][-1]["content"]))
+                elif path == "/tokenize":
+                    reply = json.dumps({"count": 50}).encode()
+                else:  # /v1/models
+                    models = [{"id": "fake", "object": "model", "max_model_len": self.context}] if self.context else []
+                    reply = json.dumps({"object": "list", "data": models}).encode()
+                writer.write(fake_engine.response("200 OK", reply, keep_alive=True))
+                await writer.drain()
+                idle_since = time.monotonic()
+        finally:
+            writer.close()
+
+
+def test_the_configs_headers_go_with_every_request_as_on_dspys_path():
+    """``headers`` and ``extra_headers`` in a backend's ``extra`` were dropped on the direct path (they are the client's,
+    not the body's): now on every chat and /tokenize request, merged as LiteLLM merges them for DSPy's path."""
+    extra = {"headers": {"X-Tenant": "t1", "X-Route": "from-headers"}, "extra_headers": {"X-Route": "judge", "User-Agent": "mine"}}
+    with Recorder(context=2048) as server:
+        lm = vllm(server.api_base, extra=extra)
+        assert lm.client is not None and "extra_headers" not in lm.request_options()
+        assert judged(lm, PAIRS[:1], GenRM())[0].preference == "A"
+        sent = [(path, headers) for path, headers, _ in server.requests if path != "/v1/models"]
+        server.requests.clear()
+        assert judged(ThroughDSPy(lm.backend), PAIRS[:1], GenRM())[0].preference == "A"
+        through = server.chat()[0][0]
+    assert [path for path, _ in sent] == ["/tokenize", "/v1/chat/completions"]  # the prompt counted, then asked
+    direct = [headers for _, headers in sent]
+    for headers in direct:
+        assert (headers["x-tenant"], headers["x-route"], headers["user-agent"]) == ("t1", "judge", "mine")
+        assert headers["authorization"] == "Bearer not-needed" and headers["content-type"] == "application/json"
+    assert {name: through[name] for name in ("x-tenant", "x-route", "user-agent")} == {
+        name: direct[-1][name] for name in ("x-tenant", "x-route", "user-agent")}
+
+
+def test_dspys_usage_tracker_sees_the_same_tokens_on_both_paths():
+    """``with dspy.track_usage()`` around a judge saw nothing on the direct path (DSPy's LM records each reply's usage;
+    the direct path bypasses it): now the same entries, as DSPy reads vLLM's ``usage``."""
+    with ThreadEngine() as engine:
+        lm = vllm(engine.api_base)
+        tracked = []
+        for path in (lm, ThroughDSPy(lm.backend)):
+            with dspy.track_usage() as tracker:
+                judged(path, PAIRS[:2])
+            tracked.append((dict(tracker.usage_data), tracker.get_total_tokens()))
+    (direct, direct_total), (through, through_total) = tracked
+    assert direct == through and direct_total == through_total
+    assert through_total["hosted_vllm/fake"]["prompt_tokens"] == 4 * 100  # two pairs, both orders
+    assert through_total["hosted_vllm/fake"]["completion_tokens"] == 4 * 20
+
+
+def ask(lm) -> dict:
+    return lm.client.complete(lm.api_base, {"model": "fake", "messages": [{"role": "user", "content": "right, wrong"}]})
+
+
+@pytest.mark.parametrize("closed", ["while the loop was not running", "as the request came"])
+def test_a_kept_connection_the_server_closed_is_left_for_a_new_one(closed):
+    """A request sent on a kept connection the server had closed failed (no retries here, so nothing hides it): a
+    loop that did not run between requests never heard of the close, and a server's idle timer can cross a request.
+    aiohttp sends no POST again by itself; the client now does, once, at once, on a new connection."""
+    with Recorder(keep_alive_s=0.5, lazy=closed == "as the request came") as server:
+        lm = vllm(server.api_base, num_retries=0)
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(ask(lm))["choices"]
+            time.sleep(1.0)  # the server lets the connection go (or will, as the next request comes)
+            assert loop.run_until_complete(ask(lm))["choices"]
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+        assert [conn for _, conn in server.chat()] == [1, 2]
+        assert server.dropped == (closed == "as the request came")
+
+
+def test_kept_connections_are_let_go_before_vllms_server_would_close_them(monkeypatch):
+    """aiohttp kept an idle connection 15 s, uvicorn (vLLM's server) 5 s: between the two, a request went to a
+    connection the server was closing. The client lets go first; here both clocks shortened, none is dropped."""
+    import inspect
+
+    import uvicorn
+
+    from reflectagent import vllm_client
+
+    assert vllm_client.KEEPALIVE_S < inspect.signature(uvicorn.Config).parameters["timeout_keep_alive"].default
+    monkeypatch.setattr(vllm_client, "KEEPALIVE_S", 0.3, raising=False)
+    with Recorder(keep_alive_s=0.6, lazy=True) as server:
+        lm = vllm(server.api_base, num_retries=0)
+
+        async def two():
+            await ask(lm)
+            await asyncio.sleep(0.9)  # past the client's keep-alive, not the server's
+            await ask(lm)
+
+        asyncio.run(two())
+    assert [conn for _, conn in server.chat()] == [1, 2] and server.dropped == 0
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    from reflectagent.vllm_client import _env_proxy
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    _env_proxy.cache_clear()
+    yield monkeypatch
+    _env_proxy.cache_clear()
+
+
+def test_all_proxy_is_used_as_httpx_uses_it(proxy_env):
+    """DSPy's transport (httpx) honours ``ALL_PROXY``; the direct path read only ``http(s)_proxy``: the same
+    environment sent its requests past the proxy. A scheme's own proxy comes first, ``no_proxy`` beats both."""
+    from reflectagent.config import ConfigError
+    from reflectagent.vllm_client import _env_proxy
+
+    def proxy(url):
+        _env_proxy.cache_clear()
+        return _env_proxy(url)
+
+    proxy_env.setenv("ALL_PROXY", "proxy.example:3128")
+    assert proxy("http://judge.example:8000/v1/chat/completions") == "http://proxy.example:3128"
+    assert proxy("https://judge.example/v1/chat/completions") == "http://proxy.example:3128"
+    proxy_env.setenv("http_proxy", "http://plain.example:8080")
+    assert proxy("http://judge.example:8000/v1/chat/completions") == "http://plain.example:8080"
+    assert proxy("https://judge.example/v1/chat/completions") == "http://proxy.example:3128"
+    proxy_env.setenv("NO_PROXY", "judge.example")
+    assert proxy("http://judge.example:8000/v1/chat/completions") is None
+    assert proxy("https://other.example/v1/chat/completions") == "http://proxy.example:3128"
+    proxy_env.setenv("NO_PROXY", "*")
+    assert proxy("https://other.example/v1/chat/completions") is None
+    proxy_env.delenv("NO_PROXY")
+    proxy_env.delenv("http_proxy")
+    proxy_env.setenv("ALL_PROXY", "socks5://someone:hidden@proxy.example:1080")
+    with pytest.raises(ConfigError, match="all_proxy names a socks5 proxy for judge.example.*no_proxy") as refused:
+        proxy("http://judge.example:8000/v1/chat/completions")
+    assert "hidden" not in str(refused.value)
+
+
+def test_a_request_goes_through_the_all_proxy(proxy_env):
+    """End to end: the fake engine as the proxy (it answers a request for any host), the server's name one no
+    resolver knows; the direct path reaches it only through ``ALL_PROXY``."""
+    with ThreadEngine() as engine:
+        proxy_env.setenv("ALL_PROXY", engine.url)
+        lm = vllm("http://judge.invalid/v1")
+        assert lm.client is not None
+        assert judged(lm, PAIRS[:1], GenRM())[0].preference == "A"
+        assert engine.calls and engine.keys == ["Bearer not-needed"]
