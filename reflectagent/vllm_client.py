@@ -27,6 +27,7 @@ import atexit
 import contextvars
 import email.utils
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -176,8 +177,8 @@ def _env_proxy(url: str) -> str | None:
     aiohttp speaks to HTTP proxies only: a SOCKS proxy (``all_proxy``'s usual kind) is refused with what to do,
     not sent HTTP, nor passed by unseen (httpx refuses it too, without its ``socks`` extra)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
-        return None
+    if parts.hostname and (_is_loopback(parts.hostname) or urllib.request.proxy_bypass(parts.hostname)):
+        return None  # a proxy elsewhere cannot reach this machine's loopback (where the embedded server listens)
     proxies = urllib.request.getproxies()
     name = parts.scheme if proxies.get(parts.scheme) else "all"
     proxy = proxies.get(name)
@@ -193,6 +194,15 @@ def _env_proxy(url: str) -> str | None:
                           "vLLM servers cannot use (it speaks to HTTP proxies only): name the server's host in "
                           "no_proxy, or an http:// proxy")
     return proxy
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _retryable(error: BaseException) -> bool:

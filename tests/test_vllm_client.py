@@ -401,3 +401,15 @@ def test_a_request_goes_through_the_all_proxy(proxy_env):
         assert lm.client is not None
         assert judged(lm, PAIRS[:1], GenRM())[0].preference == "A"
         assert engine.calls and engine.keys == ["Bearer not-needed"]
+
+
+def test_the_loopback_is_never_sent_to_a_proxy(proxy_env):
+    """A proxy elsewhere cannot reach this machine's loopback, where the embedded server listens: a SOCKS
+    ``ALL_PROXY`` in the shell must not stop (nor misroute) the offline default."""
+    from reflectagent.vllm_client import _env_proxy
+
+    proxy_env.setenv("ALL_PROXY", "socks5://proxy.example:1080")
+    proxy_env.setenv("http_proxy", "http://plain.example:8080")
+    for url in ("http://127.0.0.1:8000/v1/chat/completions", "http://localhost:8000/v1", "http://[::1]:8000/v1"):
+        _env_proxy.cache_clear()
+        assert _env_proxy(url) is None
