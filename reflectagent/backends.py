@@ -9,7 +9,6 @@ fully cached run starts no server.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import hashlib
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import dspy
 
 from reflectagent.adapter import JudgeAdapter
-from reflectagent.config import EMBEDDED, BackendConfig, ConfigError, Settings, load_settings
+from reflectagent.config import EMBEDDED, BackendConfig, ConfigError, Settings, load_settings, settings_in_force, using_settings
 from reflectagent.tokens import InputBudget, first_answering, folder_counter, pool_counter, server_context
 
 TOKEN_MARGIN = 4  # tokens kept free beside max_tokens, in case a server counts a template token differently
@@ -287,9 +286,6 @@ def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
     return Backend(name=name, config=config, model=config.model, api_base=config.api_base, identity=identity)
 
 
-_settings: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("reflectagent_settings", default=None)
-
-
 @functools.cache
 def remember_unpriced_models() -> None:
     """DSPy prices every response from its model table. For a model the table does not list (every
@@ -322,7 +318,7 @@ def resolve_backend(name: str | None = None, settings: Settings | None = None) -
     Settings come from the argument, else the enclosing :func:`backend` block, else the
     config file, so a program that names its members' backends finds them in the same config.
     """
-    settings = settings or _settings.get() or load_settings()
+    settings = settings or settings_in_force() or load_settings()
     name, config = settings.backend(name)
     remember_unpriced_models()
     resolve = _resolve_embedded if config.model == EMBEDDED else _resolve_litellm
@@ -332,11 +328,7 @@ def resolve_backend(name: str | None = None, settings: Settings | None = None) -
 @contextmanager
 def backend(name: str | None = None, settings: Settings | None = None):
     """``with backend("embedded") as lm:`` runs the enclosed judging on that backend."""
-    settings = settings or _settings.get() or load_settings()
+    settings = settings or settings_in_force() or load_settings()
     lm = resolve_backend(name, settings)
-    token = _settings.set(settings)
-    try:
-        with dspy.context(lm=lm):
-            yield lm
-    finally:
-        _settings.reset(token)
+    with using_settings(settings), dspy.context(lm=lm):
+        yield lm

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import sys
 import threading
 import time
 import uuid
@@ -370,16 +369,14 @@ def current_cache() -> JudgmentCache:
 
 
 def _settings_in_force() -> Settings:
-    """The enclosing ``backend()`` block's settings, else the config file's. No block can be open before
-    reflectagent.backends is imported, so this never imports it (nor DSPy) itself."""
+    """The enclosing ``backend()`` block's settings, else the config file's (read once)."""
     global _file_settings
-    backends = sys.modules.get("reflectagent.backends")
-    settings = backends._settings.get() if backends is not None else None
+    from reflectagent.config import load_settings, settings_in_force  # pydantic, on first use only
+
+    settings = settings_in_force()
     if settings is not None:
         return settings
     if _file_settings is None:
-        from reflectagent.config import load_settings
-
         _file_settings = load_settings()
     return _file_settings
 

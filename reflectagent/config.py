@@ -8,9 +8,11 @@ the environment variable that holds one.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -285,3 +287,22 @@ def load_settings(path: str | Path | None = None) -> Settings:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(f"invalid config {candidate}:\n{validation_problems(exc)}") from None
+
+
+_in_force: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("reflectagent_settings", default=None)
+
+
+def settings_in_force() -> Settings | None:
+    """The settings of the enclosing ``reflectagent.backend(...)`` block, if one is open: what the backends, the
+    cache and everything else read, so one block configures them all alike."""
+    return _in_force.get()
+
+
+@contextmanager
+def using_settings(settings: Settings):
+    """Make ``settings`` the ones in force for the enclosed code (``reflectagent.backend`` opens this)."""
+    token = _in_force.set(settings)
+    try:
+        yield settings
+    finally:
+        _in_force.reset(token)
