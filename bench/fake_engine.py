@@ -1,7 +1,7 @@
 """An instant OpenAI-compatible chat server that can misbehave on purpose.
 
     python bench/fake_engine.py PORT [--fault ok|500|503|reset|hang|malformed|truncated] [--fail-first N] [--die-after N]
-        [--delay S] [--context N]
+        [--delay S] [--context N] [--routes vllm|none|html]
 
 Every ``POST /v1/chat/completions`` is answered (after ``--delay`` seconds; at once by default) with a
 GenRM judgment: an analysis, then the preference for the response shown first if the word "right"
@@ -13,6 +13,9 @@ answering it (a server that dies mid-run). ``GET /count`` says how many chat req
 can see the client's retries; ``GET /health`` is 200; ``GET /v1/models`` lists no model, so a client
 keeps to its character budget, unless ``--context N`` is given: then model ``fake`` has ``max_model_len``
 N and ``POST /tokenize`` counts a prompt (roughly: a token a word), as vLLM lets a client fit its context.
+``--routes none`` drops those two routes (404, as an OpenAI-compatible server that is not vLLM, or a proxy,
+answers), ``--routes html`` answers them with a web page (a gateway's); every request's path and headers are
+kept in ``seen``.
 In a test's own process (``calls``, ``keys`` and ``requests`` then readable directly)
 :meth:`FakeEngine.start` serves it on the running event loop.
 
@@ -36,6 +39,7 @@ import time
 import urllib.request
 
 FAULTS = ("ok", "500", "503", "reset", "hang", "malformed", "truncated")
+ROUTES = ("vllm", "none", "html")  # how /v1/models and /tokenize are served: as vLLM does, not at all, as a web page
 
 
 def completion(model: str, text: str, top_logprobs: int | None = None) -> bytes:
@@ -74,11 +78,14 @@ def response(status: str, body: bytes, content_type: str = "application/json", l
 
 class FakeEngine:
     def __init__(self, fault: str = "ok", fail_first: int = 0, die_after: int | None = None, delay_s: float = 0.0,
-                 context: int | None = None):
+                 context: int | None = None, routes: str = "vllm"):
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {', '.join(FAULTS)}, not {fault!r}")
+        if routes not in ROUTES:
+            raise ValueError(f"routes must be one of {', '.join(ROUTES)}, not {routes!r}")
         self.fault, self.fail_first, self.die_after, self.delay_s = fault, fail_first, die_after, delay_s
-        self.context = context
+        self.context, self.routes = context, routes
+        self.seen: list[tuple[str, str, dict]] = []  # every request's method, path and headers (lower-case names)
         self.counted = 0  # prompts counted (POST /tokenize)
         self.chat_requests = 0
         self.calls: list[str] = []  # each chat request's last message
@@ -108,7 +115,14 @@ class FakeEngine:
             body = await reader.readexactly(int(headers.get("content-length", 0)))
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ConnectionError):
             return False
-        if method == "GET" and path == "/count":
+        self.seen.append((method, path, headers))
+        vllm_route = (method == "GET" and path.endswith("/models")) or (method == "POST" and path == "/tokenize")
+        if vllm_route and self.routes == "html":
+            page = b"<!doctype html><html><body><h1>Gateway</h1></body></html>"
+            writer.write(response("200 OK", page, content_type="text/html", keep_alive=True))
+        elif vllm_route and self.routes == "none":
+            writer.write(response("404 Not Found", b'{"detail": "Not Found"}', keep_alive=True))
+        elif method == "GET" and path == "/count":
             writer.write(response("200 OK", json.dumps({"chat": self.chat_requests}).encode()))
         elif method == "GET" and path == "/health":
             writer.write(response("200 OK", b"{}"))
@@ -197,8 +211,11 @@ def main() -> None:
     parser.add_argument("--die-after", type=int, default=None, help="exit when chat request N + 1 arrives, unanswered")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--context", type=int, default=None, help="report this context length and count tokens")
+    parser.add_argument("--routes", choices=ROUTES, default="vllm",
+                        help="/v1/models and /tokenize: as vLLM serves them, absent (404), or a web page")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after, args.delay, args.context)))
+    asyncio.run(serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after, args.delay, args.context,
+                                            args.routes)))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -23,9 +24,13 @@ import dspy
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.config import EMBEDDED, BackendConfig, ConfigError, Settings, load_settings, settings_in_force, using_settings
-from reflectagent.tokens import InputBudget, first_answering, folder_counter, pool_counter, server_context
+from reflectagent.tokens import InputBudget, RouteMissing, first_answering, folder_counter, pool_counter, server_context
 
 TOKEN_MARGIN = 4  # tokens kept free beside max_tokens, in case a server counts a template token differently
+
+logger = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()  # (backend, route): a missing route is told once per backend and process
+_warned_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,39 @@ class Backend:
             return default_context(self.model_dir)
         if not self.is_hosted_vllm:
             return None
-        return first_answering(self.endpoints, lambda base: server_context(base, self.served))
+        try:
+            return first_answering(self.endpoints, lambda base: server_context(base, self.served, headers=self.http_headers))
+        except RouteMissing as missing:
+            self._without(missing, "the model's context length is unknown, so prompts are not counted in tokens",
+                          "context_tokens (the model's context length, where the server counts tokens) or context_chars")
+            return None
+
+    @property
+    def http_headers(self) -> tuple[tuple[str, str], ...]:
+        """What reflectagent's own requests to the server (``/v1/models``, ``/tokenize``) carry besides their body: the
+        config's headers (:attr:`BackendConfig.headers`, as the chat requests carry them) and the key, if one is set."""
+        headers = {str(k): str(v) for k, v in self.config.headers.items() if v is not None}
+        key = os.environ.get(self.config.api_key_env) if self.config.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return tuple(sorted(headers.items()))
+
+    def cannot_count(self, missing: RouteMissing) -> None:
+        """The server cannot count tokens (no ``/tokenize``): this backend keeps to its character budget from now on."""
+        self.__dict__["_counter"] = None  # what the cached property holds (the dataclass is frozen, its cache is not)
+        self._without(missing, f"prompts cannot be counted to fit the {self.context_tokens}-token context",
+                      "context_chars (each step's input characters)")
+
+    def _without(self, missing: RouteMissing, consequence: str, setting: str) -> None:
+        """Say once per backend what the server lacks, what judging does without it, and what to set."""
+        with _warned_lock:
+            if (self.name, missing.route) in _warned:
+                return
+            _warned.add((self.name, missing.route))
+        chars = self.config.context_chars
+        budget = f"inputs are cut to context_chars = {chars} characters" if chars else "inputs are not cut (no context_chars)"
+        logger.warning("backend %r: %s; %s. Judging goes on: %s. Set %s in [backends.%s] to bound the prompt.",
+                       self.name, missing, consequence, budget, setting, self.name)
 
     @property
     def direct(self) -> bool:
@@ -103,7 +140,7 @@ class Backend:
     def _counter(self):
         if self.model_dir is not None:
             return folder_counter(self.model_dir)
-        return pool_counter(self.endpoints, self.served) if self.is_hosted_vllm else None
+        return pool_counter(self.endpoints, self.served, headers=self.http_headers) if self.is_hosted_vllm else None
 
     def input_budget(self) -> InputBudget:
         """Characters (``context_chars``) and, where the model's tokenizer is at hand, tokens: the
@@ -157,10 +194,8 @@ class BackendLM(dspy.LM):
             from reflectagent.vllm_client import ChatClient
 
             config = self.backend.config
-            # the config's headers, as LiteLLM merges them for DSPy's path (extra_headers over headers)
-            headers = {**(self.kwargs.get("headers") or {}), **(self.kwargs.get("extra_headers") or {})}
             self._client = ChatClient(model=self.model, api_key=self.kwargs.get("api_key"), timeout_s=config.timeout_s,
-                                      num_retries=config.num_retries, headers=headers)
+                                      num_retries=config.num_retries, headers=config.headers)
         return self._client
 
     def request_options(self) -> dict[str, Any]:

@@ -171,6 +171,12 @@ class BackendConfig(BaseModel):
     def is_vllm(self) -> bool:
         return self.model == EMBEDDED or self.model.startswith("hosted_vllm/")
 
+    @property
+    def headers(self) -> dict[str, Any]:
+        """The HTTP headers ``extra`` sends with every request to the backend: ``headers``, then ``extra_headers``
+        over them, as LiteLLM merges them for DSPy's path (the config refuses a credential in either)."""
+        return {**(self.extra.get("headers") or {}), **(self.extra.get("extra_headers") or {})}
+
 
 def default_backends() -> dict[str, BackendConfig]:
     """``embedded`` (the packaged SmolLM2) and one backend per local model preset, named as the preset."""

@@ -34,7 +34,7 @@ from reflectagent.cache import current_cache, step_key
 from reflectagent.concurrency import run_sync
 from reflectagent.errors import ReflectAgentError
 from reflectagent.results import StepOutput, Usage
-from reflectagent.tokens import InputBudget
+from reflectagent.tokens import InputBudget, RouteMissing
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,8 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
         except InputTooLong as exc:  # deterministic: the same request would never fit, so nothing to retry
             logger.warning("a step cannot fit the model's context: %s", exc)
             return StepOutput(fields=None, raw="", usage=Usage(), error=f"InputTooLong: {exc}", truncated=tuple(inputs))
+        except RouteMissing as missing:  # a server that cannot count: the request as the character budget renders it
+            backend.cannot_count(missing)
     inputs, truncated, key = request
     messages = request_messages.get(key)
 
@@ -272,12 +274,17 @@ async def _fits_as_rendered(lm, backend, budget: InputBudget, key: str, rendered
     """Whether the request as the character budget rendered it fits the token budget, counted by the vLLM server
     through the backend's own client (no thread, no second client): what :func:`render_request` would find
     first, and then keep. False when it does not fit, or where this cannot be told here (a model folder's
-    tokenizer, a pool, a failed count): :func:`render_request` then counts, and cuts, as it always has."""
+    tokenizer, a pool, a failed count): :func:`render_request` then counts, and cuts, as it always has. True
+    where the server has no ``/tokenize`` (:class:`RouteMissing`): the backend keeps to its character budget,
+    which rendered this request."""
     client = getattr(lm, "client", None)
     if client is None or backend.model_dir is not None or not backend.is_hosted_vllm or not lm.api_base:
         return False
     try:
         return await client.count_tokens(lm.api_base, backend.served, rendered[key]) <= budget.tokens
+    except RouteMissing as missing:
+        backend.cannot_count(missing)
+        return True
     except Exception:  # counted again below, where a server that cannot count fails as it always has
         return False
 

@@ -40,6 +40,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from reflectagent.tokens import RouteMissing, missing_route, tokenize_url
+
 PROVIDER = "vllm"  # DSPy's name for a hosted_vllm endpoint (its errors say so)
 # How long an idle connection is kept for the next request. vLLM's server (uvicorn) closes one idle for 5 s
 # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); aiohttp's default, 15 s, sent requests on connections the server was closing,
@@ -90,13 +92,21 @@ class ChatClient:
 
     async def count_tokens(self, api_base: str, model: str, messages: list[dict]) -> int:
         """The prompt's tokens as the server counts them (vLLM's ``POST /tokenize``, the chat template applied),
-        as :func:`reflectagent.tokens.server_counter` asks: one try, an error raised as it comes."""
-        url = api_base.rstrip("/").removesuffix("/v1") + "/tokenize"
+        as :func:`reflectagent.tokens.server_counter` asks: one try, an error raised as it comes;
+        :class:`reflectagent.tokens.RouteMissing` where the server has no such route (not vLLM, or a proxy)."""
+        url = tokenize_url(api_base)
         data = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}, ensure_ascii=False).encode()
         status, headers, body = await self._post(url, data, _env_proxy(url))
+        missing = missing_route("POST /tokenize", url, status)
+        if missing is not None:
+            raise missing
         if status >= 400:
             raise self._http_error(status, body, headers)
-        return int(_loads(body)["count"])
+        try:
+            return int(_loads(body)["count"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            kind = headers.get("content-type") or "no content-type"
+            raise RouteMissing("POST /tokenize", url, f"HTTP {status}, {kind}: not vLLM's reply ({type(exc).__name__})") from None
 
     async def _post(self, url: str, data: bytes, proxy: str | None) -> tuple[int, Any, bytes]:
         """One request's reply: its status, headers and body.

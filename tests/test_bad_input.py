@@ -67,6 +67,7 @@ class Case:
     resume: bool = False  # the backend went away: the message may say a re-run resumes
     lock_held: bool = False  # another process holds -o's lock
     config_name: str = "c.toml"
+    logged: tuple[str, ...] = ()  # what the log must say, once each (a warning)
 
     @property
     def what_becomes_of_the_data(self) -> str:
@@ -241,6 +242,7 @@ OUTPUTS = [
 
 BROKEN_BACKEND = '[backends.fake]\nmodel = "openai/fake"\napi_base = "{url}/v1"\napi_key_env = "FAKE_KEY"\n'
 WORKING = BROKEN_BACKEND + "constrained = false\nlogprobs = false\nnum_retries = 0\ncontext_chars = 4000\n"
+HOSTED_VLLM = '[backends.fake]\nmodel = "hosted_vllm/fake"\napi_base = "{url}/v1"\nnum_retries = 0\ncontext_chars = 4000\n'
 CONFIGS = [
     Case("toml-syntax", "config", "a TOML file with a syntax error", "error: `not valid TOML`, with the line", lines(GOOD),
          config="[backends.fake\n", code=1, shown=("not valid TOML",)),
@@ -294,6 +296,11 @@ CONFIGS = [
          config=WORKING + "timeout_s = 1\n", code=1, resume=True,
          shown=("timed out: backend 'fake' gave no answer within timeout_s = 1 s (1 try: num_retries = 0)",
                 "raise timeout_s in [backends.fake]"), hidden=("Timeouts(read",)),
+    Case("no-vllm-routes", "backend", "a `hosted_vllm` server without `/v1/models` and `/tokenize` (an OpenAI-compatible "
+         "server that is not vLLM, or a proxy)", "judged within `context_chars`; one warning names the missing route and "
+         "what to set (`context_tokens`, `context_chars`)", lines(GOOD, row(id="2")), backend="own",
+         engine=("--routes", "none"), config=HOSTED_VLLM, judged=2,
+         logged=("backend 'fake': the server has no GET /v1/models", "Set context_tokens")),
     Case("no-input", "flags", "no file, no `--prompt`, no `--sample`", "usage error: give exactly one of them", None, code=2,
          shown=("give exactly one of",)),
     Case("prompt-without-b", "flags", "`--prompt` and `--a` without `--b`", "usage error: `--prompt needs both --a and --b`", None,
@@ -314,9 +321,10 @@ HOLD_LOCK = "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); 
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
-def test_bad_input(case: Case, engine, tmp_path, monkeypatch):
+def test_bad_input(case: Case, engine, tmp_path, monkeypatch, caplog):
     from reflectagent.server import free_port
 
+    monkeypatch.setattr("reflectagent.backends._warned", set())  # a warning told once per process: this row's own
     monkeypatch.setenv("FAKE_KEY", "k")
     monkeypatch.delenv("REFLECTAGENT_TEST_UNSET", raising=False)
     own = Engine(*case.engine) if case.backend == "own" else None
@@ -362,6 +370,8 @@ def test_bad_input(case: Case, engine, tmp_path, monkeypatch):
         assert text in output, f"{text!r} not in:\n{output}"
     for text in (*case.hidden, SECRET, "\x1b", "\x07"):  # nothing hidden, no secret, no raw escape or bell
         assert text not in output, f"{text!r} in:\n{output}"
+    for text in case.logged:
+        assert caplog.text.count(text) == 1, f"{text!r} not logged once:\n{caplog.text}"
     # what becomes of the data: the input reads the same; a failed run leaves -o as it was, a finished one holds it all
     if data is not None and not case.fifo:
         assert path.read_bytes() == data

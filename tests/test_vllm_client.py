@@ -413,3 +413,53 @@ def test_the_loopback_is_never_sent_to_a_proxy(proxy_env):
     for url in ("http://127.0.0.1:8000/v1/chat/completions", "http://localhost:8000/v1", "http://[::1]:8000/v1"):
         _env_proxy.cache_clear()
         assert _env_proxy(url) is None
+
+
+@pytest.mark.parametrize("routes", ["none", "html"])
+@pytest.mark.parametrize("context_tokens", [None, 2048])
+@pytest.mark.parametrize("path", ["direct", "through DSPy"])
+def test_a_server_without_vllms_own_routes_is_judged_by_characters_with_one_warning(routes, context_tokens, path, caplog,
+                                                                                     monkeypatch):
+    """An OpenAI-compatible server that is not vLLM, or a proxy, has no ``GET /v1/models`` and no ``POST /tokenize``
+    (404 here; or a web page in their place). Every judgment failed (the context was asked of ``/v1/models``, the
+    prompt counted by ``/tokenize`` once ``context_tokens`` was set): now judging goes on with the configured context
+    and the character budget, and one warning per backend says what the server lacks and what to set. Through DSPy
+    the prompt is counted off the event loop (``tokens.server_counter``), directly by the backend's own client."""
+    from reflectagent import backends
+
+    monkeypatch.setattr(backends, "_warned", set(), raising=False)
+    options = {"context_chars": 4000, **({"context_tokens": context_tokens} if context_tokens else {})}
+    long = Pair(prompt="why? " * 1500, response_a="right", response_b="wrong")
+    make = (lambda lm: lm) if path == "direct" else (lambda lm: ThroughDSPy(lm.backend))
+    with ThreadEngine(routes=routes) as engine, caplog.at_level(logging.WARNING, logger="reflectagent"):
+        first = judged(make(vllm(engine.api_base, **options)), PAIRS, GenRM())
+        before = len(engine.seen)
+        # resolved again (no new warning), one step at a time: the missing route is asked once, by the first step
+        again = judged(make(vllm(engine.api_base, **options)), [*PAIRS, long], GenRM(), concurrency=1)
+        chats = engine.chat_requests
+        asked = [(method, p) for method, p, _ in engine.seen if not p.endswith("/chat/completions")]
+        asked_again = [p for _, p, _ in engine.seen[before:] if not p.endswith("/chat/completions")]
+    assert [j.preference for j in first + again] == ["A"] * 7 and chats == 7
+    assert again[-1].analyses[0].truncated == ("prompt",)  # cut to context_chars
+    told = [r.getMessage() for r in caplog.records if "as vLLM serves it" in r.getMessage()]
+    route = "POST /tokenize" if context_tokens else "GET /v1/models"
+    assert len(told) == 1, told
+    assert f"backend 'fake': the server has no {route}" in told[0] and "context_chars = 4000 characters" in told[0]
+    assert ("Set context_chars" if context_tokens else "Set context_tokens") in told[0]
+    assert all(route == f"{method} {p.removeprefix('/v1')}".replace("GET /models", "GET /v1/models") for method, p in asked)
+    assert len(asked_again) == 1
+
+
+def test_the_configs_headers_and_key_go_to_models_and_tokenize_too(monkeypatch):
+    """``/v1/models`` and ``/tokenize`` were asked without the config's headers (nor the key): a gateway that requires
+    one refused them. Now they carry what the chat requests carry, merged the same way."""
+    monkeypatch.setenv("FAKE_KEY", "k-123")
+    extra = {"headers": {"X-Gateway": "g", "X-Route": "from-headers"}, "extra_headers": {"X-Route": "judge"}}
+    with ThreadEngine(context=2048) as engine:
+        lm = vllm(engine.api_base, extra=extra, api_key_env="FAKE_KEY")
+        assert lm.backend.context_tokens == 2048
+        assert lm.backend.input_budget().count([{"role": "user", "content": "right or wrong"}]) > 0
+        asked = {(method, path): headers for method, path, headers in engine.seen}
+    assert set(asked) == {("GET", "/v1/models"), ("POST", "/tokenize")}
+    for headers in asked.values():
+        assert (headers["x-gateway"], headers["x-route"], headers["authorization"]) == ("g", "judge", "Bearer k-123")
