@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from reflectagent.calling.config import load_settings
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, open_cache
-from reflectagent.config import load_settings
 
 app = typer.Typer(help="Inspect or clear the judgment cache.", no_args_is_help=True)
 

@@ -10,16 +10,16 @@ from typing import Annotated, Optional
 import dspy
 import typer
 
-from reflectagent.backends import resolve_backend
-from reflectagent.cache import use_cache
+from reflectagent.calling.backends import resolve_backend
+from reflectagent.calling.cache import use_cache
+from reflectagent.calling.config import load_settings
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_skipped
-from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark
-from reflectagent.judge import RunInterrupted
+from reflectagent.judging.judge import RunInterrupted
 from reflectagent.programs import Calibrated, EscalatingJudge, calibrate as fit, resolve_program
 from reflectagent.programs.calibration import METHODS
-from reflectagent.splits import split_pairs
+from reflectagent.records.splits import split_pairs
 
 
 def calibrate(

@@ -7,8 +7,8 @@ from typing import Annotated, NoReturn, Optional
 
 import typer
 
-from reflectagent.cache import JudgmentCache, configured_cache
-from reflectagent.config import Settings
+from reflectagent.calling.cache import JudgmentCache, configured_cache
+from reflectagent.calling.config import Settings
 from reflectagent.terminal import visible
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config (default: $REFLECTAGENT_CONFIG or ./reflectagent.toml)")]
@@ -34,7 +34,7 @@ def warn_skipped(bad_lines) -> None:
 
 
 def warn_duplicates(ids) -> None:
-    from reflectagent.pairs import duplicate_ids
+    from reflectagent.records.pairs import duplicate_ids
 
     repeated = duplicate_ids(ids)
     if repeated:

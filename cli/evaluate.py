@@ -8,16 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from reflectagent.cache import use_cache
+from reflectagent.calling.cache import use_cache
+from reflectagent.calling.config import load_settings
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_duplicates, warn_skipped
-from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark, run_eval, write_report
 from reflectagent.eval import compare as compare_reports
 from reflectagent.eval.report import split_baseline, summary_markdown
-from reflectagent.judge import RunInterrupted
+from reflectagent.judging.judge import RunInterrupted
 from reflectagent.programs import NAMED
-from reflectagent.splits import SPLITS, split_pairs
+from reflectagent.records.splits import SPLITS, split_pairs
 from reflectagent.terminal import visible
 
 

@@ -10,12 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from reflectagent.cache import use_cache
+from reflectagent.calling.cache import use_cache
+from reflectagent.calling.config import load_settings
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_skipped
-from reflectagent.config import load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark
-from reflectagent.splits import SPLITS, prompt_disjoint, split_pairs
+from reflectagent.records.splits import SPLITS, prompt_disjoint, split_pairs
 
 app = typer.Typer(help="Distil judge traces into training data and fine-tune with LoRA.", no_args_is_help=True)
 PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -56,7 +56,7 @@ def data(
     More flags (DataConfig): --ratio, --rationalize, --fractions, --seed, --context_chars.
     """
     from reflectagent.finetune import DataConfig, distil, distil_file, label_data
-    from reflectagent.teacher import read_teacher
+    from reflectagent.records.teacher import read_teacher
 
     if (data is None) == (teacher_file is None):
         fail("give one of --data (pairs the backend judges) or --teacher-file (judgments that teach)", 2)

@@ -16,18 +16,18 @@ import dspy
 import typer
 from tqdm.auto import tqdm
 
-from reflectagent.backends import resolve_backend
-from reflectagent.cache import use_cache
-from reflectagent.concurrency import run_sync
+from reflectagent.calling.backends import resolve_backend
+from reflectagent.calling.cache import use_cache
+from reflectagent.calling.concurrency import run_sync
+from reflectagent.calling.config import DTYPES, OverrideError, load_settings
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_duplicates, warn_skipped
-from reflectagent.config import DTYPES, OverrideError, load_settings
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval.metrics import JudgingSummary, JudgingTally
-from reflectagent.judge import judge_in_order
-from reflectagent.output import AtomicOutput, OutputError
-from reflectagent.pairs import InvalidPair, Pair, PairFile, read_pairs, sample_path
+from reflectagent.judging.judge import judge_in_order
 from reflectagent.programs import NAMED, load_program, named_program
-from reflectagent.results import Judgment
+from reflectagent.records.output import AtomicOutput, OutputError
+from reflectagent.records.pairs import InvalidPair, Pair, PairFile, read_pairs, sample_path
+from reflectagent.records.results import Judgment
 from reflectagent.terminal import visible
 
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from reflectagent.models import prepare_model
-from reflectagent.presets import PRESETS
+from reflectagent.serving.models import prepare_model
+from reflectagent.serving.presets import PRESETS
 
 app = typer.Typer(help="Prepare model folders for serving and fine-tuning.", no_args_is_help=True)
 

@@ -9,11 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from reflectagent.calling.config import DTYPES
 from reflectagent.cli.common import fail
-from reflectagent.config import DTYPES
-from reflectagent.embedded import SERVED_NAME, publish, withdraw
-from reflectagent.models import DEFAULT_CONTEXT, DEFAULT_DTYPE, default_context, default_dtype, prepare_model
-from reflectagent.server import ServerSpec, VLLMServer
+from reflectagent.serving.embedded import SERVED_NAME, publish, withdraw
+from reflectagent.serving.models import default_dtype, prepare_model
+from reflectagent.serving.server import ServerSpec, VLLMServer
+from reflectagent.serving.sources import DEFAULT_CONTEXT, DEFAULT_DTYPE, default_context
 
 
 def parse_loras(items: list[str]) -> dict[str, str]:

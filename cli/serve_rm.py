@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from reflectagent.calling.config import load_settings
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache
-from reflectagent.config import load_settings
 from reflectagent.rl.groups import ROUND_ROBIN_UP_TO
 from reflectagent.rl.monitors import WINDOW
 from reflectagent.rl.service import MAX_JUDGMENTS
@@ -46,7 +46,7 @@ def serve_rm(
     """Serve a judge as a reward model (OpenRLHF's /get_reward, /v1/judge, /v1/rank, /health, /metrics)."""
     import uvicorn
 
-    from reflectagent.cache import use_cache
+    from reflectagent.calling.cache import use_cache
     from reflectagent.rl import Rewarder
     from reflectagent.rl.http import service_config
     from reflectagent.rl.service import create_app

@@ -12,7 +12,7 @@ from reflectagent.eval.metrics import (
 )
 from reflectagent.eval.report import compare, load_report, write_report
 from reflectagent.eval.runner import EvalRun, RunResult, RunStats, program_runs, run_eval
-from reflectagent.splits import split_pairs
+from reflectagent.records.splits import split_pairs
 
 __all__ = [
     "Difference", "EvalRun", "Record", "RunResult", "RunStats", "bootstrap", "compare", "from_chosen_rejected", "load_benchmark",

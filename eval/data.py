@@ -2,7 +2,7 @@
 
 RewardBench-style rows (prompt / chosen / rejected, a subset column) become pairs with the
 chosen response placed in A or B by a stable hash of the row id, so labels are balanced
-and the same on every machine. Splits are :func:`reflectagent.splits.split_pairs`.
+and the same on every machine. Splits are :func:`reflectagent.records.splits.split_pairs`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reflectagent.pairs import BadLine, InvalidPair, Pair, parse_pair, read_pairs
-from reflectagent.reading import DEFAULT_LIMITS, PairFileError, ReadLimits, check_readable
-from reflectagent.splits import stable_fraction
+from reflectagent.records.pairs import BadLine, InvalidPair, Pair, parse_pair, read_pairs
+from reflectagent.records.reading import DEFAULT_LIMITS, PairFileError, ReadLimits, check_readable
+from reflectagent.records.splits import stable_fraction
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from reflectagent.pairs import Pair
+from reflectagent.records.pairs import Pair
 
 from reflectagent.eval.metrics import Rate
 from reflectagent.eval.runner import RunResult

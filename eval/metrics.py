@@ -30,7 +30,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from reflectagent.results import Judgment, Usage, flip
+from reflectagent.records.results import Judgment, Usage, flip
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import jinja2
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval.metrics import summarize_judgments
 from reflectagent.eval.report import METRICS, format_ci, format_value, load_report, load_runs, metric_values
-from reflectagent.pairs import Pair, parse_pair
-from reflectagent.results import Judgment, flip
+from reflectagent.records.pairs import Pair, parse_pair
+from reflectagent.records.results import Judgment, flip
 
 JUDGMENTS_FILE = "judgments.jsonl.gz"  # every judgment of an eval run, beside report.json
 PAGE_FILE = "report.html"

@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 import dspy
 
-from reflectagent.backends import resolve_backend
-from reflectagent.concurrency import run_sync
-from reflectagent.config import Settings
+from reflectagent.calling.backends import resolve_backend
+from reflectagent.calling.concurrency import run_sync
+from reflectagent.calling.config import Settings
 from reflectagent.eval.metrics import Record, Summary, summarize, summarize_by_category
-from reflectagent.judge import Judge, judge_all
-from reflectagent.pairs import Pair
+from reflectagent.judging.judge import Judge, judge_all
 from reflectagent.programs import named_program
-from reflectagent.results import Judgment
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
 
 
 @dataclass(frozen=True)

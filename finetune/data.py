@@ -31,14 +31,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from reflectagent.adapter import JudgeAdapter
-from reflectagent.splits import split_pairs
-from reflectagent.modules import render_analysis
-from reflectagent.pairs import Pair
-from reflectagent.results import Analysis, Judgment, flip
-from reflectagent.signatures import Analyze, Prefer, Reflect
-from reflectagent.steps import InputTooLong, render_request
-from reflectagent.tokens import InputBudget
+from reflectagent.calling.adapter import JudgeAdapter
+from reflectagent.calling.steps import InputTooLong, render_request
+from reflectagent.judging.modules import render_analysis
+from reflectagent.judging.signatures import Analyze, Prefer, Reflect
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Analysis, Judgment, flip
+from reflectagent.records.splits import split_pairs
+from reflectagent.serving.tokens import InputBudget
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def build_unified_data(traces: list[Trace], config: DataConfig | None = None, ra
     the rows of a pair do not depend on which other pairs are in the data or in what order they
     are built.
     """
-    from reflectagent.concurrency import run_all
+    from reflectagent.calling.concurrency import run_all
 
     config = config or DataConfig()
     adapter = adapter or JudgeAdapter()

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from reflectagent.models import DEFAULT_DTYPE
+from reflectagent.serving.sources import DEFAULT_DTYPE
 
 logger = logging.getLogger(__name__)
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base_model: str = "embedded", dtype: str = DEFAULT_DTYPE) -> Path:
     """Fold the LoRA ``adapter`` into ``base_model`` and save a servable model folder at ``out``."""
-    from reflectagent.models import merge_lora, prepare_model
+    from reflectagent.serving.convert import merge_lora
+    from reflectagent.serving.models import prepare_model
 
     adapter, out = Path(adapter), Path(out)
     if not (adapter / "adapter_config.json").exists():

@@ -18,16 +18,16 @@ import time
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from reflectagent.backends import resolve_backend
-from reflectagent.config import EMBEDDED, BackendConfig, Settings, load_settings
-from reflectagent.embedded import serving
+from reflectagent.calling.backends import resolve_backend
+from reflectagent.calling.config import EMBEDDED, BackendConfig, Settings, load_settings
 from reflectagent.eval.runner import EvalRun, RunResult, run_eval
 from reflectagent.finetune.loop_config import LoopConfig
 from reflectagent.finetune.loop_report import write_loop_report
 from reflectagent.finetune.selection import choose_pairs
-from reflectagent.models import default_dtype, prepare_model
-from reflectagent.pairs import Pair, parse_pair
 from reflectagent.programs import named_program
+from reflectagent.records.pairs import Pair, parse_pair
+from reflectagent.serving.embedded import serving
+from reflectagent.serving.models import default_dtype, prepare_model
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflectagent.config import ConfigError, read_config_file
-from reflectagent.models import DEFAULT_CONTEXT
-from reflectagent.paths import data_dir
+from reflectagent.calling.config import ConfigError, read_config_file
 from reflectagent.finetune.data import DataConfig
 from reflectagent.finetune.reward import RewardJobConfig
 from reflectagent.finetune.sft_config import SFTJobConfig
+from reflectagent.paths import data_dir
+from reflectagent.serving.sources import DEFAULT_CONTEXT
 
 TRAIN_FILES = ("hh_rlhf_harmless_test.jsonl", "rmbench.jsonl", "hhh_alignment.jsonl")
 UNSEEN_FILES = ("pandalm.jsonl", "autoj_pairwise.jsonl")

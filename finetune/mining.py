@@ -9,7 +9,7 @@ A doubt is one of:
 - ``low_margin``: the judgment's P(A) is within ``margin`` of 0.5.
 
 Each labelled pair is judged again by the same program on the same backend under
-:class:`~reflectagent.cache.CacheOnly`, which answers every step the cache holds and refuses to make one:
+:class:`~reflectagent.calling.cache.CacheOnly`, which answers every step the cache holds and refuses to make one:
 the judgment is rebuilt from the cached steps through the cache's own API (the keys are the program's,
 never recomputed here), and a pair whose steps are not all cached is counted and skipped. The doubtful
 pairs then become STaR rows (the analyses that reached the label, in the order shown) and STaR-DPO
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import dspy
 
-from reflectagent.cache import CacheOnly, JudgmentCache, NotCached, current_cache, use_cache
-from reflectagent.concurrency import run_sync
-from reflectagent.config import Settings
+from reflectagent.calling.cache import CacheOnly, JudgmentCache, NotCached, current_cache, use_cache
+from reflectagent.calling.concurrency import run_sync
+from reflectagent.calling.config import Settings
 from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data
-from reflectagent.judge import Judge, judge_all
-from reflectagent.pairs import Pair
+from reflectagent.judging.judge import Judge, judge_all
 from reflectagent.programs.escalating import analyses_disagree
-from reflectagent.results import Judgment
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +132,10 @@ def build_mined_data(mining: Mining, config: DataConfig | None = None, adapter=N
 def mine(pairs: list[Pair], program: Judge, backend: str | None, settings: Settings, out: Path,
          config: DataConfig | None = None, *, margin: float = MARGIN, concurrency: int = 8, progress: bool = False,
          card: dict | None = None) -> UnifiedData:
-    """Mine the cache in force (:func:`~reflectagent.cache.current_cache`) for ``program``'s doubts on backend
+    """Mine the cache in force (:func:`~reflectagent.calling.cache.current_cache`) for ``program``'s doubts on backend
     ``backend`` about ``pairs``, and save the rows into ``out``, rendered and cut as that backend is served (with
     ``traces.jsonl``: the mined judgments). Starts no server and makes no LM call; ``card`` adds to the data card."""
-    from reflectagent.backends import resolve_backend
+    from reflectagent.calling.backends import resolve_backend
     from reflectagent.finetune.traces import for_backend, save
 
     lm = resolve_backend(backend, settings)

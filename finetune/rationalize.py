@@ -8,11 +8,11 @@ from typing import Literal
 
 import dspy
 
-from reflectagent.modules import render_analysis
-from reflectagent.pairs import Pair
-from reflectagent.results import Analysis
-from reflectagent.signatures import Analyze
-from reflectagent.steps import run_step
+from reflectagent.calling.steps import run_step
+from reflectagent.judging.modules import render_analysis
+from reflectagent.judging.signatures import Analyze
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Analysis
 
 
 class RationalizeAnalysis(dspy.Signature):

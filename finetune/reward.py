@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from reflectagent.finetune.run_card import RunCard, losses
 from reflectagent.finetune.sft_config import LoRAJobConfig, lora_config, trainer_arguments
-from reflectagent.judge import Judge
-from reflectagent.pairs import Pair
-from reflectagent.results import Judgment
+from reflectagent.judging.judge import Judge
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -110,7 +110,7 @@ class RewardModelJudge(Judge):
             from peft import PeftModel
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            from reflectagent.models import prepare_model
+            from reflectagent.serving.models import prepare_model
 
             base = prepare_model(self.options["base_model"])
             self._tokenizer = AutoTokenizer.from_pretrained(self.options["adapter"])

@@ -11,8 +11,8 @@ import logging
 
 from reflectagent.eval.data import load_benchmark
 from reflectagent.finetune.loop_config import LoopConfig
-from reflectagent.pairs import Pair
-from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
+from reflectagent.records.pairs import Pair
+from reflectagent.records.splits import prompt_disjoint, split_pairs, stable_fraction
 
 logger = logging.getLogger(__name__)
 

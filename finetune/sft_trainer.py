@@ -74,7 +74,7 @@ def start_run(config: LoRAJobConfig):
     import torch
     from transformers import AutoTokenizer
 
-    from reflectagent.models import prepare_model
+    from reflectagent.serving.models import prepare_model
 
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -20,13 +20,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from reflectagent.config import Settings
+from reflectagent.calling.config import Settings
 from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data, build_verdict_data
-from reflectagent.judge import Judge, judge_pairs
-from reflectagent.pairs import Pair
+from reflectagent.judging.judge import Judge, judge_pairs
 from reflectagent.programs import GenRM, ReflectRM
-from reflectagent.results import Judgment
-from reflectagent.teacher import TeacherJudgment
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
+from reflectagent.records.teacher import TeacherJudgment
 
 
 def collect_traces(pairs: list[Pair], program: Judge | None = None, *, samples: int = 4, temperature: float = 0.8,
@@ -97,7 +97,7 @@ def label_data(pairs: list[Pair], student: str | None, settings: Settings, out: 
     """Verdict rows (:func:`build_verdict_data`) from the pairs' labels, rendered and cut as backend ``student``
     is served, saved into ``out``. Makes no LM call and starts no server; ``card`` adds to the data card
     (say where the labels come from)."""
-    from reflectagent.backends import resolve_backend
+    from reflectagent.calling.backends import resolve_backend
 
     lm = resolve_backend(student, settings)
     budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
@@ -112,7 +112,7 @@ def _distil(make_traces, name: str | None, settings: Settings, out: Path, config
             concurrency: int, card: dict | None = None) -> UnifiedData:
     """Traces made on backend ``name``, turned into unified data rendered and cut as that backend is served
     (its characters and tokens, unless ``config.context_chars`` names a budget); ``card`` adds to the data card."""
-    from reflectagent.backends import backend
+    from reflectagent.calling.backends import backend
     from reflectagent.finetune.rationalize import Rationalizer
 
     with backend(name, settings) as lm:

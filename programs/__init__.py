@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reflectagent.config import ConfigError
-from reflectagent.judge import Judge, PositionSwapJudge, ProgramFileError
+from reflectagent.calling.config import ConfigError
+from reflectagent.judging.judge import Judge, PositionSwapJudge, ProgramFileError
 from reflectagent.programs.calibration import Calibrated, Calibration, calibrate
 from reflectagent.programs.compose import Cascade, Ensemble
 from reflectagent.programs.escalating import EscalatingJudge, choose_threshold

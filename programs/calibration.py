@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from reflectagent.judge import Judge, judge_pairs, probability_verdict
-from reflectagent.pairs import Pair
-from reflectagent.results import Judgment
+from reflectagent.judging.judge import Judge, judge_pairs, probability_verdict
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Literal
 
 import dspy
 
-from reflectagent.judge import Judge, judge_pairs
-from reflectagent.pairs import Pair
-from reflectagent.results import Judgment
-from reflectagent.teacher import TeacherJudgment
+from reflectagent.judging.judge import Judge, judge_pairs
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
+from reflectagent.records.teacher import TeacherJudgment
 
 INPUTS = ("prompt", "response_a", "response_b")
 

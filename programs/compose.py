@@ -12,10 +12,10 @@ from collections import Counter
 
 import dspy
 
-from reflectagent.backends import resolve_backend
-from reflectagent.judge import Decision, Judge, check_decision, probability_verdict
-from reflectagent.pairs import Pair
-from reflectagent.results import Judgment
+from reflectagent.calling.backends import resolve_backend
+from reflectagent.judging.judge import Decision, Judge, check_decision, probability_verdict
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
 
 Member = tuple[Judge, "str | dspy.BaseLM | None"]
 

@@ -29,13 +29,13 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from reflectagent.cache import current_cache
-from reflectagent.judge import Judge, judge_pairs
-from reflectagent.pairs import Pair
+from reflectagent.calling.cache import current_cache
+from reflectagent.judging.judge import Judge, judge_pairs
 from reflectagent.programs.compose import _Composite
 from reflectagent.programs.genrm import GenRM, sample_plan
 from reflectagent.programs.reflectrm import ReflectRM, probability_a_of, stage1_plan
-from reflectagent.results import Analysis, Judgment, Rating, Reflection, Usage
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Analysis, Judgment, Rating, Reflection, Usage
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from reflectagent.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
-from reflectagent.modules import Analyzer
-from reflectagent.pairs import Pair
-from reflectagent.results import Analysis, Judgment
-from reflectagent.signatures import Analyze, Prefer
+from reflectagent.judging.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
+from reflectagent.judging.modules import Analyzer
+from reflectagent.judging.signatures import Analyze, Prefer
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Analysis, Judgment
 
 
 def sample_plan(samples: int, both_orders: bool) -> list[tuple[bool, int]]:

@@ -15,10 +15,10 @@ from typing import Any, Literal
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
-from reflectagent.judge import Judge
-from reflectagent.pairs import Pair
-from reflectagent.results import Analysis, Judgment, flip
-from reflectagent.steps import arun_step
+from reflectagent.calling.steps import arun_step
+from reflectagent.judging.judge import Judge
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Analysis, Judgment, flip
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "

@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import math
 
-from reflectagent.judge import Decision, Judge, check_decision
-from reflectagent.modules import Rater
-from reflectagent.pairs import Pair
-from reflectagent.results import Judgment
-from reflectagent.signatures import Assess, Rate
+from reflectagent.judging.judge import Decision, Judge, check_decision
+from reflectagent.judging.modules import Rater
+from reflectagent.judging.signatures import Assess, Rate
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
 
 
 def preference_probability(score_a: float, score_b: float) -> float:

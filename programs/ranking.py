@@ -15,10 +15,10 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-from reflectagent.concurrency import run_sync
-from reflectagent.judge import Judge
-from reflectagent.pairs import Pair
-from reflectagent.results import Judgment, Usage
+from reflectagent.calling.concurrency import run_sync
+from reflectagent.judging.judge import Judge
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment, Usage
 
 Method = Literal["round_robin", "tournament"]
 

@@ -33,11 +33,11 @@ import asyncio
 from collections import Counter
 from itertools import combinations
 
-from reflectagent.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
+from reflectagent.judging.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
+from reflectagent.judging.modules import Analyzer, Reflector
 from reflectagent.programs.genrm import analyse
-from reflectagent.modules import Analyzer, Reflector
-from reflectagent.pairs import Pair
-from reflectagent.results import Analysis, Judgment, Reflection
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Analysis, Judgment, Reflection
 
 
 def stage1_plan(samples: int) -> list[tuple[bool, int]]:

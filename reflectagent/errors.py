@@ -8,3 +8,8 @@ line instead of a traceback.
 
 class ReflectAgentError(Exception):
     """Base of every error reflectagent raises on purpose."""
+
+
+class ConfigError(ReflectAgentError, ValueError):
+    """A configuration that cannot be used, with what to fix (the config file's, a setting's, an environment
+    variable's). Here, below every layer that reads one; :mod:`reflectagent.calling.config` answers to it too."""

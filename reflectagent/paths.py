@@ -14,6 +14,7 @@ import platformdirs
 from reflectagent.errors import ReflectAgentError
 
 DATA_DIR_ENV = "REFLECTAGENT_DATA_DIR"
+PACKAGE_DATA = Path(__file__).parent / "data"  # shipped with the package: the sample pairs, the tuned presets' adapters
 
 
 class DataDirError(ReflectAgentError):

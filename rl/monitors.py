@@ -34,7 +34,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Gauge
 
 from reflectagent.programs.escalating import analyses_disagree
-from reflectagent.results import Judgment
+from reflectagent.records.results import Judgment
 
 WINDOW = 1000  # observations each rolling gauge is computed over
 TIE_REASONS = ("tie", "tied", "identical responses")  # how programs say they weighed both responses as equal

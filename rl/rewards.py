@@ -29,16 +29,16 @@ from typing import Literal
 
 import dspy
 
-from reflectagent.backends import resolve_backend
-from reflectagent.concurrency import run_sync
-from reflectagent.config import Settings
+from reflectagent.calling.backends import resolve_backend
+from reflectagent.calling.concurrency import run_sync
+from reflectagent.calling.config import Settings
 from reflectagent.errors import ReflectAgentError
-from reflectagent.judge import Judge
-from reflectagent.pairs import InvalidPair, Pair
+from reflectagent.judging.judge import Judge
 from reflectagent.programs import resolve_program
 from reflectagent.programs.ranking import Ranking
+from reflectagent.records.pairs import InvalidPair, Pair
+from reflectagent.records.results import Judgment, Usage
 from reflectagent.rl import groups
-from reflectagent.results import Judgment, Usage
 
 NO_VERDICT_REWARD = 0.5  # neither better nor worse on a [0, 1] scale: the documented default, always flagged
 MAX_GROUP = 64  # larger groups are refused, not queued (64 distinct responses take 63 judgments, a tournament)

@@ -39,8 +39,8 @@ from pydantic import BaseModel, Field
 
 from dspy.utils.exceptions import LMError
 
-from reflectagent.judge import is_transient
-from reflectagent.pairs import InvalidPair, Pair
+from reflectagent.judging.judge import is_transient
+from reflectagent.records.pairs import InvalidPair, Pair
 from reflectagent.rl.adapters import RewardInputError, openrlhf_batch
 from reflectagent.rl.monitors import WINDOW, Monitor
 from reflectagent.rl.rewards import GroupTooLarge, Rewarder

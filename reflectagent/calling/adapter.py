@@ -20,7 +20,7 @@ from dspy.adapters.json_adapter import _get_structured_outputs_response_format
 from dspy.adapters.utils import format_field_value, parse_value, serialize_for_json
 from dspy.utils.exceptions import AdapterParseError
 
-from reflectagent.config import MAX_TEXT_CHARS
+from reflectagent.calling.config import MAX_TEXT_CHARS
 
 _OBJECT = regex.compile(r"\{(?:[^{}]|(?R))*\}", regex.DOTALL)
 _MARKER = regex.compile(r"\[\[\s*##")  # DSPy's field markers, "[[ ## preference ## ]]"

@@ -4,7 +4,7 @@ The schema is the one of ``shared/data``: id, prompt, response_a, response_b, an
 label ("A", "B" or "tie", any case), category and source. A bad line never stops a file: it is
 reported with its line number and the rest are still read. A file that is not lines of text
 at all (a folder, a device, UTF-16, gzip, one JSON array) is read as what it is or refused as a
-whole, within the bounds of :mod:`reflectagent.reading`.
+whole, within the bounds of :mod:`reflectagent.records.reading`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from reflectagent.errors import ReflectAgentError
-from reflectagent.reading import DEFAULT_LIMITS, BadLine, BadLines, PairFileError, ReadLimits, iter_records
+from reflectagent.paths import PACKAGE_DATA
+from reflectagent.records.reading import DEFAULT_LIMITS, BadLine, BadLines, PairFileError, ReadLimits, iter_records
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def read_pairs(path: str | Path, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[l
 
 def sample_path() -> Path:
     """The 32 real, labelled pairs shipped with reflectagent (origins in the README)."""
-    return Path(__file__).parent / "data" / "sample_pairs.jsonl"
+    return PACKAGE_DATA / "sample_pairs.jsonl"
 
 
 def sample_pairs(limit: int | None = None) -> list[Pair]:

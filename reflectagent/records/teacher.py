@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reflectagent.pairs import InvalidPair, Pair, parse_pair
-from reflectagent.reading import DEFAULT_LIMITS, BadLine, BadLines, ReadLimits, iter_records
-from reflectagent.results import Analysis
+from reflectagent.records.pairs import InvalidPair, Pair, parse_pair
+from reflectagent.records.reading import DEFAULT_LIMITS, BadLine, BadLines, ReadLimits, iter_records
+from reflectagent.records.results import Analysis
 
 _NAMES = re.compile(r"\b(Response) ([AB])\b")
 
@@ -69,7 +69,7 @@ def read_teacher(path: str | Path, *, exclude_prompts: Iterable[str] = (),
                  limits: ReadLimits = DEFAULT_LIMITS) -> tuple[list[TeacherJudgment], list[BadLine]]:
     """The judgments of a teacher file, bad lines reported, and none whose prompt is in ``exclude_prompts``
     (the prompts of an evaluation split: a judge that saw a prompt with a verdict is not tested on unseen work).
-    Read as pairs are (:func:`reflectagent.reading.iter_records`): within ``limits``, every bad line named."""
+    Read as pairs are (:func:`reflectagent.records.reading.iter_records`): within ``limits``, every bad line named."""
     excluded = {p.strip() for p in exclude_prompts}
     judgments, bad = [], []
     report = BadLines(Path(path), limits, bad.append)

@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 
 from reflectagent.errors import ReflectAgentError
-from reflectagent.models import DEFAULT_CONTEXT, DEFAULT_DTYPE
 from reflectagent.paths import server_dir
+from reflectagent.serving.sources import DEFAULT_CONTEXT, DEFAULT_DTYPE
 
 logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1

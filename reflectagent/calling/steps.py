@@ -29,12 +29,13 @@ from dspy.utils.exceptions import (
 )
 from dspy.utils.usage_tracker import track_usage
 
-from reflectagent.adapter import JudgeAdapter
-from reflectagent.cache import current_cache, step_key
-from reflectagent.concurrency import run_sync
+from reflectagent.calling.adapter import JudgeAdapter
+from reflectagent.calling.cache import current_cache, step_key
+from reflectagent.calling.concurrency import run_sync
+from reflectagent.calling.vllm_client import PROVIDER
 from reflectagent.errors import ReflectAgentError
-from reflectagent.results import StepOutput, Usage
-from reflectagent.tokens import InputBudget, RouteMissing
+from reflectagent.records.results import StepOutput, Usage
+from reflectagent.serving.tokens import InputBudget, RouteMissing
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ BACKEND_ERRORS = (LMUnsupportedModelError,)  # invalid-request errors that are t
 
 
 def backend_of(lm: dspy.BaseLM) -> Any:
-    """The backend description an LM carries (set by :mod:`reflectagent.backends`), if any."""
+    """The backend description an LM carries (set by :mod:`reflectagent.calling.backends`), if any."""
     return getattr(lm, "backend", None)
 
 
@@ -328,7 +329,7 @@ async def _single_flight(key: str, cache, refused_key: str, make, reused) -> Ste
     """The cached step (or its cached refusal), else one ``make()`` for all who need it: concurrent
     identical steps (both presentations of a pair, two programs sharing stage 1, several processes on
     one cache folder) wait for one call instead of each making it. Tasks and threads of a process wait
-    on the maker's future; processes on a :class:`reflectagent.cache.Lease` in the cache, whose holder
+    on the maker's future; processes on a :class:`reflectagent.calling.cache.Lease` in the cache, whose holder
     dies with it. A maker that fails leaves nothing cached: a waiter then tries itself."""
     def cached():
         refused = cache.get(refused_key)
@@ -377,7 +378,7 @@ _PLAIN_OUTPUTS = (str, int, float, bool)
 
 def _direct(lm, predict: dspy.Predict, adapter, config: dict) -> bool:
     """Whether this step can go straight to the server through the backend's own client (a vLLM backend's:
-    :attr:`reflectagent.backends.Backend.direct`) instead of through DSPy's ``Predict``: an adapter that only
+    :attr:`reflectagent.calling.backends.Backend.direct`) instead of through DSPy's ``Predict``: an adapter that only
     renders and parses (ours, or a plain ``dspy.Adapter`` such as MT-Bench's), outputs of plain types, one
     completion, and nothing that hooks into DSPy's call (callbacks, streaming). Anything else takes DSPy's path,
     which sends the same request and raises the same errors."""
@@ -476,8 +477,6 @@ def _track_usage(lm, usage: dict) -> None:
 
     from dspy.clients.call_result import usage_dict
     from dspy.lm15 import Usage as LMUsage
-
-    from reflectagent.vllm_client import PROVIDER
 
     try:
         prompt, completion = usage.get("prompt_tokens_details") or {}, usage.get("completion_tokens_details") or {}

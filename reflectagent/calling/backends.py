@@ -3,14 +3,13 @@
 The LM carries its :class:`Backend` (identity for the cache, constrained output, log-probs,
 input budget), so ``dspy.context(lm=...)`` is all it takes to switch backends, and two
 backends can run side by side in one process. The ``embedded`` backend finds or starts its
-server through :mod:`reflectagent.embedded`, on the first step the cache cannot answer: a
+server through :mod:`reflectagent.serving.embedded`, on the first step the cache cannot answer: a
 fully cached run starts no server.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import threading
@@ -22,9 +21,22 @@ from typing import Any
 
 import dspy
 
-from reflectagent.adapter import JudgeAdapter
-from reflectagent.config import EMBEDDED, BackendConfig, ConfigError, Settings, load_settings, settings_in_force, using_settings
-from reflectagent.tokens import InputBudget, RouteMissing, first_answering, folder_counter, pool_counter, server_context
+from reflectagent.calling.adapter import JudgeAdapter
+from reflectagent.calling.config import (
+    EMBEDDED,
+    BackendConfig,
+    ConfigError,
+    Settings,
+    load_settings,
+    settings_in_force,
+    using_settings,
+)
+from reflectagent.calling.pool import AsyncRouterEngine, RouterEngine, make_router
+from reflectagent.calling.vllm_client import ChatClient
+from reflectagent.serving import embedded  # its functions looked up when called (a test stands in for the server)
+from reflectagent.serving.models import default_dtype, prepare_model
+from reflectagent.serving.sources import DEFAULT_DTYPE, default_context, fingerprint, model_identity
+from reflectagent.serving.tokens import InputBudget, RouteMissing, first_answering, folder_counter, pool_counter, server_context
 
 TOKEN_MARGIN = 4  # tokens kept free beside max_tokens, in case a server counts a template token differently
 
@@ -75,8 +87,6 @@ class Backend:
     @functools.cached_property
     def context_tokens(self) -> int | None:
         """The served model's context length, where it can be known (see ``BackendConfig.context_tokens``)."""
-        from reflectagent.models import default_context
-
         if self.config.context_tokens:
             return self.config.context_tokens
         if self.model_dir is not None:
@@ -119,7 +129,7 @@ class Backend:
 
     @property
     def direct(self) -> bool:
-        """Whether steps talk to the server with reflectagent's own client (:mod:`reflectagent.vllm_client`)
+        """Whether steps talk to the server with reflectagent's own client (:mod:`reflectagent.calling.vllm_client`)
         rather than through DSPy's: every vLLM backend but a replica pool (LiteLLM's Router spreads those)."""
         return self.config.is_vllm and not self.config.replicas
 
@@ -170,8 +180,6 @@ class BackendLM(dspy.LM):
         options = {k: v for k, v in {"api_base": backend.api_base, "api_key": api_key}.items() if v}
         options["timeout"] = config.timeout_s
         if config.replicas:  # a Router owns the connections: DSPy is given the engine, not the endpoint
-            from reflectagent.pool import AsyncRouterEngine, RouterEngine, make_router
-
             router = make_router(backend.model, [config.api_base, *config.replicas], api_key,
                                  routing_strategy=config.routing_strategy, num_retries=config.num_retries,
                                  cooldown_s=config.cooldown_s, timeout_s=config.timeout_s)
@@ -187,12 +195,10 @@ class BackendLM(dspy.LM):
 
     @property
     def client(self):
-        """The step path's own client for this backend (:class:`reflectagent.vllm_client.ChatClient`), where
+        """The step path's own client for this backend (:class:`reflectagent.calling.vllm_client.ChatClient`), where
         it has one (:attr:`Backend.direct`); None otherwise. The LM itself stays DSPy's: a program or an
         optimiser that calls it directly goes through DSPy, with the same request and the same errors."""
         if self._client is None and self.backend.direct:
-            from reflectagent.vllm_client import ChatClient
-
             config = self.backend.config
             self._client = ChatClient(model=self.model, api_key=self.kwargs.get("api_key"), timeout_s=config.timeout_s,
                                       num_retries=config.num_retries, headers=config.headers)
@@ -227,73 +233,7 @@ class BackendLM(dspy.LM):
                     raise
 
 
-_file_digests: dict[tuple[str, int, int], str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _file_digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _file_digests[key] = digest.hexdigest()
-    return _file_digests[key]
-
-
-def fingerprint(folder: str | Path) -> str:
-    """Identity of a model folder: every file's name and full contents (memoised by size and mtime).
-
-    Hashing only the head of the weights is not enough: two models fine-tuned from one base
-    share their size and their first megabyte (the header and the untouched embeddings), and
-    their judgments would be served from one another's cache.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            digest.update(str(path.relative_to(folder)).encode())
-            digest.update(_file_digest(path).encode())
-    return digest.hexdigest()[:16]
-
-
-def model_identity(folder: str | Path) -> str:
-    """What judgments made by a model folder are keyed on: its pinned inputs where it has them, else its contents.
-
-    A folder whose source record carries pins (written by ``models prepare`` for a preset's verified
-    GGUF, and for a tuned preset its adapter too; ``bench/verdict_distill.py`` writes the same for its
-    merge) is named by them. Its bytes would be the wrong name: they also hold that record, which gains
-    fields as the code grows, and the version of transformers that wrote ``config.json``. Either changes
-    the bytes, not the model, and a cache made on one machine then missed on the next (every committed
-    bench cache did once). Hashing 3.5 to 7 GB also cost seconds at every start.
-
-    The pins are trusted only while the folder is as it was made: no file in it newer than its done
-    marker, written last. Weights saved into a prepared folder afterwards make it an unpinned folder
-    again. Any other folder (no pin, a fine-tuned model, a merge without a record) is named by
-    :func:`fingerprint`. The recipe (a GGUF converted in bfloat16, an adapter merged in float32) is
-    this code's: a change to it must change these names.
-    """
-    from reflectagent.models import DONE_MARKER, read_source
-
-    folder = Path(folder)
-    marker = folder / DONE_MARKER
-    if not marker.is_file():
-        return fingerprint(folder)
-    made = marker.stat().st_mtime_ns
-    if any(path.stat().st_mtime_ns > made for path in folder.rglob("*") if path.is_file()):
-        return fingerprint(folder)  # changed since it was made: its record no longer describes it
-    source = read_source(folder)
-    if source.get("base_sha256") and source.get("adapter_fingerprint"):
-        return f"gguf-sha256:{source['base_sha256'][:16]}+lora:{source['adapter_fingerprint']}"
-    if source.get("sha256"):
-        return f"gguf-sha256:{source['sha256'][:16]}"
-    return fingerprint(folder)
-
-
 def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
-    from reflectagent.embedded import SERVED_NAME, embedded_url
-    from reflectagent.models import DEFAULT_DTYPE, default_dtype, prepare_model
-
     model_dir = prepare_model(config.model_path)
     dtype = config.dtype or default_dtype(model_dir)
     loras = {k: str(Path(v).expanduser().resolve()) for k, v in config.lora.items()}
@@ -304,12 +244,12 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
         # the dtype changes the outputs; bfloat16, the first default, stays out so older caches keep their keys
         **({"dtype": dtype} if dtype != DEFAULT_DTYPE else {}),
     }
-    backend = Backend(name=name, config=config, model=f"hosted_vllm/{config.adapter or SERVED_NAME}",
+    backend = Backend(name=name, config=config, model=f"hosted_vllm/{config.adapter or embedded.SERVED_NAME}",
                       api_base=config.api_base, identity=identity, model_dir=model_dir)
     if config.api_base:
         return backend
     # the server is started with the context the budget counts on: one derivation (Backend.context_tokens)
-    return replace(backend, start=functools.partial(embedded_url, model_dir, loras, backend.context_tokens, dtype))
+    return replace(backend, start=functools.partial(embedded.embedded_url, model_dir, loras, backend.context_tokens, dtype))
 
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:

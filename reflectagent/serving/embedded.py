@@ -17,10 +17,11 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from reflectagent.config import ConfigError
-from reflectagent.models import DEFAULT_CONTEXT, DEFAULT_DTYPE
+from reflectagent.errors import ConfigError
 from reflectagent.paths import server_dir
-from reflectagent.server import ServerSpec, VLLMServer, served_models
+from reflectagent.serving.models import default_dtype
+from reflectagent.serving.server import ServerSpec, VLLMServer, served_models
+from reflectagent.serving.sources import DEFAULT_CONTEXT, DEFAULT_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ def serving(model_dir: str | Path, loras: dict[str, str] | None = None, *, log_p
             max_model_len: int = DEFAULT_CONTEXT, max_lora_rank: int = 64, dtype: str | None = None):
     """A server for ``model_dir`` under the embedded model's name, for the ``with`` block only
     (``dtype``: default the model preset's, as the embedded backend would serve it)."""
-    from reflectagent.models import default_dtype
-
     spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, loras=dict(loras or {}),
                       max_model_len=max_model_len, max_lora_rank=max_lora_rank, dtype=dtype or default_dtype(model_dir))
     with VLLMServer(spec, log_path=log_path, die_with_parent=True) as server:

@@ -17,7 +17,7 @@ used as httpx uses it (``all_proxy`` too; read once per endpoint).
 
 Connections are pooled per event loop (an aiohttp session belongs to one loop). A loop that ends through
 ``asyncio.run`` (or ``shutdown_asyncgens``) closes its session as it ends; the shared loop of
-:mod:`reflectagent.concurrency` closes its at exit.
+:mod:`reflectagent.calling.concurrency` closes its at exit.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from reflectagent.tokens import RouteMissing, missing_route, tokenize_url
+from reflectagent.errors import ConfigError
+from reflectagent.serving.tokens import RouteMissing, missing_route, tokenize_url
 
 PROVIDER = "vllm"  # DSPy's name for a hosted_vllm endpoint (its errors say so)
 # How long an idle connection is kept for the next request. vLLM's server (uvicorn) closes one idle for 5 s
@@ -92,8 +93,8 @@ class ChatClient:
 
     async def count_tokens(self, api_base: str, model: str, messages: list[dict]) -> int:
         """The prompt's tokens as the server counts them (vLLM's ``POST /tokenize``, the chat template applied),
-        as :func:`reflectagent.tokens.server_counter` asks: one try, an error raised as it comes;
-        :class:`reflectagent.tokens.RouteMissing` where the server has no such route (not vLLM, or a proxy)."""
+        as :func:`reflectagent.serving.tokens.server_counter` asks: one try, an error raised as it comes;
+        :class:`reflectagent.serving.tokens.RouteMissing` where the server has no such route (not vLLM, or a proxy)."""
         url = tokenize_url(api_base)
         data = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}, ensure_ascii=False).encode()
         status, headers, body = await self._post(url, data, _env_proxy(url))
@@ -198,8 +199,6 @@ def _env_proxy(url: str) -> str | None:
         proxy = f"http://{proxy}"
     scheme = proxy.split("://", 1)[0].lower()
     if scheme not in ("http", "https"):
-        from reflectagent.config import ConfigError
-
         raise ConfigError(f"{name}_proxy names a {scheme} proxy for {parts.hostname}, which reflectagent's client for "
                           "vLLM servers cannot use (it speaks to HTTP proxies only): name the server's host in "
                           "no_proxy, or an http:// proxy")

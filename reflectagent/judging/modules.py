@@ -3,7 +3,7 @@
 An ``Analyzer`` can be shown the pair swapped and maps the verdict back, so callers only
 ever see the original order; a ``Reflector`` names the more reliable of two analyses; a
 ``VerdictStep`` turns an analysis into a preference; a ``Rater`` scores one response on its own. Programs compose these; optimisers
-see their predictors; every call goes through :func:`reflectagent.steps.arun_step`. Each is
+see their predictors; every call goes through :func:`reflectagent.calling.steps.arun_step`. Each is
 async first (``aforward``, what ``await module.acall(...)`` runs); ``forward`` runs it from sync code.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dspy
 
-from reflectagent.concurrency import run_sync
-from reflectagent.pairs import Pair
-from reflectagent.results import Analysis, Rating, Reflection, StepOutput, flip
-from reflectagent.signatures import Analyze, Rate, Reflect, Verdict
-from reflectagent.steps import arun_step
+from reflectagent.calling.concurrency import run_sync
+from reflectagent.calling.steps import arun_step
+from reflectagent.judging.signatures import Analyze, Rate, Reflect, Verdict
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Analysis, Rating, Reflection, StepOutput, flip
 
 
 def render_analysis(analysis: Analysis, swapped: bool) -> str:

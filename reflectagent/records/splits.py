@@ -12,7 +12,7 @@ import hashlib
 import logging
 from collections import defaultdict
 
-from reflectagent.pairs import Pair
+from reflectagent.records.pairs import Pair
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")

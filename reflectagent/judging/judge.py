@@ -23,11 +23,14 @@ from typing import Literal
 import dspy
 from tqdm.auto import tqdm
 
-from reflectagent.concurrency import run_sync
+from reflectagent import __version__
+from reflectagent.calling.cache import caching
+from reflectagent.calling.concurrency import run_sync
 from reflectagent.errors import ReflectAgentError
-from reflectagent.modules import Analyzer
-from reflectagent.pairs import Pair
-from reflectagent.results import Judgment
+from reflectagent.judging.modules import Analyzer
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import Judgment
+from reflectagent.serving.server import ServerError
 
 
 class ProgramFileError(ReflectAgentError, ValueError):
@@ -103,8 +106,6 @@ class Judge(dspy.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write the program's identity, options and compiled state (demos, instructions) as JSON."""
-        from reflectagent import __version__
-
         payload = {
             "reflectagent": {"program": type(self).__name__, "version": self.version, "library": __version__},
             "options": self.options,
@@ -202,8 +203,6 @@ def is_transient(error: BaseException) -> bool:
     import httpx
     from dspy.utils.exceptions import LMProviderError, LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
 
-    from reflectagent.server import ServerError
-
     broken_reply = isinstance(error, LMProviderError) and error.status is not None and 200 <= error.status < 300
     return broken_reply or isinstance(error, (LMTransportError, LMTimeoutError, LMServerError, LMRateLimitError, ServerError,
                                               httpx.TransportError, ConnectionError, TimeoutError))
@@ -244,8 +243,6 @@ class RunInterrupted(ReflectAgentError, RuntimeError):
     message says to fix it first. A timeout is told in the config's terms (``timeout_s``)."""
 
     def __init__(self, done: int, total: int, cause: BaseException, cached: bool | None = None):
-        from reflectagent.cache import caching
-
         cached = caching() if cached is None else cached
         if not cached:
             advice = ("The judgment cache is off, so no finished step was kept: the same command again starts from the "
