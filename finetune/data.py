@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from reflectagent.calling.adapter import JudgeAdapter
-from reflectagent.calling.steps import InputTooLong, render_request
+from reflectagent.calling.budget import InputTooLong, render_request
 from reflectagent.judging.modules import render_analysis
 from reflectagent.judging.signatures import Analyze, Prefer, Reflect
 from reflectagent.records.pairs import Pair

@@ -32,11 +32,11 @@ def test_a_flat_path_is_the_same_module_where_it_lives_now(old):
 
 
 def test_from_imports_and_monkeypatch_reach_the_module(monkeypatch):
-    from reflectagent.steps import LEASE_POLL_S, run_step
+    from reflectagent.steps import lm_identity, run_step
 
-    assert run_step is steps.run_step and LEASE_POLL_S == steps.LEASE_POLL_S
-    monkeypatch.setattr("reflectagent.steps.LEASE_POLL_S", 7.5)
-    assert steps.LEASE_POLL_S == 7.5
+    assert run_step is steps.run_step and lm_identity is steps.lm_identity
+    monkeypatch.setattr("reflectagent.steps.lm_identity", len)
+    assert steps.lm_identity is len  # what arun_step calls by that name
     import reflectagent.backends as backends
 
     assert backends.resolve_backend is importlib.import_module("reflectagent.calling.backends").resolve_backend
