@@ -16,7 +16,7 @@ from reflectagent.calling.config import load_settings
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_skipped
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark
-from reflectagent.judging.judge import RunInterrupted
+from reflectagent.judging.runs import RunInterrupted
 from reflectagent.programs import Calibrated, EscalatingJudge, calibrate as fit, resolve_program
 from reflectagent.programs.calibration import METHODS
 from reflectagent.records.splits import split_pairs

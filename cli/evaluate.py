@@ -15,7 +15,7 @@ from reflectagent.errors import ReflectAgentError
 from reflectagent.eval import load_benchmark, run_eval, write_report
 from reflectagent.eval import compare as compare_reports
 from reflectagent.eval.report import split_baseline, summary_markdown
-from reflectagent.judging.judge import RunInterrupted
+from reflectagent.judging.runs import RunInterrupted
 from reflectagent.programs import NAMED
 from reflectagent.records.splits import SPLITS, split_pairs
 from reflectagent.terminal import visible

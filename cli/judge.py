@@ -23,7 +23,7 @@ from reflectagent.calling.config import DTYPES, OverrideError, load_settings
 from reflectagent.cli.common import CacheDirOpt, ConfigOpt, fail, open_cache, warn_duplicates, warn_skipped
 from reflectagent.errors import ReflectAgentError
 from reflectagent.eval.metrics import JudgingSummary, JudgingTally
-from reflectagent.judging.judge import judge_in_order
+from reflectagent.judging.runs import judge_in_order
 from reflectagent.programs import NAMED, load_program, named_program
 from reflectagent.records.output import AtomicOutput, OutputError
 from reflectagent.records.pairs import InvalidPair, Pair, PairFile, read_pairs, sample_path

@@ -20,7 +20,8 @@ from reflectagent.calling.backends import resolve_backend
 from reflectagent.calling.concurrency import run_sync
 from reflectagent.calling.config import Settings
 from reflectagent.eval.metrics import Record, Summary, summarize, summarize_by_category
-from reflectagent.judging.judge import Judge, judge_all
+from reflectagent.judging.base import Judge
+from reflectagent.judging.runs import judge_all
 from reflectagent.programs import named_program
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment

@@ -31,7 +31,8 @@ from reflectagent.calling.cache import CacheOnly, JudgmentCache, NotCached, curr
 from reflectagent.calling.concurrency import run_sync
 from reflectagent.calling.config import Settings
 from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data
-from reflectagent.judging.judge import Judge, judge_all
+from reflectagent.judging.base import Judge
+from reflectagent.judging.runs import judge_all
 from reflectagent.programs.escalating import analyses_disagree
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from reflectagent.finetune.run_card import RunCard, losses
 from reflectagent.finetune.sft_config import LoRAJobConfig, lora_config, trainer_arguments
-from reflectagent.judging.judge import Judge
+from reflectagent.judging.base import Judge
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment
 

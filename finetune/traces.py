@@ -22,7 +22,8 @@ from pathlib import Path
 
 from reflectagent.calling.config import Settings
 from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data, build_verdict_data
-from reflectagent.judging.judge import Judge, judge_pairs
+from reflectagent.judging.base import Judge
+from reflectagent.judging.runs import judge_pairs
 from reflectagent.programs import GenRM, ReflectRM
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment

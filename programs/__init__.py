@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from reflectagent.calling.config import ConfigError
-from reflectagent.judging.judge import Judge, PositionSwapJudge, ProgramFileError
+from reflectagent.judging.base import Judge, ProgramFileError
+from reflectagent.judging.position_swap import PositionSwapJudge
 from reflectagent.programs.calibration import Calibrated, Calibration, calibrate
 from reflectagent.programs.compose import Cascade, Ensemble
 from reflectagent.programs.escalating import EscalatingJudge, choose_threshold

@@ -29,7 +29,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from reflectagent.judging.judge import Judge, judge_pairs, probability_verdict
+from reflectagent.judging.base import Judge
+from reflectagent.judging.decisions import probability_verdict
+from reflectagent.judging.runs import judge_pairs
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment
 

@@ -17,7 +17,8 @@ from typing import Literal
 
 import dspy
 
-from reflectagent.judging.judge import Judge, judge_pairs
+from reflectagent.judging.base import Judge
+from reflectagent.judging.runs import judge_pairs
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment
 from reflectagent.records.teacher import TeacherJudgment

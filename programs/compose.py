@@ -13,7 +13,8 @@ from collections import Counter
 import dspy
 
 from reflectagent.calling.backends import resolve_backend
-from reflectagent.judging.judge import Decision, Judge, check_decision, probability_verdict
+from reflectagent.judging.base import Judge
+from reflectagent.judging.decisions import Decision, check_decision, probability_verdict
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment
 

@@ -30,7 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from reflectagent.calling.cache import current_cache
-from reflectagent.judging.judge import Judge, judge_pairs
+from reflectagent.judging.base import Judge
+from reflectagent.judging.runs import judge_pairs
 from reflectagent.programs.compose import _Composite
 from reflectagent.programs.genrm import GenRM, sample_plan
 from reflectagent.programs.reflectrm import ReflectRM, probability_a_of, stage1_plan

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from reflectagent.judging.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
+from reflectagent.judging.base import Judge
+from reflectagent.judging.decisions import Decision, check_decision, order_averaged_probability, probability_verdict
 from reflectagent.judging.modules import Analyzer
 from reflectagent.judging.signatures import Analyze, Prefer
 from reflectagent.records.pairs import Pair

@@ -16,7 +16,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from reflectagent.calling.steps import arun_step
-from reflectagent.judging.judge import Judge
+from reflectagent.judging.base import Judge
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Analysis, Judgment, flip
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import math
 
-from reflectagent.judging.judge import Decision, Judge, check_decision
+from reflectagent.judging.base import Judge
+from reflectagent.judging.decisions import Decision, check_decision
 from reflectagent.judging.modules import Rater
 from reflectagent.judging.signatures import Assess, Rate
 from reflectagent.records.pairs import Pair

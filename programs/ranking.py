@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from reflectagent.calling.concurrency import run_sync
-from reflectagent.judging.judge import Judge
+from reflectagent.judging.base import Judge
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment, Usage
 

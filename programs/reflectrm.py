@@ -33,7 +33,8 @@ import asyncio
 from collections import Counter
 from itertools import combinations
 
-from reflectagent.judging.judge import Decision, Judge, check_decision, order_averaged_probability, probability_verdict
+from reflectagent.judging.base import Judge
+from reflectagent.judging.decisions import Decision, check_decision, order_averaged_probability, probability_verdict
 from reflectagent.judging.modules import Analyzer, Reflector
 from reflectagent.programs.genrm import analyse
 from reflectagent.records.pairs import Pair

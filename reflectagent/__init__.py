@@ -66,7 +66,9 @@ _EXPORTS = {
     "reflectagent.calling.cache": ("JudgmentCache", "current_cache", "use_cache"),
     "reflectagent.calling.config": ("BackendConfig", "ConfigError", "OverrideError", "Settings", "load_settings"),
     "reflectagent.errors": ("ReflectAgentError",),
-    "reflectagent.judging.judge": ("Judge", "PositionSwapJudge", "judge_pairs"),
+    "reflectagent.judging.base": ("Judge",),
+    "reflectagent.judging.position_swap": ("PositionSwapJudge",),
+    "reflectagent.judging.runs": ("judge_pairs",),
     "reflectagent.judging.modules": ("Analyzer", "Rater", "Reflector", "VerdictStep"),
     "reflectagent.records.pairs": ("BadLine", "InvalidPair", "Pair", "read_pairs"),
     "reflectagent.records.results": ("Analysis", "Judgment", "Rating", "Reflection", "Usage"),
@@ -102,7 +104,9 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from reflectagent.calling.cache import JudgmentCache, current_cache, use_cache
     from reflectagent.calling.config import BackendConfig, ConfigError, OverrideError, Settings, load_settings
     from reflectagent.errors import ReflectAgentError
-    from reflectagent.judging.judge import Judge, PositionSwapJudge, judge_pairs
+    from reflectagent.judging.base import Judge
+    from reflectagent.judging.position_swap import PositionSwapJudge
+    from reflectagent.judging.runs import judge_pairs
     from reflectagent.judging.modules import Analyzer, Rater, Reflector, VerdictStep
     from reflectagent.judging.signatures import Analyze, Assess, Prefer, Rate, Reflect, Verdict
     from reflectagent.records import pairs

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from reflectagent.judging.judge import Judge
+from reflectagent.judging.base import Judge
 from reflectagent.programs.ranking import Comparison, Method, Ranking, arank
 
 ROUND_ROBIN_UP_TO = 8  # TRL's default num_generations: 28 judgments; 16 distinct would be 120 (a tournament: 15)

@@ -33,7 +33,7 @@ from reflectagent.calling.backends import resolve_backend
 from reflectagent.calling.concurrency import run_sync
 from reflectagent.calling.config import Settings
 from reflectagent.errors import ReflectAgentError
-from reflectagent.judging.judge import Judge
+from reflectagent.judging.base import Judge
 from reflectagent.programs import resolve_program
 from reflectagent.programs.ranking import Ranking
 from reflectagent.records.pairs import InvalidPair, Pair

@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 
 from dspy.utils.exceptions import LMError
 
-from reflectagent.judging.judge import is_transient
+from reflectagent.judging.runs import is_transient
 from reflectagent.records.pairs import InvalidPair, Pair
 from reflectagent.rl.adapters import RewardInputError, openrlhf_batch
 from reflectagent.rl.monitors import WINDOW, Monitor
