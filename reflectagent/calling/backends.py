@@ -32,6 +32,7 @@ from reflectagent.calling.config import (
     using_settings,
 )
 from reflectagent.calling.pool import AsyncRouterEngine, RouterEngine, make_router
+from reflectagent.calling.prices import remember_unpriced_models
 from reflectagent.calling.vllm_client import ChatClient
 from reflectagent.serving import embedded  # its functions looked up when called (a test stands in for the server)
 from reflectagent.serving.models import default_dtype, prepare_model
@@ -259,32 +260,6 @@ def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
         "max_tokens": config.max_tokens, "extra": config.extra, "tag": config.cache_tag,
     }
     return Backend(name=name, config=config, model=config.model, api_base=config.api_base, identity=identity)
-
-
-@functools.cache
-def remember_unpriced_models() -> None:
-    """DSPy prices every response from its model table. For a model the table does not list (every
-    self-hosted vLLM model) each lookup scans the whole table: 0.38 ms here, twice a call, about a
-    third of this library's own CPU per LM call (``bench/library_overhead.py``). The answer for a
-    model cannot change while the bundled table does not, so the miss is remembered; a model the
-    table lists is looked up as before. Installed once, when a backend is first resolved."""
-    import copy
-
-    from dspy.clients import capabilities, costs, model_metadata
-
-    lookup = model_metadata.model_info
-    missing: set = set()
-
-    def model_info(provider, model, *, namespaces=None):
-        key = (provider, model, None if namespaces is None else tuple(namespaces))
-        if key in missing:
-            return {}
-        found = lookup(provider, model, namespaces=namespaces)
-        if not found:
-            missing.add(key)
-        return copy.deepcopy(found) if found else found
-
-    costs.model_info = capabilities.model_info = model_info
 
 
 def resolve_backend(name: str | None = None, settings: Settings | None = None) -> BackendLM:
