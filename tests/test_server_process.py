@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from reflectagent import server
 
 
@@ -65,3 +67,61 @@ def test_on_a_small_cpu_machine_the_engine_computes_on_every_core(monkeypatch):
     monkeypatch.setattr(server, "has_gpu", lambda: True)
     monkeypatch.delenv(server.RESERVED_CPU_ENV)
     assert server.RESERVED_CPU_ENV not in server.server_env()
+
+
+class FakeVLLM(server.ServerSpec):
+    """The fake engine (``bench/fake_engine.py``) started as if it were vLLM: same process handling, no model."""
+
+    def command(self, port: int) -> list[str]:
+        from fakes import ENGINE
+
+        return [sys.executable, str(ENGINE), str(port), "--context", "2048"]
+
+
+def no_proxy_but(monkeypatch, **proxies: str) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name, value in proxies.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("proxies", [{"ALL_PROXY": "socks5://proxy.example:1080"}, "a dead HTTP proxy"])
+def test_a_starting_server_is_asked_directly_whatever_proxy_the_environment_names(proxies, monkeypatch, tmp_path):
+    """The readiness wait (httpx) sent its probe for 127.0.0.1 to the environment's proxy: with a SOCKS ``ALL_PROXY``
+    it raised ImportError (no socksio) and left the child running; with ``HTTP_PROXY`` and no ``no_proxy`` it asked
+    the proxy until its 600 s were up. The loopback is asked directly, as the step path's own client asks it."""
+    if not isinstance(proxies, dict):
+        proxies = {"HTTP_PROXY": f"http://127.0.0.1:{server.free_port()}"}  # nothing listens there
+    no_proxy_but(monkeypatch, **proxies)
+    monkeypatch.setenv("REFLECTAGENT_SERVER_DIR", str(tmp_path))
+    fake = server.VLLMServer(FakeVLLM(model_dir="unused"), log_path=tmp_path / "fake.log")
+    try:
+        assert fake.start(timeout_s=20) == f"http://127.0.0.1:{fake.port}/v1"
+        assert server.served_models(fake.url) == {"fake": {"id": "fake", "object": "model", "max_model_len": 2048}}
+    finally:
+        child = fake.process
+        fake.stop()
+    assert child is not None and wait_dead(child.pid)
+
+
+def test_a_readiness_probe_that_raises_stops_the_child_it_waited_for(monkeypatch, tmp_path):
+    """Anything the readiness wait raises (here a probe's own error) stops the child before it is raised: no vLLM is
+    left running unseen, holding its memory and port."""
+    started = []
+    real_popen = server.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def probe(url, model=None):
+        raise RuntimeError("the probe broke")
+
+    monkeypatch.setattr(server.subprocess, "Popen", popen)
+    monkeypatch.setattr(server, "is_serving", probe)
+    monkeypatch.setenv("REFLECTAGENT_SERVER_DIR", str(tmp_path))
+    fake = server.VLLMServer(FakeVLLM(model_dir="unused"), log_path=tmp_path / "fake.log")
+    with pytest.raises(RuntimeError, match="the probe broke"):
+        fake.start(timeout_s=20)
+    assert len(started) == 1 and wait_dead(started[0].pid) and fake.process is None

@@ -415,6 +415,35 @@ def test_the_loopback_is_never_sent_to_a_proxy(proxy_env):
         assert _env_proxy(url) is None
 
 
+@pytest.mark.parametrize("proxy", ["socks5://proxy.example:1080", "a dead HTTP proxy"])
+def test_the_loopback_is_never_sent_to_a_proxy_by_the_httpx_requests_either(proxy_env, proxy):
+    """``/v1/models`` and ``/tokenize`` (httpx) went to the environment's proxy for a server on 127.0.0.1: a SOCKS
+    ``ALL_PROXY`` raised ImportError (httpx's socks transport needs socksio), an HTTP proxy that cannot reach this
+    machine's loopback failed or hung them. They now go straight there, as the chat requests do."""
+    from reflectagent.serving import loopback
+    from reflectagent.serving.server import free_port, served_models
+    from reflectagent.serving.tokens import pool_counter, server_context, server_counter
+
+    if proxy.startswith("socks"):
+        proxy_env.setenv("ALL_PROXY", proxy)
+    else:
+        proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    messages = [{"role": "user", "content": "right or wrong"}]
+    with ThreadEngine(context=2048) as engine:
+        server_context.cache_clear()
+        try:
+            assert served_models(engine.api_base)["fake"]["max_model_len"] == 2048
+            assert server_context(engine.api_base, "fake") == 2048
+            assert server_counter(engine.api_base, "fake")(messages) == pool_counter([engine.api_base], "fake")(messages) > 0
+        finally:
+            server_context.cache_clear()
+    assert loopback.bypasses_proxy(engine.api_base) and loopback.httpx_options(engine.api_base) == {"trust_env": False}
+    for host in ("localhost", "LOCALHOST.", "api.localhost", "127.1.2.3", "[::1]", "[::ffff:127.0.0.1]", "0.0.0.0"):
+        assert loopback.bypasses_proxy(f"http://{host}:8000/v1"), host
+    for host in ("judge.example", "10.0.0.1", "[2001:db8::1]", "localhost.example"):
+        assert not loopback.bypasses_proxy(f"http://{host}:8000/v1") and not loopback.httpx_options(f"http://{host}/v1")
+
+
 @pytest.mark.parametrize("routes", ["none", "html"])
 @pytest.mark.parametrize("context_tokens", [None, 2048])
 @pytest.mark.parametrize("path", ["direct", "through DSPy"])

@@ -13,7 +13,8 @@ a context overflow, a server error); ``num_retries`` further tries on DSPy's bac
 ``Retry-After`` wins) for what DSPy retries (transport faults, timeouts, 429 and 5xx), and a reply that
 arrived is never sent again; ``timeout_s`` bounds each try's wait for the connection and for the reply;
 the config's ``headers`` and ``extra_headers`` go with every request; a proxy named in the environment is
-used as httpx uses it (``all_proxy`` too; read once per endpoint).
+used as httpx uses it (``all_proxy`` too; read once per endpoint), never for a server on this machine
+(:mod:`reflectagent.serving.loopback`, which reflectagent's httpx requests follow too).
 
 Connections are pooled per event loop (an aiohttp session belongs to one loop). A loop that ends through
 ``asyncio.run`` (or ``shutdown_asyncgens``) closes its session as it ends; the shared loop of
@@ -27,7 +28,6 @@ import atexit
 import contextvars
 import email.utils
 import functools
-import ipaddress
 import json
 import logging
 import math
@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from reflectagent.errors import ConfigError
+from reflectagent.serving.loopback import bypasses_proxy
 from reflectagent.serving.tokens import RouteMissing, missing_route, tokenize_url
 
 PROVIDER = "vllm"  # DSPy's name for a hosted_vllm endpoint (its errors say so)
@@ -182,13 +183,14 @@ def _replied(message: str, status: int):
 def _env_proxy(url: str) -> str | None:
     """The proxy the environment names for ``url``, as DSPy's transport (httpx) reads it: ``http_proxy`` or
     ``https_proxy`` for the URL's scheme, else ``all_proxy`` (either case each), none for a host ``no_proxy``
-    names; one written without a scheme is an HTTP proxy. Read once per endpoint (aiohttp's ``trust_env`` reads
+    names, nor for one on this machine (:func:`reflectagent.serving.loopback.bypasses_proxy`, the rule every
+    client of reflectagent's follows); one written without a scheme is an HTTP proxy. Read once per endpoint (aiohttp's ``trust_env`` reads
     them in a thread at every request, and leaves ``all_proxy`` out).
 
     aiohttp speaks to HTTP proxies only: a SOCKS proxy (``all_proxy``'s usual kind) is refused with what to do,
     not sent HTTP, nor passed by unseen (httpx refuses it too, without its ``socks`` extra)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.hostname and (_is_loopback(parts.hostname) or urllib.request.proxy_bypass(parts.hostname)):
+    if bypasses_proxy(url) or (parts.hostname and urllib.request.proxy_bypass(parts.hostname)):
         return None  # a proxy elsewhere cannot reach this machine's loopback (where the embedded server listens)
     proxies = urllib.request.getproxies()
     name = parts.scheme if proxies.get(parts.scheme) else "all"
@@ -203,15 +205,6 @@ def _env_proxy(url: str) -> str | None:
                           "vLLM servers cannot use (it speaks to HTTP proxies only): name the server's host in "
                           "no_proxy, or an http:// proxy")
     return proxy
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _retryable(error: BaseException) -> bool:

@@ -28,6 +28,7 @@ import httpx
 
 from reflectagent.errors import ReflectAgentError
 from reflectagent.paths import server_dir
+from reflectagent.serving.loopback import httpx_options
 from reflectagent.serving.sources import DEFAULT_CONTEXT, DEFAULT_DTYPE
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,13 @@ class VLLMServer:
         with open(self.log_path, "wb") as log:
             popen = dict(stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
             self.process = spawn_for_life(command, **popen) if self.die_with_parent else subprocess.Popen(command, **popen)
+        try:
+            return self._wait_ready(timeout_s)
+        except BaseException:  # not ready, a probe that raised, Ctrl-C: no child is left running unseen
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> str:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
@@ -190,7 +198,6 @@ class VLLMServer:
                 logger.info("vLLM ready at %s after %.0f s", self.url, time.monotonic() - started)
                 return self.url
             time.sleep(1.0)
-        self.stop()
         raise ServerError(f"vLLM did not answer within {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
 
     def stop(self, grace_s: float = 20) -> None:
@@ -217,9 +224,10 @@ class VLLMServer:
 
 
 def served_models(url: str) -> dict[str, dict] | None:
-    """An OpenAI-compatible server's models by id (vLLM adds ``root``, ``max_model_len``, ``parent``), or None."""
+    """An OpenAI-compatible server's models by id (vLLM adds ``root``, ``max_model_len``, ``parent``), or None. A
+    server on this machine is asked directly, never through the environment's proxy (:mod:`~reflectagent.serving.loopback`)."""
     try:
-        response = httpx.get(url.rstrip("/") + "/models", timeout=2.0)
+        response = httpx.get(url.rstrip("/") + "/models", timeout=2.0, **httpx_options(url))
     except httpx.HTTPError:
         return None
     if response.status_code != 200:

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from reflectagent.errors import ReflectAgentError
+from reflectagent.serving.loopback import httpx_options
 
 Messages = list[dict[str, str]]
 TokenCounter = Callable[[Messages], int]
@@ -99,14 +100,15 @@ def tokenize_url(api_base: str) -> str:
 def server_counter(api_base: str, model: str, timeout_s: float = 30, headers: Headers = ()) -> TokenCounter:
     """Tokens as a vLLM server counts them (``POST /tokenize`` with the chat messages), over one kept client
     per process: ``httpx.post`` built a client, and its SSL context, for every count (27 ms of CPU a step).
-    ``headers`` go with every count (the backend's: a gateway may refuse a request without them);
-    :class:`RouteMissing` where the server has no such route."""
+    ``headers`` go with every count (the backend's: a gateway may refuse a request without them); a server on this
+    machine is asked directly, never through the environment's proxy (:mod:`~reflectagent.serving.loopback`), as
+    :func:`server_context` asks it; :class:`RouteMissing` where the server has no such route."""
     url = tokenize_url(api_base)
     kept: list = [None, None]  # the process that made the client, the client (a forked child makes its own)
 
     def count(messages: Messages) -> int:
         if kept[0] != os.getpid():
-            kept[:] = [os.getpid(), httpx.Client(timeout=timeout_s, headers=dict(headers))]
+            kept[:] = [os.getpid(), httpx.Client(timeout=timeout_s, headers=dict(headers), **httpx_options(url))]
         response = kept[1].post(url, json={"model": model, "messages": messages, "add_generation_prompt": True})
         return read_reply("POST /tokenize", url, response, lambda reply: int(reply["count"]))
 
@@ -136,7 +138,7 @@ def server_context(api_base: str, model: str, timeout_s: float = 30, headers: He
     adapter's is its base model's); None where it lists no length for it. ``headers`` go with the request;
     :class:`RouteMissing` where the server has no such route."""
     url = api_base.rstrip("/") + "/models"
-    response = httpx.get(url, timeout=timeout_s, headers=dict(headers))
+    response = httpx.get(url, timeout=timeout_s, headers=dict(headers), **httpx_options(url))
     listed = read_reply("GET /v1/models", url, response, lambda reply: list(reply.get("data") or []))
     entries = {entry.get("id"): entry for entry in listed if isinstance(entry, dict)}
     entry = entries.get(model) or {}
