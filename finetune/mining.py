@@ -140,7 +140,7 @@ def mine(pairs: list[Pair], program: Judge, backend: str | None, settings: Setti
     from reflectagent.finetune.traces import for_backend, save
 
     lm = resolve_backend(backend, settings)
-    mining = mine_cache(pairs, program, lm, current_cache(), margin=margin, concurrency=concurrency, progress=progress)
+    mining = mine_cache(pairs, program, lm, current_cache(lm), margin=margin, concurrency=concurrency, progress=progress)
     budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
     built = build_mined_data(mining, for_backend(config, lm.backend), adapter=lm.backend.adapter(), budget=budget)
     built.stats.update({"mined_backend": lm.backend.name, **(card or {})})

@@ -1,6 +1,6 @@
 """The judgment cache is where the settings say, whichever way judging is started: a ``backend()`` block's
-settings, else the config file's (read once), place the cache in force, as ``open_cache`` places the commands';
-and the fine-tuning loop's copies of its settings keep where that is."""
+settings, else those the LM in force was resolved from, else the config file's (read once), place the cache in
+force, as ``open_cache`` places the commands'; and the fine-tuning loop's copies of its settings keep where that is."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from fakes import PAIR
 from fakes import ThreadEngine as Engine
 from reflectagent import cache as cache_module
-from reflectagent.backends import backend
+from reflectagent.backends import backend, resolve_backend
 from reflectagent.cache import DiskStore, JudgmentCache, RedisStore, caching, current_cache, use_cache
 from reflectagent.cli.common import open_cache
-from reflectagent.config import BackendConfig, Settings
+from reflectagent.config import BackendConfig, ConfigError, Settings
 from reflectagent.judge import judge_pairs
 from reflectagent.programs import named_program
 
@@ -89,3 +89,70 @@ def test_the_loops_settings_with_a_served_backend_keep_the_cache_url(tmp_path):
     assert served.backends == {**settings.backends, "teacher": api("http://127.0.0.1:2/v1")}
     with backend("teacher", served):
         assert current_cache().store.url == URL
+
+
+def test_settings_given_explicitly_place_the_cache_outside_a_block_and_no_config_file_is_read(tmp_path):
+    """A caller that passes its settings (``resolve_backend("api", S)``, as ``run_eval(..., settings=S)`` and
+    ``Rewarder(settings=S)`` do) and runs under ``dspy.context(lm=...)`` got the config file's cache, and a
+    ConfigError where an unrelated ./reflectagent.toml was invalid: the LM in force now carries its settings."""
+    import dspy
+
+    (tmp_path / "reflectagent.toml").write_text("cache = [not valid\n")
+    configured = resolve_backend("api", Settings(backends={"api": api()}, cache_dir=str(tmp_path / "configured")))
+    redis = resolve_backend("api", Settings(backends={"api": api()}, cache_url=URL))
+    off = resolve_backend("api", Settings(backends={"api": api()}, cache=False))
+    with dspy.context(lm=configured):
+        assert current_cache().directory == tmp_path / "configured" and caching()
+    with dspy.context(lm=redis):
+        assert current_cache().store.url == URL
+    with dspy.context(lm=off):
+        assert not current_cache().enabled and not caching()
+    with backend("api", Settings(backends={"api": api()}, cache_dir=str(tmp_path / "block"))), dspy.context(lm=redis):
+        assert current_cache().directory == tmp_path / "block"  # an open block's settings come first
+    with pytest.raises(ConfigError):  # with no block and no LM of ours, the config file is read, as before
+        current_cache()
+
+
+def test_judging_under_an_lm_resolved_from_explicit_settings_keeps_steps_where_they_say(tmp_path):
+    import dspy
+
+    with Engine(delay_s=0) as engine:
+        lm = resolve_backend("api", Settings(backends={"api": api(engine.api_base)}, cache_dir=str(tmp_path / "configured")))
+        with dspy.context(lm=lm):
+            judge_pairs(named_program("genrm-both"), [PAIR], progress=False)
+        assert len(engine.calls) == 2
+    assert len(JudgmentCache(tmp_path / "configured")) == 2
+    assert not (tmp_path / "default").exists()
+
+
+def test_the_default_cache_follows_reflectagent_cache_dir(tmp_path, monkeypatch):
+    assert current_cache().directory == tmp_path / "default"
+    monkeypatch.setenv("REFLECTAGENT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert current_cache().directory == tmp_path / "elsewhere"
+
+
+def test_threads_asking_at_once_open_one_default_cache(monkeypatch):
+    import threading
+    import time
+
+    opened = []
+    real = cache_module.configured_cache
+
+    def slow(settings):
+        time.sleep(0.05)  # long enough for every thread to find no cache yet
+        opened.append(real(settings))
+        return opened[-1]
+
+    monkeypatch.setattr(cache_module, "configured_cache", slow)
+    start, got = threading.Barrier(8), []
+
+    def ask():
+        start.wait()
+        got.append(current_cache())
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) == 1 and len(got) == 8 and all(cache is opened[0] for cache in got)

@@ -61,6 +61,8 @@ class Backend:
     identity: dict[str, Any]  # what the judgment cache keys on (never the API key)
     model_dir: Path | None = None  # the served folder, where reflectagent serves it (its tokenizer counts tokens)
     start: Callable[[], str] | None = field(default=None, compare=False, repr=False)  # find or start the server
+    # the settings it was resolved from: they place the judgment cache of its steps outside a backend() block
+    settings: Settings | None = field(default=None, compare=False, repr=False)
 
     @property
     def constrained(self) -> bool:
@@ -267,12 +269,14 @@ def resolve_backend(name: str | None = None, settings: Settings | None = None) -
 
     Settings come from the argument, else the enclosing :func:`backend` block, else the
     config file, so a program that names its members' backends finds them in the same config.
+    The backend remembers them (:attr:`Backend.settings`): under ``dspy.context(lm=...)`` they place its
+    steps' judgment cache (:func:`reflectagent.calling.cache.current_cache`).
     """
     settings = settings or settings_in_force() or load_settings()
     name, config = settings.backend(name)
     remember_unpriced_models()
     resolve = _resolve_embedded if config.model == EMBEDDED else _resolve_litellm
-    return BackendLM(resolve(name, config))
+    return BackendLM(replace(resolve(name, config), settings=settings))
 
 
 @contextmanager

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 _current: contextvars.ContextVar[JudgmentCache | None] = contextvars.ContextVar("reflectagent_cache", default=None)
 _defaults: dict[tuple, JudgmentCache] = {}  # the caches settings configure, one per place (see current_cache)
+_defaults_lock = threading.Lock()  # two threads asking at once open one cache, not two
 _file_settings: Settings | None = None  # the config file's settings, read once, where no backend() block gives any
 SCHEMA_VERSION = 1
 LEASE_TTL_ENV = "REFLECTAGENT_LEASE_TTL_S"
@@ -258,9 +260,10 @@ _renewer = _Renewer()
 
 
 def _forget_in_child() -> None:
-    """A forked child holds none of its parent's leases."""
-    global _renewer
+    """A forked child holds none of its parent's leases (nor a lock a parent's thread held as it forked)."""
+    global _renewer, _defaults_lock
     _renewer = _Renewer()
+    _defaults_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -353,29 +356,43 @@ def configured_cache(settings: Settings, directory: str | Path | None = None, en
                          url=None if directory else _url(settings))
 
 
-def current_cache() -> JudgmentCache:
+def current_cache(lm: Any = None) -> JudgmentCache:
     """The cache in force: set by :func:`use_cache`, else the one the settings in force configure
-    (:func:`configured_cache`): those of the enclosing :func:`~reflectagent.calling.backends.backend` block, else the
-    config file's (read once). One cache per place, opened on first use and kept."""
+    (:func:`configured_cache`; see :func:`_settings_in_force`, ``lm`` the LM a step is made with where it is not
+    DSPy's LM in force). One cache per place (its Redis, or its folder: ``$REFLECTAGENT_CACHE_DIR`` included),
+    opened on first use and kept."""
     cache = _current.get()
     if cache is not None:
         return cache
-    settings = _settings_in_force()
-    key = (_url(settings), settings.cache_dir, _enabled(settings))
+    settings = _settings_in_force(lm)
+    url = _url(settings)
+    key = (url, None if url else Path(settings.cache_dir) if settings.cache_dir else judgments_dir(), _enabled(settings))
     cache = _defaults.get(key)
     if cache is None:
-        cache = _defaults.setdefault(key, configured_cache(settings))
+        with _defaults_lock:
+            cache = _defaults.get(key)
+            if cache is None:
+                cache = _defaults[key] = configured_cache(settings)
     return cache
 
 
-def _settings_in_force() -> Settings:
-    """The enclosing ``backend()`` block's settings, else the config file's (read once)."""
+def _settings_in_force(lm: Any = None) -> Settings:
+    """The settings that place the cache: the enclosing ``backend()`` block's, else those the LM was resolved from
+    (``lm``, else DSPy's LM in force: a caller that passed its settings to ``resolve_backend`` and runs under
+    ``dspy.context(lm=...)``, as ``run_eval(settings=...)`` does), else the config file's (read once, and only here:
+    a config file nobody asked for is not read, nor refused, where settings were given)."""
     global _file_settings
-    from reflectagent.calling.config import load_settings, settings_in_force  # pydantic, on first use only
+    from reflectagent.calling.config import Settings, load_settings, settings_in_force  # pydantic, on first use only
 
     settings = settings_in_force()
     if settings is not None:
         return settings
+    if lm is None:  # DSPy's LM in force, read where DSPy is loaded (no LM can be in force where it is not)
+        dspy = sys.modules.get("dspy")
+        lm = getattr(getattr(dspy, "settings", None), "lm", None)
+    resolved = getattr(getattr(lm, "backend", None), "settings", None)  # steps.backend_of, then what it was resolved from
+    if isinstance(resolved, Settings):
+        return resolved
     if _file_settings is None:
         _file_settings = load_settings()
     return _file_settings
@@ -393,11 +410,11 @@ def _off_by_env() -> bool:
     return os.environ.get("REFLECTAGENT_CACHE", "").lower() in {"0", "off", "false", "no"}
 
 
-def caching() -> bool:
+def caching(lm: Any = None) -> bool:
     """Whether finished steps are being kept (the cache in force is on), without opening the default cache: what
     an error may promise about resuming (``--no-cache`` keeps nothing, so a re-run starts over)."""
     cache = _current.get()  # not ``or``: an empty cache has len() 0, and is falsy
-    return cache.enabled if cache is not None else _enabled(_settings_in_force())
+    return cache.enabled if cache is not None else _enabled(_settings_in_force(lm))
 
 
 @contextlib.contextmanager

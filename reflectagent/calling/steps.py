@@ -89,7 +89,7 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
     config = _request_settings(lm, predict, sample, config)
     describe = adapter.describe() if hasattr(adapter, "describe") else type(adapter).__name__
     identity = lm_identity(lm)
-    cache = current_cache()
+    cache = current_cache(lm)
 
     request_messages: dict[str, list[dict]] = {}
 
