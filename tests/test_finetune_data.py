@@ -272,3 +272,34 @@ def test_finetune_data_kind_verdict_from_a_teacher_file_and_refusing_an_empty_re
                               for i in range(4)) + "\n")
     refused = CliRunner().invoke(app, ["finetune", "data", "--kind", "verdict", "--data", str(ties), "--out", str(tmp_path / "x")])
     assert refused.exit_code == 1 and "no training rows" in refused.output, refused.output
+
+
+def test_data_for_a_server_without_tokenize_is_cut_by_characters_with_one_warning(tmp_path, caplog, monkeypatch):
+    """Training data is rendered with the student backend's input budget (``label_data``, ``distil``, ``mine``): for a
+    served model with ``context_tokens`` set that budget counts tokens by ``/tokenize``, and a server without it
+    (not vLLM, or a proxy: 404) raised RouteMissing out of data preparation, which only ``run_step`` caught. The
+    backend's counter now falls back to the character budget itself, with one warning, for every caller."""
+    import logging
+
+    from fakes import ThreadEngine
+
+    from reflectagent import backends
+    from reflectagent.config import BackendConfig, Settings
+    from reflectagent.finetune.traces import label_data
+
+    monkeypatch.setattr(backends, "_warned", set(), raising=False)
+    pairs = [Pair(prompt=f"question {i}", response_a=f"right {i}", response_b=f"wrong {i}", id=f"p{i}", label="AB"[i % 2])
+             for i in range(6)]
+    pairs.append(Pair(prompt="why? " * 1500, response_a="right", response_b="wrong", id="long", label="A"))
+    with ThreadEngine(routes="none") as engine, caplog.at_level(logging.WARNING, logger="reflectagent"):
+        config = BackendConfig(model="hosted_vllm/fake", api_base=engine.api_base, context_tokens=2048, context_chars=4000)
+        built = label_data(pairs, "student", Settings(backends={"student": config}), tmp_path / "data")
+        asked = [(method, path) for method, path, _ in engine.seen]
+    rows = [row for split in built.splits.values() for row in split]
+    assert len({row["pair_id"] for row in rows}) == len(pairs) and not engine.chat_requests
+    long = [row for row in rows if row["pair_id"] == "long"]
+    assert long and all("characters cut to fit the judge's context" in row["prompt"][-1]["content"] for row in long)
+    assert all(sum(len(m["content"]) for m in row["prompt"]) < 4000 + 3000 for row in long)  # context_chars, + the template
+    assert asked == [("POST", "/tokenize")]  # asked once: the backend keeps to its characters from then on
+    told = [r.getMessage() for r in caplog.records if "as vLLM serves it" in r.getMessage()]
+    assert len(told) == 1 and "backend 'student': the server has no POST /tokenize" in told[0]

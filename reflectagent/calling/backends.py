@@ -116,6 +116,7 @@ class Backend:
     def cannot_count(self, missing: RouteMissing) -> None:
         """The server cannot count tokens (no ``/tokenize``): this backend keeps to its character budget from now on."""
         self.__dict__["_counter"] = None  # what the cached property holds (the dataclass is frozen, its cache is not)
+        self.__dict__["_missing"] = missing
         self._without(missing, f"prompts cannot be counted to fit the {self.context_tokens}-token context",
                       "context_chars (each step's input characters)")
 
@@ -164,7 +165,22 @@ class Backend:
             if tokens <= 0:
                 raise ConfigError(f"backend {self.name!r}: max_tokens ({self.config.max_tokens}) leaves no room for the "
                                   f"prompt in a {self.context_tokens}-token context: lower max_tokens or raise context_tokens")
-        return InputBudget(chars=self.config.context_chars, tokens=tokens, count=self._counter if tokens else None)
+        return InputBudget(chars=self.config.context_chars, tokens=tokens, count=self._count if tokens else None)
+
+    def _count(self, messages) -> int:
+        """The prompt's tokens, by the backend's counter. A server without ``/tokenize`` (:class:`RouteMissing`): this
+        backend cannot count from now on (:meth:`cannot_count`, told once), and the error goes on to
+        :func:`~reflectagent.calling.budget.render_request`, which keeps the request as the character budget renders
+        it; so every caller of :meth:`input_budget` (a step, training data) falls back alike. Asked again after
+        that (a budget made before), it raises at once, asking the server nothing."""
+        counter = self._counter
+        if counter is None:
+            raise self.__dict__.get("_missing") or RouteMissing("POST /tokenize", str(self.api_base), "cannot count")
+        try:
+            return counter(messages)
+        except RouteMissing as missing:
+            self.cannot_count(missing)
+            raise
 
 
 _CLIENT_KEYS = {"api_base", "api_key", "base_url", "timeout", "headers", "extra_headers", "rollout_id", "num_retries"}

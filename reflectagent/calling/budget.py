@@ -5,7 +5,7 @@ counted, to the tokens its context leaves after the completion. Inference and tr
 from __future__ import annotations
 
 from reflectagent.errors import ReflectAgentError
-from reflectagent.serving.tokens import InputBudget
+from reflectagent.serving.tokens import InputBudget, RouteMissing
 
 
 def fit_to_budget(texts: dict[str, str], budget: int | None) -> tuple[dict[str, str], tuple[str, ...]]:
@@ -51,6 +51,9 @@ def render_request(adapter, signature, inputs: dict[str, str], budget: InputBudg
     character budget whose prompt fits (an estimate from the text's tokens per character, then
     bisection), so no request is refused for length and little room is left unused.
     ``InputTooLong`` when even inputs cut to their markers do not fit (demos or instructions too long).
+    A count that cannot be had (:class:`~reflectagent.serving.tokens.RouteMissing`: a server without ``/tokenize``,
+    which the backend's counter has said once, ``Backend.cannot_count``) leaves the request as the character
+    budget renders it.
     """
     budget = budget if isinstance(budget, InputBudget) else InputBudget(chars=budget)
     chars = budget.chars
@@ -60,6 +63,15 @@ def render_request(adapter, signature, inputs: dict[str, str], budget: InputBudg
     messages = adapter.format(signature, list(demos), fitted)
     if not budget.counts_tokens:
         return fitted, truncated, messages
+    try:
+        return _fit_to_tokens(adapter, signature, inputs, budget, demos, fitted, truncated, messages)
+    except RouteMissing:
+        return fitted, truncated, messages
+
+
+def _fit_to_tokens(adapter, signature, inputs, budget: InputBudget, demos, fitted, truncated, messages):
+    """:func:`render_request`'s token budget: the request as the characters rendered it if it fits, else the largest
+    character budget whose prompt does."""
     used = budget.count(messages)
     if used <= budget.tokens:
         return fitted, truncated, messages

@@ -113,8 +113,8 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
         except InputTooLong as exc:  # deterministic: the same request would never fit, so nothing to retry
             logger.warning("a step cannot fit the model's context: %s", exc)
             return StepOutput(fields=None, raw="", usage=Usage(), error=f"InputTooLong: {exc}", truncated=tuple(inputs))
-        except RouteMissing as missing:  # a server that cannot count: the request as the character budget renders it
-            backend.cannot_count(missing)
+        # a server that cannot count (no /tokenize): render_request kept the request as the character budget renders
+        # it, and the backend's counter said so once (Backend._count)
     inputs, truncated, key = request
     messages = request_messages.get(key)
 
