@@ -35,11 +35,14 @@ def skipping_unset(op):
         unset = indices < 0
         if not bool(unset.any()):
             return op(inputs, weights, output, indices, *args, **kwargs)
-        if unset.shape[0] != output.shape[0]:  # one index broadcast over every row (vLLM's ``limit = 1``)
-            unset = unset.expand(output.shape[0]) if unset.numel() == 1 else None
-        if unset is None:
+        rows = output.shape[0]
+        if unset.shape[0] == 1 and rows != 1:  # one index broadcast over every row (vLLM's ``limit = 1``)
+            unset = unset.expand(rows)
+        elif unset.shape[0] > rows:  # more tokens than rows: the op keeps the first rows (``outputs[:limit]``)
+            unset = unset[:rows]
+        if unset.shape[0] != rows:
             raise RuntimeError(f"vLLM's {op.__name__} was given {indices.shape[0]} LoRA indices for "
-                               f"{output.shape[0]} rows; reflectagent's mend does not know this layout")
+                               f"{rows} rows; reflectagent's mend does not know this layout")
         kept = output[unset].clone()
         result = op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
         output[unset] = kept
@@ -59,7 +62,20 @@ def applies_adapter_to_unset(op) -> bool:
 
 
 def register() -> None:
-    """vLLM's entry point: mend the CPU LoRA ops where they need it (see the module's docstring)."""
+    """vLLM's entry point: mend the CPU LoRA ops where they need it (see the module's docstring).
+
+    vLLM calls its plugins without a ``try``: anything raised here would stop every vLLM process in the environment,
+    whatever it serves. So nothing is raised: a check or a mend that fails is told on vLLM's log (a warning: base-model
+    requests batched with adapter requests may be computed with the adapter), and vLLM starts as it is."""
+    try:
+        _mend()
+    except Exception as exc:
+        logger.warning("reflectagent: the mend of vLLM's CPU LoRA ops was not applied (%s: %s); on a CPU server with "
+                       "LoRA adapters, base-model requests batched with adapter requests may be computed with an adapter",
+                       type(exc).__name__, exc)
+
+
+def _mend() -> None:
     try:
         from vllm.lora.ops import torch_ops
         from vllm.lora.ops.torch_ops import lora_ops
@@ -68,9 +84,9 @@ def register() -> None:
     if getattr(lora_ops.bgmv_shrink, "reflectagent_mended", False) or not applies_adapter_to_unset(lora_ops.bgmv_shrink):
         return
     modules = [lora_ops, torch_ops, sys.modules.get("vllm.lora.punica_wrapper.punica_cpu")]
-    for name in _OPS:
-        mended = skipping_unset(getattr(lora_ops, name))
+    mended = {name: skipping_unset(getattr(lora_ops, name)) for name in _OPS}  # all made before any is set
+    for name, op in mended.items():
         for module in modules:
             if module is not None and hasattr(module, name):
-                setattr(module, name, mended)
+                setattr(module, name, op)
     logger.info("reflectagent: vLLM's CPU LoRA ops now leave base-model tokens (LoRA index -1) without an adapter")
