@@ -22,6 +22,7 @@ import logging
 import sys
 
 logger = logging.getLogger("vllm.reflectagent")  # under vLLM's logger, so its log says so
+PLUGIN_GROUP, PLUGIN_NAME = "vllm.general_plugins", "reflectagent_cpu_lora"  # as pyproject.toml declares it
 
 _OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")  # the sgmv_* (prefill) ops call these by name
 

@@ -125,3 +125,40 @@ def test_a_readiness_probe_that_raises_stops_the_child_it_waited_for(monkeypatch
     with pytest.raises(RuntimeError, match="the probe broke"):
         fake.start(timeout_s=20)
     assert len(started) == 1 and wait_dead(started[0].pid) and fake.process is None
+
+
+def test_a_cpu_server_with_adapters_says_when_vllm_would_not_load_the_lora_mend(monkeypatch, caplog):
+    """vLLM's CPU LoRA ops give a base-model request batched with an adapter's the adapter (``vllm_plugin``); nothing
+    said when the plugin that mends them would not load: left out by a user's ``VLLM_PLUGINS`` allow-list (which
+    wins: it is not rewritten), or not installed (a stale editable install). Told before the server starts; a GPU
+    server or one without adapters needs no mend."""
+    import importlib.metadata
+
+    from reflectagent import vllm_plugin
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    installed = importlib.metadata.entry_points(group=vllm_plugin.PLUGIN_GROUP)
+    assert vllm_plugin.PLUGIN_NAME in installed.names  # what the check looks for is what pyproject.toml declares
+    assert server.lora_plugin_problems({}) == []
+    assert server.lora_plugin_problems({"VLLM_PLUGINS": f"lora_filesystem_resolver,{vllm_plugin.PLUGIN_NAME}"}) == []
+    left_out = server.lora_plugin_problems({"VLLM_PLUGINS": "lora_filesystem_resolver"})
+    assert len(left_out) == 1 and "VLLM_PLUGINS='lora_filesystem_resolver' leaves out reflectagent_cpu_lora" in left_out[0]
+    assert "computed with the adapter" in left_out[0]
+    assert server.lora_plugin_problems({"VLLM_PLUGINS": ""})  # vLLM loads no plugin at all
+
+    monkeypatch.setattr(server.importlib.metadata, "entry_points", lambda **kw: importlib.metadata.EntryPoints(()))
+    stale = server.lora_plugin_problems({})
+    assert len(stale) == 1 and "scripts/install.sh" in stale[0] and "computed with the adapter" in stale[0]
+
+    spec = server.ServerSpec(model_dir="m", loras={"judge": "/adapters/judge"})
+    monkeypatch.setattr(server, "has_gpu", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="reflectagent"):
+        env = server.VLLMServer(spec, log_path="unused.log").child_env()
+    assert "VLLM_PLUGINS" not in env  # told, not changed
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] and "scripts/install.sh" in caplog.text
+    caplog.clear()
+    for quiet in (server.ServerSpec(model_dir="m"), spec):
+        monkeypatch.setattr(server, "has_gpu", lambda: quiet is spec)
+        with caplog.at_level(logging.WARNING, logger="reflectagent"):
+            server.VLLMServer(quiet, log_path="unused.log").child_env()
+    assert not caplog.records

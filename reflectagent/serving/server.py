@@ -10,6 +10,7 @@ process that started it, so a killed run leaves no server behind.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import httpx
 
 from reflectagent.errors import ReflectAgentError
 from reflectagent.paths import server_dir
+from reflectagent.vllm_plugin import PLUGIN_GROUP, PLUGIN_NAME
 from reflectagent.serving.loopback import httpx_options
 from reflectagent.serving.sources import DEFAULT_CONTEXT, DEFAULT_DTYPE
 
@@ -154,6 +156,24 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def lora_plugin_problems(env: dict[str, str]) -> list[str]:
+    """Why vLLM processes started with ``env`` would not load reflectagent's plugin (:mod:`reflectagent.vllm_plugin`),
+    which keeps a CPU server's LoRA adapters out of its base-model requests: the entry point is not installed (an
+    editable install made before it was declared), or ``VLLM_PLUGINS``, vLLM's allow-list, leaves it out (read as vLLM
+    reads it: names split on commas). A user's allow-list wins: it is told, never rewritten. None: an empty list."""
+    harm = ("on this CPU server, a base-model request batched with an adapter's request will be computed with the "
+            "adapter (vLLM's CPU LoRA ops; see reflectagent/vllm_plugin.py)")
+    problems = []
+    if PLUGIN_NAME not in {entry.name for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP)}:
+        problems.append(f"reflectagent's vLLM plugin ({PLUGIN_NAME}, entry point group {PLUGIN_GROUP}) is not installed "
+                        f"in this environment, so {harm}. A stale install: re-run scripts/install.sh (or pip install -e .)")
+    allowed = env.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+        problems.append(f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME}, so {harm}. Add {PLUGIN_NAME} to "
+                        "VLLM_PLUGINS (comma-separated, no spaces), or unset it to load every installed plugin")
+    return problems
+
+
 class VLLMServer:
     """Start with :meth:`start` (or ``with``); :attr:`url` is the OpenAI base URL."""
 
@@ -174,12 +194,22 @@ class VLLMServer:
         except OSError:
             return "(no log)"
 
+    def child_env(self) -> dict[str, str]:
+        """The server's environment (:func:`server_env`); on a CPU server with LoRA adapters, a warning for each reason
+        its vLLM would not load the plugin that keeps the adapters out of base-model requests
+        (:func:`lora_plugin_problems`)."""
+        env = server_env()
+        if self.spec.loras and not has_gpu():
+            for problem in lora_plugin_problems(env):
+                logger.warning("%s", problem)
+        return env
+
     def start(self, timeout_s: float = 600) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = self.spec.command(self.port)
         logger.info("starting vLLM: %s (log: %s)", " ".join(command), self.log_path)
         with open(self.log_path, "wb") as log:
-            popen = dict(stdout=log, stderr=subprocess.STDOUT, env=server_env(), start_new_session=True)
+            popen = dict(stdout=log, stderr=subprocess.STDOUT, env=self.child_env(), start_new_session=True)
             self.process = spawn_for_life(command, **popen) if self.die_with_parent else subprocess.Popen(command, **popen)
         try:
             return self._wait_ready(timeout_s)
