@@ -328,6 +328,26 @@ def test_a_kept_connection_the_server_closed_is_left_for_a_new_one(closed):
         assert server.dropped == (closed == "as the request came")
 
 
+def test_a_request_sent_again_goes_on_a_new_connection_not_another_kept_one():
+    """The request sent again after a kept connection failed took whatever the pool handed out next: with two kept
+    connections the server had let go, that was the other one, and the request failed. It now goes on a new one."""
+    with Recorder(keep_alive_s=0.3, lazy=True) as server:
+        lm = vllm(server.api_base, num_retries=0)
+        loop = asyncio.new_event_loop()
+        try:
+            async def two():  # at once: two connections, both kept
+                return await asyncio.gather(ask(lm), ask(lm))
+
+            assert all(reply["choices"] for reply in loop.run_until_complete(two()))
+            assert server.connections == 2
+            time.sleep(0.6)  # the server lets both go (as each next request comes)
+            assert loop.run_until_complete(ask(lm))["choices"]
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+    assert server.dropped == 1 and server.connections == 3 and [conn for _, conn in server.chat()][-1] == 3
+
+
 def test_kept_connections_are_let_go_before_vllms_server_would_close_them(monkeypatch):
     """aiohttp kept an idle connection 15 s, uvicorn (vLLM's server) 5 s: between the two, a request went to a
     connection the server was closing. The client lets go first; here both clocks shortened, none is dropped."""

@@ -117,19 +117,23 @@ class ChatClient:
         no try: the usual cause is a server that closed the connection as it idled (uvicorn after 5 s) while this
         side sent, or before a loop that was not running could see it, and such a request was never read. httpx
         (DSPy's transport) looks at the socket before it reuses one; aiohttp only hears of a close from its loop,
-        and sends again by itself only methods that may be repeated (RFC 9112, 9.3.1), never a POST."""
+        and sends again by itself only methods that may be repeated (RFC 9112, 9.3.1), never a POST.
+
+        It is sent again on a new connection, made for it and closed after it: the pool's next one may be just as
+        stale (the server's idle timer lets every connection of a quiet spell go), and would fail it again."""
         aiohttp = _aiohttp()
         session = await _sessions.get()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
-        for last in (False, True):
-            try:
-                async with session.post(url, data=data, headers=self.headers, timeout=timeout, proxy=proxy) as response:
-                    return response.status, response.headers, await response.read()
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if last or not _reused.get():
-                    raise
-                logger.debug("a kept connection to %s was closed by the server (%s): sent again on another", url, exc)
-        raise AssertionError("unreachable")
+        try:
+            async with session.post(url, data=data, headers=self.headers, timeout=timeout, proxy=proxy) as response:
+                return response.status, response.headers, await response.read()
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if not _reused.get():
+                raise
+            logger.debug("a kept connection to %s was closed by the server (%s): sent again on a new one", url, exc)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+            async with fresh.post(url, data=data, headers=self.headers, timeout=timeout, proxy=proxy) as response:
+                return response.status, response.headers, await response.read()
 
     async def _once(self, url: str, data: bytes, proxy: str | None) -> dict[str, Any]:
         status, headers, body = await self._post(url, data, proxy)
