@@ -175,7 +175,9 @@ class Backend:
         that (a budget made before), it raises at once, asking the server nothing."""
         counter = self._counter
         if counter is None:
-            raise self.__dict__.get("_missing") or RouteMissing("POST /tokenize", str(self.api_base), "cannot count")
+            missing = self.__dict__.get("_missing")
+            route, url, why = (missing.route, missing.url, missing.why) if missing else ("POST /tokenize", str(self.api_base), "no counter")
+            raise RouteMissing(route, url, why)  # a new one: one raised object is never shared between threads
         try:
             return counter(messages)
         except RouteMissing as missing:
