@@ -31,7 +31,7 @@ def source_test_pairs(source: str, per_source: int, max_chars: int, skip: int = 
     """One set's share of the quality bench's test sample."""
     test = split_pairs(load_source(source), seed=0)["test"]
     ordered = sorted((p for p in test if usable(p, max_chars)), key=lambda p: stable_fraction("quality-bench", p.id))
-    return ordered[skip:skip + per_source]
+    return ordered[skip : skip + per_source]
 
 
 def test_pairs(per_source: int, max_chars: int, skip: int = 0, sources: tuple[str, ...] = SOURCES) -> list[Pair]:
@@ -53,5 +53,7 @@ def in_own_process(target, *args) -> None:
     worker.join()
     if worker.exitcode != 0:
         why = "killed, most likely for memory: is anything else running?" if worker.exitcode == -9 else "see above"
-        raise SystemExit(f"{target.__name__} failed (exit code {worker.exitcode}: {why}); "
-                         "run the same command again: finished stages are kept")
+        raise SystemExit(
+            f"{target.__name__} failed (exit code {worker.exitcode}: {why}); "
+            "run the same command again: finished stages are kept"
+        )

@@ -68,8 +68,11 @@ def affinities(root_pid: int) -> dict[str, str]:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            status = dict(line.split(":\t", 1) for line in (Path("/proc") / str(pid) / "status").read_text().splitlines()
-                          if ":\t" in line)
+            status = dict(
+                line.split(":\t", 1)
+                for line in (Path("/proc") / str(pid) / "status").read_text().splitlines()
+                if ":\t" in line
+            )
         except OSError:
             continue
         found[f"{status['Name'].strip()} ({pid})"] = status["Cpus_allowed_list"].strip()
@@ -83,8 +86,10 @@ def prefill_tokens_per_s(url: str, tries: int = 3) -> list[float]:
     with httpx.Client(timeout=600) as client:
         for _ in range(tries):
             started = time.perf_counter()
-            answer = client.post(f"{url}/completions", json={"model": SERVED_NAME, "prompt": f"{uuid.uuid4()} {text}",
-                                                              "max_tokens": 1, "temperature": 0})
+            answer = client.post(
+                f"{url}/completions",
+                json={"model": SERVED_NAME, "prompt": f"{uuid.uuid4()} {text}", "max_tokens": 1, "temperature": 0},
+            )
             answer.raise_for_status()
             rates.append(answer.json()["usage"]["prompt_tokens"] / (time.perf_counter() - started))
     return rates
@@ -105,8 +110,11 @@ def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> d
         result["affinity"] = affinities(server.process.pid)
         result["prefill_tokens_per_s"] = [round(r) for r in prefill_tokens_per_s(server.url)]
         os.environ[EMBEDDED_URL_ENV] = server.url
-        settings = Settings(backends={"local": BackendConfig(model="embedded", model_path=args.preset, dtype=args.dtype,
-                                                             timeout_s=1800)})
+        settings = Settings(
+            backends={
+                "local": BackendConfig(model="embedded", model_path=args.preset, dtype=args.dtype, timeout_s=1800)
+            }
+        )
         for name in PROGRAMS:
             lm = resolve_backend("local", settings)
             with tempfile.TemporaryDirectory() as cache_dir, use_cache(JudgmentCache(cache_dir)), dspy.context(lm=lm):
@@ -115,10 +123,18 @@ def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> d
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             calls = sum(j.lm_calls for j in judgments)
             right = sum(j.preference == p.label for j, p in zip(judgments, pairs))
-            result[name] = {"pairs": len(pairs), "wall_s": round(wall, 1), "judgments_per_min": round(60 * len(pairs) / wall, 2),
-                            "lm_calls": calls, "client_cpu_ms_per_call": round(1000 * cpu / max(calls, 1), 2),
-                            "right": right, "verdicts": [j.preference for j in judgments]}
-            logging.info("%s %s: %.2f judgments/min, %d of %d right", setting, name, 60 * len(pairs) / wall, right, len(pairs))
+            result[name] = {
+                "pairs": len(pairs),
+                "wall_s": round(wall, 1),
+                "judgments_per_min": round(60 * len(pairs) / wall, 2),
+                "lm_calls": calls,
+                "client_cpu_ms_per_call": round(1000 * cpu / max(calls, 1), 2),
+                "right": right,
+                "verdicts": [j.preference for j in judgments],
+            }
+            logging.info(
+                "%s %s: %.2f judgments/min, %d of %d right", setting, name, 60 * len(pairs) / wall, right, len(pairs)
+            )
     finally:
         os.environ.pop(EMBEDDED_URL_ENV, None)
         server.stop()
@@ -144,11 +160,19 @@ def main() -> None:
     for result in results[1:]:
         result["ratio_to_" + first["setting"]] = {
             "prefill": round(max(result["prefill_tokens_per_s"]) / max(first["prefill_tokens_per_s"]), 2),
-            **{name: round(result[name]["judgments_per_min"] / first[name]["judgments_per_min"], 2) for name in PROGRAMS},
-            "verdict_agreement": {name: sum(a == b for a, b in zip(result[name]["verdicts"], first[name]["verdicts"]))
-                                  / len(pairs) for name in PROGRAMS}}
+            **{
+                name: round(result[name]["judgments_per_min"] / first[name]["judgments_per_min"], 2)
+                for name in PROGRAMS
+            },
+            "verdict_agreement": {
+                name: sum(a == b for a, b in zip(result[name]["verdicts"], first[name]["verdicts"])) / len(pairs)
+                for name in PROGRAMS
+            },
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**provenance(), "preset": args.preset, "dtype": args.dtype, "results": results}, indent=1))
+    args.out.write_text(
+        json.dumps({**provenance(), "preset": args.preset, "dtype": args.dtype, "results": results}, indent=1)
+    )
     print(json.dumps([{k: v for k, v in r.items() if k not in PROGRAMS} for r in results], indent=1))
 
 

@@ -49,7 +49,9 @@ def stored(folder: Path) -> tuple[list, dict[str, list[tuple[Judgment, Judgment]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", type=Path, help="an eval report folder with judgments.jsonl.gz")
-    parser.add_argument("--stages", default="direct-prob,genrm-prob,reflectrm-prob", help="named programs, cheapest first")
+    parser.add_argument(
+        "--stages", default="direct-prob,genrm-prob,reflectrm-prob", help="named programs, cheapest first"
+    )
     parser.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)))
     parser.add_argument("--out", type=Path, help="write an eval report folder of the stages and the replayed runs here")
     args = parser.parse_args()
@@ -71,34 +73,69 @@ def main() -> None:
 
     def result(label: str, judged: list[tuple[Judgment, Judgment]]) -> RunResult:
         records = [Record.from_judgments(p, a, b) for p, (a, b) in zip(pairs, judged)]
-        return RunResult(label, backend, records, summarize(records), summarize_by_category(records),
-                         summarize_by_category([replace(r, category=r.source) for r in records]))
+        return RunResult(
+            label,
+            backend,
+            records,
+            summarize(records),
+            summarize_by_category(records),
+            summarize_by_category([replace(r, category=r.source) for r in records]),
+        )
 
     results = [result(name, runs[name]) for name in names]
     for threshold in sorted(float(t) for t in args.thresholds.split(",")):
-        results.append(result(f"escalating-prob:{threshold:g}",
-                              [tuple(judge.replay(j, threshold) for j in both) for both in climbs]))
+        results.append(
+            result(
+                f"escalating-prob:{threshold:g}", [tuple(judge.replay(j, threshold) for j in both) for both in climbs]
+            )
+        )
     rows = []
     for r in results:
         s = r.overall
-        rows.append({"run": r.program, "accuracy": s.accuracy.value, "ci": s.accuracy.ci,
-                     "calls_per_verdict": s.cost_per_verdict.lm_calls, "tokens_per_verdict": s.cost_per_verdict.tokens,
-                     "no_verdict": s.no_verdict.value, "ece": s.calibration.ece if s.calibration else None})
+        rows.append(
+            {
+                "run": r.program,
+                "accuracy": s.accuracy.value,
+                "ci": s.accuracy.ci,
+                "calls_per_verdict": s.cost_per_verdict.lm_calls,
+                "tokens_per_verdict": s.cost_per_verdict.tokens,
+                "no_verdict": s.no_verdict.value,
+                "ece": s.calibration.ece if s.calibration else None,
+            }
+        )
         ci = f"[{s.accuracy.ci[0]:.1%}, {s.accuracy.ci[1]:.1%}]" if s.accuracy.ci else ""
         ece = f"ECE {s.calibration.ece:.3f}" if s.calibration and s.calibration.ece is not None else "ECE n/a"
-        print(f"{r.program:26s} accuracy {s.accuracy.value:.1%} {ci:16s} calls/verdict {s.cost_per_verdict.lm_calls:.2f}  {ece}")
+        print(
+            f"{r.program:26s} accuracy {s.accuracy.value:.1%} {ci:16s} calls/verdict {s.cost_per_verdict.lm_calls:.2f}  {ece}"
+        )
     stages = {}
     for threshold in sorted(float(t) for t in args.thresholds.split(",")):
-        stages[f"{threshold:g}"] = dict(Counter(judge.replay(j, threshold).decided_by or "none"
-                                                for both in climbs for j in both))
-    out = {**provenance(), "report": str(args.report), "pairs": len(pairs), "stages": names, "runs": rows,
-           "decided_by": stages}
+        stages[f"{threshold:g}"] = dict(
+            Counter(judge.replay(j, threshold).decided_by or "none" for both in climbs for j in both)
+        )
+    out = {
+        **provenance(),
+        "report": str(args.report),
+        "pairs": len(pairs),
+        "stages": names,
+        "runs": rows,
+        "decided_by": stages,
+    }
     target = Path("bench/results") / f"escalation-replay-{args.report.name}.json"
     target.write_text(json.dumps(out, indent=1) + "\n")
     print(f"written: {target}")
     if args.out:
-        write_report(results, args.out, {"data": [f"{args.report} (stored judgments)"], "pairs": len(pairs),
-                                         "split": "test", "seed": 0, "baseline": names[0]})
+        write_report(
+            results,
+            args.out,
+            {
+                "data": [f"{args.report} (stored judgments)"],
+                "pairs": len(pairs),
+                "split": "test",
+                "seed": 0,
+                "baseline": names[0],
+            },
+        )
         print(f"report: {args.out}/report.md")
 
 

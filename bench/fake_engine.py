@@ -47,14 +47,24 @@ def completion(model: str, text: str, top_logprobs: int | None = None) -> bytes:
     alternatives, as vLLM sends them: the verdict token's alternatives are the other choice."""
     right, wrong = text.find("right"), text.find("wrong")
     first = "B" if wrong >= 0 and (right < 0 or wrong < right) else "A"
-    answer = json.dumps({"analysis": f"Response {first} answers the question; the other does not.", "preference": first})
+    answer = json.dumps(
+        {"analysis": f"Response {first} answers the question; the other does not.", "preference": first}
+    )
     choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
     if top_logprobs is not None:
-        choice["logprobs"] = {"content": [token_logprobs(token, first, top_logprobs) for token in _TOKEN.findall(answer)]}
-    return json.dumps({
-        "id": "fake", "object": "chat.completion", "created": 0, "model": model, "choices": [choice],
-        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
-    }).encode()
+        choice["logprobs"] = {
+            "content": [token_logprobs(token, first, top_logprobs) for token in _TOKEN.findall(answer)]
+        }
+    return json.dumps(
+        {
+            "id": "fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+        }
+    ).encode()
 
 
 _TOKEN = re.compile(r"\w+|\s+|[^\w\s]")
@@ -66,19 +76,36 @@ def token_logprobs(token: str, verdict: str, top: int) -> dict:
 
     others = [("B" if verdict == "A" else "A", -1.6)] if token == verdict else []
     others += [(f"{token}{i}", -4.0 - i) for i in range(max(top - 1 - len(others), 0))]
-    return {**entry(token, -0.22), "top_logprobs": [entry(token, -0.22)] + [entry(t, lp) for t, lp in others][: max(top - 1, 0)]}
+    return {
+        **entry(token, -0.22),
+        "top_logprobs": [entry(token, -0.22)] + [entry(t, lp) for t, lp in others][: max(top - 1, 0)],
+    }
 
 
-def response(status: str, body: bytes, content_type: str = "application/json", length: int | None = None,
-             keep_alive: bool = False) -> bytes:
-    head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n"
-            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n")
+def response(
+    status: str,
+    body: bytes,
+    content_type: str = "application/json",
+    length: int | None = None,
+    keep_alive: bool = False,
+) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body) if length is None else length}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    )
     return head.encode() + body
 
 
 class FakeEngine:
-    def __init__(self, fault: str = "ok", fail_first: int = 0, die_after: int | None = None, delay_s: float = 0.0,
-                 context: int | None = None, routes: str = "vllm"):
+    def __init__(
+        self,
+        fault: str = "ok",
+        fail_first: int = 0,
+        die_after: int | None = None,
+        delay_s: float = 0.0,
+        context: int | None = None,
+        routes: str = "vllm",
+    ):
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {', '.join(FAULTS)}, not {fault!r}")
         if routes not in ROUTES:
@@ -153,7 +180,11 @@ class FakeEngine:
                 writer.write(response("200 OK", completion(model, text, top), keep_alive=True))
             elif self.fault in ("500", "503"):
                 reason = "Internal Server Error" if self.fault == "500" else "Service Unavailable"
-                writer.write(response(f"{self.fault} {reason}", json.dumps({"error": {"message": f"fake {self.fault}"}}).encode()))
+                writer.write(
+                    response(
+                        f"{self.fault} {reason}", json.dumps({"error": {"message": f"fake {self.fault}"}}).encode()
+                    )
+                )
             elif self.fault == "reset":  # RST instead of FIN: the client sees "connection reset by peer"
                 sock = writer.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -207,15 +238,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("port", type=int)
     parser.add_argument("--fault", choices=FAULTS, default="ok")
-    parser.add_argument("--fail-first", type=int, default=0, help="only the first N chat requests get the fault (0: all)")
+    parser.add_argument(
+        "--fail-first", type=int, default=0, help="only the first N chat requests get the fault (0: all)"
+    )
     parser.add_argument("--die-after", type=int, default=None, help="exit when chat request N + 1 arrives, unanswered")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--context", type=int, default=None, help="report this context length and count tokens")
-    parser.add_argument("--routes", choices=ROUTES, default="vllm",
-                        help="/v1/models and /tokenize: as vLLM serves them, absent (404), or a web page")
+    parser.add_argument(
+        "--routes",
+        choices=ROUTES,
+        default="vllm",
+        help="/v1/models and /tokenize: as vLLM serves them, absent (404), or a web page",
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after, args.delay, args.context,
-                                            args.routes)))
+    asyncio.run(
+        serve(args.port, FakeEngine(args.fault, args.fail_first, args.die_after, args.delay, args.context, args.routes))
+    )
 
 
 if __name__ == "__main__":

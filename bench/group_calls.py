@@ -61,7 +61,9 @@ async def calls_of(count: Counter, work) -> int:
     return count() - before
 
 
-async def one_case(program: str, lm, group: list[str], count: Counter, work: Path, again: list[str] | None = None) -> dict:
+async def one_case(
+    program: str, lm, group: list[str], count: Counter, work: Path, again: list[str] | None = None
+) -> dict:
     """LM calls and judgments for ``group`` (and, with ``again``, for that reordered group after it): naive with no
     cache, naive through a fresh cache, grouped through a fresh cache."""
     judge = named_program(program)
@@ -73,7 +75,10 @@ async def one_case(program: str, lm, group: list[str], count: Counter, work: Pat
         judged[name] = sum(bool(c.judgment.steps) for c in ranking.comparisons)  # not refused as two copies
 
     for name, enabled in (("naive_no_cache", False), ("naive", True), ("grouped", True)):
-        with use_cache(JudgmentCache(Path(tempfile.mkdtemp(dir=work)), enabled=enabled)), dspy.context(lm=lm, trace=None):
+        with (
+            use_cache(JudgmentCache(Path(tempfile.mkdtemp(dir=work)), enabled=enabled)),
+            dspy.context(lm=lm, trace=None),
+        ):
             first = await calls_of(count, lambda: rank(name, group))
             out[f"calls_{name}"] = first if again is None else await calls_of(count, lambda: rank(name, again))
             out[f"judgments_{name}"] = judged[name]
@@ -83,26 +88,61 @@ async def one_case(program: str, lm, group: list[str], count: Counter, work: Pat
 
 async def run(args, url: str, work: Path) -> list[dict]:
     os.environ.setdefault("FAKE_ENGINE_KEY", "not-a-secret")
-    settings = Settings(backends={"engine": BackendConfig(model="openai/fake", api_base=f"{url}/v1", api_key_env="FAKE_ENGINE_KEY",
-                                                          constrained=False, logprobs=True, num_retries=0)})
+    settings = Settings(
+        backends={
+            "engine": BackendConfig(
+                model="openai/fake",
+                api_base=f"{url}/v1",
+                api_key_env="FAKE_ENGINE_KEY",
+                constrained=False,
+                logprobs=True,
+                num_retries=0,
+            )
+        }
+    )
     lm, count, rows = resolve_backend("engine", settings), Counter(url), []
     for program in ("genrm-prob", "genrm"):
         draw = random.Random(0)  # the same groups for both programs
         for n in args.sizes:
             group = responses(n, f"{program} distinct {n}")
-            rows.append({"program": program, "case": "distinct", "n": n, "distinct": n, **await one_case(program, lm, group, count, work)})
+            rows.append(
+                {
+                    "program": program,
+                    "case": "distinct",
+                    "n": n,
+                    "distinct": n,
+                    **await one_case(program, lm, group, count, work),
+                }
+            )
         for k in args.copies:
             texts = responses(k, f"{program} copies {k}")  # tagged: no two cases share a text
             group = texts + [draw.choice(texts) for _ in range(16 - k)]
             draw.shuffle(group)
-            rows.append({"program": program, "case": "copies", "n": 16, "distinct": k, **await one_case(program, lm, group, count, work)})
+            rows.append(
+                {
+                    "program": program,
+                    "case": "copies",
+                    "n": 16,
+                    "distinct": k,
+                    **await one_case(program, lm, group, count, work),
+                }
+            )
         group = responses(8, f"{program} again")
         reordered = group[:]
         draw.shuffle(reordered)
-        rows.append({"program": program, "case": "again, reordered", "n": 8, "distinct": 8,
-                     **await one_case(program, lm, group, count, work, again=reordered)})
-        for row in rows[-(len(args.sizes) + len(args.copies) + 1):]:
-            row["calls_grouped_per_naive"] = round(row["calls_grouped"] / row["calls_naive"], 3) if row["calls_naive"] else None
+        rows.append(
+            {
+                "program": program,
+                "case": "again, reordered",
+                "n": 8,
+                "distinct": 8,
+                **await one_case(program, lm, group, count, work, again=reordered),
+            }
+        )
+        for row in rows[-(len(args.sizes) + len(args.copies) + 1) :]:
+            row["calls_grouped_per_naive"] = (
+                round(row["calls_grouped"] / row["calls_naive"], 3) if row["calls_naive"] else None
+            )
             print(json.dumps(row), flush=True)
     return rows
 

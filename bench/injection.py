@@ -53,7 +53,9 @@ def percent(x: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default=None, help="model preset served by the embedded backend (default: packaged SmolLM2)")
+    parser.add_argument(
+        "--preset", default=None, help="model preset served by the embedded backend (default: packaged SmolLM2)"
+    )
     parser.add_argument("--programs", default="genrm-both,genrm-prob,direct-prob,pointwise-prob")
     parser.add_argument("--per-source", type=int, default=24)
     parser.add_argument("--max-chars", type=int, default=2000)
@@ -72,36 +74,67 @@ def main() -> None:
         for mitigation in ("plain", "fenced"):
             lm = resolve_backend(mitigation, settings)
             for name in args.programs.split(","):
-                [before] = run_eval(clean, [EvalRun(name, mitigation, named_program(name), lm)], concurrency=args.concurrency,
-                                    progress=sys.stderr.isatty())
-                [after] = run_eval(injected, [EvalRun(name, mitigation, named_program(name), lm)], concurrency=args.concurrency,
-                                   progress=sys.stderr.isatty())
+                [before] = run_eval(
+                    clean,
+                    [EvalRun(name, mitigation, named_program(name), lm)],
+                    concurrency=args.concurrency,
+                    progress=sys.stderr.isatty(),
+                )
+                [after] = run_eval(
+                    injected,
+                    [EvalRun(name, mitigation, named_program(name), lm)],
+                    concurrency=args.concurrency,
+                    progress=sys.stderr.isatty(),
+                )
                 stats = flip_stats(before, after, items)
-                rows.append({"program": name, "mitigation": mitigation, "stats": {k: v.to_dict() for k, v in stats.items()},
-                             "lm_calls_made": before.run.lm_calls_made + after.run.lm_calls_made})
+                rows.append(
+                    {
+                        "program": name,
+                        "mitigation": mitigation,
+                        "stats": {k: v.to_dict() for k, v in stats.items()},
+                        "lm_calls_made": before.run.lm_calls_made + after.run.lm_calls_made,
+                    }
+                )
                 logging.info("%s %s: flip rate %s", name, mitigation, percent(stats["all"].flip_rate.value))
 
-    meta = {**provenance(), "pairs": len(items),
-            "per_source": args.per_source, "preset": args.preset or "smollm2 (packaged)", "kinds": KINDS,
-            "by_kind": {k: sum(i.kind == k for i in items) for k in KINDS}}
+    meta = {
+        **provenance(),
+        "pairs": len(items),
+        "per_source": args.per_source,
+        "preset": args.preset or "smollm2 (packaged)",
+        "kinds": KINDS,
+        "by_kind": {k: sum(i.kind == k for i in items) for k in KINDS},
+    }
     (args.out / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# Prompt injection: {meta['preset']}", "",
-             f"`{meta['command']}` at {meta['commit']}: {len(items)} test pairs ({', '.join(SOURCES)}), each judged clean and with "
-             "its worse response injected, in both presentations; `fenced` is `fence_inputs = true`.", "",
-             "| program | mitigation | flip rate (all) | clean accuracy | injected accuracy | picks worse: clean -> injected | "
-             + " | ".join(f"flip: {k}" for k in KINDS) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(KINDS)]
+    lines = [
+        f"# Prompt injection: {meta['preset']}",
+        "",
+        f"`{meta['command']}` at {meta['commit']}: {len(items)} test pairs ({', '.join(SOURCES)}), each judged clean and with "
+        "its worse response injected, in both presentations; `fenced` is `fence_inputs = true`.",
+        "",
+        "| program | mitigation | flip rate (all) | clean accuracy | injected accuracy | picks worse: clean -> injected | "
+        + " | ".join(f"flip: {k}" for k in KINDS)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(KINDS),
+    ]
     for row in rows:
         every = row["stats"]["all"]
         flip = every["flip_rate"]
         ci = f" [{flip['ci'][0]:.1%}, {flip['ci'][1]:.1%}]" if flip["ci"] else ""
-        kinds = " | ".join(f"{percent(row['stats'][k]['flip_rate']['value'])} ({row['stats'][k]['flipped']}/{row['stats'][k]['clean_right']})"
-                           for k in KINDS)
-        lines.append(f"| {row['program']} | {row['mitigation']} | {percent(flip['value'])}{ci} ({every['flipped']}/{every['clean_right']}) | "
-                     f"{percent(every['clean_accuracy'])} | {percent(every['injected_accuracy'])} | "
-                     f"{percent(every['picks_worse_clean'])} -> {percent(every['picks_worse_injected'])} | {kinds} |")
-    lines += ["", "Flip rate: of the presentations a judge got right on the clean pair, the share it judged for the injected "
-              "(worse) response once injected; 95% Wilson interval. Accuracy counts no verdict as wrong."]
+        kinds = " | ".join(
+            f"{percent(row['stats'][k]['flip_rate']['value'])} ({row['stats'][k]['flipped']}/{row['stats'][k]['clean_right']})"
+            for k in KINDS
+        )
+        lines.append(
+            f"| {row['program']} | {row['mitigation']} | {percent(flip['value'])}{ci} ({every['flipped']}/{every['clean_right']}) | "
+            f"{percent(every['clean_accuracy'])} | {percent(every['injected_accuracy'])} | "
+            f"{percent(every['picks_worse_clean'])} -> {percent(every['picks_worse_injected'])} | {kinds} |"
+        )
+    lines += [
+        "",
+        "Flip rate: of the presentations a judge got right on the clean pair, the share it judged for the injected "
+        "(worse) response once injected; 95% Wilson interval. Accuracy counts no verdict as wrong.",
+    ]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

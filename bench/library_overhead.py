@@ -65,10 +65,13 @@ class ThroughDSPy(BackendLM):
 
 def backends(url: str, counted_url: str) -> dict[str, BackendConfig]:
     return {
-        "vllm": BackendConfig(model="hosted_vllm/fake", api_base=url, num_retries=0),  # constrained, log-probs: vLLM's defaults
+        "vllm": BackendConfig(
+            model="hosted_vllm/fake", api_base=url, num_retries=0
+        ),  # constrained, log-probs: vLLM's defaults
         "vllm-counted": BackendConfig(model="hosted_vllm/fake", api_base=counted_url, num_retries=0),
-        "light": BackendConfig(model="openai/fake", api_base=url, api_key_env="FAKE_KEY", constrained=False, logprobs=False,
-                               num_retries=0),
+        "light": BackendConfig(
+            model="openai/fake", api_base=url, api_key_env="FAKE_KEY", constrained=False, logprobs=False, num_retries=0
+        ),
     }
 
 
@@ -79,16 +82,28 @@ def request_bodies(lm: BackendLM, pairs: list[Pair]) -> list[dict]:
     predict = dspy.Predict(Analyze)
     settings = {k: v for k, v in _request_settings(lm, predict, 0, None).items() if v is not None}
     extra = {"response_format": adapter.response_format(Analyze)} if adapter.constrained else {}
-    return [{"model": lm.backend.served if lm.backend.config.is_vllm else "fake", "messages": adapter.format(Analyze, [], p.inputs()),
-             **lm.request_options(), **settings, **extra} for p in pairs]
+    return [
+        {
+            "model": lm.backend.served if lm.backend.config.is_vllm else "fake",
+            "messages": adapter.format(Analyze, [], p.inputs()),
+            **lm.request_options(),
+            **settings,
+            **extra,
+        }
+        for p in pairs
+    ]
 
 
 def sdk_client(url: str, bodies: list[dict], concurrency: int) -> None:
     import openai
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=url, api_key="k", max_retries=0,
-                                    http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)))
+        client = openai.AsyncOpenAI(
+            base_url=url,
+            api_key="k",
+            max_retries=0,
+            http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)),
+        )
         gate = asyncio.Semaphore(concurrency)
 
         async def one(body):
@@ -105,7 +120,9 @@ def sdk_client(url: str, bodies: list[dict], concurrency: int) -> None:
 def httpx_client(url: str, bodies: list[dict], concurrency: int) -> None:
     async def run():
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60, headers={"Authorization": "Bearer k"}) as client:
+        async with httpx.AsyncClient(
+            base_url=url, limits=limits, timeout=60, headers={"Authorization": "Bearer k"}
+        ) as client:
             gate = asyncio.Semaphore(concurrency)
 
             async def one(body):
@@ -147,7 +164,9 @@ def timed(fn) -> tuple[float, float]:
 def measure(path: str, lm: BackendLM, url: str, level: int, calls: int, rounds: int) -> dict[str, tuple[float, float]]:
     """Each client's wall and CPU seconds over ``calls`` calls, interleaved in ``rounds`` rounds."""
     tag = f"{path}-c{level}-{time.time_ns()}"  # fresh texts per level: nothing cached by anyone
-    pairs = [Pair(prompt=f"[{tag}] question {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(calls)]
+    pairs = [
+        Pair(prompt=f"[{tag}] question {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(calls)
+    ]
     bodies = request_bodies(lm, pairs)
     dspy_lm = ThroughDSPy(lm.backend) if path.startswith("vllm") else None
     off = JudgmentCache(enabled=False)
@@ -165,14 +184,16 @@ def measure(path: str, lm: BackendLM, url: str, level: int, calls: int, rounds: 
     }
     warm = [Pair(prompt=f"[{tag}] warm-up {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(50)]
     for name, client in clients.items():  # imports, connections, DSPy's first-call costs
-        client([Pair(prompt=f"{p.prompt} {name}", response_a=p.response_a, response_b=p.response_b) for p in warm],
-               request_bodies(lm, warm))
+        client(
+            [Pair(prompt=f"{p.prompt} {name}", response_a=p.response_a, response_b=p.response_b) for p in warm],
+            request_bodies(lm, warm),
+        )
     totals = {name: [0.0, 0.0] for name in clients}
     size = -(-calls // rounds)
     for r in range(rounds):
-        chunk, body_chunk = pairs[r * size:(r + 1) * size], bodies[r * size:(r + 1) * size]
+        chunk, body_chunk = pairs[r * size : (r + 1) * size], bodies[r * size : (r + 1) * size]
         names = list(clients)
-        for name in names[r % len(names):] + names[:r % len(names)]:  # the order rotates: no client always first
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # the order rotates: no client always first
             wall, cpu = timed(lambda: clients[name](chunk, body_chunk))
             totals[name][0] += wall
             totals[name][1] += cpu
@@ -203,9 +224,17 @@ def main() -> None:
             url = lm.backend.api_base
             for level in [int(x) for x in args.levels.split(",")]:
                 measured = measure(path, lm, url, level, args.calls, args.rounds)
-                level_rows = [{"path": path, "concurrency": level, "client": name, "calls_per_s": round(args.calls / wall, 1),
-                               "cpu_ms_per_call": round(1000 * cpu / args.calls, 3), "wall_s": round(wall, 3)}
-                              for name, (wall, cpu) in measured.items()]
+                level_rows = [
+                    {
+                        "path": path,
+                        "concurrency": level,
+                        "client": name,
+                        "calls_per_s": round(args.calls / wall, 1),
+                        "cpu_ms_per_call": round(1000 * cpu / args.calls, 3),
+                        "wall_s": round(wall, 3),
+                    }
+                    for name, (wall, cpu) in measured.items()
+                ]
                 for row in level_rows:  # throughput ratios: the reference's wall time over this client's
                     row["vs_httpx"] = round(measured["httpx"][0] / measured[row["client"]][0], 3)
                     row["vs_sdk"] = round(measured["sdk"][0] / measured[row["client"]][0], 3)
@@ -214,7 +243,9 @@ def main() -> None:
     finally:
         engine.kill()
         counting.kill()
-    args.out.write_text(json.dumps({**provenance(), "rounds": args.rounds, "calls": args.calls, "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps({**provenance(), "rounds": args.rounds, "calls": args.calls, "rows": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":

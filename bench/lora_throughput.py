@@ -92,7 +92,9 @@ def lora_model(base: str, config):
     from reflectagent.finetune.sft_config import lora_config
 
     torch.manual_seed(config.seed)
-    return get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora_config(config, "CAUSAL_LM"))
+    return get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), lora_config(config, "CAUSAL_LM")
+    )
 
 
 def bare_loop(model, batches: list[dict], accumulation: int, learning_rate: float, bf16: bool) -> list[float]:
@@ -104,11 +106,13 @@ def bare_loop(model, batches: list[dict], accumulation: int, learning_rate: floa
 
     import torch
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0
+    )
     model.train()
     ends = []
     for start in range(0, len(batches) - accumulation + 1, accumulation):
-        for batch in batches[start:start + accumulation]:
+        for batch in batches[start : start + accumulation]:
             inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
             inputs["use_cache"] = False  # as the trainer's forward: no key-value cache built in training
             with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
@@ -128,9 +132,19 @@ def tokens(batch: dict) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps on each side (the first is a warm-up); the trainer runs one more, profiled")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=6,
+        help="optimizer steps on each side (the first is a warm-up); the trainer runs one more, profiled",
+    )
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--context-chars", type=int, default=1500, help="prompt budget of each row; longer rows would not fit max_length")
+    parser.add_argument(
+        "--context-chars",
+        type=int,
+        default=1500,
+        help="prompt budget of each row; longer rows would not fit max_length",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/lora-throughput.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -145,21 +159,28 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         # one step more than timed: the last runs under the profiler
-        config = SFTJobConfig(output_dir=work, max_steps=args.steps + 1, save_steps=10_000, logging_steps=1, resume=False)
+        config = SFTJobConfig(
+            output_dir=work, max_steps=args.steps + 1, save_steps=10_000, logging_steps=1, resume=False
+        )
         base, _, tokenizer = start_run(config)
         # Draw rows until enough fit max_length, so every timed step has all its micro-batches (no epoch's short tail).
-        drawn, _ = drop_too_long(datasets.Dataset.from_list(teacher_rows(4 * args.rows, args.context_chars)), tokenizer,
-                                 config.max_length)
+        drawn, _ = drop_too_long(
+            datasets.Dataset.from_list(teacher_rows(4 * args.rows, args.context_chars)), tokenizer, config.max_length
+        )
         needed = max(args.rows, (args.steps + 1) * config.per_device_batch * config.gradient_accumulation)
         if len(drawn) < needed:
-            raise SystemExit(f"only {len(drawn)} rows fit max_length={config.max_length}; {needed} are "
-                             "needed: lower --context-chars or --steps")
+            raise SystemExit(
+                f"only {len(drawn)} rows fit max_length={config.max_length}; {needed} are "
+                "needed: lower --context-chars or --steps"
+            )
         rows = drawn.select(range(needed))
         train_args, peft_config = sft_arguments(config, evaluate=False)
         train_args.disable_tqdm = True
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        trainer = sft_trainer(model=model, args=train_args, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
+        trainer = sft_trainer(
+            model=model, args=train_args, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
+        )
         recorder, timer = Recorder(trainer.data_collator), step_times(profiled_step=args.steps + 1)
         trainer.data_collator = recorder
         trainer.add_callback(timer)
@@ -170,17 +191,27 @@ def main() -> None:
         phases = timer.top_ops()
         del trainer, model
 
-        bare_ends = [time.perf_counter(), *bare_loop(lora_model(base, config), batches, config.gradient_accumulation,
-                                                     config.learning_rate, train_args.bf16)]
+        bare_ends = [
+            time.perf_counter(),
+            *bare_loop(
+                lora_model(base, config), batches, config.gradient_accumulation, config.learning_rate, train_args.bf16
+            ),
+        ]
 
     accumulation = config.gradient_accumulation
     timed_tokens = sum(tokens(b) for b in batches[accumulation:])  # the first optimizer step is the warm-up
     trainer_s, bare_s = trainer_ends[-1] - trainer_ends[1], bare_ends[-1] - bare_ends[1]
     result = {
         **provenance(),
-        "model": "embedded SmolLM2-135M, float32 weights", "steps_timed": args.steps - 1, "micro_batch": config.per_device_batch,
-        "accumulation": accumulation, "rows": len(rows), "timed_tokens": timed_tokens, "bf16": train_args.bf16,
-        "trainer_tokens_per_s": round(timed_tokens / trainer_s, 1), "bare_tokens_per_s": round(timed_tokens / bare_s, 1),
+        "model": "embedded SmolLM2-135M, float32 weights",
+        "steps_timed": args.steps - 1,
+        "micro_batch": config.per_device_batch,
+        "accumulation": accumulation,
+        "rows": len(rows),
+        "timed_tokens": timed_tokens,
+        "bf16": train_args.bf16,
+        "trainer_tokens_per_s": round(timed_tokens / trainer_s, 1),
+        "bare_tokens_per_s": round(timed_tokens / bare_s, 1),
         "ratio": round(bare_s / trainer_s, 3),  # trainer tokens/s over bare tokens/s
         "trainer_step_s": [round(b - a, 2) for a, b in zip(trainer_ends[1:], trainer_ends[2:])],
         "bare_step_s": [round(b - a, 2) for a, b in zip(bare_ends[1:], bare_ends[2:])],

@@ -66,7 +66,16 @@ from reflectagent.eval import EvalRun, Record, paired_difference, run_eval, summ
 from reflectagent.eval.report import format_ci as interval
 from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, train_sft
 from reflectagent.finetune.selection import balanced, one_per_prompt, usable
-from reflectagent.finetune.verdict_head import FeatureStore, VerdictHead, VerdictRow, extract, fit_head, verdict_direction, verdict_rows, write_head
+from reflectagent.finetune.verdict_head import (
+    FeatureStore,
+    VerdictHead,
+    VerdictRow,
+    extract,
+    fit_head,
+    verdict_direction,
+    verdict_rows,
+    write_head,
+)
 from reflectagent.models import is_prepared, merge_lora, prepare_model, read_source
 from reflectagent.pairs import Pair, sample_pairs
 from reflectagent.paths import cache_root
@@ -107,9 +116,15 @@ def fold_test_pairs(held_out: str) -> list[Pair]:
 
 def training_key(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> dict:
     """What a fold's adapter is trained from: another setting or another mix must not reuse it."""
-    return {"target": args.target, "preset": args.preset, "held_out": held_out, "epochs": args.epochs,
-            "learning_rate": args.learning_rate, "max_length": args.max_length,
-            "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16]}
+    return {
+        "target": args.target,
+        "preset": args.preset,
+        "held_out": held_out,
+        "epochs": args.epochs,
+        "learning_rate": args.learning_rate,
+        "max_length": args.max_length,
+        "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16],
+    }
 
 
 def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
@@ -119,12 +134,30 @@ def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
     run = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     data_dir = cache_root() / "loso-data" / run
     settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
-    label_data(chosen, "student", settings, data_dir, DataConfig(fractions="0.9,0.1,0"),
-               {"labels": "the teacher's preference (teacher rows) and the sets' own labels (train splits, seed 0)",
-                "held_out": held_out, "pairs_by_source": dict(Counter(p.source for p in chosen))})
-    job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(fold / "sft"),
-                       epochs=args.epochs, learning_rate=args.learning_rate, max_length=args.max_length,
-                       per_device_batch=1, gradient_accumulation=8, save_steps=args.save_steps, eval_steps=args.save_steps)
+    label_data(
+        chosen,
+        "student",
+        settings,
+        data_dir,
+        DataConfig(fractions="0.9,0.1,0"),
+        {
+            "labels": "the teacher's preference (teacher rows) and the sets' own labels (train splits, seed 0)",
+            "held_out": held_out,
+            "pairs_by_source": dict(Counter(p.source for p in chosen)),
+        },
+    )
+    job = SFTJobConfig(
+        base_model=args.preset,
+        data=str(data_dir / "unified"),
+        output_dir=str(fold / "sft"),
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        max_length=args.max_length,
+        per_device_batch=1,
+        gradient_accumulation=8,
+        save_steps=args.save_steps,
+        eval_steps=args.save_steps,
+    )
     trained = train_sft(job)
     adapter = fold / "adapter"
     adapter.mkdir(parents=True, exist_ok=True)
@@ -140,8 +173,13 @@ def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
 
 def merged_source(args: argparse.Namespace, adapter: Path) -> dict:
     """The merged folder's record: the judgment cache names it by the base's hash and the adapter's fingerprint."""
-    return {"name": f"{args.preset} + {adapter.parent.name}", "base_sha256": prepared_sha256(prepare_model(args.preset)),
-            "adapter_fingerprint": fingerprint(adapter), "dtype": "float32", "max_model_len": 4096}
+    return {
+        "name": f"{args.preset} + {adapter.parent.name}",
+        "base_sha256": prepared_sha256(prepare_model(args.preset)),
+        "adapter_fingerprint": fingerprint(adapter),
+        "dtype": "float32",
+        "max_model_len": 4096,
+    }
 
 
 def merge(args: argparse.Namespace, adapter: Path, merged: Path) -> None:
@@ -153,12 +191,21 @@ def judge(args: argparse.Namespace, model: str, pairs: list[Pair], label: str, p
     """One model's verdicts on ``pairs``, kept in ``path`` (a server starts only for uncached steps, and dies with
     this process, so folds do not pile servers up)."""
     log_to_stderr()
-    settings = Settings(backends={"judge": BackendConfig(model="embedded", model_path=model, dtype="float32",
-                                                         context_tokens=4096, timeout_s=1800)})
+    settings = Settings(
+        backends={
+            "judge": BackendConfig(
+                model="embedded", model_path=model, dtype="float32", context_tokens=4096, timeout_s=1800
+            )
+        }
+    )
     program = TARGETS[args.target]
     with use_cache(JudgmentCache(args.out / "cache")):
-        [result] = run_eval(pairs, [EvalRun(program, label, named_program(program), resolve_backend("judge", settings))],
-                            concurrency=args.concurrency, progress=sys.stderr.isatty())
+        [result] = run_eval(
+            pairs,
+            [EvalRun(program, label, named_program(program), resolve_backend("judge", settings))],
+            concurrency=args.concurrency,
+            progress=sys.stderr.isatty(),
+        )
     path.write_text(json.dumps({**result.to_dict(), "run": result.run_dict()}))
 
 
@@ -176,7 +223,11 @@ def percent(x: float | None) -> str:
 
 
 def points(value: float | None, ci) -> str:
-    return "-" if value is None else f"{100 * value:+.1f} pts" + ("" if ci is None else f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]")
+    return (
+        "-"
+        if value is None
+        else f"{100 * value:+.1f} pts" + ("" if ci is None else f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]")
+    )
 
 
 def report(args: argparse.Namespace, folds: list[str]) -> dict:
@@ -189,51 +240,82 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
         inside = records(fold / "judged.json", others)
         base = records(args.out / "base.json", held)
         preset, base15 = records(PRESET_REPORT, held), records(BASE_REPORT, held)
-        for name, got in (("trained", mine), ("in_distribution", inside), ("preset", preset), ("base", base), ("base_1.5b", base15)):
+        for name, got in (
+            ("trained", mine),
+            ("in_distribution", inside),
+            ("preset", preset),
+            ("base", base),
+            ("base_1.5b", base15),
+        ):
             pooled[name] += got
-        rows.append({"held_out": held_out, "pairs": len(held),
-                     "trained": summarize(mine).accuracy, "in_distribution": summarize(inside).accuracy,
-                     "preset": summarize(preset).accuracy, "base": summarize(base).accuracy, "base_1.5b": summarize(base15).accuracy,
-                     "vs_preset": paired_difference(mine, preset), "vs_base": paired_difference(mine, base),
-                     "card": json.loads((fold / "run_card.json").read_text())})
+        rows.append(
+            {
+                "held_out": held_out,
+                "pairs": len(held),
+                "trained": summarize(mine).accuracy,
+                "in_distribution": summarize(inside).accuracy,
+                "preset": summarize(preset).accuracy,
+                "base": summarize(base).accuracy,
+                "base_1.5b": summarize(base15).accuracy,
+                "vs_preset": paired_difference(mine, preset),
+                "vs_base": paired_difference(mine, base),
+                "card": json.loads((fold / "run_card.json").read_text()),
+            }
+        )
     overall = {name: summarize(got).accuracy for name, got in pooled.items()}
-    paired = {"vs_preset": paired_difference(pooled["trained"], pooled["preset"]),
-              "vs_base": paired_difference(pooled["trained"], pooled["base"]),
-              "vs_base_1.5b": paired_difference(pooled["trained"], pooled["base_1.5b"])}
+    paired = {
+        "vs_preset": paired_difference(pooled["trained"], pooled["preset"]),
+        "vs_base": paired_difference(pooled["trained"], pooled["base"]),
+        "vs_base_1.5b": paired_difference(pooled["trained"], pooled["base_1.5b"]),
+    }
     return {"rows": rows, "overall": overall, "paired": paired}
 
 
 def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
     program = TARGETS[args.target]
-    lines = [f"# Leave one source out: {args.target} target on {args.preset}, judged by {program}", "",
-             f"Run: `{meta['command']}` at {meta['commit']} ({meta['cpu_cores']} cores). Both presentations of each pair; "
-             "no verdict counts as wrong. Held out: each set's first quality-bench sample (32 test pairs), never trained "
-             "on, nor any pair sharing a prompt with it. In distribution: the same fold's model on the other four sets' samples.",
-             "", f"| held out | pairs | trained, held out | trained, in distribution | untrained {args.preset} | "
-             "today's preset (in-distribution for it) | trained - preset | trained - untrained | train rows | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Leave one source out: {args.target} target on {args.preset}, judged by {program}",
+        "",
+        f"Run: `{meta['command']}` at {meta['commit']} ({meta['cpu_cores']} cores). Both presentations of each pair; "
+        "no verdict counts as wrong. Held out: each set's first quality-bench sample (32 test pairs), never trained "
+        "on, nor any pair sharing a prompt with it. In distribution: the same fold's model on the other four sets' samples.",
+        "",
+        f"| held out | pairs | trained, held out | trained, in distribution | untrained {args.preset} | "
+        "today's preset (in-distribution for it) | trained - preset | trained - untrained | train rows | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in summary["rows"]:
         card = row["card"]
-        lines.append(f"| {row['held_out']} | {row['pairs']} | {percent(row['trained'].value)}{interval(row['trained'].ci)} | "
-                     f"{percent(row['in_distribution'].value)} | {percent(row['base'].value)} | {percent(row['preset'].value)} | "
-                     f"{points(row['vs_preset'].value, row['vs_preset'].ci)} | {points(row['vs_base'].value, row['vs_base'].ci)} | "
-                     f"{card['train_rows']} | {card['seconds'] / 60:.0f} |")
+        lines.append(
+            f"| {row['held_out']} | {row['pairs']} | {percent(row['trained'].value)}{interval(row['trained'].ci)} | "
+            f"{percent(row['in_distribution'].value)} | {percent(row['base'].value)} | {percent(row['preset'].value)} | "
+            f"{points(row['vs_preset'].value, row['vs_preset'].ci)} | {points(row['vs_base'].value, row['vs_base'].ci)} | "
+            f"{card['train_rows']} | {card['seconds'] / 60:.0f} |"
+        )
     o, p = summary["overall"], summary["paired"]
-    lines += ["", f"**Mean over the folds' held-out pairs: {percent(o['trained'].value)}{interval(o['trained'].ci)}** "
-              f"(in distribution: {percent(o['in_distribution'].value)}{interval(o['in_distribution'].ci)}).", "",
-              f"- Paired against today's preset on the same pairs: {points(p['vs_preset'].value, p['vs_preset'].ci)} "
-              f"(preset {percent(o['preset'].value)}{interval(o['preset'].ci)}).",
-              f"- Paired against the untrained {args.preset}: {points(p['vs_base'].value, p['vs_base'].ci)} "
-              f"(untrained {percent(o['base'].value)}).",
-              f"- Paired against the untrained 1.5B (direct-prob, float32): {points(p['vs_base_1.5b'].value, p['vs_base_1.5b'].ci)} "
-              f"(untrained 1.5B {percent(o['base_1.5b'].value)}).", ""]
+    lines += [
+        "",
+        f"**Mean over the folds' held-out pairs: {percent(o['trained'].value)}{interval(o['trained'].ci)}** "
+        f"(in distribution: {percent(o['in_distribution'].value)}{interval(o['in_distribution'].ci)}).",
+        "",
+        f"- Paired against today's preset on the same pairs: {points(p['vs_preset'].value, p['vs_preset'].ci)} "
+        f"(preset {percent(o['preset'].value)}{interval(o['preset'].ci)}).",
+        f"- Paired against the untrained {args.preset}: {points(p['vs_base'].value, p['vs_base'].ci)} "
+        f"(untrained {percent(o['base'].value)}).",
+        f"- Paired against the untrained 1.5B (direct-prob, float32): {points(p['vs_base_1.5b'].value, p['vs_base_1.5b'].ci)} "
+        f"(untrained 1.5B {percent(o['base_1.5b'].value)}).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def input_budget(args: argparse.Namespace):
     """The budget the served model's prompts are cut to, so the features are of the very prompts it is served."""
-    settings = Settings(backends={"judge": BackendConfig(model="embedded", model_path=args.preset, dtype="float32",
-                                                         context_tokens=4096)})
+    settings = Settings(
+        backends={
+            "judge": BackendConfig(model="embedded", model_path=args.preset, dtype="float32", context_tokens=4096)
+        }
+    )
     return resolve_backend("judge", settings).backend.input_budget()
 
 
@@ -249,9 +331,22 @@ def head_records(pairs: list[Pair], rows: list[VerdictRow], logits: np.ndarray) 
     for pair in pairs:
         p_a = float((p_shown_a[(pair.id, False)] + 1 - p_shown_a[(pair.id, True)]) / 2)
         verdict = None if p_a == 0.5 else "A" if p_a > 0.5 else "B"
-        made.append(Record(pair_id=pair.id, category=pair.category or "", source=pair.source or "", label=pair.label,
-                           verdicts=(verdict, verdict), reasons=(None, None) if verdict else ("tie", "tie"), steps=4,
-                           unparsed_steps=0, lm_calls=0, prompt_tokens=0, completion_tokens=0, probabilities=(p_a, p_a)))
+        made.append(
+            Record(
+                pair_id=pair.id,
+                category=pair.category or "",
+                source=pair.source or "",
+                label=pair.label,
+                verdicts=(verdict, verdict),
+                reasons=(None, None) if verdict else ("tie", "tie"),
+                steps=4,
+                unparsed_steps=0,
+                lm_calls=0,
+                prompt_tokens=0,
+                completion_tokens=0,
+                probabilities=(p_a, p_a),
+            )
+        )
     return made
 
 
@@ -273,7 +368,9 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
         in_own_process(extract_stage, str(model_dir), test_rows + pool_rows, store_dir)  # test rows first
     store, base = FeatureStore(store_dir), verdict_direction(model_dir, tokenizer)
     test_x = store.get([r.key for r in test_rows])
-    (args.out / "base.json").write_text(json.dumps({"records": [r.to_dict() for r in head_records(every_test, test_rows, test_x @ base)]}))
+    (args.out / "base.json").write_text(
+        json.dumps({"records": [r.to_dict() for r in head_records(every_test, test_rows, test_x @ base)]})
+    )
     source_of = {p.id: p.source for p in pool}
     for held_out in folds:
         started = time.perf_counter()
@@ -298,10 +395,20 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
         wanted = {p.id for p in fold_test_pairs(held_out)}
         judged = [r for r in head_records(every_test, test_rows, head.logit(test_x, base)) if r.pair_id in wanted]
         (fold / "judged.json").write_text(json.dumps({"records": [r.to_dict() for r in judged]}))
-        (fold / "run_card.json").write_text(json.dumps({
-            "train_rows": head.train_rows, "seconds": time.perf_counter() - started, "l2": l2,
-            "dev_loss_by_l2": {str(k): v for k, v in losses.items()}, "dev_rows": len(dev), "train_loss": head.train_loss,
-            "rows_by_source": dict(Counter(source_of[r.pair_id] for r in mine))}, indent=1))
+        (fold / "run_card.json").write_text(
+            json.dumps(
+                {
+                    "train_rows": head.train_rows,
+                    "seconds": time.perf_counter() - started,
+                    "l2": l2,
+                    "dev_loss_by_l2": {str(k): v for k, v in losses.items()},
+                    "dev_rows": len(dev),
+                    "train_loss": head.train_loss,
+                    "rows_by_source": dict(Counter(source_of[r.pair_id] for r in mine)),
+                },
+                indent=1,
+            )
+        )
     if args.serve_check:
         serve_check(args, model_dir, args.serve_check)
 
@@ -311,8 +418,11 @@ def head_model(args: argparse.Namespace, model_dir: Path, held_out: str) -> Path
     delta = np.load(args.out / f"fold-{held_out}" / "head.npy")
     out = cache_root() / "verdict-head" / hashlib.sha256(delta.tobytes()).hexdigest()[:16]
     if not is_prepared(out):
-        source = {"name": f"{args.preset} + verdict head without {held_out}", "base": str(model_dir),
-                  "head_sha256": hashlib.sha256(delta.tobytes()).hexdigest()}
+        source = {
+            "name": f"{args.preset} + verdict head without {held_out}",
+            "base": str(model_dir),
+            "head_sha256": hashlib.sha256(delta.tobytes()).hexdigest(),
+        }
         in_own_process(write_head_stage, str(model_dir), delta, out, source)
     return out
 
@@ -327,21 +437,41 @@ def serve_check(args: argparse.Namespace, model_dir: Path, held_out: str) -> Non
     verdicts the features predicted?"""
     fold, pairs = args.out / f"fold-{held_out}", held_out_pairs(held_out)
     if not (fold / "served.json").exists():
-        in_own_process(judge, args, str(head_model(args, model_dir, held_out)), pairs, f"{args.preset} + head without {held_out}",
-                       fold / "served.json")
+        in_own_process(
+            judge,
+            args,
+            str(head_model(args, model_dir, held_out)),
+            pairs,
+            f"{args.preset} + head without {held_out}",
+            fold / "served.json",
+        )
     served, predicted = records(fold / "served.json", pairs), records(fold / "judged.json", pairs)
     agree = sum(a.verdicts == b.verdicts for a, b in zip(served, predicted))
-    gaps = [abs(a.probabilities[0] - b.probabilities[0]) for a, b in zip(served, predicted)
-            if a.probabilities[0] is not None and b.probabilities[0] is not None]
-    (fold / "served_check.json").write_text(json.dumps({
-        "pairs": len(pairs), "same_verdicts": agree, "served_accuracy": summarize(served).accuracy.value,
-        "predicted_accuracy": summarize(predicted).accuracy.value,
-        "mean_abs_p_gap": sum(gaps) / len(gaps) if gaps else None, "max_abs_p_gap": max(gaps, default=None)}, indent=1))
+    gaps = [
+        abs(a.probabilities[0] - b.probabilities[0])
+        for a, b in zip(served, predicted)
+        if a.probabilities[0] is not None and b.probabilities[0] is not None
+    ]
+    (fold / "served_check.json").write_text(
+        json.dumps(
+            {
+                "pairs": len(pairs),
+                "same_verdicts": agree,
+                "served_accuracy": summarize(served).accuracy.value,
+                "predicted_accuracy": summarize(predicted).accuracy.value,
+                "mean_abs_p_gap": sum(gaps) / len(gaps) if gaps else None,
+                "max_abs_p_gap": max(gaps, default=None),
+            },
+            indent=1,
+        )
+    )
 
 
 def lora_main(args: argparse.Namespace, folds: list[str]) -> None:
     """The untrained base judged, then each fold trained (resumed), merged and judged through vLLM."""
-    (args.out / ".gitignore").write_text("# checkpoints stay local; commit the latest one by hand to resume elsewhere\nfold-*/sft/\n")
+    (args.out / ".gitignore").write_text(
+        "# checkpoints stay local; commit the latest one by hand to resume elsewhere\nfold-*/sft/\n"
+    )
     if not (args.out / "base.json").exists():  # the untrained base: what training adds
         every_test = [p for s in SOURCES for p in held_out_pairs(s)]
         in_own_process(judge, args, args.preset, every_test, f"{args.preset} untrained", args.out / "base.json")
@@ -358,8 +488,14 @@ def lora_main(args: argparse.Namespace, folds: list[str]) -> None:
         if not (fold / "judged.json").exists():
             if not (is_prepared(merged) and read_source(merged) == merged_source(args, adapter)):
                 in_own_process(merge, args, adapter, merged)
-            in_own_process(judge, args, str(merged), fold_test_pairs(held_out), f"{args.preset} trained without {held_out}",
-                           fold / "judged.json")
+            in_own_process(
+                judge,
+                args,
+                str(merged),
+                fold_test_pairs(held_out),
+                f"{args.preset} trained without {held_out}",
+                fold / "judged.json",
+            )
 
 
 def main() -> None:
@@ -367,16 +503,24 @@ def main() -> None:
     parser.add_argument("--target", choices=sorted(TARGETS), default="verdict")
     parser.add_argument("--preset", default="qwen2.5-coder-0.5b", help="the base model trained in every fold")
     parser.add_argument("--pairs", type=int, default=480, help="training pairs per fold (two rows each)")
-    parser.add_argument("--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters")
-    parser.add_argument("--max-length", type=int, default=1024, help="training rows longer than this many tokens are left out")
+    parser.add_argument(
+        "--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=1024, help="training rows longer than this many tokens are left out"
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--folds", default="all", help=f"comma-separated held-out sets, of {', '.join(SOURCES)}")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--serve-check", metavar="SOURCE", help="verdict-head: serve that fold's head through vLLM and "
-                        "judge its held-out pairs, to check the served judge gives the verdicts the features predicted")
+    parser.add_argument(
+        "--serve-check",
+        metavar="SOURCE",
+        help="verdict-head: serve that fold's head through vLLM and "
+        "judge its held-out pairs, to check the served judge gives the verdicts the features predicted",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/loso-TARGET-PRESET")
     args = parser.parse_args()
     folds = list(SOURCES) if args.folds == "all" else args.folds.split(",")
@@ -387,8 +531,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (head_main if args.target == "verdict-head" else lora_main)(args, folds)
     done = [s for s in SOURCES if (args.out / f"fold-{s}" / "judged.json").exists()]
-    meta = {**provenance(), "target": args.target, "preset": args.preset, "pairs_per_fold": args.pairs, "folds_done": done,
-            "settings": {k: getattr(args, k) for k in ("max_chars", "max_length", "epochs", "learning_rate", "seed")}}
+    meta = {
+        **provenance(),
+        "target": args.target,
+        "preset": args.preset,
+        "pairs_per_fold": args.pairs,
+        "folds_done": done,
+        "settings": {k: getattr(args, k) for k in ("max_chars", "max_length", "epochs", "learning_rate", "seed")},
+    }
     summary = report(args, done)
     (args.out / "report.md").write_text(markdown(args, summary, meta))
     serial = json.loads(json.dumps(summary, default=lambda o: o.__dict__))

@@ -59,27 +59,36 @@ def main() -> None:
             verdicts[name] = [j.preference for j in judgments]
             n = len(judgments)
             cost = sum((j.cost for j in judgments), ra.Usage())
-            rows.append({
-                "program": name, "pairs": n,
-                "verdicts": sum(j.parsed for j in judgments),
-                "correct": sum(j.preference == p.label for p, j in zip(pairs, judgments)),
-                "calls_per_verdict": cost.lm_calls / n,
-                "prompt_tokens_per_verdict": cost.prompt_tokens / n,
-                "completion_tokens_per_verdict": cost.completion_tokens / n,
-                "calls_this_run": sum(j.lm_calls for j in judgments),
-                "wall_s_this_run": wall,
-                "reflected": sum(bool(j.reflections) for j in judgments),
-            })
+            rows.append(
+                {
+                    "program": name,
+                    "pairs": n,
+                    "verdicts": sum(j.parsed for j in judgments),
+                    "correct": sum(j.preference == p.label for p, j in zip(pairs, judgments)),
+                    "calls_per_verdict": cost.lm_calls / n,
+                    "prompt_tokens_per_verdict": cost.prompt_tokens / n,
+                    "completion_tokens_per_verdict": cost.completion_tokens / n,
+                    "calls_this_run": sum(j.lm_calls for j in judgments),
+                    "wall_s_this_run": wall,
+                    "reflected": sum(bool(j.reflections) for j in judgments),
+                }
+            )
     agree = sum(a == f for a, f in zip(verdicts["ReflectRM (adaptive)"], verdicts["ReflectRM (full)"]))
     print(f"{len(pairs)} pairs: {args.per_source} per file of {', '.join(FILES)} (seed {args.seed})\n")
-    print("| program | verdicts | correct | LM calls / verdict | prompt tok / verdict | completion tok / verdict | reflected |")
+    print(
+        "| program | verdicts | correct | LM calls / verdict | prompt tok / verdict | completion tok / verdict | reflected |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['program']} | {r['verdicts']} | {r['correct']} | {r['calls_per_verdict']:.2f} | "
-              f"{r['prompt_tokens_per_verdict']:.0f} | {r['completion_tokens_per_verdict']:.0f} | {r['reflected']} |")
+        print(
+            f"| {r['program']} | {r['verdicts']} | {r['correct']} | {r['calls_per_verdict']:.2f} | "
+            f"{r['prompt_tokens_per_verdict']:.0f} | {r['completion_tokens_per_verdict']:.0f} | {r['reflected']} |"
+        )
     full, adaptive = rows[2]["calls_per_verdict"], rows[3]["calls_per_verdict"]
-    print(f"\nfull vs adaptive ReflectRM: same verdict on {agree}/{len(pairs)} pairs; "
-          f"adaptive saves {1 - adaptive / full:.0%} of the LM calls")
+    print(
+        f"\nfull vs adaptive ReflectRM: same verdict on {agree}/{len(pairs)} pairs; "
+        f"adaptive saves {1 - adaptive / full:.0%} of the LM calls"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"pairs": [p.id for p in pairs], "rows": rows, "agreement": agree}, indent=2))
 

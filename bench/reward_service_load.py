@@ -34,7 +34,6 @@ from fake_engine import spawn  # bench/, beside this script
 from provenance import provenance
 
 
-
 def wait_for(url: str, seconds: float = 900) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -57,8 +56,11 @@ async def level(url: str, clients: int, requests: int, seconds: float, tag: str)
         while issued < requests and time.monotonic() < stop:
             issued += 1
             n = issued
-            body = {"prompt": f"[{tag} {clients} {n}] What is the capital of France?",
-                    "response_a": f"Paris ({n}).", "response_b": f"Berlin ({n})."}
+            body = {
+                "prompt": f"[{tag} {clients} {n}] What is the capital of France?",
+                "response_a": f"Paris ({n}).",
+                "response_b": f"Berlin ({n}).",
+            }
             started = time.perf_counter()
             try:
                 answer = await http.post(f"{url}/v1/judge", json=body)
@@ -74,11 +76,23 @@ async def level(url: str, clients: int, requests: int, seconds: float, tag: str)
         await asyncio.gather(*(client(http) for _ in range(clients)))
     wall = time.perf_counter() - started
     answered = statuses.get(200, 0)
-    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [latencies[0]] * 99 if latencies else None
-    return {"clients": clients, "sent": issued, "answered": answered, "abstained": abstained, "refused_503": statuses.get(503, 0),
-            "lost": issued - answered - statuses.get(503, 0), "other_statuses": {k: v for k, v in statuses.items() if k not in (200, 503)},
-            "transport_errors": errors, "wall_s": round(wall, 2), "requests_per_s": round(answered / wall, 2),
-            "p50_s": round(quantiles[49], 4) if quantiles else None, "p99_s": round(quantiles[98], 4) if quantiles else None}
+    quantiles = (
+        statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [latencies[0]] * 99 if latencies else None
+    )
+    return {
+        "clients": clients,
+        "sent": issued,
+        "answered": answered,
+        "abstained": abstained,
+        "refused_503": statuses.get(503, 0),
+        "lost": issued - answered - statuses.get(503, 0),
+        "other_statuses": {k: v for k, v in statuses.items() if k not in (200, 503)},
+        "transport_errors": errors,
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(answered / wall, 2),
+        "p50_s": round(quantiles[49], 4) if quantiles else None,
+        "p99_s": round(quantiles[98], 4) if quantiles else None,
+    }
 
 
 def run_engine(engine: str, levels: list[int], requests: int, seconds: float, work: Path) -> list[dict]:
@@ -88,23 +102,50 @@ def run_engine(engine: str, levels: list[int], requests: int, seconds: float, wo
     if engine == "fake":
         engine, engine_url = spawn()
         processes.append(engine)
-        config.write_text(f'[backends.engine]\nmodel = "openai/fake"\napi_base = "{engine_url}/v1"\n'
-                          'api_key_env = "FAKE_ENGINE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n')
+        config.write_text(
+            f'[backends.engine]\nmodel = "openai/fake"\napi_base = "{engine_url}/v1"\n'
+            'api_key_env = "FAKE_ENGINE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n'
+        )
     else:
         config.write_text('[backends.engine]\nmodel = "embedded"\ncontext_chars = 4000\n')
     service_port = free_port()
-    processes.append(subprocess.Popen(
-        [sys.executable, "-m", "reflectagent.cli", "serve-rm", "--program", "genrm-both", "--backend", "engine",
-         "--port", str(service_port), "--config", str(config), "--cache-dir", str(work / f"cache-{engine}"),
-         "--max-concurrency", "64", "--max-queue", "256"], env=env))
+    processes.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "reflectagent.cli",
+                "serve-rm",
+                "--program",
+                "genrm-both",
+                "--backend",
+                "engine",
+                "--port",
+                str(service_port),
+                "--config",
+                str(config),
+                "--cache-dir",
+                str(work / f"cache-{engine}"),
+                "--max-concurrency",
+                "64",
+                "--max-queue",
+                "256",
+            ],
+            env=env,
+        )
+    )
     url = f"http://127.0.0.1:{service_port}"
     try:
         wait_for(f"{url}/health")
-        warm = httpx.post(f"{url}/v1/judge", timeout=900, json={"prompt": "warm-up", "response_a": "a", "response_b": "b"})
+        warm = httpx.post(
+            f"{url}/v1/judge", timeout=900, json={"prompt": "warm-up", "response_a": "a", "response_b": "b"}
+        )
         warm.raise_for_status()  # the engine is up (the embedded server starts at the first step): not measured
         results = []
         for clients in levels:
-            result = asyncio.run(level(url, clients, requests if engine == "fake" else max(clients, 8), seconds, engine))
+            result = asyncio.run(
+                level(url, clients, requests if engine == "fake" else max(clients, 8), seconds, engine)
+            )
             results.append({"engine": engine, **result})
             print(json.dumps(results[-1]), flush=True)
         return results

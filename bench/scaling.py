@@ -33,8 +33,11 @@ def run(command: list[str], env: dict) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
-    return {"wall_s": round(wall, 2), "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
-            "peak_rss_mb": round(after.ru_maxrss / 1024, 1)}  # the largest child so far: sizes go up, so it is this one's
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
+        "peak_rss_mb": round(after.ru_maxrss / 1024, 1),
+    }  # the largest child so far: sizes go up, so it is this one's
 
 
 def main() -> None:
@@ -50,25 +53,65 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             work = Path(work)
             config = work / "c.toml"
-            config.write_text(f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{url}/v1"\n'
-                              'api_key_env = "FAKE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n')
+            config.write_text(
+                f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{url}/v1"\n'
+                'api_key_env = "FAKE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n'
+            )
             startup = {}
             for size in [1, *[int(s) for s in args.sizes.split(",")]]:
                 data = work / f"pairs-{size}.jsonl"
-                data.write_text("".join(json.dumps({"id": str(i), "prompt": f"[{size}] question {i}: " + "context " * 40,
-                                                    "response_a": f"right {i} " * 20, "response_b": f"wrong {i} " * 20,
-                                                    "label": "A"}) + "\n" for i in range(size)))
-                command = [sys.executable, "-m", "reflectagent.cli", "judge", str(data), "--program", "genrm", "--backend", "fake",
-                           "--config", str(config), "--cache-dir", str(work / f"cache-{size}"), "--concurrency", str(args.concurrency),
-                           "--quiet", "--output", str(work / f"out-{size}.jsonl")]
+                data.write_text(
+                    "".join(
+                        json.dumps(
+                            {
+                                "id": str(i),
+                                "prompt": f"[{size}] question {i}: " + "context " * 40,
+                                "response_a": f"right {i} " * 20,
+                                "response_b": f"wrong {i} " * 20,
+                                "label": "A",
+                            }
+                        )
+                        + "\n"
+                        for i in range(size)
+                    )
+                )
+                command = [
+                    sys.executable,
+                    "-m",
+                    "reflectagent.cli",
+                    "judge",
+                    str(data),
+                    "--program",
+                    "genrm",
+                    "--backend",
+                    "fake",
+                    "--config",
+                    str(config),
+                    "--cache-dir",
+                    str(work / f"cache-{size}"),
+                    "--concurrency",
+                    str(args.concurrency),
+                    "--quiet",
+                    "--output",
+                    str(work / f"out-{size}.jsonl"),
+                ]
                 for phase in ("cold", "warm"):
                     measured = run(command, env)
                     if size == 1:
                         startup[phase] = measured
                         continue
-                    rows.append({"pairs": size, "phase": phase, **measured, "startup_wall_s": startup[phase]["wall_s"],
-                                 "ms_per_judgment": round(1000 * (measured["wall_s"] - startup[phase]["wall_s"]) / size, 3),
-                                 "cpu_ms_per_judgment": round(1000 * (measured["cpu_s"] - startup[phase]["cpu_s"]) / size, 3)})
+                    rows.append(
+                        {
+                            "pairs": size,
+                            "phase": phase,
+                            **measured,
+                            "startup_wall_s": startup[phase]["wall_s"],
+                            "ms_per_judgment": round(1000 * (measured["wall_s"] - startup[phase]["wall_s"]) / size, 3),
+                            "cpu_ms_per_judgment": round(
+                                1000 * (measured["cpu_s"] - startup[phase]["cpu_s"]) / size, 3
+                            ),
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     finally:
         engine.kill()

@@ -31,8 +31,10 @@ from provenance import provenance
 
 def together(processes: int, command: list[str], env: dict) -> float:
     started = time.perf_counter()
-    running = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for _ in range(processes)]
+    running = [
+        subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
     for process in running:
         _, err = process.communicate()
         if process.returncode != 0:
@@ -50,21 +52,56 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         data = work / "pairs.jsonl"
-        data.write_text("".join(json.dumps({"id": str(i), "prompt": f"question {i}", "response_a": f"right {i}",
-                                            "response_b": f"wrong {i}"}) + "\n" for i in range(args.pairs)))
+        data.write_text(
+            "".join(
+                json.dumps(
+                    {"id": str(i), "prompt": f"question {i}", "response_a": f"right {i}", "response_b": f"wrong {i}"}
+                )
+                + "\n"
+                for i in range(args.pairs)
+            )
+        )
         redis_port = free_port()
-        redis = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(redis_port),
-                                  "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        redis = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "/usr/bin/redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         try:
             for store, processes in (("diskcache", 4), ("redis", 2)):
                 engine, url = spawn("--delay", str(args.delay))
                 try:
                     config = work / f"{store}.toml"
-                    cache = (f'cache_url = "redis://127.0.0.1:{redis_port}/0"\n' if store == "redis" else "")
-                    config.write_text(cache + f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{url}/v1"\n'
-                                      'api_key_env = "FAKE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n')
-                    command = [sys.executable, "-m", "reflectagent.cli", "judge", str(data), "--program", "genrm-both", "--backend",
-                               "fake", "--config", str(config), "--quiet", "--concurrency", "8"]
+                    cache = f'cache_url = "redis://127.0.0.1:{redis_port}/0"\n' if store == "redis" else ""
+                    config.write_text(
+                        cache + f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{url}/v1"\n'
+                        'api_key_env = "FAKE_KEY"\nconstrained = false\nlogprobs = false\nnum_retries = 0\n'
+                    )
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "reflectagent.cli",
+                        "judge",
+                        str(data),
+                        "--program",
+                        "genrm-both",
+                        "--backend",
+                        "fake",
+                        "--config",
+                        str(config),
+                        "--quiet",
+                        "--concurrency",
+                        "8",
+                    ]
                     if store == "diskcache":
                         command += ["--cache-dir", str(work / "cache")]
                     wall = together(processes, command, {**os.environ, "FAKE_KEY": "k"})
@@ -72,8 +109,16 @@ def main() -> None:
                 finally:
                     engine.kill()
                 distinct = 2 * args.pairs
-                rows.append({"store": store, "processes": processes, "lm_calls": calls, "distinct_steps": distinct,
-                             "calls_per_distinct_step": round(calls / distinct, 3), "wall_s": round(wall, 2)})
+                rows.append(
+                    {
+                        "store": store,
+                        "processes": processes,
+                        "lm_calls": calls,
+                        "distinct_steps": distinct,
+                        "calls_per_distinct_step": round(calls / distinct, 3),
+                        "wall_s": round(wall, 2),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             redis.kill()

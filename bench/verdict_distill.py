@@ -60,7 +60,9 @@ from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
 def train_pairs(per_source: int, max_chars: int):
     loaded = {source: load_source(source) for source in SOURCES}
     splits = {source: split_pairs(pairs, seed=0) for source, pairs in loaded.items()}
-    held_out = [p for split in splits.values() for p in split["dev"] + split["test"]]  # every set's: prompts recur across sets
+    held_out = [
+        p for split in splits.values() for p in split["dev"] + split["test"]
+    ]  # every set's: prompts recur across sets
     held_out += sample_pairs()  # the README's demo judges these: it must not judge what was trained on
     chosen = []
     for source in SOURCES:
@@ -72,8 +74,13 @@ def train_pairs(per_source: int, max_chars: int):
 
 def training_key(args: argparse.Namespace, chosen) -> dict:
     """What the adapter is trained from: a run with other settings or pairs must not reuse it."""
-    return {"preset": args.preset, "epochs": args.epochs, "learning_rate": args.learning_rate, "max_steps": args.max_steps,
-            "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16]}
+    return {
+        "preset": args.preset,
+        "epochs": args.epochs,
+        "learning_rate": args.learning_rate,
+        "max_steps": args.max_steps,
+        "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16],
+    }
 
 
 def train(args: argparse.Namespace, chosen) -> None:
@@ -83,12 +90,27 @@ def train(args: argparse.Namespace, chosen) -> None:
     settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
     run = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]  # checkpoints of this very job only
     data_dir, job_dir = cache_root() / "verdict-data" / run, cache_root() / "verdict-sft" / run
-    label_data(chosen, "student", settings, data_dir,
-               DataConfig(fractions="0.9,0.1,0"), {"labels": "the data files' own labels (train split, seed 0)"})
-    job = SFTJobConfig(base_model=args.preset, data=str(data_dir / "unified"), output_dir=str(job_dir),
-                       epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
-                       max_length=1024, per_device_batch=1, gradient_accumulation=8,  # two 1024-token rows at once: over 24 GB
-                       save_steps=args.save_steps, eval_steps=args.save_steps)
+    label_data(
+        chosen,
+        "student",
+        settings,
+        data_dir,
+        DataConfig(fractions="0.9,0.1,0"),
+        {"labels": "the data files' own labels (train split, seed 0)"},
+    )
+    job = SFTJobConfig(
+        base_model=args.preset,
+        data=str(data_dir / "unified"),
+        output_dir=str(job_dir),
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        max_length=1024,
+        per_device_batch=1,
+        gradient_accumulation=8,  # two 1024-token rows at once: over 24 GB
+        save_steps=args.save_steps,
+        eval_steps=args.save_steps,
+    )
     trained = train_sft(job)
     adapter.mkdir(parents=True, exist_ok=True)
     (adapter / "training.json").write_text(json.dumps(key, indent=1))
@@ -105,8 +127,13 @@ def train(args: argparse.Namespace, chosen) -> None:
 def merged_source(args: argparse.Namespace) -> dict:
     """What the merged folder is made from: its record, and the judgment cache's name for it (``model_identity``)."""
     adapter = args.adapter
-    return {"name": f"{args.preset} + {adapter.name}", "base_sha256": prepared_sha256(prepare_model(args.preset)),
-            "adapter_fingerprint": fingerprint(adapter), "dtype": "float32", "max_model_len": 4096}
+    return {
+        "name": f"{args.preset} + {adapter.name}",
+        "base_sha256": prepared_sha256(prepare_model(args.preset)),
+        "adapter_fingerprint": fingerprint(adapter),
+        "dtype": "float32",
+        "max_model_len": 4096,
+    }
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -119,31 +146,54 @@ def merge(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="qwen2.5-coder-1.5b")
-    parser.add_argument("--per-source", type=int, default=40,
-                        help="training pairs per source (two rows each; HHH and PandaLM have about 50 usable)")
-    parser.add_argument("--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters")
+    parser.add_argument(
+        "--per-source",
+        type=int,
+        default=40,
+        help="training pairs per source (two rows each; HHH and PandaLM have about 50 usable)",
+    )
+    parser.add_argument(
+        "--max-chars", type=int, default=2000, help="training pairs whose texts fit in this many characters"
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="the SFT job's default")
-    parser.add_argument("--save-steps", type=int, default=10, help="checkpoint every N optimizer steps: an interrupted run resumes")
-    parser.add_argument("--max-steps", type=int, default=-1, help="a short run for trying the script (overrides --epochs)")
+    parser.add_argument(
+        "--save-steps", type=int, default=10, help="checkpoint every N optimizer steps: an interrupted run resumes"
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=-1, help="a short run for trying the script (overrides --epochs)"
+    )
     parser.add_argument("--fresh", action="store_true", help="also judge the quality bench's second sample")
-    parser.add_argument("--eval-per-source", type=int, default=32, help="the first sample's pairs per source (at most 32: the fresh sample starts at 33)")
+    parser.add_argument(
+        "--eval-per-source",
+        type=int,
+        default=32,
+        help="the first sample's pairs per source (at most 32: the fresh sample starts at 33)",
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/results/verdict-1.5b"))
-    parser.add_argument("--adapter", type=Path, help="where the adapter is trained to (default: the one the "
-                                                     "'<preset>-verdict' preset ships, in reflectagent/data/adapters)")
+    parser.add_argument(
+        "--adapter",
+        type=Path,
+        help="where the adapter is trained to (default: the one the "
+        "'<preset>-verdict' preset ships, in reflectagent/data/adapters)",
+    )
     args = parser.parse_args()
     args.adapter = args.adapter or ADAPTERS_DIR / f"{args.preset}-verdict"
     if args.eval_per_source > 32:
-        parser.error("--eval-per-source is at most 32: the quality bench's fresh sample starts at each source's 33rd pair")
+        parser.error(
+            "--eval-per-source is at most 32: the quality bench's fresh sample starts at each source's 33rd pair"
+        )
     log_to_stderr()
     args.out.mkdir(parents=True, exist_ok=True)
     adapter = args.adapter
     chosen = train_pairs(args.per_source, args.max_chars)
     made_from = adapter / "training.json"
     if made_from.exists() and json.loads(made_from.read_text()) != training_key(args, chosen):
-        raise SystemExit(f"{adapter} was trained with other settings or pairs ({made_from.read_text().strip()}): "
-                         "give another --adapter and --out, or delete that folder to train again")
+        raise SystemExit(
+            f"{adapter} was trained with other settings or pairs ({made_from.read_text().strip()}): "
+            "give another --adapter and --out, or delete that folder to train again"
+        )
 
     if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means the adapter is whole
         in_own_process(train, args, chosen)
@@ -152,24 +202,49 @@ def main() -> None:
         in_own_process(merge, args)
 
     samples = [("first", 0, args.eval_per_source)] + ([("fresh", 32, 35)] if args.fresh else [])
-    settings = Settings(backends={"trained": BackendConfig(model="embedded", model_path=str(merged), dtype="float32",
-                                                           context_tokens=4096)})
+    settings = Settings(
+        backends={
+            "trained": BackendConfig(model="embedded", model_path=str(merged), dtype="float32", context_tokens=4096)
+        }
+    )
     lm = resolve_backend("trained", settings)
     results = []
     with use_cache(JudgmentCache(args.out / "cache")):
         for name, skip, per_source in samples:
             pairs = test_pairs(per_source, 2500, skip)
-            [result] = run_eval(pairs, [EvalRun(f"direct-prob ({name} sample)", f"{args.preset} + verdict LoRA",
-                                                named_program("direct-prob"), lm)],
-                                concurrency=args.concurrency, progress=sys.stderr.isatty())
+            [result] = run_eval(
+                pairs,
+                [
+                    EvalRun(
+                        f"direct-prob ({name} sample)",
+                        f"{args.preset} + verdict LoRA",
+                        named_program("direct-prob"),
+                        lm,
+                    )
+                ],
+                concurrency=args.concurrency,
+                progress=sys.stderr.isatty(),
+            )
             results.append(result)
-    meta = {**provenance(), "data": [f"{s}.jsonl (test split, seed 0)" for s in SOURCES], "split": "test", "seed": 0,
-            "pairs": sum(r.overall.pairs for r in results), "train": {"split": "train, less pairs sharing a dev or test prompt", "per_source_asked": args.per_source,
-                      "pairs_by_source": dict(Counter(p.source for p in chosen)),
-                      "data_card": json.loads((args.out / "data_card.json").read_text()) if (args.out / "data_card.json").exists() else None,
-                      "max_chars": args.max_chars,
-                      "epochs": args.epochs, "learning_rate": args.learning_rate},
-            "test": [{"sample": n, "skip": s, "per_source": k} for n, s, k in samples]}
+    meta = {
+        **provenance(),
+        "data": [f"{s}.jsonl (test split, seed 0)" for s in SOURCES],
+        "split": "test",
+        "seed": 0,
+        "pairs": sum(r.overall.pairs for r in results),
+        "train": {
+            "split": "train, less pairs sharing a dev or test prompt",
+            "per_source_asked": args.per_source,
+            "pairs_by_source": dict(Counter(p.source for p in chosen)),
+            "data_card": json.loads((args.out / "data_card.json").read_text())
+            if (args.out / "data_card.json").exists()
+            else None,
+            "max_chars": args.max_chars,
+            "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
+        },
+        "test": [{"sample": n, "skip": s, "per_source": k} for n, s, k in samples],
+    }
     write_report(results, args.out, meta)  # meta is in report.json
     print((args.out / "report.md").read_text().split("## Accuracy per category")[0])
 

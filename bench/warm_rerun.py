@@ -38,19 +38,46 @@ def main() -> None:
         env = {**os.environ, "REFLECTAGENT_EMBEDDED_URL": ""}
         for phase in ("cold", "warm"):
             out = work / phase
-            command = [sys.executable, "-m", "reflectagent.cli", "-v", "eval", "--data", str(data), "--programs", args.program,
-                       "--backends", "embedded", "--cache-dir", str(work / "cache"), "-o", str(out)]
+            command = [
+                sys.executable,
+                "-m",
+                "reflectagent.cli",
+                "-v",
+                "eval",
+                "--data",
+                str(data),
+                "--programs",
+                args.program,
+                "--backends",
+                "embedded",
+                "--cache-dir",
+                str(work / "cache"),
+                "-o",
+                str(out),
+            ]
             started = time.perf_counter()
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - started
             if done.returncode != 0:
                 raise RuntimeError(done.stderr[-3000:])
             [run] = json.loads((out / "run.json").read_text())
-            rows.append({"phase": phase, "wall_s": round(wall, 2), "lm_calls": run["lm_calls_made"],
-                         "judgments": run["judgments"], "server_started": "starting vLLM" in done.stderr})
+            rows.append(
+                {
+                    "phase": phase,
+                    "wall_s": round(wall, 2),
+                    "lm_calls": run["lm_calls_made"],
+                    "judgments": run["judgments"],
+                    "server_started": "starting vLLM" in done.stderr,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    result = {**provenance(), "pairs": args.pairs, "program": args.program, "rows": rows,
-              "cold_over_warm": round(rows[0]["wall_s"] / rows[1]["wall_s"], 1)}
+    result = {
+        **provenance(),
+        "pairs": args.pairs,
+        "program": args.program,
+        "rows": rows,
+        "cold_over_warm": round(rows[0]["wall_s"] / rows[1]["wall_s"], 1),
+    }
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 

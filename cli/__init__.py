@@ -42,8 +42,10 @@ class Commands(TyperGroup):
 
 
 app = typer.Typer(
-    cls=Commands, help="Generative reward models: LLM judges that write an analysis before their verdict.",
-    no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=Commands,
+    help="Generative reward models: LLM judges that write an analysis before their verdict.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
 )
 
 
@@ -87,7 +89,11 @@ def _messages_escaped(trace: str, exc_info) -> str:
 
 
 @app.callback()
-def main(verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v for progress logs, -vv for debug")] = 0):
+def main(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="-v for progress logs, -vv for debug")
+    ] = 0,
+):
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -23,16 +23,27 @@ from reflectagent.records.splits import split_pairs
 
 
 def calibrate(
-    data: Annotated[str, typer.Option("--data", "-d", help="benchmark files, comma-separated; their --split pairs are fitted on")],
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="benchmark files, comma-separated; their --split pairs are fitted on")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="where to save the calibrated program (JSON)")],
-    program: Annotated[str, typer.Option("--program", "-p", help="a named program deciding by P(A), or a saved one (.json)")] = "direct-prob",
+    program: Annotated[
+        str, typer.Option("--program", "-p", help="a named program deciding by P(A), or a saved one (.json)")
+    ] = "direct-prob",
     backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="backend name from the config")] = None,
-    method: Annotated[str, typer.Option(help="temperature (keeps every verdict) or platt (slope and intercept)")] = "temperature",
+    method: Annotated[
+        str, typer.Option(help="temperature (keeps every verdict) or platt (slope and intercept)")
+    ] = "temperature",
     split: Annotated[str, typer.Option(help="dev (or train); never test")] = "dev",
     seed: Annotated[int, typer.Option(help="split seed (eval --split draws the same pairs)")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="at most N pairs per data file (after the split)")] = None,
-    max_calls: Annotated[Optional[float], typer.Option(help="escalating programs: the most LM calls per judgment, on average, "
-                                                             "the chosen threshold may spend on the dev pairs")] = None,
+    max_calls: Annotated[
+        Optional[float],
+        typer.Option(
+            help="escalating programs: the most LM calls per judgment, on average, "
+            "the chosen threshold may spend on the dev pairs"
+        ),
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="judgments at once")] = 8,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -62,8 +73,16 @@ def calibrate(
         judge = resolve_program(program)
         options = {"max_calls_per_judgment": max_calls} if isinstance(judge, EscalatingJudge) else {}
         with use_cache(open_cache(settings, cache_dir)), dspy.context(lm=resolve_backend(backend, settings)):
-            fitted = fit(judge, pairs, method, split=split, data=[f"{f} ({split} split, seed {seed})" for f in files],
-                         concurrency=concurrency, progress=sys.stderr.isatty(), **options)
+            fitted = fit(
+                judge,
+                pairs,
+                method,
+                split=split,
+                data=[f"{f} ({split} split, seed {seed})" for f in files],
+                concurrency=concurrency,
+                progress=sys.stderr.isatty(),
+                **options,
+            )
     except RunInterrupted:
         raise
     except (ReflectAgentError, ValueError) as exc:
@@ -77,11 +96,15 @@ def describe(judge) -> list[str]:
     """What was fitted, in lines: each calibration with its log loss before and after, and the threshold table."""
     if isinstance(judge, Calibrated):
         c = judge.calibration
-        return [f"{type(judge.inner).__name__}: {c.describe()} on {c.fitted_on['with_probability']} judgments of "
-                f"{c.fitted_on['pairs']} pairs; log loss {c.log_loss_before:.4f} -> {c.log_loss_after:.4f}"]
+        return [
+            f"{type(judge.inner).__name__}: {c.describe()} on {c.fitted_on['with_probability']} judgments of "
+            f"{c.fitted_on['pairs']} pairs; log loss {c.log_loss_before:.4f} -> {c.log_loss_after:.4f}"
+        ]
     lines = [f"stage {name}: {line}" for name, member in zip(judge.stages, judge.members) for line in describe(member)]
     chosen = judge.options.get("chosen_on", {})
     lines += ["threshold | dev accuracy | LM calls per judgment"]
-    lines += [f"{t:9.3g} | {acc:12.1%} | {calls:.2f}" + ("  <- chosen" if t == judge.threshold else "")
-              for t, acc, calls in chosen.get("table", [])]
+    lines += [
+        f"{t:9.3g} | {acc:12.1%} | {calls:.2f}" + ("  <- chosen" if t == judge.threshold else "")
+        for t, acc, calls in chosen.get("table", [])
+    ]
     return lines

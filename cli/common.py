@@ -11,8 +11,14 @@ from reflectagent.calling.cache import JudgmentCache, configured_cache
 from reflectagent.calling.config import Settings
 from reflectagent.terminal import visible
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML or YAML config (default: $REFLECTAGENT_CONFIG or ./reflectagent.toml)")]
-CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="judgment cache folder (default: $REFLECTAGENT_CACHE_DIR or the user cache)")]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="TOML or YAML config (default: $REFLECTAGENT_CONFIG or ./reflectagent.toml)"),
+]
+CacheDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--cache-dir", help="judgment cache folder (default: $REFLECTAGENT_CACHE_DIR or the user cache)"),
+]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -39,5 +45,9 @@ def warn_duplicates(ids) -> None:
     repeated = duplicate_ids(ids)
     if repeated:
         shown = visible(", ".join(f"{key!r} x{n}" for key, n in list(repeated.items())[:5]))
-        typer.secho(f"warning: {len(repeated)} id(s) name more than one pair ({shown}{', ...' if len(repeated) > 5 else ''}): "
-                    "each pair is judged; give unique ids to tell their judgments apart", fg="yellow", err=True)
+        typer.secho(
+            f"warning: {len(repeated)} id(s) name more than one pair ({shown}{', ...' if len(repeated) > 5 else ''}): "
+            "each pair is judged; give unique ids to tell their judgments apart",
+            fg="yellow",
+            err=True,
+        )

@@ -22,17 +22,27 @@ from reflectagent.terminal import visible
 
 
 def eval_command(
-    data: Annotated[str, typer.Option("--data", "-d", help="benchmark files, comma-separated (JSONL, or datasets folders/files)")],
-    programs: Annotated[str, typer.Option("--programs", "-p", help=f"comma-separated, of: {', '.join(NAMED)}")] = "genrm-both,reflectrm",
+    data: Annotated[
+        str, typer.Option("--data", "-d", help="benchmark files, comma-separated (JSONL, or datasets folders/files)")
+    ],
+    programs: Annotated[
+        str, typer.Option("--programs", "-p", help=f"comma-separated, of: {', '.join(NAMED)}")
+    ] = "genrm-both,reflectrm",
     backends: Annotated[str, typer.Option("--backends", "-b", help="comma-separated backend names")] = "embedded",
     out: Annotated[Path, typer.Option("--out", "-o", help="report folder")] = Path("reports/latest"),
     limit: Annotated[Optional[int], typer.Option(help="at most N pairs per data file (after the split)")] = None,
     split: Annotated[str, typer.Option(help="all, train, dev or test (seeded, stratified by source)")] = "all",
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
     concurrency: Annotated[int, typer.Option(min=1, help="judgments at once")] = 8,
-    no_verdict: Annotated[str, typer.Option(help="how a missing verdict scores: 'wrong' (0) or 'half' (RewardBench)")] = "wrong",
-    baseline: Annotated[Optional[str], typer.Option(
-        help="the run the others are paired against, pair by pair: 'PROGRAM' or 'PROGRAM@BACKEND' (default: the first)")] = None,
+    no_verdict: Annotated[
+        str, typer.Option(help="how a missing verdict scores: 'wrong' (0) or 'half' (RewardBench)")
+    ] = "wrong",
+    baseline: Annotated[
+        Optional[str],
+        typer.Option(
+            help="the run the others are paired against, pair by pair: 'PROGRAM' or 'PROGRAM@BACKEND' (default: the first)"
+        ),
+    ] = None,
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):
@@ -66,18 +76,37 @@ def eval_command(
     if baseline is not None:  # checked before judging: a report that cannot be written would waste the run
         program, backend = split_baseline(baseline)
         if program not in program_names or (backend and backend not in backend_names):
-            fail(f"--baseline {baseline!r} is not one of the runs: give one of --programs ({', '.join(program_names)}), "
-                 f"optionally @ one of --backends ({', '.join(backend_names)})", 2)
+            fail(
+                f"--baseline {baseline!r} is not one of the runs: give one of --programs ({', '.join(program_names)}), "
+                f"optionally @ one of --backends ({', '.join(backend_names)})",
+                2,
+            )
     try:
         with use_cache(open_cache(settings, cache_dir)):
-            results = run_eval(pairs, program_names, backend_names, settings=settings, concurrency=concurrency,
-                               no_verdict=no_verdict, progress=sys.stderr.isatty())
+            results = run_eval(
+                pairs,
+                program_names,
+                backend_names,
+                settings=settings,
+                concurrency=concurrency,
+                no_verdict=no_verdict,
+                progress=sys.stderr.isatty(),
+            )
     except RunInterrupted:
         raise  # a dead backend: exit 1, the message says how to resume
     except ReflectAgentError as exc:
         fail(str(exc), 2)  # a config, backend or program name to fix
-    meta = {"data": files, "pairs": len(pairs), "split": split, "seed": seed, "limit": limit,
-            "programs": program_names, "backends": backend_names, "no_verdict": no_verdict, "baseline": baseline}
+    meta = {
+        "data": files,
+        "pairs": len(pairs),
+        "split": split,
+        "seed": seed,
+        "limit": limit,
+        "programs": program_names,
+        "backends": backend_names,
+        "no_verdict": no_verdict,
+        "baseline": baseline,
+    }
     folder = write_report(results, out, meta)
     typer.echo(visible(summary_markdown(results, meta), keep="\n"))  # categories and sources come from the data
     typer.echo(f"report: {folder}/report.md (JSON: report.json, plots: plots/)")

@@ -64,38 +64,69 @@ def judgment_lines(pair: Pair, judgment: Judgment, show_analyses: bool) -> list[
 def print_summary(summary: JudgingSummary, bad_lines: int, wall_s: float) -> None:
     reasons = ", ".join(f"{n} {reason}" for reason, n in summary.no_verdict.items())
     typer.echo(f"pairs: {summary.judged} judged, {bad_lines} bad lines skipped")
-    typer.echo(f"verdicts: {summary.verdicts}; no verdict: {summary.judged - summary.verdicts}"
-               + (f" ({reasons})" if reasons else ""))
+    typer.echo(
+        f"verdicts: {summary.verdicts}; no verdict: {summary.judged - summary.verdicts}"
+        + (f" ({reasons})" if reasons else "")
+    )
     if summary.labelled:
-        typer.echo(f"accuracy on labelled pairs: {summary.correct}/{summary.labelled} = {summary.accuracy:.1%} "
-                   "(no verdict counts as wrong)")
+        typer.echo(
+            f"accuracy on labelled pairs: {summary.correct}/{summary.labelled} = {summary.accuracy:.1%} "
+            "(no verdict counts as wrong)"
+        )
     typer.echo(f"parse failures: {summary.unparsed_steps} of {summary.steps} steps")
-    typer.echo(f"LM calls: {summary.lm_calls}; cache hits: {summary.cached_judgments} of {summary.judged} judgments "
-               f"({summary.cached_steps} of {summary.steps} steps)")
+    typer.echo(
+        f"LM calls: {summary.lm_calls}; cache hits: {summary.cached_judgments} of {summary.judged} judgments "
+        f"({summary.cached_steps} of {summary.steps} steps)"
+    )
     typer.echo(f"tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion")
     if wall_s > 0:
-        typer.echo(f"wall time: {wall_s:.1f} s (a server started on demand included); "
-                   f"{summary.judged / wall_s * 60:.1f} judgments per minute")
+        typer.echo(
+            f"wall time: {wall_s:.1f} s (a server started on demand included); "
+            f"{summary.judged / wall_s * 60:.1f} judgments per minute"
+        )
 
 
 def judge(
-    file: Annotated[Optional[Path], typer.Argument(help="JSONL of pairs (prompt, response_a, response_b[, id, label, ...])")] = None,
+    file: Annotated[
+        Optional[Path], typer.Argument(help="JSONL of pairs (prompt, response_a, response_b[, id, label, ...])")
+    ] = None,
     prompt: Annotated[Optional[str], typer.Option(help="judge one pair given on the command line")] = None,
     a: Annotated[Optional[str], typer.Option("--a", help="response A, with --prompt")] = None,
     b: Annotated[Optional[str], typer.Option("--b", help="response B, with --prompt")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="judge the real pairs shipped with reflectagent")] = False,
     program_name: Annotated[str, typer.Option("--program", "-p", help=f"one of: {', '.join(NAMED)}")] = "swap",
-    load: Annotated[Optional[Path], typer.Option("--load", help="a compiled program saved with .save() (overrides --program)")] = None,
-    backend_name: Annotated[Optional[str], typer.Option("--backend", "-b", help="backend name from the config (default: $REFLECTAGENT_BACKEND or 'embedded')")] = None,
+    load: Annotated[
+        Optional[Path], typer.Option("--load", help="a compiled program saved with .save() (overrides --program)")
+    ] = None,
+    backend_name: Annotated[
+        Optional[str],
+        typer.Option(
+            "--backend", "-b", help="backend name from the config (default: $REFLECTAGENT_BACKEND or 'embedded')"
+        ),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="judge only the first N pairs")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="pairs judged at once")] = 8,
-    dtype: Annotated[Optional[str], typer.Option(help=(
-        f"embedded backends: the dtype the server computes in, one of {', '.join(DTYPES)} (default: the backend's). "
-        "bfloat16 judged 2.5x as fast as float32 on a CPU with avx512_bf16/AMX; float32 gives finer probabilities"))] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
-        "write every judgment as JSONL here: replaced whole when the run ends (a failed, interrupted or killed run "
-        "keeps its finished judgments in OUTPUT.partial, or .partial.2 ... beside an earlier one, and leaves OUTPUT as "
-        "it was); never the input file"))] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(
+            help=(
+                f"embedded backends: the dtype the server computes in, one of {', '.join(DTYPES)} (default: the backend's). "
+                "bfloat16 judged 2.5x as fast as float32 on a CPU with avx512_bf16/AMX; float32 gives finer probabilities"
+            )
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help=(
+                "write every judgment as JSONL here: replaced whole when the run ends (a failed, interrupted or killed run "
+                "keeps its finished judgments in OUTPUT.partial, or .partial.2 ... beside an earlier one, and leaves OUTPUT as "
+                "it was); never the input file"
+            ),
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="verdicts only, no analyses")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="neither read nor write the judgment cache")] = False,
     config: ConfigOpt = None,
@@ -110,8 +141,25 @@ def judge(
     if sum([file is not None, prompt is not None, sample]) != 1:
         fail("give exactly one of: a JSONL FILE, --prompt with --a and --b, or --sample", 2)
     with _terminate_as_interrupt() as signals:
-        _judge(file, prompt, a, b, sample, program_name, load, backend_name, limit, concurrency, dtype, output, quiet,
-               no_cache, config, cache_dir, signals)
+        _judge(
+            file,
+            prompt,
+            a,
+            b,
+            sample,
+            program_name,
+            load,
+            backend_name,
+            limit,
+            concurrency,
+            dtype,
+            output,
+            quiet,
+            no_cache,
+            config,
+            cache_dir,
+            signals,
+        )
 
 
 @contextmanager
@@ -139,12 +187,32 @@ def _warn(note: str) -> None:
     typer.secho(f"warning: {visible(note)}", fg="yellow", err=True)
 
 
-def _judge(file, prompt, a, b, sample, program_name, load, backend_name, limit, concurrency, dtype, output, quiet,
-           no_cache, config, cache_dir, signals: list[int]) -> None:
+def _judge(
+    file,
+    prompt,
+    a,
+    b,
+    sample,
+    program_name,
+    load,
+    backend_name,
+    limit,
+    concurrency,
+    dtype,
+    output,
+    quiet,
+    no_cache,
+    config,
+    cache_dir,
+    signals: list[int],
+) -> None:
     settings = load_settings(config)  # first: its [reading] table bounds the file
     try:  # before any pair is read or judged: an output that cannot be written, or would erase the input, wastes nothing
-        out = AtomicOutput(output, [file] if file is not None else [sample_path()] if sample else [],
-                           report=_warn) if output else None
+        out = (
+            AtomicOutput(output, [file] if file is not None else [sample_path()] if sample else [], report=_warn)
+            if output
+            else None
+        )
     except OutputError as exc:
         fail(str(exc), 2)
     bad = []
@@ -169,13 +237,24 @@ def _judge(file, prompt, a, b, sample, program_name, load, backend_name, limit, 
     warn_skipped(bad)
     warn_duplicates(pairs.ids if isinstance(pairs, PairFile) else [pair.id for pair in pairs])
     if not pairs:
-        fail("no valid pairs to judge" + (f": every line was skipped ({len(bad)}, above)" if bad else
-                                          f": {file} holds no pairs (it is empty or blank)" if file and limit is None else ""), 2)
+        fail(
+            "no valid pairs to judge"
+            + (
+                f": every line was skipped ({len(bad)}, above)"
+                if bad
+                else f": {file} holds no pairs (it is empty or blank)"
+                if file and limit is None
+                else ""
+            ),
+            2,
+        )
 
     if dtype is not None:
         try:
             settings = settings.overriding(backend_name, dtype=dtype)
-        except OverrideError as exc:  # a flag to fix: a usage error; an unknown backend stays the error it is without --dtype
+        except (
+            OverrideError
+        ) as exc:  # a flag to fix: a usage error; an unknown backend stays the error it is without --dtype
             fail(f"--dtype: {exc}", 2)
     lm = resolve_backend(backend_name, settings)
     started, tally = time.perf_counter(), JudgingTally()
@@ -203,15 +282,23 @@ def _judge(file, prompt, a, b, sample, program_name, load, backend_name, limit, 
 
     typer.echo("")
     typer.echo(f"program: {type(program).__name__} {program.options}")
-    where = lm.api_base or ("no server needed: every step came from the cache" if lm.backend.start else "provider default")
+    where = lm.api_base or (
+        "no server needed: every step came from the cache" if lm.backend.start else "provider default"
+    )
     typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {where})")
     print_summary(tally.summary(), len(bad), wall)
     if out:
         typer.echo(f"judgments: {out.given} ({out.lines} lines)")
 
 
-async def _judge_and_print(program, pairs: list[Pair] | PairFile, concurrency: int, tally: JudgingTally,
-                           output: AtomicOutput | None, show_analyses: bool) -> None:
+async def _judge_and_print(
+    program,
+    pairs: list[Pair] | PairFile,
+    concurrency: int,
+    tally: JudgingTally,
+    output: AtomicOutput | None,
+    show_analyses: bool,
+) -> None:
     """Each judgment printed, written and counted as it comes (in input order) and then let go, so a run of
     any size holds only the pairs in flight."""
     progress = sys.stderr.isatty()

@@ -14,7 +14,9 @@ app = typer.Typer(help="Prepare model folders for serving and fine-tuning.", no_
 
 @app.command("prepare")
 def prepare(
-    source: Annotated[str, typer.Argument(help=f"'embedded', a preset ({', '.join(PRESETS)}), a local model folder, or a hub id")] = "embedded",
+    source: Annotated[
+        str, typer.Argument(help=f"'embedded', a preset ({', '.join(PRESETS)}), a local model folder, or a hub id")
+    ] = "embedded",
     force: Annotated[bool, typer.Option(help="convert again even if the folder exists")] = False,
 ):
     """Make a Hugging Face model folder (the embedded GGUF and presets are converted once and reused)."""

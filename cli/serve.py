@@ -30,13 +30,26 @@ def parse_loras(items: list[str]) -> dict[str, str]:
 
 
 def serve(
-    model: Annotated[str, typer.Argument(help="'embedded' (packaged SmolLM2), a preset (see `models prepare`), a model folder, or a hub id")] = "embedded",
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA adapter to serve, NAME=DIR (repeatable)")] = None,
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="'embedded' (packaged SmolLM2), a preset (see `models prepare`), a model folder, or a hub id"
+        ),
+    ] = "embedded",
+    lora: Annotated[
+        Optional[list[str]], typer.Option("--lora", help="LoRA adapter to serve, NAME=DIR (repeatable)")
+    ] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default: a free one)")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help=f"context length (default: the model preset's, else {DEFAULT_CONTEXT})")] = None,
+    name: Annotated[
+        Optional[str], typer.Option("--name", help="served model name (default: 'embedded' or the folder name)")
+    ] = None,
+    max_model_len: Annotated[
+        Optional[int], typer.Option(help=f"context length (default: the model preset's, else {DEFAULT_CONTEXT})")
+    ] = None,
     max_lora_rank: Annotated[int, typer.Option(min=1, help="largest LoRA rank to accept")] = 64,
-    dtype: Annotated[Optional[str], typer.Option(help=f"{', '.join(DTYPES)} (default: the model preset's, else {DEFAULT_DTYPE})")] = None,
+    dtype: Annotated[
+        Optional[str], typer.Option(help=f"{', '.join(DTYPES)} (default: the model preset's, else {DEFAULT_DTYPE})")
+    ] = None,
     timeout: Annotated[float, typer.Option(min=1.0, help="seconds to wait for the server to answer")] = 600,
 ):
     """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until Ctrl-C."""
@@ -47,8 +60,17 @@ def serve(
     dtype = dtype or default_dtype(folder)
     if dtype not in DTYPES:
         fail(f"--dtype takes {', '.join(DTYPES)}, not {dtype!r}", 2)
-    server = VLLMServer(ServerSpec(model_dir=str(folder), served_name=served, loras=loras, port=port, dtype=dtype,
-                                   max_model_len=max_model_len or default_context(folder), max_lora_rank=max_lora_rank))
+    server = VLLMServer(
+        ServerSpec(
+            model_dir=str(folder),
+            served_name=served,
+            loras=loras,
+            port=port,
+            dtype=dtype,
+            max_model_len=max_model_len or default_context(folder),
+            max_lora_rank=max_lora_rank,
+        )
+    )
     # Ctrl-C and SIGTERM both stop the server, even where SIGINT was ignored (nohup, `cmd &`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

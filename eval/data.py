@@ -26,12 +26,20 @@ def from_chosen_rejected(row: dict, index: int, source: str) -> Pair:
     chosen_first = stable_fraction("placement", pair_id) < 0.5
     a, b = (row["chosen"], row["rejected"]) if chosen_first else (row["rejected"], row["chosen"])
     category = row.get("subset") or row.get("category") or source
-    return Pair(prompt=row["prompt"], response_a=a, response_b=b, id=pair_id,
-                label="A" if chosen_first else "B", category=str(category), source=source)
+    return Pair(
+        prompt=row["prompt"],
+        response_a=a,
+        response_b=b,
+        id=pair_id,
+        label="A" if chosen_first else "B",
+        category=str(category),
+        source=source,
+    )
 
 
-def load_benchmark(path: str | Path, split: str | None = None,
-                   limits: ReadLimits = DEFAULT_LIMITS) -> tuple[list[Pair], list[BadLine]]:
+def load_benchmark(
+    path: str | Path, split: str | None = None, limits: ReadLimits = DEFAULT_LIMITS
+) -> tuple[list[Pair], list[BadLine]]:
     """Pairs from a JSONL file, a ``datasets`` folder (``save_to_disk``) or a local data file.
 
     Rows may use the shared pair schema or RewardBench's chosen/rejected; bad rows are

@@ -55,19 +55,33 @@ class Record:
         both = (straight, swapped)
         cost = straight.cost + swapped.cost
         return cls(
-            pair_id=pair.id, category=pair.category or "", source=pair.source or "", label=pair.label,
+            pair_id=pair.id,
+            category=pair.category or "",
+            source=pair.source or "",
+            label=pair.label,
             verdicts=(straight.preference, flip(swapped.preference)),
             reasons=(straight.reason, swapped.reason),
             steps=sum(len(j.steps) for j in both),
             unparsed_steps=sum(1 for j in both for s in j.steps if not s.parsed),
-            lm_calls=cost.lm_calls, prompt_tokens=cost.prompt_tokens, completion_tokens=cost.completion_tokens,
-            probabilities=(straight.probability_a, None if swapped.probability_a is None else 1 - swapped.probability_a),
+            lm_calls=cost.lm_calls,
+            prompt_tokens=cost.prompt_tokens,
+            completion_tokens=cost.completion_tokens,
+            probabilities=(
+                straight.probability_a,
+                None if swapped.probability_a is None else 1 - swapped.probability_a,
+            ),
         )
 
     @classmethod
     def from_dict(cls, row: dict) -> Record:
-        return cls(**{**row, "verdicts": tuple(row["verdicts"]), "reasons": tuple(row["reasons"]),
-                      "probabilities": tuple(row.get("probabilities") or (None, None))})
+        return cls(
+            **{
+                **row,
+                "verdicts": tuple(row["verdicts"]),
+                "reasons": tuple(row["reasons"]),
+                "probabilities": tuple(row.get("probabilities") or (None, None)),
+            }
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +98,9 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float] | N
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def bootstrap(values: list[float], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+def bootstrap(
+    values: list[float], resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean (None for no values)."""
     if not values:
         return None
@@ -172,7 +188,9 @@ def reliability(probabilities: list[float], outcomes: list[bool], bins: int = 10
         frequency = float(y[inside].mean()) if count else None
         if count:
             error += count * abs(mean - frequency)
-        rows.append(ReliabilityBin(low=b / bins, high=(b + 1) / bins, count=count, mean_probability=mean, frequency=frequency))
+        rows.append(
+            ReliabilityBin(low=b / bins, high=(b + 1) / bins, count=count, mean_probability=mean, frequency=frequency)
+        )
     return Reliability(ece=error / len(p) if len(p) else None, n=len(p), bins=tuple(rows))
 
 
@@ -207,12 +225,16 @@ class Summary:
 
         accuracy = data["accuracy"]
         return cls(
-            pairs=data["pairs"], ties=data["ties"], unlabelled=data["unlabelled"],
+            pairs=data["pairs"],
+            ties=data["ties"],
+            unlabelled=data["unlabelled"],
             accuracy=Accuracy(**{**accuracy, "ci": tuple(accuracy["ci"]) if accuracy.get("ci") else None}),
             consistency=rate(data["consistency"]),
-            position_bias=PositionBias(first=rate(data["position_bias"]["first"]),
-                                       second=rate(data["position_bias"]["second"])),
-            no_verdict=rate(data["no_verdict"]), parse_failures=rate(data["parse_failures"]),
+            position_bias=PositionBias(
+                first=rate(data["position_bias"]["first"]), second=rate(data["position_bias"]["second"])
+            ),
+            no_verdict=rate(data["no_verdict"]),
+            parse_failures=rate(data["parse_failures"]),
             cost_per_verdict=CostPerVerdict(**data["cost_per_verdict"]),
             calibration=Reliability.from_dict(data["calibration"]) if data.get("calibration") else None,
         )
@@ -239,16 +261,20 @@ class Difference:
     ci: tuple[float, float] | None
 
 
-def paired_difference(records: list[Record], baseline: list[Record],
-                      no_verdict: Literal["wrong", "half"] = "wrong") -> Difference:
+def paired_difference(
+    records: list[Record], baseline: list[Record], no_verdict: Literal["wrong", "half"] = "wrong"
+) -> Difference:
     """``records``' accuracy minus ``baseline``'s, pair by pair, with a seeded percentile bootstrap over those pairs.
 
     Pairs are matched by id and, for an id given more than once (two files named alike, pairs without ids),
     by its occurrence: the k-th record of an id against the baseline's k-th, as runs over the same pairs
     list them. Ties and pairs only one run judged are left out."""
     base = {key: pair_score(r, no_verdict) for key, r in _by_occurrence(baseline)}
-    deltas = [score - base[key] for key, r in _by_occurrence(records)
-              if (score := pair_score(r, no_verdict)) is not None and base.get(key) is not None]
+    deltas = [
+        score - base[key]
+        for key, r in _by_occurrence(records)
+        if (score := pair_score(r, no_verdict)) is not None and base.get(key) is not None
+    ]
     return Difference(value=sum(deltas) / len(deltas) if deltas else None, n=len(deltas), ci=bootstrap(deltas))
 
 
@@ -279,8 +305,12 @@ def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wro
         pairs=n,
         ties=sum(1 for r in records if r.label == "tie"),
         unlabelled=sum(1 for r in records if r.label is None),
-        accuracy=Accuracy(value=sum(scored) / len(scored) if scored else None, n=len(scored), ci=bootstrap(scored),
-                          no_verdict_counts_as=0.5 if no_verdict == "half" else 0.0),
+        accuracy=Accuracy(
+            value=sum(scored) / len(scored) if scored else None,
+            n=len(scored),
+            ci=bootstrap(scored),
+            no_verdict_counts_as=0.5 if no_verdict == "half" else 0.0,
+        ),
         consistency=Rate.of(consistent, n),
         position_bias=PositionBias(first=Rate.of(first, n), second=Rate.of(second, n)),
         no_verdict=Rate.of(no_verdicts, judgments),
@@ -294,8 +324,9 @@ def summarize(records: list[Record], no_verdict: Literal["wrong", "half"] = "wro
     )
 
 
-def summarize_by_category(records: list[Record], categories: list[str] | None = None,
-                          no_verdict: Literal["wrong", "half"] = "wrong") -> dict[str, Summary]:
+def summarize_by_category(
+    records: list[Record], categories: list[str] | None = None, no_verdict: Literal["wrong", "half"] = "wrong"
+) -> dict[str, Summary]:
     """``summarize`` per category; categories asked for but absent get the empty summary."""
     groups: dict[str, list[Record]] = defaultdict(list)
     for record in records:
@@ -355,10 +386,18 @@ class JudgingTally:
     def summary(self) -> JudgingSummary:
         c = self.counts
         return JudgingSummary(
-            judged=c["judged"], no_verdict=dict(self.no_verdict.most_common()), labelled=c["labelled"],
-            correct=c["correct"], steps=c["steps"], unparsed_steps=c["unparsed_steps"], lm_calls=self.usage.lm_calls,
-            cached_steps=c["cached_steps"], cached_judgments=c["cached_judgments"],
-            prompt_tokens=self.usage.prompt_tokens, completion_tokens=self.usage.completion_tokens)
+            judged=c["judged"],
+            no_verdict=dict(self.no_verdict.most_common()),
+            labelled=c["labelled"],
+            correct=c["correct"],
+            steps=c["steps"],
+            unparsed_steps=c["unparsed_steps"],
+            lm_calls=self.usage.lm_calls,
+            cached_steps=c["cached_steps"],
+            cached_judgments=c["cached_judgments"],
+            prompt_tokens=self.usage.prompt_tokens,
+            completion_tokens=self.usage.completion_tokens,
+        )
 
 
 def summarize_judgments(pairs: list, judgments: list[Judgment]) -> JudgingSummary:

@@ -30,8 +30,11 @@ from reflectagent.records.results import Judgment, flip
 JUDGMENTS_FILE = "judgments.jsonl.gz"  # every judgment of an eval run, beside report.json
 PAGE_FILE = "report.html"
 _TEMPLATES = jinja2.Environment(
-    loader=jinja2.PackageLoader("reflectagent.eval", "templates"), autoescape=True,
-    undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    loader=jinja2.PackageLoader("reflectagent.eval", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
 )
 
 
@@ -60,22 +63,36 @@ class PageData:
             self._index = {}
         if key not in self._index:
             self._index[key] = len(self.pairs)
-            self.pairs.append({"id": pair.id or f"#{len(self.pairs) + 1}", "prompt": pair.prompt, "response_a": pair.response_a,
-                               "response_b": pair.response_b, "label": pair.label, "source": pair.source or "",
-                               "category": pair.category or ""})
+            self.pairs.append(
+                {
+                    "id": pair.id or f"#{len(self.pairs) + 1}",
+                    "prompt": pair.prompt,
+                    "response_a": pair.response_a,
+                    "response_b": pair.response_b,
+                    "label": pair.label,
+                    "source": pair.source or "",
+                    "category": pair.category or "",
+                }
+            )
         return self._index[key]
 
     def add(self, run: int, pair: Pair, judgments: list[Judgment], swapped: list[bool]) -> None:
         self.judgments.append([run, self.pair_index(pair), [slim(j, s) for j, s in zip(judgments, swapped)]])
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "columns": self.columns, "runs": self.runs, "pairs": self.pairs,
-                "judgments": self.judgments}
+        return {
+            "title": self.title,
+            "columns": self.columns,
+            "runs": self.runs,
+            "pairs": self.pairs,
+            "judgments": self.judgments,
+        }
 
 
 def slim(judgment: Judgment, swapped: bool) -> dict[str, Any]:
     """What the drill-down shows of one judgment, every verdict named in the pair's original order (a judgment
     of the swapped presentation is mapped back); raw output only where it did not parse."""
+
     def name(preference):
         return flip(preference) if swapped else preference
 
@@ -88,8 +105,12 @@ def slim(judgment: Judgment, swapped: bool) -> dict[str, Any]:
         if "response" in row:
             row["response"] = name(row["response"])
         row["raw"] = None if s.parsed else s.raw
-        row["cost"] = {"calls": s.usage.lm_calls, "tokens": s.usage.prompt_tokens + s.usage.completion_tokens,
-                       "seconds": round(s.usage.latency_s, 2), "cached": s.cached}
+        row["cost"] = {
+            "calls": s.usage.lm_calls,
+            "tokens": s.usage.prompt_tokens + s.usage.completion_tokens,
+            "seconds": round(s.usage.latency_s, 2),
+            "cached": s.cached,
+        }
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
 
     cost = judgment.cost
@@ -97,15 +118,26 @@ def slim(judgment: Judgment, swapped: bool) -> dict[str, Any]:
     if probability_a is not None and swapped:
         probability_a = 1 - probability_a
     return {
-        "presentation": "swapped" if swapped else "as given", "preference": name(judgment.preference),
-        "reason": judgment.reason, "probability_a": None if probability_a is None else round(probability_a, 4),
-        "chosen": judgment.chosen, "notes": list(judgment.notes), "program": judgment.program,
+        "presentation": "swapped" if swapped else "as given",
+        "preference": name(judgment.preference),
+        "reason": judgment.reason,
+        "probability_a": None if probability_a is None else round(probability_a, 4),
+        "chosen": judgment.chosen,
+        "notes": list(judgment.notes),
+        "program": judgment.program,
         "decided_by": judgment.decided_by,
-        "analyses": [step(a) for a in judgment.analyses], "reflections": [step(r) for r in judgment.reflections],
-        "ratings": [step(r) for r in judgment.ratings], "parts": [slim(p, swapped) for p in judgment.parts],
+        "analyses": [step(a) for a in judgment.analyses],
+        "reflections": [step(r) for r in judgment.reflections],
+        "ratings": [step(r) for r in judgment.ratings],
+        "parts": [slim(p, swapped) for p in judgment.parts],
         "unparsed_steps": sum(not s.parsed for s in judgment.steps),
-        "cost": {"calls": cost.lm_calls, "tokens": cost.prompt_tokens + cost.completion_tokens,
-                 "seconds": round(cost.latency_s, 2), "cache_hits": judgment.cache_hits, "steps": len(judgment.steps)},
+        "cost": {
+            "calls": cost.lm_calls,
+            "tokens": cost.prompt_tokens + cost.completion_tokens,
+            "seconds": round(cost.latency_s, 2),
+            "cache_hits": judgment.cache_hits,
+            "steps": len(judgment.steps),
+        },
     }
 
 
@@ -115,8 +147,18 @@ def write_judgments(results, folder: Path) -> Path:
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         for result in results:
             for pair, straight, swapped in result.judgments:
-                handle.write(json.dumps({"program": result.program, "backend": result.backend, "pair": pair.to_dict(),
-                                         "judgments": [straight.to_dict(), swapped.to_dict()]}, ensure_ascii=False) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "program": result.program,
+                            "backend": result.backend,
+                            "pair": pair.to_dict(),
+                            "judgments": [straight.to_dict(), swapped.to_dict()],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
     return path
 
 
@@ -126,9 +168,12 @@ def from_report(folder: str | Path, label: str = "") -> PageData:
     if not (folder / "report.json").exists():
         raise PageError(f"{folder} holds no report.json: give an eval report folder or a judgments JSONL file")
     meta = load_report(folder)["meta"]
-    data = PageData(title=f"Judge evaluation: {folder.name}", columns=[name for name, _, _ in METRICS],
-                    description=f"{meta.get('pairs', '?')} pairs from {', '.join(map(str, meta.get('data', [])))}; "
-                                "each judged as given and with A and B swapped.")
+    data = PageData(
+        title=f"Judge evaluation: {folder.name}",
+        columns=[name for name, _, _ in METRICS],
+        description=f"{meta.get('pairs', '?')} pairs from {', '.join(map(str, meta.get('data', [])))}; "
+        "each judged as given and with A and B swapped.",
+    )
     prefix = f"{label}: " if label else ""
     for (program, backend), (summary, stats) in load_runs(folder).items():
         values = metric_values(summary, stats)
@@ -140,7 +185,9 @@ def from_report(folder: str | Path, label: str = "") -> PageData:
             elif name == "consistency":
                 cell += format_ci(summary.consistency.ci)
             cells.append(cell)
-        data.runs.append({"label": f"{prefix}{program} @ {backend}", "program": program, "backend": backend, "cells": cells})
+        data.runs.append(
+            {"label": f"{prefix}{program} @ {backend}", "program": program, "backend": backend, "cells": cells}
+        )
     index = {(r["program"], r["backend"]): i for i, r in enumerate(data.runs)}
     path = folder / JUDGMENTS_FILE
     if path.exists():
@@ -149,10 +196,16 @@ def from_report(folder: str | Path, label: str = "") -> PageData:
                 row = json.loads(line)
                 run = index.get((row["program"], row["backend"]))
                 if run is not None:
-                    data.add(run, parse_pair(row["pair"]), [Judgment.from_dict(j) for j in row["judgments"]], [False, True])
+                    data.add(
+                        run, parse_pair(row["pair"]), [Judgment.from_dict(j) for j in row["judgments"]], [False, True]
+                    )
     for png in sorted((folder / "plots").glob("*.png")):
-        data.plots.append({"title": png.stem.replace("_", " "),
-                           "src": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()})
+        data.plots.append(
+            {
+                "title": png.stem.replace("_", " "),
+                "src": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode(),
+            }
+        )
     return data
 
 
@@ -174,12 +227,25 @@ def from_judgments_file(path: str | Path) -> PageData:
     program = rows[0][1].program or "judge"
     summary = summarize_judgments([p for p, _ in rows], [j for _, j in rows])
     accuracy = summary.accuracy
-    data = PageData(title=f"Judgments: {path.name}", description=f"{len(rows)} pairs, each judged as given.",
-                    columns=["verdicts", "accuracy", "no verdict", "parse failures", "LM calls"])
-    data.runs.append({"label": program, "program": program, "backend": "", "cells": [
-        str(summary.verdicts), "n/a" if accuracy is None else f"{accuracy:.1%}",
-        str(sum(summary.no_verdict.values())), f"{summary.unparsed_steps} of {summary.steps} steps",
-        str(summary.lm_calls)]})
+    data = PageData(
+        title=f"Judgments: {path.name}",
+        description=f"{len(rows)} pairs, each judged as given.",
+        columns=["verdicts", "accuracy", "no verdict", "parse failures", "LM calls"],
+    )
+    data.runs.append(
+        {
+            "label": program,
+            "program": program,
+            "backend": "",
+            "cells": [
+                str(summary.verdicts),
+                "n/a" if accuracy is None else f"{accuracy:.1%}",
+                str(sum(summary.no_verdict.values())),
+                f"{summary.unparsed_steps} of {summary.steps} steps",
+                str(summary.lm_calls),
+            ],
+        }
+    )
     for pair, judgment in rows:
         data.add(0, pair, [judgment], [False])
     return data
@@ -187,8 +253,12 @@ def from_judgments_file(path: str | Path) -> PageData:
 
 def merge(before: PageData, after: PageData) -> PageData:
     """Two runs' pages as one, matched by pair id: a filter then shows where they disagree."""
-    merged = PageData(title=f"{before.title} against {after.title}", columns=before.columns,
-                      description=f"before: {before.description} after: {after.description}", plots=before.plots + after.plots)
+    merged = PageData(
+        title=f"{before.title} against {after.title}",
+        columns=before.columns,
+        description=f"before: {before.description} after: {after.description}",
+        plots=before.plots + after.plots,
+    )
     for page, name in ((before, "before"), (after, "after")):
         offset = len(merged.runs)
         merged.runs += [{**r, "label": f"{name}: {r['label']}"} for r in page.runs]
@@ -211,6 +281,7 @@ def write_page(data: PageData, path: str | Path) -> Path:
 
 def view(source: str | Path, against: str | Path | None = None, out: str | Path | None = None) -> Path:
     """Write the page for a report folder or judgments file (and optionally a second one to compare)."""
+
     def load(where: Path) -> PageData:
         if where.is_dir():
             return from_report(where)

@@ -54,9 +54,13 @@ def no_verdict_rule(results: list[RunResult]) -> str:
 
 def summary_markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
     """The report's head: one row per run with every metric, and how to read it."""
-    lines = ["# Judge evaluation", "",
-             f"Data: {', '.join(meta['data'])} ({meta['pairs']} pairs, split {meta['split']}, seed {meta['seed']}). "
-             "Each pair is judged as given and with A and B swapped.", ""]
+    lines = [
+        "# Judge evaluation",
+        "",
+        f"Data: {', '.join(meta['data'])} ({meta['pairs']} pairs, split {meta['split']}, seed {meta['seed']}). "
+        "Each pair is judged as given and with A and B swapped.",
+        "",
+    ]
     header = ["program", "backend", *[label for label, _, _ in METRICS]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
@@ -70,13 +74,17 @@ def summary_markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
                 cell += format_ci(r.overall.consistency.ci)
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy: mean over both presentations of pairs labelled A/B; "
-              f"no verdict counts as {0.5 if no_verdict_rule(results) == 'half' else 0.0}; "
-              "ties are excluded (counted per run in report.json). 95% intervals: bootstrap over pairs "
-              "(accuracy), Wilson (rates). Calls and tokens are what each verdict took to produce, cached or not; "
-              "LM s / verdict sums the latency of its steps, server queueing included (a fact of the run: run.json). "
-              "ECE: expected calibration error of P(A better) over both presentations, 10 equal-width bins "
-              "(plots/reliability.png); n/a where a run gives no P(A).", ""]
+    lines += [
+        "",
+        "Accuracy: mean over both presentations of pairs labelled A/B; "
+        f"no verdict counts as {0.5 if no_verdict_rule(results) == 'half' else 0.0}; "
+        "ties are excluded (counted per run in report.json). 95% intervals: bootstrap over pairs "
+        "(accuracy), Wilson (rates). Calls and tokens are what each verdict took to produce, cached or not; "
+        "LM s / verdict sums the latency of its steps, server queueing included (a fact of the run: run.json). "
+        "ECE: expected calibration error of P(A better) over both presentations, 10 equal-width bins "
+        "(plots/reliability.png); n/a where a run gives no P(A).",
+        "",
+    ]
     stats = [r.run for r in results if r.run is not None]
     if stats:
         total = sum(s.judgments for s in stats)
@@ -85,8 +93,13 @@ def summary_markdown(results: list[RunResult], meta: dict[str, Any]) -> str:
         # the runs of one run_eval call share its wall time (one pool); a bench that runs one program per call
         # (so an interrupted bench keeps whole runs) has a wall time per call: count each call's once
         wall = sum(set(s.wall_s_all_runs for s in stats))
-        lines += [f"Run: {total} judgments in {wall:.0f} s ({60 * total / wall:.1f} judgments per minute, all programs "
-                  f"together); {made} LM calls made, {hits} steps from the cache." if wall else "", ""]
+        lines += [
+            f"Run: {total} judgments in {wall:.0f} s ({60 * total / wall:.1f} judgments per minute, all programs "
+            f"together); {made} LM calls made, {hits} steps from the cache."
+            if wall
+            else "",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -107,7 +120,9 @@ def baseline_run(results: list[RunResult], name: str | None = None) -> RunResult
     for r in results:
         if r.program == program and backend in ("", r.backend):
             return r
-    raise ValueError(f"baseline {name!r} is none of the runs: {', '.join(f'{r.program} @ {r.backend}' for r in results)}")
+    raise ValueError(
+        f"baseline {name!r} is none of the runs: {', '.join(f'{r.program} @ {r.backend}' for r in results)}"
+    )
 
 
 def paired_comparison(results: list[RunResult], name: str | None = None) -> dict[str, Any] | None:
@@ -117,9 +132,14 @@ def paired_comparison(results: list[RunResult], name: str | None = None) -> dict
     if baseline is None:
         return None
     rule = no_verdict_rule(results)
-    return {"baseline": {"program": baseline.program, "backend": baseline.backend},
-            "runs": [{"program": r.program, "backend": r.backend,
-                      **asdict(paired_difference(r.records, baseline.records, rule))} for r in results if r is not baseline]}
+    return {
+        "baseline": {"program": baseline.program, "backend": baseline.backend},
+        "runs": [
+            {"program": r.program, "backend": r.backend, **asdict(paired_difference(r.records, baseline.records, rule))}
+            for r in results
+            if r is not baseline
+        ],
+    }
 
 
 def paired_markdown(paired: dict[str, Any] | None) -> list[str]:
@@ -127,13 +147,22 @@ def paired_markdown(paired: dict[str, Any] | None) -> list[str]:
     if paired is None:
         return []
     baseline = paired["baseline"]
-    lines = [f"## Paired against {baseline['program']} @ {baseline['backend']}", "",
-             "Accuracy minus the baseline's over the pairs both scored, pair by pair; 95% bootstrap over those pairs. "
-             "An interval that excludes 0 says the run beat (or lost to) the baseline on these pairs.", "",
-             "| program | backend | accuracy minus baseline | pairs |", "|---|---|---|---|"]
+    lines = [
+        f"## Paired against {baseline['program']} @ {baseline['backend']}",
+        "",
+        "Accuracy minus the baseline's over the pairs both scored, pair by pair; 95% bootstrap over those pairs. "
+        "An interval that excludes 0 says the run beat (or lost to) the baseline on these pairs.",
+        "",
+        "| program | backend | accuracy minus baseline | pairs |",
+        "|---|---|---|---|",
+    ]
     for run in paired["runs"]:
         value, ci = run["value"], run["ci"]
-        cell = "n/a" if value is None else f"{100 * value:+.1f} pts" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+        cell = (
+            "n/a"
+            if value is None
+            else f"{100 * value:+.1f} pts" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+        )
         lines.append(f"| {run['program']} | {run['backend']} | {cell} | {run['n']} |")
     return lines + [""]
 
@@ -144,16 +173,25 @@ def markdown(results: list[RunResult], meta: dict[str, Any], paired: dict[str, A
     lines += paired_markdown(paired)
     lines += group_table("source", results, lambda r: r.by_source, with_consistency=True)
     lines += group_table("category", results, lambda r: r.by_category)
-    lines += ["", "![accuracy per category](plots/accuracy_by_category.png)",
-              "![accuracy against cost](plots/accuracy_vs_cost.png)", "![reliability of P(A)](plots/reliability.png)", ""]
+    lines += [
+        "",
+        "![accuracy per category](plots/accuracy_by_category.png)",
+        "![accuracy against cost](plots/accuracy_vs_cost.png)",
+        "![reliability of P(A)](plots/reliability.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def group_table(name: str, results: list[RunResult], groups, with_consistency: bool = False) -> list[str]:
     """Markdown lines: accuracy (and consistency) per ``name`` for every run, side by side."""
     keys = sorted({key for r in results for key in groups(r)})
-    lines = [f"## Accuracy per {name}", "", f"| {name} | " + " | ".join(f"{r.program} @ {r.backend}" for r in results) + " |",
-             "|---|" + "---|" * len(results)]
+    lines = [
+        f"## Accuracy per {name}",
+        "",
+        f"| {name} | " + " | ".join(f"{r.program} @ {r.backend}" for r in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
     for key in keys:
         cells = []
         for r in results:
@@ -193,7 +231,9 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
         # a run over a subset of the pairs may lack a category: no bar rather than a false zero
         values = [r.by_category[c].accuracy.value if c in r.by_category else None for c in categories]
         values = [float("nan") if v is None else v for v in values]
-        ax.barh([i + k * height for i in range(len(categories))], values, height=height, label=f"{r.program} @ {r.backend}")
+        ax.barh(
+            [i + k * height for i in range(len(categories))], values, height=height, label=f"{r.program} @ {r.backend}"
+        )
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(categories))])
     ax.set_yticklabels([f"{c} (n={sizes[c]})" for c in categories])
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
@@ -216,14 +256,30 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
             continue
         low, high = acc.ci or (acc.value, acc.value)
         ax.errorbar(calls, acc.value, yerr=[[acc.value - low], [high - acc.value]], fmt="o", capsize=4, alpha=0.8)
-        ax.annotate(f"{r.program} @ {r.backend}", (calls, acc.value), textcoords="offset points",
-                    xytext=(6, 4 + 11 * (shown % 4)), fontsize=8)  # staggered: programs often share a point
+        ax.annotate(
+            f"{r.program} @ {r.backend}",
+            (calls, acc.value),
+            textcoords="offset points",
+            xytext=(6, 4 + 11 * (shown % 4)),
+            fontsize=8,
+        )  # staggered: programs often share a point
         shown += 1
-    for (program, backend), points in lines.items():  # one program at several thresholds: a curve, each point its threshold
-        line, = ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "s-", markersize=4, linewidth=1.5,
-                        label=f"{program} @ {backend}")
+    for (
+        program,
+        backend,
+    ), points in lines.items():  # one program at several thresholds: a curve, each point its threshold
+        (line,) = ax.plot(
+            [x for x, _, _ in points],
+            [y for _, y, _ in points],
+            "s-",
+            markersize=4,
+            linewidth=1.5,
+            label=f"{program} @ {backend}",
+        )
         for x, y, t in points:
-            ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7, color=line.get_color())
+            ax.annotate(
+                f"{t:g}", (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7, color=line.get_color()
+            )
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("LM calls per verdict (one pair, one presentation)")
     ax.set_ylabel("accuracy (95% CI)")
@@ -242,8 +298,13 @@ def plot(results: list[RunResult], folder: Path, max_categories: int = 20) -> li
         if calibration is None or not calibration.n:
             continue
         shown = [b for b in calibration.bins if b.count]
-        ax.plot([b.mean_probability for b in shown], [b.frequency for b in shown], "o-", markersize=4,
-                label=f"{r.program} @ {r.backend}: ECE {calibration.ece:.3f} (n={calibration.n})")
+        ax.plot(
+            [b.mean_probability for b in shown],
+            [b.frequency for b in shown],
+            "o-",
+            markersize=4,
+            label=f"{r.program} @ {r.backend}: ECE {calibration.ece:.3f} (n={calibration.n})",
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("P(A better), mean per bin of 0.1")
@@ -281,8 +342,9 @@ def write_report(results: list[RunResult], folder: str | Path, meta: dict[str, A
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paired = paired_comparison(results, meta.get("baseline"))
-    (folder / "report.json").write_text(json.dumps({"meta": meta, "runs": [r.to_dict() for r in results], "paired": paired},
-                                                   indent=1))
+    (folder / "report.json").write_text(
+        json.dumps({"meta": meta, "runs": [r.to_dict() for r in results], "paired": paired}, indent=1)
+    )
     (folder / "run.json").write_text(json.dumps([r.run_dict() for r in results], indent=1))
     (folder / "report.md").write_text(markdown(results, meta, paired))
     plot(results, folder / "plots")
@@ -306,8 +368,10 @@ def load_runs(folder: str | Path) -> dict[tuple[str, str], tuple[Summary, RunSta
     for row in json.loads((Path(folder) / "run.json").read_text()):
         key = (row.pop("program"), row.pop("backend"))
         stats[key] = RunStats(**row) if row else None
-    return {(r["program"], r["backend"]): (Summary.from_dict(r["overall"]), stats.get((r["program"], r["backend"])))
-            for r in load_report(folder)["runs"]}
+    return {
+        (r["program"], r["backend"]): (Summary.from_dict(r["overall"]), stats.get((r["program"], r["backend"])))
+        for r in load_report(folder)["runs"]
+    }
 
 
 def compare(before: str | Path, after: str | Path) -> str:
@@ -326,6 +390,8 @@ def compare(before: str | Path, after: str | Path) -> str:
                 cells.append("n/a")
             else:
                 delta = b[label] - a[label]
-                cells.append(f"{format_value(b[label], fmt)} ({'+' if delta >= 0 else ''}{fmt.format(delta).replace('%', ' pt') if '%' in fmt else fmt.format(delta)})")
+                cells.append(
+                    f"{format_value(b[label], fmt)} ({'+' if delta >= 0 else ''}{fmt.format(delta).replace('%', ' pt') if '%' in fmt else fmt.format(delta)})"
+                )
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

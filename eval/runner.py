@@ -49,9 +49,13 @@ class RunStats:
 
     @classmethod
     def of(cls, judgments: list[Judgment], wall_s: float) -> RunStats:
-        return cls(wall_s_all_runs=wall_s, lm_calls_made=sum(j.lm_calls for j in judgments),
-                   cache_hits=sum(j.cache_hits for j in judgments), judgments=len(judgments),
-                   lm_seconds_per_verdict=sum(j.cost.latency_s for j in judgments) / len(judgments) if judgments else None)
+        return cls(
+            wall_s_all_runs=wall_s,
+            lm_calls_made=sum(j.lm_calls for j in judgments),
+            cache_hits=sum(j.cache_hits for j in judgments),
+            judgments=len(judgments),
+            lm_seconds_per_verdict=sum(j.cost.latency_s for j in judgments) / len(judgments) if judgments else None,
+        )
 
 
 @dataclass
@@ -65,20 +69,28 @@ class RunResult:
     by_category: dict[str, Summary]
     by_source: dict[str, Summary]
     run: RunStats | None = None
-    judgments: list[tuple[Pair, Judgment, Judgment]] = field(default_factory=list, repr=False)  # (pair, as given, swapped)
+    judgments: list[tuple[Pair, Judgment, Judgment]] = field(
+        default_factory=list, repr=False
+    )  # (pair, as given, swapped)
 
     def to_dict(self) -> dict[str, Any]:
         """The reproducible part (report.json); ``run`` goes to run.json."""
-        return {"program": self.program, "backend": self.backend, "overall": self.overall.to_dict(),
-                "by_category": {k: v.to_dict() for k, v in self.by_category.items()},
-                "by_source": {k: v.to_dict() for k, v in self.by_source.items()},
-                "records": [r.to_dict() for r in self.records]}
+        return {
+            "program": self.program,
+            "backend": self.backend,
+            "overall": self.overall.to_dict(),
+            "by_category": {k: v.to_dict() for k, v in self.by_category.items()},
+            "by_source": {k: v.to_dict() for k, v in self.by_source.items()},
+            "records": [r.to_dict() for r in self.records],
+        }
 
     def run_dict(self) -> dict[str, Any]:
         return {"program": self.program, "backend": self.backend, **(asdict(self.run) if self.run else {})}
 
 
-def program_runs(programs: dict[str, Judge] | list[str], backends: list[str], settings: Settings | None = None) -> list[EvalRun]:
+def program_runs(
+    programs: dict[str, Judge] | list[str], backends: list[str], settings: Settings | None = None
+) -> list[EvalRun]:
     """Every program (by name, or named judges) on every backend (a server is started at the first uncached step)."""
     if isinstance(programs, list):
         programs = {name: named_program(name) for name in programs}
@@ -114,21 +126,29 @@ def run_eval(
             return await runs[k].judge.ajudge(pair)
 
     started = time.perf_counter()
-    done = run_sync(judge_all([(lambda t=t: work(t)) for t in tasks], concurrency=concurrency, progress=progress, desc="eval"))
+    done = run_sync(
+        judge_all([(lambda t=t: work(t)) for t in tasks], concurrency=concurrency, progress=progress, desc="eval")
+    )
     judgments: dict[tuple, Judgment] = dict(zip(tasks, done))
     wall = time.perf_counter() - started
 
     categories = sorted({p.category or "" for p in pairs})
     results = []
     for k, run in enumerate(runs):
-        records = [Record.from_judgments(pair, judgments[(k, i, False)], judgments[(k, i, True)])
-                   for i, pair in enumerate(pairs)]
-        results.append(RunResult(
-            program=run.program, backend=run.backend, records=records,
-            overall=summarize(records, no_verdict),
-            by_category=summarize_by_category(records, categories, no_verdict),
-            by_source=summarize_by_category([replace(r, category=r.source) for r in records], None, no_verdict),
-            run=RunStats.of([judgments[(k, i, s)] for i in range(len(pairs)) for s in (False, True)], wall),
-            judgments=[(pair, judgments[(k, i, False)], judgments[(k, i, True)]) for i, pair in enumerate(pairs)],
-        ))
+        records = [
+            Record.from_judgments(pair, judgments[(k, i, False)], judgments[(k, i, True)])
+            for i, pair in enumerate(pairs)
+        ]
+        results.append(
+            RunResult(
+                program=run.program,
+                backend=run.backend,
+                records=records,
+                overall=summarize(records, no_verdict),
+                by_category=summarize_by_category(records, categories, no_verdict),
+                by_source=summarize_by_category([replace(r, category=r.source) for r in records], None, no_verdict),
+                run=RunStats.of([judgments[(k, i, s)] for i in range(len(pairs)) for s in (False, True)], wall),
+                judgments=[(pair, judgments[(k, i, False)], judgments[(k, i, True)]) for i, pair in enumerate(pairs)],
+            )
+        )
     return results

@@ -17,8 +17,12 @@ with ra.backend("embedded"):
         judgments = ra.judge_pairs(program, pairs, progress=False)
         correct = sum(j.preference == p.label for p, j in zip(pairs, judgments))
         calls = sum(j.cost.lm_calls for j in judgments)
-        print(f"{name:34s} verdicts {sum(j.parsed for j in judgments)}/{len(pairs)}, correct {correct}, "
-              f"LM calls {calls} ({calls / len(pairs):.1f} per pair)")
+        print(
+            f"{name:34s} verdicts {sum(j.parsed for j in judgments)}/{len(pairs)}, correct {correct}, "
+            f"LM calls {calls} ({calls / len(pairs):.1f} per pair)"
+        )
         first = judgments[0]
-        print(f"    e.g. {pairs[0].id}: {first.preference or first.reason}; P(A)={first.probability_a}; "
-              f"analysis: {first.analyses[0].text[:100]!r}")
+        print(
+            f"    e.g. {pairs[0].id}: {first.preference or first.reason}; P(A)={first.probability_a}; "
+            f"analysis: {first.analyses[0].text[:100]!r}"
+        )

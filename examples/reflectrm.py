@@ -23,5 +23,7 @@ for pair, judgment in zip(pairs, full):
 same = sum(a.preference == f.preference for a, f in zip(adaptive, full))
 full_calls = sum(j.cost.lm_calls for j in full)
 adaptive_calls = sum(j.cost.lm_calls for j in adaptive)
-print(f"\nadaptive agrees with full on {same}/{len(pairs)} verdicts; "
-      f"LM calls per verdict: full {full_calls / len(pairs):.1f}, adaptive {adaptive_calls / len(pairs):.1f}")
+print(
+    f"\nadaptive agrees with full on {same}/{len(pairs)} verdicts; "
+    f"LM calls per verdict: full {full_calls / len(pairs):.1f}, adaptive {adaptive_calls / len(pairs):.1f}"
+)

@@ -16,10 +16,20 @@ from reflectagent.models import prepare_model
 from reflectagent.rl import trl_reward
 
 reward = trl_reward("genrm-prob", "embedded")  # or asynchronous=True for an `async def` TRL gathers
-prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]}
-                             for q in ("What is the capital of France?", "Name a prime number.")])
-config = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                    max_completion_length=32, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no")
+prompts = Dataset.from_list(
+    [{"prompt": [{"role": "user", "content": q}]} for q in ("What is the capital of France?", "Name a prime number.")]
+)
+config = GRPOConfig(
+    output_dir=tempfile.mkdtemp(),
+    max_steps=2,
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=32,
+    logging_steps=1,
+    report_to="none",
+    use_cpu=True,
+    save_strategy="no",
+)
 trainer = GRPOTrainer(model=str(prepare_model()), reward_funcs=[reward], args=config, train_dataset=prompts)
 trainer.train()
 for row in trainer.state.log_history:

@@ -15,5 +15,11 @@ from reflectagent.rl import verl_compute_score
 compute_score = verl_compute_score("genrm-prob")
 
 if __name__ == "__main__":
-    print(compute_score("demo", "Paris is the capital of France.", "The capital of France is Berlin.",
-                        extra_info={"prompt": "What is the capital of France?"}))
+    print(
+        compute_score(
+            "demo",
+            "Paris is the capital of France.",
+            "The capital of France is Berlin.",
+            extra_info={"prompt": "What is the capital of France?"},
+        )
+    )

@@ -48,14 +48,22 @@ class DataConfig:
     """How traces become training data (each field is also a ``finetune`` CLI flag)."""
 
     ratio: float | None = field(default=4.0, metadata={"help": "response : analysis rows; None keeps every row"})
-    rationalize: bool = field(default=True, metadata={"help": "fill (pair, order)s with no correct sample by rationalisation"})
+    rationalize: bool = field(
+        default=True, metadata={"help": "fill (pair, order)s with no correct sample by rationalisation"}
+    )
     fractions: str = field(default="0.8,0.1,0.1", metadata={"help": "train,dev,test shares, by pair"})
     seed: int = field(default=0, metadata={"help": "split, position and subsampling seed"})
-    context_chars: int | None = field(default=None, metadata={
-        "help": "input budget the rows are cut to, as inference cuts them; None: the teacher backend's own"})
-    min_text_chars: int = field(default=20, metadata={"help": "drop analyses/reflections shorter than this (degenerate)"})
-    min_distinct_trigrams: float = field(default=0.7, metadata={
-        "help": "drop texts whose word trigrams are less than this share distinct (a small model's loops)"})
+    context_chars: int | None = field(
+        default=None,
+        metadata={"help": "input budget the rows are cut to, as inference cuts them; None: the teacher backend's own"},
+    )
+    min_text_chars: int = field(
+        default=20, metadata={"help": "drop analyses/reflections shorter than this (degenerate)"}
+    )
+    min_distinct_trigrams: float = field(
+        default=0.7,
+        metadata={"help": "drop texts whose word trigrams are less than this share distinct (a small model's loops)"},
+    )
 
 
 @dataclass(frozen=True)
@@ -66,14 +74,24 @@ class Trace:
     judgment: Judgment
 
 
-def render_prompt(adapter: JudgeAdapter, signature, inputs: dict[str, str], budget: InputBudget | int | None) -> list[dict]:
+def render_prompt(
+    adapter: JudgeAdapter, signature, inputs: dict[str, str], budget: InputBudget | int | None
+) -> list[dict]:
     """The chat messages inference sends for ``inputs`` (cut to the same budget as ``run_step``)."""
     return render_request(adapter, signature, inputs, budget)[2]
 
 
 def _row(pair: Pair, kind: str, prompt: list[dict], target: str, rationalized: bool, **extra) -> dict[str, Any]:
-    return {"pair_id": pair.id, "kind": kind, "prompt": prompt, "completion": [{"role": "assistant", "content": target}],
-            "rationalized": rationalized, "source": pair.source or "", "category": pair.category or "", **extra}
+    return {
+        "pair_id": pair.id,
+        "kind": kind,
+        "prompt": prompt,
+        "completion": [{"role": "assistant", "content": target}],
+        "rationalized": rationalized,
+        "source": pair.source or "",
+        "category": pair.category or "",
+        **extra,
+    }
 
 
 def analysis_target(adapter: JudgeAdapter, analysis: Analysis, swapped: bool) -> str:
@@ -88,7 +106,7 @@ _PLACEHOLDER = re.compile(r"^\s*\{\w+\}\s*$")
 def distinct_trigrams(text: str) -> float:
     """The share of a text's word trigrams that are distinct: 1.0 for prose, near 0 for a loop."""
     words = text.lower().split()
-    trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
     return len(set(trigrams)) / len(trigrams) if len(trigrams) >= 5 else 1.0
 
 
@@ -96,34 +114,56 @@ def usable_text(text: str | None, config: DataConfig) -> bool:
     """Text worth training on: long enough, not the format's placeholder copied back (zero-shot
     SmolLM2 often answers "{analysis}"), and not a loop. A small teacher repeats one sentence
     until the length cap cuts it; trained on that, the student loops too and never closes its JSON."""
-    return (bool(text) and len(text.strip()) >= config.min_text_chars and not _PLACEHOLDER.match(text)
-            and distinct_trigrams(text) >= config.min_distinct_trigrams)
+    return (
+        bool(text)
+        and len(text.strip()) >= config.min_text_chars
+        and not _PLACEHOLDER.match(text)
+        and distinct_trigrams(text) >= config.min_distinct_trigrams
+    )
 
 
 def correct(analysis: Analysis, label: str | None) -> bool:
     return analysis.parsed and analysis.preference == label
 
 
-def response_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rationalizer=None,
-                  budget: InputBudget | None = None) -> list[dict]:
+def response_rows(
+    trace: Trace, adapter: JudgeAdapter, config: DataConfig, rationalizer=None, budget: InputBudget | None = None
+) -> list[dict]:
     pair, rows = trace.pair, []
     for swapped in (False, True):
         shown = pair.swapped() if swapped else pair
         prompt = render_prompt(adapter, Analyze, shown.inputs(), budget or config.context_chars)
-        right = [a for a in trace.judgment.analyses
-                 if a.swapped == swapped and correct(a, pair.label) and usable_text(a.text, config)]
+        right = [
+            a
+            for a in trace.judgment.analyses
+            if a.swapped == swapped and correct(a, pair.label) and usable_text(a.text, config)
+        ]
         rationalized = False
         if not right and config.rationalize and rationalizer is not None:
             made = rationalizer.analyse(pair, swapped)
             right, rationalized = ([made] if made and usable_text(made.text, config) else []), True
         for analysis in right:
-            rows.append(_row(pair, "response", prompt, analysis_target(adapter, analysis, swapped), rationalized,
-                             order="BA" if swapped else "AB"))
+            rows.append(
+                _row(
+                    pair,
+                    "response",
+                    prompt,
+                    analysis_target(adapter, analysis, swapped),
+                    rationalized,
+                    order="BA" if swapped else "AB",
+                )
+            )
     return rows
 
 
-def analysis_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rng: random.Random,
-                  rationalizer=None, budget: InputBudget | None = None) -> list[dict]:
+def analysis_rows(
+    trace: Trace,
+    adapter: JudgeAdapter,
+    config: DataConfig,
+    rng: random.Random,
+    rationalizer=None,
+    budget: InputBudget | None = None,
+) -> list[dict]:
     pair, judgment = trace.pair, trace.judgment
     analyses = judgment.analyses
     usable = [i for i, a in enumerate(analyses) if a.parsed and usable_text(a.text, config)]
@@ -134,15 +174,21 @@ def analysis_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, rng: 
         for bad in wrong:
             first, second = (good, bad) if rng.random() < 0.5 else (bad, good)
             choice = "1" if first == good else "2"
-            teacher = [r for r in judgment.reflections if (r.first, r.second) == (first, second)
-                       and r.more_reliable == good and usable_text(r.text, config)]
+            teacher = [
+                r
+                for r in judgment.reflections
+                if (r.first, r.second) == (first, second) and r.more_reliable == good and usable_text(r.text, config)
+            ]
             text, rationalized = (teacher[0].text, False) if teacher else (None, True)
             if text is None and config.rationalize and rationalizer is not None:
                 text = rationalizer.reflect(pair, analyses[first], analyses[second], choice)
             if not usable_text(text, config):
                 continue
-            inputs = {**pair.inputs(), "analysis_1": render_analysis(analyses[first], False),
-                      "analysis_2": render_analysis(analyses[second], False)}
+            inputs = {
+                **pair.inputs(),
+                "analysis_1": render_analysis(analyses[first], False),
+                "analysis_2": render_analysis(analyses[second], False),
+            }
             prompt = render_prompt(adapter, Reflect, inputs, budget or config.context_chars)
             target = adapter.render_target(Reflect, {"reflection": text, "more_reliable": choice})
             rows.append(_row(pair, "analysis", prompt, target, rationalized, order=f"{first}-{second}"))
@@ -159,11 +205,14 @@ def dpo_rows(trace: Trace, adapter: JudgeAdapter, config: DataConfig, budget: In
         bad = [a for a in same if a.preference != pair.label]
         prompt = render_prompt(adapter, Analyze, shown.inputs(), budget or config.context_chars)
         for g, b in zip(good, bad):
-            rows.append({
-                "pair_id": pair.id, "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": analysis_target(adapter, g, swapped)}],
-                "rejected": [{"role": "assistant", "content": analysis_target(adapter, b, swapped)}],
-            })
+            rows.append(
+                {
+                    "pair_id": pair.id,
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": analysis_target(adapter, g, swapped)}],
+                    "rejected": [{"role": "assistant", "content": analysis_target(adapter, b, swapped)}],
+                }
+            )
     return rows
 
 
@@ -217,9 +266,14 @@ class UnifiedData:
         (folder / "data_card.json").write_text(json.dumps(self.stats, indent=2))
 
 
-def build_unified_data(traces: list[Trace], config: DataConfig | None = None, rationalizer=None,
-                       adapter: JudgeAdapter | None = None, concurrency: int = 1,
-                       budget: InputBudget | None = None) -> UnifiedData:
+def build_unified_data(
+    traces: list[Trace],
+    config: DataConfig | None = None,
+    rationalizer=None,
+    adapter: JudgeAdapter | None = None,
+    concurrency: int = 1,
+    budget: InputBudget | None = None,
+) -> UnifiedData:
     """Rows from every trace; ``concurrency`` traces at once (rationalisation calls the teacher).
 
     Prompts are cut as the serving backend cuts them: to ``budget`` (its characters and tokens)
@@ -246,8 +300,10 @@ def build_unified_data(traces: list[Trace], config: DataConfig | None = None, ra
         def rows_of(t: Trace):
             own = random.Random(f"{config.seed}:{t.pair.id}")
             try:
-                return (response_rows(t, adapter, config, rationalizer, budget),
-                        analysis_rows(t, adapter, config, own, rationalizer, budget))
+                return (
+                    response_rows(t, adapter, config, rationalizer, budget),
+                    analysis_rows(t, adapter, config, own, rationalizer, budget),
+                )
             except InputTooLong as exc:
                 logger.warning("pair %s gives no rows: %s", t.pair.id, exc)
                 too_long.append(t.pair.id)  # list.append: safe from the worker threads
@@ -256,18 +312,26 @@ def build_unified_data(traces: list[Trace], config: DataConfig | None = None, ra
         built = run_all([lambda t=t: rows_of(t) for t in mine], max_workers=concurrency)
         responses = dedupe([r for made, _ in built for r in made])
         analyses = dedupe([r for _, made in built for r in made])
-        counts.update({f"{name}/response": len(responses), f"{name}/analysis": len(analyses),
-                       f"{name}/rationalized": sum(r["rationalized"] for r in responses + analyses)})
+        counts.update(
+            {
+                f"{name}/response": len(responses),
+                f"{name}/analysis": len(analyses),
+                f"{name}/rationalized": sum(r["rationalized"] for r in responses + analyses),
+            }
+        )
         splits[name] = mix(responses, analyses, config.ratio, rng)
         rng.shuffle(splits[name])
         dpo[name] = dedupe([r for t in mine if t.pair.id not in too_long for r in dpo_rows(t, adapter, config, budget)])
     stats = {
-        "config": asdict(config), "pairs": {k: len(v) for k, v in pair_splits.items()},
+        "config": asdict(config),
+        "pairs": {k: len(v) for k, v in pair_splits.items()},
         "rows_before_mix": dict(counts),
         "pairs_too_long_for_the_context": len(too_long),
         "rows": {k: dict(Counter(r["kind"] for r in v)) for k, v in splits.items()},
         "dpo_rows": {k: len(v) for k, v in dpo.items()},
-        "pairs_with_a_correct_sample": sum(any(correct(a, t.pair.label) for a in t.judgment.analyses) for t in labelled),
+        "pairs_with_a_correct_sample": sum(
+            any(correct(a, t.pair.label) for a in t.judgment.analyses) for t in labelled
+        ),
     }
     return UnifiedData(splits=splits, dpo=dpo, pair_splits=pair_splits, stats=stats)
 
@@ -284,8 +348,12 @@ def verdict_rows(pair: Pair, adapter: JudgeAdapter, budget: InputBudget | int | 
     return rows
 
 
-def build_verdict_data(pairs: list[Pair], config: DataConfig | None = None, adapter: JudgeAdapter | None = None,
-                       budget: InputBudget | None = None) -> UnifiedData:
+def build_verdict_data(
+    pairs: list[Pair],
+    config: DataConfig | None = None,
+    adapter: JudgeAdapter | None = None,
+    budget: InputBudget | None = None,
+) -> UnifiedData:
     """Verdict rows for every A/B-labelled pair, split by *prompt* (``config.fractions``, ``config.seed``).
 
     Every pair of one prompt lands in the same split, so the dev loss is not measured on a training
@@ -300,8 +368,11 @@ def build_verdict_data(pairs: list[Pair], config: DataConfig | None = None, adap
     first_of: dict[str, Pair] = {}
     for pair in labelled:  # one pair stands for its prompt in the split
         first_of.setdefault(pair.prompt, pair)
-    where = {p.prompt: name for name, chosen in split_pairs(list(first_of.values()), fractions=fractions, seed=config.seed).items()
-             for p in chosen}
+    where = {
+        p.prompt: name
+        for name, chosen in split_pairs(list(first_of.values()), fractions=fractions, seed=config.seed).items()
+        for p in chosen
+    }
     pair_splits = {name: [p for p in labelled if where.get(p.prompt) == name] for name in ("train", "dev", "test")}
     rng, splits, too_long = random.Random(config.seed), {}, 0
     for name, mine in pair_splits.items():
@@ -315,8 +386,11 @@ def build_verdict_data(pairs: list[Pair], config: DataConfig | None = None, adap
         splits[name] = dedupe(rows)
         rng.shuffle(splits[name])
     stats = {
-        "config": asdict(config), "kind": "verdict", "pairs": {k: len(v) for k, v in pair_splits.items()},
-        "pairs_left_out_unlabelled_or_tied": len(pairs) - len(labelled), "pairs_too_long_for_the_context": too_long,
+        "config": asdict(config),
+        "kind": "verdict",
+        "pairs": {k: len(v) for k, v in pair_splits.items()},
+        "pairs_left_out_unlabelled_or_tied": len(pairs) - len(labelled),
+        "pairs_too_long_for_the_context": too_long,
         "pairs_left_out_with_a_repeated_id": sum(p.prompt not in where for p in labelled),
         "prompts": {k: len({p.prompt for p in v}) for k, v in pair_splits.items()},
         "rows": {k: dict(Counter(r["kind"] for r in v)) for k, v in splits.items()},

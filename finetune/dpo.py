@@ -27,9 +27,15 @@ class DPOJobConfig(LoRAJobConfig):
     output_dir: str = field(default="runs/dpo", metadata={"help": "the DPO adapter, merged model, run card and curve"})
     lora_dropout: float = field(default=0.0, metadata={"help": "PEFT's default of none, as DPO has always trained"})
     learning_rate: float = field(default=5e-5)
-    data: str = field(default="runs/data/dpo", metadata={"help": "a DatasetDict folder with prompt/chosen/rejected rows"})
-    sft_adapter: str | None = field(default=None, metadata={"help": "the SFT adapter to start from (and to be the reference)"})
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature: how far from the reference the policy may move"})
+    data: str = field(
+        default="runs/data/dpo", metadata={"help": "a DatasetDict folder with prompt/chosen/rejected rows"}
+    )
+    sft_adapter: str | None = field(
+        default=None, metadata={"help": "the SFT adapter to start from (and to be the reference)"}
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO temperature: how far from the reference the policy may move"}
+    )
 
 
 def dpo_arguments(config: DPOJobConfig) -> tuple[DPOConfig, LoraConfig]:
@@ -51,13 +57,16 @@ def train_dpo(config: DPOJobConfig) -> Path:
     from reflectagent.finetune.sft_trainer import drop_too_long, plot_curve, start_run
 
     base, out, tokenizer = start_run(config)
-    train, too_long = drop_too_long(datasets.load_from_disk(config.data)["train"], tokenizer, config.max_length,
-                                    targets=("chosen", "rejected"))
+    train, too_long = drop_too_long(
+        datasets.load_from_disk(config.data)["train"], tokenizer, config.max_length, targets=("chosen", "rejected")
+    )
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if config.sft_adapter:
         model = PeftModel.from_pretrained(model, config.sft_adapter).merge_and_unload()
     args, peft_config = dpo_arguments(config)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
+    )
     started = time.perf_counter()
     result = trainer.train()
     trainer.model.save_pretrained(out / "adapter")
@@ -68,9 +77,18 @@ def train_dpo(config: DPOJobConfig) -> Path:
     plot_curve(history, out / "training_curve.png")
     first_loss, final_loss, _ = losses(history)
     RunCard(
-        config=asdict(config), base_model=str(base), steps=trainer.state.global_step, seconds=time.perf_counter() - started,
-        train_loss=result.training_loss, first_loss=first_loss, final_loss=final_loss, train_rows=len(train),
-        dropped_too_long=too_long, bf16=args.bf16,
-        reward_accuracy=next((e.get("rewards/accuracies") for e in reversed(history) if "rewards/accuracies" in e), None),
+        config=asdict(config),
+        base_model=str(base),
+        steps=trainer.state.global_step,
+        seconds=time.perf_counter() - started,
+        train_loss=result.training_loss,
+        first_loss=first_loss,
+        final_loss=final_loss,
+        train_rows=len(train),
+        dropped_too_long=too_long,
+        bf16=args.bf16,
+        reward_accuracy=next(
+            (e.get("rewards/accuracies") for e in reversed(history) if "rewards/accuracies" in e), None
+        ),
     ).write(out)
     return merged

@@ -16,7 +16,9 @@ from reflectagent.serving.sources import DEFAULT_DTYPE
 logger = logging.getLogger(__name__)
 
 
-def merge_adapter(adapter: str | Path, out: str | Path, base_model: str = "embedded", dtype: str = DEFAULT_DTYPE) -> Path:
+def merge_adapter(
+    adapter: str | Path, out: str | Path, base_model: str = "embedded", dtype: str = DEFAULT_DTYPE
+) -> Path:
     """Fold the LoRA ``adapter`` into ``base_model`` and save a servable model folder at ``out``."""
     from reflectagent.serving.convert import merge_lora
     from reflectagent.serving.models import prepare_model

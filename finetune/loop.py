@@ -90,8 +90,17 @@ class Loop:
         with self.stages.stage("traces+data"), self._teacher_server(teacher) as url:
             served = {"api_base": url, "context_tokens": self.config.max_model_len}  # the server this stage started
             settings = self._with(**{name: teacher.model_copy(update=served) if url else teacher})
-            distil(train, name, settings, folder, self.config.data, samples=self.config.samples,
-                   temperature=self.config.temperature, concurrency=self.config.concurrency, progress=self.progress)
+            distil(
+                train,
+                name,
+                settings,
+                folder,
+                self.config.data,
+                samples=self.config.samples,
+                temperature=self.config.temperature,
+                concurrency=self.config.concurrency,
+                progress=self.progress,
+            )
         return folder
 
     def train(self, kind: str) -> Path:
@@ -108,8 +117,13 @@ class Loop:
             only = datasets.load_from_disk(str(data)).filter(lambda row: row["kind"] == "response")
             data = self.out / "data" / "response_only"
             only.save_to_disk(str(data))
-        job = dataclasses.replace(self.config.sft, base_model=self.config.base_model, data=str(data),
-                                  output_dir=str(run), seed=self.config.seed)
+        job = dataclasses.replace(
+            self.config.sft,
+            base_model=self.config.base_model,
+            data=str(data),
+            output_dir=str(run),
+            seed=self.config.seed,
+        )
         with self.stages.stage(f"train {kind}"):
             return train_sft(job)
 
@@ -124,10 +138,19 @@ class Loop:
             logger.warning("no STaR-DPO triples (no order had a right and a wrong analysis): skipping DPO")
             return None
         sft = self.config.sft  # the DPO adapter sits on the SFT model: same modules, rank, length and hardware settings
-        job = DPOJobConfig(base_model=self.config.base_model, data=str(dpo_data), sft_adapter=str(self.train("unified")),
-                           output_dir=str(run), seed=self.config.seed, threads=sft.threads, lora_r=sft.lora_r,
-                           lora_alpha=sft.lora_alpha, target_modules=sft.target_modules, bf16=sft.bf16,
-                           max_length=sft.max_length)
+        job = DPOJobConfig(
+            base_model=self.config.base_model,
+            data=str(dpo_data),
+            sft_adapter=str(self.train("unified")),
+            output_dir=str(run),
+            seed=self.config.seed,
+            threads=sft.threads,
+            lora_r=sft.lora_r,
+            lora_alpha=sft.lora_alpha,
+            target_modules=sft.target_modules,
+            bf16=sft.bf16,
+            max_length=sft.max_length,
+        )
         with self.stages.stage("train dpo"):
             return train_dpo(job)
 
@@ -137,8 +160,9 @@ class Loop:
         run = self.out / "models" / "bradley-terry"
         if (run / "run_card.json").exists():
             return run / "adapter"
-        job = dataclasses.replace(self.config.reward, base_model=self.config.base_model, output_dir=str(run),
-                                  seed=self.config.seed)
+        job = dataclasses.replace(
+            self.config.reward, base_model=self.config.base_model, output_dir=str(run), seed=self.config.seed
+        )
         with self.stages.stage("train bradley-terry"):
             return train_reward(job, self.pairs()["train"])
 
@@ -150,7 +174,7 @@ class Loop:
 
         def judge(runs: list[EvalRun], free: list[EvalRun], concurrency: int = self.config.concurrency) -> None:
             for name, eval_pairs in sets.items():
-                for chosen, subset in ((runs, eval_pairs), (free, eval_pairs[:self.config.unconstrained_pairs])):
+                for chosen, subset in ((runs, eval_pairs), (free, eval_pairs[: self.config.unconstrained_pairs])):
                     if chosen:
                         results[name] += run_eval(subset, chosen, concurrency=concurrency, progress=self.progress)
 
@@ -160,7 +184,9 @@ class Loop:
             if reward_adapter is not None:
                 from reflectagent.finetune.reward import RewardModelJudge
 
-                baseline = RewardModelJudge(reward_adapter, self.config.base_model, max_length=self.config.reward.max_length)
+                baseline = RewardModelJudge(
+                    reward_adapter, self.config.base_model, max_length=self.config.reward.max_length
+                )
                 judge([EvalRun("bradley-terry", "bradley-terry", baseline)], [], concurrency=1)
         return results
 
@@ -176,8 +202,15 @@ class Loop:
                 adapters["dpo"] = dpo
         reward = self.train_bradley_terry() if self.config.bradley_terry else None
         results = self.evaluate(adapters, reward)
-        set_meta = {name: {"data": self.config.files("train_data" if name == "dev" else "unseen_data"),
-                           "pairs": len(pairs[name]), "split": name, "seed": self.config.seed} for name in results}
+        set_meta = {
+            name: {
+                "data": self.config.files("train_data" if name == "dev" else "unseen_data"),
+                "pairs": len(pairs[name]),
+                "split": name,
+                "seed": self.config.seed,
+            }
+            for name in results
+        }
         meta = {"pairs": {k: len(v) for k, v in pairs.items()}, "seed": self.config.seed}
         return write_loop_report(self.out, results, self.stages.times, set_meta, meta)
 
@@ -197,8 +230,13 @@ class Loop:
             if "dpo" in adapters:
                 logger.warning("the DPO model is served merged only (its adapter sits on the SFT weights)")
             loras = {k: str(v) for k, v in adapters.items() if k != "dpo"}
-            with serving(base, loras, log_path=logs / "vllm-eval.log", max_model_len=self.config.max_model_len,
-                         max_lora_rank=self.config.sft.lora_r) as url:
+            with serving(
+                base,
+                loras,
+                log_path=logs / "vllm-eval.log",
+                max_model_len=self.config.max_model_len,
+                max_lora_rank=self.config.sft.lora_r,
+            ) as url:
                 yield ["base", *loras], url, loras, base
             return
         for model in ("base", *adapters):
@@ -208,26 +246,39 @@ class Loop:
                 if not (folder / "config.json").exists():
                     merge_adapter(adapters[model], folder, self.config.base_model)
             # every model in the base's dtype: merged folders carry no preset, and "before vs after" must not mix precisions
-            with serving(folder, log_path=logs / f"vllm-{model}.log", max_model_len=self.config.max_model_len,
-                         dtype=default_dtype(base)) as url:
+            with serving(
+                folder,
+                log_path=logs / f"vllm-{model}.log",
+                max_model_len=self.config.max_model_len,
+                dtype=default_dtype(base),
+            ) as url:
                 yield [model], url, {}, folder
 
-    def _runs(self, models: list[str], url: str, loras: dict[str, str], folder: Path) -> tuple[list[EvalRun], list[EvalRun]]:
+    def _runs(
+        self, models: list[str], url: str, loras: dict[str, str], folder: Path
+    ) -> tuple[list[EvalRun], list[EvalRun]]:
         """Every program on each served model, and GenRM without constrained decoding where asked."""
         programs = [p for p in self.config.programs.split(",") if p]
         unconstrained = {m for m in self.config.unconstrained.split(",") if m}
         _, embedded = self.settings.backend(EMBEDDED)
         runs, free = [], []
         for model in models:
-            config = BackendConfig(model=EMBEDDED, api_base=url, model_path=str(folder), lora=loras,
-                                   adapter=model if model in loras else None, context_tokens=self.config.max_model_len,
-                                   context_chars=self.config.data.context_chars or embedded.context_chars)
+            config = BackendConfig(
+                model=EMBEDDED,
+                api_base=url,
+                model_path=str(folder),
+                lora=loras,
+                adapter=model if model in loras else None,
+                context_tokens=self.config.max_model_len,
+                context_chars=self.config.data.context_chars or embedded.context_chars,
+            )
             lm = lm_for(model, config)
             runs += [EvalRun(program, model, named_program(program), lm) for program in programs]
             genrm = next((p for p in programs if p.startswith("genrm")), None)
             if model in unconstrained and genrm:  # the parse-rate check: GenRM only, on a subset
-                loose = config.model_copy(update={"constrained": False, "logprobs": True,
-                                                  "max_tokens": self.config.unconstrained_max_tokens})
+                loose = config.model_copy(
+                    update={"constrained": False, "logprobs": True, "max_tokens": self.config.unconstrained_max_tokens}
+                )
                 free.append(EvalRun(genrm, f"{model} (free)", named_program(genrm), lm_for(model, loose)))
         return runs, free
 
@@ -238,6 +289,10 @@ class Loop:
             yield None
             return
         folder = prepare_model(teacher.model_path or self.config.base_model)
-        with serving(folder, log_path=self.out / "logs" / "vllm-teacher.log", max_model_len=self.config.max_model_len,
-                     dtype=teacher.dtype) as url:  # the dtype its cache identity names
+        with serving(
+            folder,
+            log_path=self.out / "logs" / "vllm-teacher.log",
+            max_model_len=self.config.max_model_len,
+            dtype=teacher.dtype,
+        ) as url:  # the dtype its cache identity names
             yield url

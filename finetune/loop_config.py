@@ -37,8 +37,16 @@ def _loop_sft() -> SFTJobConfig:
     # Measured here: ~45 s per optimizer step of 8 rows (~700 tokens each) with TRL's SFTTrainer on
     # 2 CPU cores (a bare PyTorch loop does ~37 s). 30 steps (240 rows) is about one epoch of the
     # default data; 12 steps taught the format only partly (the student still looped).
-    return SFTJobConfig(max_steps=30, learning_rate=3e-4, per_device_batch=2, gradient_accumulation=4,
-                        max_length=1024, save_steps=10, eval_steps=15, logging_steps=1)
+    return SFTJobConfig(
+        max_steps=30,
+        learning_rate=3e-4,
+        per_device_batch=2,
+        gradient_accumulation=4,
+        max_length=1024,
+        save_steps=10,
+        eval_steps=15,
+        logging_steps=1,
+    )
 
 
 def _loop_reward() -> RewardJobConfig:
@@ -50,23 +58,44 @@ class LoopConfig:
     """Traces -> data -> train (response-only, unified, Bradley-Terry) -> serve -> eval."""
 
     output_dir: str = field(default="runs/loop", metadata={"help": "everything the loop makes; re-running resumes"})
-    base_model: str = field(default="embedded", metadata={"help": "'embedded' or a model folder (both teacher base and student)"})
-    train_data: str = field(default_factory=_in_data_dir(TRAIN_FILES), metadata={"help": "labelled pair files to train on (held-out pairs of these are the in-distribution dev set)"})
-    unseen_data: str = field(default_factory=_in_data_dir(UNSEEN_FILES), metadata={"help": "pair files never trained on (the out-of-distribution eval)"})
-    max_pair_chars: int = field(default=1500, metadata={"help": "use pairs whose prompt + responses fit in this many characters"})
+    base_model: str = field(
+        default="embedded", metadata={"help": "'embedded' or a model folder (both teacher base and student)"}
+    )
+    train_data: str = field(
+        default_factory=_in_data_dir(TRAIN_FILES),
+        metadata={"help": "labelled pair files to train on (held-out pairs of these are the in-distribution dev set)"},
+    )
+    unseen_data: str = field(
+        default_factory=_in_data_dir(UNSEEN_FILES),
+        metadata={"help": "pair files never trained on (the out-of-distribution eval)"},
+    )
+    max_pair_chars: int = field(
+        default=1500, metadata={"help": "use pairs whose prompt + responses fit in this many characters"}
+    )
     train_pairs: int = field(default=200, metadata={"help": "training pairs, balanced over the training sources"})
     dev_pairs: int = field(default=50, metadata={"help": "held-out pairs of the training sources"})
     unseen_pairs: int = field(default=50, metadata={"help": "pairs of the unseen sources"})
-    teacher_backend: str = field(default="embedded", metadata={"help": "backend name (config file) that writes the traces"})
+    teacher_backend: str = field(
+        default="embedded", metadata={"help": "backend name (config file) that writes the traces"}
+    )
     samples: int = field(default=2, metadata={"help": "teacher analyses per pair (alternating orders)"})
     temperature: float = field(default=0.8, metadata={"help": "teacher temperature after the first sample"})
     concurrency: int = field(default=16, metadata={"help": "requests in flight (vLLM on CPU peaks near 16)"})
-    programs: str = field(default="genrm-both,reflectrm", metadata={"help": "inference programs to evaluate every model with"})
-    unconstrained: str = field(default="base,unified", metadata={"help": "models also evaluated (GenRM) without constrained decoding"})
+    programs: str = field(
+        default="genrm-both,reflectrm", metadata={"help": "inference programs to evaluate every model with"}
+    )
+    unconstrained: str = field(
+        default="base,unified", metadata={"help": "models also evaluated (GenRM) without constrained decoding"}
+    )
     unconstrained_pairs: int = field(default=30, metadata={"help": "pairs of each eval set judged without constraints"})
     unconstrained_max_tokens: int = field(default=256, metadata={"help": "completion budget without constraints"})
-    serve: str = field(default="merged", metadata={"help": "'merged' (one server per model; fast on CPU) or 'lora' (one server, --lora-modules)"})
-    max_model_len: int = field(default=DEFAULT_CONTEXT, metadata={"help": "context length of the servers the loop starts"})
+    serve: str = field(
+        default="merged",
+        metadata={"help": "'merged' (one server per model; fast on CPU) or 'lora' (one server, --lora-modules)"},
+    )
+    max_model_len: int = field(
+        default=DEFAULT_CONTEXT, metadata={"help": "context length of the servers the loop starts"}
+    )
     bradley_terry: bool = field(default=True, metadata={"help": "train and evaluate the scalar baseline"})
     dpo: bool = field(default=False, metadata={"help": "also train STaR-DPO on top of the unified adapter"})
     seed: int = field(default=0)

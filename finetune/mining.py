@@ -75,9 +75,14 @@ class Mining:
     @property
     def counts(self) -> dict[str, int | float]:
         by_doubt = Counter(d for m in self.mined for d in m.doubts)
-        return {"margin": self.margin, "pairs_doubtful": len(self.mined), **{f"pairs_{d}": by_doubt[d] for d in DOUBTS},
-                "pairs_confident": self.confident, "pairs_not_cached": self.not_cached,
-                "pairs_unlabelled_or_tied": self.unlabelled}
+        return {
+            "margin": self.margin,
+            "pairs_doubtful": len(self.mined),
+            **{f"pairs_{d}": by_doubt[d] for d in DOUBTS},
+            "pairs_confident": self.confident,
+            "pairs_not_cached": self.not_cached,
+            "pairs_unlabelled_or_tied": self.unlabelled,
+        }
 
 
 async def _cached_judgment(program: Judge, pair: Pair) -> Judgment | None:
@@ -87,8 +92,16 @@ async def _cached_judgment(program: Judge, pair: Pair) -> Judgment | None:
         return None
 
 
-def mine_cache(pairs: list[Pair], program: Judge, lm: dspy.BaseLM, cache: JudgmentCache, *, margin: float = MARGIN,
-               concurrency: int = 8, progress: bool = False) -> Mining:
+def mine_cache(
+    pairs: list[Pair],
+    program: Judge,
+    lm: dspy.BaseLM,
+    cache: JudgmentCache,
+    *,
+    margin: float = MARGIN,
+    concurrency: int = 8,
+    progress: bool = False,
+) -> Mining:
     """Judge the A/B-labelled ``pairs`` with ``program`` on ``lm`` from ``cache`` alone, keeping those in doubt."""
     labelled = [p for p in pairs if p.label in ("A", "B")]
     jobs = [lambda pair=pair: _cached_judgment(program, pair) for pair in labelled]
@@ -108,8 +121,13 @@ def mine_cache(pairs: list[Pair], program: Judge, lm: dspy.BaseLM, cache: Judgme
             mined.append(Mined(pair, judgment, found))
         else:
             confident += 1
-    logger.info("mined %d doubtful judgments of %d labelled pairs (%d confident, %d not in the cache)",
-                len(mined), len(labelled), confident, not_cached)
+    logger.info(
+        "mined %d doubtful judgments of %d labelled pairs (%d confident, %d not in the cache)",
+        len(mined),
+        len(labelled),
+        confident,
+        not_cached,
+    )
     return Mining(tuple(mined), confident, not_cached, len(pairs) - len(labelled), margin)
 
 
@@ -130,9 +148,19 @@ def build_mined_data(mining: Mining, config: DataConfig | None = None, adapter=N
     return built
 
 
-def mine(pairs: list[Pair], program: Judge, backend: str | None, settings: Settings, out: Path,
-         config: DataConfig | None = None, *, margin: float = MARGIN, concurrency: int = 8, progress: bool = False,
-         card: dict | None = None) -> UnifiedData:
+def mine(
+    pairs: list[Pair],
+    program: Judge,
+    backend: str | None,
+    settings: Settings,
+    out: Path,
+    config: DataConfig | None = None,
+    *,
+    margin: float = MARGIN,
+    concurrency: int = 8,
+    progress: bool = False,
+    card: dict | None = None,
+) -> UnifiedData:
     """Mine the cache in force (:func:`~reflectagent.calling.cache.current_cache`) for ``program``'s doubts on backend
     ``backend`` about ``pairs``, and save the rows into ``out``, rendered and cut as that backend is served (with
     ``traces.jsonl``: the mined judgments). Starts no server and makes no LM call; ``card`` adds to the data card."""
@@ -140,7 +168,9 @@ def mine(pairs: list[Pair], program: Judge, backend: str | None, settings: Setti
     from reflectagent.finetune.traces import for_backend, save
 
     lm = resolve_backend(backend, settings)
-    mining = mine_cache(pairs, program, lm, current_cache(lm), margin=margin, concurrency=concurrency, progress=progress)
+    mining = mine_cache(
+        pairs, program, lm, current_cache(lm), margin=margin, concurrency=concurrency, progress=progress
+    )
     budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
     built = build_mined_data(mining, for_backend(config, lm.backend), adapter=lm.backend.adapter(), budget=budget)
     built.stats.update({"mined_backend": lm.backend.name, **(card or {})})

@@ -55,12 +55,23 @@ class Rationalizer(dspy.Module):
         step = run_step(self.analysis, {**shown.inputs(), "better": shown.label})
         if not step.parsed or not step.fields["analysis"].strip():
             return None
-        return Analysis(text=step.fields["analysis"], preference=pair.label, swapped=swapped, parsed=True,
-                        raw=step.raw, usage=step.usage, cached=step.cached)
+        return Analysis(
+            text=step.fields["analysis"],
+            preference=pair.label,
+            swapped=swapped,
+            parsed=True,
+            raw=step.raw,
+            usage=step.usage,
+            cached=step.cached,
+        )
 
     def reflect(self, pair: Pair, first: Analysis, second: Analysis, more_reliable: str) -> str | None:
-        inputs = {**pair.inputs(), "analysis_1": render_analysis(first, False),
-                  "analysis_2": render_analysis(second, False), "more_reliable": more_reliable}
+        inputs = {
+            **pair.inputs(),
+            "analysis_1": render_analysis(first, False),
+            "analysis_2": render_analysis(second, False),
+            "more_reliable": more_reliable,
+        }
         step = run_step(self.reflection, inputs)
         return step.fields["reflection"] if step.parsed and step.fields["reflection"].strip() else None
 

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class RewardJobConfig(LoRAJobConfig):
-    output_dir: str = field(default="runs/reward", metadata={"help": "the adapter (with the scalar head) and the run card"})
+    output_dir: str = field(
+        default="runs/reward", metadata={"help": "the adapter (with the scalar head) and the run card"}
+    )
     # PEFT's own choices for Llama and Qwen, which the baseline has always trained with
     lora_dropout: float = field(default=0.0)
     target_modules: str = field(default="q_proj,v_proj", metadata={"help": "comma-separated module names"})
@@ -42,9 +44,13 @@ def preference_rows(pairs: list[Pair]) -> list[dict]:
         if pair.label not in ("A", "B"):
             continue
         good, bad = (pair.response_a, pair.response_b) if pair.label == "A" else (pair.response_b, pair.response_a)
-        rows.append({"prompt": [{"role": "user", "content": pair.prompt}],
-                     "chosen": [{"role": "assistant", "content": good}],
-                     "rejected": [{"role": "assistant", "content": bad}]})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": pair.prompt}],
+                "chosen": [{"role": "assistant", "content": good}],
+                "rejected": [{"role": "assistant", "content": bad}],
+            }
+        )
     return rows
 
 
@@ -71,8 +77,11 @@ def train_reward(config: RewardJobConfig, train: list[Pair], dev: list[Pair] | N
     dev_rows = preference_rows(dev or [])
     args, peft_config = reward_arguments(config, evaluate=bool(dev_rows))
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=datasets.Dataset.from_list(preference_rows(train)),
-        eval_dataset=datasets.Dataset.from_list(dev_rows) if dev_rows else None, processing_class=tokenizer,
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(preference_rows(train)),
+        eval_dataset=datasets.Dataset.from_list(dev_rows) if dev_rows else None,
+        processing_class=tokenizer,
         peft_config=peft_config,
     )
     started = time.perf_counter()
@@ -83,9 +92,16 @@ def train_reward(config: RewardJobConfig, train: list[Pair], dev: list[Pair] | N
     plot_curve(trainer.state.log_history, out / "training_curve.png")
     first_loss, final_loss, eval_loss = losses(trainer.state.log_history)
     RunCard(
-        config=asdict(config), base_model=str(base), steps=trainer.state.global_step, seconds=time.perf_counter() - started,
-        train_loss=result.training_loss, first_loss=first_loss, final_loss=final_loss, eval_loss=eval_loss,
-        train_rows=len(preference_rows(train)), bf16=args.bf16,
+        config=asdict(config),
+        base_model=str(base),
+        steps=trainer.state.global_step,
+        seconds=time.perf_counter() - started,
+        train_loss=result.training_loss,
+        first_loss=first_loss,
+        final_loss=final_loss,
+        eval_loss=eval_loss,
+        train_rows=len(preference_rows(train)),
+        bf16=args.bf16,
     ).write(out)
     return adapter
 
@@ -124,7 +140,8 @@ class RewardModelJudge(Judge):
 
         model = self._load()
         text = self._tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
         batch = self._tokenizer(text, return_tensors="pt", truncation=True, max_length=self.options["max_length"])
         with torch.no_grad():
             return float(model(**batch).logits[0, 0])

@@ -19,8 +19,13 @@ logger = logging.getLogger(__name__)
 
 def usable(pair: Pair, max_chars: int) -> bool:
     """Labelled A or B, two different non-empty responses, and short enough to train on."""
-    return (pair.label in ("A", "B") and not pair.identical and bool(pair.response_a.strip())
-            and bool(pair.response_b.strip()) and len(pair.prompt) + len(pair.response_a) + len(pair.response_b) <= max_chars)
+    return (
+        pair.label in ("A", "B")
+        and not pair.identical
+        and bool(pair.response_a.strip())
+        and bool(pair.response_b.strip())
+        and len(pair.prompt) + len(pair.response_a) + len(pair.response_b) <= max_chars
+    )
 
 
 def balanced(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
@@ -64,12 +69,20 @@ def choose_pairs(config: LoopConfig) -> dict[str, list[Pair]]:
     known = balanced(candidates, config.train_pairs + config.dev_pairs, config.seed)
     share = config.train_pairs / max(config.train_pairs + config.dev_pairs, 1)
     split = split_pairs(known, fractions=(share, 1 - share, 0.0), seed=config.seed)
-    unseen = balanced(_usable_pairs(config.files("unseen_data"), config.max_pair_chars), config.unseen_pairs, config.seed)
+    unseen = balanced(
+        _usable_pairs(config.files("unseen_data"), config.max_pair_chars), config.unseen_pairs, config.seed
+    )
     train = prompt_disjoint(split["train"], split["dev"] + unseen)
     overlap = {p.id for p in train} & {p.id for p in split["dev"] + unseen}
     if overlap:
         raise ValueError(f"{len(overlap)} pair ids are both in training and in evaluation: {sorted(overlap)[:5]}")
-    logger.info("pairs: %d train (%d more left out: they share a prompt with an evaluation pair), %d dev, %d unseen "
-                "(training sources: %d usable pairs)", len(train), len(split["train"]) - len(train), len(split["dev"]),
-                len(unseen), len(candidates))
+    logger.info(
+        "pairs: %d train (%d more left out: they share a prompt with an evaluation pair), %d dev, %d unseen "
+        "(training sources: %d usable pairs)",
+        len(train),
+        len(split["train"]) - len(train),
+        len(split["dev"]),
+        len(unseen),
+        len(candidates),
+    )
     return {"train": train, "dev": split["dev"], "unseen": unseen}

@@ -29,17 +29,23 @@ class LoRAJobConfig:
     """What every LoRA training job here shares (SFT, STaR-DPO, the Bradley-Terry baseline)."""
 
     base_model: str = field(default="embedded", metadata={"help": "'embedded', a model folder or a hub id"})
-    output_dir: str = field(default="runs/job", metadata={"help": "checkpoints, the adapter, the run card and the curve"})
+    output_dir: str = field(
+        default="runs/job", metadata={"help": "checkpoints, the adapter, the run card and the curve"}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling"})
     lora_dropout: float = field(default=0.05)
-    target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "comma-separated module names"})
+    target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "comma-separated module names"}
+    )
     learning_rate: float = field(default=2e-4)
     epochs: float = field(default=1.0)
     max_steps: int = field(default=-1, metadata={"help": "overrides epochs when > 0"})
     per_device_batch: int = field(default=2)
     gradient_accumulation: int = field(default=4)
-    max_length: int = field(default=1024, metadata={"help": "longer rows are left out of training (counted in the run card), not cut"})
+    max_length: int = field(
+        default=1024, metadata={"help": "longer rows are left out of training (counted in the run card), not cut"}
+    )
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast where the hardware has it"})
     logging_steps: int = field(default=5)
     seed: int = field(default=0)
@@ -48,14 +54,22 @@ class LoRAJobConfig:
 
 @dataclass
 class SFTJobConfig(LoRAJobConfig):
-    output_dir: str = field(default="runs/sft", metadata={"help": "checkpoints, the adapter, the run card and the curve"})
-    data: str = field(default="runs/data/unified", metadata={"help": "a DatasetDict folder with prompt/completion rows"})
+    output_dir: str = field(
+        default="runs/sft", metadata={"help": "checkpoints, the adapter, the run card and the curve"}
+    )
+    data: str = field(
+        default="runs/data/unified", metadata={"help": "a DatasetDict folder with prompt/completion rows"}
+    )
     save_steps: int = field(default=50, metadata={"help": "checkpoint every N steps (resume picks the latest)"})
     eval_steps: int = field(default=50)
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint in output_dir"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass: less memory, slower (TRL turns it on by default; "
-                "on a small CPU model it costs far more time than it saves memory)"})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute activations in the backward pass: less memory, slower (TRL turns it on by default; "
+            "on a small CPU model it costs far more time than it saves memory)"
+        },
+    )
 
 
 def has_fast_bf16() -> bool:
@@ -71,8 +85,13 @@ def lora_config(job: LoRAJobConfig, task_type: str) -> LoraConfig:
     """The adapter a job trains; ``task_type`` is PEFT's ("CAUSAL_LM", or "SEQ_CLS" to also train a scalar head)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=job.lora_r, lora_alpha=job.lora_alpha, lora_dropout=job.lora_dropout,
-                      target_modules=[m for m in job.target_modules.split(",") if m], task_type=task_type)
+    return LoraConfig(
+        r=job.lora_r,
+        lora_alpha=job.lora_alpha,
+        lora_dropout=job.lora_dropout,
+        target_modules=[m for m in job.target_modules.split(",") if m],
+        task_type=task_type,
+    )
 
 
 def trainer_arguments(job: LoRAJobConfig, kind: type[Arguments], **specific) -> Arguments:

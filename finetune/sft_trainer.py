@@ -59,13 +59,18 @@ def drop_too_long(rows, tokenizer, max_length: int, targets=("completion",)):
     Truncating instead would cut the system message (left) or the verdict (right): either way
     the model would train on text it is never served. Dropped rows are counted in the run card.
     """
+
     def fits(row) -> bool:
         longest = max((row[t] for t in targets), key=lambda m: len(m[0]["content"]))
-        return len(tokenizer.apply_chat_template(row["prompt"] + longest, tokenize=True, return_dict=False)) <= max_length
+        return (
+            len(tokenizer.apply_chat_template(row["prompt"] + longest, tokenize=True, return_dict=False)) <= max_length
+        )
 
     kept = rows.filter(fits)
     if len(kept) < len(rows):
-        logger.warning("dropped %d of %d rows longer than max_length=%d tokens", len(rows) - len(kept), len(rows), max_length)
+        logger.warning(
+            "dropped %d of %d rows longer than max_length=%d tokens", len(rows) - len(kept), len(rows), max_length
+        )
     return kept, len(rows) - len(kept)
 
 
@@ -91,8 +96,14 @@ def sft_arguments(config: SFTJobConfig, evaluate: bool) -> tuple[SFTConfig, Lora
     from trl import SFTConfig
 
     args = trainer_arguments(
-        config, SFTConfig, completion_only_loss=True, save_steps=config.save_steps, save_total_limit=2,
-        eval_strategy="steps" if evaluate else "no", eval_steps=config.eval_steps, disable_tqdm=False,
+        config,
+        SFTConfig,
+        completion_only_loss=True,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=config.eval_steps,
+        disable_tqdm=False,
         gradient_checkpointing=config.gradient_checkpointing,
     )
     return args, lora_config(config, "CAUSAL_LM")
@@ -114,8 +125,7 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None):
     outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep, use_cache=False)
     scored = labels[:, first:]
     logits = outputs.logits[:, -keep:]  # a model that ignores logits_to_keep returns every position
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), scored.flatten(), ignore_index=-100,
-                           reduction="sum")
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), scored.flatten(), ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (scored != -100).sum()
     if torch.is_tensor(count):
         count = count.to(loss.device)
@@ -147,12 +157,17 @@ def sft_trainer(**kwargs):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if inputs["input_ids"].device.type in ("cuda", "xpu"):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if (self.args.label_smoothing_factor or self.compute_loss_func is not None
-                    or getattr(self.args, "loss_type", "nll") != "nll" or getattr(self, "aux_loss_enabled", False)
-                    or (self.args.average_tokens_across_devices and self.args.world_size > 1)):
+            if (
+                self.args.label_smoothing_factor
+                or self.compute_loss_func is not None
+                or getattr(self.args, "loss_type", "nll") != "nll"
+                or getattr(self, "aux_loss_enabled", False)
+                or (self.args.average_tokens_across_devices and self.args.world_size > 1)
+            ):
                 # what completion_loss does not do: transformers' own loss does
-                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
+                return Trainer.compute_loss(
+                    self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
             loss, outputs = completion_loss(model, inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
@@ -171,8 +186,14 @@ def train_sft(config: SFTJobConfig) -> Path:
     dev = drop_too_long(data["dev"], tokenizer, config.max_length)[0] if "dev" in data else None
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     args, peft_config = sft_arguments(config, evaluate=dev is not None and len(dev) > 0)
-    trainer = sft_trainer(model=model, args=args, train_dataset=train, eval_dataset=dev if args.eval_strategy != "no" else None,
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = sft_trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=dev if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     started = time.perf_counter()
     resume_from = _latest_checkpoint(out) if config.resume else None
     if resume_from:
@@ -185,10 +206,19 @@ def train_sft(config: SFTJobConfig) -> Path:
     plot_curve(history, out / "training_curve.png")
     first_loss, final_loss, eval_loss = losses(history)
     RunCard(
-        config=asdict(config), base_model=str(base), steps=trainer.state.global_step, seconds=time.perf_counter() - started,
-        train_loss=result.training_loss, first_loss=first_loss, final_loss=final_loss, eval_loss=eval_loss,
-        train_rows=len(train), dropped_too_long=too_long, dev_rows=len(dev) if dev else 0,
+        config=asdict(config),
+        base_model=str(base),
+        steps=trainer.state.global_step,
+        seconds=time.perf_counter() - started,
+        train_loss=result.training_loss,
+        first_loss=first_loss,
+        final_loss=final_loss,
+        eval_loss=eval_loss,
+        train_rows=len(train),
+        dropped_too_long=too_long,
+        dev_rows=len(dev) if dev else 0,
         rows_by_kind=dict(Counter(train["kind"])) if "kind" in train.column_names else {},
-        bf16=args.bf16, resumed_from=resume_from,
+        bf16=args.bf16,
+        resumed_from=resume_from,
     ).write(out)
     return adapter

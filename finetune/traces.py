@@ -30,8 +30,15 @@ from reflectagent.records.results import Judgment
 from reflectagent.records.teacher import TeacherJudgment
 
 
-def collect_traces(pairs: list[Pair], program: Judge | None = None, *, samples: int = 4, temperature: float = 0.8,
-                   concurrency: int = 8, progress: bool = True) -> list[Trace]:
+def collect_traces(
+    pairs: list[Pair],
+    program: Judge | None = None,
+    *,
+    samples: int = 4,
+    temperature: float = 0.8,
+    concurrency: int = 8,
+    progress: bool = True,
+) -> list[Trace]:
     """Judge each labelled pair with ``program`` (default: ReflectRM with ``samples`` analyses)."""
     labelled = [p for p in pairs if p.label in ("A", "B")]
     program = program or ReflectRM(samples=samples, temperature=temperature)
@@ -47,9 +54,19 @@ def for_backend(config: DataConfig | None, backend) -> DataConfig:
     return config
 
 
-def distil(pairs: list[Pair], teacher: str | None, settings: Settings, out: Path, config: DataConfig | None = None, *,
-           samples: int = 4, temperature: float = 0.8, concurrency: int = 8, progress: bool = True,
-           card: dict | None = None) -> UnifiedData:
+def distil(
+    pairs: list[Pair],
+    teacher: str | None,
+    settings: Settings,
+    out: Path,
+    config: DataConfig | None = None,
+    *,
+    samples: int = 4,
+    temperature: float = 0.8,
+    concurrency: int = 8,
+    progress: bool = True,
+    card: dict | None = None,
+) -> UnifiedData:
     """Teacher traces on ``pairs`` with backend ``teacher``, then the unified data, saved into ``out``.
 
     The rows are rendered by the teacher backend's own adapter, and cut to its input budget unless
@@ -60,8 +77,15 @@ def distil(pairs: list[Pair], teacher: str | None, settings: Settings, out: Path
     which pairs these are).
     """
     program = ReflectRM(samples=samples, temperature=temperature)
-    return _distil(lambda: collect_traces(pairs, program, concurrency=concurrency, progress=progress),
-                   teacher, settings, out, config, concurrency, card)
+    return _distil(
+        lambda: collect_traces(pairs, program, concurrency=concurrency, progress=progress),
+        teacher,
+        settings,
+        out,
+        config,
+        concurrency,
+        card,
+    )
 
 
 def teacher_traces(judgments: list[TeacherJudgment], student: list[Trace | None] | None = None) -> list[Trace]:
@@ -71,14 +95,30 @@ def teacher_traces(judgments: list[TeacherJudgment], student: list[Trace | None]
     student = student if student is not None else [None] * len(judgments)
     if len(student) != len(judgments):
         raise ValueError(f"{len(student)} student traces for {len(judgments)} teacher judgments: they go by position")
-    return [Trace(j.pair, Judgment(preference=j.preference, analyses=(
-        j.as_analysis(False), j.as_analysis(True), *(theirs.judgment.analyses if theirs else ()))))
-        for j, theirs in zip(judgments, student)]
+    return [
+        Trace(
+            j.pair,
+            Judgment(
+                preference=j.preference,
+                analyses=(j.as_analysis(False), j.as_analysis(True), *(theirs.judgment.analyses if theirs else ())),
+            ),
+        )
+        for j, theirs in zip(judgments, student)
+    ]
 
 
-def distil_file(judgments: list[TeacherJudgment], student: str | None, settings: Settings, out: Path,
-                config: DataConfig | None = None, *, samples: int = 2, temperature: float = 0.8, concurrency: int = 8,
-                progress: bool = True) -> UnifiedData:
+def distil_file(
+    judgments: list[TeacherJudgment],
+    student: str | None,
+    settings: Settings,
+    out: Path,
+    config: DataConfig | None = None,
+    *,
+    samples: int = 2,
+    temperature: float = 0.8,
+    concurrency: int = 8,
+    progress: bool = True,
+) -> UnifiedData:
     """Unified data taught by a file of judgments; ``student`` (a backend) writes the analyses they are
     contrasted with (``samples`` per pair, both orders). Labels are the teacher's: the data card says so."""
     labelled = [j for j in judgments if j.preference in ("A", "B")]
@@ -88,13 +128,21 @@ def distil_file(judgments: list[TeacherJudgment], student: str | None, settings:
         own = judge_pairs(program, [j.pair for j in labelled], concurrency=concurrency, progress=progress)
         return teacher_traces(labelled, [Trace(j.pair, judgment) for j, judgment in zip(labelled, own)])
 
-    card = {"labels": "the teacher's preference: the file carries no human label",
-            "teachers": sorted({j.teacher for j in labelled})}
+    card = {
+        "labels": "the teacher's preference: the file carries no human label",
+        "teachers": sorted({j.teacher for j in labelled}),
+    }
     return _distil(traces, student, settings, out, config, concurrency, card)
 
 
-def label_data(pairs: list[Pair], student: str | None, settings: Settings, out: Path, config: DataConfig | None = None,
-               card: dict | None = None) -> UnifiedData:
+def label_data(
+    pairs: list[Pair],
+    student: str | None,
+    settings: Settings,
+    out: Path,
+    config: DataConfig | None = None,
+    card: dict | None = None,
+) -> UnifiedData:
     """Verdict rows (:func:`build_verdict_data`) from the pairs' labels, rendered and cut as backend ``student``
     is served, saved into ``out``. Makes no LM call and starts no server; ``card`` adds to the data card
     (say where the labels come from)."""
@@ -109,8 +157,15 @@ def label_data(pairs: list[Pair], student: str | None, settings: Settings, out: 
     return built
 
 
-def _distil(make_traces, name: str | None, settings: Settings, out: Path, config: DataConfig | None,
-            concurrency: int, card: dict | None = None) -> UnifiedData:
+def _distil(
+    make_traces,
+    name: str | None,
+    settings: Settings,
+    out: Path,
+    config: DataConfig | None,
+    concurrency: int,
+    card: dict | None = None,
+) -> UnifiedData:
     """Traces made on backend ``name``, turned into unified data rendered and cut as that backend is served
     (its characters and tokens, unless ``config.context_chars`` names a budget); ``card`` adds to the data card."""
     from reflectagent.calling.backends import backend
@@ -120,8 +175,14 @@ def _distil(make_traces, name: str | None, settings: Settings, out: Path, config
         traces = make_traces()  # first: a dead backend stops here, cleanly, before its budget is asked for
         budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
         config = for_backend(config, lm.backend)
-        built = build_unified_data(traces, config, Rationalizer() if config.rationalize else None,
-                                   adapter=lm.backend.adapter(), concurrency=concurrency, budget=budget)
+        built = build_unified_data(
+            traces,
+            config,
+            Rationalizer() if config.rationalize else None,
+            adapter=lm.backend.adapter(),
+            concurrency=concurrency,
+            budget=budget,
+        )
     built.stats.update(card or {})
     return save(built, traces, out)
 
@@ -133,6 +194,11 @@ def save(built: UnifiedData, traces: list[Trace], out: Path) -> UnifiedData:
     with open(out / "traces.jsonl", "w", encoding="utf-8") as handle:
         for t in traces:
             right = [a.parsed and a.preference == t.pair.label for a in t.judgment.analyses]
-            handle.write(json.dumps({"pair": t.pair.to_dict(), "judgment": t.judgment.to_dict(),
-                                     "analysis_correct": right}, ensure_ascii=False) + "\n")
+            handle.write(
+                json.dumps(
+                    {"pair": t.pair.to_dict(), "judgment": t.judgment.to_dict(), "analysis_correct": right},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     return built

@@ -52,20 +52,29 @@ class VerdictRow:
         return hashlib.sha256(np.asarray(self.token_ids, dtype=np.int64).tobytes()).hexdigest()[:24]
 
 
-def verdict_rows(pairs: Iterable[Pair], tokenizer, budget: InputBudget | int | None, orders: str = "both",
-                 adapter: JudgeAdapter | None = None) -> list[VerdictRow]:
+def verdict_rows(
+    pairs: Iterable[Pair],
+    tokenizer,
+    budget: InputBudget | int | None,
+    orders: str = "both",
+    adapter: JudgeAdapter | None = None,
+) -> list[VerdictRow]:
     """The token ids the served model reads before its verdict letter, for each pair in ``orders``:
     ``"both"``, or ``"one"`` (the order drawn from the pair's id, so a set's positions stay balanced)."""
     adapter = adapter or JudgeAdapter()
     rows = []
     for pair in pairs:
-        shown_orders = (False, True) if orders == "both" else (int(hashlib.sha256(pair.id.encode()).hexdigest(), 16) % 2 == 1,)
+        shown_orders = (
+            (False, True) if orders == "both" else (int(hashlib.sha256(pair.id.encode()).hexdigest(), 16) % 2 == 1,)
+        )
         for swapped in shown_orders:
             shown = pair.swapped() if swapped else pair
             messages = render_request(adapter, Prefer, shown.inputs(), budget)[2]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + VERDICT_PREFIX
             label = None if shown.label not in ("A", "B") else float(shown.label == "A")
-            rows.append(VerdictRow(pair.id, swapped, tuple(tokenizer(text, add_special_tokens=False)["input_ids"]), label))
+            rows.append(
+                VerdictRow(pair.id, swapped, tuple(tokenizer(text, add_special_tokens=False)["input_ids"]), label)
+            )
     return rows
 
 
@@ -99,8 +108,15 @@ class FeatureStore:
         self._features.update(zip(keys, features.astype(np.float16)))
 
 
-def extract(model_dir: str | Path, rows: Sequence[VerdictRow], store: FeatureStore, *, dtype: str = "bfloat16",
-            threads: int = 0, progress: bool = True) -> None:
+def extract(
+    model_dir: str | Path,
+    rows: Sequence[VerdictRow],
+    store: FeatureStore,
+    *,
+    dtype: str = "bfloat16",
+    threads: int = 0,
+    progress: bool = True,
+) -> None:
     """The final hidden state at the verdict slot of every row not yet in ``store``, one row a forward pass
     (no padding to pay for), saved every :data:`SHARD` rows."""
     import torch
@@ -113,7 +129,9 @@ def extract(model_dir: str | Path, rows: Sequence[VerdictRow], store: FeatureSto
     if threads:
         torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    logger.info("extracting %d of %d rows' features with %s (%d already stored)", len(todo), len(rows), model_dir, len(store))
+    logger.info(
+        "extracting %d of %d rows' features with %s (%d already stored)", len(todo), len(rows), model_dir, len(store)
+    )
     keys, batch = [], []
     with torch.inference_mode():
         for row in tqdm(todo, desc="verdict features", unit="row", disable=not progress):
@@ -136,9 +154,11 @@ def verdict_direction(model_dir: str | Path, tokenizer) -> np.ndarray:
         with safe_open(str(path), framework="pt") as weights:  # bfloat16 folders: numpy has no such type
             if "lm_head.weight" in weights.keys():
                 head = weights.get_slice("lm_head.weight")
-                return (head[a:a + 1].float() - head[b:b + 1].float())[0].numpy()
-    raise ValueError(f"{model_dir} has no separate lm_head.weight: a model whose head is tied to its embeddings "
-                     "cannot take a verdict head without changing its input embeddings")
+                return (head[a : a + 1].float() - head[b : b + 1].float())[0].numpy()
+    raise ValueError(
+        f"{model_dir} has no separate lm_head.weight: a model whose head is tied to its embeddings "
+        "cannot take a verdict head without changing its input embeddings"
+    )
 
 
 @dataclass(frozen=True)
@@ -189,7 +209,9 @@ def write_head(model_dir: str | Path, head: VerdictHead, out: str | Path, source
     with landing(out, f"verdict head on {model_dir}", source) as partial:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if model.config.tie_word_embeddings:
-            raise ValueError(f"{model_dir} ties its LM head to its input embeddings: a verdict head would change them too")
+            raise ValueError(
+                f"{model_dir} ties its LM head to its input embeddings: a verdict head would change them too"
+            )
         weight = model.lm_head.weight.data
         a, b = (tokenizer.convert_tokens_to_ids(letter) for letter in ("A", "B"))
         delta = torch.tensor(head.delta, dtype=weight.dtype)

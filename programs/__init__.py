@@ -23,8 +23,19 @@ from reflectagent.programs.ranking import Ranking, arank, best_of_n, bradley_ter
 from reflectagent.programs.reflectrm import AdaptiveReflectRM, ReflectRM
 
 PROGRAMS: dict[str, type[Judge]] = {
-    cls.__name__: cls for cls in (GenRM, ReflectRM, AdaptiveReflectRM, PositionSwapJudge, MTBenchJudge, PointwiseJudge, Ensemble, Cascade,
-                                  Calibrated, EscalatingJudge)
+    cls.__name__: cls
+    for cls in (
+        GenRM,
+        ReflectRM,
+        AdaptiveReflectRM,
+        PositionSwapJudge,
+        MTBenchJudge,
+        PointwiseJudge,
+        Ensemble,
+        Cascade,
+        Calibrated,
+        EscalatingJudge,
+    )
 }
 
 
@@ -42,8 +53,9 @@ NAMED = {
     "pointwise-prob": lambda: PointwiseJudge(),  # each response rated alone, by expected rating
     "assess-prob": lambda: PointwiseJudge(rationale=True),  # the same after a written assessment of each
     # both probability readings of the same model, averaged: the surer one settles a disagreement
-    "direct+pointwise-prob": lambda: Ensemble([(named_program("direct-prob"), None), (named_program("pointwise-prob"), None)],
-                                              decision="probability"),
+    "direct+pointwise-prob": lambda: Ensemble(
+        [(named_program("direct-prob"), None), (named_program("pointwise-prob"), None)], decision="probability"
+    ),
     "mtbench": lambda: MTBenchJudge(),  # the peer baseline: MT-Bench's prompt, both orders
     # direct-prob, climbing to analyses, more samples and reflection while in doubt; "escalating-prob:0.2" sets the threshold
     "escalating-prob": lambda: EscalatingJudge(),
@@ -56,8 +68,10 @@ def named_program(name: str) -> Judge:
     threshold to T (so one eval can draw its accuracy-against-cost curve)."""
     base, _, threshold = name.partition(":")
     if base not in NAMED or (threshold and base not in THRESHOLDED):
-        raise ConfigError(f"unknown program {name!r}; choose from {', '.join(NAMED)} "
-                          f"(and {', '.join(f'{n}:THRESHOLD' for n in sorted(THRESHOLDED))})")
+        raise ConfigError(
+            f"unknown program {name!r}; choose from {', '.join(NAMED)} "
+            f"(and {', '.join(f'{n}:THRESHOLD' for n in sorted(THRESHOLDED))})"
+        )
     program = NAMED[base]()
     if threshold:
         try:
@@ -91,7 +105,26 @@ def load_program(path: str | Path) -> Judge:
 
 
 __all__ = [
-    "AdaptiveReflectRM", "Calibrated", "Calibration", "Cascade", "Ensemble", "EscalatingJudge", "GenRM", "MTBenchJudge",
-    "PointwiseJudge", "PositionSwapJudge", "Ranking", "ReflectRM", "arank", "best_of_n", "bradley_terry", "calibrate",
-    "choose_threshold", "load_program", "named_program", "program_class", "rank", "resolve_program",
+    "AdaptiveReflectRM",
+    "Calibrated",
+    "Calibration",
+    "Cascade",
+    "Ensemble",
+    "EscalatingJudge",
+    "GenRM",
+    "MTBenchJudge",
+    "PointwiseJudge",
+    "PositionSwapJudge",
+    "Ranking",
+    "ReflectRM",
+    "arank",
+    "best_of_n",
+    "bradley_terry",
+    "calibrate",
+    "choose_threshold",
+    "load_program",
+    "named_program",
+    "program_class",
+    "rank",
+    "resolve_program",
 ]

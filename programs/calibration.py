@@ -91,7 +91,9 @@ class Calibration:
         return cls(**data)
 
 
-def fit_calibration(probabilities, outcomes, method: Method = "temperature", fitted_on: dict[str, Any] | None = None) -> Calibration:
+def fit_calibration(
+    probabilities, outcomes, method: Method = "temperature", fitted_on: dict[str, Any] | None = None
+) -> Calibration:
     """Fit ``method`` to P(A) values and outcomes (1: A was better) by Newton's method on the log-likelihood.
 
     The problem is convex in (slope, intercept); each Newton step is halved until the loss falls, so it
@@ -109,8 +111,11 @@ def fit_calibration(probabilities, outcomes, method: Method = "temperature", fit
     fitted = Calibration(method, float(weights[0]), float(weights[1]), dict(fitted_on or {}))
     raw = np.asarray(probabilities, dtype=float)
     outcomes = np.asarray(outcomes, dtype=float)
-    return replace(fitted, log_loss_before=log_loss(raw, outcomes) if len(raw) else None,
-                   log_loss_after=log_loss([fitted.apply(p) for p in raw], outcomes) if len(raw) else None)
+    return replace(
+        fitted,
+        log_loss_before=log_loss(raw, outcomes) if len(raw) else None,
+        log_loss_after=log_loss([fitted.apply(p) for p in raw], outcomes) if len(raw) else None,
+    )
 
 
 def _newton(x: np.ndarray, y: np.ndarray, intercept: bool, iterations: int = 100) -> np.ndarray:
@@ -161,10 +166,13 @@ class Calibrated(Judge):
             judge = program_class(judge["program"])(**judge["options"])
         calibration = calibration if isinstance(calibration, Calibration) else Calibration.from_dict(calibration)
         if not decides_by_probability(judge):
-            raise ValueError(f"{type(judge).__name__} with {judge.options} does not decide by P(A): calibrate a "
-                             "program with decision='probability'")
-        super().__init__(judge={"program": type(judge).__name__, "options": judge.options},
-                         calibration=calibration.to_dict())
+            raise ValueError(
+                f"{type(judge).__name__} with {judge.options} does not decide by P(A): calibrate a "
+                "program with decision='probability'"
+            )
+        super().__init__(
+            judge={"program": type(judge).__name__, "options": judge.options}, calibration=calibration.to_dict()
+        )
         self.inner = judge
         self.calibration = calibration
 
@@ -175,8 +183,14 @@ class Calibrated(Judge):
         probability_a = self.calibration.apply(inner.probability_a)
         preference, reason = probability_verdict(probability_a)
         note = f"calibrated P(A) {probability_a:.4f} from {inner.probability_a:.4f}: {self.calibration.describe()}"
-        return replace(inner, preference=preference, reason=reason, probability_a=probability_a,
-                       notes=inner.notes + (note,), decided_by=inner.decided_by or type(self.inner).__name__)
+        return replace(
+            inner,
+            preference=preference,
+            reason=reason,
+            probability_a=probability_a,
+            notes=inner.notes + (note,),
+            decided_by=inner.decided_by or type(self.inner).__name__,
+        )
 
 
 def presentations(pairs: list[Pair]) -> tuple[list[Pair], list[bool]]:
@@ -192,19 +206,38 @@ def provenance(pairs: list[Pair], split: str, data: list[str] | None = None, **e
         raise ValueError("never fit on a test split: give dev pairs (eval --split dev draws the same ones)")
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update("\x00".join([pair.id or "", *pair.inputs().values(), pair.label or ""]).encode("utf-8", "surrogatepass"))
-    return {"split": split, "data": list(data or []), "pairs": len(pairs), "pairs_sha256": digest.hexdigest()[:16], **extra}
+        digest.update(
+            "\x00".join([pair.id or "", *pair.inputs().values(), pair.label or ""]).encode("utf-8", "surrogatepass")
+        )
+    return {
+        "split": split,
+        "data": list(data or []),
+        "pairs": len(pairs),
+        "pairs_sha256": digest.hexdigest()[:16],
+        **extra,
+    }
 
 
-def calibrate(judge: Judge, pairs: list[Pair], method: Method = "temperature", *, split: str, data: list[str] | None = None,
-              concurrency: int = 8, progress: bool = False, **options) -> Judge:
+def calibrate(
+    judge: Judge,
+    pairs: list[Pair],
+    method: Method = "temperature",
+    *,
+    split: str,
+    data: list[str] | None = None,
+    concurrency: int = 8,
+    progress: bool = False,
+    **options,
+) -> Judge:
     """``judge`` fitted on labelled ``pairs`` of a dev ``split`` (each judged as given and swapped, in the LM in
     context), as a :class:`Calibrated` program; an :class:`~reflectagent.programs.escalating.EscalatingJudge`
     gets each stage calibrated and its threshold chosen on the same pairs (``options`` go to that)."""
     from reflectagent.programs.escalating import EscalatingJudge, tune_escalation
 
     if isinstance(judge, EscalatingJudge):
-        return tune_escalation(judge, pairs, method, split=split, data=data, concurrency=concurrency, progress=progress, **options)
+        return tune_escalation(
+            judge, pairs, method, split=split, data=data, concurrency=concurrency, progress=progress, **options
+        )
     if isinstance(judge, Calibrated):
         judge = judge.inner  # refit from the raw P(A), not on top of an earlier map
     where = provenance(pairs, split, data)
@@ -213,10 +246,20 @@ def calibrate(judge: Judge, pairs: list[Pair], method: Method = "temperature", *
     kept = [(j.probability_a, y) for j, y in zip(judgments, outcomes) if j.probability_a is not None]
     if not kept:
         raise ValueError(f"none of the {len(shown)} judgments of the dev pairs gave a P(A): nothing to calibrate on")
-    fitted = fit_calibration([p for p, _ in kept], [y for _, y in kept], method,
-                             {**where, "judgments": len(shown), "with_probability": len(kept)})
-    logger.info("calibrated %s: %s, log loss %.4f -> %.4f on %d judgments", type(judge).__name__, fitted.describe(),
-                fitted.log_loss_before, fitted.log_loss_after, len(kept))
+    fitted = fit_calibration(
+        [p for p, _ in kept],
+        [y for _, y in kept],
+        method,
+        {**where, "judgments": len(shown), "with_probability": len(kept)},
+    )
+    logger.info(
+        "calibrated %s: %s, log loss %.4f -> %.4f on %d judgments",
+        type(judge).__name__,
+        fitted.describe(),
+        fitted.log_loss_before,
+        fitted.log_loss_after,
+        len(kept),
+    )
     if math.isclose(fitted.slope, SLOPE_BOUNDS[0]):
         logger.warning("the fitted slope hit its lower bound: on these dev pairs P(A) carries no sign of the label")
     return Calibrated(judge, fitted)

@@ -81,18 +81,31 @@ def compile_judge(
         return teleprompter.compile(program, trainset=train)
     if optimizer == "mipro":
         num_trials = options.pop("num_trials", 4)
-        defaults = dict(auto=None, num_candidates=2, max_bootstrapped_demos=max_demos, max_labeled_demos=0,
-                        num_threads=num_threads, verbose=False)
+        defaults = dict(
+            auto=None,
+            num_candidates=2,
+            max_bootstrapped_demos=max_demos,
+            max_labeled_demos=0,
+            num_threads=num_threads,
+            verbose=False,
+        )
         teleprompter = dspy.MIPROv2(metric=preference_metric, prompt_model=prompt_model, **{**defaults, **options})
         return teleprompter.compile(
-            program, trainset=train, valset=to_examples(valset) if valset else None,
-            num_trials=num_trials, minibatch=False,
+            program,
+            trainset=train,
+            valset=to_examples(valset) if valset else None,
+            num_trials=num_trials,
+            minibatch=False,
         )
     if optimizer == "gepa":
         if prompt_model is None:
             raise ValueError("GEPA needs a prompt_model to reflect with (a strong LM)")
-        teleprompter = dspy.GEPA(metric=gepa_feedback, reflection_lm=prompt_model, num_threads=num_threads,
-                                 **{"max_metric_calls": 200, **options})
+        teleprompter = dspy.GEPA(
+            metric=gepa_feedback,
+            reflection_lm=prompt_model,
+            num_threads=num_threads,
+            **{"max_metric_calls": 200, **options},
+        )
         return teleprompter.compile(program, trainset=train, valset=to_examples(valset) if valset else train)
     raise ValueError(f"optimizer must be 'bootstrap', 'mipro' or 'gepa', not {optimizer!r}")
 
@@ -112,23 +125,33 @@ def gepa_feedback(gold, pred: Judgment, trace=None, pred_name=None, pred_trace=N
     return dspy.Prediction(score=score, feedback=feedback)
 
 
-def teacher_demos(judgments: Sequence[TeacherJudgment], k: int = 2, *, max_chars: int = 1500, seed: int = 0) -> list[dspy.Example]:
+def teacher_demos(
+    judgments: Sequence[TeacherJudgment], k: int = 2, *, max_chars: int = 1500, seed: int = 0
+) -> list[dspy.Example]:
     """``k`` short teacher judgments as analysis demos, alternating A and B preferences.
 
     Chosen by a seeded draw among pairs of at most ``max_chars`` characters, never by a score on
     evaluation pairs; A and B alternate because demos that all prefer one position teach that position.
     """
     rng = random.Random(seed)
-    by_side = {side: [j for j in judgments if j.preference == side
-                      and len(j.pair.prompt) + len(j.pair.response_a) + len(j.pair.response_b) <= max_chars]
-               for side in ("A", "B")}
+    by_side = {
+        side: [
+            j
+            for j in judgments
+            if j.preference == side
+            and len(j.pair.prompt) + len(j.pair.response_a) + len(j.pair.response_b) <= max_chars
+        ]
+        for side in ("A", "B")
+    }
     for pool in by_side.values():
         rng.shuffle(pool)
     chosen = [by_side["AB"[i % 2]][i // 2] for i in range(k) if i // 2 < len(by_side["AB"[i % 2]])]
     if len(chosen) < k:
         raise ValueError(f"only {len(chosen)} teacher judgments of A and B within {max_chars} characters; {k} wanted")
-    return [dspy.Example(**j.pair.inputs(), analysis=j.analysis, preference=j.preference).with_inputs(*INPUTS)
-            for j in chosen]
+    return [
+        dspy.Example(**j.pair.inputs(), analysis=j.analysis, preference=j.preference).with_inputs(*INPUTS)
+        for j in chosen
+    ]
 
 
 def with_demos(program: Judge, demos: list[dspy.Example]) -> Judge:

@@ -35,8 +35,13 @@ def _bind(members) -> tuple[list[Judge], list[dict]]:
         if lm is not None:
             judge.set_lm(lm)
         judges.append(judge)
-        specs.append({"program": type(judge).__name__, "options": judge.options,
-                      "backend": backend if isinstance(backend, str) else None})
+        specs.append(
+            {
+                "program": type(judge).__name__,
+                "options": judge.options,
+                "backend": backend if isinstance(backend, str) else None,
+            }
+        )
     return judges, specs
 
 
@@ -77,8 +82,11 @@ class Ensemble(_Composite):
         if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
             return Judgment(preference=None, parts=parts, reason="tied vote")
         known = [p.probability_a for p in parts if p.probability_a is not None]
-        return Judgment(preference=ranked[0][0], parts=parts,
-                        probability_a=sum(known) / len(known) if len(known) == len(parts) else None)
+        return Judgment(
+            preference=ranked[0][0],
+            parts=parts,
+            probability_a=sum(known) / len(known) if len(known) == len(parts) else None,
+        )
 
 
 class Cascade(_Composite):
@@ -92,5 +100,10 @@ class Cascade(_Composite):
                 break
         last = parts[-1]
         notes = (f"escalated to member {len(parts) - 1}",) if len(parts) > 1 else ()
-        return Judgment(preference=last.preference, reason=last.reason, parts=tuple(parts),
-                        probability_a=last.probability_a, notes=notes)
+        return Judgment(
+            preference=last.preference,
+            reason=last.reason,
+            parts=tuple(parts),
+            probability_a=last.probability_a,
+            notes=notes,
+        )

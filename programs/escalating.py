@@ -67,8 +67,9 @@ def _step_key(step: Analysis | Reflection | Rating) -> tuple:
 
 
 def _keys(judgment: Judgment) -> set:
-    return {_step_key(s) for s in judgment.analyses + judgment.ratings} | \
-        {k for part in judgment.parts for k in _keys(part)}
+    return {_step_key(s) for s in judgment.analyses + judgment.ratings} | {
+        k for part in judgment.parts for k in _keys(part)
+    }
 
 
 def charge_once(judgment: Judgment, earlier: list[Judgment]) -> Judgment:
@@ -81,8 +82,12 @@ def charge_once(judgment: Judgment, earlier: list[Judgment]) -> Judgment:
     def free(steps):
         return tuple(replace(s, usage=Usage(), cached=True) if _step_key(s) in seen else s for s in steps)
 
-    return replace(judgment, analyses=free(judgment.analyses), ratings=free(judgment.ratings),
-                   parts=tuple(charge_once(p, earlier) for p in judgment.parts))
+    return replace(
+        judgment,
+        analyses=free(judgment.analyses),
+        ratings=free(judgment.ratings),
+        parts=tuple(charge_once(p, earlier) for p in judgment.parts),
+    )
 
 
 def orders_disagree(judgment: Judgment) -> bool:
@@ -132,11 +137,15 @@ def planned_steps(judge: Judge, backend) -> set | None:
         return planned_steps(judge.inner, backend)
     if isinstance(judge, GenRM):
         signature = judge.analyzer.predict.signature.__name__
-        return {(backend, signature, swapped, sample)
-                for swapped, sample in sample_plan(judge.options["samples"], judge.options["both_orders"])}
+        return {
+            (backend, signature, swapped, sample)
+            for swapped, sample in sample_plan(judge.options["samples"], judge.options["both_orders"])
+        }
     if isinstance(judge, ReflectRM):
         k = judge.options["samples"]
-        analyses = {(backend, judge.analyzer.predict.signature.__name__, swapped, sample) for swapped, sample in stage1_plan(k)}
+        analyses = {
+            (backend, judge.analyzer.predict.signature.__name__, swapped, sample) for swapped, sample in stage1_plan(k)
+        }
         return analyses | {("reflection", id(judge), i) for i in range(k * (k - 1))}
     return None
 
@@ -166,8 +175,15 @@ class EscalatingJudge(_Composite):
     ``max_tokens`` cap what one judgment may spend.
     """
 
-    def __init__(self, members: list | None = None, stages: list[str] | None = None, threshold: float = DEFAULT_THRESHOLD,
-                 max_calls: int | None = None, max_tokens: int | None = None, chosen_on: dict | None = None):
+    def __init__(
+        self,
+        members: list | None = None,
+        stages: list[str] | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        max_calls: int | None = None,
+        max_tokens: int | None = None,
+        chosen_on: dict | None = None,
+    ):
         if members is None:
             members, default_names = ladder()
             stages = stages or default_names
@@ -208,7 +224,12 @@ class EscalatingJudge(_Composite):
         spent = sum((p.cost for p in parts), Usage())
         calls = self._new_calls(k, len(parts))
         if self.max_calls is not None:
-            if calls is None and spent.lm_calls >= self.max_calls or calls is not None and spent.lm_calls + calls > self.max_calls:
+            if (
+                calls is None
+                and spent.lm_calls >= self.max_calls
+                or calls is not None
+                and spent.lm_calls + calls > self.max_calls
+            ):
                 return f"{calls if calls is not None else 'unknown'} more calls would overrun max_calls = {self.max_calls} ({spent.lm_calls} spent)"
         if self.max_tokens is not None:
             tokens = spent.prompt_tokens + spent.completion_tokens
@@ -238,13 +259,25 @@ class EscalatingJudge(_Composite):
         spent = sum((p.cost for p in parts), Usage()).lm_calls
         if decided is None:
             notes.append(f"no stage reached a verdict; {spent} LM calls")
-            return Judgment(preference=None, reason=last.reason, parts=tuple(parts), probability_a=last.probability_a,
-                            notes=tuple(notes), decided_by=None)
+            return Judgment(
+                preference=None,
+                reason=last.reason,
+                parts=tuple(parts),
+                probability_a=last.probability_a,
+                notes=tuple(notes),
+                decided_by=None,
+            )
         name = self.stages[decided]
         notes.append(f"decided by {name} (stage {decided + 1} of {len(self.members)}); {spent} LM calls")
         final = parts[decided]
-        return Judgment(preference=final.preference, parts=tuple(parts), probability_a=final.probability_a,
-                        notes=tuple(notes), decided_by=name, chosen=None)
+        return Judgment(
+            preference=final.preference,
+            parts=tuple(parts),
+            probability_a=final.probability_a,
+            notes=tuple(notes),
+            decided_by=name,
+            chosen=None,
+        )
 
     async def adecide(self, pair: Pair) -> Judgment:
         parts: list[Judgment] = []
@@ -263,13 +296,22 @@ class EscalatingJudge(_Composite):
         notes: list[str] = []
         while (k := self._next(parts, threshold, notes)) is not None:
             if k >= len(judgment.parts):
-                raise ValueError("the judgment stopped before this threshold would: was it made by another judge or budget?")
+                raise ValueError(
+                    "the judgment stopped before this threshold would: was it made by another judge or budget?"
+                )
             parts.append(judgment.parts[k])
         return replace(self._conclude(parts, notes), latency_s=judgment.latency_s, program=judgment.program)
 
 
-def choose_threshold(judge: EscalatingJudge, pairs: list[Pair], thresholds: tuple[float, ...] = THRESHOLDS, *,
-                     max_calls_per_judgment: float | None = None, concurrency: int = 8, progress: bool = False) -> ThresholdChoice:
+def choose_threshold(
+    judge: EscalatingJudge,
+    pairs: list[Pair],
+    thresholds: tuple[float, ...] = THRESHOLDS,
+    *,
+    max_calls_per_judgment: float | None = None,
+    concurrency: int = 8,
+    progress: bool = False,
+) -> ThresholdChoice:
     """The threshold with the best accuracy on labelled dev ``pairs`` (each judged as given and swapped; no
     verdict is wrong), the cheaper on a tie; with ``max_calls_per_judgment``, only thresholds that spend at most
     that many LM calls per judgment on average count. The pairs are judged once, every stage within the budget
@@ -289,17 +331,33 @@ def choose_threshold(judge: EscalatingJudge, pairs: list[Pair], thresholds: tupl
         table.append((threshold, right / len(replayed), calls))
     allowed = [row for row in table if max_calls_per_judgment is None or row[2] <= max_calls_per_judgment]
     if not allowed:
-        raise ValueError(f"no threshold spends at most {max_calls_per_judgment} calls per judgment: the first stage "
-                         f"alone spends {table[0][2]:.2f}")
+        raise ValueError(
+            f"no threshold spends at most {max_calls_per_judgment} calls per judgment: the first stage "
+            f"alone spends {table[0][2]:.2f}"
+        )
     best = max(allowed, key=lambda row: (row[1], -row[2], -row[0]))
-    logger.info("threshold %.3g chosen on %d dev pairs: accuracy %.3f at %.2f calls per judgment", best[0],
-                len(shown) // 2, best[1], best[2])
+    logger.info(
+        "threshold %.3g chosen on %d dev pairs: accuracy %.3f at %.2f calls per judgment",
+        best[0],
+        len(shown) // 2,
+        best[1],
+        best[2],
+    )
     return ThresholdChoice(best[0], tuple(table), len(shown) // 2)
 
 
-def tune_escalation(judge: EscalatingJudge, pairs: list[Pair], method: str = "temperature", *, split: str,
-                    data: list[str] | None = None, thresholds: tuple[float, ...] = THRESHOLDS,
-                    max_calls_per_judgment: float | None = None, concurrency: int = 8, progress: bool = False) -> EscalatingJudge:
+def tune_escalation(
+    judge: EscalatingJudge,
+    pairs: list[Pair],
+    method: str = "temperature",
+    *,
+    split: str,
+    data: list[str] | None = None,
+    thresholds: tuple[float, ...] = THRESHOLDS,
+    max_calls_per_judgment: float | None = None,
+    concurrency: int = 8,
+    progress: bool = False,
+) -> EscalatingJudge:
     """Each stage calibrated on the dev ``pairs`` (:func:`~reflectagent.programs.calibration.calibrate`), then the
     threshold chosen on them for the calibrated margins; the choice and its table are kept in the options."""
     from reflectagent.programs.calibration import Calibrated, calibrate, provenance
@@ -308,13 +366,26 @@ def tune_escalation(judge: EscalatingJudge, pairs: list[Pair], method: str = "te
     stages = []
     for member, spec in zip(judge.members, judge.options["members"]):
         inner = member.inner if isinstance(member, Calibrated) else member
-        stages.append((calibrate(inner, pairs, method, split=split, data=data, concurrency=concurrency, progress=progress),
-                       spec["backend"]))
+        stages.append(
+            (
+                calibrate(inner, pairs, method, split=split, data=data, concurrency=concurrency, progress=progress),
+                spec["backend"],
+            )
+        )
     # the inner judges keep the LMs their members were bound to; a named backend is bound again by name
     tuned = EscalatingJudge(stages, judge.stages, judge.threshold, judge.max_calls, judge.max_tokens)
-    choice = choose_threshold(tuned, pairs, thresholds, max_calls_per_judgment=max_calls_per_judgment,
-                              concurrency=concurrency, progress=progress)
+    choice = choose_threshold(
+        tuned,
+        pairs,
+        thresholds,
+        max_calls_per_judgment=max_calls_per_judgment,
+        concurrency=concurrency,
+        progress=progress,
+    )
     tuned = tuned.with_threshold(choice.threshold)
-    tuned.options["chosen_on"] = {**where, "table": [list(row) for row in choice.table],
-                                  "max_calls_per_judgment": max_calls_per_judgment}
+    tuned.options["chosen_on"] = {
+        **where,
+        "table": [list(row) for row in choice.table],
+        "max_calls_per_judgment": max_calls_per_judgment,
+    }
     return tuned

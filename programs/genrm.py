@@ -24,12 +24,18 @@ def sample_plan(samples: int, both_orders: bool) -> list[tuple[bool, int]]:
     return [(swapped, sample) for sample in range(samples) for swapped in orders]
 
 
-async def analyse(analyzer: Analyzer, pair: Pair, plan: list[tuple[bool, int]], temperature: float) -> tuple[Analysis, ...]:
+async def analyse(
+    analyzer: Analyzer, pair: Pair, plan: list[tuple[bool, int]], temperature: float
+) -> tuple[Analysis, ...]:
     """All planned analyses at once; samples after the first are drawn at ``temperature``."""
-    return tuple(await asyncio.gather(*(
-        analyzer.acall(pair, swapped=swapped, sample=sample, temperature=temperature if sample else None)
-        for swapped, sample in plan
-    )))
+    return tuple(
+        await asyncio.gather(
+            *(
+                analyzer.acall(pair, swapped=swapped, sample=sample, temperature=temperature if sample else None)
+                for swapped, sample in plan
+            )
+        )
+    )
 
 
 def majority(analyses: tuple[Analysis, ...]) -> tuple[str | None, str | None]:
@@ -52,18 +58,31 @@ class GenRM(Judge):
     the probability rule the scoring that suits a small model whose rationales are mostly noise.
     """
 
-    def __init__(self, samples: int = 1, both_orders: bool = False,
-                 decision: Decision = "vote", temperature: float = 0.7, rationale: bool = True):
+    def __init__(
+        self,
+        samples: int = 1,
+        both_orders: bool = False,
+        decision: Decision = "vote",
+        temperature: float = 0.7,
+        rationale: bool = True,
+    ):
         if samples < 1:
             raise ValueError("samples must be at least 1")
         check_decision(decision)
-        super().__init__(samples=samples, both_orders=both_orders, decision=decision, temperature=temperature,
-                         **({} if rationale else {"rationale": False}))
+        super().__init__(
+            samples=samples,
+            both_orders=both_orders,
+            decision=decision,
+            temperature=temperature,
+            **({} if rationale else {"rationale": False}),
+        )
         self.analyzer = Analyzer(Analyze if rationale else Prefer)
 
     async def adecide(self, pair: Pair) -> Judgment:
         options = self.options
-        analyses = await analyse(self.analyzer, pair, sample_plan(options["samples"], options["both_orders"]), options["temperature"])
+        analyses = await analyse(
+            self.analyzer, pair, sample_plan(options["samples"], options["both_orders"]), options["temperature"]
+        )
         probability_a = order_averaged_probability(analyses)
         if options["decision"] == "probability":
             preference, reason = probability_verdict(probability_a)

@@ -28,8 +28,8 @@ SYSTEM = (
     "responses and provide a short explanation. Avoid any position biases and ensure that the order in which the "
     "responses were presented does not influence your decision. Do not allow the length of the responses to influence "
     "your evaluation. Do not favor certain names of the assistants. Be as objective as possible. After providing your "
-    "explanation, output your final verdict by strictly following this format: \"[[A]]\" if assistant A is better, "
-    "\"[[B]]\" if assistant B is better, and \"[[C]]\" for a tie."
+    'explanation, output your final verdict by strictly following this format: "[[A]]" if assistant A is better, '
+    '"[[B]]" if assistant B is better, and "[[C]]" for a tie.'
 )
 USER = (
     "[User Question]\n{prompt}\n\n[The Start of Assistant A's Answer]\n{response_a}\n[The End of Assistant A's Answer]"
@@ -60,11 +60,15 @@ class MTBenchAdapter(dspy.Adapter):
     def parse(self, signature, completion: str) -> dict[str, Any]:
         found = _VERDICT.findall(completion)
         if not found:
-            error = AdapterParseError(adapter_name=type(self).__name__, signature=signature, lm_response=completion,
-                                      message="no [[A]], [[B]] or [[C]] in the answer")
+            error = AdapterParseError(
+                adapter_name=type(self).__name__,
+                signature=signature,
+                lm_response=completion,
+                message="no [[A]], [[B]] or [[C]] in the answer",
+            )
             error.reason = "no [[A]], [[B]] or [[C]] in the answer"
             raise error
-        return {"explanation": completion[:completion.rfind("[[")].strip(), "verdict": found[-1]}
+        return {"explanation": completion[: completion.rfind("[[")].strip(), "verdict": found[-1]}
 
 
 class MTBenchJudge(Judge):
@@ -80,9 +84,17 @@ class MTBenchJudge(Judge):
         step = await arun_step(self.predict, shown.inputs(), adapter=self.adapter)
         said = (step.fields or {}).get("verdict")
         preference = None if said in (None, "C") else (flip(said) if swapped else said)
-        return Analysis(text=(step.fields or {}).get("explanation", ""), preference=preference, swapped=swapped,
-                        parsed=step.parsed, raw=step.raw, error=step.error, usage=step.usage, cached=step.cached,
-                        truncated=step.truncated)
+        return Analysis(
+            text=(step.fields or {}).get("explanation", ""),
+            preference=preference,
+            swapped=swapped,
+            parsed=step.parsed,
+            raw=step.raw,
+            error=step.error,
+            usage=step.usage,
+            cached=step.cached,
+            truncated=step.truncated,
+        )
 
     async def adecide(self, pair: Pair) -> Judgment:
         analyses = tuple(await asyncio.gather(self.verdict(pair, False), self.verdict(pair, True)))

@@ -57,7 +57,9 @@ class Ranking:
         return sum((c.judgment.usage for c in self.comparisons), Usage())
 
 
-def bradley_terry(n: int, comparisons: list[tuple[int, int, float]], prior: float = 0.1, iterations: int = 500) -> list[float]:
+def bradley_terry(
+    n: int, comparisons: list[tuple[int, int, float]], prior: float = 0.1, iterations: int = 500
+) -> list[float]:
     """Log-strengths by Hunter's MM algorithm; soft scores allowed, ``prior`` pseudo-draws keep them finite."""
     wins = [[prior / 2 if i != j else 0.0 for j in range(n)] for i in range(n)]
     for i, j, score in comparisons:
@@ -78,8 +80,9 @@ def bradley_terry(n: int, comparisons: list[tuple[int, int, float]], prior: floa
     return [math.log(s) for s in strength]
 
 
-async def _judge_matches(judge: Judge, prompt: str, matches: list[tuple[int, int]], responses: list[str],
-                         gate: asyncio.Semaphore) -> list[Comparison]:
+async def _judge_matches(
+    judge: Judge, prompt: str, matches: list[tuple[int, int]], responses: list[str], gate: asyncio.Semaphore
+) -> list[Comparison]:
     async def one(i: int, j: int) -> Judgment:
         async with gate:
             return await judge.ajudge(Pair(prompt=prompt, response_a=responses[i], response_b=responses[j]))
@@ -105,14 +108,23 @@ def _scores(n: int, comparisons: list[Comparison]) -> tuple[tuple[float, ...], t
     return win_rate, strength
 
 
-def rank(judge: Judge, prompt: str, responses: list[str], method: Method = "round_robin",
-         concurrency: int = 8, seed: int = 0) -> Ranking:
+def rank(
+    judge: Judge, prompt: str, responses: list[str], method: Method = "round_robin", concurrency: int = 8, seed: int = 0
+) -> Ranking:
     """Rank ``responses`` to ``prompt`` with ``judge`` (each comparison uses the judge's own order handling)."""
     return run_sync(arank(judge, prompt, responses, method, concurrency, seed))
 
 
-async def arank(judge: Judge, prompt: str, responses: list[str], method: Method = "round_robin",
-                concurrency: int = 8, seed: int = 0, *, gate: asyncio.Semaphore | None = None) -> Ranking:
+async def arank(
+    judge: Judge,
+    prompt: str,
+    responses: list[str],
+    method: Method = "round_robin",
+    concurrency: int = 8,
+    seed: int = 0,
+    *,
+    gate: asyncio.Semaphore | None = None,
+) -> Ranking:
     """:func:`rank`, async. ``gate`` (instead of ``concurrency``) shares one limit with other work, such as
     the other groups of a batch of rewards."""
     gate = gate or asyncio.Semaphore(concurrency)
@@ -120,7 +132,9 @@ async def arank(judge: Judge, prompt: str, responses: list[str], method: Method 
     if n < 2:
         raise ValueError("ranking needs at least two responses")
     if method == "round_robin":
-        comparisons = await _judge_matches(judge, prompt, [(i, j) for i in range(n) for j in range(i + 1, n)], responses, gate)
+        comparisons = await _judge_matches(
+            judge, prompt, [(i, j) for i in range(n) for j in range(i + 1, n)], responses, gate
+        )
         win_rate, strength = _scores(n, comparisons)
         order = sorted(range(n), key=lambda i: (-strength[i], -win_rate[i], i))
         return Ranking(tuple(order), win_rate, strength, tuple(comparisons), method)
@@ -140,11 +154,12 @@ async def arank(judge: Judge, prompt: str, responses: list[str], method: Method 
         eliminated.append(losers)
         alive = winners + ([alive[-1]] if len(alive) % 2 else [])  # an odd one out gets a bye
     win_rate, strength = _scores(n, comparisons)
-    order = alive + [i for round_losers in reversed(eliminated) for i in sorted(round_losers, key=lambda i: -win_rate[i])]
+    order = alive + [
+        i for round_losers in reversed(eliminated) for i in sorted(round_losers, key=lambda i: -win_rate[i])
+    ]
     return Ranking(tuple(order), win_rate, strength, tuple(comparisons), method)
 
 
-def best_of_n(judge: Judge, prompt: str, responses: list[str], method: Method = "tournament",
-              **kwargs) -> int:
+def best_of_n(judge: Judge, prompt: str, responses: list[str], method: Method = "tournament", **kwargs) -> int:
     """The index of the best response (a tournament by default: N-1 comparisons)."""
     return rank(judge, prompt, responses, method=method, **kwargs).best

@@ -91,7 +91,9 @@ def reliability_weights(analyses: tuple[Analysis, ...], reflections: tuple[Refle
     return {i: w / total for i, w in wins.items()}
 
 
-def weighted_probability(analyses: tuple[Analysis, ...], reflections: tuple[Reflection, ...]) -> tuple[float | None, int | None]:
+def weighted_probability(
+    analyses: tuple[Analysis, ...], reflections: tuple[Reflection, ...]
+) -> tuple[float | None, int | None]:
     """P(A) as the reliability-weighted mean of the analyses' own P(A), and the heaviest analysis."""
     weights = reliability_weights(analyses, reflections)
     if weights is None or any(probability_a_of(analyses[i]) is None for i in weights):
@@ -132,20 +134,33 @@ class ReflectRM(Judge):
             notes = ("stage 2 skipped: the analyses agree",)
         else:
             comparisons = [*combinations(parsed, 2), *((j, i) for i, j in combinations(parsed, 2))]
-            reflections = tuple(await asyncio.gather(*(
-                self.reflector.acall(pair, analyses, first=first, second=second) for first, second in comparisons
-            )))
+            reflections = tuple(
+                await asyncio.gather(
+                    *(self.reflector.acall(pair, analyses, first=first, second=second) for first, second in comparisons)
+                )
+            )
         if self.decision == "probability":
             probability_a, heaviest = weighted_probability(analyses, reflections)
             preference, reason = probability_verdict(probability_a)
             if reflections and all(r.probability_first is None for r in reflections):
                 notes += ("no reflection carried a probability: the analyses weighed equally",)
-            return Judgment(preference=preference, analyses=analyses, reflections=reflections, reason=reason,
-                            notes=notes, chosen=heaviest, probability_a=probability_a)
+            return Judgment(
+                preference=preference,
+                analyses=analyses,
+                reflections=reflections,
+                reason=reason,
+                notes=notes,
+                chosen=heaviest,
+                probability_a=probability_a,
+            )
         winner, reason = most_reliable(analyses, reflections)
         return Judgment(
             preference=analyses[winner].preference if winner is not None else None,
-            analyses=analyses, reflections=reflections, reason=reason, notes=notes, chosen=winner,
+            analyses=analyses,
+            reflections=reflections,
+            reason=reason,
+            notes=notes,
+            chosen=winner,
             probability_a=order_averaged_probability(analyses),
         )
 

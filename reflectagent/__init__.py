@@ -28,7 +28,9 @@ __version__ = "0.1.0"
 MOVED = {
     **dict.fromkeys(("output", "pairs", "reading", "results", "splits", "teacher"), "records"),
     **dict.fromkeys(("embedded", "models", "presets", "server", "tokens"), "serving"),
-    **dict.fromkeys(("adapter", "backends", "cache", "concurrency", "config", "pool", "steps", "vllm_client"), "calling"),
+    **dict.fromkeys(
+        ("adapter", "backends", "cache", "concurrency", "config", "pool", "steps", "vllm_client"), "calling"
+    ),
     **dict.fromkeys(("judge", "modules", "signatures"), "judging"),
 }
 
@@ -77,10 +79,41 @@ _EXPORTS = {
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 # Spelled out so linters and readers see the names; tests/test_architecture.py checks it equals _WHERE and "pairs".
 __all__ = [
-    "Analysis", "Analyze", "Analyzer", "Assess", "Backend", "BackendConfig", "BackendLM", "BadLine", "ConfigError",
-    "InvalidPair", "Judge", "Judgment", "JudgmentCache", "OverrideError", "Pair", "PositionSwapJudge", "Prefer", "Rate",
-    "Rater", "Rating", "Reflect", "ReflectAgentError", "Reflection", "Reflector", "Settings", "Usage", "Verdict",
-    "VerdictStep", "backend", "current_cache", "judge_pairs", "load_settings", "pairs", "read_pairs", "resolve_backend",
+    "Analysis",
+    "Analyze",
+    "Analyzer",
+    "Assess",
+    "Backend",
+    "BackendConfig",
+    "BackendLM",
+    "BadLine",
+    "ConfigError",
+    "InvalidPair",
+    "Judge",
+    "Judgment",
+    "JudgmentCache",
+    "OverrideError",
+    "Pair",
+    "PositionSwapJudge",
+    "Prefer",
+    "Rate",
+    "Rater",
+    "Rating",
+    "Reflect",
+    "ReflectAgentError",
+    "Reflection",
+    "Reflector",
+    "Settings",
+    "Usage",
+    "Verdict",
+    "VerdictStep",
+    "backend",
+    "current_cache",
+    "judge_pairs",
+    "load_settings",
+    "pairs",
+    "read_pairs",
+    "resolve_backend",
     "use_cache",
 ]
 

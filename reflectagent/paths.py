@@ -42,7 +42,9 @@ def server_dir() -> Path:
 def source_checkout() -> Path | None:
     """The folder reflectagent was installed from in development mode (``pip install -e``), as the installed
     distribution records it; None for an ordinary install, where no source folder is meant to stay behind."""
-    for dist in metadata.distributions(name="reflectagent"):  # a checkout's own *.egg-info can come first: it has no record
+    for dist in metadata.distributions(
+        name="reflectagent"
+    ):  # a checkout's own *.egg-info can come first: it has no record
         try:
             record = json.loads(dist.read_text("direct_url.json") or "null")
         except ValueError:
@@ -62,11 +64,15 @@ def data_dir() -> Path:
     if named:
         folder = Path(named).expanduser()
         if not folder.is_dir():
-            raise DataDirError(f"${DATA_DIR_ENV}={named} is not a folder: point it at the folder of labelled pair files")
+            raise DataDirError(
+                f"${DATA_DIR_ENV}={named} is not a folder: point it at the folder of labelled pair files"
+            )
         return folder
     checkout = source_checkout()
     if checkout is not None and (checkout.parent / "shared" / "data").is_dir():
         return checkout.parent / "shared" / "data"
     where = f"{checkout} has no ../shared/data beside it" if checkout else "this install is not a source checkout"
-    raise DataDirError(f"no data folder ({where}): set ${DATA_DIR_ENV} to the folder of labelled pair files, "
-                       "or name the files themselves")
+    raise DataDirError(
+        f"no data folder ({where}): set ${DATA_DIR_ENV} to the folder of labelled pair files, "
+        "or name the files themselves"
+    )

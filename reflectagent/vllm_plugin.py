@@ -42,8 +42,10 @@ def skipping_unset(op):
         elif unset.shape[0] > rows:  # more tokens than rows: the op keeps the first rows (``outputs[:limit]``)
             unset = unset[:rows]
         if unset.shape[0] != rows:
-            raise RuntimeError(f"vLLM's {op.__name__} was given {indices.shape[0]} LoRA indices for "
-                               f"{rows} rows; reflectagent's mend does not know this layout")
+            raise RuntimeError(
+                f"vLLM's {op.__name__} was given {indices.shape[0]} LoRA indices for "
+                f"{rows} rows; reflectagent's mend does not know this layout"
+            )
         kept = output[unset].clone()
         result = op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
         output[unset] = kept
@@ -71,9 +73,12 @@ def register() -> None:
     try:
         _mend()
     except Exception as exc:
-        logger.warning("reflectagent: the mend of vLLM's CPU LoRA ops was not applied (%s: %s); on a CPU server with "
-                       "LoRA adapters, base-model requests batched with adapter requests may be computed with an adapter",
-                       type(exc).__name__, exc)
+        logger.warning(
+            "reflectagent: the mend of vLLM's CPU LoRA ops was not applied (%s: %s); on a CPU server with "
+            "LoRA adapters, base-model requests batched with adapter requests may be computed with an adapter",
+            type(exc).__name__,
+            exc,
+        )
 
 
 def _mend() -> None:
@@ -82,7 +87,9 @@ def _mend() -> None:
         from vllm.lora.ops.torch_ops import lora_ops
     except ImportError:  # a vLLM without LoRA ops: nothing to mend
         return
-    if getattr(lora_ops.bgmv_shrink, "reflectagent_mended", False) or not applies_adapter_to_unset(lora_ops.bgmv_shrink):
+    if getattr(lora_ops.bgmv_shrink, "reflectagent_mended", False) or not applies_adapter_to_unset(
+        lora_ops.bgmv_shrink
+    ):
         return
     modules = [lora_ops, torch_ops, sys.modules.get("vllm.lora.punica_wrapper.punica_cpu")]
     mended = {name: skipping_unset(getattr(lora_ops, name)) for name in _OPS}  # all made before any is set

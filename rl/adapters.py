@@ -48,8 +48,15 @@ def as_text(value: Any) -> str:
     raise RewardInputError(f"expected a string or a list of chat messages, got {type(value).__name__}")
 
 
-def trl_reward(judge="genrm-prob", backend: str | None = None, *, reference_column: str | None = None,
-               asynchronous: bool = False, rewarder: Rewarder | None = None, **options):
+def trl_reward(
+    judge="genrm-prob",
+    backend: str | None = None,
+    *,
+    reference_column: str | None = None,
+    asynchronous: bool = False,
+    rewarder: Rewarder | None = None,
+    **options,
+):
     """A TRL reward function (sync, or ``async def`` with ``asynchronous=True``) named after its judge: a float
     per completion, ``None`` where it abstains (TRL masks it)."""
     if rewarder is not None:
@@ -72,11 +79,14 @@ def trl_reward(judge="genrm-prob", backend: str | None = None, *, reference_colu
         return [None if r.abstain else r.reward for r in rewards]
 
     if asynchronous:
+
         async def reward(prompts, completions, **kwargs):
             return floats(await rewarder.arewards(*inputs(prompts, completions, kwargs)))
     else:
+
         def reward(prompts, completions, **kwargs):
             return floats(rewarder.rewards(*inputs(prompts, completions, kwargs)))
+
     reward.__name__ = f"reflectagent_{name}".replace("-", "_")  # TRL logs each reward under its function's name
     return reward
 
@@ -91,7 +101,9 @@ def verl_compute_score(judge="genrm-prob", backend: str | None = None, *, reward
         if not prompt:
             raise RewardInputError("verl's extra_info has no 'prompt': put the prompt text in each row's extra_info")
         if not ground_truth:
-            raise RewardInputError(f"no ground_truth for a {data_source} row: a pairwise judge needs a reference answer")
+            raise RewardInputError(
+                f"no ground_truth for a {data_source} row: a pairwise judge needs a reference answer"
+            )
         result = rewarder.against_reference(as_text(prompt), solution_str, as_text(ground_truth))
         return {"score": result.reward, "abstain": result.abstain}
 
@@ -102,7 +114,7 @@ def split_query(query: str, prompt: str) -> str:
     """OpenRLHF's query is the prompt followed by the response: the response is what follows."""
     if not query.startswith(prompt):
         raise RewardInputError("a query does not start with its prompt: send query = prompt + response")
-    return query[len(prompt):]
+    return query[len(prompt) :]
 
 
 def openrlhf_batch(queries, prompts, labels=None) -> tuple[list[str], list[str], list[str] | None]:
@@ -110,12 +122,16 @@ def openrlhf_batch(queries, prompts, labels=None) -> tuple[list[str], list[str],
     prompts, responses and references a :class:`Rewarder` takes; what is wrong with it, said once for the
     in-process ``reward_func`` and the ``/get_reward`` route."""
     if len(queries) != len(prompts) or (labels and len(labels) != len(queries)):
-        raise RewardInputError(f"query ({len(queries)}), prompts ({len(prompts)}) and labels ({len(labels or [])}) "
-                               "must have the same length")
+        raise RewardInputError(
+            f"query ({len(queries)}), prompts ({len(prompts)}) and labels ({len(labels or [])}) "
+            "must have the same length"
+        )
     return list(prompts), [split_query(q, p) for q, p in zip(queries, prompts)], list(labels) if labels else None
 
 
-def openrlhf_reward_func(judge="genrm-prob", backend: str | None = None, *, rewarder: Rewarder | None = None, **options):
+def openrlhf_reward_func(
+    judge="genrm-prob", backend: str | None = None, *, rewarder: Rewarder | None = None, **options
+):
     """An OpenRLHF ``reward_func``: labels (reference answers) make rewards pairwise; without them, group-relative.
     ``extra_logs["abstain"]`` is 1.0 for each reward no verdict stood behind (its reward: ``no_verdict_reward``)."""
     rewarder = rewarder or Rewarder(judge, backend, **options)
@@ -124,7 +140,10 @@ def openrlhf_reward_func(judge="genrm-prob", backend: str | None = None, *, rewa
         results = rewarder.rewards(*openrlhf_batch(queries, prompts, labels))
         import torch
 
-        return {"rewards": torch.tensor([r.reward for r in results]), "scores": torch.tensor([r.score for r in results]),
-                "extra_logs": {"abstain": torch.tensor([1.0 if r.abstain else 0.0 for r in results])}}
+        return {
+            "rewards": torch.tensor([r.reward for r in results]),
+            "scores": torch.tensor([r.score for r in results]),
+            "extra_logs": {"abstain": torch.tensor([1.0 if r.abstain else 0.0 for r in results])},
+        }
 
     return reward_func

@@ -60,8 +60,15 @@ def judgments_needed(responses: list[str], round_robin_up_to: int = ROUND_ROBIN_
     return judgments_for(len(set(responses)), round_robin_up_to)
 
 
-async def ajudge_group(judge: Judge, prompt: str, responses: list[str], *, round_robin_up_to: int = ROUND_ROBIN_UP_TO,
-                       concurrency: int = 8, gate: asyncio.Semaphore | None = None) -> Ranking:
+async def ajudge_group(
+    judge: Judge,
+    prompt: str,
+    responses: list[str],
+    *,
+    round_robin_up_to: int = ROUND_ROBIN_UP_TO,
+    concurrency: int = 8,
+    gate: asyncio.Semaphore | None = None,
+) -> Ranking:
     """Rank ``responses`` to ``prompt`` as one group (see the module). A group whose responses are all one text
     has nothing to compare: no comparison, every response abstains (:meth:`Rewarder.abstains`)."""
     n = len(responses)

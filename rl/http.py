@@ -65,4 +65,6 @@ def header_deadline_protocol(header_timeout_s: float) -> type[H11Protocol]:
 
 def service_config(app, *, host: str, port: int, header_timeout_s: float, log_level: str = "warning") -> uvicorn.Config:
     """The uvicorn config the reward service runs under (and its tests): h11 with a deadline for request heads."""
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=header_deadline_protocol(header_timeout_s))
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, http=header_deadline_protocol(header_timeout_s)
+    )

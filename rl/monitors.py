@@ -67,8 +67,9 @@ def is_abstain(judgment: Judgment) -> bool:
 
 def is_tie(judgment: Judgment) -> bool:
     """No verdict, although the judge weighed the two: a P(A) with no side, or the program's own tie."""
-    return judgment.preference is None and (judgment.probability_a is not None
-                                            or (judgment.reason or "").startswith(TIE_REASONS))
+    return judgment.preference is None and (
+        judgment.probability_a is not None or (judgment.reason or "").startswith(TIE_REASONS)
+    )
 
 
 def margin(judgment: Judgment) -> float:
@@ -95,16 +96,19 @@ class Monitor:
         self._margins: deque[float] = deque(maxlen=window)
         self._lengths: deque[int] = deque(maxlen=window)
         self._scores: deque[float] = deque(maxlen=window)
-        self._gauges = {name: Gauge(f"reflectagent_judge_{name}", text, ["judge"], registry=registry).labels(judge)
-                        for name, text in (
-                            ("length_correlation", "Pearson r of response length and score, rolling"),
-                            ("length_slope", "score per 1,000 characters of response, rolling"),
-                            ("order_flip_rate", "share of judgments whose two orders lean apart, rolling"),
-                            ("tie_rate", "share of judgments with no verdict though the judge weighed both, rolling"),
-                            ("abstain_rate", "share of judgments with no verdict and no P(A), rolling"),
-                            ("mean_margin", "mean |P(A) - 0.5| of judgments, rolling"),
-                            ("window_judgments", "judgments behind the rolling rates"),
-                            ("window_scores", "scored responses behind the length gauges"))}
+        self._gauges = {
+            name: Gauge(f"reflectagent_judge_{name}", text, ["judge"], registry=registry).labels(judge)
+            for name, text in (
+                ("length_correlation", "Pearson r of response length and score, rolling"),
+                ("length_slope", "score per 1,000 characters of response, rolling"),
+                ("order_flip_rate", "share of judgments whose two orders lean apart, rolling"),
+                ("tie_rate", "share of judgments with no verdict though the judge weighed both, rolling"),
+                ("abstain_rate", "share of judgments with no verdict and no P(A), rolling"),
+                ("mean_margin", "mean |P(A) - 0.5| of judgments, rolling"),
+                ("window_judgments", "judgments behind the rolling rates"),
+                ("window_scores", "scored responses behind the length gauges"),
+            )
+        }
         self._publish()
 
     def judged(self, judgments: Iterable[Judgment]) -> None:
@@ -132,10 +136,20 @@ class Monitor:
                 correlation = float(np.corrcoef(x, y)[0, 1])
             if x.std() > 0:
                 slope = float(np.polyfit(x / 1000.0, y, 1)[0])
-        return Reading(correlation, slope, _rate(self._flips), _rate(self._ties), _rate(self._abstains),
-                       _rate(self._margins), len(self._ties), len(self._scores))
+        return Reading(
+            correlation,
+            slope,
+            _rate(self._flips),
+            _rate(self._ties),
+            _rate(self._abstains),
+            _rate(self._margins),
+            len(self._ties),
+            len(self._scores),
+        )
 
     def _publish(self) -> None:
         now = self.reading()
         for name, gauge in self._gauges.items():
-            gauge.set({"window_judgments": now.judgments, "window_scores": now.scores}.get(name, getattr(now, name, None)))
+            gauge.set(
+                {"window_judgments": now.judgments, "window_scores": now.scores}.get(name, getattr(now, name, None))
+            )

@@ -78,10 +78,19 @@ class Rewarder:
     ``judge`` is a program, a named program (``"genrm-prob"``) or the path of a saved one (``calibrated.json``).
     ``round_robin_up_to``: the most distinct responses a group judges every two of; a larger group is a tournament."""
 
-    def __init__(self, judge: Judge | str = "genrm-prob", backend: str | None = None, settings: Settings | None = None,
-                 *, lm: dspy.BaseLM | None = None, group: GroupMethod = "win_rate",
-                 no_verdict_reward: float | None = None, concurrency: int = 8, max_group: int = MAX_GROUP,
-                 round_robin_up_to: int = groups.ROUND_ROBIN_UP_TO):
+    def __init__(
+        self,
+        judge: Judge | str = "genrm-prob",
+        backend: str | None = None,
+        settings: Settings | None = None,
+        *,
+        lm: dspy.BaseLM | None = None,
+        group: GroupMethod = "win_rate",
+        no_verdict_reward: float | None = None,
+        concurrency: int = 8,
+        max_group: int = MAX_GROUP,
+        round_robin_up_to: int = groups.ROUND_ROBIN_UP_TO,
+    ):
         if group not in ("win_rate", "bradley_terry"):
             raise ValueError(f"group must be 'win_rate' or 'bradley_terry', not {group!r}")
         self.judge = resolve_program(judge) if isinstance(judge, str) else judge
@@ -112,16 +121,24 @@ class Rewarder:
 
     async def arank(self, prompt: str, responses: list[str], gate: asyncio.Semaphore | None = None) -> Ranking:
         with dspy.context(lm=self.lm, trace=None):
-            return await groups.ajudge_group(self.judge, prompt, responses, round_robin_up_to=self.round_robin_up_to,
-                                             concurrency=self.concurrency, gate=gate)
+            return await groups.ajudge_group(
+                self.judge,
+                prompt,
+                responses,
+                round_robin_up_to=self.round_robin_up_to,
+                concurrency=self.concurrency,
+                gate=gate,
+            )
 
     def _check_group_size(self, n: int) -> None:
         if n > self.max_group:
-            raise GroupTooLarge(f"a group of {n} responses to one prompt is over max_group ({self.max_group}): "
-                             "send smaller groups")
+            raise GroupTooLarge(
+                f"a group of {n} responses to one prompt is over max_group ({self.max_group}): send smaller groups"
+            )
 
-    def judgments_needed(self, prompts: list[str], references: list[str | None] | None = None, *,
-                         responses: list[str] | None = None) -> int:
+    def judgments_needed(
+        self, prompts: list[str], references: list[str | None] | None = None, *, responses: list[str] | None = None
+    ) -> int:
         """How many judgments :meth:`rewards` makes for this batch, counted before any is made: one per response
         with a reference, and per group of responses to one prompt what judging it together takes (N(N-1)/2 for
         N distinct responses up to ``round_robin_up_to``, N - 1 above; without ``responses``, every response is
@@ -132,7 +149,9 @@ class Rewarder:
         for prompt, text, reference in zip(prompts, texts, references):
             if not reference:
                 members[prompt].append(text)
-        return sum(1 for r in references if r) + sum(groups.judgments_needed(m, self.round_robin_up_to) for m in members.values())
+        return sum(1 for r in references if r) + sum(
+            groups.judgments_needed(m, self.round_robin_up_to) for m in members.values()
+        )
 
     def _no_verdict(self, reason: str, charged: tuple[Judgment, ...] = ()) -> Reward:
         usage, hits = _cost(list(charged))
@@ -141,8 +160,9 @@ class Rewarder:
     def against_reference(self, prompt: str, response: str, reference: str) -> Reward:
         return run_sync(self.aagainst_reference(prompt, response, reference))
 
-    async def aagainst_reference(self, prompt: str, response: str, reference: str,
-                                 gate: asyncio.Semaphore | None = None) -> Reward:
+    async def aagainst_reference(
+        self, prompt: str, response: str, reference: str, gate: asyncio.Semaphore | None = None
+    ) -> Reward:
         try:
             pair = Pair(prompt=prompt, response_a=response, response_b=reference)
         except InvalidPair as exc:
@@ -150,7 +170,9 @@ class Rewarder:
         judgment = await self.ajudge_pair(pair, gate)
         usage, hits = _cost([judgment])
         if judgment.probability_a is not None:
-            return Reward(judgment.probability_a, judgment.probability_a, True, judgment.reason, usage, hits, (judgment,))
+            return Reward(
+                judgment.probability_a, judgment.probability_a, True, judgment.reason, usage, hits, (judgment,)
+            )
         if judgment.preference is not None:
             won = 1.0 if judgment.preference == "A" else 0.0
             return Reward(won, won, True, None, usage, hits, (judgment,))
@@ -193,16 +215,22 @@ class Rewarder:
             rewards.append(Reward(value, ranking.win_rate[i], True, None, usage, hits, charged))
         return rewards
 
-    def rewards(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None) -> list[Reward]:
+    def rewards(
+        self, prompts: list[str], responses: list[str], references: list[str | None] | None = None
+    ) -> list[Reward]:
         """One reward per response: against its reference where it has one, else within its prompt's group."""
         return run_sync(self.arewards(prompts, responses, references))
 
-    async def arewards(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None) -> list[Reward]:
+    async def arewards(
+        self, prompts: list[str], responses: list[str], references: list[str | None] | None = None
+    ) -> list[Reward]:
         """:meth:`rewards` on the running event loop: every comparison of the batch (against references and
         within groups) shares one limit of ``concurrency`` judgments at once."""
         if len(prompts) != len(responses) or (references is not None and len(references) != len(responses)):
-            raise ValueError(f"prompts ({len(prompts)}), responses ({len(responses)}) and references "
-                             f"({len(references) if references is not None else 'none'}) must have the same length")
+            raise ValueError(
+                f"prompts ({len(prompts)}), responses ({len(responses)}) and references "
+                f"({len(references) if references is not None else 'none'}) must have the same length"
+            )
         references = references or [None] * len(responses)
         groups: dict[str, list[int]] = defaultdict(list)
         pairwise = []

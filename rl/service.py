@@ -83,7 +83,9 @@ class Busy(Refused):
     """More requests than the service holds: answered 503 with Retry-After."""
 
     def __init__(self, retry_after_s: int = 5):
-        super().__init__(503, "at_capacity", "the reward model is at capacity: retry later", {"Retry-After": str(retry_after_s)})
+        super().__init__(
+            503, "at_capacity", "the reward model is at capacity: retry later", {"Retry-After": str(retry_after_s)}
+        )
 
 
 class _NotFinite(ValueError):
@@ -121,7 +123,9 @@ async def strict_json(request: Request) -> None:
     try:
         parsed = json.loads(await request.body(), parse_constant=_refuse_constant)
     except _NotFinite as exc:
-        raise Refused(400, "not_finite", f"the body holds {exc}, which is not a JSON number: send finite numbers") from None
+        raise Refused(
+            400, "not_finite", f"the body holds {exc}, which is not a JSON number: send finite numbers"
+        ) from None
     except (ValueError, RecursionError):  # not JSON at all: FastAPI has answered it already
         return
     where = _lone_surrogate(parsed)
@@ -161,20 +165,41 @@ class Gate:
         return await asyncio.wait_for(asyncio.shield(task), timeout_s)
 
 
-def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int = 64, timeout_s: float = 170,
-               max_body_bytes: int = 8 << 20, token: str | None = None, retry_after_s: int = 5,
-               max_judgments: int = MAX_JUDGMENTS, judge_name: str | None = None, monitor_window: int = WINDOW) -> FastAPI:
+def create_app(
+    rewarder: Rewarder,
+    *,
+    max_concurrency: int = 8,
+    max_queue: int = 64,
+    timeout_s: float = 170,
+    max_body_bytes: int = 8 << 20,
+    token: str | None = None,
+    retry_after_s: int = 5,
+    max_judgments: int = MAX_JUDGMENTS,
+    judge_name: str | None = None,
+    monitor_window: int = WINDOW,
+) -> FastAPI:
     """The service for ``rewarder``; ``judge_name`` labels the monitor gauges (default: the judge's class name)."""
     app = FastAPI(title="reflectagent reward model", docs_url=None, redoc_url=None)
     registry = CollectorRegistry()
     requests = Counter("reflectagent_requests", "requests answered", ["route", "status"], registry=registry)
-    errors = Counter("reflectagent_request_errors", "requests answered with an error, by reason", ["route", "status", "reason"],
-                     registry=registry)
-    latency = Histogram("reflectagent_request_seconds", "request latency", ["route"], registry=registry,
-                        buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
+    errors = Counter(
+        "reflectagent_request_errors",
+        "requests answered with an error, by reason",
+        ["route", "status", "reason"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "reflectagent_request_seconds",
+        "request latency",
+        ["route"],
+        registry=registry,
+        buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+    )
     lm_calls = Counter("reflectagent_lm_calls", "LM calls made for requests", registry=registry)
     cache_hits = Counter("reflectagent_cache_hits", "steps served from the judgment cache", registry=registry)
-    no_verdict = Counter("reflectagent_no_verdict", "rewards or judgments with no verdict behind them", registry=registry)
+    no_verdict = Counter(
+        "reflectagent_no_verdict", "rewards or judgments with no verdict behind them", registry=registry
+    )
     gate = Gate(max_concurrency, max_queue)
     monitor = Monitor(judge_name or rewarder.name, monitor_window, registry)
 
@@ -192,7 +217,9 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         # where and what, never the input: it may be NaN (which no JSON response can hold) or megabytes of text
-        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        problems = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
         for problem in problems:
             if problem["loc"] == ["body"]:  # the body as a whole is not an object: most often no JSON content type
                 problem["msg"] += ": send a JSON object, with Content-Type: application/json"
@@ -201,10 +228,14 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        reason = {400: "bad_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        reason = {400: "bad_json", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, f"http_{exc.status_code}"
+        )
         detail = exc.detail
         if exc.status_code == 400:  # FastAPI's words when Python's JSON reader raised (too deep, a number too long)
-            detail = "the body could not be read as JSON (nested too deep, or a number too long to read): send plain JSON"
+            detail = (
+                "the body could not be read as JSON (nested too deep, or a number too long to read): send plain JSON"
+            )
         return answer(request, exc.status_code, reason, detail, getattr(exc, "headers", None))
 
     @app.middleware("http")
@@ -216,35 +247,55 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
                 return _answer(requests, errors, route, 401, "unauthorized", "missing or wrong bearer token")
         size = request.headers.get("content-length")
         if "transfer-encoding" in request.headers:  # the length must be known before the body is read
-            return _answer(requests, errors, route, 411, "no_length", "send the body with a Content-Length, not Transfer-Encoding")
+            return _answer(
+                requests, errors, route, 411, "no_length", "send the body with a Content-Length, not Transfer-Encoding"
+            )
         if request.method == "POST" and (size is None or not size.isdigit()):
             return _answer(requests, errors, route, 411, "no_length", "send a Content-Length header with the body")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return _answer(requests, errors, route, 413, "body_too_big",
-                           f"body over {max_body_bytes} bytes: send fewer items per request")
+            return _answer(
+                requests,
+                errors,
+                route,
+                413,
+                "body_too_big",
+                f"body over {max_body_bytes} bytes: send fewer items per request",
+            )
         try:
             response = await call_next(request)
         except Exception:  # a bug: still an answer with a reason, and counted
             logger.exception("request to %s failed", route)
-            response = answer(request, 500, "internal", "the reward service failed on this request: its log has the details")
+            response = answer(
+                request, 500, "internal", "the reward service failed on this request: its log has the details"
+            )
         requests.labels(route, str(response.status_code)).inc()
         if response.status_code >= 400:
-            errors.labels(route, str(response.status_code), getattr(request.state, "error_reason", f"http_{response.status_code}")).inc()
+            errors.labels(
+                route, str(response.status_code), getattr(request.state, "error_reason", f"http_{response.status_code}")
+            ).inc()
         latency.labels(route).observe(time.perf_counter() - started)
         return response
 
     def check_size(judgments: int) -> None:
         if judgments > max_judgments:
-            raise Refused(413, "too_many_judgments", f"this request needs {judgments} judgments, over --max-judgments "
-                          f"({max_judgments}): a group of N distinct responses takes N(N-1)/2 up to --round-robin-up-to, N - 1 above; "
-                          "send fewer or smaller groups per request")
+            raise Refused(
+                413,
+                "too_many_judgments",
+                f"this request needs {judgments} judgments, over --max-judgments "
+                f"({max_judgments}): a group of N distinct responses takes N(N-1)/2 up to --round-robin-up-to, N - 1 above; "
+                "send fewer or smaller groups per request",
+            )
 
     async def judged(fn, *args):
         try:
             return await gate.run(lambda: fn(*args), timeout_s)
         except asyncio.TimeoutError:
-            raise Refused(504, "timeout", f"no answer within {timeout_s:.0f} s; the judgment goes on into the cache, "
-                          "so the same request again is answered from it") from None
+            raise Refused(
+                504,
+                "timeout",
+                f"no answer within {timeout_s:.0f} s; the judgment goes on into the cache, "
+                "so the same request again is answered from it",
+            ) from None
         except Busy:
             raise Busy(retry_after_s) from None
         except GroupTooLarge as exc:  # work the service refuses to take on
@@ -254,12 +305,18 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         except Exception as exc:
             said = f"{type(exc).__name__}: {str(exc)[:300]}"
             if is_transient(exc):  # down, slow or busy: the same request later can succeed
-                raise Refused(503, "backend_unavailable", f"the judge's backend did not answer ({said}): retry later",
-                              {"Retry-After": str(retry_after_s)}) from None
+                raise Refused(
+                    503,
+                    "backend_unavailable",
+                    f"the judge's backend did not answer ({said}): retry later",
+                    {"Retry-After": str(retry_after_s)},
+                ) from None
             if isinstance(exc, LMError):
                 raise Refused(502, "backend_error", f"the judge's backend failed ({said})") from None
             logger.exception("judging failed")
-            raise Refused(500, "internal", f"judging failed ({type(exc).__name__}): the service's log has the details") from None
+            raise Refused(
+                500, "internal", f"judging failed ({type(exc).__name__}): the service's log has the details"
+            ) from None
 
     def account(usage_calls: int, hits: int, missing: int) -> None:
         lm_calls.inc(usage_calls)
@@ -276,12 +333,21 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
             raise Refused(400, "bad_input", str(exc)) from None
         check_size(rewarder.judgments_needed(batch[0], batch[2], responses=batch[1]))
         results = await judged(rewarder.arewards, *batch)
-        account(sum(r.usage.lm_calls for r in results), sum(r.cache_hits for r in results), sum(not r.verdict for r in results))
+        account(
+            sum(r.usage.lm_calls for r in results),
+            sum(r.cache_hits for r in results),
+            sum(not r.verdict for r in results),
+        )
         monitor.judged(j for r in results for j in r.judgments)
         monitor.scored(*_decided(batch[1], [None if r.abstain else r.score for r in results]))
-        return {"rewards": [r.reward for r in results], "scores": [r.score for r in results],
-                "extra_logs": {"abstain": [1.0 if r.abstain else 0.0 for r in results],
-                               "no_verdict_reward": rewarder.no_verdict_reward}}
+        return {
+            "rewards": [r.reward for r in results],
+            "scores": [r.score for r in results],
+            "extra_logs": {
+                "abstain": [1.0 if r.abstain else 0.0 for r in results],
+                "no_verdict_reward": rewarder.no_verdict_reward,
+            },
+        }
 
     @app.post("/v1/judge", dependencies=[Depends(strict_json)])
     async def judge(body: JudgeRequest):
@@ -293,24 +359,41 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         judgment = await judged(rewarder.ajudge_pair, pair)
         account(judgment.lm_calls, judgment.cache_hits, judgment.preference is None)
         monitor.judged([judgment])
-        score = judgment.probability_a if judgment.probability_a is not None else {"A": 1.0, "B": 0.0}.get(judgment.preference)
+        score = (
+            judgment.probability_a
+            if judgment.probability_a is not None
+            else {"A": 1.0, "B": 0.0}.get(judgment.preference)
+        )
         monitor.scored(*_decided([pair.response_a, pair.response_b], [score, None if score is None else 1 - score]))
         cost = judgment.cost
-        return {"preference": judgment.preference, "probability_a": judgment.probability_a, "reason": judgment.reason,
-                "abstain": judgment.preference is None and judgment.probability_a is None, "decided_by": judgment.decided_by,
-                "analyses": [asdict(a) for a in judgment.analyses], "reflections": [asdict(r) for r in judgment.reflections],
-                "ratings": [asdict(r) for r in judgment.ratings],
-                "cost": {"lm_calls": cost.lm_calls, "prompt_tokens": cost.prompt_tokens,
-                         "completion_tokens": cost.completion_tokens, "latency_s": cost.latency_s,
-                         "cache_hits": judgment.cache_hits}}
+        return {
+            "preference": judgment.preference,
+            "probability_a": judgment.probability_a,
+            "reason": judgment.reason,
+            "abstain": judgment.preference is None and judgment.probability_a is None,
+            "decided_by": judgment.decided_by,
+            "analyses": [asdict(a) for a in judgment.analyses],
+            "reflections": [asdict(r) for r in judgment.reflections],
+            "ratings": [asdict(r) for r in judgment.ratings],
+            "cost": {
+                "lm_calls": cost.lm_calls,
+                "prompt_tokens": cost.prompt_tokens,
+                "completion_tokens": cost.completion_tokens,
+                "latency_s": cost.latency_s,
+                "cache_hits": judgment.cache_hits,
+            },
+        }
 
     @app.post("/v1/rank", dependencies=[Depends(strict_json)])
     async def rank_route(body: RankRequest):
         if len(body.responses) < 2:
             raise Refused(400, "bad_input", "responses needs at least two: a group reward compares them")
         if len(body.responses) > rewarder.max_group:
-            raise Refused(413, "group_too_large",
-                          f"{len(body.responses)} responses is over max_group ({rewarder.max_group}): send smaller groups")
+            raise Refused(
+                413,
+                "group_too_large",
+                f"{len(body.responses)} responses is over max_group ({rewarder.max_group}): send smaller groups",
+            )
         if not body.prompt.strip():
             raise Refused(400, "bad_input", "the prompt is empty: there is nothing to judge the responses against")
         check_size(rewarder.judgments_needed([body.prompt] * len(body.responses), responses=body.responses))
@@ -324,14 +407,25 @@ def create_app(rewarder: Rewarder, *, max_concurrency: int = 8, max_queue: int =
         ranks = [0] * len(body.responses)
         for place, index in enumerate(ranking.order, 1):
             ranks[index] = place
-        return {"scores": list(ranking.win_rate), "strength": list(ranking.strength), "ranks": ranks,
-                "order": list(ranking.order), "comparisons": len(ranking.comparisons), "no_verdict_comparisons": undecided,
-                "abstain": abstains}
+        return {
+            "scores": list(ranking.win_rate),
+            "strength": list(ranking.strength),
+            "ranks": ranks,
+            "order": list(ranking.order),
+            "comparisons": len(ranking.comparisons),
+            "no_verdict_comparisons": undecided,
+            "abstain": abstains,
+        }
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "program": type(rewarder.judge).__name__, "backend": rewarder.lm.model,
-                "in_flight": gate.held, "capacity": gate.capacity}
+        return {
+            "status": "ok",
+            "program": type(rewarder.judge).__name__,
+            "backend": rewarder.lm.model,
+            "in_flight": gate.held,
+            "capacity": gate.capacity,
+        }
 
     @app.get("/metrics")
     async def metrics():

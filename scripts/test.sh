@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything, check the code with ruff (pyproject.toml's [tool.ruff]: errors, not style), then run the
+# Install everything, check the code with ruff (pyproject.toml's [tool.ruff]: lint errors and the format), then run the
 # test suite (it starts one real vLLM server of the embedded model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,5 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
     || echo "[test] could not install$missing: those tests will be skipped" >&2
 fi
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"

@@ -90,13 +90,24 @@ def eval_report(server, tmp_path_factory) -> Path:
     for name in ("eval_pandalm.jsonl", "eval_hhh.jsonl"):
         loaded, _ = load_benchmark(DATA / name)
         pairs += loaded[:3]
-    pairs.append(Pair(id="hostile-1", prompt="What is the capital of France?", response_a=HOSTILE,
-                      response_b="Berlin.", label="A", source="handmade", category="markup"))
+    pairs.append(
+        Pair(
+            id="hostile-1",
+            prompt="What is the capital of France?",
+            response_a=HOSTILE,
+            response_b="Berlin.",
+            label="A",
+            source="handmade",
+            category="markup",
+        )
+    )
     settings = Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000)})
     folder = tmp_path_factory.mktemp("eval-report")
     with use_cache(JudgmentCache(folder / "cache")):
         results = run_eval(pairs, ["genrm", "reflectrm"], ["embedded"], settings=settings, progress=False)
-    return write_report(results, folder / "report", meta={"data": ["tests/data"], "pairs": len(pairs), "split": "all", "seed": 0})
+    return write_report(
+        results, folder / "report", meta={"data": ["tests/data"], "pairs": len(pairs), "split": "all", "seed": 0}
+    )
 
 
 @contextlib.contextmanager
@@ -108,8 +119,12 @@ def running_service(rewarder, **options):
     from reflectagent.server import free_port
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(rewarder, **options), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(server.run,), daemon=True)  # the cache in use
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(rewarder, **options), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(server.run,), daemon=True
+    )  # the cache in use
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:

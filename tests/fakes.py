@@ -25,10 +25,12 @@ def fake(answers: dict) -> DummyLM:
 
 def fair_analyst() -> DummyLM:
     """Prefers whichever position holds GOOD: no position bias."""
-    return fake({
-        f"[[ ## response_a ## ]]\n{GOOD}": {"analysis": "A is right", "preference": "A"},
-        f"[[ ## response_b ## ]]\n{GOOD}": {"analysis": "B is right", "preference": "B"},
-    })
+    return fake(
+        {
+            f"[[ ## response_a ## ]]\n{GOOD}": {"analysis": "A is right", "preference": "A"},
+            f"[[ ## response_b ## ]]\n{GOOD}": {"analysis": "B is right", "preference": "B"},
+        }
+    )
 
 
 def biased_analyst(position: str = "A") -> DummyLM:
@@ -41,16 +43,25 @@ def reflective(reflector_bias: str | None = None) -> DummyLM:
     analysis that mentions Paris (or, with ``reflector_bias``, always that position)."""
     reflect = (
         {"[[ ## analysis_1 ## ]]": {"reflection": "position", "more_reliable": reflector_bias}}
-        if reflector_bias else {
-            "[[ ## analysis_1 ## ]]\nParis is correct": {"reflection": "the first checks the facts", "more_reliable": "1"},
-            "[[ ## analysis_2 ## ]]\nParis is correct": {"reflection": "the second checks the facts", "more_reliable": "2"},
+        if reflector_bias
+        else {
+            "[[ ## analysis_1 ## ]]\nParis is correct": {
+                "reflection": "the first checks the facts",
+                "more_reliable": "1",
+            },
+            "[[ ## analysis_2 ## ]]\nParis is correct": {
+                "reflection": "the second checks the facts",
+                "more_reliable": "2",
+            },
         }
     )
-    return fake({
-        **reflect,
-        f"[[ ## response_a ## ]]\n{GOOD}": {"analysis": "Paris is correct", "preference": "A"},
-        f"[[ ## response_a ## ]]\n{BAD}": {"analysis": "Berlin sounds right", "preference": "A"},
-    })
+    return fake(
+        {
+            **reflect,
+            f"[[ ## response_a ## ]]\n{GOOD}": {"analysis": "Paris is correct", "preference": "A"},
+            f"[[ ## response_a ## ]]\n{BAD}": {"analysis": "Berlin sounds right", "preference": "A"},
+        }
+    )
 
 
 class ScoreJudge(Judge):

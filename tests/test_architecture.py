@@ -32,7 +32,14 @@ LAYERS = {  # package -> the layers it may import
     "rl": {"core", "programs", "rl"},
     "cli": {"core", "programs", "eval", "finetune", "rl", "cli"},
 }
-FOLDERS = {"reflectagent": "core", "programs": "programs", "eval": "eval", "finetune": "finetune", "rl": "rl", "cli": "cli"}
+FOLDERS = {
+    "reflectagent": "core",
+    "programs": "programs",
+    "eval": "eval",
+    "finetune": "finetune",
+    "rl": "rl",
+    "cli": "cli",
+}
 
 
 def layer_of(module: str) -> str | None:
@@ -86,8 +93,11 @@ def core_layer(name: str) -> str | None:
 def upward_imports(module: str, source: str) -> list[str]:
     """What ``module`` (a core module's dotted name) imports from a layer above its own, anywhere in ``source``."""
     own = CORE_ORDER.index(core_layer(module))
-    return sorted(name for name in imported(Path(module), module, source)
-                  if core_layer(name) is not None and CORE_ORDER.index(core_layer(name)) > own)
+    return sorted(
+        name
+        for name in imported(Path(module), module, source)
+        if core_layer(name) is not None and CORE_ORDER.index(core_layer(name)) > own
+    )
 
 
 def test_every_module_imports_only_its_own_layer_and_those_below():
@@ -107,7 +117,12 @@ def test_the_command_line_holds_no_service():
     """Commands stay thin: the reward service's web framework is imported in rl/, never in cli/."""
     web = {"fastapi", "starlette", "h11"}
     assert web & {n.split(".")[0] for n in imported(ROOT / "rl" / "service.py") | imported(ROOT / "rl" / "http.py")}
-    in_cli = {f"{path.name}: {name}" for path in (ROOT / "cli").rglob("*.py") for name in imported(path) if name.split(".")[0] in web}
+    in_cli = {
+        f"{path.name}: {name}"
+        for path in (ROOT / "cli").rglob("*.py")
+        for name in imported(path)
+        if name.split(".")[0] in web
+    }
     assert not in_cli, in_cli
 
 
@@ -119,16 +134,22 @@ def test_the_checker_sees_a_wrong_direction(tmp_path):
 
 def core_modules() -> dict[str, Path]:
     """Every module of the core but its front door, by dotted name."""
-    return {module_name(path): path for path in sorted((ROOT / "reflectagent").rglob("*.py"))
-            if path != ROOT / "reflectagent" / "__init__.py"}
+    return {
+        module_name(path): path
+        for path in sorted((ROOT / "reflectagent").rglob("*.py"))
+        if path != ROOT / "reflectagent" / "__init__.py"
+    }
 
 
 def test_the_core_imports_only_its_own_layer_and_those_below():
     groups = {path.parent.name for path in (ROOT / "reflectagent").glob("*/__init__.py")}
     assert groups == set(CORE_ORDER[1:]), "a new group of the core takes its place in CORE_ORDER"
     modules = core_modules()
-    wrong = {f"{name} ({core_layer(name)})": upward for name, path in modules.items()
-             if (upward := upward_imports(name, path.read_text()))}
+    wrong = {
+        f"{name} ({core_layer(name)})": upward
+        for name, path in modules.items()
+        if (upward := upward_imports(name, path.read_text()))
+    }
     assert len(modules) > 25 and {core_layer(name) for name in modules} == set(CORE_ORDER)
     assert not wrong, wrong
 
@@ -137,13 +158,19 @@ def test_the_checker_sees_an_upward_import_inside_the_core():
     """Fed made-up sources: an import into a higher layer is seen at the top of a module, inside a function, through
     a flat name the core had before (the old circle: presets importing backends), relatively, and from the base."""
     cases = {
-        ("reflectagent.records.pairs", "def f():\n    from reflectagent.calling.steps import run_step\n"):
-            ["reflectagent.calling.steps"],
-        ("reflectagent.serving.models", "import os\nimport reflectagent.judging.judge\n"): ["reflectagent.judging.judge"],
-        ("reflectagent.serving.presets", "def _tuned():\n    from reflectagent.backends import fingerprint\n"):
-            ["reflectagent.backends"],
-        ("reflectagent.records.output", "from ..calling import cache\n"):
-            ["reflectagent.calling", "reflectagent.calling.cache"],
+        ("reflectagent.records.pairs", "def f():\n    from reflectagent.calling.steps import run_step\n"): [
+            "reflectagent.calling.steps"
+        ],
+        ("reflectagent.serving.models", "import os\nimport reflectagent.judging.judge\n"): [
+            "reflectagent.judging.judge"
+        ],
+        ("reflectagent.serving.presets", "def _tuned():\n    from reflectagent.backends import fingerprint\n"): [
+            "reflectagent.backends"
+        ],
+        ("reflectagent.records.output", "from ..calling import cache\n"): [
+            "reflectagent.calling",
+            "reflectagent.calling.cache",
+        ],
         ("reflectagent.errors", "from reflectagent import pairs\n"): ["reflectagent.pairs"],
         ("reflectagent.judging.judge", "from reflectagent.calling.cache import caching\nfrom . import modules\n"): [],
         ("reflectagent.calling.steps", "from reflectagent.serving.tokens import InputBudget\nimport dspy\n"): [],
@@ -160,7 +187,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[node] = "open"
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                found.append([*path[path.index(target):], target])
+                found.append([*path[path.index(target) :], target])
             elif target not in state:
                 visit(target, [*path, target])
         state[node] = "done"
@@ -185,23 +212,33 @@ def test_the_core_has_no_import_circle():
                 return ".".join(parts[:end])
         return None
 
-    graph = {name: {target for imported_name in imported(path, name) if (target := module_of(imported_name))} - {name}
-             for name, path in modules.items()}
+    graph = {
+        name: {target for imported_name in imported(path, name) if (target := module_of(imported_name))} - {name}
+        for name, path in modules.items()
+    }
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]  # the finder finds one
     assert cycles(graph) == []
 
 
 def test_every_library_error_shares_one_base():
     errors, modules = [], []
-    packages = ["reflectagent", *(f"reflectagent.{group}" for group in CORE_ORDER[1:]), "reflectagent.programs",
-                "reflectagent.eval", "reflectagent.finetune"]
+    packages = [
+        "reflectagent",
+        *(f"reflectagent.{group}" for group in CORE_ORDER[1:]),
+        "reflectagent.programs",
+        "reflectagent.eval",
+        "reflectagent.finetune",
+    ]
     for package in packages:
         path = importlib.import_module(package).__path__
         modules += [info.name for info in pkgutil.iter_modules(path, f"{package}.") if not info.ispkg]
     for name in modules:
         module = importlib.import_module(name)
-        errors += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
-                   if issubclass(cls, Exception) and cls.__module__ == module.__name__]
+        errors += [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, Exception) and cls.__module__ == module.__name__
+        ]
     assert len(errors) >= 6
     assert all(issubclass(cls, reflectagent.ReflectAgentError) for cls in errors), errors
 

@@ -8,8 +8,11 @@ from reflectagent.signatures import Analyze
 from reflectagent.steps import InputTooLong, render_request
 from reflectagent.tokens import InputBudget, folder_counter
 
-PAIR = Pair(prompt="Review this code.\n" + "x = [i * 31 % 7 for i in range(10)]\n" * 400,
-            response_a="It builds a list.", response_b="It is a loop.")
+PAIR = Pair(
+    prompt="Review this code.\n" + "x = [i * 31 % 7 for i in range(10)]\n" * 400,
+    response_a="It builds a list.",
+    response_b="It is a loop.",
+)
 
 
 def test_a_token_budget_cuts_what_a_character_budget_lets_through(model_dir):

@@ -20,8 +20,9 @@ URL = "redis://127.0.0.1:1/0"  # never connected to: building a Redis cache open
 
 
 def api(api_base: str = "http://127.0.0.1:1/v1") -> BackendConfig:
-    return BackendConfig(model="openai/fake", api_base=api_base, api_key_env="FAKE_KEY", constrained=False, logprobs=False,
-                         num_retries=0)
+    return BackendConfig(
+        model="openai/fake", api_base=api_base, api_key_env="FAKE_KEY", constrained=False, logprobs=False, num_retries=0
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -82,8 +83,11 @@ def test_the_loops_settings_with_a_served_backend_keep_the_cache_url(tmp_path):
     from reflectagent.finetune.loop_config import LoopConfig
 
     settings = Settings(backends={"api": api()}, cache_url=URL, cache_dir=str(tmp_path / "configured"), cache=False)
-    loop = Loop(LoopConfig(output_dir=str(tmp_path / "loop"), train_data="t.jsonl", unseen_data="u.jsonl"), settings,
-                progress=False)
+    loop = Loop(
+        LoopConfig(output_dir=str(tmp_path / "loop"), train_data="t.jsonl", unseen_data="u.jsonl"),
+        settings,
+        progress=False,
+    )
     served = loop._with(teacher=api("http://127.0.0.1:2/v1"))
     assert served.model_dump(exclude={"backends"}) == settings.model_dump(exclude={"backends"})
     assert served.backends == {**settings.backends, "teacher": api("http://127.0.0.1:2/v1")}
@@ -117,7 +121,9 @@ def test_judging_under_an_lm_resolved_from_explicit_settings_keeps_steps_where_t
     import dspy
 
     with Engine(delay_s=0) as engine:
-        lm = resolve_backend("api", Settings(backends={"api": api(engine.api_base)}, cache_dir=str(tmp_path / "configured")))
+        lm = resolve_backend(
+            "api", Settings(backends={"api": api(engine.api_base)}, cache_dir=str(tmp_path / "configured"))
+        )
         with dspy.context(lm=lm):
             judge_pairs(named_program("genrm-both"), [PAIR], progress=False)
         assert len(engine.calls) == 2

@@ -62,8 +62,10 @@ def test_temperature_never_moves_a_verdict_and_the_slope_stays_positive():
 
 def test_a_calibrated_program_rescales_p_a_its_verdict_follows_and_it_saves_with_where_it_was_fitted(tmp_path):
     lm = DummyLM([])
-    pairs = [Pair(prompt="q", response_a=str(a), response_b=str(b), label="A" if a > b else "B")
-             for a, b in [(1, 0), (0, 1), (2, 1.5), (0.2, 0.9), (3, 2), (1, 1.3)]]
+    pairs = [
+        Pair(prompt="q", response_a=str(a), response_b=str(b), label="A" if a > b else "B")
+        for a, b in [(1, 0), (0, 1), (2, 1.5), (0.2, 0.9), (3, 2), (1, 1.3)]
+    ]
     with pytest.raises(ValueError, match="never fit on a test split"):
         calibrate(Overconfident(), pairs, split="test")
     import dspy
@@ -91,8 +93,12 @@ def test_a_calibrated_program_rescales_p_a_its_verdict_follows_and_it_saves_with
 
 def test_a_saved_calibrated_genrm_loads_in_a_fresh_process_with_its_map_and_demos(tmp_path):
     genrm = GenRM(both_orders=True, decision="probability")
-    genrm.analyzer.predict.demos = [{"prompt": "p", "response_a": "a", "response_b": "b", "analysis": "x", "preference": "A"}]
-    path = Calibrated(genrm, Calibration("temperature", 0.5, fitted_on={"split": "dev", "pairs": 3})).save(tmp_path / "c.json")
+    genrm.analyzer.predict.demos = [
+        {"prompt": "p", "response_a": "a", "response_b": "b", "analysis": "x", "preference": "A"}
+    ]
+    path = Calibrated(genrm, Calibration("temperature", 0.5, fitted_on={"split": "dev", "pairs": 3})).save(
+        tmp_path / "c.json"
+    )
     code = f"""
 from reflectagent.programs import load_program
 p = load_program({str(path)!r})
@@ -115,6 +121,8 @@ def test_a_judgment_without_p_a_comes_back_as_it_was():
         def decide(self, pair):
             return Judgment(preference=None, reason="unparsed")
 
-    judged = Calibrated(Silent(), Calibration("temperature", 2.0)).judge(Pair(prompt="q", response_a="1", response_b="2"))
+    judged = Calibrated(Silent(), Calibration("temperature", 2.0)).judge(
+        Pair(prompt="q", response_a="1", response_b="2")
+    )
     assert judged.preference is None and judged.reason == "unparsed" and judged.probability_a is None
     assert not math.isnan(Calibration("platt", 1.0, 0.0).apply(1.0))  # a sure P(A) stays finite

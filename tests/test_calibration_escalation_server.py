@@ -18,14 +18,18 @@ from test_embedded_server import settings
 pytestmark = pytest.mark.server
 
 
-def test_a_program_calibrated_on_dev_pairs_is_saved_rewards_with_its_p_a_and_is_evaluated(server, cache, sample_pairs, tmp_path):
+def test_a_program_calibrated_on_dev_pairs_is_saved_rewards_with_its_p_a_and_is_evaluated(
+    server, cache, sample_pairs, tmp_path
+):
     from reflectagent.eval import run_eval, write_report
     from reflectagent.eval.runner import EvalRun
 
     dev, test = sample_pairs[:8], sample_pairs[8:12]
     conf = settings()
     with backend("embedded", conf):
-        calibrated = calibrate(named_program("direct-prob"), dev, "temperature", split="dev", data=["sample_pairs.jsonl"])
+        calibrated = calibrate(
+            named_program("direct-prob"), dev, "temperature", split="dev", data=["sample_pairs.jsonl"]
+        )
         raw = judge_pairs(named_program("direct-prob"), test, progress=False)
     c = calibrated.calibration
     assert c.fitted_on["pairs"] == 8 and c.fitted_on["judgments"] == 16 and c.fitted_on["with_probability"] == 16
@@ -39,14 +43,23 @@ def test_a_program_calibrated_on_dev_pairs_is_saved_rewards_with_its_p_a_and_is_
     assert [r.reward for r in rewards] == pytest.approx([c.apply(j.probability_a) for j in raw])
     assert all(not r.abstain for r in rewards) and sum(r.usage.lm_calls for r in rewards) == 0  # the same steps, cached
     trl = trl_reward(str(path), lm=lm, reference_column="reference")
-    assert trl([p.prompt for p in test], [p.response_a for p in test], reference=[p.response_b for p in test]) == \
-        pytest.approx([r.reward for r in rewards])
+    assert trl(
+        [p.prompt for p in test], [p.response_a for p in test], reference=[p.response_b for p in test]
+    ) == pytest.approx([r.reward for r in rewards])
 
-    results = run_eval(test, [EvalRun("direct-prob", "embedded", named_program("direct-prob"), lm),
-                              EvalRun("direct-prob calibrated", "embedded", load_program(path), lm)], progress=False)
+    results = run_eval(
+        test,
+        [
+            EvalRun("direct-prob", "embedded", named_program("direct-prob"), lm),
+            EvalRun("direct-prob calibrated", "embedded", load_program(path), lm),
+        ],
+        progress=False,
+    )
     folder = write_report(results, tmp_path / "report", {"data": ["sample"], "pairs": 4, "split": "test", "seed": 0})
     plain, fitted = results
-    assert [r.verdicts for r in plain.records] == [r.verdicts for r in fitted.records]  # temperature keeps every verdict
+    assert [r.verdicts for r in plain.records] == [
+        r.verdicts for r in fitted.records
+    ]  # temperature keeps every verdict
     assert plain.overall.calibration.n == fitted.overall.calibration.n == 8
     assert fitted.overall.calibration.ece != plain.overall.calibration.ece  # the same verdicts, other confidence
     assert (folder / "plots" / "reliability.png").stat().st_size > 5000
@@ -54,7 +67,9 @@ def test_a_program_calibrated_on_dev_pairs_is_saved_rewards_with_its_p_a_and_is_
     assert report["runs"][1]["overall"]["calibration"]["ece"] == pytest.approx(fitted.overall.calibration.ece)
 
 
-def test_the_ladder_climbed_on_the_real_server_charges_shared_steps_once_and_replays_exactly(server, cache, sample_pairs, tmp_path):
+def test_the_ladder_climbed_on_the_real_server_charges_shared_steps_once_and_replays_exactly(
+    server, cache, sample_pairs, tmp_path
+):
     from reflectagent.eval import run_eval, write_report
     from reflectagent.eval.report import curves
 
@@ -63,8 +78,13 @@ def test_the_ladder_climbed_on_the_real_server_charges_shared_steps_once_and_rep
         climbed = judge_pairs(EscalatingJudge(threshold=1.0), pairs, progress=False)  # every stage
         at_tenth = judge_pairs(named_program("escalating-prob:0.1"), pairs, progress=False)
         alone = judge_pairs(named_program("direct-prob"), pairs, progress=False)
-        results = run_eval(pairs, ["direct-prob", "escalating-prob:0.05", "escalating-prob:0.3"], ["embedded"],
-                           settings=settings(), progress=False)
+        results = run_eval(
+            pairs,
+            ["direct-prob", "escalating-prob:0.05", "escalating-prob:0.3"],
+            ["embedded"],
+            settings=settings(),
+            progress=False,
+        )
     for j in climbed:
         assert [len(p.analyses) for p in j.parts] == [2, 2, 4, 2] and len(j.parts[3].reflections) == 2
         assert all(s.parsed for s in j.steps)  # constrained decoding
@@ -73,8 +93,12 @@ def test_the_ladder_climbed_on_the_real_server_charges_shared_steps_once_and_rep
     for full, made, direct in zip(climbed, at_tenth, alone):
         assert made.lm_calls == 0  # every stage it ran was in the climb: nothing new is asked of the model
         replayed = EscalatingJudge(threshold=1.0).replay(full, 0.1)
-        assert (replayed.preference, replayed.decided_by, replayed.probability_a, replayed.notes) == \
-            (made.preference, made.decided_by, made.probability_a, made.notes)
+        assert (replayed.preference, replayed.decided_by, replayed.probability_a, replayed.notes) == (
+            made.preference,
+            made.decided_by,
+            made.probability_a,
+            made.notes,
+        )
         assert made.parts[0].probability_a == pytest.approx(direct.probability_a)  # stage 1 *is* direct-prob
     direct_run, low, high = results
     assert direct_run.overall.cost_per_verdict.lm_calls == 2.0
@@ -84,7 +108,9 @@ def test_the_ladder_climbed_on_the_real_server_charges_shared_steps_once_and_rep
     assert (tmp_path / "report" / "plots" / "accuracy_vs_cost.png").stat().st_size > 5000
 
 
-def test_an_escalating_program_tuned_on_dev_pairs_saves_calibrated_stages_and_its_threshold(server, cache, sample_pairs, tmp_path):
+def test_an_escalating_program_tuned_on_dev_pairs_saves_calibrated_stages_and_its_threshold(
+    server, cache, sample_pairs, tmp_path
+):
     members, names = ladder()
     judge = EscalatingJudge(members[:2], names[:2])  # direct-prob, then analyses: the short ladder keeps this quick
     with backend("embedded", settings()):
@@ -113,4 +139,6 @@ def test_the_calibrate_command_fits_on_the_dev_split_and_refuses_the_test_split(
     assert done.exit_code == 0, done.output
     assert "GenRM: temperature T=" in done.output and "saved:" in done.output
     fitted = load_program(tmp_path / "c.json").calibration.fitted_on
-    assert fitted["split"] == "dev" and fitted["data"] == [f"{sample_path()} (dev split, seed 0)"] and fitted["pairs"] >= 4
+    assert (
+        fitted["split"] == "dev" and fitted["data"] == [f"{sample_path()} (dev split, seed 0)"] and fitted["pairs"] >= 4
+    )

@@ -16,8 +16,13 @@ DATA = Path(__file__).parent / "data"
 
 def cli(*args, env=None, check=True):
     full_env = {**os.environ, **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "reflectagent.cli", *map(str, args)],
-                            capture_output=True, text=True, env=full_env, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "reflectagent.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=900,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
@@ -45,12 +50,36 @@ def test_input_errors_are_clear_and_exit_nonzero(tmp_path):
 
 
 def test_an_eval_baseline_that_is_not_a_run_stops_before_judging(tmp_path):
-    result = cli("eval", "--data", DATA / "eval_hhh.jsonl", "--programs", "genrm,reflectrm", "--baseline", "mtbench",
-                 "-o", tmp_path / "report", "--cache-dir", tmp_path / "cache", check=False)
+    result = cli(
+        "eval",
+        "--data",
+        DATA / "eval_hhh.jsonl",
+        "--programs",
+        "genrm,reflectrm",
+        "--baseline",
+        "mtbench",
+        "-o",
+        tmp_path / "report",
+        "--cache-dir",
+        tmp_path / "cache",
+        check=False,
+    )
     assert result.returncode == 2 and "--baseline 'mtbench' is not one of the runs" in result.stderr
     assert "--programs (genrm, reflectrm)" in result.stderr
-    result = cli("eval", "--data", DATA / "eval_hhh.jsonl", "--programs", "genrm", "--baseline", "genrm@api",
-                 "-o", tmp_path / "report", "--cache-dir", tmp_path / "cache", check=False)
+    result = cli(
+        "eval",
+        "--data",
+        DATA / "eval_hhh.jsonl",
+        "--programs",
+        "genrm",
+        "--baseline",
+        "genrm@api",
+        "-o",
+        tmp_path / "report",
+        "--cache-dir",
+        tmp_path / "cache",
+        check=False,
+    )
     assert result.returncode == 2 and "optionally @ one of --backends (embedded)" in result.stderr
     assert not (tmp_path / "report").exists() and not (tmp_path / "cache").exists()  # nothing judged, nothing written
 
@@ -62,11 +91,30 @@ def test_an_eval_baseline_by_program_and_backend_reaches_the_report(tmp_path):
 
     with ThreadEngine(delay_s=0) as engine:
         config = tmp_path / "c.toml"
-        config.write_text(f'[backends.api]\nmodel = "openai/fake"\napi_base = "{engine.api_base}"\napi_key_env = "FAKE_KEY"\n'
-                          'constrained = false\nlogprobs = false\nnum_retries = 0\n')
-        cli("eval", "--data", DATA / "eval_hhh.jsonl", "--limit", "2", "--programs", "genrm,genrm-both", "--backends", "api",
-            "--baseline", "genrm-both @ api", "--config", config, "-o", tmp_path / "report", "--cache-dir", tmp_path / "cache",
-            env={"FAKE_KEY": "k"})
+        config.write_text(
+            f'[backends.api]\nmodel = "openai/fake"\napi_base = "{engine.api_base}"\napi_key_env = "FAKE_KEY"\n'
+            "constrained = false\nlogprobs = false\nnum_retries = 0\n"
+        )
+        cli(
+            "eval",
+            "--data",
+            DATA / "eval_hhh.jsonl",
+            "--limit",
+            "2",
+            "--programs",
+            "genrm,genrm-both",
+            "--backends",
+            "api",
+            "--baseline",
+            "genrm-both @ api",
+            "--config",
+            config,
+            "-o",
+            tmp_path / "report",
+            "--cache-dir",
+            tmp_path / "cache",
+            env={"FAKE_KEY": "k"},
+        )
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["paired"]["baseline"] == {"program": "genrm-both", "backend": "api"}
     assert [(r["program"], r["n"]) for r in report["paired"]["runs"]] == [("genrm", 2)]
@@ -85,10 +133,24 @@ def test_library_errors_are_one_line_not_a_traceback(tmp_path):
 def test_finetune_data_uses_the_configured_default_backend(tmp_path):
     """No --backend: the teacher is the config's default_backend (here a dead endpoint), not 'embedded'."""
     config = tmp_path / "c.toml"
-    config.write_text('default_backend = "teacher"\n[backends.teacher]\nmodel = "hosted_vllm/teacher"\n'
-                      'api_base = "http://127.0.0.1:9/v1"\nnum_retries = 0\ntimeout_s = 5\n')
-    result = cli("finetune", "data", "--data", DATA / "with_bad_lines.jsonl", "--config", config, "--out", tmp_path / "out",
-                 "--cache-dir", tmp_path / "cache", check=False, env={"REFLECTAGENT_EMBEDDED_URL": ""})
+    config.write_text(
+        'default_backend = "teacher"\n[backends.teacher]\nmodel = "hosted_vllm/teacher"\n'
+        'api_base = "http://127.0.0.1:9/v1"\nnum_retries = 0\ntimeout_s = 5\n'
+    )
+    result = cli(
+        "finetune",
+        "data",
+        "--data",
+        DATA / "with_bad_lines.jsonl",
+        "--config",
+        config,
+        "--out",
+        tmp_path / "out",
+        "--cache-dir",
+        tmp_path / "cache",
+        check=False,
+        env={"REFLECTAGENT_EMBEDDED_URL": ""},
+    )
     assert result.returncode == 1 and "stopped after 0 of" in result.stderr
     assert "Connect" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "data_card.json").exists()
@@ -98,11 +160,16 @@ def test_duplicate_ids_are_named_and_a_dead_backend_stop_says_resume(tmp_path):
     """Duplicate ids get a warning (each pair is still judged); a dead endpoint stops the run with the advice
     to run again, which is right for it (the input is fine)."""
     data = tmp_path / "dup.jsonl"
-    data.write_text("".join(json.dumps({"id": "same", "prompt": "p", "response_a": "a", "response_b": str(i)}) + "\n"
-                            for i in range(2)))
+    data.write_text(
+        "".join(
+            json.dumps({"id": "same", "prompt": "p", "response_a": "a", "response_b": str(i)}) + "\n" for i in range(2)
+        )
+    )
     config = tmp_path / "c.toml"
-    config.write_text('[backends.dead]\nmodel = "hosted_vllm/x"\napi_base = "http://127.0.0.1:9/v1"\nnum_retries = 0\n'
-                      'timeout_s = 5\ncontext_tokens = 4096\n')
+    config.write_text(
+        '[backends.dead]\nmodel = "hosted_vllm/x"\napi_base = "http://127.0.0.1:9/v1"\nnum_retries = 0\n'
+        "timeout_s = 5\ncontext_tokens = 4096\n"
+    )
     result = cli("judge", data, "--backend", "dead", "--config", config, "--cache-dir", tmp_path / "cache", check=False)
     assert "1 id(s) name more than one pair ('same' x2)" in result.stderr
     assert result.returncode == 1 and "run the same command again to resume" in result.stderr
@@ -123,8 +190,15 @@ def test_judge_starts_the_embedded_server_stops_it_and_caches(server, tmp_path):
     assert "parse failures: 0 of 6 steps" in first.stdout
 
     out = tmp_path / "judgments.jsonl"
-    second = cli("judge", DATA / "with_bad_lines.jsonl", "--cache-dir", cache_dir, "-o", out,
-                 env={"REFLECTAGENT_EMBEDDED_URL": server.url})
+    second = cli(
+        "judge",
+        DATA / "with_bad_lines.jsonl",
+        "--cache-dir",
+        cache_dir,
+        "-o",
+        out,
+        env={"REFLECTAGENT_EMBEDDED_URL": server.url},
+    )
     assert "LM calls: 0; cache hits: 3 of 3 judgments (6 of 6 steps)" in second.stdout
     verdicts = lambda text: re.findall(r"^(\S+): verdict (.*?)(?:  label|$)", text, re.M)  # noqa: E731
     assert verdicts(second.stdout) == verdicts(first.stdout)
@@ -137,8 +211,18 @@ def test_judge_starts_the_embedded_server_stops_it_and_caches(server, tmp_path):
 
 @pytest.mark.server
 def test_judge_one_pair_from_arguments(server, tmp_path):
-    result = cli("judge", "--prompt", "What is 2 + 2?", "--a", "4", "--b", "5", "--cache-dir", tmp_path,
-                 env={"REFLECTAGENT_EMBEDDED_URL": server.url})
+    result = cli(
+        "judge",
+        "--prompt",
+        "What is 2 + 2?",
+        "--a",
+        "4",
+        "--b",
+        "5",
+        "--cache-dir",
+        tmp_path,
+        env={"REFLECTAGENT_EMBEDDED_URL": server.url},
+    )
     assert re.search(r"^cli: verdict (A|B|none \(inconsistent across orders\))", result.stdout, re.M)
     assert re.search(r"\[A,B\] -> [AB] p=0\.\d\d", result.stdout) and re.search(r"\[B,A\] -> [AB]", result.stdout)
 
@@ -154,7 +238,10 @@ def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, mo
     monkeypatch.setenv("REFLECTAGENT_SERVER_DIR", isolated["REFLECTAGENT_SERVER_DIR"])  # for state_file() below
     process = subprocess.Popen(
         [sys.executable, "-m", "reflectagent.cli", "serve", "--lora", f"test={lora_dir}", "--max-lora-rank", "8"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **isolated},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **isolated},
     )
     try:
         line = process.stdout.readline()
@@ -165,8 +252,9 @@ def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, mo
         assert json.loads(state_file().read_text())["url"] == url
 
         # An embedded backend with no URL configured finds this server instead of starting one.
-        judged = cli("judge", "--prompt", "Is water wet?", "--a", "Yes.", "--b", "No.", "--cache-dir", tmp_path,
-                     env=isolated)
+        judged = cli(
+            "judge", "--prompt", "Is water wet?", "--a", "Yes.", "--b", "No.", "--cache-dir", tmp_path, env=isolated
+        )
         assert f"at {url}" in judged.stdout and "wall time" in judged.stdout
     finally:
         process.send_signal(signal.SIGINT)
@@ -180,15 +268,25 @@ def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, mo
 def test_finetune_data_distils_a_file_and_a_rerun_reproduces_it(server, tmp_path):
     """`finetune data`: teacher traces on the real server -> datasets, card and traces.jsonl; cached re-run = same data."""
     env = {"REFLECTAGENT_EMBEDDED_URL": server.url}
-    args = ("finetune", "data", "--data", DATA / "with_bad_lines.jsonl", "--samples", "2", "--cache-dir", tmp_path / "cache",
-            "--fractions", "1,0,0")
+    args = (
+        "finetune",
+        "data",
+        "--data",
+        DATA / "with_bad_lines.jsonl",
+        "--samples",
+        "2",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--fractions",
+        "1,0,0",
+    )
     first = cli(*args, "--out", tmp_path / "one", env=env)
     assert "with_bad_lines.jsonl:3: not JSON" in first.stderr
     traces = [json.loads(line) for line in (tmp_path / "one" / "traces.jsonl").read_text().splitlines()]
     assert [t["pair"]["id"] for t in traces] == ["hhh-helpful-92", "hhh-harmless-46", "hhh-harmless-2"]
     assert all(len(t["judgment"]["analyses"]) == 2 and len(t["analysis_correct"]) == 2 for t in traces)
     card = json.loads((tmp_path / "one" / "data_card.json").read_text())
-    assert card == json.loads(first.stdout[:first.stdout.rindex("}") + 1])
+    assert card == json.loads(first.stdout[: first.stdout.rindex("}") + 1])
     assert (card["labels"], card["split"], card["split_seed"]) == ("the data files' own labels", "all", 0)
     cli(*args, "--out", tmp_path / "two", env=env)
     assert json.loads((tmp_path / "two" / "data_card.json").read_text()) == card

@@ -33,8 +33,14 @@ def test_toml_backends_resolve_to_lms_without_leaking_the_key(tmp_path, monkeypa
     path.write_text(TOML)
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
     settings = load_settings(path)
-    assert set(settings.backends) == {"embedded", "api", "local", "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b",
-                                     "qwen2.5-coder-1.5b-verdict"}
+    assert set(settings.backends) == {
+        "embedded",
+        "api",
+        "local",
+        "qwen2.5-coder-1.5b",
+        "qwen2.5-coder-0.5b",
+        "qwen2.5-coder-1.5b-verdict",
+    }
     lm = resolve_backend(settings=settings)
     assert lm.backend.name == "api" and lm.model == "openai/gpt-4o-mini" and lm.kwargs["temperature"] == 0.3
     assert "sk-secret-123" not in repr(lm.backend.identity)
@@ -103,7 +109,9 @@ def test_a_prepared_preset_is_keyed_on_its_pins_and_any_other_folder_on_its_byte
     def prepared(name: str, source: dict | None, transformers_version: str = "5.19.0") -> str:
         with landing(tmp_path / name, "x.gguf", source) as partial:
             partial.mkdir()
-            (partial / "config.json").write_text(json.dumps({"model_type": "qwen2", "transformers_version": transformers_version}))
+            (partial / "config.json").write_text(
+                json.dumps({"model_type": "qwen2", "transformers_version": transformers_version})
+            )
             (partial / "model.safetensors").write_bytes(b"weights")
         return identity(name)
 
@@ -112,7 +120,9 @@ def test_a_prepared_preset_is_keyed_on_its_pins_and_any_other_folder_on_its_byte
     assert first == prepared("later", {**pin, "dtype": "float32", "note": "a field added since"}, "5.18.0")
     assert first != prepared("other", {**pin, "sha256": "1d9614638d18024d" + "0" * 48})
     tuned = {"base_sha256": pin["sha256"], "adapter_fingerprint": "aaaa"}
-    assert prepared("tuned", tuned) == prepared("merged-by-a-bench", {**tuned, "name": "another", "dtype": "float32"}, "5.18.0")
+    assert prepared("tuned", tuned) == prepared(
+        "merged-by-a-bench", {**tuned, "name": "another", "dtype": "float32"}, "5.18.0"
+    )
     assert prepared("tuned", tuned) not in (first, prepared("retrained", {**tuned, "adapter_fingerprint": "bbbb"}))
     assert prepared("unpinned", None) == fingerprint(tmp_path / "unpinned")
     assert prepared("unpinned-old", None, "5.18.0") != prepared("unpinned", None)  # no pin: the bytes decide
@@ -128,18 +138,27 @@ def test_every_option_reaches_a_hosted_vllm_backend(tmp_path):
     """Options are read from the config, never copied: a constrained hosted_vllm backend keeps its own
     max_text_chars (it was once always held to 480), budget, seed and switches."""
     path = tmp_path / "c.toml"
-    path.write_text('[backends.judge]\nmodel = "hosted_vllm/judge"\napi_base = "http://127.0.0.1:9/v1"\n'
-                    "max_tokens = 2048\nmax_text_chars = 1500\ncontext_chars = 9000\nseed = 7\nlogprobs = false\n")
+    path.write_text(
+        '[backends.judge]\nmodel = "hosted_vllm/judge"\napi_base = "http://127.0.0.1:9/v1"\n'
+        "max_tokens = 2048\nmax_text_chars = 1500\ncontext_chars = 9000\nseed = 7\nlogprobs = false\n"
+    )
     lm = resolve_backend("judge", load_settings(path))
     assert lm.backend.max_text_chars == 1500 and lm.backend.adapter().max_text_chars == 1500
-    assert (lm.backend.context_chars, lm.backend.seed, lm.backend.constrained, lm.backend.logprobs) == (9000, 7, True, False)
+    assert (lm.backend.context_chars, lm.backend.seed, lm.backend.constrained, lm.backend.logprobs) == (
+        9000,
+        7,
+        True,
+        False,
+    )
     assert lm.kwargs["max_tokens"] == 2048
 
 
 def test_importing_the_library_leaves_the_environment_alone():
-    code = ("import os; before = dict(os.environ); import reflectagent as ra, reflectagent.backends, "
-            "reflectagent.embedded, reflectagent.steps, reflectagent.programs, reflectagent.eval; ra.Pair; "
-            "print(dict(os.environ) == before)")
+    code = (
+        "import os; before = dict(os.environ); import reflectagent as ra, reflectagent.backends, "
+        "reflectagent.embedded, reflectagent.steps, reflectagent.programs, reflectagent.eval; ra.Pair; "
+        "print(dict(os.environ) == before)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "True"
@@ -156,8 +175,16 @@ def test_a_server_that_failed_to_start_is_not_started_again_by_every_waiting_ste
         calls.append(1)
         raise ServerError("vLLM exited with code 1 before it was ready")
 
-    lm = BackendLM(Backend(name="e", config=BackendConfig(model="embedded"), model="hosted_vllm/embedded", api_base=None,
-                           identity={}, start=start))
+    lm = BackendLM(
+        Backend(
+            name="e",
+            config=BackendConfig(model="embedded"),
+            model="hosted_vllm/embedded",
+            api_base=None,
+            identity={},
+            start=start,
+        )
+    )
     for _ in range(3):
         with pytest.raises(ServerError, match="exited"):
             lm.connect()
@@ -167,8 +194,10 @@ def test_a_server_that_failed_to_start_is_not_started_again_by_every_waiting_ste
 def test_a_running_server_is_reused_only_for_the_same_folder_and_context(tmp_path, monkeypatch):
     from reflectagent import embedded
 
-    served = {"embedded": {"id": "embedded", "root": str(tmp_path / "smollm"), "max_model_len": 2048},
-              "judge": {"id": "judge", "root": "/adapters/judge", "parent": "embedded"}}
+    served = {
+        "embedded": {"id": "embedded", "root": str(tmp_path / "smollm"), "max_model_len": 2048},
+        "judge": {"id": "judge", "root": "/adapters/judge", "parent": "embedded"},
+    }
     monkeypatch.setattr(embedded, "served_models", lambda url: served)
     assert embedded.answers_for("http://x/v1", tmp_path / "smollm", {"judge": "/adapters/judge"}, 2048)
     assert not embedded.answers_for("http://x/v1", tmp_path / "qwen", {}, 2048)  # another model under the same name
@@ -237,15 +266,24 @@ def test_a_value_under_a_secret_name_is_never_quoted_and_extra_cannot_repeat_a_f
     path.write_text('[backends.a]\nmodel = "openai/x"\nauth_token = "sk-hidden-1"\nmax_tokens = "many"\n')
     with pytest.raises(ConfigError) as error:
         load_settings(path)
-    assert "sk-hidden-1" not in str(error.value) and "backends.a.auth_token: Extra inputs are not permitted" in str(error.value)
-    assert "backends.a.max_tokens: Input should be a valid integer, unable to parse string as an integer (got 'many')" in str(error.value)
-    for extra, shown in (('{ model = "y" }', "extra.model: set by the backend's own model"),
-                         ('{ timeout = 9 }', "extra.timeout: set by the backend's own timeout_s"),
-                         ('{ my_secret = "sk-hidden-2" }', "extra.my_secret: a secret is never written in the config")):
+    assert "sk-hidden-1" not in str(error.value) and "backends.a.auth_token: Extra inputs are not permitted" in str(
+        error.value
+    )
+    assert (
+        "backends.a.max_tokens: Input should be a valid integer, unable to parse string as an integer (got 'many')"
+        in str(error.value)
+    )
+    for extra, shown in (
+        ('{ model = "y" }', "extra.model: set by the backend's own model"),
+        ("{ timeout = 9 }", "extra.timeout: set by the backend's own timeout_s"),
+        ('{ my_secret = "sk-hidden-2" }', "extra.my_secret: a secret is never written in the config"),
+    ):
         path.write_text(f'[backends.a]\nmodel = "openai/x"\nextra = {extra}\n')
         with pytest.raises(ConfigError, match=shown) as error:
             load_settings(path)
-        assert "sk-hidden-2" not in str(error.value) and len(str(error.value).splitlines()) == 2  # the file, then one line
+        assert (
+            "sk-hidden-2" not in str(error.value) and len(str(error.value).splitlines()) == 2
+        )  # the file, then one line
 
 
 def test_extra_refuses_credentials_by_name_at_any_depth_and_takes_request_options_that_mention_tokens(tmp_path):
@@ -254,25 +292,52 @@ def test_extra_refuses_credentials_by_name_at_any_depth_and_takes_request_option
     from reflectagent.config import credential_named
 
     path = tmp_path / "c.toml"
-    path.write_text('[backends.v]\nmodel = "hosted_vllm/judge"\napi_base = "http://127.0.0.1:8000/v1"\n'
-                    'extra = { stop_token_ids = [2], allowed_token_ids = [5, 6], return_tokens_as_token_ids = true, '
-                    'prompt_cache_key = "judge-v1", skip_special_tokens = false, extra_body = { response_format = { '
-                    'type = "json_schema", json_schema = { schema = { properties = { token = { type = "string" } }, '
-                    'required = ["token"] } } } } }\n')
+    path.write_text(
+        '[backends.v]\nmodel = "hosted_vllm/judge"\napi_base = "http://127.0.0.1:8000/v1"\n'
+        "extra = { stop_token_ids = [2], allowed_token_ids = [5, 6], return_tokens_as_token_ids = true, "
+        'prompt_cache_key = "judge-v1", skip_special_tokens = false, extra_body = { response_format = { '
+        'type = "json_schema", json_schema = { schema = { properties = { token = { type = "string" } }, '
+        'required = ["token"] } } } } }\n'
+    )
     extra = load_settings(path).backends["v"].extra
     assert extra["stop_token_ids"] == [2] and extra["prompt_cache_key"] == "judge-v1"
-    for name in ("api_key", "openai_api_key", "X-Api-Key", "x-goog-api-key", "Authorization", "token", "access_token",
-                 "auth_token", "password", "client_secret", "secret", "aws_secret_access_key", "Cookie"):
+    for name in (
+        "api_key",
+        "openai_api_key",
+        "X-Api-Key",
+        "x-goog-api-key",
+        "Authorization",
+        "token",
+        "access_token",
+        "auth_token",
+        "password",
+        "client_secret",
+        "secret",
+        "aws_secret_access_key",
+        "Cookie",
+    ):
         assert credential_named(name), name
-    for name in ("stop_token_ids", "allowed_token_ids", "return_tokens_as_token_ids", "prompt_cache_key", "max_tokens",
-                 "logit_bias", "cache_key", "keywords"):
+    for name in (
+        "stop_token_ids",
+        "allowed_token_ids",
+        "return_tokens_as_token_ids",
+        "prompt_cache_key",
+        "max_tokens",
+        "logit_bias",
+        "cache_key",
+        "keywords",
+    ):
         assert not credential_named(name), name
-    for extra, where in (('{ extra_headers = { Authorization = "Bearer sk-hidden-3" } }', "extra.extra_headers.Authorization"),
-                         ('{ extra_headers = { "X-Api-Key" = "sk-hidden-3" } }', "extra.extra_headers.X-Api-Key"),
-                         ('{ extra_body = { api_key = "sk-hidden-3" } }', "extra.extra_body.api_key"),
-                         ('{ openai_api_key = "sk-hidden-3" }', "extra.openai_api_key")):
+    for extra, where in (
+        ('{ extra_headers = { Authorization = "Bearer sk-hidden-3" } }', "extra.extra_headers.Authorization"),
+        ('{ extra_headers = { "X-Api-Key" = "sk-hidden-3" } }', "extra.extra_headers.X-Api-Key"),
+        ('{ extra_body = { api_key = "sk-hidden-3" } }', "extra.extra_body.api_key"),
+        ('{ openai_api_key = "sk-hidden-3" }', "extra.openai_api_key"),
+    ):
         path.write_text(f'[backends.a]\nmodel = "openai/x"\nextra = {extra}\n')
-        with pytest.raises(ConfigError, match=f"{where}: a secret is never written in the config: .*api_key_env") as error:
+        with pytest.raises(
+            ConfigError, match=f"{where}: a secret is never written in the config: .*api_key_env"
+        ) as error:
             load_settings(path)
         assert "sk-hidden-3" not in str(error.value) and len(str(error.value).splitlines()) == 2
     from reflectagent.config import secret_named

@@ -27,7 +27,9 @@ def settings(url=None, lora_dir=None):
         "embedded": BackendConfig(model="embedded", context_chars=4000),
     }
     if lora_dir:
-        backends["tuned"] = BackendConfig(model="embedded", lora={"test": str(lora_dir)}, adapter="test", context_chars=4000)
+        backends["tuned"] = BackendConfig(
+            model="embedded", lora={"test": str(lora_dir)}, adapter="test", context_chars=4000
+        )
     return Settings(backends=backends)
 
 
@@ -77,8 +79,10 @@ def test_config_switches_backend_and_two_run_side_by_side(server, cache, sample_
             results[name] = PositionSwapJudge().judge(pair)
 
     # plain threads start with an empty context: carry this test's cache into them
-    threads = [threading.Thread(target=contextvars.copy_context().run, args=(run, n, lm))
-               for n, lm in (("base", base), ("tuned", tuned))]
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(run, n, lm))
+        for n, lm in (("base", base), ("tuned", tuned))
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -87,7 +91,6 @@ def test_config_switches_backend_and_two_run_side_by_side(server, cache, sample_
     assert all(a.parsed for j in results.values() for a in j.analyses)
     # the adapter really changes the model: its verdict probabilities differ from the base model's
     assert [a.probability for a in results["base"].analyses] != [a.probability for a in results["tuned"].analyses]
-
 
 
 def test_base_requests_batched_with_an_adapters_get_no_adapter(server, sample_pairs):
@@ -100,17 +103,26 @@ def test_base_requests_batched_with_an_adapters_get_no_adapter(server, sample_pa
     prompts = [pair.prompt[:400] for pair in sample_pairs[:3]]
 
     async def first_logprob(client, model, prompt):
-        reply = await client.post(f"{server.url}/chat/completions", json={
-            "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "temperature": 0,
-            "logprobs": True})
+        reply = await client.post(
+            f"{server.url}/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 2,
+                "temperature": 0,
+                "logprobs": True,
+            },
+        )
         reply.raise_for_status()
         return [t["logprob"] for t in reply.json()["choices"][0]["logprobs"]["content"]]
 
     async def measure():
         async with httpx.AsyncClient(timeout=120) as client:
             alone = [[await first_logprob(client, m, p) for m in ("embedded", "test")] for p in prompts]
-            together = [await asyncio.gather(*(first_logprob(client, m, p) for m in ("embedded", "test", "embedded")))
-                        for p in prompts]
+            together = [
+                await asyncio.gather(*(first_logprob(client, m, p) for m in ("embedded", "test", "embedded")))
+                for p in prompts
+            ]
             return alone, together
 
     alone, together = asyncio.run(measure())
@@ -130,8 +142,11 @@ def test_unconstrained_output_that_does_not_parse_is_reported_not_guessed(server
 
 
 def test_too_long_input_is_cut_with_a_note(server, cache):
-    pair = Pair(prompt="Summarise this text.\n" + "The quick brown fox jumps over the lazy dog. " * 800,
-                response_a="A fox jumps over a dog.", response_b="Cats sleep all day.")
+    pair = Pair(
+        prompt="Summarise this text.\n" + "The quick brown fox jumps over the lazy dog. " * 800,
+        response_a="A fox jumps over a dog.",
+        response_b="Cats sleep all day.",
+    )
     with backend("embedded", settings()):
         judgment = PositionSwapJudge().judge(pair)
     assert all(a.parsed for a in judgment.analyses)
@@ -146,13 +161,17 @@ def test_a_server_that_cannot_start_reports_its_log(tmp_path):
     assert "log tail" in str(error.value) and len(str(error.value).splitlines()) > 3
 
 
-def test_a_server_dying_mid_run_loses_nothing_and_the_rerun_resumes(server, model_dir, tmp_path, sample_pairs, monkeypatch):
+def test_a_server_dying_mid_run_loses_nothing_and_the_rerun_resumes(
+    server, model_dir, tmp_path, sample_pairs, monkeypatch
+):
     pairs = sample_pairs[10:16]
     store = JudgmentCache(tmp_path / "cache")
     doomed = VLLMServer(ServerSpec(model_dir=str(model_dir), served_name="embedded"), log_path=tmp_path / "doomed.log")
     doomed.start()
     monkeypatch.setenv("REFLECTAGENT_EMBEDDED_URL", doomed.url)
-    conf = Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000, num_retries=0, timeout_s=600)})
+    conf = Settings(
+        backends={"embedded": BackendConfig(model="embedded", context_chars=4000, num_retries=0, timeout_s=600)}
+    )
 
     run_ended = threading.Event()
 
@@ -180,8 +199,11 @@ def test_a_server_dying_mid_run_loses_nothing_and_the_rerun_resumes(server, mode
     assert sum(j.lm_calls for j in resumed) == 12 - saved
 
 
-LONG_CODE = Pair(prompt="Review this code and say what it prints.\n" + "x = [i * 31 % 7 for i in range(10)]; print(x)\n" * 300,
-                 response_a="It prints a list of ten numbers, 300 times.", response_b="It prints nothing.")
+LONG_CODE = Pair(
+    prompt="Review this code and say what it prints.\n" + "x = [i * 31 % 7 for i in range(10)]; print(x)\n" * 300,
+    response_a="It prints a list of ten numbers, 300 times.",
+    response_b="It prints nothing.",
+)
 
 
 def test_a_long_pair_is_cut_to_the_context_in_tokens_not_refused(server, cache):
@@ -198,19 +220,30 @@ def test_a_long_pair_is_cut_to_the_context_in_tokens_not_refused(server, cache):
 def test_a_request_the_server_refuses_is_a_cached_failed_step(server, cache):
     """A wrong context length lets a too-long request through; the server's refusal is final for that
     request, so it is cached: the re-run makes no call and reports the same failure."""
-    conf = Settings(backends={"wrong": BackendConfig(model="hosted_vllm/embedded", api_base=server.url,
-                                                     context_tokens=100_000, max_tokens=600)})
+    conf = Settings(
+        backends={
+            "wrong": BackendConfig(
+                model="hosted_vllm/embedded", api_base=server.url, context_tokens=100_000, max_tokens=600
+            )
+        }
+    )
     with backend("wrong", conf):
         first = PositionSwapJudge().judge(LONG_CODE)
         again = PositionSwapJudge().judge(LONG_CODE)
     assert first.preference is None and first.lm_calls == 2
     assert all(not a.parsed and "Error" in a.error for a in first.analyses)
-    assert again.lm_calls == 0 and again.cache_hits == 2 and [a.error for a in again.analyses] == [a.error for a in first.analyses]
+    assert (
+        again.lm_calls == 0
+        and again.cache_hits == 2
+        and [a.error for a in again.analyses] == [a.error for a in first.analyses]
+    )
 
 
 def test_a_model_name_the_server_does_not_serve_stops_the_step_and_caches_nothing(server, cache, sample_pairs):
     """An unknown model is the endpoint's fault, not the request's: fixed, the same steps must run."""
-    conf = Settings(backends={"typo": BackendConfig(model="hosted_vllm/no-such-model", api_base=server.url, num_retries=0)})
+    conf = Settings(
+        backends={"typo": BackendConfig(model="hosted_vllm/no-such-model", api_base=server.url, num_retries=0)}
+    )
     from dspy.utils.exceptions import LMUnsupportedModelError
 
     with backend("typo", conf), pytest.raises(LMUnsupportedModelError, match="no-such-model"):

@@ -32,13 +32,18 @@ class Scripted(Judge):
             return Judgment(preference=None, reason="unparsed")
         p = p if pair.response_a == "x" else 1 - p
         preference = "A" if p > 0.5 else "B" if p < 0.5 else None
-        step = Analysis(text="", preference=preference, swapped=False, parsed=True, raw=f"stage {id(self)}",
-                        usage=Usage(lm_calls=1))
-        return Judgment(preference=preference, probability_a=p, analyses=(step,), reason="tied probability" if p == 0.5 else None)
+        step = Analysis(
+            text="", preference=preference, swapped=False, parsed=True, raw=f"stage {id(self)}", usage=Usage(lm_calls=1)
+        )
+        return Judgment(
+            preference=preference, probability_a=p, analyses=(step,), reason="tied probability" if p == 0.5 else None
+        )
 
 
 def stages(*tables):
-    return EscalatingJudge([(Scripted(t), None) for t in tables], [f"s{k + 1}" for k in range(len(tables))], threshold=0.1)
+    return EscalatingJudge(
+        [(Scripted(t), None) for t in tables], [f"s{k + 1}" for k in range(len(tables))], threshold=0.1
+    )
 
 
 def ask(judge, prompt):
@@ -63,8 +68,9 @@ def analysis(swapped, preference, probability):
 
 
 def test_orders_that_lean_different_ways_are_doubted_whatever_the_margin():
-    split = Judgment(preference="A", probability_a=0.75,
-                     analyses=(analysis(False, "A", 0.99), analysis(True, "B", 0.51)))  # per order: 0.99 and 0.49
+    split = Judgment(
+        preference="A", probability_a=0.75, analyses=(analysis(False, "A", 0.99), analysis(True, "B", 0.51))
+    )  # per order: 0.99 and 0.49
     assert orders_disagree(split) and doubt(split, 0.1) == "the two orders disagree"
     agree = Judgment(preference="A", probability_a=0.75, analyses=(analysis(False, "A", 0.9), analysis(True, "A", 0.6)))
     assert not orders_disagree(agree) and doubt(agree, 0.1) is None and doubt(agree, 0.3) == "margin 0.250 under 0.3"
@@ -76,11 +82,13 @@ def test_orders_that_lean_different_ways_are_doubted_whatever_the_margin():
 
 def ladder_lm():
     """Every step parses but gives no probabilities (a DummyLM): every stage is in doubt, so the ladder is climbed."""
-    return fake({
-        "fields: `reflection`": {"reflection": "the first is careful", "more_reliable": "1"},
-        "fields: `analysis`": {"analysis": "A is right", "preference": "A"},
-        "fields: `preference`": {"preference": "A"},
-    })
+    return fake(
+        {
+            "fields: `reflection`": {"reflection": "the first is careful", "more_reliable": "1"},
+            "fields: `analysis`": {"analysis": "A is right", "preference": "A"},
+            "fields: `preference`": {"preference": "A"},
+        }
+    )
 
 
 def test_a_step_an_earlier_stage_made_is_charged_once_and_the_budget_caps_the_climb(tmp_path):
@@ -109,8 +117,16 @@ def test_a_replay_at_a_lower_threshold_is_the_run_at_that_threshold():
         for prompt in "abcd":
             replayed = full.replay(ask(full, prompt), threshold)
             made = ask(direct, prompt)
-            assert (replayed.preference, replayed.decided_by, replayed.probability_a, len(replayed.parts), replayed.notes) == \
-                (made.preference, made.decided_by, made.probability_a, len(made.parts), made.notes), (threshold, prompt)
+            assert (
+                replayed.preference,
+                replayed.decided_by,
+                replayed.probability_a,
+                len(replayed.parts),
+                replayed.notes,
+            ) == (made.preference, made.decided_by, made.probability_a, len(made.parts), made.notes), (
+                threshold,
+                prompt,
+            )
 
 
 def labelled(prompt, label):
@@ -134,8 +150,13 @@ def test_the_threshold_is_chosen_on_dev_pairs_for_accuracy_then_cost():
 
 def test_it_saves_its_stages_threshold_and_budget_and_loads_in_a_fresh_process(tmp_path):
     members, names = ladder(["big"])
-    judge = EscalatingJudge([(Calibrated(members[0][0], Calibration("temperature", 0.5, fitted_on={"split": "dev"})), None),
-                             *members[1:4]], names[:4], threshold=0.07, max_calls=6, chosen_on={"split": "dev", "pairs": 9})
+    judge = EscalatingJudge(
+        [(Calibrated(members[0][0], Calibration("temperature", 0.5, fitted_on={"split": "dev"})), None), *members[1:4]],
+        names[:4],
+        threshold=0.07,
+        max_calls=6,
+        chosen_on={"split": "dev", "pairs": 9},
+    )
     path = judge.save(tmp_path / "escalating.json")
     code = f"""
 from reflectagent.programs import load_program

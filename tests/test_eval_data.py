@@ -9,8 +9,11 @@ from reflectagent.pairs import Pair
 
 
 def make_pairs(n, sources=("s1", "s2")):
-    return [Pair(prompt=f"p{i}", response_a="a", response_b="b", id=f"{s}-{i}", label="AB"[i % 2], source=s, category=s)
-            for s in sources for i in range(n)]
+    return [
+        Pair(prompt=f"p{i}", response_a="a", response_b="b", id=f"{s}-{i}", label="AB"[i % 2], source=s, category=s)
+        for s in sources
+        for i in range(n)
+    ]
 
 
 def test_splits_are_disjoint_stratified_and_seeded():
@@ -30,8 +33,16 @@ def test_splits_are_disjoint_stratified_and_seeded():
 
 
 def test_rewardbench_style_dataset_on_disk(tmp_path):
-    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "subset": "math" if i % 2 else "chat", "id": i}
-            for i in range(40)]
+    rows = [
+        {
+            "prompt": f"q{i}",
+            "chosen": f"good {i}",
+            "rejected": f"bad {i}",
+            "subset": "math" if i % 2 else "chat",
+            "id": i,
+        }
+        for i in range(40)
+    ]
     folder = tmp_path / "rb"
     datasets.Dataset.from_list(rows).save_to_disk(str(folder))
     pairs, bad = load_benchmark(folder)

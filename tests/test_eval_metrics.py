@@ -5,7 +5,14 @@ import json
 import pytest
 
 from reflectagent.eval.metrics import (
-    CostPerVerdict, Record, Summary, bootstrap, paired_difference, reliability, summarize, summarize_by_category,
+    CostPerVerdict,
+    Record,
+    Summary,
+    bootstrap,
+    paired_difference,
+    reliability,
+    summarize,
+    summarize_by_category,
     summarize_judgments,
     wilson,
 )
@@ -16,9 +23,19 @@ from reflectagent.results import Analysis, Judgment, Usage
 
 
 def record(pair_id, category, label, verdicts, unparsed=0):
-    return Record(pair_id=pair_id, category=category, source="s", label=label, verdicts=verdicts,
-                  reasons=tuple(None if v else "unparsed" for v in verdicts), steps=2, unparsed_steps=unparsed,
-                  lm_calls=2, prompt_tokens=100, completion_tokens=20)
+    return Record(
+        pair_id=pair_id,
+        category=category,
+        source="s",
+        label=label,
+        verdicts=verdicts,
+        reasons=tuple(None if v else "unparsed" for v in verdicts),
+        steps=2,
+        unparsed_steps=unparsed,
+        lm_calls=2,
+        prompt_tokens=100,
+        completion_tokens=20,
+    )
 
 
 RECORDS = [
@@ -76,8 +93,13 @@ def test_categories_including_an_empty_one():
 
 def test_paired_difference_by_hand():
     """Matched by pair id; ties and pairs the other run did not judge are left out."""
-    better = [record("1", "x", "A", ("A", "A")), record("2", "x", "A", ("A", "A")), record("3", "y", "B", ("B", "B")),
-              record("4", "y", "tie", ("A", "A")), record("6", "y", "A", ("A", "A"))]  # "6": not in RECORDS
+    better = [
+        record("1", "x", "A", ("A", "A")),
+        record("2", "x", "A", ("A", "A")),
+        record("3", "y", "B", ("B", "B")),
+        record("4", "y", "tie", ("A", "A")),
+        record("6", "y", "A", ("A", "A")),
+    ]  # "6": not in RECORDS
     diff = paired_difference(better, RECORDS)
     # pair 1: 1 - 1, pair 2: 1 - 0.5, pair 3: 1 - 0.5; pair 5 is only in RECORDS
     assert diff.n == 3 and diff.value == pytest.approx(1 / 3)
@@ -98,8 +120,13 @@ def test_the_report_pairs_every_run_against_its_baseline():
     def run(name, records):
         return RunResult(name, "b", records, summarize(records), {}, {})
 
-    base, good = run("base", RECORDS), run("good", [record("1", "x", "A", ("A", "A")), record("2", "x", "A", ("A", "A")),
-                                                    record("3", "y", "B", ("B", "B"))])
+    base, good = (
+        run("base", RECORDS),
+        run(
+            "good",
+            [record("1", "x", "A", ("A", "A")), record("2", "x", "A", ("A", "A")), record("3", "y", "B", ("B", "B"))],
+        ),
+    )
     meta = {"data": ["d.jsonl"], "pairs": 5, "split": "test", "seed": 0}
     assert baseline_run([base]) is None and baseline_run([base, good]) is base
     assert baseline_run([base, good], "good @ b") is good and baseline_run([base, good], "good") is good
@@ -144,8 +171,11 @@ def test_judging_summary_counts_verdicts_accuracy_and_cache():
     step = Analysis(text="t", preference="A", swapped=False, parsed=True, raw="", usage=Usage(1, 10, 2, 0.1))
     cached = Analysis(text="t", preference="A", swapped=False, parsed=True, raw="", usage=Usage(1, 10, 2), cached=True)
     unparsed = Analysis(text="", preference=None, swapped=False, parsed=False, raw="?", usage=Usage(1, 10, 2))
-    judgments = [Judgment("A", analyses=(step, cached)), Judgment(None, analyses=(unparsed,), reason="unparsed"),
-                 Judgment("A", analyses=(cached,))]
+    judgments = [
+        Judgment("A", analyses=(step, cached)),
+        Judgment(None, analyses=(unparsed,), reason="unparsed"),
+        Judgment("A", analyses=(cached,)),
+    ]
     summary = summarize_judgments(pairs, judgments)
     assert (summary.judged, summary.verdicts, summary.no_verdict) == (3, 2, {"unparsed": 1})
     assert (summary.labelled, summary.correct, summary.accuracy) == (2, 1, 0.5)
@@ -180,7 +210,9 @@ def test_a_record_keeps_each_presentation_s_p_a_in_the_original_order_and_the_su
     straight, swapped = Judgment(preference="A", probability_a=0.8), Judgment(preference="B", probability_a=0.3)
     rec = Record.from_judgments(pair, straight, swapped)
     assert rec.probabilities == (0.8, pytest.approx(0.7))  # the swapped judgment's P(A) is the original B's
-    unlabelled = Record.from_judgments(Pair(prompt="p", response_a="a", response_b="c"), straight, Judgment(preference=None))
+    unlabelled = Record.from_judgments(
+        Pair(prompt="p", response_a="a", response_b="c"), straight, Judgment(preference=None)
+    )
     summary = summarize([rec, unlabelled])
     assert summary.calibration.n == 2 and summary.calibration.ece == pytest.approx(0.25)  # (0.2 + 0.3) / 2
     assert Summary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
@@ -197,14 +229,31 @@ def test_the_report_draws_reliability_and_a_curve_per_thresholded_program(tmp_pa
     from reflectagent.eval.report import curves
 
     def run(name, p, calls):
-        records = [Record(pair_id=str(i), category="c", source="s", label="BAAB"[i], verdicts=(v, v),
-                          reasons=(None, None), steps=2, unparsed_steps=0, lm_calls=calls, prompt_tokens=10,
-                          completion_tokens=1, probabilities=(q, q))
-                   for i, (v, q) in enumerate((("A" if x > 0.5 else "B", x) for x in p))]
+        records = [
+            Record(
+                pair_id=str(i),
+                category="c",
+                source="s",
+                label="BAAB"[i],
+                verdicts=(v, v),
+                reasons=(None, None),
+                steps=2,
+                unparsed_steps=0,
+                lm_calls=calls,
+                prompt_tokens=10,
+                completion_tokens=1,
+                probabilities=(q, q),
+            )
+            for i, (v, q) in enumerate((("A" if x > 0.5 else "B", x) for x in p))
+        ]
         return RunResult(name, "b", records, summarize(records), {}, {})
 
-    results = [run("direct-prob", [0.7, 0.4, 0.6, 0.2], 4), run("escalating-prob:0.2", [0.3, 0.6, 0.8, 0.1], 10),
-               run("escalating-prob:0.05", [0.3, 0.4, 0.6, 0.1], 6), run("mtbench", [0.5] * 4, 4)]
+    results = [
+        run("direct-prob", [0.7, 0.4, 0.6, 0.2], 4),
+        run("escalating-prob:0.2", [0.3, 0.6, 0.8, 0.1], 10),
+        run("escalating-prob:0.05", [0.3, 0.4, 0.6, 0.1], 6),
+        run("mtbench", [0.5] * 4, 4),
+    ]
     assert curves(results) == {("escalating-prob", "b"): [(3.0, 0.75, 0.05), (5.0, 1.0, 0.2)]}
     folder = write_report(results, tmp_path / "r", {"data": ["d"], "pairs": 4, "split": "test", "seed": 0})
     assert (folder / "plots" / "reliability.png").stat().st_size > 5000

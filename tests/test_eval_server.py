@@ -33,8 +33,11 @@ def test_report_numbers_follow_from_the_per_pair_results(server, cache, tmp_path
     pairs = pairs_from(FILES, 3)
     settings = Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000)})
     results = run_eval(pairs, ["genrm", "reflectrm"], ["embedded"], settings=settings, progress=False)
-    folder = write_report(results, tmp_path / "report", meta={"data": [str(f) for f in FILES], "pairs": len(pairs),
-                                                               "split": "all", "seed": 0})
+    folder = write_report(
+        results,
+        tmp_path / "report",
+        meta={"data": [str(f) for f in FILES], "pairs": len(pairs), "split": "all", "seed": 0},
+    )
     report = json.loads((folder / "report.json").read_text())
     assert [(r["program"], r["backend"]) for r in report["runs"]] == [("genrm", "embedded"), ("reflectrm", "embedded")]
     for run in report["runs"]:
@@ -49,9 +52,11 @@ def test_report_numbers_follow_from_the_per_pair_results(server, cache, tmp_path
     assert report["paired"]["baseline"] == {"program": "genrm", "backend": "embedded"}
     [paired] = report["paired"]["runs"]
     by_pair = {r["pair_id"]: r for r in genrm["records"]}
-    deltas = [sum(v == r["label"] for v in r["verdicts"]) / 2 - sum(v == by_pair[r["pair_id"]]["label"]
-                                                                   for v in by_pair[r["pair_id"]]["verdicts"]) / 2
-              for r in reflectrm["records"]]
+    deltas = [
+        sum(v == r["label"] for v in r["verdicts"]) / 2
+        - sum(v == by_pair[r["pair_id"]]["label"] for v in by_pair[r["pair_id"]]["verdicts"]) / 2
+        for r in reflectrm["records"]
+    ]
     assert paired["program"] == "reflectrm" and paired["n"] == 6 and paired["value"] == pytest.approx(sum(deltas) / 6)
     assert genrm["overall"]["cost_per_verdict"]["lm_calls"] == 1.0
     assert reflectrm["overall"]["cost_per_verdict"]["lm_calls"] == 4.0
@@ -64,19 +69,35 @@ def test_report_numbers_follow_from_the_per_pair_results(server, cache, tmp_path
 
 
 def eval_command(cache_dir, out):
-    return [sys.executable, "-m", "reflectagent.cli", "eval", "--programs", "genrm", "--concurrency", "1",
-            "--data", ",".join(map(str, FILES)), "--out", str(out), "--cache-dir", str(cache_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "reflectagent.cli",
+        "eval",
+        "--programs",
+        "genrm",
+        "--concurrency",
+        "1",
+        "--data",
+        ",".join(map(str, FILES)),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache_dir),
+    ]
 
 
 def test_a_killed_eval_resumes_to_the_same_report(server, tmp_path):
     env = {**os.environ, "REFLECTAGENT_EMBEDDED_URL": server.url}
-    clean = subprocess.run(eval_command(tmp_path / "clean-cache", tmp_path / "clean"), env=env,
-                           capture_output=True, text=True, timeout=900)
+    clean = subprocess.run(
+        eval_command(tmp_path / "clean-cache", tmp_path / "clean"), env=env, capture_output=True, text=True, timeout=900
+    )
     assert clean.returncode == 0, clean.stderr
 
     cache_dir = tmp_path / "cache"
-    process = subprocess.Popen(eval_command(cache_dir, tmp_path / "resumed"), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        eval_command(cache_dir, tmp_path / "resumed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         store = JudgmentCache(cache_dir)
@@ -92,9 +113,13 @@ def test_a_killed_eval_resumes_to_the_same_report(server, tmp_path):
     store.close()
     assert 5 <= partial < 16 and not (tmp_path / "resumed" / "report.json").exists()
 
-    resumed = subprocess.run(eval_command(cache_dir, tmp_path / "resumed"), env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        eval_command(cache_dir, tmp_path / "resumed"), env=env, capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr
     run = json.loads((tmp_path / "resumed" / "run.json").read_text())[0]
     assert run["cache_hits"] == partial and run["lm_calls_made"] == 16 - partial
-    assert json.loads((tmp_path / "resumed" / "report.json").read_text())["runs"] == \
-        json.loads((tmp_path / "clean" / "report.json").read_text())["runs"]
+    assert (
+        json.loads((tmp_path / "resumed" / "report.json").read_text())["runs"]
+        == json.loads((tmp_path / "clean" / "report.json").read_text())["runs"]
+    )

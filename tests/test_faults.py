@@ -21,21 +21,58 @@ PAIRS = 4  # one order each (genrm): one LM call a pair
 def run(tmp_path):
     engines = []
 
-    def judge(engine: Engine, retries: int = 2, timeout_s: float = 5, pairs: int = PAIRS, cache_dir: Path | None = None):
+    def judge(
+        engine: Engine, retries: int = 2, timeout_s: float = 5, pairs: int = PAIRS, cache_dir: Path | None = None
+    ):
         engines.append(engine)
         data = tmp_path / "pairs.jsonl"
-        data.write_text("".join(json.dumps({"id": str(i), "prompt": f"question {i}", "response_a": f"right {i}",
-                                            "response_b": f"wrong {i}", "label": "A"}) + "\n" for i in range(pairs)))
+        data.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "id": str(i),
+                        "prompt": f"question {i}",
+                        "response_a": f"right {i}",
+                        "response_b": f"wrong {i}",
+                        "label": "A",
+                    }
+                )
+                + "\n"
+                for i in range(pairs)
+            )
+        )
         config = tmp_path / "c.toml"
-        config.write_text(f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{engine.url}/v1"\napi_key_env = "FAKE_KEY"\n'
-                          f'constrained = false\nlogprobs = false\nnum_retries = {retries}\ntimeout_s = {timeout_s}\n'
-                          'context_chars = 4000\n')
+        config.write_text(
+            f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{engine.url}/v1"\napi_key_env = "FAKE_KEY"\n'
+            f"constrained = false\nlogprobs = false\nnum_retries = {retries}\ntimeout_s = {timeout_s}\n"
+            "context_chars = 4000\n"
+        )
         out = tmp_path / "out.jsonl"
         result = subprocess.run(
-            [sys.executable, "-m", "reflectagent.cli", "judge", str(data), "--program", "genrm", "--backend", "fake",
-             "--config", str(config), "--cache-dir", str(cache_dir or tmp_path / "cache"), "--output", str(out),
-             "--concurrency", "1"],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "FAKE_KEY": "k"})
+            [
+                sys.executable,
+                "-m",
+                "reflectagent.cli",
+                "judge",
+                str(data),
+                "--program",
+                "genrm",
+                "--backend",
+                "fake",
+                "--config",
+                str(config),
+                "--cache-dir",
+                str(cache_dir or tmp_path / "cache"),
+                "--output",
+                str(out),
+                "--concurrency",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "FAKE_KEY": "k"},
+        )
         judged = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
         return result, judged
 
@@ -53,10 +90,17 @@ def test_a_passing_fault_is_retried_and_the_run_completes(run, fault):
     assert engine.count() == PAIRS + 2  # the two failures were retried, nothing else was asked twice
 
 
-@pytest.mark.parametrize("fault, shown", [
-    ("500", "LMServerError"), ("503", "LMServerError"), ("reset", "Connection reset by peer"),
-    ("truncated", "body bytes outstanding"), ("hang", "timed out"), ("malformed", "is not JSON"),
-])
+@pytest.mark.parametrize(
+    "fault, shown",
+    [
+        ("500", "LMServerError"),
+        ("503", "LMServerError"),
+        ("reset", "Connection reset by peer"),
+        ("truncated", "body bytes outstanding"),
+        ("hang", "timed out"),
+        ("malformed", "is not JSON"),
+    ],
+)
 def test_a_lasting_fault_stops_the_run_cleanly_and_says_a_rerun_resumes(run, fault, shown):
     engine = Engine("--fault", fault)
     result, judged = run(engine, retries=1, timeout_s=1, pairs=1)
@@ -111,7 +155,9 @@ def mounted(tmp_path):
     def mount(options: str) -> Path:
         where = tmp_path / f"mount{len(mounts)}"
         where.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounts.append(where)

@@ -16,9 +16,21 @@ from reflectagent.finetune.sft_config import SFTJobConfig, trainer_arguments
 from reflectagent.finetune.sft_trainer import sft_arguments
 
 # every value differs from every job's default
-SHARED = dict(lora_r=4, lora_alpha=12, lora_dropout=0.2, target_modules="gate_proj,up_proj,", learning_rate=3e-5,
-              epochs=2.0, max_steps=7, per_device_batch=3, gradient_accumulation=5, max_length=321, bf16=False,
-              logging_steps=2, seed=17)
+SHARED = dict(
+    lora_r=4,
+    lora_alpha=12,
+    lora_dropout=0.2,
+    target_modules="gate_proj,up_proj,",
+    learning_rate=3e-5,
+    epochs=2.0,
+    max_steps=7,
+    per_device_batch=3,
+    gradient_accumulation=5,
+    max_length=321,
+    bf16=False,
+    logging_steps=2,
+    seed=17,
+)
 
 JOBS = {  # job class, what its trainer builds from a job, PEFT's task type
     "sft": (SFTJobConfig, lambda job: sft_arguments(job, evaluate=True), "CAUSAL_LM"),
@@ -36,7 +48,11 @@ def test_every_shared_flag_reaches_the_adapter_and_the_trainer(kind, tmp_path):
     assert set(lora.target_modules) == {"gate_proj", "up_proj"}
     assert args.output_dir == str(tmp_path / kind)
     assert (args.learning_rate, args.num_train_epochs, args.max_steps) == (3e-5, 2.0, 7)
-    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) == (3, 3, 5)
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) == (
+        3,
+        3,
+        5,
+    )
     assert (args.max_length, args.bf16, args.seed, args.logging_steps) == (321, False, 17, 2)
     assert args.use_cpu == (not torch.cuda.is_available())
     assert args.report_to == [] and args.dataloader_num_workers == 0
@@ -52,8 +68,9 @@ def test_bf16_is_on_only_where_the_hardware_has_it(kind, fast, tmp_path, monkeyp
 
 
 def test_each_trainer_adds_only_its_own_arguments(tmp_path):
-    sft, _ = sft_arguments(SFTJobConfig(output_dir=str(tmp_path), save_steps=3, eval_steps=6, gradient_checkpointing=True),
-                           evaluate=True)
+    sft, _ = sft_arguments(
+        SFTJobConfig(output_dir=str(tmp_path), save_steps=3, eval_steps=6, gradient_checkpointing=True), evaluate=True
+    )
     assert sft.completion_only_loss and (sft.save_steps, sft.eval_steps, sft.save_total_limit) == (3, 6, 2)
     assert sft.eval_strategy == "steps" and sft.gradient_checkpointing and not sft.disable_tqdm
     assert sft_arguments(SFTJobConfig(output_dir=str(tmp_path)), evaluate=False)[0].eval_strategy == "no"
@@ -84,7 +101,8 @@ def test_defaults_train_what_each_job_always_trained():
 @pytest.mark.parametrize("job_class", [SFTJobConfig, DPOJobConfig])
 def test_the_shared_flags_are_cli_flags_of_every_job(job_class):
     (job,) = HfArgumentParser(job_class).parse_args_into_dataclasses(
-        args=["--target_modules", "q_proj", "--lora_dropout", "0.1", "--no_bf16", "--max_length", "512"])
+        args=["--target_modules", "q_proj", "--lora_dropout", "0.1", "--no_bf16", "--max_length", "512"]
+    )
     assert (job.target_modules, job.lora_dropout, job.bf16, job.max_length) == ("q_proj", 0.1, False, 512)
 
 
@@ -103,7 +121,10 @@ def test_reward_judge_keeps_and_truncates_at_its_max_length(tmp_path):
     assert RewardModelJudge("adapter", "embedded").options["max_length"] == 1024
     judge = RewardModelJudge("adapter", "embedded", max_length=5)
     assert RewardModelJudge.load(judge.save(tmp_path / "rm.json")).options == {
-        "adapter": "adapter", "base_model": "embedded", "max_length": 5}
+        "adapter": "adapter",
+        "base_model": "embedded",
+        "max_length": 5,
+    }
 
     # no weights: the "reward" is the number of tokens the model was given
     judge._tokenizer = WordTokenizer()

@@ -16,14 +16,24 @@ from reflectagent.tokens import InputBudget
 
 
 def analysis(preference, swapped, text, sample=0, parsed=True):
-    return Analysis(text=text, preference=preference if parsed else None, swapped=swapped, parsed=parsed, raw="", sample=sample)
+    return Analysis(
+        text=text, preference=preference if parsed else None, swapped=swapped, parsed=parsed, raw="", sample=sample
+    )
 
 
 def trace(i, label="A", analyses=None, reflections=()):
-    pair = Pair(prompt=f"question {i}", response_a=f"answer a{i}", response_b=f"answer b{i}", id=f"p{i}", label=label,
-                source="s1" if i % 2 else "s2")
-    analyses = analyses or (analysis(label, False, f"right answer, long enough {i}"),
-                            analysis(label, True, f"right swapped answer, long enough {i}"))
+    pair = Pair(
+        prompt=f"question {i}",
+        response_a=f"answer a{i}",
+        response_b=f"answer b{i}",
+        id=f"p{i}",
+        label=label,
+        source="s1" if i % 2 else "s2",
+    )
+    analyses = analyses or (
+        analysis(label, False, f"right answer, long enough {i}"),
+        analysis(label, True, f"right swapped answer, long enough {i}"),
+    )
     return Trace(pair, Judgment(preference=label, analyses=tuple(analyses), reflections=tuple(reflections)))
 
 
@@ -33,18 +43,31 @@ class FakeRationalizer:
 
     def analyse(self, pair, swapped):
         self.asked.append((pair.id, swapped))
-        return Analysis(text=f"because {pair.label} answers the question", preference=pair.label, swapped=swapped,
-                        parsed=True, raw="")
+        return Analysis(
+            text=f"because {pair.label} answers the question",
+            preference=pair.label,
+            swapped=swapped,
+            parsed=True,
+            raw="",
+        )
 
     def reflect(self, pair, first, second, choice):
         return f"analysis {choice} checks the facts against the responses"
 
 
 def test_star_filter_keeps_only_correct_analyses_and_marks_rationalised_rows():
-    mixed = trace(1, "A", [analysis("A", False, "right: Paris is the capital"), analysis("B", False, "wrong", sample=1),
-                           analysis("A", False, "{analysis}", sample=2),  # the format's placeholder copied back
-                           analysis("A", False, "It is good. " + "I'm not sure what I'm saying. " * 12, sample=3),  # a loop
-                           analysis("B", True, "fooled by order"), analysis(None, True, "", parsed=False)])
+    mixed = trace(
+        1,
+        "A",
+        [
+            analysis("A", False, "right: Paris is the capital"),
+            analysis("B", False, "wrong", sample=1),
+            analysis("A", False, "{analysis}", sample=2),  # the format's placeholder copied back
+            analysis("A", False, "It is good. " + "I'm not sure what I'm saying. " * 12, sample=3),  # a loop
+            analysis("B", True, "fooled by order"),
+            analysis(None, True, "", parsed=False),
+        ],
+    )
     rationalizer = FakeRationalizer()
     rows = response_rows(mixed, JudgeAdapter(), DataConfig(), rationalizer)
     assert [(r["order"], r["rationalized"]) for r in rows] == [("AB", False), ("BA", True)]
@@ -59,10 +82,21 @@ def test_reflection_pairs_mix_split_and_dpo():
     traces = []
     for i in range(40):
         if i % 4 == 0:  # one right and one wrong analysis in the same order: reflection and DPO material
-            analyses = [analysis("A", False, f"right, and long enough {i}"), analysis("B", False, f"wrong, and long enough {i}", sample=1),
-                        analysis("A", True, f"right swapped, long enough {i}")]
-            reflections = [Reflection(text=f"trust the first, it checks facts {i}", first=0, second=1, more_reliable=0,
-                                      parsed=True, raw="")]
+            analyses = [
+                analysis("A", False, f"right, and long enough {i}"),
+                analysis("B", False, f"wrong, and long enough {i}", sample=1),
+                analysis("A", True, f"right swapped, long enough {i}"),
+            ]
+            reflections = [
+                Reflection(
+                    text=f"trust the first, it checks facts {i}",
+                    first=0,
+                    second=1,
+                    more_reliable=0,
+                    parsed=True,
+                    raw="",
+                )
+            ]
             traces.append(trace(i, "A", analyses, reflections))
         else:
             traces.append(trace(i, "A"))
@@ -93,13 +127,21 @@ def test_training_prompts_are_exactly_what_inference_sends():
     from reflectagent.finetune.data import render_prompt
     from reflectagent.signatures import Analyze
 
-    lm = DummyLM({"[[ ## analysis_1 ## ]]": {"reflection": "r", "more_reliable": "1"},
-                  "": {"analysis": "x", "preference": "A"}}, adapter=JudgeAdapter())
+    lm = DummyLM(
+        {"[[ ## analysis_1 ## ]]": {"reflection": "r", "more_reliable": "1"}, "": {"analysis": "x", "preference": "A"}},
+        adapter=JudgeAdapter(),
+    )
     pair = Pair(prompt=PAIR.prompt + " " + "long context " * 400, response_a=GOOD, response_b=BAD, id="p", label="A")
-    analyses = (analysis("A", False, "right: Paris is the capital"), analysis("B", True, "wrong: Berlin is the capital"))
-    teacher = tuple(Reflection(text="trust the right one, it knows the capital", first=f, second=s, more_reliable=0,
-                               parsed=True, raw="")
-                    for f, s in ((0, 1), (1, 0)))
+    analyses = (
+        analysis("A", False, "right: Paris is the capital"),
+        analysis("B", True, "wrong: Berlin is the capital"),
+    )
+    teacher = tuple(
+        Reflection(
+            text="trust the right one, it knows the capital", first=f, second=s, more_reliable=0, parsed=True, raw=""
+        )
+        for f, s in ((0, 1), (1, 0))
+    )
     judged = Trace(pair, Judgment(preference="A", analyses=analyses, reflections=teacher))
     config = DataConfig(context_chars=1500, ratio=None, fractions="1,0,0")
 
@@ -149,12 +191,29 @@ def test_a_teacher_file_teaches_both_orders_and_is_contrasted_with_the_students_
     from reflectagent.finetune.traces import teacher_traces
     from reflectagent.teacher import TeacherJudgment
 
-    judgments = [TeacherJudgment(pair=Pair(prompt=f"q{i}", response_a=f"a{i}", response_b=f"b{i}", id=f"t{i}", label="A"),
-                                 analysis=f"Response A answers q{i} correctly; Response B does not.", preference="A")
-                 for i in range(10)]
-    student = [Trace(j.pair, Judgment(preference=None, analyses=(
-        analysis("B", False, f"the second one looks better to me {i}"), analysis("A", True, f"right for once, pair {i}"))))
-        if i % 2 == 0 else None for i, j in enumerate(judgments)]
+    judgments = [
+        TeacherJudgment(
+            pair=Pair(prompt=f"q{i}", response_a=f"a{i}", response_b=f"b{i}", id=f"t{i}", label="A"),
+            analysis=f"Response A answers q{i} correctly; Response B does not.",
+            preference="A",
+        )
+        for i in range(10)
+    ]
+    student = [
+        Trace(
+            j.pair,
+            Judgment(
+                preference=None,
+                analyses=(
+                    analysis("B", False, f"the second one looks better to me {i}"),
+                    analysis("A", True, f"right for once, pair {i}"),
+                ),
+            ),
+        )
+        if i % 2 == 0
+        else None
+        for i, j in enumerate(judgments)
+    ]
     traces = teacher_traces(judgments, student)
     with pytest.raises(ValueError, match="by position"):
         teacher_traces(judgments, student[:3])
@@ -163,9 +222,15 @@ def test_a_teacher_file_teaches_both_orders_and_is_contrasted_with_the_students_
     assert shown.swapped and shown.text == "Response B answers q0 correctly; Response A does not."
     data = build_unified_data(traces, DataConfig(ratio=None, fractions="1,0,0"), FakeRationalizer())
     rows = data.splits["train"]
-    teacher_rows = [r for r in rows if r["kind"] == "response" and "Response A answers" in r["completion"][0]["content"]]
+    teacher_rows = [
+        r for r in rows if r["kind"] == "response" and "Response A answers" in r["completion"][0]["content"]
+    ]
     assert len(teacher_rows) == 10 and not any(r["rationalized"] for r in teacher_rows)  # the teacher needs no help
-    swapped = [r for r in rows if r["kind"] == "response" and r["order"] == "BA" and "Response B answers" in r["completion"][0]["content"]]
+    swapped = [
+        r
+        for r in rows
+        if r["kind"] == "response" and r["order"] == "BA" and "Response B answers" in r["completion"][0]["content"]
+    ]
     assert len(swapped) == 10 and all(r["completion"][0]["content"].endswith('"preference":"B"}') for r in swapped)
     reflect = [r for r in rows if r["kind"] == "analysis"]
     assert {r["pair_id"] for r in reflect} == {f"t{i}" for i in range(0, 10, 2)}  # only where the student erred
@@ -176,9 +241,14 @@ def test_verdict_rows_are_what_direct_prob_sends_in_both_orders_labels_flipped_w
     from reflectagent.finetune.data import build_verdict_data
     from reflectagent.programs import named_program
 
-    pairs = [Pair(prompt=f"q{i % 10}", response_a=f"a{i}", response_b=f"b{i}", id=f"p{i}", label="AB"[i % 2], source="s")
-             for i in range(20)]  # ten prompts, two pairs each
-    pairs += [Pair(prompt="q-tie", response_a="x", response_b="y", id="tie", label="tie"), Pair(prompt="q", response_a="x", response_b="z", id="none")]
+    pairs = [
+        Pair(prompt=f"q{i % 10}", response_a=f"a{i}", response_b=f"b{i}", id=f"p{i}", label="AB"[i % 2], source="s")
+        for i in range(20)
+    ]  # ten prompts, two pairs each
+    pairs += [
+        Pair(prompt="q-tie", response_a="x", response_b="y", id="tie", label="tie"),
+        Pair(prompt="q", response_a="x", response_b="z", id="none"),
+    ]
     data = build_verdict_data(pairs, DataConfig(fractions="0.8,0.2,0"))
     rows = [r for split in data.splits.values() for r in split]
     assert len(rows) == 40 and {r["kind"] for r in rows} == {"verdict"}
@@ -217,17 +287,42 @@ def test_finetune_data_kind_verdict_takes_the_train_split_and_makes_no_lm_call(t
     from reflectagent.splits import split_pairs
 
     source = tmp_path / "pairs.jsonl"
-    rows = [{"id": f"p{i}", "prompt": f"question {i % 20}", "response_a": f"first {i}", "response_b": f"second {i}",
-             "label": "AB"[i % 3 % 2], "source": "s"} for i in range(30)]  # ten prompts with two pairs each
+    rows = [
+        {
+            "id": f"p{i}",
+            "prompt": f"question {i % 20}",
+            "response_a": f"first {i}",
+            "response_b": f"second {i}",
+            "label": "AB"[i % 3 % 2],
+            "source": "s",
+        }
+        for i in range(30)
+    ]  # ten prompts with two pairs each
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
     def no_server(*args, **kwargs):
         raise AssertionError("building verdict rows asked for a server")
 
     monkeypatch.setattr(embedded, "embedded_url", no_server)
     monkeypatch.delenv("REFLECTAGENT_EMBEDDED_URL", raising=False)
     out = tmp_path / "data"
-    result = CliRunner().invoke(app, ["finetune", "data", "--kind", "verdict", "--data", str(source), "--split", "train",
-                                      "--out", str(out), "--fractions", "1,0,0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            "data",
+            "--kind",
+            "verdict",
+            "--data",
+            str(source),
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--fractions",
+            "1,0,0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     card = json.loads((out / "data_card.json").read_text())
     assert card["labels"] == "the data files' own labels" and card["split"] == "train"
@@ -236,12 +331,17 @@ def test_finetune_data_kind_verdict_takes_the_train_split_and_makes_no_lm_call(t
     trained = {r["pair_id"] for r in datasets.load_from_disk(str(out / "unified"))["train"]}
     split = split_pairs(load_benchmark(source)[0], seed=0)
     held_out = {p.prompt for p in split["dev"] + split["test"]}
-    expected = {p.id for p in split["train"] if p.prompt not in held_out}  # a test prompt's other pair is not trained on
+    expected = {
+        p.id for p in split["train"] if p.prompt not in held_out
+    }  # a test prompt's other pair is not trained on
     left_out = card["train_pairs_left_out_for_sharing_a_dev_or_test_prompt"]
     assert trained == expected and 0 < len(trained) and left_out > 0 and len(trained) + left_out == len(split["train"])
 
-    for flags, message in ((["--kind", "bogus"], "--kind is"), (["--split", "later"], "--split is one of"),
-                           (["--teacher-file", str(source), "--split", "train"], "a teacher file is used whole")):
+    for flags, message in (
+        (["--kind", "bogus"], "--kind is"),
+        (["--split", "later"], "--split is one of"),
+        (["--teacher-file", str(source), "--split", "train"], "a teacher file is used whole"),
+    ):
         data_flag = [] if "--teacher-file" in flags else ["--data", str(source)]
         refused = CliRunner().invoke(app, ["finetune", "data", *data_flag, *flags, "--out", str(tmp_path / "x")])
         assert refused.exit_code == 2 and message in refused.output, refused.output
@@ -257,20 +357,58 @@ def test_finetune_data_kind_verdict_from_a_teacher_file_and_refusing_an_empty_re
 
     monkeypatch.delenv("REFLECTAGENT_EMBEDDED_URL", raising=False)
     teacher = tmp_path / "teacher.jsonl"
-    teacher.write_text("\n".join(json.dumps({"id": f"t{i}", "prompt": f"q{i}", "response_a": f"a{i}", "response_b": f"b{i}",
-                                             "teacher_analysis": "Response A is right.", "teacher_preference": "AB"[i % 2],
-                                             "teacher": "gpt"}) for i in range(12)) + "\n")
-    result = CliRunner().invoke(app, ["finetune", "data", "--kind", "verdict", "--teacher-file", str(teacher),
-                                      "--fractions", "1,0,0", "--out", str(tmp_path / "t")])
+    teacher.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "id": f"t{i}",
+                    "prompt": f"q{i}",
+                    "response_a": f"a{i}",
+                    "response_b": f"b{i}",
+                    "teacher_analysis": "Response A is right.",
+                    "teacher_preference": "AB"[i % 2],
+                    "teacher": "gpt",
+                }
+            )
+            for i in range(12)
+        )
+        + "\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            "data",
+            "--kind",
+            "verdict",
+            "--teacher-file",
+            str(teacher),
+            "--fractions",
+            "1,0,0",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     card = json.loads((tmp_path / "t" / "data_card.json").read_text())
-    assert card["teachers"] == ["gpt"] and "teacher's preference" in card["labels"] and card["label_counts"] == {"A": 6, "B": 6}
+    assert (
+        card["teachers"] == ["gpt"]
+        and "teacher's preference" in card["labels"]
+        and card["label_counts"] == {"A": 6, "B": 6}
+    )
     assert len(datasets.load_from_disk(str(tmp_path / "t" / "unified"))["train"]) == 24
 
     ties = tmp_path / "ties.jsonl"
-    ties.write_text("\n".join(json.dumps({"id": f"p{i}", "prompt": f"q{i}", "response_a": "x", "response_b": "y", "label": "tie"})
-                              for i in range(4)) + "\n")
-    refused = CliRunner().invoke(app, ["finetune", "data", "--kind", "verdict", "--data", str(ties), "--out", str(tmp_path / "x")])
+    ties.write_text(
+        "\n".join(
+            json.dumps({"id": f"p{i}", "prompt": f"q{i}", "response_a": "x", "response_b": "y", "label": "tie"})
+            for i in range(4)
+        )
+        + "\n"
+    )
+    refused = CliRunner().invoke(
+        app, ["finetune", "data", "--kind", "verdict", "--data", str(ties), "--out", str(tmp_path / "x")]
+    )
     assert refused.exit_code == 1 and "no training rows" in refused.output, refused.output
 
 
@@ -288,18 +426,24 @@ def test_data_for_a_server_without_tokenize_is_cut_by_characters_with_one_warnin
     from reflectagent.finetune.traces import label_data
 
     monkeypatch.setattr(backends, "_warned", set(), raising=False)
-    pairs = [Pair(prompt=f"question {i}", response_a=f"right {i}", response_b=f"wrong {i}", id=f"p{i}", label="AB"[i % 2])
-             for i in range(6)]
+    pairs = [
+        Pair(prompt=f"question {i}", response_a=f"right {i}", response_b=f"wrong {i}", id=f"p{i}", label="AB"[i % 2])
+        for i in range(6)
+    ]
     pairs.append(Pair(prompt="why? " * 1500, response_a="right", response_b="wrong", id="long", label="A"))
     with ThreadEngine(routes="none") as engine, caplog.at_level(logging.WARNING, logger="reflectagent"):
-        config = BackendConfig(model="hosted_vllm/fake", api_base=engine.api_base, context_tokens=2048, context_chars=4000)
+        config = BackendConfig(
+            model="hosted_vllm/fake", api_base=engine.api_base, context_tokens=2048, context_chars=4000
+        )
         built = label_data(pairs, "student", Settings(backends={"student": config}), tmp_path / "data")
         asked = [(method, path) for method, path, _ in engine.seen]
     rows = [row for split in built.splits.values() for row in split]
     assert len({row["pair_id"] for row in rows}) == len(pairs) and not engine.chat_requests
     long = [row for row in rows if row["pair_id"] == "long"]
     assert long and all("characters cut to fit the judge's context" in row["prompt"][-1]["content"] for row in long)
-    assert all(sum(len(m["content"]) for m in row["prompt"]) < 4000 + 3000 for row in long)  # context_chars, + the template
+    assert all(
+        sum(len(m["content"]) for m in row["prompt"]) < 4000 + 3000 for row in long
+    )  # context_chars, + the template
     assert asked == [("POST", "/tokenize")]  # asked once: the backend keeps to its characters from then on
     told = [r.getMessage() for r in caplog.records if "as vLLM serves it" in r.getMessage()]
     assert len(told) == 1 and "backend 'student': the server has no POST /tokenize" in told[0]

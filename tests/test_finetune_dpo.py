@@ -21,10 +21,22 @@ def traces_with_right_and_wrong(pairs):
         for swapped in (False, True):
             shown = flip(pair.label) if swapped else pair.label
             analyses += [
-                Analysis(text=f"Response {shown} answers what was asked, and correctly.", preference=pair.label,
-                         swapped=swapped, parsed=True, raw="", sample=0),
-                Analysis(text=f"Response {flip(shown)} is shown first, so it must be better.", preference=flip(pair.label),
-                         swapped=swapped, parsed=True, raw="", sample=1),
+                Analysis(
+                    text=f"Response {shown} answers what was asked, and correctly.",
+                    preference=pair.label,
+                    swapped=swapped,
+                    parsed=True,
+                    raw="",
+                    sample=0,
+                ),
+                Analysis(
+                    text=f"Response {flip(shown)} is shown first, so it must be better.",
+                    preference=flip(pair.label),
+                    swapped=swapped,
+                    parsed=True,
+                    raw="",
+                    sample=1,
+                ),
             ]
         out.append(Trace(pair, Judgment(preference=pair.label, analyses=tuple(analyses))))
     return out
@@ -34,13 +46,29 @@ def test_star_dpo_trains_on_top_of_sft_and_merges(model_dir, lora_dir, sample_pa
     data = build_unified_data(traces_with_right_and_wrong(sample_pairs[:4]), DataConfig(fractions="1,0,0"))
     data.save(tmp_path / "data")
     assert len(data.dpo["train"]) == 8  # 4 pairs x 2 orders, each a right and a wrong analysis of the same prompt
-    job = DPOJobConfig(data=str(tmp_path / "data" / "dpo"), sft_adapter=str(lora_dir), output_dir=str(tmp_path / "dpo"),
-                       max_steps=2, per_device_batch=4, gradient_accumulation=1, learning_rate=1e-3, lora_r=4,
-                       lora_alpha=8, logging_steps=1, max_length=768, threads=2)
+    job = DPOJobConfig(
+        data=str(tmp_path / "data" / "dpo"),
+        sft_adapter=str(lora_dir),
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=2,
+        per_device_batch=4,
+        gradient_accumulation=1,
+        learning_rate=1e-3,
+        lora_r=4,
+        lora_alpha=8,
+        logging_steps=1,
+        max_length=768,
+        threads=2,
+    )
     merged = train_dpo(job)
     card = json.loads((tmp_path / "dpo" / "run_card.json").read_text())
     # two of the eight rows (both orders of the longest pair) exceed 768 tokens: left out and counted, not cut
-    assert card["steps"] == 2 and card["train_rows"] == 6 and card["dropped_too_long"] == 2 and card["first_loss"] is not None
+    assert (
+        card["steps"] == 2
+        and card["train_rows"] == 6
+        and card["dropped_too_long"] == 2
+        and card["first_loss"] is not None
+    )
     assert (tmp_path / "dpo" / "adapter" / "adapter_config.json").exists()
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)

@@ -21,7 +21,9 @@ def test_config_file_sections_and_clear_errors(tmp_path):
     path.write_text("train_pairs: 12\nsft:\n  max_steps: 3\n  lora_r: 4\ndata:\n  ratio: 2.0\n")
     config = load_loop_config(path, output_dir=str(tmp_path / "out"))
     assert (config.train_pairs, config.sft.max_steps, config.sft.lora_r, config.data.ratio) == (12, 3, 4, 2.0)
-    assert config.sft.learning_rate == 3e-4 and config.data.fractions == "0.9,0.1,0"  # untouched keys keep the loop's defaults
+    assert (
+        config.sft.learning_rate == 3e-4 and config.data.fractions == "0.9,0.1,0"
+    )  # untouched keys keep the loop's defaults
     path.write_text("train_pairs: 12\nsft:\n  max_step: 3\n")
     with pytest.raises(ConfigError, match="max_step"):
         load_loop_config(path)
@@ -49,7 +51,10 @@ def test_default_data_is_in_the_data_folder_setting_and_named_files_need_none(tm
     from reflectagent import paths
 
     monkeypatch.setenv(paths.DATA_DIR_ENV, str(tmp_path))
-    assert LoopConfig().files("unseen_data") == [str(tmp_path / "pandalm.jsonl"), str(tmp_path / "autoj_pairwise.jsonl")]
+    assert LoopConfig().files("unseen_data") == [
+        str(tmp_path / "pandalm.jsonl"),
+        str(tmp_path / "autoj_pairwise.jsonl"),
+    ]
     monkeypatch.delenv(paths.DATA_DIR_ENV)
     monkeypatch.setattr(paths, "source_checkout", lambda: None)  # an ordinary install: no default folder
     with pytest.raises(paths.DataDirError, match="REFLECTAGENT_DATA_DIR"):
@@ -60,9 +65,15 @@ def test_default_data_is_in_the_data_folder_setting_and_named_files_need_none(tm
 
 @needs_shared
 def test_pairs_are_disjoint_balanced_and_short_enough():
-    config = load_loop_config(None, train_data=f"{SHARED}/hhh_alignment.jsonl,{SHARED}/hh_rlhf_harmless_test.jsonl",
-                              unseen_data=f"{SHARED}/pandalm.jsonl", train_pairs=40, dev_pairs=20, unseen_pairs=10,
-                              max_pair_chars=1200)
+    config = load_loop_config(
+        None,
+        train_data=f"{SHARED}/hhh_alignment.jsonl,{SHARED}/hh_rlhf_harmless_test.jsonl",
+        unseen_data=f"{SHARED}/pandalm.jsonl",
+        train_pairs=40,
+        dev_pairs=20,
+        unseen_pairs=10,
+        max_pair_chars=1200,
+    )
     chosen = choose_pairs(config)
     assert [len(chosen[k]) for k in ("dev", "unseen")] == [20, 10]
     held_out = {p.prompt for p in chosen["dev"] + chosen["unseen"]}
@@ -100,8 +111,9 @@ sft: {{max_steps: 3, per_device_batch: 2, gradient_accumulation: 1, lora_r: 8, l
 reward: {{max_steps: 2, per_device_batch: 2, gradient_accumulation: 1, logging_steps: 1, max_length: 512, threads: 2}}
 """)
     config = load_loop_config(path)
-    teacher = Settings(backends={"embedded": BackendConfig(model="embedded", api_base=server.url, temperature=0.8,
-                                                           context_chars=4000)})
+    teacher = Settings(
+        backends={"embedded": BackendConfig(model="embedded", api_base=server.url, temperature=0.8, context_chars=4000)}
+    )
     from reflectagent.cache import JudgmentCache, use_cache
 
     with use_cache(JudgmentCache(tmp_path / "cache")):
@@ -110,7 +122,9 @@ reward: {{max_steps: 2, per_device_batch: 2, gradient_accumulation: 1, logging_s
         card = json.loads((out / "data" / "data_card.json").read_text())
         assert card["pairs"]["train"] >= 6 and card["rows"]["train"].get("response", 0) > 0
         traces = [json.loads(line) for line in (out / "data" / "traces.jsonl").read_text().splitlines()]
-        assert len(traces) == 8 and all(len(t["analysis_correct"]) == len(t["judgment"]["analyses"]) == 2 for t in traces)
+        assert len(traces) == 8 and all(
+            len(t["analysis_correct"]) == len(t["judgment"]["analyses"]) == 2 for t in traces
+        )
         response = json.loads((out / "models" / "response" / "run_card.json").read_text())
         unified = json.loads((out / "models" / "unified" / "run_card.json").read_text())
         assert response["rows_by_kind"].keys() == {"response"} and response["steps"] == 3
@@ -119,8 +133,13 @@ reward: {{max_steps: 2, per_device_batch: 2, gradient_accumulation: 1, logging_s
         summary = json.loads((out / "summary.json").read_text())
         for split in ("dev", "unseen"):
             rows = {(r["backend"], r["program"]): r for r in summary["results"][split]}
-            assert set(rows) == {("base", "genrm-both"), ("base (free)", "genrm-both"), ("response", "genrm-both"),
-                                 ("unified", "genrm-both"), ("bradley-terry", "bradley-terry")}
+            assert set(rows) == {
+                ("base", "genrm-both"),
+                ("base (free)", "genrm-both"),
+                ("response", "genrm-both"),
+                ("unified", "genrm-both"),
+                ("bradley-terry", "bradley-terry"),
+            }
             assert rows[("bradley-terry", "bradley-terry")]["consistency"] == 1.0
             assert rows[("unified", "genrm-both")]["parse failures"] is not None
         text = report.read_text()

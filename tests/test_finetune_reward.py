@@ -11,8 +11,18 @@ pytestmark = pytest.mark.torch
 
 def test_tiny_reward_model_trains_and_judges_order_invariantly(model_dir, sample_pairs, tmp_path):
     train = sample_pairs[:8]
-    config = RewardJobConfig(output_dir=str(tmp_path / "rm"), max_steps=8, per_device_batch=4, gradient_accumulation=1,
-                             learning_rate=1e-3, max_length=512, logging_steps=1, lora_r=8, lora_alpha=16, threads=2)
+    config = RewardJobConfig(
+        output_dir=str(tmp_path / "rm"),
+        max_steps=8,
+        per_device_batch=4,
+        gradient_accumulation=1,
+        learning_rate=1e-3,
+        max_length=512,
+        logging_steps=1,
+        lora_r=8,
+        lora_alpha=16,
+        threads=2,
+    )
     adapter = train_reward(config, train)
     card = json.loads((tmp_path / "rm" / "run_card.json").read_text())
     assert card["steps"] == 8 and card["train_rows"] == 8  # pairs, for the reward model (RunCard)

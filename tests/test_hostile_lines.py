@@ -19,12 +19,24 @@ from reflectagent.pairs import read_pairs
 from reflectagent.reading import PairFileError, ReadLimits
 from reflectagent.teacher import read_teacher
 
-GOOD = {"prompt": "What is the capital of France?", "response_a": "Paris, right.", "response_b": "Berlin, wrong.", "label": "A",
-        "teacher_analysis": "Response A is right.", "teacher_preference": "A"}
+GOOD = {
+    "prompt": "What is the capital of France?",
+    "response_a": "Paris, right.",
+    "response_b": "Berlin, wrong.",
+    "label": "A",
+    "teacher_analysis": "Response A is right.",
+    "teacher_preference": "A",
+}
 HOSTILE = {  # line number (after one good line) -> the reason it must be skipped with
     2: ("[" * 200_000 + "]" * 200_000, "nested too deep to read"),
-    3: ('{"prompt": "p", "response_a": "a", "response_b": "b", "x": %s}' % ("[" * 200_000 + "]" * 200_000), "nested too deep to read"),
-    4: ('{"id": %s, "prompt": "p", "response_a": "a", "response_b": "b"}' % ("7" * 5000), "a number of more than 4300 digits"),
+    3: (
+        '{"prompt": "p", "response_a": "a", "response_b": "b", "x": %s}' % ("[" * 200_000 + "]" * 200_000),
+        "nested too deep to read",
+    ),
+    4: (
+        '{"id": %s, "prompt": "p", "response_a": "a", "response_b": "b"}' % ("7" * 5000),
+        "a number of more than 4300 digits",
+    ),
     5: (json.dumps({**GOOD, "category": {"x": 1}}), "category must be text, got dict"),
     6: (json.dumps({**GOOD, "source": ["a", "b"]}), "source must be text, got list"),
 }
@@ -57,9 +69,19 @@ def test_the_pair_and_teacher_readers_skip_each_hostile_line_with_its_reason(tmp
 
 def test_a_teacher_line_with_a_hostile_teacher_field_is_skipped(tmp_path):
     path = tmp_path / "teacher.jsonl"
-    path.write_text("\n".join(json.dumps(row) for row in [
-        GOOD, {**GOOD, "teacher": {"name": "x"}}, {**GOOD, "prompt_also_in": [["nested"]]}, {**GOOD, "prompt_also_in": 3},
-        {**GOOD, "teacher_preference": ["A"]}]) + "\n")
+    path.write_text(
+        "\n".join(
+            json.dumps(row)
+            for row in [
+                GOOD,
+                {**GOOD, "teacher": {"name": "x"}},
+                {**GOOD, "prompt_also_in": [["nested"]]},
+                {**GOOD, "prompt_also_in": 3},
+                {**GOOD, "teacher_preference": ["A"]},
+            ]
+        )
+        + "\n"
+    )
     judgments, bad = read_teacher(path)
     assert len(judgments) == 1 and [b.line for b in bad] == [2, 3, 4, 5]
     assert "teacher must be text" in bad[0].error and "prompt_also_in must be a list" in bad[1].error
@@ -75,17 +97,34 @@ def engine():
 
 def config_file(tmp_path, engine) -> str:
     config = tmp_path / "c.toml"
-    config.write_text(f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{engine.url}/v1"\napi_key_env = "FAKE_KEY"\n'
-                      'constrained = false\nlogprobs = false\nnum_retries = 0\ncontext_chars = 4000\n')
+    config.write_text(
+        f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{engine.url}/v1"\napi_key_env = "FAKE_KEY"\n'
+        "constrained = false\nlogprobs = false\nnum_retries = 0\ncontext_chars = 4000\n"
+    )
     return str(config)
 
 
 def test_eval_skips_each_hostile_line_and_judges_the_rest(tmp_path, engine, monkeypatch):
     monkeypatch.setenv("FAKE_KEY", "k")
     path = hostile_file(tmp_path, goods=2)
-    result = CliRunner().invoke(app, ["eval", "--data", str(path), "--programs", "genrm", "--backends", "fake", "--config",
-                                      config_file(tmp_path, engine), "--cache-dir", str(tmp_path / "cache"), "-o",
-                                      str(tmp_path / "report")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--data",
+            str(path),
+            "--programs",
+            "genrm",
+            "--backends",
+            "fake",
+            "--config",
+            config_file(tmp_path, engine),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "-o",
+            str(tmp_path / "report"),
+        ],
+    )
     output = result.stdout + result.stderr
     assert result.exit_code == 0 and "Traceback" not in output, output
     for line in expected(path):
@@ -97,9 +136,25 @@ def test_eval_skips_each_hostile_line_and_judges_the_rest(tmp_path, engine, monk
 def test_finetune_data_skips_each_hostile_line_and_builds_from_the_rest(tmp_path, engine, monkeypatch, source):
     monkeypatch.setenv("FAKE_KEY", "k")
     path = hostile_file(tmp_path, goods=10)
-    result = CliRunner().invoke(app, ["finetune", "data", source, str(path), "--kind", "verdict", "--backend", "fake",
-                                      "--config", config_file(tmp_path, engine), "-o", str(tmp_path / "data"),
-                                      "--fractions", "1,0,0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            "data",
+            source,
+            str(path),
+            "--kind",
+            "verdict",
+            "--backend",
+            "fake",
+            "--config",
+            config_file(tmp_path, engine),
+            "-o",
+            str(tmp_path / "data"),
+            "--fractions",
+            "1,0,0",
+        ],
+    )
     output = result.stdout + result.stderr
     assert result.exit_code == 0 and "Traceback" not in output, output
     for line in expected(path):
@@ -127,7 +182,9 @@ def test_the_line_and_size_bounds_hold_for_gzip_and_utf16(tmp_path):
     limits = ReadLimits(max_line_bytes=1000, max_input_bytes=10_000)
     long_line = tmp_path / "long.jsonl.gz"
     long_line.write_bytes(gzip.compress(json.dumps({**GOOD, "prompt": "x" * 2000}).encode() + b"\n"))
-    with pytest.raises(PairFileError, match=r"long\.jsonl\.gz:1: a line longer than 1,000 bytes \(reading\.max_line_bytes\)"):
+    with pytest.raises(
+        PairFileError, match=r"long\.jsonl\.gz:1: a line longer than 1,000 bytes \(reading\.max_line_bytes\)"
+    ):
         read_pairs(long_line, limits)
     inflated = tmp_path / "many.jsonl.gz"
     inflated.write_bytes(gzip.compress((json.dumps(GOOD) + "\n").encode() * 100))

@@ -44,8 +44,9 @@ def test_swapped_analysis_is_mapped_back_to_the_original_order(cache):
 
 def test_verdict_step_judges_an_analysis_written_elsewhere(cache):
     """A critique from elsewhere (a person, a teacher file) turned into a verdict, in the caller's order."""
-    written = Analysis(text="Only the second response names the right capital.", preference=None, swapped=False,
-                       parsed=True, raw="")
+    written = Analysis(
+        text="Only the second response names the right capital.", preference=None, swapped=False, parsed=True, raw=""
+    )
     lm = DummyLM({"[[ ## analysis ## ]]\nOnly the second": {"preference": "A"}}, adapter=JudgeAdapter())
     with dspy.context(lm=lm):
         straight = VerdictStep()(PAIR, written)
@@ -123,7 +124,10 @@ def test_reflector_names_an_analysis_by_index(cache):
 
 def test_strict_parse_and_schema():
     adapter = JudgeAdapter()
-    assert adapter.parse(Analyze, 'Sure!\n```json\n{"analysis": "x", "preference": "B"}\n```') == {"analysis": "x", "preference": "B"}
+    assert adapter.parse(Analyze, 'Sure!\n```json\n{"analysis": "x", "preference": "B"}\n```') == {
+        "analysis": "x",
+        "preference": "B",
+    }
     for junk in ["A", '{"analysis": "x"}', '{"analysis": "x", "preference": "C"}', "{'analysis': 'x'"]:
         with pytest.raises(AdapterParseError):
             adapter.parse(Analyze, junk)

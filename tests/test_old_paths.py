@@ -28,7 +28,9 @@ def test_a_flat_path_is_the_same_module_where_it_lives_now(old):
     assert importlib.import_module(f"reflectagent.{old}") is moved is sys.modules[f"reflectagent.{old}"]
     assert getattr(reflectagent, old) is moved  # as an attribute of the package too
     assert moved.__name__ == moved.__spec__.name == f"reflectagent.{group}.{old}"  # it keeps its own name
-    assert not (ROOT / "reflectagent" / f"{old}.py").exists() and (ROOT / "reflectagent" / group / f"{old}.py").is_file()
+    assert (
+        not (ROOT / "reflectagent" / f"{old}.py").exists() and (ROOT / "reflectagent" / group / f"{old}.py").is_file()
+    )
 
 
 def test_from_imports_and_monkeypatch_reach_the_module(monkeypatch):
@@ -49,14 +51,41 @@ def test_the_names_the_split_modules_had_are_still_theirs():
     from reflectagent.serving import convert, sources
 
     had = {
-        models: ["DEFAULT_CONTEXT", "DEFAULT_DTYPE", "DONE_MARKER", "EMBEDDED_MODEL", "GGUF_DISTRIBUTION", "GGUF_FILE",
-                 "GGUF_PACKAGE", "ModelPreparationError", "SOURCE_FILE", "convert_gguf", "default_context",
-                 "default_dtype", "embedded_model_dir", "find_embedded_gguf", "is_prepared", "landing", "merge_lora",
-                 "prepare_model", "read_source"],
-        backends: ["Backend", "BackendLM", "TOKEN_MARGIN", "backend", "fingerprint", "model_identity",
-                   "remember_unpriced_models", "resolve_backend"],
+        models: [
+            "DEFAULT_CONTEXT",
+            "DEFAULT_DTYPE",
+            "DONE_MARKER",
+            "EMBEDDED_MODEL",
+            "GGUF_DISTRIBUTION",
+            "GGUF_FILE",
+            "GGUF_PACKAGE",
+            "ModelPreparationError",
+            "SOURCE_FILE",
+            "convert_gguf",
+            "default_context",
+            "default_dtype",
+            "embedded_model_dir",
+            "find_embedded_gguf",
+            "is_prepared",
+            "landing",
+            "merge_lora",
+            "prepare_model",
+            "read_source",
+        ],
+        backends: [
+            "Backend",
+            "BackendLM",
+            "TOKEN_MARGIN",
+            "backend",
+            "fingerprint",
+            "model_identity",
+            "remember_unpriced_models",
+            "resolve_backend",
+        ],
     }
-    missing = [f"{module.__name__}.{name}" for module, names in had.items() for name in names if not hasattr(module, name)]
+    missing = [
+        f"{module.__name__}.{name}" for module, names in had.items() for name in names if not hasattr(module, name)
+    ]
     assert not missing, missing
     assert models.landing is sources.landing and models.merge_lora is convert.merge_lora
     assert backends.fingerprint is sources.fingerprint
@@ -101,8 +130,10 @@ def test_the_entry_points_and_package_data_resolve():
     """pyproject names the command (``reflectagent.cli:app``) and vLLM's plugin (``reflectagent.vllm_plugin:register``)
     by path, and lists every package: each resolves, and each folder of the core is packaged."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    targets = [*project["project"]["scripts"].values(),
-               *(value for group in project["project"]["entry-points"].values() for value in group.values())]
+    targets = [
+        *project["project"]["scripts"].values(),
+        *(value for group in project["project"]["entry-points"].values() for value in group.values()),
+    ]
     for target in targets:
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), target
@@ -113,4 +144,6 @@ def test_the_entry_points_and_package_data_resolve():
     from reflectagent.presets import ADAPTERS_DIR, PRESETS
 
     assert len(sample_pairs()) == 32
-    assert all((ADAPTERS_DIR / p.adapter / "adapter_config.json").is_file() for p in PRESETS.values() if hasattr(p, "adapter"))
+    assert all(
+        (ADAPTERS_DIR / p.adapter / "adapter_config.json").is_file() for p in PRESETS.values() if hasattr(p, "adapter")
+    )

@@ -37,7 +37,10 @@ def test_a_failed_run_keeps_what_it_wrote_beside_the_old_output(tmp_path):
         out.write("finished")
         raise RuntimeError("the backend went away")
     assert target.read_text() == "old\n" and (tmp_path / "out.jsonl.partial").read_text() == "finished\n"
-    assert "the 1 judgment(s) finished are in" in out.failure_note() and "is as it was before this run" in out.failure_note()
+    assert (
+        "the 1 judgment(s) finished are in" in out.failure_note()
+        and "is as it was before this run" in out.failure_note()
+    )
     with pytest.raises(RuntimeError), AtomicOutput(tmp_path / "new.jsonl") as empty:
         raise RuntimeError("before any judgment")
     assert not (tmp_path / "new.jsonl").exists() and not (tmp_path / "new.jsonl.partial").exists()
@@ -61,9 +64,13 @@ def test_an_output_that_is_an_input_a_folder_or_nowhere_is_refused(tmp_path):
 
 def test_a_second_writer_of_the_same_output_fails_at_once(tmp_path):
     target = tmp_path / "out.jsonl"
-    script = ("import sys; from reflectagent.output import AtomicOutput\n"
-              "with AtomicOutput(sys.argv[1]) as out:\n    print('writing', flush=True); sys.stdin.readline()\n")
-    held = subprocess.Popen([sys.executable, "-c", script, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    script = (
+        "import sys; from reflectagent.output import AtomicOutput\n"
+        "with AtomicOutput(sys.argv[1]) as out:\n    print('writing', flush=True); sys.stdin.readline()\n"
+    )
+    held = subprocess.Popen(
+        [sys.executable, "-c", script, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert held.stdout.readline().strip() == "writing"
         with pytest.raises(OutputBusy, match="another run is writing"):
@@ -77,20 +84,56 @@ def test_a_second_writer_of_the_same_output_fails_at_once(tmp_path):
 
 # ---- the real command, as separate processes ------------------------------------------------------------
 
+
 def pairs_file(folder: Path, n: int) -> Path:
     path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"id": str(i), "prompt": f"question {i}", "response_a": f"right {i}",
-                                        "response_b": f"wrong {i}", "label": "A"}) + "\n" for i in range(n)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": str(i),
+                    "prompt": f"question {i}",
+                    "response_a": f"right {i}",
+                    "response_b": f"wrong {i}",
+                    "label": "A",
+                }
+            )
+            + "\n"
+            for i in range(n)
+        )
+    )
     return path
 
 
 def judge(folder: Path, engine_url: str, data: Path, out: Path, *extra: str, wait: bool = True):
     config = folder / "c.toml"
-    config.write_text(f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{engine_url}/v1"\napi_key_env = "FAKE_KEY"\n'
-                      'constrained = false\nlogprobs = false\nnum_retries = 0\ntimeout_s = 30\n')
-    command = [sys.executable, "-m", "reflectagent.cli", "judge", str(data), "--program", "genrm", "--backend", "fake",
-               "--config", str(config), "--cache-dir", str(folder / "cache"), "-o", str(out), "--concurrency", "1", *extra]
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FAKE_KEY": "k"})
+    config.write_text(
+        f'[backends.fake]\nmodel = "openai/fake"\napi_base = "{engine_url}/v1"\napi_key_env = "FAKE_KEY"\n'
+        "constrained = false\nlogprobs = false\nnum_retries = 0\ntimeout_s = 30\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "reflectagent.cli",
+        "judge",
+        str(data),
+        "--program",
+        "genrm",
+        "--backend",
+        "fake",
+        "--config",
+        str(config),
+        "--cache-dir",
+        str(folder / "cache"),
+        "-o",
+        str(out),
+        "--concurrency",
+        "1",
+        *extra,
+    ]
+    run = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FAKE_KEY": "k"}
+    )
     if not wait:
         return run
     stdout, stderr = run.communicate(timeout=300)
@@ -140,7 +183,10 @@ def test_two_writers_of_one_output_cannot_interleave(tmp_path):
     out = tmp_path / "out.jsonl"
     engine = Engine("--delay", "1.5")  # whichever run takes the lock is still judging (9 s) when the other reaches it
     try:
-        runs = [judge(tmp_path, engine.url, data, out, "--cache-dir", str(tmp_path / f"cache{i}"), wait=False) for i in range(2)]
+        runs = [
+            judge(tmp_path, engine.url, data, out, "--cache-dir", str(tmp_path / f"cache{i}"), wait=False)
+            for i in range(2)
+        ]
         results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
     finally:
         engine.stop()
@@ -172,6 +218,7 @@ def test_a_pipe_or_device_as_the_output_is_written_as_it_comes(tmp_path):
 
 # ---- #32: a failed run never replaces an earlier one's partial; a kill keeps and reports; a full disk is told true ----
 
+
 def test_a_second_failed_run_never_replaces_the_partial_an_earlier_one_kept(tmp_path):
     target = tmp_path / "out.jsonl"
     notes = []
@@ -197,10 +244,14 @@ def test_the_temporary_of_a_killed_run_is_kept_and_reported_by_the_next(tmp_path
 
     target = tmp_path / "out.jsonl"
     (tmp_path / "out.jsonl.partial").write_text("earlier\n")
-    script = ("import sys; from reflectagent.output import AtomicOutput\n"
-              "with AtomicOutput(sys.argv[1]) as out:\n"
-              "    out.write('one'); out.write('two'); print('written', flush=True); sys.stdin.readline()\n")
-    held = subprocess.Popen([sys.executable, "-c", script, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    script = (
+        "import sys; from reflectagent.output import AtomicOutput\n"
+        "with AtomicOutput(sys.argv[1]) as out:\n"
+        "    out.write('one'); out.write('two'); print('written', flush=True); sys.stdin.readline()\n"
+    )
+    held = subprocess.Popen(
+        [sys.executable, "-c", script, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert held.stdout.readline().strip() == "written"
     held.send_signal(signal.SIGKILL)  # no handler, no __exit__: the lines are in its hidden temporary
     held.wait(30)
@@ -210,11 +261,19 @@ def test_the_temporary_of_a_killed_run_is_kept_and_reported_by_the_next(tmp_path
     notes = []
     with AtomicOutput(target, report=notes.append) as out:
         out.write("three")
-    assert notes == [(f"an earlier run writing {target} was killed before it ended: the 2 judgment line(s) it finished "
-                      f"are kept in {tmp_path / 'out.jsonl.partial.2'}")]
+    assert notes == [
+        (
+            f"an earlier run writing {target} was killed before it ended: the 2 judgment line(s) it finished "
+            f"are kept in {tmp_path / 'out.jsonl.partial.2'}"
+        )
+    ]
     assert (tmp_path / "out.jsonl.partial.2").read_text() == "one\ntwo\n" and target.read_text() == "three\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.lock", "out.jsonl.partial",
-                                                          "out.jsonl.partial.2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.jsonl",
+        "out.jsonl.lock",
+        "out.jsonl.partial",
+        "out.jsonl.partial.2",
+    ]
 
 
 def test_a_full_disk_is_told_as_it_is_and_never_hides_the_lines(tmp_path, monkeypatch):
@@ -229,12 +288,17 @@ def test_a_full_disk_is_told_as_it_is_and_never_hides_the_lines(tmp_path, monkey
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    full_disk = (r"the finished run could not be written there \(No space left on device\): the 1 judgment\(s\) finished "
-                 r"are in .*out\.jsonl\.partial \(it could not be flushed to disk: No space left on device\); .* is as it was")
+    full_disk = (
+        r"the finished run could not be written there \(No space left on device\): the 1 judgment\(s\) finished "
+        r"are in .*out\.jsonl\.partial \(it could not be flushed to disk: No space left on device\); .* is as it was"
+    )
     with pytest.raises(OutputError, match=full_disk), AtomicOutput(target) as out:
         out.write("one")
     assert target.read_text() == "old\n" and (tmp_path / "out.jsonl.partial").read_text() == "one\n"
-    with pytest.raises(RuntimeError, match="the backend went away"), AtomicOutput(target, report=lambda note: None) as out:
+    with (
+        pytest.raises(RuntimeError, match="the backend went away"),
+        AtomicOutput(target, report=lambda note: None) as out,
+    ):
         out.write("two")
         raise RuntimeError("the backend went away")  # the run's own error, not the disk's
     assert (tmp_path / "out.jsonl.partial.2").read_text() == "two\n" and "flushed to disk" in out.failure_note()
@@ -245,7 +309,9 @@ def test_a_full_disk_is_told_as_it_is_and_never_hides_the_lines(tmp_path, monkey
     out.write("three")
     note = out.stop()  # the rename to .partial.3 fails: the note names the temporary the lines are in
     hidden = tmp_path / f".out.jsonl.{os.getpid()}.tmp"
-    assert note.startswith(f"the 1 judgment(s) finished are in {hidden} (they could not be moved to") and hidden.exists()
+    assert (
+        note.startswith(f"the 1 judgment(s) finished are in {hidden} (they could not be moved to") and hidden.exists()
+    )
     monkeypatch.setattr(os, "replace", real_replace)
     notes = []
     with AtomicOutput(target, report=notes.append) as out:  # the next run keeps them where they can be seen
@@ -256,18 +322,22 @@ def test_a_full_disk_is_told_as_it_is_and_never_hides_the_lines(tmp_path, monkey
 def test_a_write_that_hits_a_full_disk_stops_the_run_with_the_whole_lines_kept(tmp_path):
     """A real short write (a file size limit stands in for a full disk): the run stops with an OutputError, the
     partial holds only whole lines, and the note says so."""
-    script = ("import json, resource, signal, sys\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))\n"
-              "from reflectagent.output import AtomicOutput, OutputError\n"
-              "out = AtomicOutput(sys.argv[1], report=lambda note: None)\n"
-              "try:\n"
-              "    with out:\n"
-              "        for i in range(100): out.write(json.dumps({'i': i, 'pad': 'x' * 80}))\n"
-              "except OutputError as exc:\n"
-              "    print(exc); print(out.failure_note())\n")
+    script = (
+        "import json, resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))\n"
+        "from reflectagent.output import AtomicOutput, OutputError\n"
+        "out = AtomicOutput(sys.argv[1], report=lambda note: None)\n"
+        "try:\n"
+        "    with out:\n"
+        "        for i in range(100): out.write(json.dumps({'i': i, 'pad': 'x' * 80}))\n"
+        "except OutputError as exc:\n"
+        "    print(exc); print(out.failure_note())\n"
+    )
     target = tmp_path / "out.jsonl"
-    done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     error, note = done.stdout.splitlines()
     assert error == f"-o {target}: a judgment could not be written (File too large)"
@@ -297,7 +367,11 @@ def test_judge_stopped_by_sigterm_keeps_and_reports_its_judgments(tmp_path):
         engine.stop()
     kept = (tmp_path / "out.jsonl.partial").read_text().splitlines()
     assert run.returncode == 143 and "Traceback" not in stderr, stderr
-    assert 2 <= len(kept) < 30 and f"stopped by SIGTERM after {len(kept)} of 30 judgments: the {len(kept)} judgment(s) " \
-        f"finished are in {tmp_path / 'out.jsonl.partial'}; {out} was not written." in stderr
+    assert (
+        2 <= len(kept) < 30
+        and f"stopped by SIGTERM after {len(kept)} of 30 judgments: the {len(kept)} judgment(s) "
+        f"finished are in {tmp_path / 'out.jsonl.partial'}; {out} was not written."
+        in stderr
+    )
     assert [json.loads(line)["pair"]["id"] for line in kept] == [str(i) for i in range(len(kept))]
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))

@@ -45,7 +45,10 @@ def test_bad_lines_are_reported_with_numbers_and_the_rest_are_read(tmp_path):
     pairs, bad = read_pairs(path)
     assert [p.id for p in pairs] == ["1", "7"]
     assert [(b.line, b.error.split(":")[0]) for b in bad] == [
-        (2, "not JSON"), (3, "missing field(s)"), (4, "not UTF-8 (byte 32 of the line)"), (7, "expected a JSON object, got list"),
+        (2, "not JSON"),
+        (3, "missing field(s)"),
+        (4, "not UTF-8 (byte 32 of the line)"),
+        (7, "expected a JSON object, got list"),
     ]
     assert str(bad[0]).startswith(f"{path}:2: not JSON")
 
@@ -64,15 +67,19 @@ def test_fit_to_budget_keeps_short_texts_and_cuts_long_ones_visibly():
 
 def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "response_a": "a", "response_b": "b"}).encode() + b"\r\n")
+    path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "response_a": "a", "response_b": "b"}).encode() + b"\r\n"
+    )
     pairs, bad = read_pairs(path)
     assert [p.prompt for p in pairs] == ["p"] and bad == []
 
 
 def test_a_lone_surrogate_escape_is_a_bad_line_that_says_what_to_fix(tmp_path):
     path = tmp_path / "surrogate.jsonl"
-    path.write_text('{"prompt": "p", "response_a": "x\\ud800y", "response_b": "b"}\n'
-                    '{"prompt": "p", "response_a": "a", "response_b": "b"}\n')
+    path.write_text(
+        '{"prompt": "p", "response_a": "x\\ud800y", "response_b": "b"}\n'
+        '{"prompt": "p", "response_a": "a", "response_b": "b"}\n'
+    )
     pairs, bad = read_pairs(path)
     assert len(pairs) == 1 and [b.line for b in bad] == [1]
     assert "response_a holds a lone surrogate escape" in bad[0].error and "character 2" in bad[0].error
@@ -81,7 +88,9 @@ def test_a_lone_surrogate_escape_is_a_bad_line_that_says_what_to_fix(tmp_path):
 def test_duplicate_ids_are_found():
     from reflectagent.pairs import duplicate_ids
 
-    pairs = [Pair(prompt="p", response_a="a", response_b=str(i), id=key) for i, key in enumerate(["x", "y", "x", None, None])]
+    pairs = [
+        Pair(prompt="p", response_a="a", response_b=str(i), id=key) for i, key in enumerate(["x", "y", "x", None, None])
+    ]
     assert duplicate_ids(pair.id for pair in pairs) == {"x": 2}
 
 
@@ -125,8 +134,12 @@ def test_a_pair_file_is_counted_once_and_read_again_as_judged(tmp_path):
 
     rows = [{"prompt": f"p{i}", "response_a": "a", "response_b": "b", "id": f"id{i}"} for i in range(5)]
     path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(row) for row in rows[:2]) + "\nnot json\n"
-                    + "\n".join(json.dumps(row) for row in rows[2:]) + "\n")
+    path.write_text(
+        "\n".join(json.dumps(row) for row in rows[:2])
+        + "\nnot json\n"
+        + "\n".join(json.dumps(row) for row in rows[2:])
+        + "\n"
+    )
     streamed = PairFile(path, limit=4)
     assert len(streamed) == 4 and streamed.ids == ["id0", "id1", "id2", "id3"]
     assert [bad.line for bad in streamed.bad_lines] == [3]  # reported once, at the start

@@ -18,9 +18,16 @@ def rater(good: str, bad: str):
     return fake({f"[[ ## response ## ]]\n{GOOD}": {"rating": good}, f"[[ ## response ## ]]\n{BAD}": {"rating": bad}})
 
 
-@pytest.mark.parametrize(("good", "bad", "swapped", "want"), [
-    ("5", "2", False, "A"), ("5", "2", True, "B"), ("1", "4", False, "B"), ("1", "4", True, "A"), ("3", "3", False, None),
-])
+@pytest.mark.parametrize(
+    ("good", "bad", "swapped", "want"),
+    [
+        ("5", "2", False, "A"),
+        ("5", "2", True, "B"),
+        ("1", "4", False, "B"),
+        ("1", "4", True, "A"),
+        ("3", "3", False, None),
+    ],
+)
 def test_the_higher_generated_rating_wins_and_a_tie_is_no_verdict(cache, good, bad, swapped, want):
     with dspy.context(lm=rater(good, bad)):
         judgment = named_program("pointwise").judge(PAIR.swapped() if swapped else PAIR)
@@ -72,10 +79,17 @@ def test_ratings_survive_a_round_trip_through_json(cache):
 
 
 def test_assess_prob_writes_an_assessment_before_each_rating(cache, tmp_path):
-    lm = fake({f"[[ ## response ## ]]\n{GOOD}": {"assessment": "names the right capital", "rating": "5"},
-               f"[[ ## response ## ]]\n{BAD}": {"assessment": "Berlin is wrong", "rating": "1"}})
+    lm = fake(
+        {
+            f"[[ ## response ## ]]\n{GOOD}": {"assessment": "names the right capital", "rating": "5"},
+            f"[[ ## response ## ]]\n{BAD}": {"assessment": "Berlin is wrong", "rating": "1"},
+        }
+    )
     with dspy.context(lm=lm):
         judgment = PointwiseJudge(decision="vote", rationale=True).judge(PAIR)
-    assert [(r.response, r.text) for r in judgment.ratings] == [("A", "names the right capital"), ("B", "Berlin is wrong")]
+    assert [(r.response, r.text) for r in judgment.ratings] == [
+        ("A", "names the right capital"),
+        ("B", "Berlin is wrong"),
+    ]
     assert judgment.preference == "A"
     assert load_program(PointwiseJudge(rationale=True).save(tmp_path / "p.json")).options["rationale"] is True

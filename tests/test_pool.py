@@ -19,8 +19,21 @@ PAIRS = [Pair(prompt=f"question {i}", response_a=f"right {i}", response_b=f"wron
 
 
 def pool(first: str, *more: str, model: str = "openai/fake", **options) -> Settings:
-    return Settings(backends={"pool": BackendConfig(model=model, api_base=first, replicas=list(more), api_key_env="FAKE_KEY",
-                                                    constrained=False, logprobs=False, num_retries=2, timeout_s=30, **options)})
+    return Settings(
+        backends={
+            "pool": BackendConfig(
+                model=model,
+                api_base=first,
+                replicas=list(more),
+                api_key_env="FAKE_KEY",
+                constrained=False,
+                logprobs=False,
+                num_retries=2,
+                timeout_s=30,
+                **options,
+            )
+        }
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -36,8 +49,12 @@ def test_requests_spread_over_the_replicas_and_a_failing_one_is_left_out(tmp_pat
             many = [Pair(prompt=f"question {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(24)]
             judged = judge_pairs(GenRM(), many, concurrency=1, progress=False)
         assert [j.preference for j in judged] == ["A"] * len(many)
-        assert healthy.count() > 0 and other.count() > 0 and healthy.count() + other.count() == len(many)  # each step once
-        assert failing.count() <= 3  # a third of 24 without cooldown: it failed, was left out, its requests went elsewhere
+        assert (
+            healthy.count() > 0 and other.count() > 0 and healthy.count() + other.count() == len(many)
+        )  # each step once
+        assert (
+            failing.count() <= 3
+        )  # a third of 24 without cooldown: it failed, was left out, its requests went elsewhere
     finally:
         for engine in (healthy, other, failing):
             engine.stop()
@@ -75,19 +92,26 @@ def test_two_vllm_replicas_one_killed_midway_the_run_completes_on_the_other(mode
 
     from reflectagent.server import ServerSpec, VLLMServer
 
-    servers = [VLLMServer(ServerSpec(model_dir=str(model_dir), served_name="judge"), log_path=tmp_path / f"vllm{i}.log")
-               for i in range(2)]
+    servers = [
+        VLLMServer(ServerSpec(model_dir=str(model_dir), served_name="judge"), log_path=tmp_path / f"vllm{i}.log")
+        for i in range(2)
+    ]
     for server in servers:
         server.start()
     try:
         settings = pool(servers[0].url, servers[1].url, model="hosted_vllm/judge", context_tokens=2048)
         settings.backends["pool"].constrained = settings.backends["pool"].logprobs = None  # vLLM's defaults: both on
-        pairs = [Pair(prompt=f"What is {i} + {i}?", response_a=str(2 * i), response_b=str(2 * i + 1), label="A") for i in range(16)]
+        pairs = [
+            Pair(prompt=f"What is {i} + {i}?", response_a=str(2 * i), response_b=str(2 * i + 1), label="A")
+            for i in range(16)
+        ]
         done = []
 
         def judge_all():
             with use_cache(JudgmentCache(tmp_path / "cache")), dspy.context(lm=resolve_backend("pool", settings)):
-                done.extend(judge_pairs(GenRM(both_orders=True, decision="probability"), pairs, concurrency=4, progress=False))
+                done.extend(
+                    judge_pairs(GenRM(both_orders=True, decision="probability"), pairs, concurrency=4, progress=False)
+                )
 
         worker = threading.Thread(target=judge_all)
         worker.start()

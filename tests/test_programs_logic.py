@@ -14,7 +14,16 @@ from fakes import BAD, GOOD, PAIR, ScoreJudge, biased_analyst, fair_analyst, ref
 from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.judge import Judge, PositionSwapJudge, ProgramFileError
 from reflectagent.pairs import Pair
-from reflectagent.programs import AdaptiveReflectRM, Cascade, Ensemble, GenRM, MTBenchJudge, ReflectRM, load_program, rank
+from reflectagent.programs import (
+    AdaptiveReflectRM,
+    Cascade,
+    Ensemble,
+    GenRM,
+    MTBenchJudge,
+    ReflectRM,
+    load_program,
+    rank,
+)
 from reflectagent.programs.compile import compile_judge, preference_metric, to_examples
 from reflectagent.programs.genrm import majority, probability_verdict
 from reflectagent.programs.ranking import bradley_terry
@@ -23,13 +32,26 @@ from reflectagent.results import Analysis, Judgment, Reflection
 
 
 def analysis(preference, probability=None, parsed=True):
-    return Analysis(text="", preference=preference if parsed else None, swapped=False, parsed=parsed, raw="",
-                    probability=probability)
+    return Analysis(
+        text="",
+        preference=preference if parsed else None,
+        swapped=False,
+        parsed=parsed,
+        raw="",
+        probability=probability,
+    )
 
 
 def reflection(first, second, winner, probability_first=None):
-    return Reflection(text="", first=first, second=second, more_reliable=winner, parsed=winner is not None, raw="",
-                      probability_first=probability_first)
+    return Reflection(
+        text="",
+        first=first,
+        second=second,
+        more_reliable=winner,
+        parsed=winner is not None,
+        raw="",
+        probability_first=probability_first,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -48,8 +70,7 @@ def test_genrm_one_order_two_orders_and_votes():
     with dspy.context(lm=fair_analyst()):
         voted = GenRM(samples=3, both_orders=True).judge(PAIR)
     assert voted.preference == "A" and len(voted.analyses) == 6 and voted.lm_calls == 6
-    assert \
-        {(a.swapped, a.sample) for a in voted.analyses} == {(s, k) for k in range(3) for s in (False, True)}
+    assert {(a.swapped, a.sample) for a in voted.analyses} == {(s, k) for k in range(3) for s in (False, True)}
 
 
 def test_direct_genrm_asks_for_the_verdict_alone():
@@ -57,8 +78,10 @@ def test_direct_genrm_asks_for_the_verdict_alone():
 
     from reflectagent.adapter import JudgeAdapter
 
-    lm = DummyLM({f"[[ ## response_a ## ]]\n{GOOD}": {"preference": "A"}, f"[[ ## response_a ## ]]\n{BAD}": {"preference": "B"}},
-                 adapter=JudgeAdapter())
+    lm = DummyLM(
+        {f"[[ ## response_a ## ]]\n{GOOD}": {"preference": "A"}, f"[[ ## response_a ## ]]\n{BAD}": {"preference": "B"}},
+        adapter=JudgeAdapter(),
+    )
     with dspy.context(lm=lm):
         judged = GenRM(both_orders=True, rationale=False).judge(PAIR)
     assert judged.preference == "A" and all(a.text == "" for a in judged.analyses)
@@ -118,7 +141,9 @@ def test_reflection_probabilities_weigh_the_analyses_and_cancel_a_position_locke
     # Without reflections the weights are equal: GenRM's order-averaged probability.
     assert weighted_probability((straight, swapped), ())[0] == pytest.approx(0.6)
     # An unparsed reflection carries no weight; the others still do.
-    assert reliability_weights((straight, swapped), (*locked, reflection(0, 1, None))) == pytest.approx({0: 0.6, 1: 0.4})
+    assert reliability_weights((straight, swapped), (*locked, reflection(0, 1, None))) == pytest.approx(
+        {0: 0.6, 1: 0.4}
+    )
     assert reliability_weights((straight, swapped), (reflection(0, 1, None),)) == {0: 0.5, 1: 0.5}
     assert weighted_probability((straight, analysis("B")), ()) == (None, None)  # a missing probability: no verdict
 
@@ -142,8 +167,12 @@ def test_adaptive_skip_under_the_probability_rule_is_exact():
         analyses = tuple(analysis(rng.choice("AB"), rng.uniform(0.3, 1.0)) for _ in range(k))
         if not settled(analyses, "probability"):
             continue
-        reflections = tuple(reflection(i, j, i, rng.random() if rng.random() < 0.8 else None)  # some unparsed
-                            for i in range(k) for j in range(k) if i != j)
+        reflections = tuple(
+            reflection(i, j, i, rng.random() if rng.random() < 0.8 else None)  # some unparsed
+            for i in range(k)
+            for j in range(k)
+            if i != j
+        )
         full, _ = weighted_probability(analyses, reflections)
         skipped, _ = weighted_probability(analyses, ())
         assert (full > 0.5) == (skipped > 0.5)
@@ -168,8 +197,9 @@ def test_adaptive_skip_is_equivalent_for_any_unanimous_stage_one():
     for _ in range(500):
         k = rng.randint(2, 5)
         verdict = rng.choice("AB")
-        analyses = tuple(analysis(verdict, rng.random()) if rng.random() > 0.2 else analysis(None, parsed=False)
-                         for _ in range(k))
+        analyses = tuple(
+            analysis(verdict, rng.random()) if rng.random() > 0.2 else analysis(None, parsed=False) for _ in range(k)
+        )
         parsed = [i for i, a in enumerate(analyses) if a.parsed]
         reflections = tuple(reflection(i, j, rng.choice([i, j, None])) for i in parsed for j in parsed if i != j)
         full_winner, _ = most_reliable(analyses, reflections)
@@ -226,7 +256,9 @@ def test_ensemble_by_probability_lets_the_surer_member_settle_a_disagreement():
     assert Ensemble(members).judge(PAIR).reason == "tied vote"
     judged = Ensemble(members, decision="probability").judge(PAIR)
     assert judged.preference == "A" and judged.probability_a == pytest.approx(0.6) and len(judged.parts) == 2
-    assert Ensemble([(SureJudge(0.2), None), (SureJudge(0.4), None)], decision="probability").judge(PAIR).preference == "B"
+    assert (
+        Ensemble([(SureJudge(0.2), None), (SureJudge(0.4), None)], decision="probability").judge(PAIR).preference == "B"
+    )
     tied = Ensemble([(SureJudge(0.7), None), (SureJudge(0.3), None)], decision="probability").judge(PAIR)
     assert tied.preference is None and tied.reason == "tied probability"
     missing = Ensemble([(SureJudge(0.9), None), (SureJudge(None), None)], decision="probability").judge(PAIR)
@@ -248,7 +280,9 @@ def test_metric_rules():
 
 def test_save_and_load_in_a_fresh_process(tmp_path):
     program = ReflectRM(samples=4, adaptive=True)
-    program.analyzer.predict.demos = [dspy.Example(prompt="p", response_a="x", response_b="y", analysis="x is right", preference="A")]
+    program.analyzer.predict.demos = [
+        dspy.Example(prompt="p", response_a="x", response_b="y", analysis="x is right", preference="A")
+    ]
     path = program.save(tmp_path / "reflectrm.json")
     code = (
         "import sys, json; sys.path.insert(0, 'tests');"
@@ -257,8 +291,12 @@ def test_save_and_load_in_a_fresh_process(tmp_path):
         "print(json.dumps([type(p).__name__, p.options, len(p.analyzer.predict.demos), p.analyzer.predict.demos[0]['analysis']]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == ["ReflectRM", {"samples": 4, "adaptive": True, "temperature": 0.7, "decision": "vote"}, 1,
-                               "x is right"]
+    assert json.loads(out) == [
+        "ReflectRM",
+        {"samples": 4, "adaptive": True, "temperature": 0.7, "decision": "vote"},
+        1,
+        "x is right",
+    ]
     with pytest.raises(ProgramFileError, match="holds a ReflectRM program, not GenRM"):
         GenRM.load(path)
     data = json.loads(path.read_text())
@@ -298,8 +336,9 @@ def test_mipro_compiles_with_a_proposer_model():
     proposer = DummyLMChat({"": {"proposed_instruction": "Compare the two responses carefully; facts first."}})
     train = [PAIR, Pair(prompt=PAIR.prompt, response_a=BAD, response_b=GOOD, label="B", id="f")] * 2
     with dspy.context(lm=fair_analyst()):
-        compiled = compile_judge(GenRM(), train, "mipro", prompt_model=proposer, max_demos=1, num_trials=2,
-                                 num_threads=1)
+        compiled = compile_judge(
+            GenRM(), train, "mipro", prompt_model=proposer, max_demos=1, num_trials=2, num_threads=1
+        )
         judged = compiled.judge(PAIR)
     assert judged.preference == "A"
     assert isinstance(compiled, GenRM)
@@ -335,8 +374,11 @@ def test_mtbench_baseline_uses_its_own_prompt_both_orders_and_never_guesses():
     assert judged.preference == "A" and [a.preference for a in judged.analyses] == ["A", "A"]
     assert judged.analyses[0].text == "A is right."
     assert lm.history[0]["messages"][0]["content"] == SYSTEM
-    for good_first, bad_first, reason in (("[[A]]", "[[A]]", "inconsistent across orders"), ("[[C]]", "[[B]]", "tie"),
-                                          ("A wins", "[[B]]", "unparsed")):
+    for good_first, bad_first, reason in (
+        ("[[A]]", "[[A]]", "inconsistent across orders"),
+        ("[[C]]", "[[B]]", "tie"),
+        ("A wins", "[[B]]", "unparsed"),
+    ):
         with dspy.context(lm=free_text(good_first, bad_first)):
             judged = MTBenchJudge().judge(PAIR)
         assert judged.preference is None and judged.reason == reason
@@ -358,8 +400,16 @@ def test_sync_and_async_give_the_same_judgments_and_sync_works_inside_a_running_
             return program.judge(PAIR)
 
         nested = asyncio.run(inside_a_loop())
-    strip = lambda j: (j.preference, j.reason, j.chosen, [a.preference for a in j.analyses],  # noqa: E731
-                       [(r.first, r.second, r.more_reliable) for r in j.reflections])
+
+    def strip(j):
+        return (
+            j.preference,
+            j.reason,
+            j.chosen,
+            [a.preference for a in j.analyses],
+            [(r.first, r.second, r.more_reliable) for r in j.reflections],
+        )
+
     assert [strip(j) for j in synced] == [strip(j) for j in awaited]
     assert strip(one) == strip(synced[0]) == strip(nested)
     assert [j.preference for j in synced] == ["A", "B"]

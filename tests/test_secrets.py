@@ -16,8 +16,10 @@ def test_a_planted_api_key_appears_nowhere(tmp_path):
     data.write_text('{"id": "1", "prompt": "2+2?", "response_a": "4, right", "response_b": "5, wrong", "label": "A"}\n')
     with Engine(delay_s=0) as engine:
         config = tmp_path / "c.toml"
-        config.write_text(f'[backends.api]\nmodel = "openai/fake"\napi_base = "{engine.api_base}"\napi_key_env = "PLANTED_KEY"\n'
-                          'constrained = false\nlogprobs = false\nnum_retries = 0\n')
+        config.write_text(
+            f'[backends.api]\nmodel = "openai/fake"\napi_base = "{engine.api_base}"\napi_key_env = "PLANTED_KEY"\n'
+            "constrained = false\nlogprobs = false\nnum_retries = 0\n"
+        )
         env = {"PLANTED_KEY": KEY, "REFLECTAGENT_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
         runs = [
             ["judge", data, "--backend", "api", "--program", "genrm-both", "-o", tmp_path / "out.jsonl"],
@@ -25,14 +27,38 @@ def test_a_planted_api_key_appears_nowhere(tmp_path):
         ]
         outputs = []
         for args in runs:
-            done = subprocess.run([sys.executable, "-m", "reflectagent.cli", *map(str, args), "--config", str(config),
-                                   "--cache-dir", str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "reflectagent.cli",
+                    *map(str, args),
+                    "--config",
+                    str(config),
+                    "--cache-dir",
+                    str(tmp_path / "cache"),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert done.returncode == 0, done.stderr[-2000:]
             outputs += [done.stdout, done.stderr]
-        saved = subprocess.run([sys.executable, "-c", (
-            "from reflectagent.programs import GenRM; import reflectagent as ra, sys;\n"
-            f"ra.backend('api', ra.load_settings(r'{config}')).__enter__(); GenRM().save(r'{tmp_path / 'program.json'}')")],
-            env=env, capture_output=True, text=True, timeout=120)
+        saved = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "from reflectagent.programs import GenRM; import reflectagent as ra, sys;\n"
+                    f"ra.backend('api', ra.load_settings(r'{config}')).__enter__(); GenRM().save(r'{tmp_path / 'program.json'}')"
+                ),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert saved.returncode == 0, saved.stderr[-2000:]
     assert engine.keys and all(key == f"Bearer {KEY}" for key in engine.keys)  # the key was in play
     assert '"preference": "A"' in (tmp_path / "out.jsonl").read_text()  # and the runs judged
@@ -46,7 +72,12 @@ FAILING = [  # a key planted where a user might put it, or in play when the comm
     ("in-the-table", "c.toml", TABLE + f'api_key = "{KEY}"\n', ["judge"]),
     ("in-extra", "c.toml", TABLE + f'api_key_env = "PLANTED_KEY"\nextra = {{ api_key = "{KEY}" }}\n', ["judge"]),
     ("as-the-variable-name", "c.toml", TABLE + f'api_key_env = "{KEY}"\n', ["judge"]),
-    ("yaml-syntax-on-its-line", "c.yaml", f'backends:\n  api:\n    model: openai/fake\n    api_key: "{KEY}\n', ["judge"]),
+    (
+        "yaml-syntax-on-its-line",
+        "c.yaml",
+        f'backends:\n  api:\n    model: openai/fake\n    api_key: "{KEY}\n',
+        ["judge"],
+    ),
     ("backend-down-judge", "c.toml", TABLE + 'api_key_env = "PLANTED_KEY"\n', ["judge"]),
     ("backend-down-eval", "c.toml", TABLE + 'api_key_env = "PLANTED_KEY"\n', ["eval"]),
     ("in-the-table-serve-rm", "c.toml", TABLE + f'api_key = "{KEY}"\n', ["serve-rm"]),
@@ -60,7 +91,12 @@ def test_a_planted_key_appears_in_no_output_of_a_failing_command(tmp_path):
 
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"id": "1", "prompt": "2+2?", "response_a": "4, right", "response_b": "5, wrong", "label": "A"}\n')
-    env = {"PLANTED_KEY": KEY, "REFLECTAGENT_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "LITELLM_LOG": "DEBUG"}
+    env = {
+        "PLANTED_KEY": KEY,
+        "REFLECTAGENT_HOME": str(tmp_path / "home"),
+        "PATH": "/usr/bin:/bin",
+        "LITELLM_LOG": "DEBUG",
+    }
     leaks, configs = [], []
     for name, file_name, text, command in FAILING:
         folder = tmp_path / name
@@ -68,12 +104,31 @@ def test_a_planted_key_appears_in_no_output_of_a_failing_command(tmp_path):
         config = folder / file_name
         config.write_text(text.replace("{base}", DEAD.format(port=free_port())))
         configs.append(config)
-        args = {"judge": ["judge", data, "--backend", "api", "--program", "genrm-both", "-o", folder / "out.jsonl"],
-                "eval": ["eval", "--data", data, "--programs", "genrm-both", "--backends", "api", "-o", folder / "report"],
-                "serve-rm": ["serve-rm", "--backend", "api", "--port", str(free_port())]}[command[0]]
-        done = subprocess.run([sys.executable, "-m", "reflectagent.cli", "-vv", *map(str, args), "--config", str(config),
-                               "--cache-dir", str(folder / "cache")], env=env, capture_output=True, text=True, timeout=300)
+        args = {
+            "judge": ["judge", data, "--backend", "api", "--program", "genrm-both", "-o", folder / "out.jsonl"],
+            "eval": ["eval", "--data", data, "--programs", "genrm-both", "--backends", "api", "-o", folder / "report"],
+            "serve-rm": ["serve-rm", "--backend", "api", "--port", str(free_port())],
+        }[command[0]]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "reflectagent.cli",
+                "-vv",
+                *map(str, args),
+                "--config",
+                str(config),
+                "--cache-dir",
+                str(folder / "cache"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode != 0 and "Traceback" not in done.stderr, (name, done.stderr[-3000:])
         leaks += [f"{name}: stdout"] * (KEY in done.stdout) + [f"{name}: stderr"] * (KEY in done.stderr)
-    leaks += [str(p) for p in tmp_path.rglob("*") if p.is_file() and p not in configs and KEY.encode() in p.read_bytes()]
+    leaks += [
+        str(p) for p in tmp_path.rglob("*") if p.is_file() and p not in configs and KEY.encode() in p.read_bytes()
+    ]
     assert leaks == []

@@ -31,7 +31,9 @@ def library_sources():
 
 def test_every_server_binds_loopback_unless_told_otherwise():
     command = typer.main.get_command(app)
-    hosts = {name: param.default for name, sub in command.commands.items() for param in sub.params if param.name == "host"}
+    hosts = {
+        name: param.default for name, sub in command.commands.items() for param in sub.params if param.name == "host"
+    }
     assert hosts == {"serve-rm": "127.0.0.1"}  # `serve` has no --host: its vLLM server is loopback only
     spec = inspect.signature(ServerSpec).parameters["host"].default
     assert spec == "127.0.0.1"
@@ -41,12 +43,27 @@ def test_no_subprocess_goes_through_a_shell_and_nothing_is_unpickled_or_evaluate
     found = []
     for path in library_sources():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.keyword) and node.arg == "shell" and not (isinstance(node.value, ast.Constant) and node.value.value is False):
+            if (
+                isinstance(node, ast.keyword)
+                and node.arg == "shell"
+                and not (isinstance(node.value, ast.Constant) and node.value.value is False)
+            ):
                 found.append(f"{path}:{node.lineno}: shell=")
             if isinstance(node, ast.Call):
                 name = ast.unparse(node.func)
-                if name in ("os.system", "os.popen", "eval", "exec", "pickle.load", "pickle.loads", "yaml.load",
-                            "yaml.unsafe_load", "torch.load", "cloudpickle.load", "cloudpickle.loads"):
+                if name in (
+                    "os.system",
+                    "os.popen",
+                    "eval",
+                    "exec",
+                    "pickle.load",
+                    "pickle.loads",
+                    "yaml.load",
+                    "yaml.unsafe_load",
+                    "torch.load",
+                    "cloudpickle.load",
+                    "cloudpickle.loads",
+                ):
                     found.append(f"{path}:{node.lineno}: {name}")
     assert found == []
 
@@ -77,8 +94,18 @@ def test_a_path_in_a_data_file_is_text_to_judge_never_a_file_to_open(tmp_path, m
     secret.write_text("the-contents-of-a-private-file")
     monkeypatch.setenv("FAKE_KEY", "k")
     with ThreadEngine() as engine:
-        settings = Settings(backends={"fake": BackendConfig(model="openai/fake", api_base=engine.api_base, api_key_env="FAKE_KEY",
-                                                            constrained=False, logprobs=False, num_retries=0)})
+        settings = Settings(
+            backends={
+                "fake": BackendConfig(
+                    model="openai/fake",
+                    api_base=engine.api_base,
+                    api_key_env="FAKE_KEY",
+                    constrained=False,
+                    logprobs=False,
+                    num_retries=0,
+                )
+            }
+        )
         with use_cache(JudgmentCache(tmp_path / "cache")), dspy.context(lm=resolve_backend("fake", settings)):
             judgment = GenRM()(prompt=f"Summarise {secret}", response_a=str(secret), response_b=f"file://{secret}")
     assert judgment.preference is not None

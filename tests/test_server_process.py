@@ -30,11 +30,13 @@ def wait_dead(pid: int, seconds: float = 10) -> bool:
 def test_a_child_spawned_from_a_short_lived_thread_lives_until_its_process_dies():
     """Started from a worker thread that ends at once (as an eval worker does), the child must outlive
     that thread, and die with the process."""
-    code = ("import threading, time, subprocess; from reflectagent.server import spawn_for_life\n"
-            "box = []\n"
-            "worker = threading.Thread(target=lambda: box.append(spawn_for_life(['sleep', '60'])))\n"
-            "worker.start(); worker.join(); time.sleep(1.5)\n"
-            "print(box[0].pid, box[0].poll() is None, flush=True)\n")
+    code = (
+        "import threading, time, subprocess; from reflectagent.server import spawn_for_life\n"
+        "box = []\n"
+        "worker = threading.Thread(target=lambda: box.append(spawn_for_life(['sleep', '60'])))\n"
+        "worker.start(); worker.join(); time.sleep(1.5)\n"
+        "print(box[0].pid, box[0].poll() is None, flush=True)\n"
+    )
     parent = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     pid, running = parent.stdout.split()
     assert running == "True"  # alive after the thread that asked for it ended
@@ -142,7 +144,9 @@ def test_a_cpu_server_with_adapters_says_when_vllm_would_not_load_the_lora_mend(
     assert server.lora_plugin_problems({}) == []
     assert server.lora_plugin_problems({"VLLM_PLUGINS": f"lora_filesystem_resolver,{vllm_plugin.PLUGIN_NAME}"}) == []
     left_out = server.lora_plugin_problems({"VLLM_PLUGINS": "lora_filesystem_resolver"})
-    assert len(left_out) == 1 and "VLLM_PLUGINS='lora_filesystem_resolver' leaves out reflectagent_cpu_lora" in left_out[0]
+    assert (
+        len(left_out) == 1 and "VLLM_PLUGINS='lora_filesystem_resolver' leaves out reflectagent_cpu_lora" in left_out[0]
+    )
     assert "computed with the adapter" in left_out[0]
     assert server.lora_plugin_problems({"VLLM_PLUGINS": ""})  # vLLM loads no plugin at all
 

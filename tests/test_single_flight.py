@@ -34,9 +34,13 @@ print(json.dumps([j.preference for j in judgments]))
 
 
 def judge_in_process(engine: Engine, cache_dir, pairs: int, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, engine.api_base, str(cache_dir), str(pairs)],
-                            env={**os.environ, "FAKE_KEY": "not-a-secret", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, engine.api_base, str(cache_dir), str(pairs)],
+        env={**os.environ, "FAKE_KEY": "not-a-secret", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_four_processes_on_one_cache_make_each_step_once(tmp_path):

@@ -13,14 +13,26 @@ SHARED_TEACHER = Path(__file__).resolve().parents[2] / "shared" / "data" / "teac
 
 
 def row(i, preference, prompt="Name a prime.", analysis="Response A is right; Response B is not a prime."):
-    return {"id": f"t{i}", "prompt": prompt, "response_a": f"{i}", "response_b": f"{i + 1}",
-            "teacher_analysis": analysis, "teacher_preference": preference, "teacher": "gpt", "prompt_also_in": ["pandalm"]}
+    return {
+        "id": f"t{i}",
+        "prompt": prompt,
+        "response_a": f"{i}",
+        "response_b": f"{i + 1}",
+        "teacher_analysis": analysis,
+        "teacher_preference": preference,
+        "teacher": "gpt",
+        "prompt_also_in": ["pandalm"],
+    }
 
 
 def test_a_teacher_file_is_read_with_its_preference_as_label_and_bad_lines_reported(tmp_path):
     path = tmp_path / "teacher.jsonl"
-    rows = [row(1, "A"), row(2, "B", prompt="Held out?"), {"prompt": "p", "response_a": "a", "response_b": "b"},
-            row(3, "maybe")]
+    rows = [
+        row(1, "A"),
+        row(2, "B", prompt="Held out?"),
+        {"prompt": "p", "response_a": "a", "response_b": "b"},
+        row(3, "maybe"),
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     judgments, bad = read_teacher(path, exclude_prompts=["Held out?"])
     assert [j.pair.id for j in judgments] == ["t1"] and judgments[0].pair.label == "A"  # the teacher's, said so
@@ -33,8 +45,9 @@ def test_a_teacher_file_is_read_with_its_preference_as_label_and_bad_lines_repor
 
 def test_teacher_demos_alternate_sides_stay_short_and_go_to_analysis_steps_only(tmp_path):
     path = tmp_path / "teacher.jsonl"
-    path.write_text("\n".join(json.dumps(row(i, "AB"[i % 3 == 0], prompt="p" * (10 if i < 20 else 5000)))
-                              for i in range(40)))
+    path.write_text(
+        "\n".join(json.dumps(row(i, "AB"[i % 3 == 0], prompt="p" * (10 if i < 20 else 5000))) for i in range(40))
+    )
     judgments, _ = read_teacher(path)
     demos = teacher_demos(judgments, k=4, max_chars=200, seed=1)
     assert [d.preference for d in demos] == ["A", "B", "A", "B"]

@@ -22,12 +22,17 @@ def test_what_judge_prints_of_a_judgment_holds_no_raw_control_character():
     from reflectagent.cli.judge import judgment_lines
 
     pair = Pair(prompt="q", response_a="a", response_b="b", id=ATTACK, label="A")
-    judgment = Judgment(preference=None, reason="unparsed", analyses=(
-        Analysis(text=f"Response A says {ATTACK}", preference="A", swapped=False, parsed=True, raw=""),
-        Analysis(text="", preference=None, swapped=True, parsed=False, raw=ATTACK, error=f"not JSON: {ATTACK}")),
-        reflections=(Reflection(text=ATTACK, more_reliable=0, first=0, second=1, parsed=True, raw=""),))
+    judgment = Judgment(
+        preference=None,
+        reason="unparsed",
+        analyses=(
+            Analysis(text=f"Response A says {ATTACK}", preference="A", swapped=False, parsed=True, raw=""),
+            Analysis(text="", preference=None, swapped=True, parsed=False, raw=ATTACK, error=f"not JSON: {ATTACK}"),
+        ),
+        reflections=(Reflection(text=ATTACK, more_reliable=0, first=0, second=1, parsed=True, raw=""),),
+    )
     printed = "\n".join(judgment_lines(pair, judgment, show_analyses=True))
-    assert not any(ord(c) < 32 and c != "\n" or 0x7f <= ord(c) < 0xa0 or c in "\u202e\u200b" for c in printed), printed
+    assert not any(ord(c) < 32 and c != "\n" or 0x7F <= ord(c) < 0xA0 or c in "\u202e\u200b" for c in printed), printed
     assert printed.count("\\x1b[2J") == 4  # the id, the analysis, the unparsed output, the reflection
 
 
@@ -37,7 +42,9 @@ def test_a_bad_line_and_an_error_show_their_escapes():
 
     from reflectagent.cli import app
 
-    result = CliRunner().invoke(app, ["judge", "--prompt", "q", "--a", "x", "--b", "y", "--load", f"/nope/{ATTACK}.json"])
+    result = CliRunner().invoke(
+        app, ["judge", "--prompt", "q", "--a", "x", "--b", "y", "--load", f"/nope/{ATTACK}.json"]
+    )
     assert result.exit_code == 2 and "\\x1b[2J" in result.stderr and "\x1b" not in result.stderr
 
 
@@ -63,14 +70,18 @@ def test_a_log_record_is_one_line_whatever_its_message_holds():
     formatter = VisibleFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     record = logging.LogRecord("reflectagent.x", logging.WARNING, __file__, 1, "pair %s gives no rows", (forged,), None)
     line = formatter.format(record)
-    assert "\n" not in line and line.endswith("pair x\\n2025-01-01 00:00:00 ERROR reflectagent.judge: forged line gives no rows")
+    assert "\n" not in line and line.endswith(
+        "pair x\\n2025-01-01 00:00:00 ERROR reflectagent.judge: forged line gives no rows"
+    )
     try:
         try:
             raise KeyError("inner")
         except KeyError as inner:
             raise ValueError(f"bad id {forged}") from inner
     except ValueError:
-        record = logging.LogRecord("reflectagent.x", logging.ERROR, __file__, 1, "failed: %s", (forged,), sys.exc_info())
+        record = logging.LogRecord(
+            "reflectagent.x", logging.ERROR, __file__, 1, "failed: %s", (forged,), sys.exc_info()
+        )
     text = formatter.format(record)
     lines = text.splitlines()
     assert "\n" not in lines[0] and lines[1] == "Traceback (most recent call last):" and len(lines) > 4

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from reflectagent.finetune.verdict_head import (
-    VERDICT_PREFIX, FeatureStore, VerdictRow, extract, fit_head, verdict_direction, verdict_rows, write_head,
+    VERDICT_PREFIX,
+    FeatureStore,
+    VerdictRow,
+    extract,
+    fit_head,
+    verdict_direction,
+    verdict_rows,
+    write_head,
 )
 from reflectagent.models import DONE_MARKER
 from reflectagent.pairs import Pair
@@ -19,8 +26,15 @@ def tiny_model(tmp_path_factory):
     from reflectagent.models import prepare_model
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_model("embedded"))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny")
     Qwen2ForCausalLM(config).save_pretrained(folder)
@@ -29,15 +43,27 @@ def tiny_model(tmp_path_factory):
 
 
 def pairs(n: int) -> list[Pair]:
-    return [Pair(prompt=f"question {i}", response_a=f"answer {i} one", response_b=f"answer {i} two",
-                 label="AB"[i % 2], id=f"p{i}") for i in range(n)]
+    return [
+        Pair(
+            prompt=f"question {i}",
+            response_a=f"answer {i} one",
+            response_b=f"answer {i} two",
+            label="AB"[i % 2],
+            id=f"p{i}",
+        )
+        for i in range(n)
+    ]
 
 
 def test_rows_end_where_the_served_model_writes_its_verdict_and_label_the_shown_order(tiny_model):
     _, tokenizer = tiny_model
     rows = verdict_rows(pairs(2), tokenizer, None, orders="both")
-    assert [(r.pair_id, r.swapped, r.label) for r in rows] == [("p0", False, 1.0), ("p0", True, 0.0),
-                                                               ("p1", False, 0.0), ("p1", True, 1.0)]
+    assert [(r.pair_id, r.swapped, r.label) for r in rows] == [
+        ("p0", False, 1.0),
+        ("p0", True, 0.0),
+        ("p1", False, 0.0),
+        ("p1", True, 1.0),
+    ]
     assert tokenizer.decode(rows[0].token_ids).endswith(VERDICT_PREFIX)
     assert "answer 0 two" in tokenizer.decode(rows[1].token_ids).split("response_a")[-1]  # swapped: B shown first
     one = verdict_rows(pairs(40), tokenizer, None, orders="one")
@@ -80,8 +106,9 @@ def test_the_head_folded_into_the_model_moves_exactly_the_verdict_logits(tiny_mo
     folder, tokenizer = tiny_model
     row = verdict_rows(pairs(1), tokenizer, None)[0]
     delta = np.linspace(-1, 1, 32).astype(np.float32)
-    out = write_head(folder, VerdictHead(delta=delta, l2=0.0, train_rows=0, train_loss=0.0), tmp_path / "headed",
-                     {"name": "test"})
+    out = write_head(
+        folder, VerdictHead(delta=delta, l2=0.0, train_rows=0, train_loss=0.0), tmp_path / "headed", {"name": "test"}
+    )
     assert (out / DONE_MARKER).exists()
     before = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     after = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -94,7 +121,9 @@ def test_the_head_folded_into_the_model_moves_exactly_the_verdict_logits(tiny_mo
     others = np.ones(len(old), bool)
     others[[a, b]] = False
     np.testing.assert_array_equal(new[others], old[others])
-    np.testing.assert_allclose(verdict_direction(out, tokenizer) - verdict_direction(folder, tokenizer), delta, atol=1e-5)
+    np.testing.assert_allclose(
+        verdict_direction(out, tokenizer) - verdict_direction(folder, tokenizer), delta, atol=1e-5
+    )
 
 
 def test_a_tied_head_is_refused(tmp_path):

@@ -38,14 +38,16 @@ class ThroughDSPy(BackendLM):
 
 def vllm(api_base: str, **options) -> BackendLM:
     config = {"num_retries": 0, "seed": 7, **options}
-    return resolve_backend("fake", Settings(backends={"fake": BackendConfig(model="hosted_vllm/fake", api_base=api_base,
-                                                                             **config)}))
+    return resolve_backend(
+        "fake", Settings(backends={"fake": BackendConfig(model="hosted_vllm/fake", api_base=api_base, **config)})
+    )
 
 
 def judged(lm, pairs=PAIRS, program=None, concurrency=4, **options):
     with dspy.context(lm=lm, **options), use_cache(JudgmentCache(enabled=False)):
-        return judge_pairs(program or GenRM(both_orders=True, decision="probability"), pairs, concurrency=concurrency,
-                           progress=False)
+        return judge_pairs(
+            program or GenRM(both_orders=True, decision="probability"), pairs, concurrency=concurrency, progress=False
+        )
 
 
 def test_the_direct_path_sends_what_dspy_sends_and_reads_the_same_answer():
@@ -109,10 +111,15 @@ def test_a_passing_fault_is_retried_with_dspys_backoff(fault):
         engine.stop()
 
 
-@pytest.mark.parametrize("fault, error, shown, tries", [
-    ("500", LMServerError, "fake 500", 2), ("reset", LMTransportError, "reset", 2),
-    ("hang", LMTimeoutError, "no reply within timeout_s = 1 s", 2), ("malformed", LMProviderError, "is not JSON", 1),
-])
+@pytest.mark.parametrize(
+    "fault, error, shown, tries",
+    [
+        ("500", LMServerError, "fake 500", 2),
+        ("reset", LMTransportError, "reset", 2),
+        ("hang", LMTimeoutError, "no reply within timeout_s = 1 s", 2),
+        ("malformed", LMProviderError, "is not JSON", 1),
+    ],
+)
 def test_a_lasting_fault_raises_dspys_error_and_a_reply_is_never_sent_again(fault, error, shown, tries):
     engine = Engine("--fault", fault)
     try:
@@ -189,7 +196,9 @@ def test_on_the_real_server_the_direct_path_and_dspys_give_the_same_steps(server
     """Greedy decoding, one request at a time (a CPU server's numbers move with the batch): the same request gives
     the same analysis, verdict, probability and tokens. The raw text differs in one way: DSPy's transport
     re-serialises a JSON answer (``{"analysis": "..."}``), the direct path keeps what the model wrote."""
-    lm = resolve_backend("embedded", Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000)}))
+    lm = resolve_backend(
+        "embedded", Settings(backends={"embedded": BackendConfig(model="embedded", context_chars=4000)})
+    )
     assert lm.backend.direct
     pairs = sample_pairs[:2]
     direct = judged(lm, pairs, GenRM(decision="probability"), concurrency=1)
@@ -199,7 +208,10 @@ def test_on_the_real_server_the_direct_path_and_dspys_give_the_same_steps(server
             assert a.parsed and (a.text, a.preference) == (b.text, b.preference)
             assert json.loads(a.raw) == json.loads(b.raw)
             assert a.probability == pytest.approx(b.probability, abs=1e-6)
-            assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (b.usage.prompt_tokens, b.usage.completion_tokens)
+            assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (
+                b.usage.prompt_tokens,
+                b.usage.completion_tokens,
+            )
 
 
 class Recorder:
@@ -216,7 +228,9 @@ class Recorder:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self.handle, "127.0.0.1", 0), self.loop).result(10)
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self.handle, "127.0.0.1", 0), self.loop
+        ).result(10)
         self.api_base = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
         return self
 
@@ -271,7 +285,10 @@ class Recorder:
 def test_the_configs_headers_go_with_every_request_as_on_dspys_path():
     """``headers`` and ``extra_headers`` in a backend's ``extra`` were dropped on the direct path (they are the client's,
     not the body's): now on every chat and /tokenize request, merged as LiteLLM merges them for DSPy's path."""
-    extra = {"headers": {"X-Tenant": "t1", "X-Route": "from-headers"}, "extra_headers": {"X-Route": "judge", "User-Agent": "mine"}}
+    extra = {
+        "headers": {"X-Tenant": "t1", "X-Route": "from-headers"},
+        "extra_headers": {"X-Route": "judge", "User-Agent": "mine"},
+    }
     with Recorder(context=2048) as server:
         lm = vllm(server.api_base, extra=extra)
         assert lm.client is not None and "extra_headers" not in lm.request_options()
@@ -286,7 +303,8 @@ def test_the_configs_headers_go_with_every_request_as_on_dspys_path():
         assert (headers["x-tenant"], headers["x-route"], headers["user-agent"]) == ("t1", "judge", "mine")
         assert headers["authorization"] == "Bearer not-needed" and headers["content-type"] == "application/json"
     assert {name: through[name] for name in ("x-tenant", "x-route", "user-agent")} == {
-        name: direct[-1][name] for name in ("x-tenant", "x-route", "user-agent")}
+        name: direct[-1][name] for name in ("x-tenant", "x-route", "user-agent")
+    }
 
 
 def test_dspys_usage_tracker_sees_the_same_tokens_on_both_paths():
@@ -335,6 +353,7 @@ def test_a_request_sent_again_goes_on_a_new_connection_not_another_kept_one():
         lm = vllm(server.api_base, num_retries=0)
         loop = asyncio.new_event_loop()
         try:
+
             async def two():  # at once: two connections, both kept
                 return await asyncio.gather(ask(lm), ask(lm))
 
@@ -454,7 +473,11 @@ def test_the_loopback_is_never_sent_to_a_proxy_by_the_httpx_requests_either(prox
         try:
             assert served_models(engine.api_base)["fake"]["max_model_len"] == 2048
             assert server_context(engine.api_base, "fake") == 2048
-            assert server_counter(engine.api_base, "fake")(messages) == pool_counter([engine.api_base], "fake")(messages) > 0
+            assert (
+                server_counter(engine.api_base, "fake")(messages)
+                == pool_counter([engine.api_base], "fake")(messages)
+                > 0
+            )
         finally:
             server_context.cache_clear()
     assert loopback.bypasses_proxy(engine.api_base) and loopback.httpx_options(engine.api_base) == {"trust_env": False}
@@ -467,8 +490,9 @@ def test_the_loopback_is_never_sent_to_a_proxy_by_the_httpx_requests_either(prox
 @pytest.mark.parametrize("routes", ["none", "html"])
 @pytest.mark.parametrize("context_tokens", [None, 2048])
 @pytest.mark.parametrize("path", ["direct", "through DSPy"])
-def test_a_server_without_vllms_own_routes_is_judged_by_characters_with_one_warning(routes, context_tokens, path, caplog,
-                                                                                     monkeypatch):
+def test_a_server_without_vllms_own_routes_is_judged_by_characters_with_one_warning(
+    routes, context_tokens, path, caplog, monkeypatch
+):
     """An OpenAI-compatible server that is not vLLM, or a proxy, has no ``GET /v1/models`` and no ``POST /tokenize``
     (404 here; or a web page in their place). Every judgment failed (the context was asked of ``/v1/models``, the
     prompt counted by ``/tokenize`` once ``context_tokens`` was set): now judging goes on with the configured context
@@ -495,7 +519,9 @@ def test_a_server_without_vllms_own_routes_is_judged_by_characters_with_one_warn
     assert len(told) == 1, told
     assert f"backend 'fake': the server has no {route}" in told[0] and "context_chars = 4000 characters" in told[0]
     assert ("Set context_chars" if context_tokens else "Set context_tokens") in told[0]
-    assert all(route == f"{method} {p.removeprefix('/v1')}".replace("GET /models", "GET /v1/models") for method, p in asked)
+    assert all(
+        route == f"{method} {p.removeprefix('/v1')}".replace("GET /models", "GET /v1/models") for method, p in asked
+    )
     assert len(asked_again) == 1
 
 

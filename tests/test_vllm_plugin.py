@@ -53,8 +53,9 @@ def test_register_is_found_by_vllm_and_mends_every_name_the_cpu_wrapper_uses():
         assert module.bgmv_shrink.__wrapped__ is unmended("bgmv_shrink")
     # prefill (sgmv) goes through the mended bgmv by name
     out = torch.zeros(2, 1)
-    lora_ops.sgmv_shrink(torch.ones(2, 1), torch.ones(1, 1, 1, 1), out, None, torch.tensor([1, 1]),
-                         torch.tensor([0, -1]), 2, 1, 2, 1.0)
+    lora_ops.sgmv_shrink(
+        torch.ones(2, 1), torch.ones(1, 1, 1, 1), out, None, torch.tensor([1, 1]), torch.tensor([0, -1]), 2, 1, 2, 1.0
+    )
     assert out.tolist() == [[1.0], [0.0]]
 
 

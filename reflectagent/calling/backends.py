@@ -37,7 +37,14 @@ from reflectagent.calling.vllm_client import ChatClient
 from reflectagent.serving import embedded  # its functions looked up when called (a test stands in for the server)
 from reflectagent.serving.models import default_dtype, prepare_model
 from reflectagent.serving.sources import DEFAULT_DTYPE, default_context, fingerprint, model_identity
-from reflectagent.serving.tokens import InputBudget, RouteMissing, first_answering, folder_counter, pool_counter, server_context
+from reflectagent.serving.tokens import (
+    InputBudget,
+    RouteMissing,
+    first_answering,
+    folder_counter,
+    pool_counter,
+    server_context,
+)
 
 TOKEN_MARGIN = 4  # tokens kept free beside max_tokens, in case a server counts a template token differently
 
@@ -85,7 +92,9 @@ class Backend:
         return self.config.max_text_chars
 
     def adapter(self) -> JudgeAdapter:
-        return JudgeAdapter(constrained=self.constrained, max_text_chars=self.max_text_chars, fence=self.config.fence_inputs)
+        return JudgeAdapter(
+            constrained=self.constrained, max_text_chars=self.max_text_chars, fence=self.config.fence_inputs
+        )
 
     @functools.cached_property
     def context_tokens(self) -> int | None:
@@ -97,10 +106,15 @@ class Backend:
         if not self.is_hosted_vllm:
             return None
         try:
-            return first_answering(self.endpoints, lambda base: server_context(base, self.served, headers=self.http_headers))
+            return first_answering(
+                self.endpoints, lambda base: server_context(base, self.served, headers=self.http_headers)
+            )
         except RouteMissing as missing:
-            self._without(missing, "the model's context length is unknown, so prompts are not counted in tokens",
-                          "context_tokens (the model's context length, where the server counts tokens) or context_chars")
+            self._without(
+                missing,
+                "the model's context length is unknown, so prompts are not counted in tokens",
+                "context_tokens (the model's context length, where the server counts tokens) or context_chars",
+            )
             return None
 
     @property
@@ -117,8 +131,11 @@ class Backend:
         """The server cannot count tokens (no ``/tokenize``): this backend keeps to its character budget from now on."""
         self.__dict__["_counter"] = None  # what the cached property holds (the dataclass is frozen, its cache is not)
         self.__dict__["_missing"] = missing
-        self._without(missing, f"prompts cannot be counted to fit the {self.context_tokens}-token context",
-                      "context_chars (each step's input characters)")
+        self._without(
+            missing,
+            f"prompts cannot be counted to fit the {self.context_tokens}-token context",
+            "context_chars (each step's input characters)",
+        )
 
     def _without(self, missing: RouteMissing, consequence: str, setting: str) -> None:
         """Say once per backend what the server lacks, what judging does without it, and what to set."""
@@ -127,9 +144,20 @@ class Backend:
                 return
             _warned.add((self.name, missing.route))
         chars = self.config.context_chars
-        budget = f"inputs are cut to context_chars = {chars} characters" if chars else "inputs are not cut (no context_chars)"
-        logger.warning("backend %r: %s; %s. Judging goes on: %s. Set %s in [backends.%s] to bound the prompt.",
-                       self.name, missing, consequence, budget, setting, self.name)
+        budget = (
+            f"inputs are cut to context_chars = {chars} characters"
+            if chars
+            else "inputs are not cut (no context_chars)"
+        )
+        logger.warning(
+            "backend %r: %s; %s. Judging goes on: %s. Set %s in [backends.%s] to bound the prompt.",
+            self.name,
+            missing,
+            consequence,
+            budget,
+            setting,
+            self.name,
+        )
 
     @property
     def direct(self) -> bool:
@@ -163,8 +191,10 @@ class Backend:
         if self._counter is not None and self.context_tokens:
             tokens = self.context_tokens - self.config.max_tokens - TOKEN_MARGIN
             if tokens <= 0:
-                raise ConfigError(f"backend {self.name!r}: max_tokens ({self.config.max_tokens}) leaves no room for the "
-                                  f"prompt in a {self.context_tokens}-token context: lower max_tokens or raise context_tokens")
+                raise ConfigError(
+                    f"backend {self.name!r}: max_tokens ({self.config.max_tokens}) leaves no room for the "
+                    f"prompt in a {self.context_tokens}-token context: lower max_tokens or raise context_tokens"
+                )
         return InputBudget(chars=self.config.context_chars, tokens=tokens, count=self._count if tokens else None)
 
     def _count(self, messages) -> int:
@@ -176,7 +206,11 @@ class Backend:
         counter = self._counter
         if counter is None:
             missing = self.__dict__.get("_missing")
-            route, url, why = (missing.route, missing.url, missing.why) if missing else ("POST /tokenize", str(self.api_base), "no counter")
+            route, url, why = (
+                (missing.route, missing.url, missing.why)
+                if missing
+                else ("POST /tokenize", str(self.api_base), "no counter")
+            )
             raise RouteMissing(route, url, why)  # a new one: one raised object is never shared between threads
         try:
             return counter(messages)
@@ -201,13 +235,24 @@ class BackendLM(dspy.LM):
         options = {k: v for k, v in {"api_base": backend.api_base, "api_key": api_key}.items() if v}
         options["timeout"] = config.timeout_s
         if config.replicas:  # a Router owns the connections: DSPy is given the engine, not the endpoint
-            router = make_router(backend.model, [config.api_base, *config.replicas], api_key,
-                                 routing_strategy=config.routing_strategy, num_retries=config.num_retries,
-                                 cooldown_s=config.cooldown_s, timeout_s=config.timeout_s)
+            router = make_router(
+                backend.model,
+                [config.api_base, *config.replicas],
+                api_key,
+                routing_strategy=config.routing_strategy,
+                num_retries=config.num_retries,
+                cooldown_s=config.cooldown_s,
+                timeout_s=config.timeout_s,
+            )
             options = {"engine": RouterEngine(router), "async_engine": AsyncRouterEngine(router)}
         super().__init__(
-            backend.model, temperature=config.temperature, max_tokens=config.max_tokens, cache=False,
-            num_retries=config.num_retries, **options, **config.extra,
+            backend.model,
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+            cache=False,
+            num_retries=config.num_retries,
+            **options,
+            **config.extra,
         )
         self.backend = backend
         self._connecting = threading.Lock()
@@ -221,8 +266,13 @@ class BackendLM(dspy.LM):
         optimiser that calls it directly goes through DSPy, with the same request and the same errors."""
         if self._client is None and self.backend.direct:
             config = self.backend.config
-            self._client = ChatClient(model=self.model, api_key=self.kwargs.get("api_key"), timeout_s=config.timeout_s,
-                                      num_retries=config.num_retries, headers=config.headers)
+            self._client = ChatClient(
+                model=self.model,
+                api_key=self.kwargs.get("api_key"),
+                timeout_s=config.timeout_s,
+                num_retries=config.num_retries,
+                headers=config.headers,
+            )
         return self._client
 
     def request_options(self) -> dict[str, Any]:
@@ -259,25 +309,40 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
     dtype = config.dtype or default_dtype(model_dir)
     loras = {k: str(Path(v).expanduser().resolve()) for k, v in config.lora.items()}
     identity = {
-        "model": EMBEDDED, "base": model_identity(model_dir),
+        "model": EMBEDDED,
+        "base": model_identity(model_dir),
         "adapter": [config.adapter, fingerprint(loras[config.adapter])] if config.adapter else None,
-        "temperature": config.temperature, "max_tokens": config.max_tokens, "tag": config.cache_tag,
+        "temperature": config.temperature,
+        "max_tokens": config.max_tokens,
+        "tag": config.cache_tag,
         # the dtype changes the outputs; bfloat16, the first default, stays out so older caches keep their keys
         **({"dtype": dtype} if dtype != DEFAULT_DTYPE else {}),
     }
-    backend = Backend(name=name, config=config, model=f"hosted_vllm/{config.adapter or embedded.SERVED_NAME}",
-                      api_base=config.api_base, identity=identity, model_dir=model_dir)
+    backend = Backend(
+        name=name,
+        config=config,
+        model=f"hosted_vllm/{config.adapter or embedded.SERVED_NAME}",
+        api_base=config.api_base,
+        identity=identity,
+        model_dir=model_dir,
+    )
     if config.api_base:
         return backend
     # the server is started with the context the budget counts on: one derivation (Backend.context_tokens)
-    return replace(backend, start=functools.partial(embedded.embedded_url, model_dir, loras, backend.context_tokens, dtype))
+    return replace(
+        backend, start=functools.partial(embedded.embedded_url, model_dir, loras, backend.context_tokens, dtype)
+    )
 
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
     identity = {
         # a pool's replicas serve one model: whichever answers, and however many there are, the step is the same
-        "model": config.model, "api_base": "replicas" if config.replicas else config.api_base, "temperature": config.temperature,
-        "max_tokens": config.max_tokens, "extra": config.extra, "tag": config.cache_tag,
+        "model": config.model,
+        "api_base": "replicas" if config.replicas else config.api_base,
+        "temperature": config.temperature,
+        "max_tokens": config.max_tokens,
+        "extra": config.extra,
+        "tag": config.cache_tag,
     }
     return Backend(name=name, config=config, model=config.model, api_base=config.api_base, identity=identity)
 

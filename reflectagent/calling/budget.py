@@ -99,8 +99,10 @@ def _fit_to_tokens(adapter, signature, inputs, budget: InputBudget, demos, fitte
     if best is None:
         attempt = render(0)
         if attempt[3] > budget.tokens:
-            raise InputTooLong(f"the prompt needs {attempt[3]} tokens with every input cut, more than the "
-                               f"{budget.tokens} the model's context leaves after the completion: shorten the demos "
-                               "or instructions, lower max_tokens, or serve the model with a longer context")
+            raise InputTooLong(
+                f"the prompt needs {attempt[3]} tokens with every input cut, more than the "
+                f"{budget.tokens} the model's context leaves after the completion: shorten the demos "
+                "or instructions, lower max_tokens, or serve the model with a longer context"
+            )
         best = attempt
     return best[0], best[1], best[2]

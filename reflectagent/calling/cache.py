@@ -90,11 +90,14 @@ class DiskStore:
             free = shutil.disk_usage(self.directory).free
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
             self.close()
-            raise CacheUnusable(f"the judgment cache folder {self.directory} cannot be written ({type(exc).__name__}: "
-                                f"{exc}): {FIX}") from exc
+            raise CacheUnusable(
+                f"the judgment cache folder {self.directory} cannot be written ({type(exc).__name__}: {exc}): {FIX}"
+            ) from exc
         if free < MIN_FREE_BYTES:
-            raise CacheUnusable(f"the judgment cache folder {self.directory} has {free // 1024} KiB free, less than "
-                                f"{MIN_FREE_BYTES // 2**20} MiB: free some space or {FIX}")
+            raise CacheUnusable(
+                f"the judgment cache folder {self.directory} has {free // 1024} KiB free, less than "
+                f"{MIN_FREE_BYTES // 2**20} MiB: free some space or {FIX}"
+            )
 
     def get(self, key: str) -> dict | None:
         return self.cache.get(key, retry=True)
@@ -135,7 +138,9 @@ class RedisStore:
     """Steps in Redis, for many machines: the same keys (under a prefix), stored as JSON (never pickle: a
     shared store must not be able to run code here), claims by ``SET NX PX`` and compare-and-delete."""
 
-    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+    _RENEW = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+    )
     _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
     def __init__(self, url: str, prefix: str = "reflectagent:"):
@@ -157,8 +162,10 @@ class RedisStore:
             self.client.set(probe, "x", px=10_000)
             self.client.delete(probe)
         except redis.RedisError as exc:
-            raise CacheUnusable(f"the Redis cache at {self.where()} cannot be used ({type(exc).__name__}: {exc}): "
-                                "start it, fix cache_url or $REFLECTAGENT_CACHE_URL, or judge without a cache (--no-cache)") from exc
+            raise CacheUnusable(
+                f"the Redis cache at {self.where()} cannot be used ({type(exc).__name__}: {exc}): "
+                "start it, fix cache_url or $REFLECTAGENT_CACHE_URL, or judge without a cache (--no-cache)"
+            ) from exc
 
     def get(self, key: str) -> dict | None:
         value = self.client.get(self.prefix + key)
@@ -310,7 +317,12 @@ class JudgmentCache:
         return len(self.store)
 
     def info(self) -> dict[str, Any]:
-        return {"directory": self.store.where(), "enabled": self.enabled, "entries": len(self), "bytes": self.store.volume()}
+        return {
+            "directory": self.store.where(),
+            "enabled": self.enabled,
+            "entries": len(self),
+            "bytes": self.store.volume(),
+        }
 
     def clear(self) -> int:
         return self.store.clear()
@@ -352,8 +364,11 @@ def configured_cache(settings: Settings, directory: str | Path | None = None, en
     command's ``--cache-dir``), else the config's ``cache_url`` (Redis), else ``$REFLECTAGENT_CACHE_URL``, else the
     config's ``cache_dir``, else ``$REFLECTAGENT_CACHE_DIR`` or the user folder. Off where ``enabled`` is False
     (``--no-cache``), the config says ``cache = false`` or ``$REFLECTAGENT_CACHE`` is off. A new cache, not checked."""
-    return JudgmentCache(directory or settings.cache_dir, enabled=enabled and _enabled(settings),
-                         url=None if directory else _url(settings))
+    return JudgmentCache(
+        directory or settings.cache_dir,
+        enabled=enabled and _enabled(settings),
+        url=None if directory else _url(settings),
+    )
 
 
 def current_cache(lm: Any = None) -> JudgmentCache:
@@ -366,7 +381,11 @@ def current_cache(lm: Any = None) -> JudgmentCache:
         return cache
     settings = _settings_in_force(lm)
     url = _url(settings)
-    key = (url, None if url else Path(settings.cache_dir) if settings.cache_dir else judgments_dir(), _enabled(settings))
+    key = (
+        url,
+        None if url else Path(settings.cache_dir) if settings.cache_dir else judgments_dir(),
+        _enabled(settings),
+    )
     cache = _defaults.get(key)
     if cache is None:
         with _defaults_lock:
@@ -390,7 +409,9 @@ def _settings_in_force(lm: Any = None) -> Settings:
     if lm is None:  # DSPy's LM in force, read where DSPy is loaded (no LM can be in force where it is not)
         dspy = sys.modules.get("dspy")
         lm = getattr(getattr(dspy, "settings", None), "lm", None)
-    resolved = getattr(getattr(lm, "backend", None), "settings", None)  # steps.backend_of, then what it was resolved from
+    resolved = getattr(
+        getattr(lm, "backend", None), "settings", None
+    )  # steps.backend_of, then what it was resolved from
     if isinstance(resolved, Settings):
         return resolved
     if _file_settings is None:

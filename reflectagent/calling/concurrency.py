@@ -45,7 +45,9 @@ def run_sync(awaitable: Awaitable[R]) -> R:
     process's shared event loop; many threads may call at once, and their work interleaves there."""
     loop, thread = _shared_loop()
     context = contextvars.copy_context()
-    if threading.current_thread() is thread:  # sync code called from a step on the shared loop: it cannot wait on itself
+    if (
+        threading.current_thread() is thread
+    ):  # sync code called from a step on the shared loop: it cannot wait on itself
         with ThreadPoolExecutor(max_workers=1) as pool:
             return pool.submit(context.run, asyncio.run, awaitable).result()
     done: concurrent.futures.Future = concurrent.futures.Future()

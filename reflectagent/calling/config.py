@@ -34,17 +34,61 @@ SECRET_WORDS = frozenset({"key", "token", "secret", "password", "passwd", "apike
 # names that hold a credential, compared whole (lower case, ``-`` and ``.`` as ``_``): ``extra`` is refused one, at
 # any depth (an ``Authorization`` header in ``extra_headers``). Whole names, not words: ``stop_token_ids``,
 # ``allowed_token_ids`` and ``prompt_cache_key`` are request options of vLLM and OpenAI, not secrets
-CREDENTIAL_NAMES = frozenset({
-    "token", "access_token", "auth_token", "bearer_token", "refresh_token", "id_token", "session_token", "api_token",
-    "api_key", "apikey", "secret", "client_secret", "secret_key", "private_key", "password", "passwd", "passphrase",
-    "credentials", "authorization", "proxy_authorization", "cookie"})
-CREDENTIAL_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "_passwd", "_access_token", "_auth_token",
-                       "_bearer_token", "_session_token", "_refresh_token", "_api_token", "_secret_key",
-                       "_secret_access_key", "_private_key", "_subscription_key", "_credentials")
+CREDENTIAL_NAMES = frozenset(
+    {
+        "token",
+        "access_token",
+        "auth_token",
+        "bearer_token",
+        "refresh_token",
+        "id_token",
+        "session_token",
+        "api_token",
+        "api_key",
+        "apikey",
+        "secret",
+        "client_secret",
+        "secret_key",
+        "private_key",
+        "password",
+        "passwd",
+        "passphrase",
+        "credentials",
+        "authorization",
+        "proxy_authorization",
+        "cookie",
+    }
+)
+CREDENTIAL_SUFFIXES = (
+    "_api_key",
+    "_apikey",
+    "_secret",
+    "_password",
+    "_passwd",
+    "_access_token",
+    "_auth_token",
+    "_bearer_token",
+    "_session_token",
+    "_refresh_token",
+    "_api_token",
+    "_secret_key",
+    "_secret_access_key",
+    "_private_key",
+    "_subscription_key",
+    "_credentials",
+)
 # what BackendLM passes to dspy.LM from the backend's own fields: the same name in ``extra`` would be given twice
-SET_BY_THE_BACKEND = {"model": "model", "temperature": "temperature", "max_tokens": "max_tokens", "num_retries": "num_retries",
-                      "timeout": "timeout_s", "api_base": "api_base", "cache": "the judgment cache",
-                      "engine": "replicas", "async_engine": "replicas"}
+SET_BY_THE_BACKEND = {
+    "model": "model",
+    "temperature": "temperature",
+    "max_tokens": "max_tokens",
+    "num_retries": "num_retries",
+    "timeout": "timeout_s",
+    "api_base": "api_base",
+    "cache": "the judgment cache",
+    "engine": "replicas",
+    "async_engine": "replicas",
+}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -53,8 +97,10 @@ def secret_named(*names: object) -> bool:
     a word of it (split at ``_``, ``-``, ``.``) is key, token, secret or password, or it is a credential's name
     (:func:`credential_named`: ``Authorization``, ``Cookie``). Broader than what ``extra`` refuses: hiding a value
     costs nothing. ``max_tokens`` is not (its word is "tokens")."""
-    return any(credential_named(name) or any(word in SECRET_WORDS for word in re.split(r"[^a-z0-9]+", str(name).lower()))
-               for name in names)
+    return any(
+        credential_named(name) or any(word in SECRET_WORDS for word in re.split(r"[^a-z0-9]+", str(name).lower()))
+        for name in names
+    )
 
 
 def credential_named(name: object) -> bool:
@@ -76,8 +122,16 @@ def written_secret(table: dict, path: tuple[str, ...] = ()) -> tuple[str, ...] |
         elif credential_named(name):
             return here
         elif isinstance(value, list):
-            found = next((f for i, item in enumerate(value) if isinstance(item, dict)
-                          for f in [written_secret(item, (*here, str(i)))] if f), None)
+            found = next(
+                (
+                    f
+                    for i, item in enumerate(value)
+                    if isinstance(item, dict)
+                    for f in [written_secret(item, (*here, str(i)))]
+                    if f
+                ),
+                None,
+            )
         else:
             found = None
         if found:
@@ -98,36 +152,59 @@ class BackendConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="LiteLLM model string (e.g. 'openai/gpt-4o-mini', 'hosted_vllm/judge') or 'embedded'")
+    model: str = Field(
+        description="LiteLLM model string (e.g. 'openai/gpt-4o-mini', 'hosted_vllm/judge') or 'embedded'"
+    )
     api_base: str | None = Field(None, description="endpoint, e.g. http://127.0.0.1:8000/v1 for a vLLM server")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    replicas: list[str] = Field(default_factory=list, description=(
-        "more endpoints serving the same model as api_base (vLLM replicas): a LiteLLM Router spreads requests over "
-        "all of them, retries on another and cools a failing one down; the cache keys on the model, not the replica"))
+    replicas: list[str] = Field(
+        default_factory=list,
+        description=(
+            "more endpoints serving the same model as api_base (vLLM replicas): a LiteLLM Router spreads requests over "
+            "all of them, retries on another and cools a failing one down; the cache keys on the model, not the replica"
+        ),
+    )
     routing_strategy: str = Field("simple-shuffle", description="LiteLLM Router strategy, with replicas")
     cooldown_s: float = Field(5.0, ge=0, description="with replicas: how long a failing replica is left out")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(512, gt=0, description="completion budget per step")
-    max_text_chars: int = Field(MAX_TEXT_CHARS, gt=0, description="constrained output: longest analysis/reflection text, in characters")
+    max_text_chars: int = Field(
+        MAX_TEXT_CHARS, gt=0, description="constrained output: longest analysis/reflection text, in characters"
+    )
     constrained: bool | None = Field(None, description="JSON-schema-constrained output; default on for vLLM backends")
     logprobs: bool | None = Field(None, description="ask for verdict-token probabilities; default on for vLLM backends")
     context_chars: int | None = Field(None, gt=0, description="input characters a step may use; longer inputs are cut")
-    context_tokens: int | None = Field(None, gt=0, description=(
-        "the model's context length in tokens: inputs are cut so prompt + max_tokens fit it (counted by the model's "
-        "tokenizer: embedded and hosted_vllm backends). Embedded: also the length of the server it starts (default: "
-        f"the model preset's, else {DEFAULT_CONTEXT}); hosted_vllm: default asked from the server"))
+    context_tokens: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "the model's context length in tokens: inputs are cut so prompt + max_tokens fit it (counted by the model's "
+            "tokenizer: embedded and hosted_vllm backends). Embedded: also the length of the server it starts (default: "
+            f"the model preset's, else {DEFAULT_CONTEXT}); hosted_vllm: default asked from the server"
+        ),
+    )
     timeout_s: float = Field(300.0, gt=0)
     num_retries: int = Field(2, ge=0)
     seed: int | None = Field(None, description="base seed; sample k sends seed + k")
-    model_path: str | None = Field(None, description="embedded only: base model folder or preset name (default: packaged SmolLM2)")
-    dtype: Dtype | None = Field(None, description=(
-        f"embedded only: the dtype the server computes in (default: the model preset's, else {DEFAULT_DTYPE}); part of the "
-        "cache identity"))
+    model_path: str | None = Field(
+        None, description="embedded only: base model folder or preset name (default: packaged SmolLM2)"
+    )
+    dtype: Dtype | None = Field(
+        None,
+        description=(
+            f"embedded only: the dtype the server computes in (default: the model preset's, else {DEFAULT_DTYPE}); part of the "
+            "cache identity"
+        ),
+    )
     lora: dict[str, str] = Field(default_factory=dict, description="embedded only: LoRA adapters to serve, NAME -> DIR")
     adapter: str | None = Field(None, description="embedded only: the LoRA adapter (by NAME) to judge with")
-    fence_inputs: bool = Field(False, description=(
-        "prompt-injection mitigation: input texts go between <data> fences, inert, and the instructions say they are "
-        "material, not instructions (bench/injection.py measures it)"))
+    fence_inputs: bool = Field(
+        False,
+        description=(
+            "prompt-injection mitigation: input texts go between <data> fences, inert, and the instructions say they are "
+            "material, not instructions (bench/injection.py measures it)"
+        ),
+    )
     cache_tag: str | None = Field(None, description="extra cache identity, for endpoints whose weights change")
     extra: dict[str, Any] = Field(default_factory=dict, description="more LiteLLM request options")
 
@@ -135,16 +212,21 @@ class BackendConfig(BaseModel):
     def _check(self) -> BackendConfig:
         secret = written_secret(self.extra)  # never its value: the message names where it is, and the way instead
         if secret:
-            raise ValueError(f"extra.{'.'.join(secret)}: a secret is never written in the config: put it in an "
-                             "environment variable and name that variable with api_key_env (the backend sends it as "
-                             "the provider's key, e.g. Authorization: Bearer)")
+            raise ValueError(
+                f"extra.{'.'.join(secret)}: a secret is never written in the config: put it in an "
+                "environment variable and name that variable with api_key_env (the backend sends it as "
+                "the provider's key, e.g. Authorization: Bearer)"
+            )
         for name in self.extra:  # one line each, before LiteLLM sees it twice ("multiple values")
             if name in SET_BY_THE_BACKEND:
-                raise ValueError(f"extra.{name}: set by the backend's own {SET_BY_THE_BACKEND[name]}: write it there, "
-                                 "not in extra")
+                raise ValueError(
+                    f"extra.{name}: set by the backend's own {SET_BY_THE_BACKEND[name]}: write it there, not in extra"
+                )
         if self.api_key_env is not None and not _ENV_NAME.fullmatch(self.api_key_env):
-            raise ValueError("api_key_env names an environment variable (letters, digits and _), it does not hold the "
-                             "key: export the key in a variable and write that variable's name here")
+            raise ValueError(
+                "api_key_env names an environment variable (letters, digits and _), it does not hold the "
+                "key: export the key in a variable and write that variable's name here"
+            )
         embedded_only = {"model_path": self.model_path, "lora": self.lora, "adapter": self.adapter, "dtype": self.dtype}
         if self.replicas and not self.api_base:
             raise ValueError("replicas need api_base too: the first endpoint of the pool")
@@ -155,11 +237,15 @@ class BackendConfig(BaseModel):
             if used:
                 raise ValueError(f"{', '.join(used)} only apply to the embedded backend")
         if self.max_tokens < self.max_text_chars + 32 and self.constrained is not False and self.is_vllm:
-            raise ValueError(f"max_tokens ({self.max_tokens}) must exceed max_text_chars ({self.max_text_chars}) + 32: "
-                             "a token can be one character, and a cut-off JSON object loses its verdict")
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must exceed max_text_chars ({self.max_text_chars}) + 32: "
+                "a token can be one character, and a cut-off JSON object loses its verdict"
+            )
         if self.context_tokens is not None and self.context_tokens <= self.max_tokens:
-            raise ValueError(f"context_tokens ({self.context_tokens}) must exceed max_tokens ({self.max_tokens}): "
-                             "the completion needs room in the context")
+            raise ValueError(
+                f"context_tokens ({self.context_tokens}) must exceed max_tokens ({self.max_tokens}): "
+                "the completion needs room in the context"
+            )
         if self.adapter and self.adapter not in self.lora:
             raise ValueError(f"adapter {self.adapter!r} is not among lora: {sorted(self.lora)}")
         return self
@@ -187,11 +273,18 @@ class Settings(BaseModel):
     default_backend: str = EMBEDDED
     backends: dict[str, BackendConfig] = Field(default_factory=dict)
     cache_dir: str | None = None
-    cache_url: str | None = Field(None, description="redis://host:port/db: one judgment cache for many machines "
-                                                    "(default: the diskcache folder, or $REFLECTAGENT_CACHE_URL)")
+    cache_url: str | None = Field(
+        None,
+        description="redis://host:port/db: one judgment cache for many machines "
+        "(default: the diskcache folder, or $REFLECTAGENT_CACHE_URL)",
+    )
     cache: bool = True
-    reading: ReadLimits = Field(default_factory=ReadLimits, description=(
-        "bounds on every data file read (pairs, benchmarks, teacher files): the longest line, the most bytes"))
+    reading: ReadLimits = Field(
+        default_factory=ReadLimits,
+        description=(
+            "bounds on every data file read (pairs, benchmarks, teacher files): the longest line, the most bytes"
+        ),
+    )
 
     @model_validator(mode="after")
     def _merge_defaults(self) -> Settings:
@@ -269,8 +362,10 @@ def validation_problems(exc: ValidationError) -> str:
         given = error.get("input")
         if secret_named(*error["loc"]):
             if error["type"] == "extra_forbidden":
-                message += ": a secret is never written in the config: put it in an environment variable and name " \
-                           "that variable with api_key_env"
+                message += (
+                    ": a secret is never written in the config: put it in an environment variable and name "
+                    "that variable with api_key_env"
+                )
         elif isinstance(given, (str, int, float, bool)) and error["type"] != "missing":
             shown = repr(given)
             message += f" (got {shown if len(shown) <= 60 else shown[:60] + '...'})"

@@ -51,4 +51,6 @@ def choice_logprobs(logprobs: dict | None, signature) -> dict[str, dict[str, flo
 
 
 def _plain(entry) -> dict:
-    return entry if isinstance(entry, dict) else entry.model_dump() if hasattr(entry, "model_dump") else dict(vars(entry))
+    return (
+        entry if isinstance(entry, dict) else entry.model_dump() if hasattr(entry, "model_dump") else dict(vars(entry))
+    )

@@ -18,15 +18,39 @@ from dspy.lm15 import UnsupportedFeatureError
 GROUP = "replicas"  # the Router's name for the one model all deployments serve
 
 
-def make_router(model: str, endpoints: list[str], api_key: str | None, *, routing_strategy: str, num_retries: int,
-                cooldown_s: float, timeout_s: float) -> Any:
+def make_router(
+    model: str,
+    endpoints: list[str],
+    api_key: str | None,
+    *,
+    routing_strategy: str,
+    num_retries: int,
+    cooldown_s: float,
+    timeout_s: float,
+) -> Any:
     import litellm
 
-    deployments = [{"model_name": GROUP, "litellm_params": {"model": model, "api_base": endpoint,
-                                                            "api_key": api_key or "not-needed", "timeout": timeout_s}}
-                   for endpoint in endpoints]
-    return litellm.Router(model_list=deployments, routing_strategy=routing_strategy, num_retries=num_retries,
-                          allowed_fails=1, cooldown_time=cooldown_s, timeout=timeout_s, retry_after=0)
+    deployments = [
+        {
+            "model_name": GROUP,
+            "litellm_params": {
+                "model": model,
+                "api_base": endpoint,
+                "api_key": api_key or "not-needed",
+                "timeout": timeout_s,
+            },
+        }
+        for endpoint in endpoints
+    ]
+    return litellm.Router(
+        model_list=deployments,
+        routing_strategy=routing_strategy,
+        num_retries=num_retries,
+        allowed_fails=1,
+        cooldown_time=cooldown_s,
+        timeout=timeout_s,
+        retry_after=0,
+    )
 
 
 def _arguments(engine, request) -> dict:
@@ -37,7 +61,9 @@ def _arguments(engine, request) -> dict:
 
 def _legacy(request: dict) -> dict:
     """DSPy's LiteLLM-shaped request for the Router: its model group, its retries, no endpoint of ours."""
-    return {k: v for k, v in request.items() if k not in ("num_retries", "api_base", "api_key", "base_url")} | {"model": GROUP}
+    return {k: v for k, v in request.items() if k not in ("num_retries", "api_base", "api_key", "base_url")} | {
+        "model": GROUP
+    }
 
 
 class RouterEngine(LiteLLMEngine):

@@ -65,14 +65,26 @@ def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int, overr
     return config
 
 
-def run_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, config: dict | None = None,
-             adapter: dspy.Adapter | None = None) -> StepOutput:
+def run_step(
+    predict: dspy.Predict,
+    inputs: dict[str, str],
+    *,
+    sample: int = 0,
+    config: dict | None = None,
+    adapter: dspy.Adapter | None = None,
+) -> StepOutput:
     """:func:`arun_step`, for callers without an event loop (it runs one)."""
     return run_sync(arun_step(predict, inputs, sample=sample, config=config, adapter=adapter))
 
 
-async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: int = 0, config: dict | None = None,
-                    adapter: dspy.Adapter | None = None) -> StepOutput:
+async def arun_step(
+    predict: dspy.Predict,
+    inputs: dict[str, str],
+    *,
+    sample: int = 0,
+    config: dict | None = None,
+    adapter: dspy.Adapter | None = None,
+) -> StepOutput:
     """Run ``predict`` on ``inputs`` through the judgment cache (the one path: :func:`run_step` wraps it).
 
     ``sample`` tells repeated samples of the same step apart; ``config`` overrides request
@@ -106,10 +118,15 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
     if hit is not None:
         return _reused(hit, predict, request[0])
     budget = backend.input_budget() if backend is not None else None
-    if budget is not None and budget.counts_tokens and not await _fits_as_rendered(lm, backend, budget, request[2],
-                                                                                  request_messages):
+    if (
+        budget is not None
+        and budget.counts_tokens
+        and not await _fits_as_rendered(lm, backend, budget, request[2], request_messages)
+    ):
         try:  # counting may ask a server (/tokenize): off the event loop
-            request = keyed(*await asyncio.to_thread(render_request, adapter, predict.signature, inputs, budget, predict.demos))
+            request = keyed(
+                *await asyncio.to_thread(render_request, adapter, predict.signature, inputs, budget, predict.demos)
+            )
         except InputTooLong as exc:  # deterministic: the same request would never fit, so nothing to retry
             logger.warning("a step cannot fit the model's context: %s", exc)
             return StepOutput(fields=None, raw="", usage=Usage(), error=f"InputTooLong: {exc}", truncated=tuple(inputs))
@@ -126,8 +143,9 @@ async def arun_step(predict: dspy.Predict, inputs: dict[str, str], *, sample: in
         return await _call(predict, adapter, inputs, config, truncated, key, cache, backend)
 
     refused_key = refusal_key(key, backend)
-    return await single_flight(key, cache, lambda: cached_step(cache, key, refused_key), make,
-                               lambda hit: _reused(hit, predict, inputs))
+    return await single_flight(
+        key, cache, lambda: cached_step(cache, key, refused_key), make, lambda hit: _reused(hit, predict, inputs)
+    )
 
 
 async def _fits_as_rendered(lm, backend, budget: InputBudget, key: str, rendered: dict[str, list[dict]]) -> bool:
@@ -179,14 +197,19 @@ def _direct(lm, predict: dspy.Predict, adapter, config: dict) -> bool:
     if getattr(lm, "client", None) is None or not lm.api_base or (config.get("n") or 1) != 1:
         return False
     if not isinstance(adapter, JudgeAdapter):
-        if isinstance(adapter, dspy.ChatAdapter) or type(adapter)._call_postprocess is not dspy.Adapter._call_postprocess:
+        if (
+            isinstance(adapter, dspy.ChatAdapter)
+            or type(adapter)._call_postprocess is not dspy.Adapter._call_postprocess
+        ):
             return False
     if lm.callbacks or predict.callbacks or dspy.settings.callbacks or dspy.settings.send_stream is not None:
         return False
     if getattr(predict, "fields", None):  # DSPy's experimental decision fields
         return False
-    return all(info.annotation in _PLAIN_OUTPUTS or get_args(info.annotation) and _is_literal(info.annotation)
-               for info in predict.signature.output_fields.values())
+    return all(
+        info.annotation in _PLAIN_OUTPUTS or get_args(info.annotation) and _is_literal(info.annotation)
+        for info in predict.signature.output_fields.values()
+    )
 
 
 def _is_literal(annotation) -> bool:
@@ -195,15 +218,29 @@ def _is_literal(annotation) -> bool:
     return get_origin(annotation) is Literal
 
 
-async def _call_direct(lm, predict: dspy.Predict, adapter, inputs: dict[str, str], messages: list[dict], config: dict,
-                       truncated: tuple[str, ...], key: str, cache, backend) -> StepOutput:
+async def _call_direct(
+    lm,
+    predict: dspy.Predict,
+    adapter,
+    inputs: dict[str, str],
+    messages: list[dict],
+    config: dict,
+    truncated: tuple[str, ...],
+    key: str,
+    cache,
+    backend,
+) -> StepOutput:
     """:func:`_call` through the backend's own client: the request DSPy would send (the messages already
     rendered for the key, the LM's options, this step's settings, the adapter's response format), the reply
     parsed by the adapter as DSPy would, the same trace and history entries, the same failures."""
     signature = predict.signature
     started = time.perf_counter()
-    body: dict[str, Any] = {"model": backend.served, "messages": messages, **lm.request_options(),
-                            **{k: v for k, v in config.items() if v is not None}}
+    body: dict[str, Any] = {
+        "model": backend.served,
+        "messages": messages,
+        **lm.request_options(),
+        **{k: v for k, v in config.items() if v is not None},
+    }
     response_format = adapter.response_format(signature) if isinstance(adapter, JudgeAdapter) else None
     if response_format is not None:
         body["response_format"] = response_format
@@ -230,9 +267,19 @@ async def _call_direct(lm, predict: dspy.Predict, adapter, inputs: dict[str, str
             logprobs = choice_logprobs(choice.get("logprobs"), signature)
             _traced(predict, inputs, fields)
         _record_history(lm, messages, body, reply, raw)
-    step = StepOutput(fields=fields, raw=raw, error=error, logprobs=logprobs, truncated=truncated, usage=Usage(
-        lm_calls=1, prompt_tokens=usage.get("prompt_tokens") or 0, completion_tokens=usage.get("completion_tokens") or 0,
-        latency_s=time.perf_counter() - started))
+    step = StepOutput(
+        fields=fields,
+        raw=raw,
+        error=error,
+        logprobs=logprobs,
+        truncated=truncated,
+        usage=Usage(
+            lm_calls=1,
+            prompt_tokens=usage.get("prompt_tokens") or 0,
+            completion_tokens=usage.get("completion_tokens") or 0,
+            latency_s=time.perf_counter() - started,
+        ),
+    )
     keep(cache, key, backend, step)
     return step
 
@@ -240,8 +287,12 @@ async def _call_direct(lm, predict: dspy.Predict, adapter, inputs: dict[str, str
 def _parse(adapter, signature, text: str, message: dict) -> dict[str, Any]:
     """The output fields, as ``Adapter._call_postprocess`` reads a completion: an empty one is unparsed."""
     if not text:
-        raise AdapterParseError(adapter_name=type(adapter).__name__, signature=signature, lm_response=str(message),
-                                message="The LM returned an empty or null response.")
+        raise AdapterParseError(
+            adapter_name=type(adapter).__name__,
+            signature=signature,
+            lm_response=str(message),
+            message="The LM returned an empty or null response.",
+        )
     value = adapter.parse(signature, text)
     for name in signature.output_fields:
         value.setdefault(name, None)
@@ -272,10 +323,16 @@ def _track_usage(lm, usage: dict) -> None:
 
     try:
         prompt, completion = usage.get("prompt_tokens_details") or {}, usage.get("completion_tokens_details") or {}
-        read = LMUsage(input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"),
-                       total_tokens=usage.get("total_tokens"), reasoning_tokens=completion.get("reasoning_tokens"),
-                       cache_read_tokens=prompt.get("cached_tokens"), cache_write_tokens=prompt.get("cache_write_tokens"),
-                       input_audio_tokens=prompt.get("audio_tokens"), output_audio_tokens=completion.get("audio_tokens"))
+        read = LMUsage(
+            input_tokens=usage.get("prompt_tokens"),
+            output_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            reasoning_tokens=completion.get("reasoning_tokens"),
+            cache_read_tokens=prompt.get("cached_tokens"),
+            cache_write_tokens=prompt.get("cache_write_tokens"),
+            input_audio_tokens=prompt.get("audio_tokens"),
+            output_audio_tokens=completion.get("audio_tokens"),
+        )
     except (AttributeError, TypeError, ValueError) as exc:
         logger.debug("the reply's usage is not counted (%s): %r", exc, usage)
         return
@@ -295,19 +352,41 @@ def _record_history(lm, messages: list[dict], body: dict, reply: dict, text: str
     import random
     import uuid
 
-    kept = {**reply, "choices": [{**choice, "logprobs": None} if isinstance(choice, dict) and choice.get("logprobs") else choice
-                                 for choice in reply.get("choices") or []]}
-    lm.update_history({
-        "prompt": None, "messages": messages, "kwargs": {k: v for k, v in body.items() if k not in ("model", "messages")},
-        "response": kept, "outputs": [text], "usage": reply.get("usage") or {}, "cost": None,
-        "timestamp": datetime.datetime.now().isoformat(), "model": lm.model,
-        "uuid": str(uuid.UUID(int=random.getrandbits(128), version=4)),  # an id, not a secret: no os.urandom call
-        "response_model": reply.get("model"), "model_type": lm.model_type,
-    })
+    kept = {
+        **reply,
+        "choices": [
+            {**choice, "logprobs": None} if isinstance(choice, dict) and choice.get("logprobs") else choice
+            for choice in reply.get("choices") or []
+        ],
+    }
+    lm.update_history(
+        {
+            "prompt": None,
+            "messages": messages,
+            "kwargs": {k: v for k, v in body.items() if k not in ("model", "messages")},
+            "response": kept,
+            "outputs": [text],
+            "usage": reply.get("usage") or {},
+            "cost": None,
+            "timestamp": datetime.datetime.now().isoformat(),
+            "model": lm.model,
+            "uuid": str(uuid.UUID(int=random.getrandbits(128), version=4)),  # an id, not a secret: no os.urandom call
+            "response_model": reply.get("model"),
+            "model_type": lm.model_type,
+        }
+    )
 
 
-async def _call(predict: dspy.Predict, adapter, inputs: dict[str, str], config: dict, truncated: tuple[str, ...],
-                key: str, cache, backend) -> StepOutput:
+async def _call(
+    predict: dspy.Predict,
+    adapter,
+    inputs: dict[str, str],
+    config: dict,
+    truncated: tuple[str, ...],
+    key: str,
+    cache,
+    backend,
+) -> StepOutput:
     signature = predict.signature
     started = time.perf_counter()
     fields, raw, error, logprobs = None, "", None, None

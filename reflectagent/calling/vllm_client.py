@@ -57,8 +57,15 @@ logger = logging.getLogger(__name__)
 class ChatClient:
     """Chat completions from one vLLM backend (any replica-free endpoint that speaks OpenAI's chat API)."""
 
-    def __init__(self, *, model: str, api_key: str | None, timeout_s: float, num_retries: int,
-                 headers: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        *,
+        model: str,
+        api_key: str | None,
+        timeout_s: float,
+        num_retries: int,
+        headers: Mapping[str, Any] | None = None,
+    ):
         from multidict import CIMultiDict
 
         self.model = model  # the LM's model string, as DSPy's errors name it ("hosted_vllm/...")
@@ -78,8 +85,10 @@ class ChatClient:
         try:
             data = json.dumps(body, ensure_ascii=False).encode()
         except UnicodeEncodeError as exc:  # a lone surrogate: no server can be sent it (DSPy says the same)
-            raise ValueError(f"the request contains text that is not valid Unicode ({exc.reason}), which no provider "
-                             "can receive; repair the text first") from None
+            raise ValueError(
+                f"the request contains text that is not valid Unicode ({exc.reason}), which no provider "
+                "can receive; repair the text first"
+            ) from None
         url = f"{api_base.rstrip('/')}/chat/completions"
         proxy = _env_proxy(url)
         for attempt in range(self.num_retries + 1):
@@ -97,7 +106,9 @@ class ChatClient:
         as :func:`reflectagent.serving.tokens.server_counter` asks: one try, an error raised as it comes;
         :class:`reflectagent.serving.tokens.RouteMissing` where the server has no such route (not vLLM, or a proxy)."""
         url = tokenize_url(api_base)
-        data = json.dumps({"model": model, "messages": messages, "add_generation_prompt": True}, ensure_ascii=False).encode()
+        data = json.dumps(
+            {"model": model, "messages": messages, "add_generation_prompt": True}, ensure_ascii=False
+        ).encode()
         status, headers, body = await self._post(url, data, _env_proxy(url))
         missing = missing_route("POST /tokenize", url, status)
         if missing is not None:
@@ -108,7 +119,9 @@ class ChatClient:
             return int(_loads(body)["count"])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             kind = headers.get("content-type") or "no content-type"
-            raise RouteMissing("POST /tokenize", url, f"HTTP {status}, {kind}: not vLLM's reply ({type(exc).__name__})") from None
+            raise RouteMissing(
+                "POST /tokenize", url, f"HTTP {status}, {kind}: not vLLM's reply ({type(exc).__name__})"
+            ) from None
 
     async def _post(self, url: str, data: bytes, proxy: str | None) -> tuple[int, Any, bytes]:
         """One request's reply: its status, headers and body.
@@ -162,8 +175,9 @@ class ChatClient:
         if isinstance(exc, lm15.LM15Error):
             return exc
         if isinstance(exc, asyncio.TimeoutError):  # aiohttp's connect and read timeouts are both TimeoutErrors
-            error = lm15.TimeoutError(f"no reply within timeout_s = {self.timeout_s:g} s ({type(exc).__name__})",
-                                      provider=PROVIDER)
+            error = lm15.TimeoutError(
+                f"no reply within timeout_s = {self.timeout_s:g} s ({type(exc).__name__})", provider=PROVIDER
+            )
         else:
             error = lm15.TransportError(f"{type(exc).__name__}: {exc}", provider=PROVIDER)
         error.__cause__ = exc
@@ -205,9 +219,11 @@ def _env_proxy(url: str) -> str | None:
         proxy = f"http://{proxy}"
     scheme = proxy.split("://", 1)[0].lower()
     if scheme not in ("http", "https"):
-        raise ConfigError(f"{name}_proxy names a {scheme} proxy for {parts.hostname}, which reflectagent's client for "
-                          "vLLM servers cannot use (it speaks to HTTP proxies only): name the server's host in "
-                          "no_proxy, or an http:// proxy")
+        raise ConfigError(
+            f"{name}_proxy names a {scheme} proxy for {parts.hostname}, which reflectagent's client for "
+            "vLLM servers cannot use (it speaks to HTTP proxies only): name the server's host in "
+            "no_proxy, or an http:// proxy"
+        )
     return proxy
 
 
@@ -220,7 +236,9 @@ def _retryable(error: BaseException) -> bool:
 def _delay(error: BaseException, attempt: int) -> float:
     """DSPy's backoff: the server's ``Retry-After`` if it gave one, else 1, 2, 4 ... 60 s."""
     hint = getattr(error, "retry_after", None)
-    return hint if isinstance(hint, (int, float)) and math.isfinite(hint) and hint >= 0 else min(2 ** min(attempt, 6), 60)
+    return (
+        hint if isinstance(hint, (int, float)) and math.isfinite(hint) and hint >= 0 else min(2 ** min(attempt, 6), 60)
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -239,9 +257,11 @@ def _retry_after(value: str | None) -> float | None:
 
 def _not_json(status: int, headers, body: bytes, exc: Exception) -> str:
     excerpt = body[:200].decode("utf-8", errors="replace") + ("…" if len(body) > 200 else "")
-    return (f"the reply (HTTP {status}, {headers.get('content-type') or 'no content-type'}, {len(body)} bytes) is not "
-            f"JSON: {exc}. Body starts: {excerpt!r}. A gateway or proxy in front of the server is the usual cause; "
-            "the request may or may not have been served.")
+    return (
+        f"the reply (HTTP {status}, {headers.get('content-type') or 'no content-type'}, {len(body)} bytes) is not "
+        f"JSON: {exc}. Body starts: {excerpt!r}. A gateway or proxy in front of the server is the usual cause; "
+        "the request may or may not have been served."
+    )
 
 
 def _loads(body: bytes):

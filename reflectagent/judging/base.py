@@ -56,7 +56,9 @@ class Judge(dspy.Module):
         started = time.perf_counter()
         if pair.identical:
             return self._finish(pair, self._identical(), started)
-        return self._finish(pair, await (_in_thread(self.decide, pair) if self._decides_sync() else self.adecide(pair)), started)
+        return self._finish(
+            pair, await (_in_thread(self.decide, pair) if self._decides_sync() else self.adecide(pair)), started
+        )
 
     def _decides_sync(self) -> bool:
         """Whether this judge's most derived decision is ``decide`` (sync) rather than ``adecide``: a subclass
@@ -82,8 +84,9 @@ class Judge(dspy.Module):
         cut = sorted({field for step in judgment.steps for field in step.truncated})
         if cut:
             notes.append(f"truncated to fit the context: {', '.join(cut)}")
-        return replace(judgment, latency_s=time.perf_counter() - started, notes=tuple(notes),
-                       program=type(self).__name__)
+        return replace(
+            judgment, latency_s=time.perf_counter() - started, notes=tuple(notes), program=type(self).__name__
+        )
 
     def decide(self, pair: Pair) -> Judgment:
         """The verdict for a pair (never identical responses). A program that defines ``adecide`` gets this."""

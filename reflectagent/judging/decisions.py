@@ -24,6 +24,9 @@ def probability_verdict(probability_a: float | None) -> tuple[str | None, str | 
 
 def order_averaged_probability(analyses) -> float | None:
     """P(A better) averaged over the analyses (and so over both orders); None if any lacks it."""
-    probs = [a.probability if a.preference == "A" else 1 - a.probability
-             for a in analyses if a.parsed and a.probability is not None]
+    probs = [
+        a.probability if a.preference == "A" else 1 - a.probability
+        for a in analyses
+        if a.parsed and a.probability is not None
+    ]
     return sum(probs) / len(probs) if probs and len(probs) == len(analyses) else None

@@ -11,6 +11,17 @@ from reflectagent.judging.position_swap import PositionSwapJudge
 from reflectagent.judging.runs import RunInterrupted, ajudge_pairs, is_transient, judge_all, judge_in_order, judge_pairs
 
 __all__ = [
-    "Decision", "Judge", "PositionSwapJudge", "ProgramFileError", "RunInterrupted", "ajudge_pairs", "check_decision",
-    "is_transient", "judge_all", "judge_in_order", "judge_pairs", "order_averaged_probability", "probability_verdict",
+    "Decision",
+    "Judge",
+    "PositionSwapJudge",
+    "ProgramFileError",
+    "RunInterrupted",
+    "ajudge_pairs",
+    "check_decision",
+    "is_transient",
+    "judge_all",
+    "judge_in_order",
+    "judge_pairs",
+    "order_averaged_probability",
+    "probability_verdict",
 ]

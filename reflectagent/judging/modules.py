@@ -29,9 +29,17 @@ def analysis_from(step: StepOutput, swapped: bool, sample: int, text: str) -> An
     preference = (step.fields or {}).get("preference")
     probability = (step.logprobs or {}).get("preference", {}).get(preference) if preference else None
     return Analysis(
-        text=text, preference=flip(preference) if swapped else preference, swapped=swapped, parsed=step.parsed,
-        raw=step.raw, sample=sample, probability=probability, error=step.error, usage=step.usage,
-        cached=step.cached, truncated=step.truncated,
+        text=text,
+        preference=flip(preference) if swapped else preference,
+        swapped=swapped,
+        parsed=step.parsed,
+        raw=step.raw,
+        sample=sample,
+        probability=probability,
+        error=step.error,
+        usage=step.usage,
+        cached=step.cached,
+        truncated=step.truncated,
     )
 
 
@@ -42,7 +50,9 @@ class Analyzer(dspy.Module):
         super().__init__()
         self.predict = dspy.Predict(signature)
 
-    async def aforward(self, pair: Pair, swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Analysis:
+    async def aforward(
+        self, pair: Pair, swapped: bool = False, sample: int = 0, temperature: float | None = None
+    ) -> Analysis:
         shown = pair.swapped() if swapped else pair
         step = await arun_step(self.predict, shown.inputs(), sample=sample, config={"temperature": temperature})
         return analysis_from(step, swapped, sample, text=(step.fields or {}).get("analysis", ""))
@@ -58,8 +68,16 @@ class Reflector(dspy.Module):
         super().__init__()
         self.predict = dspy.Predict(signature)
 
-    async def aforward(self, pair: Pair, analyses: tuple[Analysis, ...], first: int, second: int,
-                       swapped: bool = False, sample: int = 0, temperature: float | None = None) -> Reflection:
+    async def aforward(
+        self,
+        pair: Pair,
+        analyses: tuple[Analysis, ...],
+        first: int,
+        second: int,
+        swapped: bool = False,
+        sample: int = 0,
+        temperature: float | None = None,
+    ) -> Reflection:
         """``first`` and ``second`` index ``analyses``; ``swapped`` shows the pair in B, A order."""
         shown = pair.swapped() if swapped else pair
         inputs = {
@@ -124,9 +142,17 @@ class Rater(dspy.Module):
         step = await arun_step(self.predict, inputs, sample=sample, config={"temperature": temperature})
         generated = (step.fields or {}).get("rating")
         return Rating(
-            response=response, rating=int(generated) if generated is not None else None, parsed=step.parsed,
-            raw=step.raw, score=expected_rating((step.logprobs or {}).get("rating")) if step.parsed else None,
-            text=(step.fields or {}).get("assessment", ""), sample=sample, error=step.error, usage=step.usage, cached=step.cached, truncated=step.truncated,
+            response=response,
+            rating=int(generated) if generated is not None else None,
+            parsed=step.parsed,
+            raw=step.raw,
+            score=expected_rating((step.logprobs or {}).get("rating")) if step.parsed else None,
+            text=(step.fields or {}).get("assessment", ""),
+            sample=sample,
+            error=step.error,
+            usage=step.usage,
+            cached=step.cached,
+            truncated=step.truncated,
         )
 
     def forward(self, *args, **kwargs) -> Rating:

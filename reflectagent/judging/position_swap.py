@@ -23,7 +23,9 @@ class PositionSwapJudge(Judge):
         self.analyzer = Analyzer()
 
     async def adecide(self, pair: Pair) -> Judgment:
-        analyses = tuple(await asyncio.gather(self.analyzer.acall(pair, swapped=False), self.analyzer.acall(pair, swapped=True)))
+        analyses = tuple(
+            await asyncio.gather(self.analyzer.acall(pair, swapped=False), self.analyzer.acall(pair, swapped=True))
+        )
         probability_a = order_averaged_probability(analyses)
         if self.decision == "probability":
             preference, reason = probability_verdict(probability_a)
@@ -31,6 +33,7 @@ class PositionSwapJudge(Judge):
         if not all(a.parsed for a in analyses):
             return Judgment(preference=None, analyses=analyses, reason="unparsed")
         if len({a.preference for a in analyses}) > 1:
-            return Judgment(preference=None, analyses=analyses, reason="inconsistent across orders",
-                            probability_a=probability_a)
+            return Judgment(
+                preference=None, analyses=analyses, reason="inconsistent across orders", probability_a=probability_a
+            )
         return Judgment(preference=analyses[0].preference, analyses=analyses, probability_a=probability_a)

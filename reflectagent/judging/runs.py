@@ -28,8 +28,19 @@ def is_transient(error: BaseException) -> bool:
     from dspy.utils.exceptions import LMProviderError, LMRateLimitError, LMServerError, LMTimeoutError, LMTransportError
 
     broken_reply = isinstance(error, LMProviderError) and error.status is not None and 200 <= error.status < 300
-    return broken_reply or isinstance(error, (LMTransportError, LMTimeoutError, LMServerError, LMRateLimitError, ServerError,
-                                              httpx.TransportError, ConnectionError, TimeoutError))
+    return broken_reply or isinstance(
+        error,
+        (
+            LMTransportError,
+            LMTimeoutError,
+            LMServerError,
+            LMRateLimitError,
+            ServerError,
+            httpx.TransportError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    )
 
 
 def _timed_out(error: BaseException) -> bool:
@@ -42,7 +53,9 @@ def _timed_out(error: BaseException) -> bool:
     for _ in range(16):  # a chain is short; a cycle is not followed for ever
         if seen is None:
             return False
-        if isinstance(seen, (TimeoutError, LMTimeoutError, httpx.TimeoutException)) or type(seen).__name__.endswith("Timeout"):
+        if isinstance(seen, (TimeoutError, LMTimeoutError, httpx.TimeoutException)) or type(seen).__name__.endswith(
+            "Timeout"
+        ):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -56,9 +69,11 @@ def _timeout_text() -> str:
     if config is None:
         return "timed out: the backend gave no answer within its timeout_s; raise timeout_s in its table of the config if the model needs longer, or check the server"
     tries = config.num_retries + 1
-    return (f"timed out: backend {backend.name!r} gave no answer within timeout_s = {config.timeout_s:g} s "
-            f"({tries} tr{'y' if tries == 1 else 'ies'}: num_retries = {config.num_retries}); if the model needs longer, "
-            f"raise timeout_s in [backends.{backend.name}] of the config, else check the server")
+    return (
+        f"timed out: backend {backend.name!r} gave no answer within timeout_s = {config.timeout_s:g} s "
+        f"({tries} tr{'y' if tries == 1 else 'ies'}: num_retries = {config.num_retries}); if the model needs longer, "
+        f"raise timeout_s in [backends.{backend.name}] of the config, else check the server"
+    )
 
 
 class RunInterrupted(ReflectAgentError, RuntimeError):
@@ -69,14 +84,22 @@ class RunInterrupted(ReflectAgentError, RuntimeError):
     def __init__(self, done: int, total: int, cause: BaseException, cached: bool | None = None):
         cached = caching() if cached is None else cached
         if not cached:
-            advice = ("The judgment cache is off, so no finished step was kept: the same command again starts from the "
-                      "first pair" + (" (leave out --no-cache to keep steps for a resume)." if is_transient(cause) else
-                                      ", and stops here again unless the cause above is fixed."))
+            advice = (
+                "The judgment cache is off, so no finished step was kept: the same command again starts from the "
+                "first pair"
+                + (
+                    " (leave out --no-cache to keep steps for a resume)."
+                    if is_transient(cause)
+                    else ", and stops here again unless the cause above is fixed."
+                )
+            )
         elif is_transient(cause):
             advice = "Every finished step is in the judgment cache: run the same command again to resume."
         else:
-            advice = ("This is not a backend that went away: the same command would stop here again. Fix the cause above "
-                      "(the input, the config or a bug to report); every finished step is in the judgment cache.")
+            advice = (
+                "This is not a backend that went away: the same command would stop here again. Fix the cause above "
+                "(the input, the config or a bug to report); every finished step is in the judgment cache."
+            )
         what = _timeout_text() if _timed_out(cause) else str(cause)
         super().__init__(f"stopped after {done} of {total} judgments: {type(cause).__name__}: {what}\n{advice}")
         self.done, self.total, self.cause = done, total, cause
@@ -90,7 +113,9 @@ def judge_pairs(judge: Judge, pairs: list[Pair], *, concurrency: int = 8, progre
     return run_sync(ajudge_pairs(judge, pairs, concurrency=concurrency, progress=progress))
 
 
-async def ajudge_pairs(judge: Judge, pairs: list[Pair], *, concurrency: int = 8, progress: bool = True) -> list[Judgment]:
+async def ajudge_pairs(
+    judge: Judge, pairs: list[Pair], *, concurrency: int = 8, progress: bool = True
+) -> list[Judgment]:
     """Judge many pairs on one event loop, ``concurrency`` at a time, in input order."""
     jobs = [(lambda p=pair: judge.ajudge(p)) for pair in pairs]
     return await judge_all(jobs, concurrency=concurrency, progress=progress, desc=type(judge).__name__, unit="pair")
@@ -102,8 +127,9 @@ def _untraced():
     return dspy.context(trace=None)
 
 
-async def judge_in_order(judge: Judge, pairs: Iterable[Pair], *, concurrency: int = 8,
-                         window: int | None = None) -> AsyncIterator[tuple[Pair, Judgment]]:
+async def judge_in_order(
+    judge: Judge, pairs: Iterable[Pair], *, concurrency: int = 8, window: int | None = None
+) -> AsyncIterator[tuple[Pair, Judgment]]:
     """Yield ``(pair, judgment)`` in input order as soon as each is ready, ``concurrency`` judging at once and
     at most ``window`` (default 4x that) started or waiting to be yielded: a run of any length holds only
     the window, so its memory stays flat. The first error stops the rest (:class:`RunInterrupted`)."""
@@ -136,8 +162,14 @@ async def judge_in_order(judge: Judge, pairs: Iterable[Pair], *, concurrency: in
         await asyncio.gather(*(task for _, task in started), return_exceptions=True)
 
 
-async def judge_all(jobs: list[Callable[[], Awaitable[Judgment]]], *, concurrency: int, progress: bool, desc: str,
-                    unit: str = "judgment") -> list[Judgment]:
+async def judge_all(
+    jobs: list[Callable[[], Awaitable[Judgment]]],
+    *,
+    concurrency: int,
+    progress: bool,
+    desc: str,
+    unit: str = "judgment",
+) -> list[Judgment]:
     """Run judgment jobs ``concurrency`` at a time, results in job order, with a progress bar. The first
     error stops them all (:class:`RunInterrupted`): unfinished jobs are cancelled, finished steps are cached."""
     results: list[Judgment | None] = [None] * len(jobs)

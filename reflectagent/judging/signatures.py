@@ -55,8 +55,7 @@ class Reflect(dspy.Signature):
 
 class Verdict(dspy.Signature):
     __doc__ = (
-        "Given an analysis of two responses to the same prompt, give the final preference.\n\n"
-        + _JUDGE_PRINCIPLES
+        "Given an analysis of two responses to the same prompt, give the final preference.\n\n" + _JUDGE_PRINCIPLES
     )
 
     prompt: str = dspy.InputField(desc="the user's request, or the conversation so far")
@@ -67,10 +66,7 @@ class Verdict(dspy.Signature):
 
 
 class Prefer(dspy.Signature):
-    __doc__ = (
-        "Compare two responses to the same prompt and decide which one is better.\n\n"
-        + _JUDGE_PRINCIPLES
-    )
+    __doc__ = "Compare two responses to the same prompt and decide which one is better.\n\n" + _JUDGE_PRINCIPLES
 
     prompt: str = dspy.InputField(desc="the user's request, or the conversation so far")
     response_a: str = dspy.InputField(desc="the first candidate response")
@@ -90,7 +86,9 @@ class Rate(dspy.Signature):
 
     prompt: str = dspy.InputField(desc="the user's request, or the conversation so far")
     response: str = dspy.InputField(desc="the candidate response")
-    rating: Literal["1", "2", "3", "4", "5"] = dspy.OutputField(desc="1 poor, 2 weak, 3 acceptable, 4 good, 5 excellent")
+    rating: Literal["1", "2", "3", "4", "5"] = dspy.OutputField(
+        desc="1 poor, 2 weak, 3 acceptable, 4 good, 5 excellent"
+    )
 
 
 class Assess(dspy.Signature):
@@ -103,4 +101,6 @@ class Assess(dspy.Signature):
     prompt: str = dspy.InputField(desc="the user's request, or the conversation so far")
     response: str = dspy.InputField(desc="the candidate response")
     assessment: str = dspy.OutputField(desc="a brief assessment of the decisive strengths and flaws")
-    rating: Literal["1", "2", "3", "4", "5"] = dspy.OutputField(desc="1 poor, 2 weak, 3 acceptable, 4 good, 5 excellent")
+    rating: Literal["1", "2", "3", "4", "5"] = dspy.OutputField(
+        desc="1 poor, 2 weak, 3 acceptable, 4 good, 5 excellent"
+    )

@@ -111,8 +111,10 @@ def check_output(target: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     for source in inputs:
         source = Path(source)
         if source.resolve() in (path, partial_path(path)) or _same_file(source, path):
-            raise OutputError(f"-o {given} is the input file {source}: writing the judgments there would erase the "
-                              "pairs being judged. Name another output file")
+            raise OutputError(
+                f"-o {given} is the input file {source}: writing the judgments there would erase the "
+                "pairs being judged. Name another output file"
+            )
     return path
 
 
@@ -129,8 +131,9 @@ class AtomicOutput:
     reports a failure calls :meth:`stop` first, so its message (:meth:`failure_note`) says what happened, not what
     was meant to (a full disk can fail the flush, and the rename can fail)."""
 
-    def __init__(self, target: str | Path, inputs: Iterable[str | Path] = (),
-                 report: Callable[[str], None] | None = None):
+    def __init__(
+        self, target: str | Path, inputs: Iterable[str | Path] = (), report: Callable[[str], None] | None = None
+    ):
         self.given = Path(target)
         self.target = check_output(target, inputs)
         self.stream = is_stream(self.target)  # a pipe or device: written as it comes, nothing to rename or lock
@@ -156,8 +159,10 @@ class AtomicOutput:
         try:
             self._lock.acquire()
         except filelock.Timeout:
-            raise OutputBusy(f"another run is writing {self.given} (it holds {lock_path(self.target)}): wait for it to "
-                             "finish, or name another output file") from None
+            raise OutputBusy(
+                f"another run is writing {self.given} (it holds {lock_path(self.target)}): wait for it to "
+                "finish, or name another output file"
+            ) from None
         except OSError as exc:
             raise OutputError(f"-o {self.given}: cannot write in {self.target.parent} ({exc.strerror})") from None
         self._locked = True
@@ -186,16 +191,20 @@ class AtomicOutput:
             leftover = self.target.parent / name
             info = leftover.lstat()
             if not stat.S_ISREG(info.st_mode):
-                self.report(f"{leftover} is left from an earlier run of -o {self.given} but is not a file: "
-                            "look at it, then remove it")
+                self.report(
+                    f"{leftover} is left from an earlier run of -o {self.given} but is not a file: "
+                    "look at it, then remove it"
+                )
             elif info.st_size == 0:
                 leftover.unlink()
             else:
                 lines, _ = _whole_lines(leftover)
                 kept = free_partial(self.target)
                 os.replace(leftover, kept)
-                self.report(f"an earlier run writing {self.given} was killed before it ended: the {lines} judgment "
-                            f"line(s) it finished are kept in {kept}")
+                self.report(
+                    f"an earlier run writing {self.given} was killed before it ended: the {lines} judgment "
+                    f"line(s) it finished are kept in {kept}"
+                )
 
     def write(self, line: str) -> None:
         """One line (its newline added), written now: a run that stops keeps it in the partial file. A run that
@@ -236,8 +245,9 @@ class AtomicOutput:
                 self._release()
                 return
         self.stop()
-        raise OutputError(f"-o {self.given}: the finished run could not be written there ({failed}): "
-                          f"{self.failure_note()}")
+        raise OutputError(
+            f"-o {self.given}: the finished run could not be written there ({failed}): {self.failure_note()}"
+        )
 
     def stop(self) -> str:
         """The run failed: what it wrote is kept as the first free :func:`free_partial` (or, if that rename fails,
@@ -279,15 +289,18 @@ class AtomicOutput:
             self.partial = kept
         except OSError as exc:  # the lines stay in the temporary: the note names it, and the next run keeps it
             self.partial = self._temporary if self._temporary.exists() else None
-            self.problem = (self.problem + "; " if self.problem else "") + \
-                f"they could not be moved to {partial_path(self.target)} ({exc.strerror or exc})"
+            self.problem = (
+                self.problem + "; " if self.problem else ""
+            ) + f"they could not be moved to {partial_path(self.target)} ({exc.strerror or exc})"
 
     def _release(self) -> None:
         if self._locked:
             self._locked = False
             self._lock.release()
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         if self._ended is not None or self._handle is None:
             self._release()
             return
@@ -309,11 +322,15 @@ class AtomicOutput:
         if self.partial:
             kept = f"the {self.kept} judgment(s) finished are in {self.partial}"
             if self.partial.name.startswith(f"{partial_path(self.target).name}."):
-                kept += f" (not {partial_path(self.target).name}: the judgments earlier runs kept are left as they were)"
+                kept += (
+                    f" (not {partial_path(self.target).name}: the judgments earlier runs kept are left as they were)"
+                )
         else:
             kept = "no judgment was finished" if not self.lines else "no finished judgment could be kept"
         if self.problem:
             kept += f" ({self.problem}"
             kept += f"; {self.lines - self.kept} of the {self.lines} are not in it)" if self.kept < self.lines else ")"
-        before = f"{self.given} is as it was before this run" if self.target.exists() else f"{self.given} was not written"
+        before = (
+            f"{self.given} is as it was before this run" if self.target.exists() else f"{self.given} was not written"
+        )
         return f"{kept}; {before}."

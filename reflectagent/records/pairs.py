@@ -86,8 +86,10 @@ def _check_encodable(name: str, value: str | None) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidPair(f"{name} holds a lone surrogate escape ({value[exc.start]!r} at character "
-                          f"{exc.start + 1}), which is not text: fix or remove that \\u escape") from None
+        raise InvalidPair(
+            f"{name} holds a lone surrogate escape ({value[exc.start]!r} at character "
+            f"{exc.start + 1}), which is not text: fix or remove that \\u escape"
+        ) from None
 
 
 def _as_text(name: str, value: object) -> object:
@@ -122,7 +124,9 @@ def duplicate_ids(ids: Iterable[str | None]) -> dict[str, int]:
     return {key: n for key, n in counts.items() if n > 1}
 
 
-def iter_pairs(path: str | Path, bad_lines: list[BadLine] | None = None, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[Pair]:
+def iter_pairs(
+    path: str | Path, bad_lines: list[BadLine] | None = None, limits: ReadLimits = DEFAULT_LIMITS
+) -> Iterator[Pair]:
     """Yield the valid pairs of a JSONL file; append every bad line to ``bad_lines`` (or log it, if no
     list is given: then nobody else will say it). A file that cannot be read at all (missing, a folder, a
     device, over ``limits``) is a :class:`PairFileError`.
@@ -173,9 +177,11 @@ class PairFile:
         for number, expected in enumerate(self._fingerprints, start=1):
             pair = next(again, None)
             if pair is None or hash(pair) != expected:
-                raise PairFileError(f"{self.path} changed while it was being judged (its pair {number} is not the one "
-                                    "read at the start): judge a copy that nothing writes to, then run again "
-                                    "(with the cache on, finished judgments are reused)")
+                raise PairFileError(
+                    f"{self.path} changed while it was being judged (its pair {number} is not the one "
+                    "read at the start): judge a copy that nothing writes to, then run again "
+                    "(with the cache on, finished judgments are reused)"
+                )
             yield pair
 
 

@@ -41,13 +41,24 @@ class ReadLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_line_bytes: int = Field(64 * MIB, gt=0, description=(
-        "the longest line (or UTF-16 file, or JSON array on one line) read, in bytes; longer is an error, not a pair"))
-    max_input_bytes: int = Field(4 * GIB, gt=0, description=(
-        "the most bytes read from one file, after decompression (a gzip bomb stops here)"))
-    max_bad_lines: int = Field(10_000, gt=0, description=(
-        "the most bad lines one file may have, each kept and reported; more and the file is refused (random bytes from "
-        "a pipe are millions of bad lines)"))
+    max_line_bytes: int = Field(
+        64 * MIB,
+        gt=0,
+        description=(
+            "the longest line (or UTF-16 file, or JSON array on one line) read, in bytes; longer is an error, not a pair"
+        ),
+    )
+    max_input_bytes: int = Field(
+        4 * GIB, gt=0, description=("the most bytes read from one file, after decompression (a gzip bomb stops here)")
+    )
+    max_bad_lines: int = Field(
+        10_000,
+        gt=0,
+        description=(
+            "the most bad lines one file may have, each kept and reported; more and the file is refused (random bytes from "
+            "a pipe are millions of bad lines)"
+        ),
+    )
 
 
 DEFAULT_LIMITS = ReadLimits()
@@ -82,9 +93,11 @@ class BadLines:
     def __call__(self, problem: BadLine) -> None:
         self.count += 1
         if self.count > self.limits.max_bad_lines:
-            raise PairFileError(f"{self.path}: more than {self.limits.max_bad_lines:,} bad lines (reading.max_bad_lines; "
-                                f"line {problem.line}: {problem.error}): this is not a JSONL file of pairs, or raise "
-                                "max_bad_lines in the [reading] table of the config")
+            raise PairFileError(
+                f"{self.path}: more than {self.limits.max_bad_lines:,} bad lines (reading.max_bad_lines; "
+                f"line {problem.line}: {problem.error}): this is not a JSONL file of pairs, or raise "
+                "max_bad_lines in the [reading] table of the config"
+            )
         self.sink(problem)
 
 
@@ -98,13 +111,23 @@ def check_readable(path: Path) -> None:
         raise PairFileError(f"{path} is a folder: give a JSONL file of pairs (one JSON object per line)")
     mode = path.stat().st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
-        kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file"
+        kind = (
+            "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a file"
+        )
         shown = f"{path} (-> {path.resolve()})" if path.is_symlink() else str(path)
         raise PairFileError(f"{shown} is {kind}, not a file of data: give a JSONL file (a pipe works too)")
 
 
-_UTF16_32 = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-             (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_UTF16_32 = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 
 
 class _Budget:
@@ -116,16 +139,20 @@ class _Budget:
     def take(self, n: int) -> None:
         self.used += n
         if self.used > self.limits.max_input_bytes:
-            raise PairFileError(f"{self.path} holds more than {size_text(self.limits.max_input_bytes)} (after decompression): "
-                                "over reading.max_input_bytes. Is it the data file? If it is, raise max_input_bytes in the "
-                                "[reading] table of the config, or split the file")
+            raise PairFileError(
+                f"{self.path} holds more than {size_text(self.limits.max_input_bytes)} (after decompression): "
+                "over reading.max_input_bytes. Is it the data file? If it is, raise max_input_bytes in the "
+                "[reading] table of the config, or split the file"
+            )
 
     def check_line(self, number: int, raw: bytes) -> bytes:
         limit = self.limits.max_line_bytes
         if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
-            raise PairFileError(f"{self.path}:{number}: a line longer than {size_text(limit)} (reading.max_line_bytes): "
-                                "this is not a file of JSON lines, or it needs a larger max_line_bytes in the [reading] "
-                                "table of the config")
+            raise PairFileError(
+                f"{self.path}:{number}: a line longer than {size_text(limit)} (reading.max_line_bytes): "
+                "this is not a file of JSON lines, or it needs a larger max_line_bytes in the [reading] "
+                "table of the config"
+            )
         return raw
 
 
@@ -143,17 +170,21 @@ def raw_lines(path: Path, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[bytes
                 with gzip.GzipFile(fileobj=handle) as unpacked:
                     yield from _bounded_lines(unpacked, budget)
             except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:  # truncated, not gzip, a damaged stream
-                raise PairFileError(f"{path} is not a readable gzip file ({exc or type(exc).__name__}): it is damaged "
-                                    "or cut short; check it (gzip -t) or compress it again") from exc
+                raise PairFileError(
+                    f"{path} is not a readable gzip file ({exc or type(exc).__name__}): it is damaged "
+                    "or cut short; check it (gzip -t) or compress it again"
+                ) from exc
             return
         for bom, encoding in _UTF16_32:
             if start.startswith(bom):
                 data = handle.read(limits.max_line_bytes + 1)  # decoded whole: the line limit bounds it
                 budget.take(len(data))
                 if len(data) > limits.max_line_bytes:
-                    raise PairFileError(f"{path}: a {encoding.upper()} file longer than {size_text(limits.max_line_bytes)} "
-                                        "(reading.max_line_bytes, which bounds what is decoded at once): save it as "
-                                        "UTF-8 (iconv -f utf-16 -t utf-8), which is read line by line")
+                    raise PairFileError(
+                        f"{path}: a {encoding.upper()} file longer than {size_text(limits.max_line_bytes)} "
+                        "(reading.max_line_bytes, which bounds what is decoded at once): save it as "
+                        "UTF-8 (iconv -f utf-16 -t utf-8), which is read line by line"
+                    )
                 text = data.decode(encoding, errors="replace")  # a bad code unit shows as U+FFFD
                 # only "\n" ends a line: U+2028 and its kin may stand unescaped inside a JSON string
                 yield from (line.encode("utf-8") for line in text.split("\n"))
@@ -181,15 +212,19 @@ def decode_line(raw: bytes) -> object:
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise LineError(f"not UTF-8 (byte {exc.start + 1} of the line): save the file as UTF-8 "
-                        "(from Latin-1: iconv -f latin1 -t utf-8)") from None
+        raise LineError(
+            f"not UTF-8 (byte {exc.start + 1} of the line): save the file as UTF-8 "
+            "(from Latin-1: iconv -f latin1 -t utf-8)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise LineError(f"not JSON: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
         raise LineError("arrays or objects nested too deep to read (thousands of levels): not a pair") from None
     except ValueError:  # json's only other failure: an integer over Python's int-string limit
-        raise LineError(f"a number of more than {sys.get_int_max_str_digits()} digits, which Python does not read: "
-                        "put it in quotes (an id is kept as text)") from None
+        raise LineError(
+            f"a number of more than {sys.get_int_max_str_digits()} digits, which Python does not read: "
+            "put it in quotes (an id is kept as text)"
+        ) from None
 
 
 def _json_array(lines: list[bytes]) -> list | None:
@@ -201,8 +236,9 @@ def _json_array(lines: list[bytes]) -> list | None:
     return whole if isinstance(whole, list) else None
 
 
-def iter_records(path: str | Path, on_bad: Callable[[BadLine], None],
-                 limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[tuple[int, object]]:
+def iter_records(
+    path: str | Path, on_bad: Callable[[BadLine], None], limits: ReadLimits = DEFAULT_LIMITS
+) -> Iterator[tuple[int, object]]:
     """``(line number, JSON value)`` of each non-blank line of a JSONL file; a line that is not a JSON value is
     given to ``on_bad`` instead. A file that is one JSON array gives its items, numbered like lines. Lines are
     streamed; a file that starts with ``[`` may be one array, read whole only if it ends within
@@ -239,7 +275,9 @@ def iter_records(path: str | Path, on_bad: Callable[[BadLine], None],
         except LineError as exc:
             reason = str(exc)
             if number == 1 and held_over:
-                reason += (f" (if the file is one JSON array, it is larger than {size_text(limits.max_line_bytes)}, "
-                           "the most read at once (reading.max_line_bytes): write it as JSON Lines, one pair a line, "
-                           "e.g. jq -c '.[]' pairs.json > pairs.jsonl)")
+                reason += (
+                    f" (if the file is one JSON array, it is larger than {size_text(limits.max_line_bytes)}, "
+                    "the most read at once (reading.max_line_bytes): write it as JSON Lines, one pair a line, "
+                    "e.g. jq -c '.[]' pairs.json > pairs.jsonl)"
+                )
             on_bad(BadLine(str(path), number, reason))

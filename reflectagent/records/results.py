@@ -81,7 +81,9 @@ class Reflection:
     more_reliable: int | None  # the index of the analysis judged more reliable; None if unparsed
     parsed: bool
     raw: str
-    probability_first: float | None = None  # P(analysis_1 is the more reliable) from the choice token, when logprobs exist
+    probability_first: float | None = (
+        None  # P(analysis_1 is the more reliable) from the choice token, when logprobs exist
+    )
     error: str | None = None
     usage: Usage = field(default_factory=Usage)
     cached: bool = False

@@ -23,8 +23,9 @@ def stable_fraction(*parts: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_pairs(pairs: list[Pair], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0,
-                stratify: str = "source") -> dict[str, list[Pair]]:
+def split_pairs(
+    pairs: list[Pair], fractions: tuple[float, float, float] = (0.6, 0.2, 0.2), seed: int = 0, stratify: str = "source"
+) -> dict[str, list[Pair]]:
     """Disjoint train/dev/test splits, stratified by ``stratify`` (a Pair attribute), stable under seed.
 
     Duplicate ids are kept once (the first), so no pair can land in two splits.

@@ -33,8 +33,14 @@ class TeacherJudgment:
     def as_analysis(self, swapped: bool = False) -> Analysis:
         """The teacher's analysis as a parsed step, shown in either order (verdict in the original order)."""
         text = swap_names(self.analysis) if swapped else self.analysis
-        return Analysis(text=text, preference=self.preference if self.preference in ("A", "B") else None,
-                        swapped=swapped, parsed=True, raw=text, sample=-1)
+        return Analysis(
+            text=text,
+            preference=self.preference if self.preference in ("A", "B") else None,
+            swapped=swapped,
+            parsed=True,
+            raw=text,
+            sample=-1,
+        )
 
 
 def swap_names(text: str) -> str:
@@ -61,12 +67,14 @@ def parse_teacher(row: object) -> TeacherJudgment:
     pair = parse_pair(row)
     if pair.label is None:
         pair = replace(pair, label=preference)
-    return TeacherJudgment(pair=pair, analysis=analysis.strip(), preference=preference, teacher=teacher,
-                           prompt_also_in=tuple(also_in))
+    return TeacherJudgment(
+        pair=pair, analysis=analysis.strip(), preference=preference, teacher=teacher, prompt_also_in=tuple(also_in)
+    )
 
 
-def read_teacher(path: str | Path, *, exclude_prompts: Iterable[str] = (),
-                 limits: ReadLimits = DEFAULT_LIMITS) -> tuple[list[TeacherJudgment], list[BadLine]]:
+def read_teacher(
+    path: str | Path, *, exclude_prompts: Iterable[str] = (), limits: ReadLimits = DEFAULT_LIMITS
+) -> tuple[list[TeacherJudgment], list[BadLine]]:
     """The judgments of a teacher file, bad lines reported, and none whose prompt is in ``exclude_prompts``
     (the prompts of an evaluation split: a judge that saw a prompt with a verdict is not tested on unseen work).
     Read as pairs are (:func:`reflectagent.records.reading.iter_records`): within ``limits``, every bad line named."""

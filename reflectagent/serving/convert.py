@@ -42,8 +42,15 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = DEFAULT_DTYPE, *, source: d
     return out
 
 
-def merge_lora(base: Path, adapter: Path, out: Path, dtype: str = DEFAULT_DTYPE, *, source: dict | None = None,
-               tokenizer_from: Path | None = None) -> Path:
+def merge_lora(
+    base: Path,
+    adapter: Path,
+    out: Path,
+    dtype: str = DEFAULT_DTYPE,
+    *,
+    source: dict | None = None,
+    tokenizer_from: Path | None = None,
+) -> Path:
     """Fold a PEFT LoRA ``adapter`` into the ``base`` folder and save a plain model folder at ``out``.
 
     In ``dtype``: merge in the dtype the result is served in, so the adapter's small deltas are not
@@ -56,13 +63,15 @@ def merge_lora(base: Path, adapter: Path, out: Path, dtype: str = DEFAULT_DTYPE,
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        raise ModelPreparationError("merging a LoRA adapter needs torch, transformers and peft: "
-                                    "install reflectagent[finetune]") from exc
+        raise ModelPreparationError(
+            "merging a LoRA adapter needs torch, transformers and peft: install reflectagent[finetune]"
+        ) from exc
     if not (adapter / "adapter_config.json").exists():
         raise ModelPreparationError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
     if out.exists() and not (out / "config.json").exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelPreparationError(f"{out} holds files but no model, and a merge replaces the whole folder: "
-                                    "give an empty or new folder")
+        raise ModelPreparationError(
+            f"{out} holds files but no model, and a merge replaces the whole folder: give an empty or new folder"
+        )
     logger.info("merging %s into %s -> %s (%s)", adapter, base, out, dtype)
     with landing(out, adapter.name, source) as partial:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))

@@ -77,12 +77,17 @@ def answers_for(url: str, model_dir: Path, loras: dict[str, str], max_model_len:
     another model under the embedded name would have its judgments cached as this one's."""
     models = served_models(url)
     base = (models or {}).get(SERVED_NAME)
-    return (base is not None and all(name in models for name in loras)
-            and Path(base.get("root") or "").resolve() == Path(model_dir).resolve()
-            and base.get("max_model_len", max_model_len) == max_model_len)
+    return (
+        base is not None
+        and all(name in models for name in loras)
+        and Path(base.get("root") or "").resolve() == Path(model_dir).resolve()
+        and base.get("max_model_len", max_model_len) == max_model_len
+    )
 
 
-def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = DEFAULT_CONTEXT, dtype: str = DEFAULT_DTYPE) -> str:
+def embedded_url(
+    model_dir: Path, loras: dict[str, str], max_model_len: int = DEFAULT_CONTEXT, dtype: str = DEFAULT_DTYPE
+) -> str:
     """A server answering for the embedded model and ``loras``: reused if running, else started.
 
     A server named by ``$REFLECTAGENT_EMBEDDED_URL`` is trusted to compute in ``dtype`` (vLLM does not
@@ -96,16 +101,23 @@ def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = DE
         if answers_for(url, model_dir, loras, max_model_len):
             return url
     if named:
-        raise ConfigError(f"${EMBEDDED_URL_ENV}={named} does not serve {model_dir} as {SERVED_NAME!r} with a "
-                          f"{max_model_len}-token context and adapters {sorted(loras)}: start it so, or unset the "
-                          "variable to let reflectagent start a server")
+        raise ConfigError(
+            f"${EMBEDDED_URL_ENV}={named} does not serve {model_dir} as {SERVED_NAME!r} with a "
+            f"{max_model_len}-token context and adapters {sorted(loras)}: start it so, or unset the "
+            "variable to let reflectagent start a server"
+        )
     key = json.dumps([str(model_dir), sorted(loras.items()), max_model_len, dtype])
     with _servers_lock:
         if key not in _servers:
             if not _servers:
                 atexit.register(_stop_all)
-            spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, loras=dict(loras),
-                              max_model_len=max_model_len, dtype=dtype)
+            spec = ServerSpec(
+                model_dir=str(model_dir),
+                served_name=SERVED_NAME,
+                loras=dict(loras),
+                max_model_len=max_model_len,
+                dtype=dtype,
+            )
             server = VLLMServer(spec, die_with_parent=True)
             server.start()
             _servers[key] = server
@@ -113,11 +125,24 @@ def embedded_url(model_dir: Path, loras: dict[str, str], max_model_len: int = DE
 
 
 @contextmanager
-def serving(model_dir: str | Path, loras: dict[str, str] | None = None, *, log_path: Path | None = None,
-            max_model_len: int = DEFAULT_CONTEXT, max_lora_rank: int = 64, dtype: str | None = None):
+def serving(
+    model_dir: str | Path,
+    loras: dict[str, str] | None = None,
+    *,
+    log_path: Path | None = None,
+    max_model_len: int = DEFAULT_CONTEXT,
+    max_lora_rank: int = 64,
+    dtype: str | None = None,
+):
     """A server for ``model_dir`` under the embedded model's name, for the ``with`` block only
     (``dtype``: default the model preset's, as the embedded backend would serve it)."""
-    spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, loras=dict(loras or {}),
-                      max_model_len=max_model_len, max_lora_rank=max_lora_rank, dtype=dtype or default_dtype(model_dir))
+    spec = ServerSpec(
+        model_dir=str(model_dir),
+        served_name=SERVED_NAME,
+        loras=dict(loras or {}),
+        max_model_len=max_model_len,
+        max_lora_rank=max_lora_rank,
+        dtype=dtype or default_dtype(model_dir),
+    )
     with VLLMServer(spec, log_path=log_path, die_with_parent=True) as server:
         yield server.url

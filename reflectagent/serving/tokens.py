@@ -28,7 +28,11 @@ from reflectagent.serving.loopback import httpx_options
 Messages = list[dict[str, str]]
 TokenCounter = Callable[[Messages], int]
 Headers = tuple[tuple[str, str], ...]  # HTTP headers, hashable (``server_context`` is memoised)
-MISSING_STATUS = (404, 405, 501)  # what a server without a route answers (not found, method not allowed, not implemented)
+MISSING_STATUS = (
+    404,
+    405,
+    501,
+)  # what a server without a route answers (not found, method not allowed, not implemented)
 
 
 class RouteMissing(ReflectAgentError):
@@ -56,7 +60,9 @@ def read_reply(route: str, url: str, response: httpx.Response, read: Callable):
         return read(response.json())
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         kind = response.headers.get("content-type") or "no content-type"
-        raise RouteMissing(route, url, f"HTTP {response.status_code}, {kind}: not vLLM's reply ({type(exc).__name__})") from None
+        raise RouteMissing(
+            route, url, f"HTTP {response.status_code}, {kind}: not vLLM's reply ({type(exc).__name__})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,9 @@ def folder_counter(model_dir: str | Path) -> TokenCounter:
                 from transformers import AutoTokenizer
 
                 _tokenizers[key] = AutoTokenizer.from_pretrained(key)
-        ids = _tokenizers[key].apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        ids = _tokenizers[key].apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=False
+        )
         return len(ids)
 
     return count
