@@ -54,7 +54,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +69,10 @@ from reflectagent.eval import EvalRun, Record, bootstrap, paired_difference, run
 from reflectagent.eval.metrics import reliability
 from reflectagent.eval.report import format_ci
 from reflectagent.finetune.selection import usable
-from reflectagent.judge import probability_verdict
 from reflectagent.pairs import Pair
 from reflectagent.programs import Calibrated, EscalatingJudge, named_program
 from reflectagent.programs.calibration import METHODS, fit_calibration, log_loss
+from reflectagent.programs.calibration import calibrated as calibrate_judgment
 from reflectagent.programs.calibration import provenance as fit_provenance
 from reflectagent.programs.escalating import THRESHOLDS, charge_once
 from reflectagent.results import Judgment
@@ -145,19 +144,7 @@ def fit(judged, where: dict) -> dict:
 
 def calibrated(judgment: Judgment, calibration) -> Judgment:
     """What :class:`Calibrated` makes of an inner judgment (its ``adecide``), for a stored one: no LM call."""
-    if judgment.probability_a is None:
-        return judgment
-    probability_a = calibration.apply(judgment.probability_a)
-    preference, reason = probability_verdict(probability_a)
-    note = f"calibrated P(A) {probability_a:.4f} from {judgment.probability_a:.4f}: {calibration.describe()}"
-    return replace(
-        judgment,
-        preference=preference,
-        reason=reason,
-        probability_a=probability_a,
-        notes=judgment.notes + (note,),
-        decided_by=judgment.decided_by or "GenRM",
-    )
+    return calibrate_judgment(judgment, calibration, "GenRM")
 
 
 def climb(stages: list[Judgment]) -> Judgment:

@@ -177,20 +177,7 @@ class Calibrated(Judge):
         self.calibration = calibration
 
     async def adecide(self, pair: Pair) -> Judgment:
-        inner = await self.inner.ajudge(pair)
-        if inner.probability_a is None:
-            return inner
-        probability_a = self.calibration.apply(inner.probability_a)
-        preference, reason = probability_verdict(probability_a)
-        note = f"calibrated P(A) {probability_a:.4f} from {inner.probability_a:.4f}: {self.calibration.describe()}"
-        return replace(
-            inner,
-            preference=preference,
-            reason=reason,
-            probability_a=probability_a,
-            notes=inner.notes + (note,),
-            decided_by=inner.decided_by or type(self.inner).__name__,
-        )
+        return calibrated(await self.inner.ajudge(pair), self.calibration, type(self.inner).__name__)
 
 
 def presentations(pairs: list[Pair]) -> tuple[list[Pair], list[bool]]:
@@ -263,3 +250,21 @@ def calibrate(
     if math.isclose(fitted.slope, SLOPE_BOUNDS[0]):
         logger.warning("the fitted slope hit its lower bound: on these dev pairs P(A) carries no sign of the label")
     return Calibrated(judge, fitted)
+
+
+def calibrated(judgment: Judgment, calibration: Calibration, decided_by: str) -> Judgment:
+    """``judgment`` with its P(A) put through ``calibration`` and the verdict that P(A) gives (a judgment without
+    a P(A) is returned as it is); ``decided_by`` names the inner program where the judgment does not."""
+    if judgment.probability_a is None:
+        return judgment
+    probability_a = calibration.apply(judgment.probability_a)
+    preference, reason = probability_verdict(probability_a)
+    note = f"calibrated P(A) {probability_a:.4f} from {judgment.probability_a:.4f}: {calibration.describe()}"
+    return replace(
+        judgment,
+        preference=preference,
+        reason=reason,
+        probability_a=probability_a,
+        notes=judgment.notes + (note,),
+        decided_by=judgment.decided_by or decided_by,
+    )
