@@ -83,9 +83,10 @@ fake_engine = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fake_engine)
 
 
-class ThreadEngine(fake_engine.FakeEngine):
-    """The fake engine served from a thread of the test's own process: ``calls``, ``keys`` and ``delay_s``
-    are read and set directly. A context manager."""
+class LoopThread:
+    """A server on its own event loop, in a thread of the test's own process: ``start()`` (a coroutine that sets
+    ``self.server`` and returns the port) runs on that loop; open keep-alive connections end with it. A context
+    manager; ``port`` is set on entry."""
 
     def __enter__(self):
         self.loop = asyncio.new_event_loop()
@@ -95,7 +96,7 @@ class ThreadEngine(fake_engine.FakeEngine):
         return self
 
     def __exit__(self, *exc):
-        async def shutdown():  # open keep-alive connections end here, on their own loop
+        async def shutdown():
             self.server.close()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
@@ -106,6 +107,11 @@ class ThreadEngine(fake_engine.FakeEngine):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+class ThreadEngine(LoopThread, fake_engine.FakeEngine):
+    """The fake engine served from a thread of the test's own process: ``calls``, ``keys`` and ``delay_s``
+    are read and set directly. A context manager."""
 
     @property
     def url(self) -> str:

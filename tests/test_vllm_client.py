@@ -9,14 +9,13 @@ import asyncio
 import gc
 import json
 import logging
-import threading
 import time
 import warnings
 
 import dspy
 import pytest
 from dspy.utils.exceptions import LMProviderError, LMServerError, LMTimeoutError, LMTransportError
-from fakes import Engine, ThreadEngine, fake_engine
+from fakes import Engine, LoopThread, ThreadEngine, fake_engine
 
 from reflectagent.backends import BackendLM, resolve_backend
 from reflectagent.cache import JudgmentCache, use_cache
@@ -214,7 +213,7 @@ def test_on_the_real_server_the_direct_path_and_dspys_give_the_same_steps(server
             )
 
 
-class Recorder:
+class Recorder(LoopThread):
     """A chat server on loopback (the fake engine's answers) that keeps each request's path, headers and connection,
     and closes a connection left idle for ``keep_alive_s`` as uvicorn does: at once, or with ``lazy`` only as the
     next request comes (the server's timer and a request crossing: that request is dropped unanswered)."""
@@ -224,28 +223,13 @@ class Recorder:
         self.requests: list[tuple[str, dict, int]] = []  # path, headers (lower-case names), connection
         self.connections = self.dropped = 0
 
-    def __enter__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self.handle, "127.0.0.1", 0), self.loop
-        ).result(10)
-        self.api_base = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
-        return self
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
 
-    def __exit__(self, *exc):
-        async def shutdown():
-            self.server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def chat(self) -> list[tuple[dict, int]]:
         return [(headers, conn) for path, headers, conn in self.requests if path.endswith("/chat/completions")]
