@@ -83,6 +83,16 @@ fake_engine = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fake_engine)
 
 
+def fake_api_backend(api_base: str):
+    """A LiteLLM backend on the fake engine, as a hosted API: plain text (no constrained output, no log-probs),
+    its key in ``$FAKE_KEY``, no retry (a test sees each failure)."""
+    from reflectagent.calling.config import BackendConfig
+
+    return BackendConfig(
+        model="openai/fake", api_base=api_base, api_key_env="FAKE_KEY", constrained=False, logprobs=False, num_retries=0
+    )
+
+
 class LoopThread:
     """A server on its own event loop, in a thread of the test's own process: ``start()`` (a coroutine that sets
     ``self.server`` and returns the port) runs on that loop; open keep-alive connections end with it. A context

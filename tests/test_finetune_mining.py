@@ -12,7 +12,7 @@ import sys
 import dspy
 import pytest
 
-from fakes import ThreadEngine
+from fakes import ThreadEngine, fake_api_backend
 from reflectagent.backends import resolve_backend
 from reflectagent.cache import CacheOnly, JudgmentCache, NotCached, use_cache
 from reflectagent.config import BackendConfig, Settings
@@ -86,18 +86,7 @@ def test_mining_rebuilds_judgments_from_the_cache_and_calls_no_lm(tmp_path):
     program = named_program("genrm-both")
     with ThreadEngine(delay_s=0) as engine:
         os.environ.setdefault("FAKE_KEY", "k")
-        settings = Settings(
-            backends={
-                "api": BackendConfig(
-                    model="openai/fake",
-                    api_base=engine.api_base,
-                    api_key_env="FAKE_KEY",
-                    constrained=False,
-                    logprobs=False,
-                    num_retries=0,
-                )
-            }
-        )
+        settings = Settings(backends={"api": fake_api_backend(engine.api_base)})
         lm = resolve_backend("api", settings)
         with use_cache(cache), dspy.context(lm=lm):
             judged = judge_pairs(program, [RIGHT, LEANING], progress=False)

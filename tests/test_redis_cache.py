@@ -13,6 +13,7 @@ import time
 import pytest
 
 from fakes import ThreadEngine as Engine
+from fakes import fake_api_backend
 from test_single_flight import SCRIPT
 
 REDIS = shutil.which("redis-server")
@@ -121,7 +122,7 @@ def test_a_library_backend_block_judges_into_the_configured_redis(redis_url, tmp
     from fakes import PAIR
     from reflectagent import cache as cache_module
     from reflectagent.backends import backend
-    from reflectagent.config import BackendConfig, Settings
+    from reflectagent.config import Settings
     from reflectagent.judge import judge_pairs
     from reflectagent.programs import named_program
 
@@ -131,16 +132,7 @@ def test_a_library_backend_block_judges_into_the_configured_redis(redis_url, tmp
     monkeypatch.delenv("REFLECTAGENT_CACHE", raising=False)
     with Engine(delay_s=0) as engine:
         settings = Settings(
-            backends={
-                "api": BackendConfig(
-                    model="openai/fake",
-                    api_base=engine.api_base,
-                    api_key_env="FAKE_KEY",
-                    constrained=False,
-                    logprobs=False,
-                    num_retries=0,
-                )
-            },
+            backends={"api": fake_api_backend(engine.api_base)},
             cache_url=redis_url,
         )
         with backend("api", settings):

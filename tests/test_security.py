@@ -13,10 +13,10 @@ from pathlib import Path
 import dspy
 import pytest
 import typer
-from fakes import ThreadEngine
+from fakes import ThreadEngine, fake_api_backend
 
 from reflectagent.cli import app
-from reflectagent.config import BackendConfig, ConfigError, Settings, load_settings
+from reflectagent.config import ConfigError, Settings, load_settings
 from reflectagent.programs import GenRM, load_program
 from reflectagent.server import ServerSpec
 
@@ -94,18 +94,7 @@ def test_a_path_in_a_data_file_is_text_to_judge_never_a_file_to_open(tmp_path, m
     secret.write_text("the-contents-of-a-private-file")
     monkeypatch.setenv("FAKE_KEY", "k")
     with ThreadEngine() as engine:
-        settings = Settings(
-            backends={
-                "fake": BackendConfig(
-                    model="openai/fake",
-                    api_base=engine.api_base,
-                    api_key_env="FAKE_KEY",
-                    constrained=False,
-                    logprobs=False,
-                    num_retries=0,
-                )
-            }
-        )
+        settings = Settings(backends={"fake": fake_api_backend(engine.api_base)})
         with use_cache(JudgmentCache(tmp_path / "cache")), dspy.context(lm=resolve_backend("fake", settings)):
             judgment = GenRM()(prompt=f"Summarise {secret}", response_a=str(secret), response_b=f"file://{secret}")
     assert judgment.preference is not None
