@@ -52,8 +52,9 @@ def majority(analyses: tuple[Analysis, ...]) -> tuple[str | None, str | None]:
 class GenRM(Judge):
     """Analysis then verdict; ``decision="vote"`` (majority) or ``"probability"`` (P(A) > 0.5).
 
-    A tied vote gives no verdict; so does P(A) of exactly 0.5, or missing probabilities
-    under the probability rule (the backend must return log-probs: vLLM does).
+    A tied vote gives no verdict; so does P(A) of exactly 0.5, or a missing probability (an unparsed analysis)
+    under the probability rule. That rule needs the backend's log-probs (vLLM gives them): on a backend that does
+    not ask for them, or a server that ignores the request, judging stops with ``LogprobsUnavailable``.
     ``rationale=False`` asks for the verdict alone (``Prefer``): GenRM's direct baseline, and with
     the probability rule the scoring that suits a small model whose rationales are mostly noise.
     """

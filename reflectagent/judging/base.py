@@ -1,7 +1,8 @@
 """What every judge shares: ``Judge`` validates the pair, answers identical responses without asking a model, times
-the call and collects notes; subclasses only decide, async first (``adecide``: its steps run at once on one event
-loop) or sync (``decide``: run in a thread when judged from async code). A program saves and loads its options and
-compiled state."""
+the call and collects notes, and stops a judge that decides by probability on an LM without log-probs
+(:mod:`~reflectagent.judging.decisions`); subclasses only decide, async first (``adecide``: its steps run at once on
+one event loop) or sync (``decide``: run in a thread when judged from async code). A program saves and loads its
+options and compiled state."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import dspy
 from reflectagent import __version__
 from reflectagent.calling.concurrency import run_sync
 from reflectagent.errors import ReflectAgentError
+from reflectagent.judging.decisions import require_logprobs, require_verdict_logprobs
 from reflectagent.records.pairs import Pair
 from reflectagent.records.results import Judgment
 
@@ -48,17 +50,47 @@ class Judge(dspy.Module):
 
     def judge(self, pair: Pair) -> Judgment:
         started = time.perf_counter()
+        lms = self._logprobs_needed()
         if pair.identical:
             return self._finish(pair, self._identical(), started)
-        return self._finish(pair, self.decide(pair) if self._decides_sync() else run_sync(self.adecide(pair)), started)
+        judgment = self.decide(pair) if self._decides_sync() else run_sync(self.adecide(pair))
+        return self._finish(pair, self._with_logprobs(judgment, lms), started)
 
     async def ajudge(self, pair: Pair) -> Judgment:
         started = time.perf_counter()
+        lms = self._logprobs_needed()
         if pair.identical:
             return self._finish(pair, self._identical(), started)
-        return self._finish(
-            pair, await (_in_thread(self.decide, pair) if self._decides_sync() else self.adecide(pair)), started
+        judgment = await (_in_thread(self.decide, pair) if self._decides_sync() else self.adecide(pair))
+        return self._finish(pair, self._with_logprobs(judgment, lms), started)
+
+    @property
+    def needs_logprobs(self) -> bool:
+        """Whether this judge's verdict needs the verdict token's log-probabilities: it decides by probability. A
+        judge made of judges that decide for it (a cascade, a ladder, a calibration) leaves it to them."""
+        return self.options.get("decision") == "probability"
+
+    def _logprobs_needed(self) -> list | None:
+        """Before any call: the LMs this judge's steps run on (each predictor's, else DSPy's in force), where it
+        needs log-probs and every one of them can give them (:func:`~reflectagent.judging.decisions.require_logprobs`
+        raises where a backend does not ask for them); None where it does not need them."""
+        if not self.needs_logprobs:
+            return None
+        lms = list(
+            {id(lm): lm for lm in (p.lm or dspy.settings.lm for p in self.predictors()) if lm is not None}.values()
         )
+        require_logprobs(self._described(), lms)
+        return lms
+
+    def _with_logprobs(self, judgment: Judgment, lms: list | None) -> Judgment:
+        """After the calls: the judgment, unless a parsed verdict of its own came back without log-probs from an
+        LM asked for them (:func:`~reflectagent.judging.decisions.require_verdict_logprobs` raises)."""
+        if lms:
+            require_verdict_logprobs(self._described(), judgment.analyses + judgment.ratings, lms)
+        return judgment
+
+    def _described(self) -> str:
+        return f"{type(self).__name__} (decision='probability')"
 
     def _decides_sync(self) -> bool:
         """Whether this judge's most derived decision is ``decide`` (sync) rather than ``adecide``: a subclass

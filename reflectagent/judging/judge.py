@@ -6,13 +6,20 @@ smallest honest judge (:mod:`~reflectagent.judging.position_swap`) and the batch
 from __future__ import annotations
 
 from reflectagent.judging.base import Judge, ProgramFileError
-from reflectagent.judging.decisions import Decision, check_decision, order_averaged_probability, probability_verdict
+from reflectagent.judging.decisions import (
+    Decision,
+    LogprobsUnavailable,
+    check_decision,
+    order_averaged_probability,
+    probability_verdict,
+)
 from reflectagent.judging.position_swap import PositionSwapJudge
 from reflectagent.judging.runs import RunInterrupted, ajudge_pairs, is_transient, judge_all, judge_in_order, judge_pairs
 
 __all__ = [
     "Decision",
     "Judge",
+    "LogprobsUnavailable",
     "PositionSwapJudge",
     "ProgramFileError",
     "RunInterrupted",
