@@ -24,6 +24,7 @@ import dspy
 from reflectagent.calling.adapter import JudgeAdapter
 from reflectagent.calling.config import (
     EMBEDDED,
+    LLAMA_CPP,
     BackendConfig,
     ConfigError,
     Settings,
@@ -34,6 +35,7 @@ from reflectagent.calling.config import (
 from reflectagent.calling.pool import AsyncRouterEngine, RouterEngine, make_router
 from reflectagent.calling.prices import remember_unpriced_models
 from reflectagent.calling.vllm_client import ChatClient
+from reflectagent.serving import llama_cpp
 from reflectagent.serving import embedded  # its functions looked up when called (a test stands in for the server)
 from reflectagent.serving.models import default_dtype, prepare_model
 from reflectagent.serving.sources import DEFAULT_DTYPE, default_context, fingerprint, model_identity
@@ -78,6 +80,14 @@ class Backend:
     @property
     def logprobs(self) -> bool:
         return self.config.is_vllm if self.config.logprobs is None else self.config.logprobs
+
+    @property
+    def top_logprobs(self) -> int:
+        """How many of each token's likeliest alternatives to ask for. vLLM reports them after constrained decoding
+        has masked what the schema forbids, so at a verdict the few allowed choices lead the list; llama.cpp reports
+        the model's own, before its grammar, so a choice the model thinks unlikely can fall behind tokens the schema
+        forbids: it is asked for its longest default list."""
+        return 20 if self.is_llama_cpp else 5
 
     @property
     def context_chars(self) -> int | None:
@@ -178,10 +188,16 @@ class Backend:
     def served(self) -> str:
         return self.model.removeprefix("hosted_vllm/")
 
+    @property
+    def is_llama_cpp(self) -> bool:
+        return self.config.model == EMBEDDED and self.config.engine == LLAMA_CPP
+
     @functools.cached_property
     def _counter(self):
         if self.model_dir is not None:
             return folder_counter(self.model_dir)
+        if self.is_llama_cpp:  # llama-server's own template and tokenizer; a server started on demand starts here
+            return llama_cpp.counter(lambda: self.api_base or self.start(), headers=self.http_headers)
         return pool_counter(self.endpoints, self.served, headers=self.http_headers) if self.is_hosted_vllm else None
 
     def input_budget(self) -> InputBudget:
@@ -334,6 +350,45 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
     )
 
 
+def _resolve_llama_cpp(name: str, config: BackendConfig) -> Backend:
+    """An embedded backend served by llama.cpp: the GGUF as it ships (:mod:`reflectagent.serving.llama_cpp`). Its
+    judgments are keyed on the engine and the GGUF's quantisation too: the same weights judge otherwise there."""
+    model = llama_cpp.gguf_model(config.model_path, config.context_tokens)
+    if config.adapter:
+        if model.lora is not None:
+            raise ConfigError(
+                f"backend {name!r}: {config.model_path} already carries its own adapter; with engine llama.cpp "
+                "name its base preset as model_path to judge with another adapter"
+            )
+        adapter_dir = Path(config.lora[config.adapter]).expanduser().resolve()
+        model = replace(
+            model,
+            lora=llama_cpp.converted_lora(adapter_dir, model.path),
+            lora_identity=fingerprint(adapter_dir),
+        )
+    identity = {
+        "model": EMBEDDED,
+        "engine": llama_cpp.ENGINE,
+        "base": model.identity,
+        "quantisation": model.quantisation,
+        "adapter": [config.adapter, model.lora_identity] if model.lora_identity else None,
+        "temperature": config.temperature,
+        "max_tokens": config.max_tokens,
+        "tag": config.cache_tag,
+    }
+    backend = Backend(
+        name=name,
+        # the server is started with this context, and the budget counts on it (Backend.context_tokens)
+        config=config.model_copy(update={"context_tokens": model.context}),
+        model=f"hosted_vllm/{embedded.SERVED_NAME}",
+        api_base=config.api_base,
+        identity=identity,
+    )
+    if config.api_base:
+        return backend
+    return replace(backend, start=functools.partial(embedded.llama_cpp_url, model))
+
+
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
     identity = {
         # a pool's replicas serve one model: whichever answers, and however many there are, the step is the same
@@ -358,7 +413,10 @@ def resolve_backend(name: str | None = None, settings: Settings | None = None) -
     settings = settings or settings_in_force() or load_settings()
     name, config = settings.backend(name)
     remember_unpriced_models()
-    resolve = _resolve_embedded if config.model == EMBEDDED else _resolve_litellm
+    if config.model != EMBEDDED:
+        resolve = _resolve_litellm
+    else:
+        resolve = _resolve_llama_cpp if config.engine == LLAMA_CPP else _resolve_embedded
     return BackendLM(replace(resolve(name, config), settings=settings))
 
 

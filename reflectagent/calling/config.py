@@ -145,6 +145,8 @@ class OverrideError(ConfigError):
 
 Dtype = Literal["bfloat16", "float16", "float32"]  # what a served model may compute in
 DTYPES: tuple[str, ...] = get_args(Dtype)
+Engine = Literal["vllm", "llama.cpp"]  # what serves an embedded backend's model
+LLAMA_CPP = "llama.cpp"
 
 
 class BackendConfig(BaseModel):
@@ -186,8 +188,18 @@ class BackendConfig(BaseModel):
     timeout_s: float = Field(300.0, gt=0)
     num_retries: int = Field(2, ge=0)
     seed: int | None = Field(None, description="base seed; sample k sends seed + k")
+    engine: Engine = Field(
+        "vllm",
+        description=(
+            "embedded only: the local engine that serves the model: vLLM (a Hugging Face folder, converted once from "
+            "a preset's GGUF) or llama.cpp (llama-server on the GGUF itself: a preset, a .gguf file or the packaged "
+            "SmolLM2); part of the cache identity"
+        ),
+    )
     model_path: str | None = Field(
-        None, description="embedded only: base model folder or preset name (default: packaged SmolLM2)"
+        None,
+        description="embedded only: base model folder, preset name or (engine llama.cpp) .gguf file "
+        "(default: packaged SmolLM2)",
     )
     dtype: Dtype | None = Field(
         None,
@@ -227,7 +239,13 @@ class BackendConfig(BaseModel):
                 "api_key_env names an environment variable (letters, digits and _), it does not hold the "
                 "key: export the key in a variable and write that variable's name here"
             )
-        embedded_only = {"model_path": self.model_path, "lora": self.lora, "adapter": self.adapter, "dtype": self.dtype}
+        embedded_only = {
+            "model_path": self.model_path,
+            "lora": self.lora,
+            "adapter": self.adapter,
+            "dtype": self.dtype,
+            "engine": self.engine != "vllm",
+        }
         if self.replicas and not self.api_base:
             raise ValueError("replicas need api_base too: the first endpoint of the pool")
         if self.replicas and self.model == EMBEDDED:
@@ -245,6 +263,15 @@ class BackendConfig(BaseModel):
             raise ValueError(
                 f"context_tokens ({self.context_tokens}) must exceed max_tokens ({self.max_tokens}): "
                 "the completion needs room in the context"
+            )
+        if self.engine == LLAMA_CPP and self.dtype:
+            raise ValueError(
+                "dtype applies to vLLM: llama.cpp computes in the GGUF's own types (name another .gguf to change them)"
+            )
+        if self.engine == LLAMA_CPP and self.lora and not self.adapter:
+            raise ValueError(
+                "with engine llama.cpp, name the adapter to judge with (adapter = NAME): llama-server applies its "
+                "adapter to every request, so each adapter is served by a server of its own"
             )
         if self.adapter and self.adapter not in self.lora:
             raise ValueError(f"adapter {self.adapter!r} is not among lora: {sorted(self.lora)}")

@@ -59,7 +59,7 @@ def _request_settings(lm: dspy.BaseLM, predict: dspy.Predict, sample: int, overr
     backend = backend_of(lm)
     config: dict[str, Any] = {**predict.config, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     if backend is not None and backend.logprobs:
-        config.update(logprobs=True, top_logprobs=5)
+        config.update(logprobs=True, top_logprobs=backend.top_logprobs)
     if backend is not None and backend.seed is not None:
         config["seed"] = backend.seed + sample
     return config
@@ -157,6 +157,8 @@ async def _fits_as_rendered(lm, backend, budget: InputBudget, key: str, rendered
     which rendered this request."""
     client = getattr(lm, "client", None)
     if client is None or backend.model_dir is not None or not backend.is_hosted_vllm or not lm.api_base:
+        return False
+    if backend.is_llama_cpp:  # llama-server's /tokenize is not vLLM's: its own counter counts in render_request
         return False
     try:
         return await client.count_tokens(lm.api_base, backend.served, rendered[key]) <= budget.tokens

@@ -1,4 +1,5 @@
-"""Which vLLM server answers for the embedded model: one already running, or one started here.
+"""Which vLLM server answers for the embedded model: one already running, or one started here (and the same for
+llama.cpp's server, started here only).
 
 In order: ``$REFLECTAGENT_EMBEDDED_URL`` names a server; ``reflectagent serve`` published one
 in the state file; otherwise this process starts its own, shared by every backend that needs
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from reflectagent.errors import ConfigError
 from reflectagent.paths import server_dir
+from reflectagent.serving.llama_cpp import ENGINE, GGUFModel, LlamaCppSpec
 from reflectagent.serving.models import default_dtype
 from reflectagent.serving.server import ServerSpec, VLLMServer, served_models
 from reflectagent.serving.sources import DEFAULT_CONTEXT, DEFAULT_DTYPE
@@ -106,18 +108,32 @@ def embedded_url(
             f"{max_model_len}-token context and adapters {sorted(loras)}: start it so, or unset the "
             "variable to let reflectagent start a server"
         )
-    key = json.dumps([str(model_dir), sorted(loras.items()), max_model_len, dtype])
+    spec = ServerSpec(
+        model_dir=str(model_dir), served_name=SERVED_NAME, loras=dict(loras), max_model_len=max_model_len, dtype=dtype
+    )
+    return _started(json.dumps([str(model_dir), sorted(loras.items()), max_model_len, dtype]), spec)
+
+
+def llama_cpp_url(model: GGUFModel) -> str:
+    """A ``llama-server`` answering for ``model`` (its GGUF, adapter and context) under the embedded model's name:
+    started by this process on first use and shared by every backend that serves the same, as vLLM's is. It is
+    never looked for elsewhere: ``reflectagent serve`` and ``$REFLECTAGENT_EMBEDDED_URL`` are vLLM's (name a
+    running llama-server with ``api_base`` instead)."""
+    spec = LlamaCppSpec(
+        gguf=str(model.path),
+        served_name=SERVED_NAME,
+        lora=str(model.lora) if model.lora else None,
+        max_model_len=model.context,
+    )
+    return _started(json.dumps([ENGINE, str(model.path), spec.lora, model.context]), spec)
+
+
+def _started(key: str, spec) -> str:
+    """The URL of this process's server for ``key``, started from ``spec`` the first time (stopped at exit)."""
     with _servers_lock:
         if key not in _servers:
             if not _servers:
                 atexit.register(_stop_all)
-            spec = ServerSpec(
-                model_dir=str(model_dir),
-                served_name=SERVED_NAME,
-                loras=dict(loras),
-                max_model_len=max_model_len,
-                dtype=dtype,
-            )
             server = VLLMServer(spec, die_with_parent=True)
             server.start()
             _servers[key] = server

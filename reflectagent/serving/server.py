@@ -1,4 +1,4 @@
-"""vLLM's OpenAI-compatible server as a managed child process.
+"""vLLM's OpenAI-compatible server (or llama.cpp's: :mod:`reflectagent.serving.llama_cpp`) as a managed child process.
 
 The same class serves the embedded SmolLM2 on a laptop CPU and a Qwen3 ReflectRM on a GPU:
 a base model folder, any number of LoRA adapters chosen per request by name, a free
@@ -102,6 +102,7 @@ class ServerSpec:
     max_lora_rank: int = 64
     dtype: str = DEFAULT_DTYPE
     extra_args: list[str] = field(default_factory=list)
+    engine = "vLLM"  # what logs and errors call the server
 
     def command(self, port: int) -> list[str]:
         args = [
@@ -198,14 +199,17 @@ def lora_plugin_problems(env: dict[str, str]) -> list[str]:
 
 
 class VLLMServer:
-    """Start with :meth:`start` (or ``with``); :attr:`url` is the OpenAI base URL."""
+    """Start with :meth:`start` (or ``with``); :attr:`url` is the OpenAI base URL. ``spec`` says which engine
+    and how: a :class:`ServerSpec` (vLLM) or a :class:`~reflectagent.serving.llama_cpp.LlamaCppSpec`."""
 
     def __init__(self, spec: ServerSpec, log_path: str | Path | None = None, die_with_parent: bool = False):
         self.spec = spec
         self.port = spec.port or free_port()
-        self.log_path = Path(log_path) if log_path else server_dir() / "logs" / f"vllm-{self.port}.log"
+        slug = spec.engine.lower().replace(".", "")
+        self.log_path = Path(log_path) if log_path else server_dir() / "logs" / f"{slug}-{self.port}.log"
         self.process: subprocess.Popen | None = None
         self.die_with_parent = die_with_parent
+        self.ready_s: float | None = None  # how long the last start took to answer
 
     @property
     def url(self) -> str:
@@ -222,6 +226,8 @@ class VLLMServer:
         its vLLM would not load the plugin that keeps the adapters out of base-model requests
         (:func:`lora_plugin_problems`)."""
         env = server_env()
+        if hasattr(self.spec, "child_env"):  # an engine's own needs (llama.cpp's shared libraries)
+            env = self.spec.child_env(env)
         if self.spec.loras and not has_gpu():
             for problem in lora_plugin_problems(env):
                 logger.warning("%s", problem)
@@ -230,7 +236,7 @@ class VLLMServer:
     def start(self, timeout_s: float = 600) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = self.spec.command(self.port)
-        logger.info("starting vLLM: %s (log: %s)", " ".join(command), self.log_path)
+        logger.info("starting %s: %s (log: %s)", self.spec.engine, " ".join(command), self.log_path)
         with open(self.log_path, "wb") as log:
             popen = dict(stdout=log, stderr=subprocess.STDOUT, env=self.child_env(), start_new_session=True)
             self.process = (
@@ -247,13 +253,15 @@ class VLLMServer:
         while time.monotonic() - started < timeout_s:
             if self.process.poll() is not None:
                 raise ServerError(
-                    f"vLLM exited with code {self.process.returncode} before it was ready; log tail:\n{self.log_tail()}"
+                    f"{self.spec.engine} exited with code {self.process.returncode} before it was ready; "
+                    f"log tail:\n{self.log_tail()}"
                 )
             if is_serving(self.url):
-                logger.info("vLLM ready at %s after %.0f s", self.url, time.monotonic() - started)
+                self.ready_s = time.monotonic() - started
+                logger.info("%s ready at %s after %.0f s", self.spec.engine, self.url, self.ready_s)
                 return self.url
-            time.sleep(1.0)
-        raise ServerError(f"vLLM did not answer within {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
+            time.sleep(0.5)
+        raise ServerError(f"{self.spec.engine} did not answer within {timeout_s:.0f} s; log tail:\n{self.log_tail()}")
 
     def stop(self, grace_s: float = 20) -> None:
         process, self.process = self.process, None

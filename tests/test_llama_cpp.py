@@ -1,0 +1,110 @@
+"""The llama.cpp engine end to end: a real ``llama-server`` on the packaged SmolLM2 GGUF, over HTTP.
+
+Skipped, with the reason, only where no ``llama-server`` is installed (``scripts/install.sh`` builds one).
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from reflectagent.calling.backends import backend, resolve_backend
+from reflectagent.calling.config import BackendConfig, ConfigError, Settings
+from reflectagent.judging.judge import judge_pairs
+from reflectagent.programs import named_program
+from reflectagent.records.pairs import Pair
+from reflectagent.records.results import flip
+from reflectagent.serving import embedded, llama_cpp
+from reflectagent.serving.models import find_embedded_gguf
+
+try:
+    llama_cpp.server_binary()
+    MISSING = None
+except llama_cpp.EngineMissing as missing:
+    MISSING = str(missing)
+
+needs_server = pytest.mark.skipif(MISSING is not None, reason=f"no llama-server: {MISSING}")
+
+
+def settings(**overrides) -> Settings:
+    return Settings(
+        backends={
+            "cpp": BackendConfig(model="embedded", engine="llama.cpp", **overrides),
+            "vllm": BackendConfig(model="embedded"),
+        }
+    )
+
+
+def test_engine_and_quantisation_are_part_of_the_cache_identity():
+    cpp = resolve_backend("cpp", settings()).backend
+    vllm = resolve_backend("vllm", settings()).backend
+    assert cpp.identity["engine"] == "llama.cpp" and cpp.identity["quantisation"] == "Q4_1"
+    assert cpp.identity != vllm.identity and "engine" not in vllm.identity  # vLLM's keys stay as they were
+    # the packaged GGUF's own bytes name it; the context it is served with is the budget's
+    assert cpp.identity["base"].startswith("gguf-sha256:") and cpp.context_tokens == 2048
+
+
+def test_a_config_the_engine_cannot_take_says_what_to_change(tmp_path):
+    with pytest.raises(ValueError, match="dtype applies to vLLM"):
+        BackendConfig(model="embedded", engine="llama.cpp", dtype="float32")
+    with pytest.raises(ValueError, match="only apply to the embedded backend"):
+        BackendConfig(model="hosted_vllm/x", api_base="http://127.0.0.1:1/v1", engine="llama.cpp")
+    with pytest.raises(ValueError, match="name the adapter"):
+        BackendConfig(model="embedded", engine="llama.cpp", lora={"a": str(tmp_path)})
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="serves GGUF files"):
+        resolve_backend("cpp", settings(model_path=str(folder)))
+
+
+def test_no_binary_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(llama_cpp.BINARY_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(llama_cpp.EngineMissing, match="not an executable file"):
+        llama_cpp.server_binary()
+
+
+@pytest.fixture(scope="module")
+def cpp_url():
+    """One llama-server of the packaged GGUF for this module, as an embedded llama.cpp backend starts it."""
+    model = llama_cpp.gguf_model(None)
+    url = embedded.llama_cpp_url(model)
+    yield url
+    embedded._stop_all()
+
+
+@needs_server
+def test_judges_with_schema_output_and_verdict_probabilities(cpp_url, cache, sample_pairs):
+    pairs = sample_pairs[:3]
+    with backend("cpp", settings()):
+        judgments = judge_pairs(named_program("direct-prob"), pairs, concurrency=6, progress=False)
+    for judgment in judgments:
+        for analysis in judgment.analyses:
+            assert analysis.parsed, analysis.error  # the schema became a grammar: always well-formed
+            shown = json.loads(analysis.raw)["preference"]
+            assert analysis.preference == (flip(shown) if analysis.swapped else shown)
+            # the chosen token's probability, normalised over A and B from the reply's top log-probs
+            assert 0.5 <= analysis.probability <= 1.0
+        assert judgment.lm_calls == 2 and judgment.usage.prompt_tokens > 0
+
+
+@needs_server
+def test_prompt_tokens_are_counted_by_the_server_and_long_inputs_cut_to_fit(cpp_url, cache):
+    lm = resolve_backend("cpp", settings(context_tokens=1024, max_tokens=100, max_text_chars=60))
+    budget = lm.backend.input_budget()
+    messages = [{"role": "user", "content": "Hello there, judge."}]
+    counted = budget.count(messages)
+    prompt = httpx.post(cpp_url.removesuffix("/v1") + "/apply-template", json={"messages": messages}).json()["prompt"]
+    tokens = httpx.post(cpp_url.removesuffix("/v1") + "/tokenize", json={"content": prompt}).json()["tokens"]
+    assert counted in (len(tokens), len(tokens) + 1)  # + the BOS the server adds, where the model has one
+    long = Pair(prompt="Summarise. " + "words and more words " * 400, response_a="Short.", response_b="Also short.")
+    with backend("cpp", settings(context_tokens=1024, max_tokens=100, max_text_chars=60)):
+        judgment = named_program("direct-prob").judge(long)
+    assert all(a.parsed for a in judgment.analyses), [a.error for a in judgment.analyses]
+    assert all(a.truncated for a in judgment.analyses)  # cut to the 1024-token context, not refused by the server
+
+
+def test_gguf_file_as_model_path_is_served_as_it_is(tmp_path):
+    model = llama_cpp.gguf_model(str(find_embedded_gguf()))
+    assert model.quantisation == "Q4_1" and model.lora is None and model.path == find_embedded_gguf().resolve()
