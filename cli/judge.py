@@ -115,6 +115,15 @@ def judge(
             )
         ),
     ] = None,
+    engine: Annotated[
+        Optional[str],
+        typer.Option(
+            help=(
+                "embedded backends: the local engine that serves the model, vllm or llama.cpp (default: the backend's). "
+                "llama.cpp serves a preset's GGUF as it ships (see docs/configuration.md)"
+            )
+        ),
+    ] = None,
     output: Annotated[
         Optional[Path],
         typer.Option(
@@ -153,6 +162,7 @@ def judge(
             limit,
             concurrency,
             dtype,
+            engine,
             output,
             quiet,
             no_cache,
@@ -199,6 +209,7 @@ def _judge(
     limit,
     concurrency,
     dtype,
+    engine,
     output,
     quiet,
     no_cache,
@@ -249,13 +260,12 @@ def _judge(
             2,
         )
 
-    if dtype is not None:
+    overrides = {k: v for k, v in {"dtype": dtype, "engine": engine}.items() if v is not None}
+    if overrides:
         try:
-            settings = settings.overriding(backend_name, dtype=dtype)
-        except (
-            OverrideError
-        ) as exc:  # a flag to fix: a usage error; an unknown backend stays the error it is without --dtype
-            fail(f"--dtype: {exc}", 2)
+            settings = settings.overriding(backend_name, **overrides)
+        except OverrideError as exc:  # a flag to fix: a usage error; an unknown backend stays the error it is
+            fail(f"{' '.join('--' + k for k in overrides)}: {exc}", 2)
     lm = resolve_backend(backend_name, settings)
     started, tally = time.perf_counter(), JudgingTally()
     with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm), ExitStack() as writing:
