@@ -108,3 +108,24 @@ def test_prompt_tokens_are_counted_by_the_server_and_long_inputs_cut_to_fit(cpp_
 def test_gguf_file_as_model_path_is_served_as_it_is(tmp_path):
     model = llama_cpp.gguf_model(str(find_embedded_gguf()))
     assert model.quantisation == "Q4_1" and model.lora is None and model.path == find_embedded_gguf().resolve()
+
+
+def test_a_verdict_token_ranked_below_forbidden_tokens_still_gets_its_probability():
+    """llama.cpp lists the model's own top tokens, before the grammar: the token the schema forced can be missing
+    from the list (and so can the other choice). The chosen token's own log-prob still counts."""
+    from reflectagent.calling.logprobs import choice_logprobs
+    from reflectagent.judging.signatures import Verdict
+
+    def token(text, logprob, top=()):
+        return {"token": text, "logprob": logprob, "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top]}
+
+    content = [
+        token('{"', -0.1),
+        token("preference", -0.1),
+        token('":"', -0.1),
+        token("B", -4.0, top=[("The", -1.0), ("{", -1.5), ("A", -2.0)]),  # B forced by the grammar, out of the list
+        token('"}', -0.1),
+    ]
+    probabilities = choice_logprobs({"content": content}, Verdict)["preference"]
+    assert probabilities["B"] > 0 and abs(sum(probabilities.values()) - 1) < 1e-9
+    assert probabilities["A"] / probabilities["B"] == pytest.approx(2.718281828 ** 2.0)  # e^-2 against e^-4

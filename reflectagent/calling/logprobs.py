@@ -39,8 +39,12 @@ def choice_logprobs(logprobs: dict | None, signature) -> dict[str, dict[str, flo
             continue
         chosen = _plain(content[index])
         probs = dict.fromkeys(choices, 0.0)
-        for alt in chosen.get("top_logprobs") or [chosen]:
-            alt = _plain(alt)
+        alternatives = [_plain(alt) for alt in chosen.get("top_logprobs") or []]
+        if chosen.get("token") not in {alt.get("token") for alt in alternatives}:
+            # the token chosen is always a choice: an engine whose list is the model's before its grammar
+            # (llama.cpp) can rank it below tokens the schema forbids, out of the list
+            alternatives.append(chosen)
+        for alt in alternatives:
             token = (alt.get("token") or "").strip().strip('"')
             if token in probs and alt.get("logprob") is not None and alt["logprob"] > -1e3:
                 probs[token] += math.exp(alt["logprob"])

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,20 +118,62 @@ class GGUFModel:
 
 
 def file_type(path: Path) -> str:
-    """The GGUF's ``general.file_type`` as llama.cpp names it (``Q4_K_M``), read from its header."""
+    """The GGUF's ``general.file_type`` as llama.cpp names it (``Q4_K_M``), read from the head of the file: the
+    metadata before it only (``gguf.GGUFReader`` would parse the whole vocabulary first, seconds per start)."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
+        with open(path, "rb") as handle:
+            value = _header_field(handle, "general.file_type")
+    except (OSError, ValueError, struct.error) as exc:
         raise ModelPreparationError(f"{path} is not a readable GGUF file: {exc}") from None
-    value = reader.get_field("general.file_type")
     if value is None:
         return "unknown"
     try:
-        return gguf.LlamaFileType(int(value.contents())).name.removeprefix("MOSTLY_")
+        return gguf.LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
     except ValueError:
-        return f"file_type {value.contents()}"
+        return f"file_type {value}"
+
+
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _header_field(handle, wanted: str):
+    """The value of the metadata key ``wanted`` (a scalar or a string), or None if the file has no such key."""
+
+    def read(fmt: str):
+        size = struct.calcsize("<" + fmt)
+        return struct.unpack("<" + fmt, handle.read(size))[0]
+
+    def string() -> str:
+        return handle.read(read("Q")).decode("utf-8", "replace")
+
+    def value(kind: int):
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            inner, count = read("I"), read("Q")
+            if inner in _SCALARS:
+                handle.seek(count * struct.calcsize("<" + _SCALARS[inner]), 1)
+            else:
+                for _ in range(count):
+                    value(inner)
+            return None
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata type {kind}")
+        return read(_SCALARS[kind])
+
+    if handle.read(4) != b"GGUF":
+        raise ValueError("no GGUF magic number")
+    read("I")  # version
+    read("Q")  # tensors
+    for _ in range(read("Q")):
+        key, kind = string(), read("I")
+        found = value(kind)
+        if key == wanted:
+            return found
+    return None
 
 
 def _file_model(path: Path, context: int, identity: str | None = None) -> GGUFModel:
