@@ -99,6 +99,8 @@ class Rewarder:
         self.round_robin_up_to = round_robin_up_to
         neutral = 0.0 if group == "bradley_terry" else NO_VERDICT_REWARD
         self.no_verdict_reward = neutral if no_verdict_reward is None else no_verdict_reward
+        with dspy.context(lm=self.lm):  # a probability judge on a backend without log-probs: told at start, not
+            self.judge.check_logprobs()  # as an error on every request
 
     @property
     def name(self) -> str:

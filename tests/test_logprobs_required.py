@@ -199,3 +199,15 @@ def test_a_plain_lm_never_asked_is_told_of_in_the_log_and_gives_no_verdict(cache
         judged = named_program("genrm-prob").judge(PAIR)
     assert judged.preference is None and judged.reason == "no verdict probabilities"
     assert any("is not a reflectagent backend and is not asked for them" in r.getMessage() for r in caplog.records)
+
+
+def test_a_reward_service_on_a_backend_without_logprobs_is_refused_at_start(engine):
+    """The reward service would otherwise answer every request with an error; a judge inside a ladder counts too."""
+    from reflectagent.rl.rewards import Rewarder
+
+    lm = resolve_backend("api", hosted_api(engine))
+    for judge in ("genrm-prob", "escalating-prob"):
+        with pytest.raises(LogprobsUnavailable, match="backend 'api' does not ask for them"):
+            Rewarder(judge, lm=lm)
+    Rewarder("genrm", lm=lm)  # a vote program is fine there
+    assert engine.chat_requests == 0

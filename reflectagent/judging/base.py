@@ -70,6 +70,14 @@ class Judge(dspy.Module):
         judge made of judges that decide for it (a cascade, a ladder, a calibration) leaves it to them."""
         return self.options.get("decision") == "probability"
 
+    def check_logprobs(self) -> None:
+        """Raise :class:`~reflectagent.judging.decisions.LogprobsUnavailable` now, not at the first pair, where this
+        judge or one inside it (a cascade's rung, a calibration's program) decides by probability on an LM, in
+        force now, that does not ask for log-probs: for a service that takes requests later."""
+        for _, module in self.named_sub_modules():
+            if isinstance(module, Judge):
+                module._logprobs_needed()
+
     def _logprobs_needed(self) -> list | None:
         """Before any call: the LMs this judge's steps run on (each predictor's, else DSPy's in force), where it
         needs log-probs and every one of them can give them (:func:`~reflectagent.judging.decisions.require_logprobs`
