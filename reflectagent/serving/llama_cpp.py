@@ -107,6 +107,15 @@ def library_dir(binary: Path) -> Path | None:
     return out
 
 
+def installed() -> bool:
+    """Whether a ``llama-server`` can be found (:func:`server_binary`)."""
+    try:
+        server_binary()
+    except EngineMissing:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class GGUFModel:
     """What a llama.cpp backend serves: a GGUF file, perhaps a LoRA adapter in llama.cpp's format, the context it
