@@ -18,7 +18,8 @@ half the compute. Each setting here starts its own server on the same model, the
 - the verdicts, so agreement between settings can be read (they should be the same model's).
 
 Settings: ``reserve1`` is vLLM's default, ``reserve0`` gives the worker every core, ``reserveauto``
-is whatever :func:`reflectagent.server.server_env` picks for this machine. Ratios between settings are
+is whatever :func:`reflectagent.server.server_env` picks for this machine; ``NAME@16`` judges 16 pairs at a
+time instead of 8 (more sequences decoding at once). Ratios between settings are
 what to read: the machine is shared and noisy, and this script must run with nothing else on it.
 """
 
@@ -96,7 +97,8 @@ def prefill_tokens_per_s(url: str, tries: int = 3) -> list[float]:
 
 
 def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> dict:
-    reserved = SETTINGS[setting]
+    reserved = SETTINGS[setting.partition("@")[0]]
+    concurrency = int(setting.partition("@")[2] or 8)  # "reserve0@16": pairs judged at once (default 8, the CLI's)
     if reserved is None:
         os.environ.pop(RESERVED_CPU_ENV, None)
     else:
@@ -119,7 +121,9 @@ def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> d
             lm = resolve_backend("local", settings)
             with tempfile.TemporaryDirectory() as cache_dir, use_cache(JudgmentCache(cache_dir)), dspy.context(lm=lm):
                 cpu, wall = time.process_time(), time.perf_counter()
-                judgments = judge_pairs(named_program(name), pairs, concurrency=8, progress=sys.stderr.isatty())
+                judgments = judge_pairs(
+                    named_program(name), pairs, concurrency=concurrency, progress=sys.stderr.isatty()
+                )
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             calls = sum(j.lm_calls for j in judgments)
             right = sum(j.preference == p.label for j, p in zip(judgments, pairs))
@@ -153,7 +157,7 @@ def main() -> None:
     args.programs = args.programs.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     chosen = args.settings.split(",")
-    if unknown := set(chosen) - set(SETTINGS):
+    if unknown := {c.partition("@")[0] for c in chosen} - set(SETTINGS):
         parser.error(f"unknown settings {sorted(unknown)}: choose from {', '.join(SETTINGS)}")
     model_dir = prepare_model(args.preset)
     pairs = sample_pairs(args.limit)
