@@ -150,26 +150,90 @@ def judge(
     if sum([file is not None, prompt is not None, sample]) != 1:
         fail("give exactly one of: a JSONL FILE, --prompt with --a and --b, or --sample", 2)
     with _terminate_as_interrupt() as signals:
-        _judge(
-            file,
-            prompt,
-            a,
-            b,
-            sample,
-            program_name,
-            load,
-            backend_name,
-            limit,
-            concurrency,
-            dtype,
-            engine,
-            output,
-            quiet,
-            no_cache,
-            config,
-            cache_dir,
-            signals,
+        settings = load_settings(config)  # first: its [reading] table bounds the file
+        try:  # before any pair is read or judged: an output that cannot be written, or would erase the input, wastes nothing
+            out = (
+                AtomicOutput(output, [file] if file is not None else [sample_path()] if sample else [], report=_warn)
+                if output
+                else None
+            )
+        except OutputError as exc:
+            fail(str(exc), 2)
+        bad = []
+        try:
+            if prompt is not None:
+                if a is None or b is None:
+                    fail("--prompt needs both --a and --b", 2)
+                pairs = [Pair(prompt=prompt, response_a=a, response_b=b, id="cli")]
+            else:
+                path = sample_path() if sample else file
+                if path.is_file():  # read as judged, not held: memory stays flat however long the file
+                    pairs = PairFile(path, limit, settings.reading)
+                    bad = pairs.bad_lines
+                else:  # a pipe, or what is not there (read_pairs says what is wrong)
+                    pairs, bad = read_pairs(path, settings.reading)
+                    pairs = pairs[:limit] if limit is not None else pairs
+            program = load_program(load) if load else named_program(program_name)
+        except InvalidPair as exc:
+            fail(f"invalid pair: {exc}", 2)
+        except ReflectAgentError as exc:  # a file, a program name or program file to fix: a usage error
+            fail(str(exc), 2)
+        warn_skipped(bad)
+        warn_duplicates(pairs.ids if isinstance(pairs, PairFile) else [pair.id for pair in pairs])
+        if not pairs:
+            fail(
+                "no valid pairs to judge"
+                + (
+                    f": every line was skipped ({len(bad)}, above)"
+                    if bad
+                    else f": {file} holds no pairs (it is empty or blank)"
+                    if file and limit is None
+                    else ""
+                ),
+                2,
+            )
+
+        overrides = {k: v for k, v in {"dtype": dtype, "engine": engine}.items() if v is not None}
+        if overrides:
+            try:
+                settings = settings.overriding(backend_name, **overrides)
+            except OverrideError as exc:  # a flag to fix: a usage error; an unknown backend stays the error it is
+                fail(f"{' '.join('--' + k for k in overrides)}: {exc}", 2)
+        lm = resolve_backend(backend_name, settings)
+        started, tally = time.perf_counter(), JudgingTally()
+        with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm), ExitStack() as writing:
+            if out:
+                try:  # the lock, before the first judgment: a second writer of the same file stops here
+                    writing.enter_context(out)
+                except OutputError as exc:
+                    fail(str(exc), 2)
+            try:
+                run_sync(_judge_and_print(program, pairs, concurrency, tally, out, show_analyses=not quiet))
+            except ReflectAgentError as exc:  # the backend went away, or the file changed under the run
+                fail(f"{exc}\n{out.stop()}" if out else str(exc), 1)  # stopped first: the note says what was kept
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (above)
+                if not out:
+                    raise
+                how = ("stopped by SIGTERM", 128 + signal.SIGTERM) if signals else ("interrupted", 130)
+                fail(f"{how[0]} after {tally.counts['judged']} of {len(pairs)} judgments: {out.stop()}", how[1])
+            if out:
+                try:
+                    out.finish()
+                except (
+                    OutputError
+                ) as exc:  # judged, but the file could not be written (a full disk): where the lines are
+                    fail(str(exc), 1)
+        wall = time.perf_counter() - started
+
+        typer.echo("")
+        typer.echo(f"program: {type(program).__name__} {program.options}")
+        where = lm.api_base or (
+            "no server needed: every step came from the cache" if lm.backend.start else "provider default"
         )
+        typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {where})")
+        print_summary(tally.summary(), len(bad), wall)
+        if out:
+            typer.echo(f"judgments: {out.given} ({out.lines} lines)")
 
 
 @contextmanager
@@ -195,110 +259,6 @@ def _terminate_as_interrupt() -> Iterator[list[int]]:
 
 def _warn(note: str) -> None:
     typer.secho(f"warning: {visible(note)}", fg="yellow", err=True)
-
-
-def _judge(
-    file,
-    prompt,
-    a,
-    b,
-    sample,
-    program_name,
-    load,
-    backend_name,
-    limit,
-    concurrency,
-    dtype,
-    engine,
-    output,
-    quiet,
-    no_cache,
-    config,
-    cache_dir,
-    signals: list[int],
-) -> None:
-    settings = load_settings(config)  # first: its [reading] table bounds the file
-    try:  # before any pair is read or judged: an output that cannot be written, or would erase the input, wastes nothing
-        out = (
-            AtomicOutput(output, [file] if file is not None else [sample_path()] if sample else [], report=_warn)
-            if output
-            else None
-        )
-    except OutputError as exc:
-        fail(str(exc), 2)
-    bad = []
-    try:
-        if prompt is not None:
-            if a is None or b is None:
-                fail("--prompt needs both --a and --b", 2)
-            pairs = [Pair(prompt=prompt, response_a=a, response_b=b, id="cli")]
-        else:
-            path = sample_path() if sample else file
-            if path.is_file():  # read as judged, not held: memory stays flat however long the file
-                pairs = PairFile(path, limit, settings.reading)
-                bad = pairs.bad_lines
-            else:  # a pipe, or what is not there (read_pairs says what is wrong)
-                pairs, bad = read_pairs(path, settings.reading)
-                pairs = pairs[:limit] if limit is not None else pairs
-        program = load_program(load) if load else named_program(program_name)
-    except InvalidPair as exc:
-        fail(f"invalid pair: {exc}", 2)
-    except ReflectAgentError as exc:  # a file, a program name or program file to fix: a usage error
-        fail(str(exc), 2)
-    warn_skipped(bad)
-    warn_duplicates(pairs.ids if isinstance(pairs, PairFile) else [pair.id for pair in pairs])
-    if not pairs:
-        fail(
-            "no valid pairs to judge"
-            + (
-                f": every line was skipped ({len(bad)}, above)"
-                if bad
-                else f": {file} holds no pairs (it is empty or blank)"
-                if file and limit is None
-                else ""
-            ),
-            2,
-        )
-
-    overrides = {k: v for k, v in {"dtype": dtype, "engine": engine}.items() if v is not None}
-    if overrides:
-        try:
-            settings = settings.overriding(backend_name, **overrides)
-        except OverrideError as exc:  # a flag to fix: a usage error; an unknown backend stays the error it is
-            fail(f"{' '.join('--' + k for k in overrides)}: {exc}", 2)
-    lm = resolve_backend(backend_name, settings)
-    started, tally = time.perf_counter(), JudgingTally()
-    with use_cache(open_cache(settings, cache_dir, no_cache)), dspy.context(lm=lm), ExitStack() as writing:
-        if out:
-            try:  # the lock, before the first judgment: a second writer of the same file stops here
-                writing.enter_context(out)
-            except OutputError as exc:
-                fail(str(exc), 2)
-        try:
-            run_sync(_judge_and_print(program, pairs, concurrency, tally, out, show_analyses=not quiet))
-        except ReflectAgentError as exc:  # the backend went away, or the file changed under the run
-            fail(f"{exc}\n{out.stop()}" if out else str(exc), 1)  # stopped first: the note says what was kept
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (above)
-            if not out:
-                raise
-            how = ("stopped by SIGTERM", 128 + signal.SIGTERM) if signals else ("interrupted", 130)
-            fail(f"{how[0]} after {tally.counts['judged']} of {len(pairs)} judgments: {out.stop()}", how[1])
-        if out:
-            try:
-                out.finish()
-            except OutputError as exc:  # judged, but the file could not be written (a full disk): where the lines are
-                fail(str(exc), 1)
-    wall = time.perf_counter() - started
-
-    typer.echo("")
-    typer.echo(f"program: {type(program).__name__} {program.options}")
-    where = lm.api_base or (
-        "no server needed: every step came from the cache" if lm.backend.start else "provider default"
-    )
-    typer.echo(f"backend: {lm.backend.name} ({lm.backend.model} at {where})")
-    print_summary(tally.summary(), len(bad), wall)
-    if out:
-        typer.echo(f"judgments: {out.given} ({out.lines} lines)")
 
 
 async def _judge_and_print(

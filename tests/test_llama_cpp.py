@@ -156,7 +156,7 @@ def test_a_server_that_failed_to_start_is_not_started_again_by_every_step(monkey
         tries.append(1)
         raise ServerError("llama.cpp exited with code 1 before it was ready")
 
-    start = backends._StartOnce(failing)
+    start = backends.StartOnce(failing)
     for _ in range(3):
         with pytest.raises(ServerError, match="exited with code 1"):
             start()

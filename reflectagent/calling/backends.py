@@ -73,6 +73,10 @@ class Backend:
     # the settings it was resolved from: they place the judgment cache of its steps outside a backend() block
     settings: Settings | None = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self):
+        if self.start is not None and not isinstance(self.start, StartOnce):
+            object.__setattr__(self, "start", StartOnce(self.start))  # every caller shares one memory of a failure
+
     @property
     def constrained(self) -> bool:
         return self.config.is_vllm if self.config.constrained is None else self.config.constrained
@@ -274,7 +278,6 @@ class BackendLM(dspy.LM):
         )
         self.backend = backend
         self._connecting = threading.Lock()
-        self._failed: BaseException | None = None  # a start that failed is not tried again by every waiting step
         self._client = None
 
     @property
@@ -311,15 +314,9 @@ class BackendLM(dspy.LM):
         """Find or start the server before the first request (``run_step`` calls this on a cache miss)."""
         if self.api_base or self.backend.start is None:
             return
-        with self._connecting:
-            if self._failed is not None:
-                raise self._failed
+        with self._connecting:  # a start that fails is not tried again by every waiting step (StartOnce)
             if not self.api_base:
-                try:
-                    self.kwargs["api_base"] = self.backend.start()
-                except BaseException as exc:
-                    self._failed = exc
-                    raise
+                self.kwargs["api_base"] = self.backend.start()
 
 
 def _resolve_embedded(name: str, config: BackendConfig) -> Backend:
@@ -406,24 +403,35 @@ def _resolve_llama_cpp(name: str, config: BackendConfig) -> Backend:
         api_base=None,
         identity=identity,
     )
-    return replace(backend, start=_StartOnce(functools.partial(embedded.llama_cpp_url, model)))
+    return replace(backend, start=functools.partial(embedded.llama_cpp_url, model))
 
 
-class _StartOnce:
-    """Start a server on demand; a start that failed fails again at once, without another try. Both the LM's
-    :meth:`BackendLM.connect` and the backend's token counter (which needs the server first) start through it."""
+class StartOnce:
+    """A backend's server start (:attr:`Backend.start` is always one): a start that failed fails again at once,
+    without another try, for every caller: the LM's :meth:`BackendLM.connect` and the token counter (which needs
+    the server first) alike. A failed start costs minutes and rarely heals by itself; a new process tries again."""
 
     def __init__(self, start: Callable[[], str]):
         self._start, self._failed = start, None
 
     def __call__(self) -> str:
         if self._failed is not None:
-            raise type(self._failed)(*self._failed.args)  # a new one: a raised object is never shared by threads
+            raise self._again(self._failed)
         try:
             return self._start()
         except Exception as exc:
             self._failed = exc
             raise
+
+    @staticmethod
+    def _again(failure: Exception) -> Exception:
+        """The same error, a new object (a raised one is never shared by threads: its traceback grows)."""
+        try:
+            again = type(failure)(*failure.args)
+        except Exception:  # an error class whose constructor wants more than its args
+            again = RuntimeError(str(failure))
+        again.__cause__ = failure.__cause__
+        return again
 
 
 def _resolve_litellm(name: str, config: BackendConfig) -> Backend:
