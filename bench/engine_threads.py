@@ -19,7 +19,10 @@ half the compute. Each setting here starts its own server on the same model, the
 
 Settings: ``reserve1`` is vLLM's default, ``reserve0`` gives the worker every core, ``reserveauto``
 is whatever :func:`reflectagent.server.server_env` picks for this machine; ``NAME@16`` judges 16 pairs at a
-time instead of 8 (more sequences decoding at once). Ratios between settings are
+time instead of 8 (more sequences decoding at once); ``NAME+b32`` serves with ``--block-size 32`` (vLLM's CPU
+default is 128: its prefix cache reuses whole blocks only, so a prompt's shared system message, 329 tokens for
+the demo's judge, is reused to 256 tokens with 128, to 320 with 32), and each program's prefix-cache hit rate
+is read from the server's ``/metrics``. Ratios between settings are
 what to read: the machine is shared and noisy, and this script must run with nothing else on it.
 """
 
@@ -96,14 +99,38 @@ def prefill_tokens_per_s(url: str, tries: int = 3) -> list[float]:
     return rates
 
 
+def prefix_cache_counts(url: str) -> tuple[float, float]:
+    """(tokens looked up, tokens found) in the server's prefix cache so far, from its Prometheus metrics."""
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    counts = {"queries": 0.0, "hits": 0.0}
+    for line in text.splitlines():
+        for kind in counts:
+            if line.startswith(f"vllm:prefix_cache_{kind}_total"):
+                counts[kind] += float(line.rsplit(" ", 1)[1])
+    return counts["queries"], counts["hits"]
+
+
+def parse_setting(setting: str) -> tuple[str | None, int, list[str]]:
+    """``reserve0+b32@16`` -> (reserved cores env, pairs at a time, extra server arguments)."""
+    head, _, at = setting.partition("@")
+    name, *mods = head.split("+")
+    extra = []
+    for mod in mods:
+        if not (mod.startswith("b") and mod[1:].isdigit()):
+            raise ValueError(f"unknown modifier {mod!r} in {setting!r}: only bN (--block-size N)")
+        extra += ["--block-size", mod[1:]]
+    return SETTINGS[name], int(at or 8), extra  # default 8 pairs at a time, the CLI's
+
+
 def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> dict:
-    reserved = SETTINGS[setting.partition("@")[0]]
-    concurrency = int(setting.partition("@")[2] or 8)  # "reserve0@16": pairs judged at once (default 8, the CLI's)
+    reserved, concurrency, extra_args = parse_setting(setting)
     if reserved is None:
         os.environ.pop(RESERVED_CPU_ENV, None)
     else:
         os.environ[RESERVED_CPU_ENV] = reserved
-    spec = ServerSpec(model_dir=str(model_dir), served_name=SERVED_NAME, max_model_len=4096, dtype=args.dtype)
+    spec = ServerSpec(
+        model_dir=str(model_dir), served_name=SERVED_NAME, max_model_len=4096, dtype=args.dtype, extra_args=extra_args
+    )
     server = VLLMServer(spec)
     started = time.perf_counter()
     server.start()
@@ -119,12 +146,14 @@ def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> d
         )
         for name in args.programs:
             lm = resolve_backend("local", settings)
+            before = prefix_cache_counts(server.url)
             with tempfile.TemporaryDirectory() as cache_dir, use_cache(JudgmentCache(cache_dir)), dspy.context(lm=lm):
                 cpu, wall = time.process_time(), time.perf_counter()
                 judgments = judge_pairs(
                     named_program(name), pairs, concurrency=concurrency, progress=sys.stderr.isatty()
                 )
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            queried, hit = (after - first for after, first in zip(prefix_cache_counts(server.url), before))
             calls = sum(j.lm_calls for j in judgments)
             right = sum(j.preference == p.label for j, p in zip(judgments, pairs))
             result[name] = {
@@ -134,6 +163,8 @@ def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> d
                 "lm_calls": calls,
                 "client_cpu_ms_per_call": round(1000 * cpu / max(calls, 1), 2),
                 "right": right,
+                "prompt_tokens": queried,
+                "prefix_cache_hit_rate": round(hit / queried, 3) if queried else None,
                 "verdicts": [j.preference for j in judgments],
             }
             logging.info(
@@ -157,7 +188,7 @@ def main() -> None:
     args.programs = args.programs.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     chosen = args.settings.split(",")
-    if unknown := {c.partition("@")[0] for c in chosen} - set(SETTINGS):
+    if unknown := {c.partition("@")[0].partition("+")[0] for c in chosen} - set(SETTINGS):
         parser.error(f"unknown settings {sorted(unknown)}: choose from {', '.join(SETTINGS)}")
     model_dir = prepare_model(args.preset)
     pairs = sample_pairs(args.limit)

@@ -34,6 +34,13 @@ Targets (what the fold's model is trained to write, and the program that judges 
   held-out set, with its L2 weight chosen on 10% of the fold's training prompts, and is scored from the features
   (the order-averaged P(A), as ``direct-prob`` computes it). ``--serve-check SOURCE`` folds that fold's head into
   a model folder and judges its held-out pairs through vLLM, to show the served judge agrees.
+- ``analysis-head``: the same head, read at ``genrm-prob``'s verdict slot, after the model's own analysis (GenRM's
+  rationale then verdict; judged by ``genrm-prob``). The untrained model writes one analysis for each pool row (its
+  one order) and each test pair in both orders (vLLM, bfloat16, cached in ``OUT/cache``, raw outputs in
+  ``OUT/analyses.json``); the features are read after them. Each fold also refits the ``verdict-head`` target on
+  exactly the same pool rows from that target's committed features (``fold/without_analyses.json``), so "trained with
+  analyses vs without" is a paired difference on the same model and pairs. ``--pairs`` may be smaller than the
+  verdict head's (the pool is a prefix of the larger one: ``balanced`` takes the groups in turn).
 
 Nothing is chosen by looking at a test pair or a held-out set: the mix, its size and the training
 settings are fixed here before the run; the dev rows (10% of the fold's training prompts) give the only
@@ -72,6 +79,7 @@ from reflectagent.finetune.verdict_head import (
     VerdictRow,
     extract,
     fit_head,
+    shown_orders,
     verdict_direction,
     verdict_rows,
     write_head,
@@ -84,7 +92,11 @@ from reflectagent.programs import named_program
 from reflectagent.splits import prompt_disjoint, split_pairs, stable_fraction
 from reflectagent.teacher import read_teacher
 
-TARGETS = {"verdict": "direct-prob", "verdict-head": "direct-prob"}  # target -> the program that judges with it
+TARGETS = {
+    "verdict": "direct-prob",
+    "verdict-head": "direct-prob",
+    "analysis-head": "genrm-prob",
+}  # target -> the program that judges with it
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 PER_SOURCE = 32  # the quality bench's first sample
 TEST_MAX_CHARS = 2500  # ... and its length limit
@@ -240,14 +252,16 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
         inside = records(fold / "judged.json", others)
         base = records(args.out / "base.json", held)
         preset, base15 = records(PRESET_REPORT, held), records(BASE_REPORT, held)
+        plain = records(fold / "without_analyses.json", held) if (fold / "without_analyses.json").exists() else []
         for name, got in (
             ("trained", mine),
             ("in_distribution", inside),
             ("preset", preset),
             ("base", base),
             ("base_1.5b", base15),
+            ("without_analyses", plain),
         ):
-            pooled[name] += got
+            pooled.setdefault(name, []).extend(got)
         rows.append(
             {
                 "held_out": held_out,
@@ -267,6 +281,7 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
         "vs_preset": paired_difference(pooled["trained"], pooled["preset"]),
         "vs_base": paired_difference(pooled["trained"], pooled["base"]),
         "vs_base_1.5b": paired_difference(pooled["trained"], pooled["base_1.5b"]),
+        "vs_without_analyses": paired_difference(pooled["trained"], pooled["without_analyses"]),
     }
     return {"rows": rows, "overall": overall, "paired": paired}
 
@@ -304,8 +319,14 @@ def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
         f"(untrained {percent(o['base'].value)}).",
         f"- Paired against the untrained 1.5B (direct-prob, float32): {points(p['vs_base_1.5b'].value, p['vs_base_1.5b'].ci)} "
         f"(untrained 1.5B {percent(o['base_1.5b'].value)}).",
-        "",
     ]
+    if o["without_analyses"].n:
+        lines.append(
+            "- Trained with analyses vs without (the verdict-head target refitted on the same pool rows, same model): "
+            f"{points(p['vs_without_analyses'].value, p['vs_without_analyses'].ci)} "
+            f"(without {percent(o['without_analyses'].value)}{interval(o['without_analyses'].ci)})."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -325,12 +346,15 @@ def extract_stage(model_dir: str, rows: list[VerdictRow], folder: Path) -> None:
 
 
 def head_records(pairs: list[Pair], rows: list[VerdictRow], logits: np.ndarray) -> list[Record]:
-    """``direct-prob``'s records from logit differences: the order-averaged P(A), the same in both presentations."""
+    """The probability programs' records from logit differences: the order-averaged P(A), the same in both
+    presentations; a pair with a presentation that has no row (an analysis without a verdict) gets none, as
+    ``genrm-prob`` gives none."""
     p_shown_a = {(row.pair_id, row.swapped): 1 / (1 + np.exp(-logit)) for row, logit in zip(rows, logits)}
     made = []
     for pair in pairs:
-        p_a = float((p_shown_a[(pair.id, False)] + 1 - p_shown_a[(pair.id, True)]) / 2)
-        verdict = None if p_a == 0.5 else "A" if p_a > 0.5 else "B"
+        shown = p_shown_a.get((pair.id, False)), p_shown_a.get((pair.id, True))
+        p_a = None if None in shown else float((shown[0] + 1 - shown[1]) / 2)
+        verdict = None if p_a is None or p_a == 0.5 else "A" if p_a > 0.5 else "B"
         made.append(
             Record(
                 pair_id=pair.id,
@@ -338,7 +362,7 @@ def head_records(pairs: list[Pair], rows: list[VerdictRow], logits: np.ndarray) 
                 source=pair.source or "",
                 label=pair.label,
                 verdicts=(verdict, verdict),
-                reasons=(None, None) if verdict else ("tie", "tie"),
+                reasons=(None, None) if verdict else ("unparsed",) * 2 if p_a is None else ("tie", "tie"),
                 steps=4,
                 unparsed_steps=0,
                 lm_calls=0,
@@ -350,8 +374,75 @@ def head_records(pairs: list[Pair], rows: list[VerdictRow], logits: np.ndarray) 
     return made
 
 
+def analyses_stage(args: argparse.Namespace, shown: list[tuple[Pair, bool]], path: Path) -> None:
+    """The untrained model's own analyses (``genrm-prob``'s step, one presentation each), served by vLLM in bfloat16
+    (1.8x float32's speed here), every step cached in ``OUT/cache``; their raw outputs kept in ``path``."""
+    import dspy
+
+    from reflectagent.judge import judge_pairs
+    from reflectagent.programs.genrm import GenRM
+
+    log_to_stderr()
+    settings = Settings(
+        backends={
+            "writer": BackendConfig(
+                model="embedded", model_path=args.preset, dtype="bfloat16", context_tokens=4096, timeout_s=1800
+            )
+        }
+    )
+    with use_cache(JudgmentCache(args.out / "cache")), dspy.context(lm=resolve_backend("writer", settings)):
+        judgments = judge_pairs(
+            GenRM(both_orders=False, decision="probability"),
+            [pair.swapped() if swapped else pair for pair, swapped in shown],
+            concurrency=args.concurrency,
+            progress=sys.stderr.isatty(),
+        )
+    raw = {f"{pair.id}|{int(swapped)}": j.analyses[0].raw for (pair, swapped), j in zip(shown, judgments)}
+    path.write_text(json.dumps(raw))
+
+
+def own_analyses(args: argparse.Namespace, every_test: list[Pair], pool: list[Pair]) -> dict[tuple[str, bool], str]:
+    """(pair id, swapped) -> the raw analysis, for the test pairs in both orders and the pool in its one order."""
+    shown = [(p, s) for p in every_test for s in (False, True)] + [(p, s) for p in pool for s in shown_orders(p, "one")]
+    path = args.out / "analyses.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if any(f"{p.id}|{int(s)}" not in kept for p, s in shown):
+        in_own_process(analyses_stage, args, shown, path)
+        kept = json.loads(path.read_text())
+    return {(key.rsplit("|", 1)[0], key.endswith("|1")): raw for key, raw in kept.items()}
+
+
+def fold_rows(pool: list[Pair], rows: list[VerdictRow], held_out: str) -> list[VerdictRow]:
+    """The pool's rows a fold may train on: none from the held-out set, none sharing a prompt with it."""
+    held_prompts = {p.prompt for p in load_source(held_out)}
+    held_name = held_out_pairs(held_out)[0].source
+    by_id = {p.id: p for p in pool}
+    return [r for r in rows if by_id[r.pair_id].source != held_name and by_id[r.pair_id].prompt not in held_prompts]
+
+
+def fit_fold(store: FeatureStore, mine: list[VerdictRow], base: np.ndarray) -> tuple[VerdictHead, dict]:
+    """A fold's head: its L2 weight chosen on 10% of its rows' prompts (dev log loss), then fitted on all of them."""
+    dev = [r for r in mine if stable_fraction("head-dev", r.pair_id) < 0.1]
+    train = [r for r in mine if stable_fraction("head-dev", r.pair_id) >= 0.1]
+    x, y = store.get([r.key for r in train]), np.array([r.label for r in train])
+    dev_x, dev_y = store.get([r.key for r in dev]), np.array([r.label for r in dev])
+
+    def dev_loss(l2: float) -> float:
+        logit = fit_head(x, base, y, l2).logit(dev_x, base)
+        return float(np.mean(np.logaddexp(0, -logit) * dev_y + np.logaddexp(0, logit) * (1 - dev_y)))
+
+    losses = {l2: dev_loss(l2) for l2 in L2_GRID}
+    l2 = min(losses, key=losses.get)
+    head = fit_head(store.get([r.key for r in mine]), base, np.array([r.label for r in mine]), l2)
+    return head, {"l2": l2, "dev_loss_by_l2": {str(k): v for k, v in losses.items()}, "dev_rows": len(dev)}
+
+
 def head_main(args: argparse.Namespace, folds: list[str]) -> None:
-    """Features once for the pool and the test pairs, then each fold's head fitted and scored from them."""
+    """Features once for the pool and the test pairs, then each fold's head fitted and scored from them.
+
+    ``analysis-head``: the same, at the verdict slot after the model's own analysis; and, for the paired comparison
+    "trained with analyses vs without", each fold's ``verdict-head`` refitted on exactly the same pool rows from
+    that target's committed features (``OUT/../loso-verdict-head-SIZE/features``)."""
     import time
 
     from transformers import AutoTokenizer
@@ -361,8 +452,9 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
     budget = input_budget(args)
     every_test = [p for s in SOURCES for p in held_out_pairs(s)]
     pool = training_pool(None, args.pairs, args.max_chars, args.seed)
-    test_rows = verdict_rows(every_test, tokenizer, budget, orders="both")
-    pool_rows = verdict_rows(pool, tokenizer, budget, orders="one")
+    analyses = own_analyses(args, every_test, pool) if args.target == "analysis-head" else None
+    test_rows = verdict_rows(every_test, tokenizer, budget, orders="both", analyses=analyses)
+    pool_rows = verdict_rows(pool, tokenizer, budget, orders="one", analyses=analyses)
     store_dir = args.out / "features"
     if any(row.key not in FeatureStore(store_dir) for row in test_rows + pool_rows):
         in_own_process(extract_stage, str(model_dir), test_rows + pool_rows, store_dir)  # test rows first
@@ -371,38 +463,31 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
     (args.out / "base.json").write_text(
         json.dumps({"records": [r.to_dict() for r in head_records(every_test, test_rows, test_x @ base)]})
     )
+    without = without_analyses_rows(args, tokenizer, budget, every_test, pool) if analyses is not None else None
     source_of = {p.id: p.source for p in pool}
     for held_out in folds:
         started = time.perf_counter()
-        held_prompts = {p.prompt for p in load_source(held_out)}
-        held_name = held_out_pairs(held_out)[0].source
-        mine = [r for r, p in zip(pool_rows, pool) if source_of[p.id] != held_name and p.prompt not in held_prompts]
-        dev = [r for r in mine if stable_fraction("head-dev", r.pair_id) < 0.1]
-        train = [r for r in mine if stable_fraction("head-dev", r.pair_id) >= 0.1]
-        x, y = store.get([r.key for r in train]), np.array([r.label for r in train])
-        dev_x, dev_y = store.get([r.key for r in dev]), np.array([r.label for r in dev])
-
-        def dev_loss(l2: float) -> float:
-            logit = fit_head(x, base, y, l2).logit(dev_x, base)
-            return float(np.mean(np.logaddexp(0, -logit) * dev_y + np.logaddexp(0, logit) * (1 - dev_y)))
-
-        losses = {l2: dev_loss(l2) for l2 in L2_GRID}
-        l2 = min(losses, key=losses.get)
-        head = fit_head(store.get([r.key for r in mine]), base, np.array([r.label for r in mine]), l2)
+        mine = fold_rows(pool, pool_rows, held_out)
+        head, choice = fit_fold(store, mine, base)
         fold = args.out / f"fold-{held_out}"
         fold.mkdir(parents=True, exist_ok=True)
         np.save(fold / "head.npy", head.delta)
         wanted = {p.id for p in fold_test_pairs(held_out)}
         judged = [r for r in head_records(every_test, test_rows, head.logit(test_x, base)) if r.pair_id in wanted]
         (fold / "judged.json").write_text(json.dumps({"records": [r.to_dict() for r in judged]}))
+        if without is not None:
+            plain_store, plain_test, plain_pool = without
+            same = {(r.pair_id, r.swapped) for r in mine}
+            plain_head, _ = fit_fold(plain_store, [r for r in plain_pool if (r.pair_id, r.swapped) in same], base)
+            plain_logits = plain_head.logit(plain_store.get([r.key for r in plain_test]), base)
+            plain = [r for r in head_records(every_test, plain_test, plain_logits) if r.pair_id in wanted]
+            (fold / "without_analyses.json").write_text(json.dumps({"records": [r.to_dict() for r in plain]}))
         (fold / "run_card.json").write_text(
             json.dumps(
                 {
                     "train_rows": head.train_rows,
                     "seconds": time.perf_counter() - started,
-                    "l2": l2,
-                    "dev_loss_by_l2": {str(k): v for k, v in losses.items()},
-                    "dev_rows": len(dev),
+                    **choice,
                     "train_loss": head.train_loss,
                     "rows_by_source": dict(Counter(source_of[r.pair_id] for r in mine)),
                 },
@@ -411,6 +496,20 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
         )
     if args.serve_check:
         serve_check(args, model_dir, args.serve_check)
+
+
+def without_analyses_rows(args, tokenizer, budget, every_test: list[Pair], pool: list[Pair]):
+    """The ``verdict-head`` target's features of the same pairs (its committed store), for the paired comparison."""
+    folder = args.out.parent / args.out.name.replace("analysis-head", "verdict-head") / "features"
+    store = FeatureStore(folder)
+    test_rows = verdict_rows(every_test, tokenizer, budget, orders="both")
+    pool_rows = verdict_rows(pool, tokenizer, budget, orders="one")
+    if missing := sum(r.key not in store for r in test_rows + pool_rows):
+        raise SystemExit(
+            f"{missing} rows have no features in {folder}: run the verdict-head target on this preset "
+            f"with at least --pairs {args.pairs} first (it is the comparison without analyses)"
+        )
+    return store, test_rows, pool_rows
 
 
 def head_model(args: argparse.Namespace, model_dir: Path, held_out: str) -> Path:
@@ -529,7 +628,7 @@ def main() -> None:
     args.out = args.out or Path(f"bench/results/loso-{args.target}-{args.preset.removeprefix('qwen2.5-coder-')}")
     log_to_stderr()
     args.out.mkdir(parents=True, exist_ok=True)
-    (head_main if args.target == "verdict-head" else lora_main)(args, folds)
+    (head_main if args.target.endswith("-head") else lora_main)(args, folds)
     done = [s for s in SOURCES if (args.out / f"fold-{s}" / "judged.json").exists()]
     meta = {
         **provenance(),

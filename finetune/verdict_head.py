@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from reflectagent.adapter import JudgeAdapter
 from reflectagent.pairs import Pair
-from reflectagent.signatures import Prefer
+from reflectagent.signatures import Analyze, Prefer
 from reflectagent.steps import render_request
 from reflectagent.tokens import InputBudget
 
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 # What vLLM has generated, under the JSON schema without free whitespace (``ServerSpec``), when the verdict letter
 # comes next (a step's ``raw`` is '{"preference":"A"}'): the hidden state after it is the one the served model decides from.
 VERDICT_PREFIX = '{"preference":"'
+VERDICT_KEY = '"preference":"'  # after an analysis: '{"analysis":"...","preference":"A"}'
 SHARD = 32  # rows per stored shard: a killed extraction loses at most this many forward passes
 
 
@@ -58,24 +59,48 @@ def verdict_rows(
     budget: InputBudget | int | None,
     orders: str = "both",
     adapter: JudgeAdapter | None = None,
+    analyses: Mapping[tuple[str, bool], str | None] | None = None,
 ) -> list[VerdictRow]:
     """The token ids the served model reads before its verdict letter, for each pair in ``orders``:
-    ``"both"``, or ``"one"`` (the order drawn from the pair's id, so a set's positions stay balanced)."""
+    ``"both"``, or ``"one"`` (the order drawn from the pair's id, so a set's positions stay balanced).
+
+    Without ``analyses`` that is ``direct-prob``'s request (``Prefer``). With them, ``genrm-prob``'s: the ``Analyze``
+    request and what the model wrote before the letter (:func:`before_verdict` of its raw output), keyed by
+    ``(pair id, swapped)``; a presentation whose analysis is missing or has no verdict gets no row."""
     adapter = adapter or JudgeAdapter()
     rows = []
     for pair in pairs:
-        shown_orders = (
-            (False, True) if orders == "both" else (int(hashlib.sha256(pair.id.encode()).hexdigest(), 16) % 2 == 1,)
-        )
-        for swapped in shown_orders:
+        for swapped in shown_orders(pair, orders):
             shown = pair.swapped() if swapped else pair
-            messages = render_request(adapter, Prefer, shown.inputs(), budget)[2]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + VERDICT_PREFIX
+            if analyses is None:
+                messages, written = render_request(adapter, Prefer, shown.inputs(), budget)[2], VERDICT_PREFIX
+            else:
+                written = before_verdict(analyses.get((pair.id, swapped)))
+                if written is None:
+                    continue
+                messages = render_request(adapter, Analyze, shown.inputs(), budget)[2]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + written
             label = None if shown.label not in ("A", "B") else float(shown.label == "A")
             rows.append(
                 VerdictRow(pair.id, swapped, tuple(tokenizer(text, add_special_tokens=False)["input_ids"]), label)
             )
     return rows
+
+
+def shown_orders(pair: Pair, orders: str) -> tuple[bool, ...]:
+    """``swapped`` for each presentation of ``pair`` that :func:`verdict_rows` makes a row of."""
+    if orders == "both":
+        return (False, True)
+    return (int(hashlib.sha256(pair.id.encode()).hexdigest(), 16) % 2 == 1,)
+
+
+def before_verdict(raw: str | None) -> str | None:
+    """What a constrained ``Analyze`` output holds before its verdict letter (``'{"analysis":"...","preference":"'``),
+    or None when it reached no verdict. The last key is the real one: one inside the analysis is escaped."""
+    if not raw or VERDICT_KEY not in raw:
+        return None
+    cut = raw.rindex(VERDICT_KEY) + len(VERDICT_KEY)
+    return raw[:cut] if raw[cut : cut + 1] in ("A", "B") else None
 
 
 class FeatureStore:

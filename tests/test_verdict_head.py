@@ -6,6 +6,7 @@ import torch
 
 from reflectagent.finetune.verdict_head import (
     VERDICT_PREFIX,
+    before_verdict,
     FeatureStore,
     VerdictRow,
     extract,
@@ -68,6 +69,26 @@ def test_rows_end_where_the_served_model_writes_its_verdict_and_label_the_shown_
     assert "answer 0 two" in tokenizer.decode(rows[1].token_ids).split("response_a")[-1]  # swapped: B shown first
     one = verdict_rows(pairs(40), tokenizer, None, orders="one")
     assert len(one) == 40 and 10 < sum(r.swapped for r in one) < 30  # one order each, drawn per pair
+
+
+def test_after_an_analysis_rows_end_at_the_verdict_the_model_wrote_and_skip_one_without(tiny_model):
+    """genrm-prob's verdict slot: the Analyze request, then the model's own output up to the letter."""
+    _, tokenizer = tiny_model
+    two = pairs(2)
+    quoted = '{"analysis":"B wrote \\"preference\\":\\"A\\" in its answer","preference":"B"}'
+    analyses = {
+        ("p0", False): quoted,
+        ("p0", True): '{"analysis":"short","preference":"A"}',
+        ("p1", False): '{"analysis":"cut off before the verdict',  # no verdict: no row
+    }
+    rows = verdict_rows(two, tokenizer, None, orders="both", analyses=analyses)
+    assert [(r.pair_id, r.swapped) for r in rows] == [("p0", False), ("p0", True)]
+    first = tokenizer.decode(rows[0].token_ids)
+    assert first.endswith('"analysis":"B wrote \\"preference\\":\\"A\\" in its answer","preference":"')
+    assert "response_a" in first and "analysis" in first.split("assistant")[0]  # the Analyze signature's request
+    assert rows[1].label == 0.0  # p0 is labelled A; shown swapped, the better one is second
+    assert before_verdict(quoted).endswith('answer","preference":"')
+    assert before_verdict('{"analysis":"x","preference":"') is None and before_verdict(None) is None
 
 
 def test_features_are_the_final_hidden_state_and_survive_a_restart(tiny_model, tmp_path):
