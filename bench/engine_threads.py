@@ -116,9 +116,11 @@ def parse_setting(setting: str) -> tuple[str | None, int, list[str]]:
     name, *mods = head.split("+")
     extra = []
     for mod in mods:
-        if not (mod.startswith("b") and mod[1:].isdigit()):
-            raise ValueError(f"unknown modifier {mod!r} in {setting!r}: only bN (--block-size N)")
+        if not (mod.startswith("b") and mod[1:].isdigit() and int(mod[1:]) > 0):
+            raise ValueError(f"unknown modifier {mod!r} in {setting!r}: only bN (--block-size N), before any @N")
         extra += ["--block-size", mod[1:]]
+    if name not in SETTINGS or not (at or "8").isdigit():
+        raise ValueError(f"unknown setting {setting!r}: NAME[+bN][@N], NAME one of {', '.join(SETTINGS)}")
     return SETTINGS[name], int(at or 8), extra  # default 8 pairs at a time, the CLI's
 
 
@@ -163,7 +165,7 @@ def measure(setting: str, model_dir: Path, args: argparse.Namespace, pairs) -> d
                 "lm_calls": calls,
                 "client_cpu_ms_per_call": round(1000 * cpu / max(calls, 1), 2),
                 "right": right,
-                "prompt_tokens": queried,
+                "prefix_cache_queried_tokens": int(queried),  # the prompt tokens looked up (preempted ones apart)
                 "prefix_cache_hit_rate": round(hit / queried, 3) if queried else None,
                 "verdicts": [j.preference for j in judgments],
             }
@@ -188,8 +190,11 @@ def main() -> None:
     args.programs = args.programs.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     chosen = args.settings.split(",")
-    if unknown := {c.partition("@")[0].partition("+")[0] for c in chosen} - set(SETTINGS):
-        parser.error(f"unknown settings {sorted(unknown)}: choose from {', '.join(SETTINGS)}")
+    for setting in chosen:  # all of them before the first is measured
+        try:
+            parse_setting(setting)
+        except ValueError as exc:
+            parser.error(str(exc))
     model_dir = prepare_model(args.preset)
     pairs = sample_pairs(args.limit)
     results = [measure(setting, model_dir, args, pairs) for setting in chosen]

@@ -244,7 +244,10 @@ def points(value: float | None, ci) -> str:
 
 def report(args: argparse.Namespace, folds: list[str]) -> dict:
     """Per fold and pooled: held-out and in-distribution accuracy, and paired differences against the baselines."""
-    rows, pooled = [], {"trained": [], "in_distribution": [], "preset": [], "base": [], "base_1.5b": []}
+    rows, pooled = (
+        [],
+        {"trained": [], "in_distribution": [], "preset": [], "base": [], "base_1.5b": [], "without_analyses": []},
+    )
     for held_out in folds:
         fold = args.out / f"fold-{held_out}"
         held, others = held_out_pairs(held_out), fold_test_pairs(held_out)[PER_SOURCE:]
@@ -261,7 +264,7 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
             ("base_1.5b", base15),
             ("without_analyses", plain),
         ):
-            pooled.setdefault(name, []).extend(got)
+            pooled[name] += got
         rows.append(
             {
                 "held_out": held_out,
@@ -328,6 +331,10 @@ def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def default_out(target: str, preset: str) -> Path:
+    return Path(f"bench/results/loso-{target}-{preset.removeprefix('qwen2.5-coder-')}")
 
 
 def input_budget(args: argparse.Namespace):
@@ -397,8 +404,13 @@ def analyses_stage(args: argparse.Namespace, shown: list[tuple[Pair, bool]], pat
             concurrency=args.concurrency,
             progress=sys.stderr.isatty(),
         )
-    raw = {f"{pair.id}|{int(swapped)}": j.analyses[0].raw for (pair, swapped), j in zip(shown, judgments)}
-    path.write_text(json.dumps(raw))
+    raw = {
+        f"{pair.id}|{int(swapped)}": j.analyses[0].raw if j.analyses[0].parsed else None
+        for (pair, swapped), j in zip(shown, judgments)
+    }
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(raw))
+    partial.rename(path)
 
 
 def own_analyses(args: argparse.Namespace, every_test: list[Pair], pool: list[Pair]) -> dict[tuple[str, bool], str]:
@@ -452,6 +464,9 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
     budget = input_budget(args)
     every_test = [p for s in SOURCES for p in held_out_pairs(s)]
     pool = training_pool(None, args.pairs, args.max_chars, args.seed)
+    without = (
+        without_analyses_rows(args, tokenizer, budget, every_test, pool) if args.target == "analysis-head" else None
+    )
     analyses = own_analyses(args, every_test, pool) if args.target == "analysis-head" else None
     test_rows = verdict_rows(every_test, tokenizer, budget, orders="both", analyses=analyses)
     pool_rows = verdict_rows(pool, tokenizer, budget, orders="one", analyses=analyses)
@@ -463,7 +478,6 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
     (args.out / "base.json").write_text(
         json.dumps({"records": [r.to_dict() for r in head_records(every_test, test_rows, test_x @ base)]})
     )
-    without = without_analyses_rows(args, tokenizer, budget, every_test, pool) if analyses is not None else None
     source_of = {p.id: p.source for p in pool}
     for held_out in folds:
         started = time.perf_counter()
@@ -500,7 +514,7 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
 
 def without_analyses_rows(args, tokenizer, budget, every_test: list[Pair], pool: list[Pair]):
     """The ``verdict-head`` target's features of the same pairs (its committed store), for the paired comparison."""
-    folder = args.out.parent / args.out.name.replace("analysis-head", "verdict-head") / "features"
+    folder = default_out("verdict-head", args.preset) / "features"
     store = FeatureStore(folder)
     test_rows = verdict_rows(every_test, tokenizer, budget, orders="both")
     pool_rows = verdict_rows(pool, tokenizer, budget, orders="one")
@@ -625,7 +639,12 @@ def main() -> None:
     folds = list(SOURCES) if args.folds == "all" else args.folds.split(",")
     if unknown := set(folds) - set(SOURCES):
         parser.error(f"unknown sets {sorted(unknown)}: choose from {', '.join(SOURCES)}")
-    args.out = args.out or Path(f"bench/results/loso-{args.target}-{args.preset.removeprefix('qwen2.5-coder-')}")
+    if args.serve_check and args.target != "verdict-head":
+        parser.error(
+            "--serve-check is for the verdict-head target: an analysis head folded into the LM head also moves the "
+            "letters A and B inside the analyses it writes, so served and predicted would differ for that reason too"
+        )
+    args.out = args.out or default_out(args.target, args.preset)
     log_to_stderr()
     args.out.mkdir(parents=True, exist_ok=True)
     (head_main if args.target.endswith("-head") else lora_main)(args, folds)

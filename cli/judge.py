@@ -219,9 +219,8 @@ def judge(
             if out:
                 try:
                     out.finish()
-                except (
-                    OutputError
-                ) as exc:  # judged, but the file could not be written (a full disk): where the lines are
+                # judged, but the file could not be written (a full disk): the message says where the lines are
+                except OutputError as exc:
                     fail(str(exc), 1)
         wall = time.perf_counter() - started
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,11 +97,12 @@ def shown_orders(pair: Pair, orders: str) -> tuple[bool, ...]:
 
 def before_verdict(raw: str | None) -> str | None:
     """What a constrained ``Analyze`` output holds before its verdict letter (``'{"analysis":"...","preference":"'``),
-    or None when it reached no verdict. The last key is the real one: one inside the analysis is escaped."""
+    or None when it reached no whole verdict (cut off, or not one letter and the end of the object). The last key is
+    the real one: one inside the analysis is escaped."""
     if not raw or VERDICT_KEY not in raw:
         return None
     cut = raw.rindex(VERDICT_KEY) + len(VERDICT_KEY)
-    return raw[:cut] if raw[cut : cut + 1] in ("A", "B") else None
+    return raw[:cut] if re.fullmatch(r'[AB]"\s*}\s*', raw[cut:]) else None
 
 
 class FeatureStore:

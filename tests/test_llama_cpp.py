@@ -147,6 +147,10 @@ def test_a_running_llama_server_named_by_api_base_is_used_as_it_is(monkeypatch):
 
 
 def test_a_server_that_failed_to_start_is_not_started_again_by_every_step(monkeypatch):
+    """Steps waiting on a start that fails (eight at once, as a judge runs them) fail with it: one try, not eight."""
+    import threading
+    import time
+
     from reflectagent.calling import backends
     from reflectagent.serving.server import ServerError
 
@@ -154,13 +158,25 @@ def test_a_server_that_failed_to_start_is_not_started_again_by_every_step(monkey
 
     def failing():
         tries.append(1)
+        time.sleep(0.2)  # the others arrive while it is starting
         raise ServerError("llama.cpp exited with code 1 before it was ready")
 
-    start = backends.StartOnce(failing)
-    for _ in range(3):
-        with pytest.raises(ServerError, match="exited with code 1"):
+    start, errors = backends.StartOnce(failing), []
+
+    def step():
+        try:
             start()
-    assert len(tries) == 1
+        except ServerError as exc:
+            errors.append(exc)
+
+    steps = [threading.Thread(target=step) for _ in range(8)]
+    for thread in steps:
+        thread.start()
+    for thread in steps:
+        thread.join()
+    assert len(tries) == 1 and len(errors) == 8
+    assert all("exited with code 1" in str(e) for e in errors)
+    assert len({id(e) for e in errors}) == 8  # never one raised object shared by threads
 
 
 def test_a_file_that_is_not_gguf_is_refused_clearly(tmp_path):

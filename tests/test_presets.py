@@ -198,7 +198,7 @@ def test_a_preset_is_served_in_its_dtype_which_keys_the_cache(tmp_path):
     preset, bf16, other = (resolve_backend(name, settings).backend for name in ("preset", "preset-bf16", "plain"))
     assert preset.identity["dtype"] == "float32" and preset.identity != bf16.identity
     assert "dtype" not in bf16.identity and "dtype" not in other.identity  # older caches keep their keys
-    assert preset.start.args[-1] == "float32" and bf16.start.args[-1] == "bfloat16"
+    assert preset.start.start.args[-1] == "float32" and bf16.start.start.args[-1] == "bfloat16"
 
 
 def test_dtype_is_refused_on_an_api_backend():

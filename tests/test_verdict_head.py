@@ -88,7 +88,13 @@ def test_after_an_analysis_rows_end_at_the_verdict_the_model_wrote_and_skip_one_
     assert "response_a" in first and "analysis" in first.split("assistant")[0]  # the Analyze signature's request
     assert rows[1].label == 0.0  # p0 is labelled A; shown swapped, the better one is second
     assert before_verdict(quoted).endswith('answer","preference":"')
-    assert before_verdict('{"analysis":"x","preference":"') is None and before_verdict(None) is None
+    for unfinished in (
+        '{"analysis":"x","preference":"',
+        '{"analysis":"x","preference":"A',
+        '{"analysis":"x","preference":"Ab"}',
+    ):
+        assert before_verdict(unfinished) is None
+    assert before_verdict(None) is None
 
 
 def test_features_are_the_final_hidden_state_and_survive_a_restart(tiny_model, tmp_path):

@@ -9,6 +9,7 @@ fully cached run starts no server.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -38,6 +39,7 @@ from reflectagent.calling.vllm_client import ChatClient
 from reflectagent.serving import llama_cpp
 from reflectagent.serving import embedded  # its functions looked up when called (a test stands in for the server)
 from reflectagent.serving.models import default_dtype, prepare_model
+from reflectagent.serving.server import ServerError
 from reflectagent.serving.sources import DEFAULT_DTYPE, default_context, fingerprint, model_identity
 from reflectagent.serving.tokens import (
     InputBudget,
@@ -409,28 +411,32 @@ def _resolve_llama_cpp(name: str, config: BackendConfig) -> Backend:
 class StartOnce:
     """A backend's server start (:attr:`Backend.start` is always one): a start that failed fails again at once,
     without another try, for every caller: the LM's :meth:`BackendLM.connect` and the token counter (which needs
-    the server first) alike. A failed start costs minutes and rarely heals by itself; a new process tries again."""
+    the server first) alike, at once or later. A failed start costs minutes and rarely heals by itself; a new
+    process tries again."""
 
     def __init__(self, start: Callable[[], str]):
-        self._start, self._failed = start, None
+        self.start, self._failed = start, None
+        self._lock = threading.Lock()  # callers waiting on a start that fails must not each try again
 
     def __call__(self) -> str:
-        if self._failed is not None:
-            raise self._again(self._failed)
-        try:
-            return self._start()
-        except Exception as exc:
-            self._failed = exc
-            raise
+        with self._lock:
+            if self._failed is not None:
+                raise self._again(self._failed)
+            try:
+                return self.start()
+            except Exception as exc:
+                self._failed = exc
+                raise
 
     @staticmethod
     def _again(failure: Exception) -> Exception:
-        """The same error, a new object (a raised one is never shared by threads: its traceback grows)."""
+        """The same error, a new object (a raised one is never shared by threads: its traceback grows), with the
+        first as its cause."""
         try:
-            again = type(failure)(*failure.args)
-        except Exception:  # an error class whose constructor wants more than its args
-            again = RuntimeError(str(failure))
-        again.__cause__ = failure.__cause__
+            again = copy.copy(failure)  # its type and attributes (an OSError's filename) kept
+        except Exception:  # an error class that cannot be copied
+            again = ServerError(f"the server failed to start earlier: {failure}")
+        again.__cause__ = failure
         return again
 
 
