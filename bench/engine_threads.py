@@ -19,10 +19,11 @@ half the compute. Each setting here starts its own server on the same model, the
 
 Settings: ``reserve1`` is vLLM's default, ``reserve0`` gives the worker every core, ``reserveauto``
 is whatever :func:`reflectagent.server.server_env` picks for this machine; ``NAME@16`` judges 16 pairs at a
-time instead of 8 (more sequences decoding at once); ``NAME+b32`` serves with ``--block-size 32`` (vLLM's CPU
-default is 128: its prefix cache reuses whole blocks only, so a prompt's shared system message, 329 tokens for
-the demo's judge, is reused to 256 tokens with 128, to 320 with 32), and each program's prefix-cache hit rate
-is read from the server's ``/metrics``. Ratios between settings are
+time instead of 8 (more sequences decoding at once); ``NAME+bN`` serves with ``--block-size N``. Without it the
+server gets reflectagent's own CPU default (``reflectagent.server.CPU_BLOCK_SIZE``, 32 since the run below;
+vLLM's CPU default is 128: its prefix cache reuses whole blocks only, so a prompt's shared system message, 329
+tokens for the demo's judge, is reused to 256 tokens with 128, to 320 with 32; ``+b128`` gives vLLM's). Each
+program's prefix-cache hit rate is read from the server's ``/metrics``. Ratios between settings are
 what to read: the machine is shared and noisy, and this script must run with nothing else on it.
 """
 

@@ -71,6 +71,24 @@ def test_on_a_small_cpu_machine_the_engine_computes_on_every_core(monkeypatch):
     assert server.RESERVED_CPU_ENV not in server.server_env()
 
 
+def test_on_cpu_the_kv_cache_comes_in_small_blocks_unless_the_user_says_otherwise(monkeypatch):
+    """vLLM's CPU prefix cache shares whole 128-token blocks only; the judge's prompts share more in blocks of 32.
+    A block size in ``extra_args`` wins, and on a GPU vLLM's own default stands."""
+
+    def block_sizes(spec):
+        args = spec.command(port=1)
+        return [args[i + 1] for i, a in enumerate(args) if a == "--block-size"] + [
+            a.split("=", 1)[1] for a in args if a.startswith("--block-size=")
+        ]
+
+    monkeypatch.setattr(server, "has_gpu", lambda: False)
+    assert block_sizes(server.ServerSpec(model_dir="m")) == [str(server.CPU_BLOCK_SIZE)]
+    assert block_sizes(server.ServerSpec(model_dir="m", extra_args=["--block-size", "64"])) == ["64"]
+    assert block_sizes(server.ServerSpec(model_dir="m", extra_args=["--block-size=16"])) == ["16"]
+    monkeypatch.setattr(server, "has_gpu", lambda: True)
+    assert block_sizes(server.ServerSpec(model_dir="m")) == []
+
+
 class FakeVLLM(server.ServerSpec):
     """The fake engine (``bench/fake_engine.py``) started as if it were vLLM: same process handling, no model."""
 

@@ -41,6 +41,11 @@ RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 # processes need a few percent of a core (bench/README.md, "Engine threads"): below this many physical
 # cores, the worker computes on all of them.
 RESERVE_A_CORE_FROM = 4
+# vLLM's CPU KV cache comes in blocks of 128 tokens and its prefix cache shares whole blocks only: of a judge's
+# system message (about 330 tokens) it reused 256, and nothing of the text both presentations of a pair share.
+# Blocks of 32 raised the demo's prefix-cache hits from 52% to 65% of prompt tokens and its judgments/min 1.26x at
+# the same accuracy (bench/README.md, "Engine threads"). On a GPU vLLM's own default stands.
+CPU_BLOCK_SIZE = 32
 
 
 class ServerError(ReflectAgentError, RuntimeError):
@@ -129,6 +134,8 @@ class ServerSpec:
         ]
         if not has_gpu():
             args.append("--enforce-eager")  # ENVIRONMENT.md: ready in ~30 s instead of ~90 s on CPU
+            if not any(a == "--block-size" or a.startswith("--block-size=") for a in self.extra_args):
+                args += ["--block-size", str(CPU_BLOCK_SIZE)]
         if self.loras:
             args += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--lora-modules"]
             args += [f"{name}={path}" for name, path in self.loras.items()]
