@@ -23,7 +23,9 @@ import random
 import sys
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from common import SHARED  # bench/, beside this script
+from provenance import provenance
+
 # The report's pair sources (the ``source`` field) and the files they come from, in the bench's order.
 FILES = {
     "hh-rlhf": "hh_rlhf_harmless_test",
@@ -48,6 +50,7 @@ def stored_pairs(report: Path, program: str) -> list[dict]:
 
 
 def shared_rows(ids: set[str]) -> dict[str, dict]:
+    """The rows of ../shared/data with these ids: what each stored pair is checked against."""
     found = {}
     for name in FILES.values():
         with open(SHARED / f"{name}.jsonl", encoding="utf-8") as handle:
@@ -75,7 +78,10 @@ def entry(row: dict, side: int) -> dict:
     """What the model saw in that presentation and what it wrote: the analysis it made in that order."""
     pair = row["pair"]
     judgment = row["judgments"][side]
-    [analysis] = [a for a in judgment["analyses"] if not a["swapped"]]  # the step made in this presentation's order
+    made = [a for a in judgment["analyses"] if not a["swapped"]]  # the steps made in this presentation's order
+    if len(made) != 1:
+        raise SystemExit(f"{pair['id']}: {len(made)} analyses in one order; this audit reads programs that write one")
+    [analysis] = made
     first, second = (pair["response_a"], pair["response_b"]) if side == 0 else (pair["response_b"], pair["response_a"])
     label = pair["label"] if side == 0 else FLIP[pair["label"]]
     return {
@@ -88,11 +94,15 @@ def entry(row: dict, side: int) -> dict:
         "response_b": second,
         "analysis": analysis["text"],
         "verdict": analysis["preference"],
-        "verdict_probability": round(analysis["probability"], 3),
+        "verdict_probability": rounded(analysis["probability"]),
         "human_label": label,
         "pair_verdict_both_orders": judgment["preference"],  # genrm-prob's verdict: both orders' P(A) averaged
-        "pair_probability_a": round(judgment["probability_a"], 3),
+        "pair_probability_a": rounded(judgment["probability_a"]),
     }
+
+
+def rounded(probability: float | None) -> float | None:
+    return None if probability is None else round(probability, 3)  # None: no verdict (a tie or no parse)
 
 
 def cut(text: str, limit: int) -> str:
@@ -164,7 +174,7 @@ def main() -> None:
             raise SystemExit(f"{pair['id']}: the stored pair is not its row in {SHARED}")
     entries = [entry(row, side) for row, side in chosen]
     meta = {
-        "command": " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+        **provenance(),
         "report": str(args.report),
         "program": args.program,
         "backend": rows[0]["backend"],
@@ -172,8 +182,10 @@ def main() -> None:
         "seed": args.seed,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sample.json").write_text(json.dumps({"meta": meta, "analyses": entries}, indent=1) + "\n")
-    (args.out / "sample.md").write_text(markdown(entries, meta, args.max_chars))
+    (args.out / "sample.json").write_text(
+        json.dumps({"meta": meta, "analyses": entries}, indent=1) + "\n", encoding="utf-8"
+    )
+    (args.out / "sample.md").write_text(markdown(entries, meta, args.max_chars), encoding="utf-8")
     agree = sum(e["verdict"] == e["human_label"] for e in entries)
     logger.info("%d analyses written to %s; %d verdicts agree with the label", len(entries), args.out, agree)
 

@@ -17,12 +17,13 @@ half the compute. Each setting here starts its own server on the same model, the
 - the client's own CPU seconds per LM call over those runs (``time.process_time``);
 - the verdicts, so agreement between settings can be read (they should be the same model's).
 
-Settings: ``reserve1`` is vLLM's default, ``reserve0`` gives the worker every core, ``reserveauto``
+Settings: ``reserve1`` keeps vLLM's default core reservation, ``reserve0`` gives the worker every core, ``reserveauto``
 is whatever :func:`reflectagent.server.server_env` picks for this machine; ``NAME@16`` judges 16 pairs at a
 time instead of 8 (more sequences decoding at once); ``NAME+bN`` serves with ``--block-size N``. Without it the
-server gets reflectagent's own CPU default (``reflectagent.server.CPU_BLOCK_SIZE``, 32 since the run below;
-vLLM's CPU default is 128: its prefix cache reuses whole blocks only, so a prompt's shared system message, 329
-tokens for the demo's judge, is reused to 256 tokens with 128, to 320 with 32; ``+b128`` gives vLLM's). Each
+server gets reflectagent's own CPU default, ``reflectagent.server.CPU_BLOCK_SIZE`` (32 since the run in
+``results/engine_threads-genrm-b32.json``), so vLLM's defaults in full are ``reserve1+b128``. vLLM's CPU default
+is 128: its prefix cache reuses whole blocks only, so a prompt's shared system message, 329 tokens for the demo's
+judge, is reused to 256 tokens with 128, to 320 with 32. Each
 program's prefix-cache hit rate is read from the server's ``/metrics``. Ratios between settings are
 what to read: the machine is shared and noisy, and this script must run with nothing else on it.
 """

@@ -73,7 +73,8 @@ def test_on_a_small_cpu_machine_the_engine_computes_on_every_core(monkeypatch):
 
 def test_on_cpu_the_kv_cache_comes_in_small_blocks_unless_the_user_says_otherwise(monkeypatch):
     """vLLM's CPU prefix cache shares whole 128-token blocks only; the judge's prompts share more in blocks of 32.
-    A block size in ``extra_args`` wins, and on a GPU vLLM's own default stands."""
+    A block size in ``extra_args`` (in any of vLLM's spellings) or a config file wins, and on a GPU vLLM's own
+    default stands."""
 
     def block_sizes(spec):
         args = spec.command(port=1)
@@ -85,6 +86,9 @@ def test_on_cpu_the_kv_cache_comes_in_small_blocks_unless_the_user_says_otherwis
     assert block_sizes(server.ServerSpec(model_dir="m")) == [str(server.CPU_BLOCK_SIZE)]
     assert block_sizes(server.ServerSpec(model_dir="m", extra_args=["--block-size", "64"])) == ["64"]
     assert block_sizes(server.ServerSpec(model_dir="m", extra_args=["--block-size=16"])) == ["16"]
+    assert "--block-size" not in server.ServerSpec(model_dir="m", extra_args=["--block_size", "64"]).command(port=1)
+    assert "--block-size" not in server.ServerSpec(model_dir="m", extra_args=["--config", "vllm.yaml"]).command(port=1)
+    assert block_sizes(server.ServerSpec(model_dir="m", extra_args=["--block-sizes-are-not-a-flag"])) == ["32"]
     monkeypatch.setattr(server, "has_gpu", lambda: True)
     assert block_sizes(server.ServerSpec(model_dir="m")) == []
 
