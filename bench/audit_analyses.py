@@ -23,17 +23,9 @@ import random
 import sys
 from pathlib import Path
 
-from common import SHARED  # bench/, beside this script
+from common import SHARED, SOURCES, load_source  # bench/, beside this script
 from provenance import provenance
 
-# The report's pair sources (the ``source`` field) and the files they come from, in the bench's order.
-FILES = {
-    "hh-rlhf": "hh_rlhf_harmless_test",
-    "hhh_alignment": "hhh_alignment",
-    "rm-bench": "rmbench",
-    "pandalm_testset_v1": "pandalm",
-    "autoj_pairwise_test": "autoj_pairwise",
-}
 PRESENTATIONS = ("as given", "swapped")
 FLIP = {"A": "B", "B": "A"}
 
@@ -49,28 +41,24 @@ def stored_pairs(report: Path, program: str) -> list[dict]:
     return rows
 
 
-def shared_rows(ids: set[str]) -> dict[str, dict]:
-    """The rows of ../shared/data with these ids: what each stored pair is checked against."""
-    found = {}
-    for name in FILES.values():
-        with open(SHARED / f"{name}.jsonl", encoding="utf-8") as handle:
-            for line in handle:
-                row = json.loads(line)
-                if row["id"] in ids:
-                    found[row["id"]] = row
-    return found
-
-
 def draw(rows: list[dict], per_source: int, seed: int) -> list[tuple[dict, int]]:
-    """``per_source`` rows of each set and, for each, a presentation: half as given, half swapped per set."""
+    """``per_source`` rows of each set and, for each, a presentation: half as given, half swapped per set. Each
+    stored pair is checked against its row in ../shared/data (the set's file, read as every bench reads it)."""
     rng = random.Random(seed)
     chosen = []
-    for source in FILES:
-        of_source = [row for row in rows if row["pair"]["source"] == source]
+    for source in SOURCES:
+        given = {pair.id: pair for pair in load_source(source)}
+        of_source = [row for row in rows if row["pair"]["id"] in given]
         picked = sorted(rng.sample(range(len(of_source)), per_source))
         sides = [i % 2 for i in range(per_source)]
         rng.shuffle(sides)
-        chosen += [(of_source[i], side) for i, side in zip(picked, sides)]
+        for i, side in zip(picked, sides):
+            stored = of_source[i]["pair"]
+            if any(
+                stored[f] != getattr(given[stored["id"]], f) for f in ("prompt", "response_a", "response_b", "label")
+            ):
+                raise SystemExit(f"{stored['id']}: the stored pair is not its row in {SHARED / source}.jsonl")
+            chosen.append((of_source[i], side))
     return chosen
 
 
@@ -166,12 +154,6 @@ def main() -> None:
 
     rows = stored_pairs(args.report, args.program)
     chosen = draw(rows, args.per_source, args.seed)
-    shared = shared_rows({row["pair"]["id"] for row, _ in chosen})
-    for row, _ in chosen:
-        pair, given = row["pair"], shared.get(row["pair"]["id"])
-        fields = ("prompt", "response_a", "response_b", "label")
-        if given is None or any(pair[f] != given[f] for f in fields):
-            raise SystemExit(f"{pair['id']}: the stored pair is not its row in {SHARED}")
     entries = [entry(row, side) for row, side in chosen]
     meta = {
         **provenance(),
