@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/loso.py [--target verdict] [--preset qwen2.5-coder-0.5b] [--pairs 480] [--folds all]
         [--out bench/results/loso-verdict-0.5b]
+    .venv/bin/python bench/loso.py --target rationale --folds teacher-only   # after --target verdict on that fold
 
 A judge trained and tested on the same sources measures how well it learnt those sources: the shipped
 preset got 72.5% on its five training sources' test pairs and chance on public benchmarks it never saw.
@@ -18,6 +19,11 @@ This bench holds each of the five sets in ../shared/data out in turn (a *fold*) 
   preset are already judged on exactly these pairs (their committed reports: no LM call).
 - **in distribution**: the same fold's model on the other four sets' first samples (128 pairs).
 
+``--folds teacher-only`` is one larger fold: every set held out, a model trained on the teacher file alone (less
+every pair sharing a prompt with any of the five sets, any split), judged on all 160 held-out pairs. It costs one
+training a target instead of five (the issue allows fewer, larger folds on CPU); its reports are written to
+``bench/results/loso-TARGET-SIZE-teacher-only``.
+
 The headline is the mean over the five folds' held-out pairs (160, so it is their pooled accuracy), with a
 bootstrap interval and paired differences against today's preset (``qwen2.5-coder-1.5b-verdict``,
 direct-prob, float32) and the untrained base on the same pairs. Today's preset was trained on all five
@@ -26,6 +32,11 @@ sets' train splits, so its figure here is in-distribution for it: a strict basel
 Targets (what the fold's model is trained to write, and the program that judges with it):
 - ``verdict``: the verdict token alone (``Prefer`` rows, LoRA; ``direct-prob``), today's preset's recipe. On this
   CPU a 0.5B took 67-88 s a step of 8 rows: about 2.3 hours a fold of 480 pairs.
+- ``rationale``: GenRM's rationale then verdict (``Analyze`` rows, LoRA; ``genrm-prob``), the rationale being the
+  teacher file's own GPT-4-turbo analysis of the pair, shown in both orders (``finetune.teacher_data``: the teacher's
+  explanation stands in for GenRM's rationalisation, no LM call). Only the teacher has analyses, so this target runs
+  on the ``teacher-only`` fold, and the verdict target trained on the same fold is "trained with analyses vs without":
+  same model, pairs, settings and held-out pairs.
 - ``verdict-head``: the same verdict, adapted by a linear head on the frozen model's hidden state at the verdict
   slot (``reflectagent.finetune.verdict_head``), folded into the LM head's "A" and "B" rows. Features are computed
   once, one forward pass a row (``OUT/features``, committed: a new machine resumes), for a pool of ``--pairs``
@@ -71,7 +82,7 @@ from reflectagent.cache import JudgmentCache, use_cache
 from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, Record, paired_difference, run_eval, summarize
 from reflectagent.eval.report import format_ci as interval
-from reflectagent.finetune import DataConfig, SFTJobConfig, label_data, train_sft
+from reflectagent.finetune import DataConfig, SFTJobConfig, distil_file, label_data, teacher_data, train_sft
 from reflectagent.finetune.selection import balanced, one_per_prompt, usable
 from reflectagent.finetune.verdict_head import (
     FeatureStore,
@@ -94,9 +105,20 @@ from reflectagent.teacher import read_teacher
 
 TARGETS = {
     "verdict": "direct-prob",
+    "rationale": "genrm-prob",
+    "reflectrm": "reflectrm-prob",
     "verdict-head": "direct-prob",
     "analysis-head": "genrm-prob",
 }  # target -> the program that judges with it
+WITHOUT = {
+    "analysis-head": "the verdict-head target refitted on the same pool rows, same model",
+    "rationale": "the verdict target trained on the same pairs, same model and settings",
+    "reflectrm": "the verdict target trained on the same pairs, same model and settings",
+}  # how each target with analyses is compared with the same training without them
+TEACHER_TARGETS = ("rationale", "reflectrm")  # trained on the teacher file's analyses: the teacher-only fold
+WITHOUT_REFLECTION = "genrm-prob"  # the reflectrm target's model judged without reflecting
+WITHOUT_RUNS = ("without_analyses", "without_reflection")  # paired comparisons, where a target has them
+TEACHER_ONLY = "teacher-only"  # the fold that holds out all five sets: trained on the teacher file alone
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 PER_SOURCE = 32  # the quality bench's first sample
 TEST_MAX_CHARS = 2500  # ... and its length limit
@@ -104,26 +126,32 @@ PRESET_REPORT = Path("bench/results/quality-1.5b-verdict/report.json")  # today'
 BASE_REPORT = Path("bench/results/quality-1.5b/report.json")  # the untrained 1.5B, every program
 
 
-def training_pool(held_out: str | None, n: int, max_chars: int, seed: int) -> list[Pair]:
-    """Teacher pairs and the sets' train splits (all but ``held_out``, and nothing sharing a prompt with it or with any
-    evaluation pair), usable, one a prompt, ``n`` taken in turn from each group."""
+def held_sets(fold: str) -> tuple[str, ...]:
+    """The sets a fold holds out: one, or all five for :data:`TEACHER_ONLY`."""
+    return tuple(SOURCES) if fold == TEACHER_ONLY else (fold,)
+
+
+def training_pool(fold: str | None, n: int, max_chars: int, seed: int) -> list[Pair]:
+    """Teacher pairs and the sets' train splits (all but the fold's held-out sets, and nothing sharing a prompt with
+    them or with any evaluation pair), usable, one a prompt, ``n`` taken in turn from each group."""
+    held = held_sets(fold) if fold else ()
     loaded = {source: load_source(source) for source in SOURCES}
     splits = {source: split_pairs(pairs, seed=0) for source, pairs in loaded.items()}
     evaluation = [p for split in splits.values() for p in split["dev"] + split["test"]]  # prompts recur across sets
-    evaluation += (loaded[held_out] if held_out else []) + sample_pairs()
+    evaluation += [p for source in held for p in loaded[source]] + sample_pairs()
     teacher = [judgment.pair for judgment in read_teacher(TEACHER)[0]]
-    candidates = teacher + [p for source in SOURCES if source != held_out for p in splits[source]["train"]]
+    candidates = teacher + [p for source in SOURCES if source not in held for p in splits[source]["train"]]
     candidates = [p for p in prompt_disjoint(candidates, evaluation) if usable(p, max_chars)]
     return balanced(one_per_prompt(candidates, seed), n, seed)
 
 
-def held_out_pairs(held_out: str) -> list[Pair]:
-    return source_test_pairs(held_out, PER_SOURCE, TEST_MAX_CHARS)
+def held_out_pairs(fold: str) -> list[Pair]:
+    return [p for source in held_sets(fold) for p in source_test_pairs(source, PER_SOURCE, TEST_MAX_CHARS)]
 
 
-def fold_test_pairs(held_out: str) -> list[Pair]:
-    """Held-out pairs first, then the four training sets' (in distribution)."""
-    return [p for s in (held_out, *(s for s in SOURCES if s != held_out)) for p in held_out_pairs(s)]
+def fold_test_pairs(fold: str) -> list[Pair]:
+    """Held-out pairs first, then the training sets' (in distribution; none for the teacher-only fold)."""
+    return held_out_pairs(fold) + [p for s in SOURCES if s not in held_sets(fold) for p in held_out_pairs(s)]
 
 
 def training_key(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> dict:
@@ -146,18 +174,32 @@ def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
     run = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     data_dir = cache_root() / "loso-data" / run
     settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
-    label_data(
-        chosen,
-        "student",
-        settings,
-        data_dir,
-        DataConfig(fractions="0.9,0.1,0"),
-        {
-            "labels": "the teacher's preference (teacher rows) and the sets' own labels (train splits, seed 0)",
-            "held_out": held_out,
-            "pairs_by_source": dict(Counter(p.source for p in chosen)),
-        },
-    )
+    card = {"held_out": list(held_sets(held_out)), "pairs_by_source": dict(Counter(p.source for p in chosen))}
+    wanted = {p.id for p in chosen}
+    judgments = [j for j in read_teacher(TEACHER)[0] if j.pair.id in wanted]
+    if args.target == "rationale":  # the teacher's own analyses, in both orders, then its verdict
+        teacher_data(judgments, "student", settings, data_dir, DataConfig(fractions="0.9,0.1,0"), card)
+    elif args.target == "reflectrm":  # ... 4:1 with reflections contrasting them with the student's wrong analyses
+        settings = Settings(
+            backends={
+                "student": BackendConfig(model="embedded", model_path=args.preset, dtype="bfloat16", timeout_s=1800)
+            }
+        )
+        with use_cache(JudgmentCache(args.out / "cache")):
+            distil_file(
+                judgments,
+                "student",
+                settings,
+                data_dir,
+                DataConfig(fractions="0.9,0.1,0", ratio=4.0),
+                samples=2,
+                concurrency=args.concurrency,
+                progress=sys.stderr.isatty(),
+            )
+        shutil.copy(data_dir / "traces.jsonl", fold / "traces.jsonl")
+    else:
+        card["labels"] = "the teacher's preference (teacher rows) and the sets' own labels (train splits, seed 0)"
+        label_data(chosen, "student", settings, data_dir, DataConfig(fractions="0.9,0.1,0"), card)
     job = SFTJobConfig(
         base_model=args.preset,
         data=str(data_dir / "unified"),
@@ -199,7 +241,9 @@ def merge(args: argparse.Namespace, adapter: Path, merged: Path) -> None:
     merge_lora(prepare_model(args.preset), adapter, merged, "float32", source=merged_source(args, adapter))
 
 
-def judge(args: argparse.Namespace, model: str, pairs: list[Pair], label: str, path: Path) -> None:
+def judge(
+    args: argparse.Namespace, model: str, pairs: list[Pair], label: str, path: Path, program: str | None = None
+) -> None:
     """One model's verdicts on ``pairs``, kept in ``path`` (a server starts only for uncached steps, and dies with
     this process, so folds do not pile servers up)."""
     log_to_stderr()
@@ -210,7 +254,7 @@ def judge(args: argparse.Namespace, model: str, pairs: list[Pair], label: str, p
             )
         }
     )
-    program = TARGETS[args.target]
+    program = program or TARGETS[args.target]
     with use_cache(JudgmentCache(args.out / "cache")):
         [result] = run_eval(
             pairs,
@@ -246,23 +290,24 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
     """Per fold and pooled: held-out and in-distribution accuracy, and paired differences against the baselines."""
     rows, pooled = (
         [],
-        {"trained": [], "in_distribution": [], "preset": [], "base": [], "base_1.5b": [], "without_analyses": []},
+        {name: [] for name in ("trained", "in_distribution", "preset", "base", "base_1.5b", *WITHOUT_RUNS)},
     )
     for held_out in folds:
         fold = args.out / f"fold-{held_out}"
-        held, others = held_out_pairs(held_out), fold_test_pairs(held_out)[PER_SOURCE:]
+        held = held_out_pairs(held_out)
+        others = fold_test_pairs(held_out)[len(held) :]
         mine = records(fold / "judged.json", held)
         inside = records(fold / "judged.json", others)
         base = records(args.out / "base.json", held)
         preset, base15 = records(PRESET_REPORT, held), records(BASE_REPORT, held)
-        plain = records(fold / "without_analyses.json", held) if (fold / "without_analyses.json").exists() else []
+        without = {name: records(path, held) if path.exists() else [] for name, path in without_runs(args, held_out)}
         for name, got in (
             ("trained", mine),
             ("in_distribution", inside),
             ("preset", preset),
             ("base", base),
             ("base_1.5b", base15),
-            ("without_analyses", plain),
+            *without.items(),
         ):
             pooled[name] += got
         rows.append(
@@ -284,7 +329,7 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
         "vs_preset": paired_difference(pooled["trained"], pooled["preset"]),
         "vs_base": paired_difference(pooled["trained"], pooled["base"]),
         "vs_base_1.5b": paired_difference(pooled["trained"], pooled["base_1.5b"]),
-        "vs_without_analyses": paired_difference(pooled["trained"], pooled["without_analyses"]),
+        **{f"vs_{name}": paired_difference(pooled["trained"], pooled[name]) for name in WITHOUT_RUNS},
     }
     return {"rows": rows, "overall": overall, "paired": paired}
 
@@ -295,8 +340,14 @@ def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
         f"# Leave one source out: {args.target} target on {args.preset}, judged by {program}",
         "",
         f"Run: `{meta['command']}` at {meta['commit']} ({meta['cpu_cores']} cores). Both presentations of each pair; "
-        "no verdict counts as wrong. Held out: each set's first quality-bench sample (32 test pairs), never trained "
-        "on, nor any pair sharing a prompt with it. In distribution: the same fold's model on the other four sets' samples.",
+        "no verdict counts as wrong. "
+        + (
+            "Held out: all five sets' first quality-bench samples (32 test pairs each); the model was trained on the "
+            "teacher file alone, less every pair sharing a prompt with any of the five sets (any split)."
+            if summary["rows"] and summary["rows"][0]["held_out"] == TEACHER_ONLY
+            else "Held out: each set's first quality-bench sample (32 test pairs), never trained on, nor any pair "
+            "sharing a prompt with it. In distribution: the same fold's model on the other four sets' samples."
+        ),
         "",
         f"| held out | pairs | trained, held out | trained, in distribution | untrained {args.preset} | "
         "today's preset (in-distribution for it) | trained - preset | trained - untrained | train rows | minutes |",
@@ -325,16 +376,34 @@ def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
     ]
     if o["without_analyses"].n:
         lines.append(
-            "- Trained with analyses vs without (the verdict-head target refitted on the same pool rows, same model): "
+            f"- Trained with analyses vs without ({WITHOUT[args.target]}): "
             f"{points(p['vs_without_analyses'].value, p['vs_without_analyses'].ci)} "
             f"(without {percent(o['without_analyses'].value)}{interval(o['without_analyses'].ci)})."
+        )
+    if o["without_reflection"].n:
+        lines.append(
+            f"- Reflection vs none (the same model judged by {WITHOUT_REFLECTION}, its analyses without the reflection "
+            f"step): {points(p['vs_without_reflection'].value, p['vs_without_reflection'].ci)} "
+            f"(without {percent(o['without_reflection'].value)}{interval(o['without_reflection'].ci)})."
         )
     lines.append("")
     return "\n".join(lines)
 
 
-def default_out(target: str, preset: str) -> Path:
-    return Path(f"bench/results/loso-{target}-{preset.removeprefix('qwen2.5-coder-')}")
+def without_runs(args: argparse.Namespace, fold: str) -> list[tuple[str, Path]]:
+    """The fold's pairs judged without what this target adds. Without analyses: the analysis head's refitted verdict
+    head, or for the teacher targets the verdict target trained on the same pairs (its run with the same settings).
+    Without reflection: the reflectrm target's own model judged by genrm-prob."""
+    if args.target in TEACHER_TARGETS:
+        plain = default_out("verdict", args.preset, [fold]) / f"fold-{fold}" / "judged.json"
+    else:
+        plain = args.out / f"fold-{fold}" / "without_analyses.json"
+    return [("without_analyses", plain), ("without_reflection", args.out / f"fold-{fold}" / "without_reflection.json")]
+
+
+def default_out(target: str, preset: str, folds: list[str]) -> Path:
+    suffix = f"-{TEACHER_ONLY}" if folds == [TEACHER_ONLY] else ""
+    return Path(f"bench/results/loso-{target}-{preset.removeprefix('qwen2.5-coder-')}{suffix}")
 
 
 def input_budget(args: argparse.Namespace):
@@ -514,7 +583,7 @@ def head_main(args: argparse.Namespace, folds: list[str]) -> None:
 
 def without_analyses_rows(args, tokenizer, budget, every_test: list[Pair], pool: list[Pair]):
     """The ``verdict-head`` target's features of the same pairs (its committed store), for the paired comparison."""
-    folder = default_out("verdict-head", args.preset) / "features"
+    folder = default_out("verdict-head", args.preset, list(SOURCES)) / "features"
     store = FeatureStore(folder)
     test_rows = verdict_rows(every_test, tokenizer, budget, orders="both")
     pool_rows = verdict_rows(pool, tokenizer, budget, orders="one")
@@ -598,17 +667,17 @@ def lora_main(args: argparse.Namespace, folds: list[str]) -> None:
         if not (adapter / "adapter_model.safetensors").exists():  # copied last: present means whole
             in_own_process(train, args, held_out, chosen)
         merged = cache_root() / "loso-merged" / fingerprint(adapter)
-        if not (fold / "judged.json").exists():
+        runs = {"judged.json": TARGETS[args.target]}
+        if args.target == "reflectrm":  # the same model without its reflection step: what reflecting adds
+            runs["without_reflection.json"] = WITHOUT_REFLECTION
+        for name, program in runs.items():
+            if (fold / name).exists():
+                continue
             if not (is_prepared(merged) and read_source(merged) == merged_source(args, adapter)):
                 in_own_process(merge, args, adapter, merged)
-            in_own_process(
-                judge,
-                args,
-                str(merged),
-                fold_test_pairs(held_out),
-                f"{args.preset} trained without {held_out}",
-                fold / "judged.json",
-            )
+            trained = "on the teacher file alone" if held_out == TEACHER_ONLY else f"without {held_out}"
+            label = f"{args.preset} trained {trained}"
+            in_own_process(judge, args, str(merged), fold_test_pairs(held_out), label, fold / name, program)
 
 
 def main() -> None:
@@ -625,7 +694,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--save-steps", type=int, default=10)
-    parser.add_argument("--folds", default="all", help=f"comma-separated held-out sets, of {', '.join(SOURCES)}")
+    parser.add_argument(
+        "--folds",
+        default="all",
+        help=f"comma-separated held-out sets, of {', '.join(SOURCES)}; or {TEACHER_ONLY}: all five held out, "
+        "one model trained on the teacher file alone",
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -637,18 +711,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/loso-TARGET-PRESET")
     args = parser.parse_args()
     folds = list(SOURCES) if args.folds == "all" else args.folds.split(",")
-    if unknown := set(folds) - set(SOURCES):
-        parser.error(f"unknown sets {sorted(unknown)}: choose from {', '.join(SOURCES)}")
+    if unknown := set(folds) - {*SOURCES, TEACHER_ONLY}:
+        parser.error(f"unknown sets {sorted(unknown)}: choose from {', '.join(SOURCES)}, or {TEACHER_ONLY}")
+    if TEACHER_ONLY in folds and (len(folds) > 1 or args.target.endswith("-head")):
+        parser.error(f"--folds {TEACHER_ONLY} is a protocol of its own (one fold, a LoRA target: verdict or rationale)")
+    if args.target in TEACHER_TARGETS and folds != [TEACHER_ONLY]:
+        parser.error(
+            f"the {args.target} target trains on the teacher file's analyses, which only the teacher has: "
+            f"use --folds {TEACHER_ONLY} (every set held out), and the verdict target on it for the comparison"
+        )
     if args.serve_check and args.target != "verdict-head":
         parser.error(
             "--serve-check is for the verdict-head target: an analysis head folded into the LM head also moves the "
             "letters A and B inside the analyses it writes, so served and predicted would differ for that reason too"
         )
-    args.out = args.out or default_out(args.target, args.preset)
+    args.out = args.out or default_out(args.target, args.preset, folds)
     log_to_stderr()
     args.out.mkdir(parents=True, exist_ok=True)
     (head_main if args.target.endswith("-head") else lora_main)(args, folds)
-    done = [s for s in SOURCES if (args.out / f"fold-{s}" / "judged.json").exists()]
+    done = [s for s in (*SOURCES, TEACHER_ONLY) if (args.out / f"fold-{s}" / "judged.json").exists()]
     meta = {
         **provenance(),
         "target": args.target,

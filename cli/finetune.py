@@ -61,7 +61,7 @@ def data(
     kind: Annotated[
         str,
         typer.Option(
-            help="'unified' (analyses and reflections, from a teacher) or 'verdict' (the verdict alone, from the labels: no LM call)"
+            help="'unified' (analyses and reflections, from a teacher), 'verdict' (the verdict alone, from the labels: no LM call) or 'rationale' (a --teacher-file's own analyses then its verdict, GenRM's rationales: no LM call)"
         ),
     ] = "unified",
     split: Annotated[
@@ -95,17 +95,23 @@ def data(
     config: ConfigOpt = None,
     cache_dir: CacheDirOpt = None,
 ):
-    """Build training data: a teacher program (ReflectRM) over labelled pairs, a file of judgments, (``--kind verdict``) the labels alone, or (``--from-cache``) the judge's own doubts in the judgment cache.
+    """Build training data: a teacher program (ReflectRM) over labelled pairs, a file of judgments, (``--kind verdict``) the labels alone, (``--kind rationale``) a file's own analyses alone, or (``--from-cache``) the judge's own doubts in the judgment cache.
 
     More flags (DataConfig): --ratio, --rationalize, --fractions, --seed, --context_chars.
     """
-    from reflectagent.finetune import DataConfig, distil, distil_file, label_data
+    from reflectagent.finetune import DataConfig, distil, distil_file, label_data, teacher_data
     from reflectagent.records.teacher import read_teacher
 
     if (data is None) == (teacher_file is None):
         fail("give one of --data (pairs the backend judges) or --teacher-file (judgments that teach)", 2)
-    if kind not in ("unified", "verdict"):
-        fail(f"--kind is 'unified' or 'verdict', not {kind!r}", 2)
+    if kind not in ("unified", "verdict", "rationale"):
+        fail(f"--kind is 'unified', 'verdict' or 'rationale', not {kind!r}", 2)
+    if kind == "rationale" and teacher_file is None:
+        fail(
+            "--kind rationale trains on a teacher file's own analyses: give --teacher-file (labelled pairs carry no "
+            "analysis; --kind unified has the backend write them)",
+            2,
+        )
     if split not in ("all", *SPLITS):
         fail(f"--split is one of all, {', '.join(SPLITS)}, not {split!r}", 2)
     if split != "all" and teacher_file is not None:
@@ -141,6 +147,8 @@ def data(
                 "teachers": sorted({j.teacher for j in judgments}),
             }
             built = label_data([j.pair for j in judgments], backend_name, settings, out, data_config, card)
+        elif kind == "rationale":
+            built = teacher_data(judgments, backend_name, settings, out, data_config)
         else:
             with use_cache(open_cache(settings, cache_dir)):
                 built = distil_file(judgments, backend_name, settings, out, data_config, **options)
@@ -212,15 +220,16 @@ def data(
             f"wrong analysis; card: {out}/data_card.json"
         )
         return
-    if kind == "verdict":
+    if kind in ("verdict", "rationale"):
         if not built.splits.get("train"):
             fail(
                 f"no training rows were made (see the card above: ties, unlabelled pairs and prompts too long for the "
                 f"backend's context make none); nothing in {out} to train on",
                 1,
             )
+        judged_by = "direct-prob" if kind == "verdict" else "genrm-prob"
         typer.echo(
-            f"datasets: {out}/unified (SFT, verdict rows: train it, then judge with --program direct-prob); card: {out}/data_card.json"
+            f"datasets: {out}/unified (SFT, {kind} rows: train it, then judge with --program {judged_by}); card: {out}/data_card.json"
         )
         return
     dpo_note = (

@@ -4,6 +4,7 @@ traces = collect_traces(train_pairs)                 # a teacher program, any ba
 data = build_unified_data(traces, DataConfig())      # STaR rows + reflection rows, 4:1, split by pair
 data.save("runs/data")                               # Hugging Face datasets, chat messages
 build_verdict_data(labelled_pairs).save("runs/verdict")  # or the verdict alone, from labels: no LM call
+teacher_data(read_teacher(path)[0], "student", settings, "runs/rationale")  # or a teacher file's rationales: no LM call
 build_mined_data(mine_cache(train_pairs, judge, lm, cache))   # or the judge's own doubts, from the cache: no LM call
 adapter = train_sft(SFTJobConfig(data="runs/data/unified"))   # LoRA, served by `reflectagent serve --lora`
 Loop(load_loop_config("loop.yaml")).run()            # all of it, with the eval report (`finetune run`)
@@ -19,7 +20,7 @@ from reflectagent.finetune.rationalize import Rationalizer
 from reflectagent.finetune.reward import RewardJobConfig, RewardModelJudge, train_reward
 from reflectagent.finetune.sft_config import SFTJobConfig
 from reflectagent.finetune.sft_trainer import train_sft
-from reflectagent.finetune.traces import collect_traces, distil, distil_file, label_data, teacher_traces
+from reflectagent.finetune.traces import collect_traces, distil, distil_file, label_data, teacher_data, teacher_traces
 
 __all__ = [
     "DPOJobConfig",
@@ -42,6 +43,7 @@ __all__ = [
     "distil",
     "distil_file",
     "label_data",
+    "teacher_data",
     "teacher_traces",
     "load_loop_config",
     "merge_adapter",

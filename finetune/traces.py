@@ -10,7 +10,8 @@ A file of strong-model judgments teaches too (:func:`distil_file`): its analysis
 orders, is the right answer of each pair, and the student's own analyses of the same pair supply
 the wrong ones that Reflect and STaR-DPO rows contrast it with.
 
-Labels alone teach the verdict (:func:`label_data`): no trace and no LM call, only the backend's
+Labels alone teach the verdict (:func:`label_data`), and a teacher file's own analyses teach the
+rationale then the verdict (:func:`teacher_data`): no trace and no LM call, only the backend's
 adapter and input budget, so the rows are what that backend is served.
 """
 
@@ -155,6 +156,31 @@ def label_data(
     built.stats.update(card or {})
     built.save(out)
     return built
+
+
+def teacher_data(
+    judgments: list[TeacherJudgment],
+    student: str | None,
+    settings: Settings,
+    out: Path,
+    config: DataConfig | None = None,
+    card: dict | None = None,
+) -> UnifiedData:
+    """GenRM's rationale-then-verdict rows from a teacher file alone: each judgment's own analysis, shown in both
+    orders (:func:`teacher_traces`), is the pair's response row, rendered and cut as backend ``student`` is served,
+    saved into ``out``. A strong teacher's explanation stands in for the rationalisation GenRM asks a model for, so
+    there is no LM call, no server and no analysis-preference row (nothing wrong to contrast it with: that takes a
+    student's analyses, :func:`distil_file`). Labels are the teacher's; ``card`` adds to the data card."""
+    from reflectagent.calling.backends import resolve_backend
+
+    lm = resolve_backend(student, settings)
+    budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
+    config = for_backend(config, lm.backend)
+    traces = teacher_traces([j for j in judgments if j.preference in ("A", "B")])
+    built = build_unified_data(traces, config, None, adapter=lm.backend.adapter(), budget=budget)
+    built.stats.update({"labels": "the teacher's preference", "teachers": sorted({j.teacher for j in judgments})})
+    built.stats.update(card or {})
+    return save(built, traces, out)
 
 
 def _distil(

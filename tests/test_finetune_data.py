@@ -412,6 +412,63 @@ def test_finetune_data_kind_verdict_from_a_teacher_file_and_refusing_an_empty_re
     assert refused.exit_code == 1 and "no training rows" in refused.output, refused.output
 
 
+def test_finetune_data_kind_rationale_teaches_the_teacher_files_analyses_in_both_orders_without_an_lm_call(
+    tmp_path, monkeypatch
+):
+    """GenRM's rationale-then-verdict rows from a teacher file alone: its analysis is the rationale (names swapped
+    with the order), its preference the verdict; a tie teaches nothing, and no server is asked for."""
+    import json
+
+    import datasets
+    from typer.testing import CliRunner
+
+    from reflectagent import embedded
+    from reflectagent.cli import app
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("building rationale rows asked for a server")
+
+    monkeypatch.setattr(embedded, "embedded_url", no_server)
+    monkeypatch.delenv("REFLECTAGENT_EMBEDDED_URL", raising=False)
+    teacher = tmp_path / "teacher.jsonl"
+    rows = [
+        {
+            "id": f"t{i}",
+            "prompt": f"question {i}",
+            "response_a": f"first {i}",
+            "response_b": f"second {i}",
+            "teacher_analysis": f"Response {'AB'[i % 2]} answers question {i}; Response {'BA'[i % 2]} does not.",
+            "teacher_preference": "tie" if i == 0 else "AB"[i % 2],
+            "teacher": "gpt",
+        }
+        for i in range(9)
+    ]
+    teacher.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "rationale"
+    args = ["finetune", "data", "--kind", "rationale", "--teacher-file", str(teacher), "--fractions", "1,0,0"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "judge with --program genrm-prob" in result.output
+    card = json.loads((out / "data_card.json").read_text())
+    assert card["teachers"] == ["gpt"] and card["labels"] == "the teacher's preference"
+    trained = list(datasets.load_from_disk(str(out / "unified"))["train"])
+    assert len(trained) == 16 and {r["kind"] for r in trained} == {"response"}  # 8 pairs (not the tie), both orders
+    for row in trained:
+        i = int(row["pair_id"][1:])
+        target = json.loads(row["completion"][0]["content"])
+        better = "AB"[i % 2] if row["order"] == "AB" else "BA"[i % 2]  # the better response as shown
+        assert target["preference"] == better
+        assert target["analysis"].startswith(f"Response {better} answers question {i}")
+        shown_first = f"first {i}" if row["order"] == "AB" else f"second {i}"
+        text = row["prompt"][-1]["content"]
+        assert text.index(shown_first) < text.index(f"second {i}" if row["order"] == "AB" else f"first {i}")
+
+    refused = CliRunner().invoke(
+        app, ["finetune", "data", "--kind", "rationale", "--data", str(teacher), "--out", str(tmp_path / "x")]
+    )
+    assert refused.exit_code == 2 and "give --teacher-file" in refused.output, refused.output
+
+
 def test_data_for_a_server_without_tokenize_is_cut_by_characters_with_one_warning(tmp_path, caplog, monkeypatch):
     """Training data is rendered with the student backend's input budget (``label_data``, ``distil``, ``mine``): for a
     served model with ``context_tokens`` set that budget counts tokens by ``/tokenize``, and a server without it
