@@ -117,6 +117,13 @@ WITHOUT = {
 }  # how each target with analyses is compared with the same training without them
 TEACHER_TARGETS = ("rationale", "reflectrm")  # trained on the teacher file's analyses: the teacher-only fold
 WITHOUT_REFLECTION = "genrm-prob"  # the reflectrm target's model judged without reflecting
+BY_SET_NAMES = {
+    "trained": "(this target)",
+    "base": "(the untrained base, same program)",
+    "preset": "(today's preset, direct-prob, float32)",
+    "without_analyses": "(the same training without analyses)",
+    "without_reflection": "(the same model without reflection)",
+}
 WITHOUT_RUNS = ("without_analyses", "without_reflection")  # paired comparisons, where a target has them
 TEACHER_ONLY = "teacher-only"  # the fold that holds out all five sets: trained on the teacher file alone
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -286,6 +293,18 @@ def points(value: float | None, ci) -> str:
     )
 
 
+def by_set(fold: str, runs: dict[str, list[Record]]) -> dict[str, dict]:
+    """Each held-out set's accuracy in each run, where a fold holds out more than one (the teacher-only fold)."""
+    sets = held_sets(fold)
+    if len(sets) == 1:
+        return {}
+    ids = {source: {p.id for p in held_out_pairs(source)} for source in sets}
+    return {
+        source: {name: summarize([r for r in got if r.pair_id in ids[source]]).accuracy for name, got in runs.items()}
+        for source in sets
+    }
+
+
 def report(args: argparse.Namespace, folds: list[str]) -> dict:
     """Per fold and pooled: held-out and in-distribution accuracy, and paired differences against the baselines."""
     rows, pooled = (
@@ -322,6 +341,10 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
                 "vs_preset": paired_difference(mine, preset),
                 "vs_base": paired_difference(mine, base),
                 "card": json.loads((fold / "run_card.json").read_text()),
+                "by_set": by_set(
+                    held_out,
+                    {"trained": mine, "base": base, "preset": preset, **{k: v for k, v in without.items() if v}},
+                ),
             }
         )
     overall = {name: summarize(got).accuracy for name, got in pooled.items()}
@@ -361,6 +384,22 @@ def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
             f"{points(row['vs_preset'].value, row['vs_preset'].ci)} | {points(row['vs_base'].value, row['vs_base'].ci)} | "
             f"{card['train_rows']} | {card['seconds'] / 60:.0f} |"
         )
+    for row in summary["rows"]:
+        if row["by_set"]:
+            runs = list(next(iter(row["by_set"].values())))
+            lines += [
+                "",
+                f"Fold {row['held_out']}, by held-out set (32 pairs each): "
+                + ", ".join(f"{name} {BY_SET_NAMES.get(name, name)}" for name in runs)
+                + ".",
+                "",
+                "| set | " + " | ".join(runs) + " |",
+                "|---|" + "---|" * len(runs),
+            ]
+            lines += [
+                f"| {source} | " + " | ".join(percent(got[name].value) for name in runs) + " |"
+                for source, got in row["by_set"].items()
+            ]
     o, p = summary["overall"], summary["paired"]
     lines += [
         "",
