@@ -83,7 +83,7 @@ from reflectagent.config import BackendConfig, Settings
 from reflectagent.eval import EvalRun, Record, paired_difference, run_eval, summarize
 from reflectagent.eval.report import format_ci as interval
 from reflectagent.finetune import DataConfig, SFTJobConfig, distil_file, label_data, teacher_data, train_sft
-from reflectagent.finetune.selection import balanced, one_per_prompt, usable
+from reflectagent.finetune.selection import balanced, one_per_prompt, one_per_prompt_length_balanced, usable
 from reflectagent.finetune.verdict_head import (
     FeatureStore,
     VerdictHead,
@@ -138,9 +138,10 @@ def held_sets(fold: str) -> tuple[str, ...]:
     return tuple(SOURCES) if fold == TEACHER_ONLY else (fold,)
 
 
-def training_pool(fold: str | None, n: int, max_chars: int, seed: int) -> list[Pair]:
+def training_pool(fold: str | None, n: int, max_chars: int, seed: int, balance_length: bool = False) -> list[Pair]:
     """Teacher pairs and the sets' train splits (all but the fold's held-out sets, and nothing sharing a prompt with
-    them or with any evaluation pair), usable, one a prompt, ``n`` taken in turn from each group."""
+    them or with any evaluation pair), usable, one a prompt (chosen so that the longer response wins in half of
+    them, with ``balance_length``), ``n`` taken in turn from each group."""
     held = held_sets(fold) if fold else ()
     loaded = {source: load_source(source) for source in SOURCES}
     splits = {source: split_pairs(pairs, seed=0) for source, pairs in loaded.items()}
@@ -149,7 +150,8 @@ def training_pool(fold: str | None, n: int, max_chars: int, seed: int) -> list[P
     teacher = [judgment.pair for judgment in read_teacher(TEACHER)[0]]
     candidates = teacher + [p for source in SOURCES if source not in held for p in splits[source]["train"]]
     candidates = [p for p in prompt_disjoint(candidates, evaluation) if usable(p, max_chars)]
-    return balanced(one_per_prompt(candidates, seed), n, seed)
+    one_each = one_per_prompt_length_balanced if balance_length else one_per_prompt
+    return balanced(one_each(candidates, seed), n, seed)
 
 
 def held_out_pairs(fold: str) -> list[Pair]:
@@ -170,6 +172,7 @@ def training_key(args: argparse.Namespace, held_out: str, chosen: list[Pair]) ->
         "epochs": args.epochs,
         "learning_rate": args.learning_rate,
         "max_length": args.max_length,
+        **({"balance_length": True} if getattr(args, "balance_length", False) else {}),  # absent from earlier runs
         "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16],
     }
 
@@ -434,14 +437,14 @@ def without_runs(args: argparse.Namespace, fold: str) -> list[tuple[str, Path]]:
     head, or for the teacher targets the verdict target trained on the same pairs (its run with the same settings).
     Without reflection: the reflectrm target's own model judged by genrm-prob."""
     if args.target in TEACHER_TARGETS:
-        plain = default_out("verdict", args.preset, [fold]) / f"fold-{fold}" / "judged.json"
+        plain = default_out("verdict", args.preset, [fold], args.balance_length) / f"fold-{fold}" / "judged.json"
     else:
         plain = args.out / f"fold-{fold}" / "without_analyses.json"
     return [("without_analyses", plain), ("without_reflection", args.out / f"fold-{fold}" / "without_reflection.json")]
 
 
-def default_out(target: str, preset: str, folds: list[str]) -> Path:
-    suffix = f"-{TEACHER_ONLY}" if folds == [TEACHER_ONLY] else ""
+def default_out(target: str, preset: str, folds: list[str], balance_length: bool = False) -> Path:
+    suffix = (f"-{TEACHER_ONLY}" if folds == [TEACHER_ONLY] else "") + ("-length-balanced" if balance_length else "")
     return Path(f"bench/results/loso-{target}-{preset.removeprefix('qwen2.5-coder-')}{suffix}")
 
 
@@ -698,7 +701,7 @@ def lora_main(args: argparse.Namespace, folds: list[str]) -> None:
         in_own_process(judge, args, args.preset, every_test, f"{args.preset} untrained", args.out / "base.json")
     for held_out in folds:
         fold = args.out / f"fold-{held_out}"
-        chosen = training_pool(held_out, args.pairs, args.max_chars, args.seed)
+        chosen = training_pool(held_out, args.pairs, args.max_chars, args.seed, args.balance_length)
         made_from = fold / "training.json"
         if made_from.exists() and json.loads(made_from.read_text()) != training_key(args, held_out, chosen):
             raise SystemExit(f"{fold} was trained with other settings or pairs: give another --out, or delete it")
@@ -742,6 +745,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--balance-length",
+        action="store_true",
+        help="LoRA targets: choose each prompt's pair so the longer response wins in half of the training pairs "
+        "(the teacher file's longer response wins five times in six); written to OUT-length-balanced",
+    )
+    parser.add_argument(
         "--serve-check",
         metavar="SOURCE",
         help="verdict-head: serve that fold's head through vLLM and "
@@ -754,6 +763,8 @@ def main() -> None:
         parser.error(f"unknown sets {sorted(unknown)}: choose from {', '.join(SOURCES)}, or {TEACHER_ONLY}")
     if TEACHER_ONLY in folds and (len(folds) > 1 or args.target.endswith("-head")):
         parser.error(f"--folds {TEACHER_ONLY} is a protocol of its own (one fold, a LoRA target: verdict or rationale)")
+    if args.balance_length and args.target.endswith("-head"):
+        parser.error("--balance-length chooses LoRA training pairs; a head's pool is fixed by its committed features")
     if args.target in TEACHER_TARGETS and folds != [TEACHER_ONLY]:
         parser.error(
             f"the {args.target} target trains on the teacher file's analyses, which only the teacher has: "
@@ -764,7 +775,7 @@ def main() -> None:
             "--serve-check is for the verdict-head target: an analysis head folded into the LM head also moves the "
             "letters A and B inside the analyses it writes, so served and predicted would differ for that reason too"
         )
-    args.out = args.out or default_out(args.target, args.preset, folds)
+    args.out = args.out or default_out(args.target, args.preset, folds, args.balance_length)
     log_to_stderr()
     args.out.mkdir(parents=True, exist_ok=True)
     (head_main if args.target.endswith("-head") else lora_main)(args, folds)
@@ -775,7 +786,10 @@ def main() -> None:
         "preset": args.preset,
         "pairs_per_fold": args.pairs,
         "folds_done": done,
-        "settings": {k: getattr(args, k) for k in ("max_chars", "max_length", "epochs", "learning_rate", "seed")},
+        "settings": {
+            k: getattr(args, k)
+            for k in ("max_chars", "max_length", "epochs", "learning_rate", "seed", "balance_length")
+        },
     }
     summary = report(args, done)
     (args.out / "report.md").write_text(markdown(args, summary, meta))

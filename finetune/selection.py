@@ -53,6 +53,40 @@ def one_per_prompt(pairs: list[Pair], seed: int) -> list[Pair]:
     return kept
 
 
+def longer_wins(pair: Pair) -> bool | None:
+    """Whether the labelled response is the longer one (None when the two are the same length)."""
+    if len(pair.response_a) == len(pair.response_b):
+        return None
+    return (len(pair.response_a) > len(pair.response_b)) == (pair.label == "A")
+
+
+def one_per_prompt_length_balanced(pairs: list[Pair], seed: int) -> list[Pair]:
+    """One pair a prompt, as :func:`one_per_prompt`, chosen so that the longer response is the better one in as close
+    to half of them as the prompts allow. Preference data is rarely so: in the teacher file the longer response wins
+    five times in six, and a judge trained on that learns to prefer length (the known failure of LLM judges that
+    AlpacaEval's length-controlled win rate corrects for). A prompt with pairs of both kinds gives whichever kind the
+    selection is short of; one with a single kind gives that; pairs of equal length count as neither."""
+    by_prompt: dict[str, list[Pair]] = {}
+    for pair in sorted(pairs, key=lambda p: stable_fraction(str(seed), p.id)):
+        by_prompt.setdefault(pair.prompt, []).append(pair)
+    kinds = {prompt: {longer_wins(p) for p in mine} for prompt, mine in by_prompt.items()}
+    fixed = [0, 0]  # prompts that can only give a shorter-wins / a longer-wins pair
+    for found in kinds.values():
+        if found - {None} in ({False}, {True}):
+            fixed[(found - {None}) == {True}] += 1
+    flexible = [prompt for prompt, found in kinds.items() if {True, False} <= found]
+    shorter_from_flexible = min(max((fixed[1] + len(flexible) - fixed[0]) // 2, 0), len(flexible))
+    wanted = {prompt: False for prompt in flexible[:shorter_from_flexible]}
+    wanted |= {prompt: True for prompt in flexible[shorter_from_flexible:]}
+    kept = []
+    for prompt, mine in by_prompt.items():
+        if prompt in wanted:
+            kept.append(next(p for p in mine if longer_wins(p) is wanted[prompt]))
+        else:
+            kept.append(next((p for p in mine if longer_wins(p) is not None), mine[0]))
+    return sorted(kept, key=lambda p: stable_fraction(str(seed), p.id))
+
+
 def _usable_pairs(files: list[str], max_chars: int) -> list[Pair]:
     pairs = []
     for name in files:

@@ -8,8 +8,9 @@ import pytest
 
 from reflectagent.config import BackendConfig, ConfigError, Settings
 from reflectagent.finetune.loop import Loop
-from reflectagent.finetune.selection import choose_pairs
+from reflectagent.finetune.selection import choose_pairs, longer_wins, one_per_prompt, one_per_prompt_length_balanced
 from reflectagent.finetune.loop_config import LoopConfig, load_loop_config
+from reflectagent.pairs import Pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -87,6 +88,33 @@ def test_pairs_are_disjoint_balanced_and_short_enough():
     for pair in chosen["train"] + chosen["dev"] + chosen["unseen"]:
         assert pair.label in ("A", "B") and len(pair.prompt + pair.response_a + pair.response_b) <= 1200
     assert choose_pairs(config) == chosen  # stable
+
+
+def test_one_pair_a_prompt_balanced_so_that_length_does_not_predict_the_label():
+    """Most prompts offer only longer-wins pairs (as the teacher file does): the balanced choice takes a shorter-wins
+    pair from every prompt that has one, until the two kinds are even; the plain choice leaves the bias in."""
+
+    def pair(prompt: int, k: int, longer_is_better: bool) -> Pair:
+        short, long = f"short {k}", f"a much longer answer {k}"
+        return Pair(
+            prompt=f"q{prompt}",
+            response_a=long,
+            response_b=short,
+            id=f"p{prompt}-{k}",
+            label="AB"[not longer_is_better],
+        )
+
+    pairs = [pair(q, k, True) for q in range(40) for k in range(3)]  # every prompt: longer wins
+    pairs += [pair(q, 9, False) for q in range(0, 40, 2)]  # half the prompts also have a shorter-wins pair
+    pairs.append(Pair(prompt="q99", response_a="same", response_b="emas", id="tie-length", label="A"))
+    plain, even = one_per_prompt(pairs, 0), one_per_prompt_length_balanced(pairs, 0)
+    assert len(plain) == len(even) == 41 and len({p.prompt for p in even}) == 41
+    kinds = [longer_wins(p) for p in even]
+    assert kinds.count(False) == kinds.count(True) == 20 and kinds.count(None) == 1
+    assert [longer_wins(p) for p in plain].count(False) < 15  # a prompt's first pair is usually longer-wins
+    fewer = one_per_prompt_length_balanced([p for p in pairs if p.id != "p0-9"], 0)
+    assert [longer_wins(p) for p in fewer].count(False) == 19  # as even as the prompts allow
+    assert one_per_prompt_length_balanced(list(reversed(pairs)), 0) == even  # stable, whatever the input order
 
 
 @needs_shared
