@@ -206,7 +206,8 @@ def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
                 concurrency=args.concurrency,
                 progress=sys.stderr.isatty(),
             )
-        shutil.copy(data_dir / "traces.jsonl", fold / "traces.jsonl")
+        fold.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data_dir / "traces.jsonl", fold / "traces.jsonl")  # the student's analyses, for reading
     else:
         card["labels"] = "the teacher's preference (teacher rows) and the sets' own labels (train splits, seed 0)"
         label_data(chosen, "student", settings, data_dir, DataConfig(fractions="0.9,0.1,0"), card)
