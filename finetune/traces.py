@@ -136,6 +136,16 @@ def distil_file(
     return _distil(traces, student, settings, out, config, concurrency, card)
 
 
+def _as_served(student: str | None, settings: Settings, config: DataConfig | None):
+    """Backend ``student``'s adapter, input budget and ``config`` with its budget: rows rendered and cut as it is
+    served, without starting it."""
+    from reflectagent.calling.backends import resolve_backend
+
+    lm = resolve_backend(student, settings)
+    budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
+    return lm.backend.adapter(), budget, for_backend(config, lm.backend)
+
+
 def label_data(
     pairs: list[Pair],
     student: str | None,
@@ -147,12 +157,8 @@ def label_data(
     """Verdict rows (:func:`build_verdict_data`) from the pairs' labels, rendered and cut as backend ``student``
     is served, saved into ``out``. Makes no LM call and starts no server; ``card`` adds to the data card
     (say where the labels come from)."""
-    from reflectagent.calling.backends import resolve_backend
-
-    lm = resolve_backend(student, settings)
-    budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
-    config = for_backend(config, lm.backend)
-    built = build_verdict_data(pairs, config, adapter=lm.backend.adapter(), budget=budget)
+    adapter, budget, config = _as_served(student, settings, config)
+    built = build_verdict_data(pairs, config, adapter=adapter, budget=budget)
     built.stats.update(card or {})
     built.save(out)
     return built
@@ -171,13 +177,9 @@ def teacher_data(
     saved into ``out``. A strong teacher's explanation stands in for the rationalisation GenRM asks a model for, so
     there is no LM call, no server and no analysis-preference row (nothing wrong to contrast it with: that takes a
     student's analyses, :func:`distil_file`). Labels are the teacher's; ``card`` adds to the data card."""
-    from reflectagent.calling.backends import resolve_backend
-
-    lm = resolve_backend(student, settings)
-    budget = lm.backend.input_budget() if (config or DataConfig()).context_chars is None else None
-    config = for_backend(config, lm.backend)
+    adapter, budget, config = _as_served(student, settings, config)
     traces = teacher_traces([j for j in judgments if j.preference in ("A", "B")])
-    built = build_unified_data(traces, config, None, adapter=lm.backend.adapter(), budget=budget)
+    built = build_unified_data(traces, config, None, adapter=adapter, budget=budget)
     built.stats.update({"labels": "the teacher's preference", "teachers": sorted({j.teacher for j in judgments})})
     built.stats.update(card or {})
     return save(built, traces, out)
