@@ -172,7 +172,7 @@ def training_key(args: argparse.Namespace, held_out: str, chosen: list[Pair]) ->
         "epochs": args.epochs,
         "learning_rate": args.learning_rate,
         "max_length": args.max_length,
-        **({"balance_length": True} if getattr(args, "balance_length", False) else {}),  # absent from earlier runs
+        **({"balance_length": True} if args.balance_length else {}),  # absent from the runs made before it
         "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16],
     }
 
@@ -186,7 +186,7 @@ def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
     settings = Settings(backends={"student": BackendConfig(model="embedded", model_path=args.preset)})
     card = {"held_out": list(held_sets(held_out)), "pairs_by_source": dict(Counter(p.source for p in chosen))}
     wanted = {p.id for p in chosen}
-    judgments = [j for j in read_teacher(TEACHER)[0] if j.pair.id in wanted]
+    judgments = [j for j in read_teacher(TEACHER)[0] if j.pair.id in wanted] if args.target in TEACHER_TARGETS else []
     if args.target == "rationale":  # the teacher's own analyses, in both orders, then its verdict
         teacher_data(judgments, "student", settings, data_dir, DataConfig(fractions="0.9,0.1,0"), card)
     elif args.target == "reflectrm":  # ... 4:1 with reflections contrasting them with the student's wrong analyses
