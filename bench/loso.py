@@ -693,13 +693,10 @@ def serve_check(args: argparse.Namespace, model_dir: Path, held_out: str) -> Non
 
 
 def lora_main(args: argparse.Namespace, folds: list[str]) -> None:
-    """The untrained base judged, then each fold trained (resumed), merged and judged through vLLM."""
+    """Each fold trained (resumed), merged and judged through vLLM; then the untrained base judged."""
     (args.out / ".gitignore").write_text(
         "# checkpoints stay local; commit the latest one by hand to resume elsewhere\nfold-*/sft/\n"
     )
-    if not (args.out / "base.json").exists():  # the untrained base: what training adds
-        every_test = [p for s in SOURCES for p in held_out_pairs(s)]
-        in_own_process(judge, args, args.preset, every_test, f"{args.preset} untrained", args.out / "base.json")
     for held_out in folds:
         fold = args.out / f"fold-{held_out}"
         chosen = training_pool(held_out, args.pairs, args.max_chars, args.seed, args.balance_length)
@@ -721,6 +718,9 @@ def lora_main(args: argparse.Namespace, folds: list[str]) -> None:
             trained = "on the teacher file alone" if held_out == TEACHER_ONLY else f"without {held_out}"
             label = f"{args.preset} trained {trained}"
             in_own_process(judge, args, str(merged), fold_test_pairs(held_out), label, fold / name, program)
+    if not (args.out / "base.json").exists():  # the untrained base, last: what training adds is the lesser question
+        every_test = [p for s in SOURCES for p in held_out_pairs(s)]
+        in_own_process(judge, args, args.preset, every_test, f"{args.preset} untrained", args.out / "base.json")
 
 
 def main() -> None:

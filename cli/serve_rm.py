@@ -71,6 +71,13 @@ def serve_rm(
             min=0.001, help=("seconds a client has to send a request's headers; a slower one is disconnected")
         ),
     ] = 10,
+    body_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="seconds a client has to send a request's body once its headers are in; a slower one is disconnected",
+        ),
+    ] = 60,
     token_env: Annotated[
         Optional[str], typer.Option(help="environment variable holding a bearer token to require")
     ] = None,
@@ -103,6 +110,7 @@ def serve_rm(
         ("max-body-bytes", max_body_bytes),
         ("max-judgments", max_judgments),
         ("header-timeout", header_timeout),
+        ("body-timeout", body_timeout),
     ):
         if value <= 0 and not (name == "max-queue" and value == 0):
             fail(f"--{name} must be positive", 2)
@@ -131,4 +139,6 @@ def serve_rm(
         typer.echo(
             f"reward model: {program} on {rewarder.lm.model} at http://{host}:{port} (POST /get_reward, /v1/judge, /v1/rank)"
         )
-        uvicorn.Server(service_config(app, host=host, port=port, header_timeout_s=header_timeout)).run()
+        uvicorn.Server(
+            service_config(app, host=host, port=port, header_timeout_s=header_timeout, body_timeout_s=body_timeout)
+        ).run()

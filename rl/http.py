@@ -1,11 +1,14 @@
-"""uvicorn for the reward service on an open port: a deadline for the request head, so slow clients cannot hold connections.
+"""uvicorn for the reward service on an open port: deadlines for the request head and body, so slow clients cannot
+hold connections.
 
-Why: uvicorn (0.55) arms no timer while a request's headers arrive; its keep-alive timeout starts only after a
-response and is reset by every byte. 300 connections sending a header byte now and then were held open for as
-long as their senders liked (a "slowloris"). Here the h11 protocol gets a deadline from the moment a connection
-opens (and again when a kept-alive connection is done with a response): the request line and headers must be
-complete within ``header_timeout_s``, else the connection is closed. h11 already bounds the head's size
-(``h11_max_incomplete_event_size``, 16 KiB by default), and the service bounds the body (``max_body_bytes``).
+Why: uvicorn (0.55) arms no timer while a request arrives; its keep-alive timeout starts only after a response and
+is reset by every byte. 300 connections sending a header byte now and then were held open for as long as their
+senders liked (a "slowloris"), and so is one that sends its head whole and then its body a byte at a time (the
+service reads the body before it judges, so such a request holds a connection, not a judging place). Here the h11
+protocol follows the client's side of each request: the request line and headers must be complete within
+``header_timeout_s`` of the connection opening (or of its last response, when kept alive), and the body within
+``body_timeout_s`` of the head; else the connection is closed. h11 already bounds the head's size
+(``h11_max_incomplete_event_size``, 16 KiB by default), and the service bounds the body's (``max_body_bytes``).
 """
 
 from __future__ import annotations
@@ -20,51 +23,58 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 logger = logging.getLogger(__name__)
 
 
-def header_deadline_protocol(header_timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing a connection whose request head is not complete ``header_timeout_s`` after
-    it opened (or after its last response)."""
+def deadline_protocol(header_timeout_s: float, body_timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request head is not complete ``header_timeout_s`` after it
+    opened (or after its last response), or whose body is not complete ``body_timeout_s`` after its head."""
+    seconds = {"head": header_timeout_s, "body": body_timeout_s}
 
-    class HeaderDeadline(H11Protocol):
+    class Deadlines(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _awaiting: str | None = None  # the part of a request the running deadline is for
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._deadline = self.loop.call_later(header_timeout_s, self._head_too_slow)
-
-        def _disarm(self) -> None:
+        def _follow(self) -> None:
+            """A deadline for the part of the request still arriving, armed once when that part starts."""
+            state = self.conn.their_state
+            awaiting = "head" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+            if awaiting == self._awaiting:
+                return
             if self._deadline is not None:
                 self._deadline.cancel()
-                self._deadline = None
+            self._awaiting = awaiting
+            self._deadline = None if awaiting is None else self.loop.call_later(seconds[awaiting], self._too_slow)
 
-        def _head_too_slow(self) -> None:
-            self._deadline = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # still no complete head
-                logger.info("closing a connection whose request head took over %g s", header_timeout_s)
+        def _too_slow(self) -> None:
+            part, self._deadline, self._awaiting = self._awaiting, None, None
+            if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+                logger.info("closing a connection whose request %s took over %g s", part, seconds[part])
                 self.transport.close()
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()
+            self._follow()
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self.conn.their_state is not h11.IDLE:  # the head is in: the body and the work have their own bounds
-                self._disarm()
+            self._follow()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
-                self._arm()  # a kept-alive connection's next head has the same deadline
+                self._follow()  # a kept-alive connection's next head has the same deadline
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self._awaiting = None
             super().connection_lost(exc)
 
-    return HeaderDeadline
+    return Deadlines
 
 
-def service_config(app, *, host: str, port: int, header_timeout_s: float, log_level: str = "warning") -> uvicorn.Config:
-    """The uvicorn config the reward service runs under (and its tests): h11 with a deadline for request heads."""
+def service_config(
+    app, *, host: str, port: int, header_timeout_s: float, body_timeout_s: float = 60, log_level: str = "warning"
+) -> uvicorn.Config:
+    """The uvicorn config the reward service runs under (and its tests): h11 with deadlines for heads and bodies."""
     return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, http=header_deadline_protocol(header_timeout_s)
+        app, host=host, port=port, log_level=log_level, http=deadline_protocol(header_timeout_s, body_timeout_s)
     )

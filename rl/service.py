@@ -10,7 +10,7 @@ request gets its answer, a 504 after ``timeout_s`` (its steps still finish into 
 ``serve-rm`` binds loopback unless ``--host`` says otherwise; an optional bearer token is required; bodies
 over ``max_body_bytes`` are refused, and so is a request that would take more than ``max_judgments`` judgments
 (a group of N distinct responses costs N(N-1)/2 up to ``round_robin_up_to``, N - 1 above). A request head must
-arrive within ``header_timeout_s`` (:mod:`reflectagent.rl.http`).
+arrive within ``header_timeout_s``, and its body within ``body_timeout_s`` (:mod:`reflectagent.rl.http`).
 
 Every error is an answer with a reason, never a bare 500: JSON that is not JSON's (``NaN``, ``Infinity``) or
 not text (a lone surrogate escape) is 400, a backend that is down or slow 503 with ``Retry-After``, one that

@@ -1227,6 +1227,16 @@ CONNECTIONS = [
         "a client that sends its request head a byte at a time (a slowloris), 20 connections",
         "each closed once `--header-timeout` (10 s; 0.5 s here) passes without a complete head; other requests are answered",
         "none judged; nothing held",
+        b"POST /v1/judge HTTP/1.1\r\nHost: x\r\n",  # and never the blank line that ends the head
+    ),
+    (
+        "slow-body",
+        "a client that sends its request head whole and then a few bytes of its body, 20 connections",
+        "each closed once `--body-timeout` (60 s; 0.5 s here) passes after its head without the whole body; other "
+        "requests are answered",
+        "none judged; nothing held",
+        b"POST /v1/judge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        b'{"prompt": "q", ',  # and never the rest of the 1000 bytes
     ),
 ]
 
@@ -1250,7 +1260,11 @@ def test_slow_connection(case):
     port = free_port()
     server = uvicorn.Server(
         service_config(
-            create_app(Rewarder(ScoreJudge(), lm=DummyLM([]))), host="127.0.0.1", port=port, header_timeout_s=0.5
+            create_app(Rewarder(ScoreJudge(), lm=DummyLM([]))),
+            host="127.0.0.1",
+            port=port,
+            header_timeout_s=0.5,
+            body_timeout_s=0.5,
         )
     )
     thread = threading.Thread(target=contextvars.copy_context().run, args=(server.run,), daemon=True)
@@ -1262,7 +1276,7 @@ def test_slow_connection(case):
     try:
         started = time.monotonic()
         for sock in slow:
-            sock.sendall(b"POST /v1/judge HTTP/1.1\r\nHost: x\r\n")  # and never the blank line that ends the head
+            sock.sendall(case[4])
         ok = httpx.post(f"http://127.0.0.1:{port}/v1/judge", json={"prompt": "q", "response_a": "2", "response_b": "1"})
         closed = 0
         for sock in slow:
