@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -29,6 +30,33 @@ def parse_loras(items: list[str]) -> dict[str, str]:
     return loras
 
 
+OWN_FLAGS = {
+    "--model": "give the model as the MODEL argument",
+    "--served-model-name": "use --name",
+    "--host": "it serves on loopback only; put a proxy in front to expose it",
+    "--port": "use --port",
+    "--dtype": "use --dtype",
+    "--max-model-len": "use --max-model-len",
+    "--lora-modules": "use --lora NAME=DIR",
+    "--enable-lora": "use --lora NAME=DIR",
+    "--max-lora-rank": "use --max-lora-rank",
+}  # vLLM flags this command sets itself, and what to use instead
+
+
+def vllm_args(text: str) -> list[str]:
+    """``--vllm-args``, split as a shell would and passed on as they are; a flag this command sets itself is refused
+    with the option to use instead (a later duplicate would silently win in vLLM's parser)."""
+    try:
+        extra = shlex.split(text)
+    except ValueError as exc:
+        fail(f"--vllm-args could not be split like a shell line ({exc}): check its quotes", 2)
+    for arg in extra:
+        flag = arg.split("=", 1)[0].replace("_", "-")
+        if flag in OWN_FLAGS:
+            fail(f"{flag} in --vllm-args is set by `reflectagent serve` itself: {OWN_FLAGS[flag]}", 2)
+    return list(extra)
+
+
 def serve(
     model: Annotated[
         str,
@@ -51,9 +79,17 @@ def serve(
         Optional[str], typer.Option(help=f"{', '.join(DTYPES)} (default: the model preset's, else {DEFAULT_DTYPE})")
     ] = None,
     timeout: Annotated[float, typer.Option(min=1.0, help="seconds to wait for the server to answer")] = 600,
+    vllm: Annotated[
+        str,
+        typer.Option(
+            "--vllm-args",
+            help="more vLLM server flags, as one string: e.g. --vllm-args '--max-num-seqs 16 --gpu-memory-utilization 0.8'",
+        ),
+    ] = "",
 ):
     """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until Ctrl-C."""
     loras = parse_loras(lora or [])
+    extra = vllm_args(vllm)
     folder = prepare_model(model)
     embedded = model == "embedded"
     served = name or (SERVED_NAME if embedded else Path(folder).name)
@@ -69,6 +105,7 @@ def serve(
             dtype=dtype,
             max_model_len=max_model_len or default_context(folder),
             max_lora_rank=max_lora_rank,
+            extra_args=extra,
         )
     )
     # Ctrl-C and SIGTERM both stop the server, even where SIGINT was ignored (nohup, `cmd &`).

@@ -227,17 +227,38 @@ def test_judge_one_pair_from_arguments(server, tmp_path):
     assert re.search(r"\[A,B\] -> [AB] p=0\.\d\d", result.stdout) and re.search(r"\[B,A\] -> [AB]", result.stdout)
 
 
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ("--host 0.0.0.0", "--host in --vllm-args is set by `reflectagent serve` itself: it serves on loopback only"),
+        (
+            "--served_model_name=judge",
+            "--served-model-name in --vllm-args is set by `reflectagent serve` itself: use --name",
+        ),
+        ("--max-num-seqs '16", "--vllm-args could not be split like a shell line (No closing quotation)"),
+    ],
+)
+def test_serve_refuses_vllm_args_it_sets_itself_before_starting_anything(given, says):
+    result = cli("serve", "--vllm-args", given, check=False)
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.server
 def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, monkeypatch):
     import signal
     import time
+
+    import psutil
 
     from reflectagent.embedded import state_file
 
     isolated = {"REFLECTAGENT_EMBEDDED_URL": "", "REFLECTAGENT_SERVER_DIR": str(tmp_path / "server")}
     monkeypatch.setenv("REFLECTAGENT_SERVER_DIR", isolated["REFLECTAGENT_SERVER_DIR"])  # for state_file() below
     process = subprocess.Popen(
-        [sys.executable, "-m", "reflectagent.cli", "serve", "--lora", f"test={lora_dir}", "--max-lora-rank", "8"],
+        [
+            *(sys.executable, "-m", "reflectagent.cli", "serve", "--lora", f"test={lora_dir}", "--max-lora-rank", "8"),
+            *("--vllm-args", "--max-num-seqs 4 --max-log-len=200"),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -250,6 +271,8 @@ def test_serve_runs_until_interrupted_and_judges_reuse_it(lora_dir, tmp_path, mo
         url = match.group(1)
         assert is_serving(url, "embedded") and is_serving(url, "test")
         assert json.loads(state_file().read_text())["url"] == url
+        [vllm] = [c.cmdline() for c in psutil.Process(process.pid).children() if "vllm" in " ".join(c.cmdline())]
+        assert vllm[-3:] == ["--max-num-seqs", "4", "--max-log-len=200"]  # --vllm-args reached the server as given
 
         # An embedded backend with no URL configured finds this server instead of starting one.
         judged = cli(
