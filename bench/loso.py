@@ -173,6 +173,7 @@ def training_key(args: argparse.Namespace, held_out: str, chosen: list[Pair]) ->
         "learning_rate": args.learning_rate,
         "max_length": args.max_length,
         **({"balance_length": True} if args.balance_length else {}),  # absent from the runs made before it
+        **({"reflections": "teacher"} if args.target == "reflectrm" else {}),
         "pairs": hashlib.sha256("\n".join(sorted(p.id for p in chosen)).encode()).hexdigest()[:16],
     }
 
@@ -189,7 +190,9 @@ def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
     judgments = [j for j in read_teacher(TEACHER)[0] if j.pair.id in wanted] if args.target in TEACHER_TARGETS else []
     if args.target == "rationale":  # the teacher's own analyses, in both orders, then its verdict
         teacher_data(judgments, "student", settings, data_dir, DataConfig(fractions="0.9,0.1,0"), card)
-    elif args.target == "reflectrm":  # ... 4:1 with reflections contrasting them with the student's wrong analyses
+    elif (
+        args.target == "reflectrm"
+    ):  # ... 4:1 with reflections, from the teacher's analysis, on the student's wrong ones
         settings = Settings(
             backends={
                 "student": BackendConfig(model="embedded", model_path=args.preset, dtype="bfloat16", timeout_s=1800)
@@ -205,6 +208,7 @@ def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
                 samples=2,
                 concurrency=args.concurrency,
                 progress=sys.stderr.isatty(),
+                reflections="teacher",  # the untrained 0.5B's rationalised reflections were the letter "A"
             )
         fold.mkdir(parents=True, exist_ok=True)
         shutil.copy(data_dir / "traces.jsonl", fold / "traces.jsonl")  # the student's analyses, for reading

@@ -64,6 +64,12 @@ def data(
             help="'unified' (analyses and reflections, from a teacher), 'verdict' (the verdict alone, from the labels: no LM call) or 'rationale' (a --teacher-file's own analyses then its verdict, GenRM's rationales: no LM call)"
         ),
     ] = "unified",
+    reflections: Annotated[
+        str,
+        typer.Option(
+            help="with --teacher-file: who writes the reflections on the student's wrong analyses: 'student' (told the answer, it rationalises one) or 'teacher' (the teacher's analysis in a fixed frame; no LM call: a small student's rationalised reflections can be empty)"
+        ),
+    ] = "student",
     split: Annotated[
         str,
         typer.Option(
@@ -106,6 +112,10 @@ def data(
         fail("give one of --data (pairs the backend judges) or --teacher-file (judgments that teach)", 2)
     if kind not in ("unified", "verdict", "rationale"):
         fail(f"--kind is 'unified', 'verdict' or 'rationale', not {kind!r}", 2)
+    if reflections not in ("student", "teacher"):
+        fail(f"--reflections is 'student' or 'teacher', not {reflections!r}", 2)
+    if reflections != "student" and (teacher_file is None or kind != "unified"):
+        fail("--reflections chooses who reflects on a --teacher-file's pairs (--kind unified): give --teacher-file", 2)
     if kind == "rationale" and teacher_file is None:
         fail(
             "--kind rationale trains on a teacher file's own analyses: give --teacher-file (labelled pairs carry no "
@@ -151,7 +161,9 @@ def data(
             built = teacher_data(judgments, backend_name, settings, out, data_config)
         else:
             with use_cache(open_cache(settings, cache_dir)):
-                built = distil_file(judgments, backend_name, settings, out, data_config, **options)
+                built = distil_file(
+                    judgments, backend_name, settings, out, data_config, reflections=reflections, **options
+                )
     else:
         pairs, held_out = [], []
         for name in [f for f in data.split(",") if f]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 from reflectagent.calling.config import Settings
 from reflectagent.finetune.data import DataConfig, Trace, UnifiedData, build_unified_data, build_verdict_data
@@ -27,7 +28,7 @@ from reflectagent.judging.base import Judge
 from reflectagent.judging.runs import judge_pairs
 from reflectagent.programs import GenRM, ReflectRM
 from reflectagent.records.pairs import Pair
-from reflectagent.records.results import Judgment
+from reflectagent.records.results import Judgment, Reflection
 from reflectagent.records.teacher import TeacherJudgment
 
 
@@ -108,6 +109,35 @@ def teacher_traces(judgments: list[TeacherJudgment], student: list[Trace | None]
     ]
 
 
+def with_teacher_reflections(trace: Trace) -> Trace:
+    """The trace with a reflection on every two of its analyses that disagree, in both orders, written from the
+    teacher's own analysis: which verdict each analysis reaches, the teacher's reasons (about the responses, in the
+    order the reflection shows them), and so which analysis is the more reliable.
+
+    Why: a teacher file holds analyses, not reflections, and a small student cannot rationalise them: told which
+    analysis was right, the untrained Qwen2.5-Coder-0.5B wrote the single letter "A" as the reflection in 285 of
+    294 (``bench/loso.py --target reflectrm``). The reflection then carries the teacher's explanation, as the
+    rationale target's rows do; its frame is a template, which the data card names."""
+    judgment, label = trace.judgment, trace.pair.label
+    reasons = next((a.text for a in judgment.analyses if a.sample == -1 and not a.swapped), None)
+    if reasons is None:
+        raise ValueError(f"pair {trace.pair.id}: no teacher analysis in its own order to reflect from")
+    right = [i for i, a in enumerate(judgment.analyses) if a.parsed and a.preference == label]
+    wrong = [i for i, a in enumerate(judgment.analyses) if a.parsed and a.preference != label]
+    reflections = []
+    for good in right:
+        for bad in wrong:
+            for first, second in ((good, bad), (bad, good)):
+                shown = {first: "1", second: "2"}
+                text = (
+                    f"Analysis {shown[good]} prefers Response {judgment.analyses[good].preference}, analysis "
+                    f"{shown[bad]} Response {judgment.analyses[bad].preference}; the responses decide between them. "
+                    f"{reasons.strip()} So analysis {shown[good]} is the more reliable."
+                )
+                reflections.append(Reflection(text, first, second, good, parsed=True, raw=text))
+    return Trace(trace.pair, dataclasses.replace(judgment, reflections=tuple(reflections)))
+
+
 def distil_file(
     judgments: list[TeacherJudgment],
     student: str | None,
@@ -119,19 +149,30 @@ def distil_file(
     temperature: float = 0.8,
     concurrency: int = 8,
     progress: bool = True,
+    reflections: Literal["student", "teacher"] = "student",
 ) -> UnifiedData:
     """Unified data taught by a file of judgments; ``student`` (a backend) writes the analyses they are
-    contrasted with (``samples`` per pair, both orders). Labels are the teacher's: the data card says so."""
+    contrasted with (``samples`` per pair, both orders). Labels are the teacher's: the data card says so.
+    The reflections on them are rationalised by the student (``"student"``, where ``config.rationalize``), or
+    written from the teacher's analysis (``"teacher"``: :func:`with_teacher_reflections`, no LM call)."""
+    if reflections not in ("student", "teacher"):
+        raise ValueError(f"reflections is 'student' or 'teacher', not {reflections!r}")
+    if reflections == "teacher":  # every row then comes from the teacher: nothing for the student to rationalise
+        config = dataclasses.replace(config or DataConfig(), rationalize=False)
     labelled = [j for j in judgments if j.preference in ("A", "B")]
     program = GenRM(samples=max(1, samples // 2), both_orders=True, temperature=temperature)
 
     def traces() -> list[Trace]:
         own = judge_pairs(program, [j.pair for j in labelled], concurrency=concurrency, progress=progress)
-        return teacher_traces(labelled, [Trace(j.pair, judgment) for j, judgment in zip(labelled, own)])
+        made = teacher_traces(labelled, [Trace(j.pair, judgment) for j, judgment in zip(labelled, own)])
+        return [with_teacher_reflections(t) for t in made] if reflections == "teacher" else made
 
     card = {
         "labels": "the teacher's preference: the file carries no human label",
         "teachers": sorted({j.teacher for j in labelled}),
+        "reflections": "rationalised by the student"
+        if reflections == "student"
+        else "the teacher's analysis in a fixed frame (which verdict each analysis reaches; so which is the more reliable)",
     }
     return _distil(traces, student, settings, out, config, concurrency, card)
 

@@ -237,6 +237,42 @@ def test_a_teacher_file_teaches_both_orders_and_is_contrasted_with_the_students_
     assert sum(len(v) for v in data.dpo.values()) == 5  # teacher (chosen) over the student's wrong analysis, same order
 
 
+def test_teacher_reflections_carry_the_teachers_reasons_and_name_the_analysis_that_agrees_with_it():
+    import json
+
+    from reflectagent.finetune.traces import teacher_traces, with_teacher_reflections
+    from reflectagent.teacher import TeacherJudgment
+
+    judgment = TeacherJudgment(
+        pair=Pair(prompt="Is 7 prime?", response_a="No.", response_b="Yes, 7 is prime.", id="t0", label="B"),
+        analysis="Response B is right: 7 has no divisor but 1 and itself. Response A is wrong.",
+        preference="B",
+    )
+    wrong = analysis("A", False, "the shorter answer is clearer, so I prefer it")
+    right = analysis("B", True, "the answer shown first is correct about 7")  # preferences are in the pair's order
+    [made] = teacher_traces([judgment], [Trace(judgment.pair, Judgment(preference=None, analyses=(wrong, right)))])
+    reflected = with_teacher_reflections(made).judgment
+    analyses = reflected.analyses  # teacher as shown, teacher swapped, the student's wrong one, its right one
+    assert [a.preference == "B" for a in analyses] == [True, True, False, True]
+    assert {(r.first, r.second) for r in reflected.reflections} == {
+        pair for good in (0, 1, 3) for pair in ((good, 2), (2, good))
+    }
+    for r in reflected.reflections:
+        assert r.more_reliable != 2 and "7 has no divisor but 1 and itself" in r.text
+        good = "1" if r.first == r.more_reliable else "2"
+        assert r.text.startswith(
+            f"Analysis {good} prefers Response B, analysis {'2' if good == '1' else '1'} Response A"
+        )
+        assert r.text.endswith(f"So analysis {good} is the more reliable.")
+    data = build_unified_data([with_teacher_reflections(made)], DataConfig(ratio=None, fractions="1,0,0"))
+    reflect = [json.loads(r["completion"][0]["content"]) for r in data.splits["train"] if r["kind"] == "analysis"]
+    assert len(reflect) == 3 and not any(r["rationalized"] for r in data.splits["train"])  # no student wrote one
+    assert all("7 has no divisor" in r["reflection"] and r["more_reliable"] in ("1", "2") for r in reflect)
+    student_only = Trace(judgment.pair, Judgment(preference=None, analyses=(wrong, right)))
+    with pytest.raises(ValueError, match="no teacher analysis"):
+        with_teacher_reflections(student_only)
+
+
 def test_verdict_rows_are_what_direct_prob_sends_in_both_orders_labels_flipped_with_the_order():
     from reflectagent.finetune.data import build_verdict_data
     from reflectagent.programs import named_program
@@ -467,6 +503,12 @@ def test_finetune_data_kind_rationale_teaches_the_teacher_files_analyses_in_both
         app, ["finetune", "data", "--kind", "rationale", "--data", str(teacher), "--out", str(tmp_path / "x")]
     )
     assert refused.exit_code == 2 and "give --teacher-file" in refused.output, refused.output
+    for flags in (["--data", str(teacher)], ["--teacher-file", str(teacher), "--kind", "rationale"]):
+        refused = CliRunner().invoke(
+            app, ["finetune", "data", *flags, "--reflections", "teacher", "--out", str(tmp_path / "x")]
+        )
+        assert refused.exit_code == 2 and "--reflections chooses who reflects" in refused.output, refused.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_data_for_a_server_without_tokenize_is_cut_by_characters_with_one_warning(tmp_path, caplog, monkeypatch):
