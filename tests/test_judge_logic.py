@@ -56,6 +56,25 @@ def test_verdict_step_judges_an_analysis_written_elsewhere(cache):
     assert "Verdict: none" in lm.history[-1]["messages"][-1]["content"]  # the analysis came without a verdict
 
 
+def test_a_reflection_reads_each_analysis_named_in_the_order_it_shows_the_pair(cache):
+    """An analysis of the swapped pair names the responses as it saw them; shown to a reflection in another order,
+    its names are exchanged with its verdict, so its text and its verdict agree about which response it means."""
+
+    def written(text, swapped):
+        return Analysis(text=text, preference="A", swapped=swapped, parsed=True, raw="")  # both prefer Paris
+
+    analyses = (written("response_a names Paris; Response B does not", False), written("Response B names Paris", True))
+    lm = DummyLM([{"reflection": "both name Paris", "more_reliable": "1"}] * 2, adapter=JudgeAdapter())
+    with dspy.context(lm=lm):
+        Reflector()(PAIR, analyses, first=0, second=1)
+        Reflector()(PAIR, analyses, first=0, second=1, swapped=True)
+    straight, swapped = (call["messages"][-1]["content"] for call in lm.history)
+    assert "response_a names Paris; Response B does not\nVerdict: A" in straight
+    assert "Response A names Paris\nVerdict: A" in straight  # as it was written: "Response B", about B, A
+    assert "response_b names Paris; Response A does not\nVerdict: B" in swapped
+    assert "Response B names Paris\nVerdict: B" in swapped
+
+
 def test_position_swap_judge_agrees_only_without_position_bias(cache):
     with dspy.context(lm=content_judge()):
         fair = PositionSwapJudge().judge(PAIR)

@@ -15,13 +15,16 @@ from reflectagent.calling.concurrency import run_sync
 from reflectagent.calling.steps import arun_step
 from reflectagent.judging.signatures import Analyze, Rate, Reflect, Verdict
 from reflectagent.records.pairs import Pair
-from reflectagent.records.results import Analysis, Rating, Reflection, StepOutput, flip
+from reflectagent.records.results import Analysis, Rating, Reflection, StepOutput, flip, swap_names
 
 
 def render_analysis(analysis: Analysis, swapped: bool) -> str:
-    """An analysis as text for a later step, its verdict named in the order that step sees."""
+    """An analysis as text for a later step, named in the order that step sees: its verdict, and, for one written
+    with the pair the other way round, the responses' names in its text (else a reflection would read "response_a
+    is better" above "Verdict: B" of one analysis in three of a ReflectRM judgment)."""
     verdict = flip(analysis.preference) if swapped else analysis.preference
-    return f"{analysis.text}\nVerdict: {verdict or 'none'}"
+    text = analysis.text if analysis.swapped == swapped else swap_names(analysis.text)
+    return f"{text}\nVerdict: {verdict or 'none'}"
 
 
 def analysis_from(step: StepOutput, swapped: bool, sample: int, text: str) -> Analysis:

@@ -8,6 +8,7 @@ run nothing, while its original cost stays available for accounting.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -17,6 +18,16 @@ Preference = Literal["A", "B"]
 def flip(preference: str | None) -> str | None:
     """The same verdict named from the other order of the pair."""
     return {"A": "B", "B": "A"}.get(preference) if preference else None
+
+
+_NAMES = re.compile(r"\b([Rr]esponse|RESPONSE|[Aa]ssistant|[Oo]utput)(?:( )([AB])|(_)([ab]))\b")
+_OTHER = {"A": "B", "B": "A", "a": "b", "b": "a"}
+
+
+def swap_names(text: str) -> str:
+    """The same analysis for the pair shown the other way round: the responses' names exchanged ("Response A" <->
+    "Response B", and "response_a", "Assistant B", "Output A" likewise; "response a" is left, being English)."""
+    return _NAMES.sub(lambda m: m[1] + (m[2] or m[4]) + _OTHER[m[3] or m[5]], text)
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,13 @@ by exchanging the two names.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reflectagent.records.pairs import InvalidPair, Pair, parse_pair
 from reflectagent.records.reading import DEFAULT_LIMITS, BadLine, BadLines, ReadLimits, iter_records
-from reflectagent.records.results import Analysis
-
-_NAMES = re.compile(r"\b(Response) ([AB])\b")
+from reflectagent.records.results import Analysis, swap_names
 
 
 @dataclass(frozen=True)
@@ -41,11 +38,6 @@ class TeacherJudgment:
             raw=text,
             sample=-1,
         )
-
-
-def swap_names(text: str) -> str:
-    """The same analysis for the pair shown the other way round: "Response A" <-> "Response B"."""
-    return _NAMES.sub(lambda m: f"{m.group(1)} {'B' if m.group(2) == 'A' else 'A'}", text)
 
 
 def parse_teacher(row: object) -> TeacherJudgment:
