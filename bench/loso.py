@@ -190,9 +190,8 @@ def train(args: argparse.Namespace, held_out: str, chosen: list[Pair]) -> None:
     judgments = [j for j in read_teacher(TEACHER)[0] if j.pair.id in wanted] if args.target in TEACHER_TARGETS else []
     if args.target == "rationale":  # the teacher's own analyses, in both orders, then its verdict
         teacher_data(judgments, "student", settings, data_dir, DataConfig(fractions="0.9,0.1,0"), card)
-    elif (
-        args.target == "reflectrm"
-    ):  # ... 4:1 with reflections, from the teacher's analysis, on the student's wrong ones
+    elif args.target == "reflectrm":
+        # ... 4:1 with reflections, from the teacher's analysis, on the student's wrong ones
         settings = Settings(
             backends={
                 "student": BackendConfig(model="embedded", model_path=args.preset, dtype="bfloat16", timeout_s=1800)

@@ -54,7 +54,7 @@ def vllm_args(text: str) -> list[str]:
         flag = arg.split("=", 1)[0].replace("_", "-")
         if flag in OWN_FLAGS:
             fail(f"{flag} in --vllm-args is set by `reflectagent serve` itself: {OWN_FLAGS[flag]}", 2)
-    return list(extra)
+    return extra
 
 
 def serve(
