@@ -117,6 +117,7 @@ WITHOUT = {
 }  # how each target with analyses is compared with the same training without them
 TEACHER_TARGETS = ("rationale", "reflectrm")  # trained on the teacher file's analyses: the teacher-only fold
 WITHOUT_REFLECTION = "genrm-prob"  # the reflectrm target's model judged without reflecting
+ADAPTIVE = "reflectrm-adaptive-prob"  # ... and reflecting only where its analyses disagree: what skipping costs
 BY_SET_NAMES = {
     "trained": "(this target)",
     "base": "(the untrained base, same program)",
@@ -288,6 +289,11 @@ def records(path: Path, pairs: list[Pair], program: str = "direct-prob") -> list
     return [r for r in map(Record.from_dict, data["records"]) if r.pair_id in wanted]
 
 
+def steps_per_verdict(got: list[Record]) -> float:
+    """LM calls (made or cached) a verdict: each record is one pair judged in both presentations."""
+    return sum(r.steps for r in got) / (2 * len(got)) if got else 0.0
+
+
 def percent(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -316,7 +322,7 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
     """Per fold and pooled: held-out and in-distribution accuracy, and paired differences against the baselines."""
     rows, pooled = (
         [],
-        {name: [] for name in ("trained", "in_distribution", "preset", "base", "base_1.5b", *WITHOUT_RUNS)},
+        {name: [] for name in ("trained", "in_distribution", "preset", "base", "base_1.5b", "adaptive", *WITHOUT_RUNS)},
     )
     for held_out in folds:
         fold = args.out / f"fold-{held_out}"
@@ -327,12 +333,14 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
         base = records(args.out / "base.json", held)
         preset, base15 = records(PRESET_REPORT, held), records(BASE_REPORT, held)
         without = {name: records(path, held) if path.exists() else [] for name, path in without_runs(args, held_out)}
+        adaptive = records(fold / "adaptive.json", held) if (fold / "adaptive.json").exists() else []
         for name, got in (
             ("trained", mine),
             ("in_distribution", inside),
             ("preset", preset),
             ("base", base),
             ("base_1.5b", base15),
+            ("adaptive", adaptive),
             *without.items(),
         ):
             pooled[name] += got
@@ -360,8 +368,10 @@ def report(args: argparse.Namespace, folds: list[str]) -> dict:
         "vs_base": paired_difference(pooled["trained"], pooled["base"]),
         "vs_base_1.5b": paired_difference(pooled["trained"], pooled["base_1.5b"]),
         **{f"vs_{name}": paired_difference(pooled["trained"], pooled[name]) for name in WITHOUT_RUNS},
+        "adaptive_vs_trained": paired_difference(pooled["adaptive"], pooled["trained"]),
     }
-    return {"rows": rows, "overall": overall, "paired": paired}
+    calls = {name: steps_per_verdict(pooled[name]) for name in ("trained", "adaptive")}
+    return {"rows": rows, "overall": overall, "paired": paired, "lm_calls_per_verdict": calls}
 
 
 def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
@@ -431,6 +441,14 @@ def markdown(args: argparse.Namespace, summary: dict, meta: dict) -> str:
             f"- Reflection vs none (the same model judged by {WITHOUT_REFLECTION}, its analyses without the reflection "
             f"step): {points(p['vs_without_reflection'].value, p['vs_without_reflection'].ci)} "
             f"(without {percent(o['without_reflection'].value)}{interval(o['without_reflection'].ci)})."
+        )
+    if o["adaptive"].n:
+        calls = summary["lm_calls_per_verdict"]
+        lines.append(
+            f"- Adaptive ({ADAPTIVE}: the reflection step skipped where every analysis already agrees): "
+            f"{percent(o['adaptive'].value)}{interval(o['adaptive'].ci)}, "
+            f"{points(p['adaptive_vs_trained'].value, p['adaptive_vs_trained'].ci)} against {program}, at "
+            f"{calls['adaptive']:.2f} LM calls a verdict against {calls['trained']:.2f}."
         )
     lines.append("")
     return "\n".join(lines)
@@ -713,6 +731,7 @@ def lora_main(args: argparse.Namespace, folds: list[str]) -> None:
         runs = {"judged.json": TARGETS[args.target]}
         if args.target == "reflectrm":  # the same model without its reflection step: what reflecting adds
             runs["without_reflection.json"] = WITHOUT_REFLECTION
+            runs["adaptive.json"] = ADAPTIVE
         for name, program in runs.items():
             if (fold / name).exists():
                 continue
